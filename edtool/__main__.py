@@ -1,0 +1,3 @@
+from edtool.cli import main
+
+main()
