@@ -1,0 +1,110 @@
+"""Our checkpoint format (safetensors weights + JSON manifest), loading and discovery (SPEC 4).
+
+A checkpoint is two files side by side: `NAME.safetensors` (the network's state dict) and
+`NAME.json` (the manifest: architecture and its arguments, dataset, image shape, conditional
+flag, padding, training recipe, final loss, edtool version). Loading never unpickles anything.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import edtool
+from edtool.errors import EdtoolError
+from edtool.models import Network, build_network
+from edtool.paths import checkpoints_dir
+
+FORMAT = "edtool-checkpoint"
+
+
+def manifest_path(path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save(path, net: torch.nn.Module, manifest: dict) -> Path:
+    """Write weights and manifest atomically (temp file + rename) so a crash leaves no half file."""
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    full = {"format": FORMAT, "edtool_version": edtool.__version__, **manifest}
+    mtmp = manifest_path(path).with_suffix(".json.tmp")
+    mtmp.write_text(json.dumps(full, indent=2) + "\n")
+    mtmp.replace(manifest_path(path))
+    return path
+
+
+def read_manifest(path) -> dict:
+    mpath = manifest_path(path)
+    if not mpath.exists():
+        raise EdtoolError(f"checkpoint manifest {mpath} is missing; an edtool checkpoint is NAME.safetensors "
+                          "plus NAME.json (convert paper checkpoints with `edtool import-checkpoint`)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdtoolError(f"checkpoint manifest {mpath} is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT or "arch" not in manifest:
+        raise EdtoolError(f"{mpath} is not an edtool checkpoint manifest")
+    return manifest
+
+
+def file_hash(path) -> str:
+    """sha256 of a file: recorded in run configs so a changed checkpoint is noticed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load(path, dataset: Optional[str] = None, image_shape=None, device="cpu") -> Network:
+    """Load a checkpoint as a Network; refuse one made for another dataset or image shape."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        if path.suffix == ".pt":
+            raise EdtoolError(f"{path} looks like a paper checkpoint (a pickle); convert it first with "
+                              f"`edtool import-checkpoint {path}`")
+        path = path.with_suffix(".safetensors")
+    if not path.exists():
+        raise EdtoolError(f"checkpoint {path} does not exist")
+    manifest = read_manifest(path)
+    if dataset is not None and manifest.get("dataset") not in (dataset, None):
+        raise EdtoolError(f"checkpoint {path} was trained on {manifest.get('dataset')!r}, not {dataset!r}; "
+                          "pass a checkpoint for this dataset")
+    if image_shape is not None and list(manifest.get("image_shape", image_shape)) != list(image_shape):
+        raise EdtoolError(f"checkpoint {path} expects images of shape {manifest.get('image_shape')}, "
+                          f"the data has {list(image_shape)}")
+    try:
+        net = build_network(manifest["arch"], **manifest.get("arch_kwargs", {}))
+        state = load_file(str(path))
+        net.load_state_dict(state)
+    except Exception as e:  # corrupt file or manifest/weights mismatch
+        raise EdtoolError(f"checkpoint {path} could not be loaded: {e}") from None
+    return Network(net, manifest).to(device)
+
+
+def discover(dataset: str, arch: str, directory=None, conditional: Optional[bool] = None) -> Path:
+    """Find the checkpoint for (dataset, arch) in checkpoints/ by reading manifests, not names."""
+    directory = Path(directory) if directory is not None else checkpoints_dir()
+    found = []
+    for mpath in sorted(directory.glob("*.json")):
+        try:
+            m = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if m.get("format") != FORMAT or m.get("dataset") != dataset or m.get("arch") != arch:
+            continue
+        if conditional is not None and bool(m.get("conditional")) != conditional:
+            continue
+        if mpath.with_suffix(".safetensors").exists():
+            found.append(mpath.with_suffix(".safetensors"))
+    if not found:
+        raise EdtoolError(f"no {arch} checkpoint for dataset {dataset!r} in {directory}; train one with "
+                          f"`edtool train --arch {arch} --dataset {dataset}` or pass its path")
+    return found[0]

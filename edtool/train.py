@@ -1,0 +1,162 @@
+"""Train a noise predictor with the paper's recipe (SPEC 2), resumable from periodic checkpoints.
+
+Per image t = randint(0, 1000) / 1000, x_t = sqrt(alpha_bar) x_0 + sqrt(beta) eps, loss
+mse(eps_hat(x_t, t), eps), AdamW with exponential learning-rate decay. All randomness comes
+from one generator whose state is checkpointed, so a resumed run ends with the same weights
+as an uninterrupted one.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from edtool import checkpoints
+from edtool.diffusion import add_noise, ddim_sample
+from edtool.imageio import save_grid
+from edtool.models import Network, build_network
+
+
+@dataclass
+class TrainConfig:
+    """Every setting that changes the trained weights."""
+
+    arch: str = "unet"
+    dataset: str = "mnist5k"
+    conditional: bool = False
+    padding: str = "zeros"
+    steps: int = 4000
+    batch: int = 128
+    lr: float = 2e-3
+    lr_final_factor: float = 0.05  # learning rate at the last step = lr * this (exponential decay)
+    weight_decay: float = 0.0
+    seed: int = 0
+    fsizes: list = field(default_factory=lambda: [32, 64, 128])  # UNet widths
+    emb_dim: int = 256  # UNet time-embedding size
+    width: int = 64  # ResNet width (= its embedding size)
+    layers: int = 4  # ResNet residual layers
+    lastksize: int = 1
+
+
+def arch_kwargs(cfg: TrainConfig, channels: int, num_classes: Optional[int]) -> dict:
+    """The constructor arguments of the network described by cfg."""
+    common = dict(in_channels=channels, out_channels=channels, mode=cfg.padding, conditional=cfg.conditional,
+                  num_classes=num_classes if cfg.conditional else None, lastksize=cfg.lastksize)
+    if cfg.arch == "unet":
+        return dict(common, fsizes=list(cfg.fsizes), emb_dim=cfg.emb_dim)
+    return dict(common, emb_dim=cfg.width, num_layers=cfg.layers)
+
+
+def default_name(cfg: TrainConfig) -> str:
+    """checkpoints/<dataset>_<arch>[_circular][_conditional]."""
+    name = f"{cfg.dataset}_{cfg.arch}"
+    if cfg.padding != "zeros":
+        name += f"_{cfg.padding}"
+    return name + ("_conditional" if cfg.conditional else "")
+
+
+def _state_path(work_dir: Path) -> Path:
+    return work_dir / "train_state.pt"
+
+
+def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Path, work_dir: Path,
+          ckpt_every: int = 250, command: str = "", log: Optional[Callable[[int, float, float], None]] = None,
+          stop_after: Optional[int] = None) -> Path:
+    """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs.
+
+    `log(step, loss, lr)` is called every step; `stop_after` ends the run early (tests use it
+    to simulate an interruption) without writing the final checkpoint.
+    """
+    out = Path(out).with_suffix(".safetensors")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = int(labels.max()) + 1 if cfg.conditional else None
+    net = build_network(cfg.arch, **arch_kwargs(cfg, images.shape[1], num_classes))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gamma = cfg.lr_final_factor ** (1.0 / max(cfg.steps, 1))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    step, losses, elapsed = 0, [], 0.0
+
+    state_file = _state_path(work_dir)
+    if state_file.exists():
+        state = torch.load(state_file, weights_only=True)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{state_file} belongs to a run with other settings; delete it or use another --out")
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        step, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
+
+    def save_state():
+        tmp = state_file.with_suffix(".tmp")
+        torch.save({"config": asdict(cfg), "model": net.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "generator": gen.get_state(), "step": step,
+                    "losses": losses, "elapsed": elapsed}, tmp)
+        tmp.replace(state_file)
+
+    net.train()
+    t0 = time.time() - elapsed
+    while step < cfg.steps:
+        idx = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen)
+        x0, y = images[idx], labels[idx]
+        t = torch.randint(0, 1000, (cfg.batch,), generator=gen).float() / 1000
+        eps = torch.randn(x0.shape, generator=gen)
+        loss = F.mse_loss(net(add_noise(x0, t, eps), t, y if cfg.conditional else None), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(loss.item())
+        elapsed = time.time() - t0
+        if log is not None:
+            log(step, losses[-1], sched.get_last_lr()[0])
+        if step % ckpt_every == 0 or step == cfg.steps:
+            save_state()
+        if stop_after is not None and step >= stop_after and step < cfg.steps:
+            return None
+
+    final_loss = float(torch.tensor(losses[-100:]).mean())
+    manifest = {
+        "arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg, images.shape[1], num_classes),
+        "dataset": cfg.dataset, "image_shape": list(images.shape[1:]), "conditional": cfg.conditional,
+        "num_classes": num_classes, "padding": cfg.padding,
+        "training": {**asdict(cfg), "recipe": "t=randint(0,1000)/1000, mse(eps_hat, eps), AdamW, ExponentialLR",
+                     "command": command, "wall_time_s": round(elapsed, 1)},
+        "final_loss": final_loss,
+    }
+    path = checkpoints.save(out, net, manifest)
+    write_training_figures(Network(net, manifest), losses, path, seed=cfg.seed,
+                           labels=labels if cfg.conditional else None)
+    return path
+
+
+def write_training_figures(network: Network, losses, path: Path, seed: int = 0, labels=None, n: int = 64,
+                           nsteps: int = 20):
+    """Loss curve and a grid of DDIM samples next to the checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
+    k = max(1, len(losses) // 50)
+    smooth = torch.tensor(losses).unfold(0, k, 1).mean(1) if len(losses) >= k else torch.tensor(losses)
+    ax.plot(range(k - 1, k - 1 + len(smooth)), smooth, lw=1.5, label=f"mean of {k}")
+    ax.set(xlabel="training step", ylabel="MSE(eps_hat, eps)", yscale="log", title=path.stem + ": training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.stem + "_loss.png"), dpi=120)
+    plt.close(fig)
+
+    network.net.eval()
+    x = torch.randn((n, *network.manifest["image_shape"]), generator=torch.Generator().manual_seed(seed + 1))
+    lab = None if labels is None else torch.arange(n) % (int(labels.max()) + 1)
+    samples = ddim_sample(lambda t, xx: network.eps(t, xx, lab), x, nsteps)
+    save_grid(samples, path.with_name(path.stem + "_samples.png"))
