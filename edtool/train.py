@@ -73,12 +73,12 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pat
     out = Path(out).with_suffix(".safetensors")
     work_dir.mkdir(parents=True, exist_ok=True)
     num_classes = int(labels.max()) + 1 if cfg.conditional else None
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     net = build_network(cfg.arch, **arch_kwargs(cfg, images.shape[1], num_classes))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gamma = cfg.lr_final_factor ** (1.0 / max(cfg.steps, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
     gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     step, losses, elapsed = 0, [], 0.0
 
     state_file = _state_path(work_dir)
