@@ -14,7 +14,7 @@ f64 = torch.float64
 
 def linear_field(A):
     """f(x) = A x for every sample (any sample shape): its Jacobian is A."""
-    return lambda x: (x.flatten(1) @ A.T).reshape(x.shape)
+    return lambda x: (x.flatten(1) @ A.to(x).T).reshape(x.shape)
 
 
 def random_matrix(n, seed=0):
