@@ -1,0 +1,216 @@
+"""Reduce a run over its realizations (SPEC 8): per-step and per-model statistics.
+
+Only completed cells (done[r, m]) count, so a partly finished run aggregates what it has;
+NaN values (failed or non-finite steps) are left out of every statistic and counted.
+Standard deviations are sample ones (ddof = 1): NaN from fewer than two values.
+
+Names: `aggregate/<quantity>_<stat>` is (model, step), the statistic over realizations at
+each step; `aggregate/<quantity>_<stat>_timeavg` is (model,), the statistic over
+realizations of each realization's mean over its steps.
+"""
+
+import datetime
+import json
+import os
+import warnings
+
+import numpy as np
+
+from edtool import __version__
+from edtool.store import RunStore, consolidate, local_dir, open_run
+
+QUANTITIES = ("ed_fro", "asym", "jac_fro")
+STATS = ("mean", "std", "cv", "median", "q05", "q95", "n")
+QUANTILES = {"median": 0.5, "q05": 0.05, "q95": 0.95}
+BLOCK = 64  # realizations read at once by the streaming pass
+
+DEFINITIONS = {
+    "mean_ed_magnitude": "mean of ed_fro = ||J - J^T||_F of the score over all finite (realization, step) values",
+    "std_ed_magnitude": "sample standard deviation (ddof=1) of the same values",
+    "max_ed_magnitude": "largest of the same values",
+    "num_realizations": "completed realizations of this model (done cells)",
+    "num_failed": "completed realizations with at least one non-finite ed_fro step (those steps are excluded)",
+    "mean_asym": "mean of asym = ||J - J^T||_F / (2 ||J||_F) over all finite (realization, step) values",
+    "per_step": "statistics over realizations at each step; time runs from 1 (noise) to 1/nsteps",
+}
+
+
+def aggregate_run(location, block: int = BLOCK) -> dict:
+    """Aggregate the run at `location` into its `aggregate/` arrays and return the summary.
+
+    The summary is also written to `<run>/summary_stats.json` when the run is on a local disk;
+    for a non-local store the caller decides where it goes. Memory: see `compute_aggregate`.
+    """
+    run = open_run(location, mode="r+")
+    arrays, summary = compute_aggregate(run, block)
+    write_aggregate(run, arrays, summary)
+    base = local_dir(run.location)
+    if base is not None:
+        path = base / "summary_stats.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    return summary
+
+
+def compute_aggregate(run: RunStore, block: int = BLOCK) -> tuple:
+    """All aggregate arrays {name: ndarray} and the summary dict, without writing anything.
+
+    Mean, std, cv, n and max stream over blocks of `block` realizations (memory ~ block x models
+    x steps floats, independent of the run size). Median and quantiles need every value of one
+    column: they read one model's (realization, step) slab of one quantity at a time, i.e.
+    realizations x steps x 8 bytes.
+    """
+    done = run.done_mask()
+    moments, failed = _stream_moments(run, done, block)
+    arrays = {}
+    for q in QUANTITIES:
+        arrays.update(_finish(q, "", *moments[q]["step"]))
+        arrays.update(_finish(q, "_timeavg", *moments[q]["timeavg"]))
+        for m in range(len(run.models)):
+            slab = run.read(q, model=m)[done[:, m]].astype(np.float64)
+            cell_means = _nanmean(slab, axis=1)
+            for stat, p in QUANTILES.items():
+                arrays.setdefault(f"{q}_{stat}", np.full((len(run.models), run.nsteps), np.nan))
+                arrays.setdefault(f"{q}_{stat}_timeavg", np.full(len(run.models), np.nan))
+                arrays[f"{q}_{stat}"][m] = _nanquantile(slab, p)
+                arrays[f"{q}_{stat}_timeavg"][m] = _nanquantile(cell_means[:, None], p)[0]
+    summary = _summary(run, done, arrays, moments, failed)
+    return arrays, summary
+
+
+def _empty_moments(shape) -> list:
+    return [np.zeros(shape), np.zeros(shape), np.zeros(shape)]  # n, mean, M2
+
+
+def _merge(acc: list, values: np.ndarray, valid: np.ndarray, axis):
+    """Fold a batch of values (where `valid`) into running (n, mean, M2) — Chan et al.'s parallel update."""
+    n_b = valid.sum(axis=axis)
+    x = np.where(valid, values, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_b = np.where(n_b > 0, x.sum(axis=axis) / np.maximum(n_b, 1), 0.0)
+    m2_b = (np.where(valid, values - np.expand_dims(mean_b, axis), 0.0) ** 2).sum(axis=axis)
+    n_a, mean_a, m2_a = acc
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    safe_n = np.maximum(n, 1)
+    acc[0] = n
+    acc[1] = mean_a + delta * n_b / safe_n
+    acc[2] = m2_a + m2_b + delta ** 2 * n_a * n_b / safe_n
+
+
+def _stream_moments(run: RunStore, done: np.ndarray, block: int):
+    """One pass over realization blocks: running moments per (model, step), per model over all
+    values, and per model over realizations' time averages; plus max and failure counts."""
+    n_models, n = len(run.models), run.nsteps
+    moments = {q: {"step": _empty_moments((n_models, n)), "all": _empty_moments(n_models),
+                   "timeavg": _empty_moments(n_models), "max": np.full(n_models, -np.inf)} for q in QUANTITIES}
+    failed = np.zeros(n_models, dtype=np.int64)
+    for r0 in range(0, run.n_realizations, block):
+        rows = slice(r0, min(r0 + block, run.n_realizations))
+        cell_done = done[rows]  # (B, M)
+        for q in QUANTITIES:
+            x = run.read(q, realizations=rows).astype(np.float64)  # (B, M, N)
+            valid = cell_done[:, :, None] & np.isfinite(x)
+            acc = moments[q]
+            _merge(acc["step"], x, valid, axis=0)
+            _merge(acc["all"], x.transpose(1, 0, 2).reshape(n_models, -1),
+                   valid.transpose(1, 0, 2).reshape(n_models, -1), axis=1)
+            cell_means = _nanmean(np.where(valid, x, np.nan), axis=2)  # (B, M)
+            _merge(acc["timeavg"], cell_means.T, np.isfinite(cell_means).T, axis=1)
+            acc["max"] = np.fmax(acc["max"], np.where(valid, x, -np.inf).max(axis=(0, 2), initial=-np.inf))
+            if q == "ed_fro":
+                failed += (cell_done & ~np.isfinite(x).all(axis=2)).sum(axis=0)
+    return moments, failed
+
+
+def _finish(q: str, suffix: str, n, mean, m2) -> dict:
+    """mean, std (ddof=1), cv = std/mean and n arrays from running moments; NaN where undefined."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, mean, np.nan)
+        std = np.where(n > 1, np.sqrt(m2 / np.maximum(n - 1, 1)), np.nan)
+        cv = np.where(mean != 0, std / mean, np.nan)
+    return {f"{q}_mean{suffix}": mean, f"{q}_std{suffix}": std, f"{q}_cv{suffix}": cv,
+            f"{q}_n{suffix}": n.astype(np.int64)}
+
+
+def _nanmean(x: np.ndarray, axis) -> np.ndarray:
+    """np.nanmean without the all-NaN warning (all-NaN gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis) if x.size else np.full(np.delete(x.shape, axis), np.nan)
+
+
+def _nanquantile(x: np.ndarray, p: float) -> np.ndarray:
+    """Quantile p over axis 0 ignoring NaN; NaN for columns with no value."""
+    if x.shape[0] == 0:
+        return np.full(x.shape[1:], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanquantile(x, p, axis=0)
+
+
+def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
+    """summary_stats.json: the seed tool's keys per model, plus ours and the run-level facts."""
+    def overall(q, m):
+        n, mean, m2 = (v[m] for v in moments[q]["all"])
+        return (_num(mean) if n else None), (_num(np.sqrt(m2 / (n - 1))) if n > 1 else None)
+
+    summary = {}
+    for m, name in enumerate(run.models):
+        ed_mean, ed_std = overall("ed_fro", m)
+        asym_mean, asym_std = overall("asym", m)
+        ed_max = moments["ed_fro"]["max"][m]
+        per_step = {"time": run.time.tolist(), "n": arrays["ed_fro_n"][m].tolist()}
+        for q in ("ed_fro", "asym"):
+            for stat in ("mean", "std", "median"):
+                per_step[f"{q}_{stat}"] = [_num(v) for v in arrays[f"{q}_{stat}"][m]]
+        summary[name] = {"mean_ed_magnitude": ed_mean, "std_ed_magnitude": ed_std,
+                         "max_ed_magnitude": _num(ed_max) if np.isfinite(ed_max) else None,
+                         "num_realizations": int(done[:, m].sum()), "num_failed": int(failed[m]),
+                         "mean_asym": asym_mean, "std_asym": asym_std,
+                         "mean_jac_fro": overall("jac_fro", m)[0], "per_step": per_step}
+    summary.update({"models": run.models, "estimator": run.config.get("estimator"),
+                    "probes": run.config.get("probes"), "nsteps": run.nsteps,
+                    "realizations_used": int(done.any(axis=1).sum()), "realizations_total": run.n_realizations,
+                    "cells_done": int(done.sum()), "run": str(run.location), "edtool_version": __version__,
+                    "definitions": DEFINITIONS})
+    return summary
+
+
+def _num(v):
+    """A JSON number: float, or None for NaN/inf."""
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def write_aggregate(run: RunStore, arrays: dict, summary: dict):
+    """Write `aggregate/*` into the store (replacing earlier ones) with dimension names for xarray."""
+    group = run.group.require_group("aggregate")
+    for name, value in arrays.items():
+        dims = ("model", "step") if value.ndim == 2 else ("model",)
+        dtype = "int64" if name.split("_timeavg")[0].endswith("_n") else "float32"
+        fill = 0 if dtype == "int64" else np.nan
+        group.create_array(name, shape=value.shape, dtype=dtype, fill_value=fill, dimension_names=dims,
+                           overwrite=True)[:] = value.astype(dtype)
+    group.create_array("model", shape=(len(run.models),), dtype=str, dimension_names=("model",),
+                       overwrite=True)[:] = np.array(run.models)
+    group.create_array("time", shape=(run.nsteps,), dtype="float64", dimension_names=("step",),
+                       overwrite=True)[:] = run.time
+    group.attrs.update({"cells_done": summary["cells_done"], "realizations_used": summary["realizations_used"],
+                        "written": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                        "ddof": 1})
+    consolidate(run.group.store)
+
+
+def read_aggregate(run: RunStore):
+    """The stored aggregate arrays if they are up to date with the run's done cells, else None."""
+    if "aggregate" not in run.group:
+        return None
+    group = run.group["aggregate"]
+    if group.attrs.get("cells_done") != int(run.done_mask().sum()):
+        return None
+    names = [f"{q}_{s}{suffix}" for q in QUANTITIES for s in STATS for suffix in ("", "_timeavg")]
+    if not all(name in group for name in names):
+        return None
+    return {name: np.asarray(group[name][:]) for name in names}
