@@ -109,6 +109,19 @@ def train(
     print(f"wrote {path} (+ .json manifest, _loss.png, _samples.png)")
 
 
+@app.command("import-checkpoint")
+def import_checkpoint(
+    file: Path = typer.Argument(..., help="A paper checkpoint backbone_<DATASET>_<UNet|ResNet>_<mode>[_conditional].pt."),
+    out: Optional[Path] = typer.Option(None, help="Output path (default checkpoints/<dataset>_<arch>..._paper.safetensors)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset name for the manifest (default: read from the file name)."),
+):
+    """Convert a paper checkpoint (a pickled DDIM) into edtool's format, unpickling only known classes."""
+    from edtool.paper_import import import_checkpoint as run_import
+
+    path = run_import(file, out=out, dataset=dataset)
+    print(f"wrote {path} (+ .json manifest)")
+
+
 def main():
     """Console entry point: run the app, turning EdtoolError into one line and exit code 2."""
     debug = "--debug" in sys.argv

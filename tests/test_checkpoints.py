@@ -1,0 +1,450 @@
+"""Our checkpoint format (save/load/discover) and the safe import of the paper's pickles and scales.
+
+The paper-like networks below are written here from SPEC 4 with the paper's attribute names,
+independently of edtool.models, registered under the paper's module paths only while
+torch.save runs, exactly as the paper's whole-DDIM pickles were made.
+"""
+
+import json
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edtool import checkpoints
+from edtool.cli import main
+from edtool.errors import EdtoolError
+from edtool.models import build_network
+from edtool.paper_import import import_checkpoint, read_paper_pickle, read_scales, write_scales_json
+
+REFERENCE_SCALES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper_scales.json"
+
+
+# ---------------------------------------------------------------- the paper's classes, rebuilt
+
+def cosine_noise_schedule(t):
+    return 1 - torch.cos(t / 1.008 * math.pi / 2) ** 2
+
+
+def linear_noise_schedule(t):
+    return 0.01 + 0.97 * t
+
+
+class EmbeddingModule(nn.Module):
+    def __init__(self, fdim, channels, conditional=False, num_classes=None):
+        super().__init__()
+        self.fdim, self.channels, self.conditional = fdim, channels, conditional
+        if conditional:
+            self.class_embeddings = nn.Embedding(num_classes, fdim)
+
+    def forward(self, t, label=None):
+        d = self.fdim // 2
+        arg = t[:, None] / (10000 ** (torch.arange(d) / (d - 1)))[None, :]
+        emb = torch.cat((torch.sin(arg), torch.cos(arg)), dim=1)
+        return emb + self.class_embeddings(label) if self.conditional else emb
+
+
+def _norm(kind, c):
+    return {"Identity": lambda: nn.Identity(), "GroupNorm": lambda: nn.GroupNorm(8, c),
+            "BatchNorm": lambda: nn.BatchNorm2d(c)}[kind]()
+
+
+class UBlock(nn.Module):
+    def __init__(self, fin, fout, normalization=None, padding_mode="zeros", emb_dim=32):
+        super().__init__()
+        self.emb = nn.Sequential(nn.ReLU(), nn.Linear(emb_dim, fin))
+        layers = []
+        for c in (fin, fout):
+            layers.append(nn.Conv2d(c, fout, 3, padding="same", padding_mode=padding_mode))
+            if normalization:
+                layers.append(_norm(normalization, fout))
+            layers.append(nn.ReLU())
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x, e):
+        return self.model(x + self.emb(e)[:, :, None, None])
+
+
+class MinimalUNet(nn.Module):
+    def __init__(self, channels=1, fsizes=(8, 16, 32), mode="zeros", conditional=False, num_classes=None,
+                 emb_dim=16, normalization=None):
+        super().__init__()
+        self.fsizes, self.channels, self.conditional, self.emb_dim = list(fsizes), channels, conditional, emb_dim
+        self.kernel_size, self.lastksize = 3, 1
+        self.embedding = EmbeddingModule(emb_dim, channels, conditional, num_classes)
+        ins = [channels] + list(fsizes[:-1])
+        blk = dict(normalization=normalization, padding_mode=mode, emb_dim=emb_dim)
+        self.feature_blocks = nn.ModuleList(UBlock(ins[i], ins[i + 1], **blk) for i in range(len(fsizes) - 1))
+        self.bottleneck = UBlock(fsizes[-2], fsizes[-1], **blk)
+        self.output_blocks, self.upsamples = nn.ModuleList(), nn.ModuleList()
+        for i in range(len(fsizes) - 1, 0, -1):
+            self.upsamples.append(nn.ConvTranspose2d(fsizes[i], fsizes[i - 1], kernel_size=2, stride=2))
+            self.output_blocks.append(UBlock(2 * fsizes[i - 1], fsizes[i - 1], **blk))
+        self.last_emb = nn.Sequential(nn.ReLU(), nn.Linear(emb_dim, fsizes[0]))
+        self.output_conv = nn.Conv2d(fsizes[0], channels, 1, padding="same", padding_mode=mode)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.last_norm = False
+
+    def forward(self, t, x, label=None):
+        e = self.embedding(t, label)
+        skips = []
+        for block in self.feature_blocks:
+            x = block(x, e)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x, e)
+        for up, block, skip in zip(self.upsamples, self.output_blocks, skips[::-1]):
+            x = block(torch.cat((skip, up(x)), dim=1), e)
+        return self.output_conv(x + self.last_emb(e)[:, :, None, None])
+
+
+class MinimalResNet(nn.Module):
+    def __init__(self, channels=1, emb_dim=16, mode="zeros", normalization=None, conditional=False,
+                 num_classes=None, num_layers=2, lastksize=1, down_norm=None):
+        super().__init__()
+        self.channels, self.emb_dim, self.mode, self.conditional = channels, emb_dim, mode, conditional
+        self.num_layers, self.num_classes, self.normalization, self.lastksize = num_layers, num_classes, \
+            normalization, lastksize
+        conv = dict(padding="same", padding_mode=mode)
+        self.embedding = EmbeddingModule(emb_dim, channels, conditional, num_classes)
+        self.up_projection = nn.Conv2d(channels, emb_dim, 3, **conv)
+        self.embs = nn.ModuleList(nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.GroupNorm(8, emb_dim), nn.ReLU())
+                                  for _ in range(num_layers + 1))
+        mid = [_norm(normalization, emb_dim)] if normalization else []
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(emb_dim, emb_dim, 3, **conv), *mid, nn.ReLU())
+                                   for _ in range(num_layers))
+        down = nn.Conv2d(emb_dim, channels, lastksize, **conv)
+        # down_norm: the paper's variant Sequential(norm, Conv2d); "Identity" is our plain Conv2d
+        self.down_projection = nn.Sequential(_norm(down_norm, emb_dim), down) if down_norm else down
+
+    def forward(self, t, x, label=None):
+        e = self.embedding(t, label)
+        state = self.up_projection(x)
+        for i in range(self.num_layers):
+            state = state + self.convs[i](state + self.embs[i](e)[:, :, None, None])
+        return self.down_projection(state + self.embs[-1](e)[:, :, None, None])
+
+
+class DDIM(nn.Module):
+    def __init__(self, backbone, in_channels=1, noise_schedule=cosine_noise_schedule, default_imsize=16):
+        super().__init__()
+        self.in_channels, self.default_imsize = in_channels, default_imsize
+        self.backbone = backbone
+        self.noise_schedule = noise_schedule
+
+
+class Trojan(nn.Module):
+    """A harmless-looking layer that is not one of the paper's classes."""
+
+
+PAPER_LAYOUTS = {  # module paths the classes are pickled under
+    "flat": {"src.models": (DDIM, MinimalUNet, MinimalResNet, UBlock, EmbeddingModule, Trojan)},
+    "split": {"src.models.ddim": (DDIM,), "src.models.backbones": (MinimalUNet, MinimalResNet, UBlock,
+                                                                     EmbeddingModule, Trojan)},
+}
+
+
+def save_paper(path, obj, layout="flat"):
+    """torch.save obj with the paper's classes living under the paper's module paths, then forget them."""
+    modules = {**PAPER_LAYOUTS[layout], "src.utils.noise_schedules": (cosine_noise_schedule, linear_noise_schedule)}
+    saved = {}
+    for name, members in modules.items():
+        for parent in [name.rsplit(".", i)[0] for i in range(name.count("."), 0, -1)]:
+            saved.setdefault(parent, sys.modules.get(parent))
+            sys.modules.setdefault(parent, types.ModuleType(parent))
+        saved.setdefault(name, sys.modules.get(name))
+        module = sys.modules[name] = types.ModuleType(name)
+        for m in members:
+            m.__module__, m.__qualname__ = name, m.__name__
+            setattr(module, m.__name__, m)
+    try:
+        torch.save(obj, path)
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+        for members in modules.values():
+            for m in members:
+                m.__module__ = __name__
+    assert "src.models" not in sys.modules and "src" not in sys.modules
+    return Path(path)
+
+
+def _eps_pair(original: nn.Module, network, shape, conditional=False):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((4, *shape), generator=g)
+    t = torch.tensor([0.05, 0.3, 0.6, 0.95])
+    label = torch.tensor([0, 3, 1, 2]) if conditional else None
+    with torch.no_grad():
+        return original.eval()(t, x, label), network.eps(t, x, label)
+
+
+# ---------------------------------------------------------------- importing paper checkpoints
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_import_paper_unet_gives_same_eps(tmp_path, layout):
+    torch.manual_seed(0)
+    ddim = DDIM(MinimalUNet(channels=1, fsizes=(8, 16, 32), emb_dim=16))
+    src = save_paper(tmp_path / "backbone_MNIST_UNet_zeros.pt", ddim, layout)
+    out = import_checkpoint(src, out=tmp_path / "out" / "net")
+    assert "src" not in sys.modules  # nothing from the paper's code was imported
+    net = checkpoints.load(out, dataset="mnist", image_shape=[1, 16, 16])
+    m = net.manifest
+    assert (m["arch"], m["dataset"], m["padding"], m["conditional"]) == ("unet", "mnist", "zeros", False)
+    assert m["arch_kwargs"]["fsizes"] == [8, 16, 32] and m["arch_kwargs"]["emb_dim"] == 16
+    assert m["imported_from"]["file"] == src.name
+    assert m["imported_from"]["sha256"] == checkpoints.file_hash(src)
+    want, got = _eps_pair(ddim.backbone, net, (1, 16, 16))
+    assert want.abs().mean() > 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("down_norm", [None, "Identity"])
+def test_import_paper_resnet_circular_conditional(tmp_path, monkeypatch, down_norm):
+    monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tmp_path / "ckpts"))
+    torch.manual_seed(0)
+    backbone = MinimalResNet(channels=3, emb_dim=16, mode="circular", conditional=True, num_classes=10,
+                             num_layers=3, lastksize=3, down_norm=down_norm)
+    src = save_paper(tmp_path / "backbone_CIFAR10_ResNet_circular_conditional.pt", DDIM(backbone, 3, default_imsize=8))
+    out = import_checkpoint(src)
+    assert out == tmp_path / "ckpts" / "cifar10_resnet_circular_conditional_paper.safetensors"
+    net = checkpoints.load(out, dataset="cifar10", image_shape=[3, 8, 8])
+    kw = net.manifest["arch_kwargs"]
+    assert (kw["num_layers"], kw["lastksize"], kw["num_classes"], kw["mode"]) == (3, 3, 10, "circular")
+    want, got = _eps_pair(backbone, net, (3, 8, 8), conditional=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_read_paper_pickle_reports_settings_and_our_key_names(tmp_path):
+    ddim = DDIM(MinimalResNet(channels=1, emb_dim=16, num_layers=2, down_norm="Identity"))
+    paper = read_paper_pickle(save_paper(tmp_path / "backbone_MNIST_ResNet_zeros.pt", ddim))
+    assert paper.arch == "resnet" and paper.image_size == 16
+    assert paper.settings["emb_dim"] == 16 and paper.settings["num_layers"] == 2
+    # Sequential(Identity, Conv2d) is our plain down_projection conv
+    want = {k.replace("down_projection.1.", "down_projection."): v for k, v in ddim.backbone.state_dict().items()}
+    assert set(paper.state_dict) == set(want)
+    assert all(torch.equal(paper.state_dict[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("backbone, words", [
+    (lambda: MinimalResNet(normalization="GroupNorm", down_norm="GroupNorm"), ["normalization", "GroupNorm"]),
+    (lambda: MinimalUNet(normalization="BatchNorm"), ["'bottleneck.model.1' is BatchNorm2d", "ReLU"]),
+])
+def test_import_refuses_normalized_networks(tmp_path, backbone, words):
+    src = save_paper(tmp_path / "backbone_MNIST_X_zeros.pt", DDIM(backbone()))
+    with pytest.raises(EdtoolError) as e:
+        import_checkpoint(src, out=tmp_path / "o", dataset="mnist")
+    assert all(w in str(e.value) for w in words) and str(src) in str(e.value)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_import_refuses_a_norm_layer_our_architecture_lacks(tmp_path):
+    """Without the normalization attribute, the layer-by-layer comparison names the layer."""
+    backbone = MinimalResNet(down_norm="BatchNorm")
+    del backbone.normalization
+    src = save_paper(tmp_path / "backbone_MNIST_ResNet_zeros.pt", DDIM(backbone))
+    with pytest.raises(EdtoolError, match=r"'down_projection'.*Sequential.*Conv2d"):
+        import_checkpoint(src, out=tmp_path / "o")
+
+
+def test_import_refuses_settings_that_contradict_the_layers(tmp_path):
+    lying = MinimalResNet(num_layers=2)
+    lying.num_layers = 3  # the paper's forward would loop 3 times over 2 convs
+    src = save_paper(tmp_path / "backbone_MNIST_ResNet_zeros.pt", DDIM(lying))
+    with pytest.raises(EdtoolError, match=r"'convs.2' is absent in the paper's network"):
+        import_checkpoint(src, out=tmp_path / "o")
+    odd = MinimalUNet()
+    odd.fsizes = "abc"
+    src = save_paper(tmp_path / "backbone_MNIST_UNet_zeros.pt", DDIM(odd))
+    with pytest.raises(EdtoolError, match="not a paper checkpoint edtool can import"):
+        import_checkpoint(src, out=tmp_path / "o")
+
+
+def test_import_refuses_other_noise_schedule(tmp_path):
+    src = save_paper(tmp_path / "backbone_MNIST_UNet_zeros.pt", DDIM(MinimalUNet(), noise_schedule=linear_noise_schedule))
+    with pytest.raises(EdtoolError, match="linear_noise_schedule"):
+        import_checkpoint(src, out=tmp_path / "o")
+
+
+def test_import_refuses_unknown_class_without_unpickling(tmp_path):
+    ddim = DDIM(MinimalUNet())
+    ddim.extra = Trojan()
+    src = save_paper(tmp_path / "backbone_MNIST_UNet_zeros.pt", ddim)
+    with pytest.raises(EdtoolError, match=r"src\.models\.Trojan"):
+        import_checkpoint(src, out=tmp_path / "o")
+
+
+class _RunsCode:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+@pytest.mark.parametrize("where", ["inside", "whole"])
+def test_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, where):
+    target = tmp_path / "pwned"
+    ddim = DDIM(MinimalUNet())
+    ddim.__dict__["payload"] = _RunsCode(target)
+    src = save_paper(tmp_path / "backbone_MNIST_UNet_zeros.pt", ddim if where == "inside" else _RunsCode(target))
+    with pytest.raises(EdtoolError, match="system") as e:
+        import_checkpoint(src, out=tmp_path / "o")
+    assert str(src) in str(e.value)
+    assert not target.exists()
+    with pytest.raises(EdtoolError):
+        read_scales(src)
+    assert not target.exists()
+    if where == "whole":  # the payload is real: an ordinary unpickling runs it
+        torch.load(src, weights_only=False)
+        assert target.exists()
+
+
+def test_import_refuses_non_checkpoints_and_unknown_dataset(tmp_path):
+    junk = tmp_path / "backbone_MNIST_UNet_zeros.pt"
+    junk.write_bytes(b"not a zip at all")
+    with pytest.raises(EdtoolError, match="torch.save"):
+        import_checkpoint(junk)
+    sd = save_paper(tmp_path / "backbone_MNIST_ResNet_zeros.pt", MinimalResNet().state_dict())
+    with pytest.raises(EdtoolError, match="not a pickled DDIM"):
+        import_checkpoint(sd)
+    odd = save_paper(tmp_path / "mynet.pt", DDIM(MinimalUNet()))
+    with pytest.raises(EdtoolError, match="--dataset"):
+        import_checkpoint(odd)
+    with pytest.raises(EdtoolError, match="does not exist"):
+        import_checkpoint(tmp_path / "backbone_MNIST_UNet_zeros_missing.pt")
+    out = import_checkpoint(odd, out=tmp_path / "o", dataset="fashionmnist")
+    assert checkpoints.read_manifest(out)["dataset"] == "fashionmnist"
+
+
+def test_cli_import_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tmp_path / "ckpts"))
+    src = save_paper(tmp_path / "backbone_FashionMNIST_UNet_zeros_conditonal.pt",
+                     DDIM(MinimalUNet(conditional=True, num_classes=10)))
+    monkeypatch.setattr(sys, "argv", ["edtool", "import-checkpoint", str(src)])
+    main()
+    out = tmp_path / "ckpts" / "fashionmnist_unet_conditional_paper.safetensors"
+    assert str(out) in capsys.readouterr().out
+    assert out.exists() and checkpoints.read_manifest(out)["conditional"] is True
+
+    bad = tmp_path / "backbone_MNIST_UNet_zeros.pt"
+    bad.write_bytes(b"garbage")
+    monkeypatch.setattr(sys, "argv", ["edtool", "import-checkpoint", str(bad)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("edtool: error:") and str(bad) in err
+
+
+# ---------------------------------------------------------------- scales
+
+def _reference_scales():
+    return json.loads(REFERENCE_SCALES.read_text())["scales"]
+
+
+def test_reference_scales_read_back_from_pt_and_json(tmp_path):
+    lists = _reference_scales()
+    assert len(lists) == 10
+    for name, scales in lists.items():
+        assert len(scales) == 20
+        torch.save(scales, tmp_path / f"{name}.pt")
+        assert read_scales(tmp_path / f"{name}.pt") == scales
+        write_scales_json(tmp_path / f"{name}.json", scales, network="paper", nsteps=20)
+        assert read_scales(tmp_path / f"{name}.json") == scales
+        assert json.loads((tmp_path / f"{name}.json").read_text())["network"] == "paper"
+    torch.save(torch.tensor([3, 5, 7]), tmp_path / "t.pt")
+    assert read_scales(tmp_path / "t.pt") == [3, 5, 7]
+
+
+@pytest.mark.parametrize("value, words", [
+    ([3, 4, 5], "entry 1 is 4"), ([], "non-empty"), ([0, 3], "entry 0"), ([-3], "entry 0"), ([3.0], "entry 0"),
+    ([True], "entry 0"), (torch.tensor([3.0, 5.0]), "float"), (torch.ones(2, 2, dtype=torch.long), "shape"),
+    ({"scales": [3]}, "non-empty list"), (nn.Linear(2, 2), "not a plain list"),
+])
+def test_invalid_scales_refused(tmp_path, value, words):
+    path = tmp_path / "scales_bad.pt"
+    torch.save(value, path)
+    with pytest.raises(EdtoolError, match=words) as e:
+        read_scales(path)
+    assert str(path) in str(e.value)
+
+
+def test_invalid_scales_json_refused(tmp_path):
+    for text, words in [('{"k": [3]}', "no \"scales\""), ("[3, 5]", "no \"scales\""), ("{oops", "not valid JSON"),
+                        ('{"scales": [3, 6]}', "odd")]:
+        path = tmp_path / "s.json"
+        path.write_text(text)
+        with pytest.raises(EdtoolError, match=words):
+            read_scales(path)
+    with pytest.raises(EdtoolError, match="odd"):
+        write_scales_json(tmp_path / "w.json", [3, 2])
+
+
+# ---------------------------------------------------------------- our format
+
+MANIFEST = {"arch": "unet", "arch_kwargs": {"fsizes": [8, 16], "emb_dim": 16}, "dataset": "mnist5k",
+            "image_shape": [1, 16, 16], "conditional": False, "padding": "zeros"}
+
+
+def _saved(tmp_path, name="net", manifest=MANIFEST):
+    torch.manual_seed(0)
+    net = build_network(manifest["arch"], **manifest["arch_kwargs"])
+    return net, checkpoints.save(tmp_path / name, net, manifest)
+
+
+def test_save_load_round_trip(tmp_path):
+    net, path = _saved(tmp_path)
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").exists()
+    loaded = checkpoints.load(path, dataset="mnist5k", image_shape=[1, 16, 16])
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0.1, 0.5, 0.9])
+    with torch.no_grad():
+        assert torch.equal(loaded.eps(t, x), net.eval()(x, t))
+    assert loaded.manifest["format"] == "edtool-checkpoint" and loaded.manifest["dataset"] == "mnist5k"
+    assert checkpoints.load(tmp_path / "net").manifest["arch"] == "unet"  # suffix optional
+
+
+def test_load_refuses_mismatch_and_broken_files(tmp_path):
+    _, path = _saved(tmp_path)
+    with pytest.raises(EdtoolError, match=r"'mnist5k'.*'cifar10'"):
+        checkpoints.load(path, dataset="cifar10")
+    with pytest.raises(EdtoolError, match=r"\[1, 16, 16\].*\[3, 32, 32\]"):
+        checkpoints.load(path, image_shape=(3, 32, 32))
+    with pytest.raises(EdtoolError, match="import-checkpoint"):
+        checkpoints.load(tmp_path / "backbone_MNIST_UNet_zeros.pt")
+    with pytest.raises(EdtoolError, match="does not exist"):
+        checkpoints.load(tmp_path / "nothere.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    path.with_suffix(".json").replace(corrupt.with_suffix(".json"))
+    with pytest.raises(EdtoolError, match="could not be loaded"):
+        checkpoints.load(corrupt)
+    with pytest.raises(EdtoolError, match="manifest.*missing"):
+        checkpoints.load(path)  # its manifest moved away
+    _, other = _saved(tmp_path, "other", dict(MANIFEST, arch_kwargs={"fsizes": [8, 32], "emb_dim": 16}))
+    path.with_suffix(".json").write_text(other.with_suffix(".json").read_text())
+    with pytest.raises(EdtoolError, match="could not be loaded"):  # weights that do not fit the manifest
+        checkpoints.load(path)
+
+
+def test_discover_reads_manifests_not_names(tmp_path):
+    resnet = dict(MANIFEST, arch="resnet", arch_kwargs={"emb_dim": 16, "num_layers": 1})
+    _saved(tmp_path, "mnist5k_unet", resnet)  # a misleading name: it is a resnet
+    _, unet = _saved(tmp_path, "weights_a", MANIFEST)
+    _, cond = _saved(tmp_path, "weights_b", dict(MANIFEST, conditional=True))
+    (tmp_path / "notes.json").write_text("{not json")
+    assert checkpoints.discover("mnist5k", "unet", tmp_path, conditional=False) == unet
+    assert checkpoints.discover("mnist5k", "unet", tmp_path, conditional=True) == cond
+    assert checkpoints.discover("mnist5k", "resnet", tmp_path) == tmp_path / "mnist5k_unet.safetensors"
+    with pytest.raises(EdtoolError, match=r"edtool train --arch unet --dataset cifar10"):
+        checkpoints.discover("cifar10", "unet", tmp_path)
+    cond.unlink()  # a manifest without its weights is not a checkpoint
+    with pytest.raises(EdtoolError, match="no unet checkpoint"):
+        checkpoints.discover("mnist5k", "unet", tmp_path, conditional=True)
