@@ -77,7 +77,8 @@ def _per_sample_seeds(seed: Union[int, Sequence[int]], batch: int) -> list:
         return [int(seed)] * batch
     seeds = [int(s) for s in seed]
     if len(seeds) != batch:
-        raise ValueError(f"seed has {len(seeds)} entries for a batch of {batch} samples; pass one int or one per sample")
+        raise ValueError(f"seed has {len(seeds)} entries for a batch of {batch} samples; "
+                         "pass one int or one per sample")
     return seeds
 
 
@@ -96,17 +97,17 @@ class _OutputBytes(TorchDispatchMode):
         return out
 
 
-def _probe_forward(f: Field, x: Tensor) -> tuple:
-    """Evaluate f once (with autograd on, so activations stay alive): check it keeps the shape, flag
-    samples with non-finite output, and measure the bytes it produces (what each extra vector
-    product costs, roughly)."""
-    with torch.enable_grad(), _OutputBytes() as counter:
-        out = f(x.clone().requires_grad_())
+def _linearize(f: Field, x: Tensor) -> tuple:
+    """One forward pass of f at x that serves everything: the VJP function, a check that f keeps the
+    shape, which samples have a finite output, and the bytes the pass produced (roughly what each
+    extra vector product costs)."""
+    with _OutputBytes() as counter:
+        out, vjp_fn = vjp(f, x)
     if not isinstance(out, Tensor) or out.shape != x.shape:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"f must map x of shape {tuple(x.shape)} to the same shape, got {shape}")
-    finite = torch.isfinite(out.detach()).flatten(1).all(1)
-    return finite, sum(counter.storages.values())
+    finite = torch.isfinite(out).flatten(1).all(1)
+    return vjp_fn, finite, sum(counter.storages.values())
 
 
 # ----------------------------------------------------------------------------- exact
@@ -130,10 +131,9 @@ def _exact_jacobian_rows(vjp_fn: Callable, x: Tensor, rows: Tensor) -> Tensor:
     return vmap(vjp_fn)(cotangents)[0].reshape(len(rows), B, n).transpose(0, 1)
 
 
-def _exact_jacobian(f: Field, x: Tensor, chunk: int) -> Tensor:
-    """Per-sample Jacobians J (B, n, n) of f at x, built `chunk` rows at a time."""
+def _exact_jacobian(vjp_fn: Callable, x: Tensor, chunk: int) -> Tensor:
+    """Per-sample Jacobians J (B, n, n) at x from the VJP function of f there, `chunk` rows at a time."""
     B, n = x.shape[0], x[0].numel()
-    _, vjp_fn = vjp(f, x)
     J = x.new_empty(B, n, n)
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(start + chunk, n), device=x.device)
@@ -154,9 +154,14 @@ def _exact_stats(J: Tensor, image_shape: Optional[tuple]) -> tuple:
     return torch.stack(ed), jac, torch.stack(curl) if image_shape is not None else None
 
 
-def _exact(f: Field, x: Tensor, chunk: int, curl_map: bool) -> tuple:
+def _exact(vjp_fn: Callable, x: Tensor, chunk: int, curl_map: bool, max_memory: int) -> tuple:
     """Exact ed_fro, jac_fro, curl map from the full Jacobians; standard error 0."""
-    ed, jac, curl = _exact_stats(_exact_jacobian(f, x, chunk), x.shape[1:] if curl_map else None)
+    if chunk == 0:
+        need = (x.shape[0] + 1) * x[0].numel() ** 2 * x.element_size() / 2**30
+        raise ValueError(f"exact Jacobians of {x.shape[0]} samples with {x[0].numel()} numbers need {need:.2f} GiB, "
+                         f"over max_memory={max_memory / 2**30:.2f} GiB; raise max_memory, pass fewer samples, "
+                         "or use method='hutchinson'")
+    ed, jac, curl = _exact_stats(_exact_jacobian(vjp_fn, x, chunk), x.shape[1:] if curl_map else None)
     return ed, jac, torch.zeros_like(ed), curl
 
 
@@ -214,11 +219,15 @@ def _hutchinson_chunk(x: Tensor, act_bytes: int, max_memory: int) -> int:
     return max(1, _vectors_per_chunk(x, act_bytes, per_probe, max_memory))
 
 
-def _hutchinson(f, x, seeds, probes, rtol, max_probes, chunk, curl_map) -> tuple:
+def _hutchinson(f, vjp_fn, x, seeds, probes, rtol, max_probes, chunk, curl_map) -> tuple:
     """Hutchinson estimates; with rtol, add rounds of `probes` probes until every sample's
     relative standard error of ed_fro is below rtol or max_probes are used."""
+    if probes < 2:
+        raise ValueError(f"probes must be >= 2 (the standard error needs a spread), got {probes}")
+    if rtol is not None and not rtol > 0:
+        raise ValueError(f"rtol must be positive, got {rtol}")
+    max_probes = max(max_probes, probes)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    _, vjp_fn = vjp(f, x)
     sums = _ProbeSums()
     while True:
         round_size = probes if rtol is None else min(probes, max_probes - sums.count)
@@ -239,6 +248,9 @@ def _has_analytic(f) -> bool:
 
 def _analytic(f, x: Tensor, curl_map: bool) -> tuple:
     """The field's own closed form (ELS machines, SPEC 5.3); standard error 0."""
+    if not _has_analytic(f):
+        raise ValueError("method='analytic' needs a field object with a callable `analytic_ed(x, curl_map)`; "
+                         f"{type(f).__name__} has none (use 'exact' or 'hutchinson')")
     out = f.analytic_ed(x, curl_map=curl_map)
     ed = torch.as_tensor(out["ed_fro"], device=x.device).to(x.dtype)
     jac = torch.as_tensor(out["jac_fro"], device=x.device).to(x.dtype)
@@ -251,18 +263,16 @@ def _analytic(f, x: Tensor, curl_map: bool) -> tuple:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _choose_method(method: str, f, x: Tensor, exact_chunk: int) -> str:
-    """`auto`: analytic when f offers it, else exact for small n that fits in memory, else Hutchinson."""
+def _choose_method(method: str, x: Tensor, exact_chunk: int) -> str:
+    """`auto` without a closed form: exact for small n that fits in memory, else Hutchinson."""
     if method != "auto":
         return method
-    if _has_analytic(f):
-        return "analytic"
     small = x[0].numel() <= EXACT_MAX_N.get(x.device.type, EXACT_MAX_N["cpu"])
     return "exact" if small and exact_chunk > 0 else "hutchinson"
 
 
-def _nan_where_not_finite(ed, jac, ed_se, curl, finite_out: Tensor) -> tuple:
-    """NaN for every sample whose output or result is not finite, with a warning naming them."""
+def _result(ed, jac, ed_se, curl, finite_out: Tensor, method: str, probes: int) -> EDResult:
+    """The EDResult, with NaN for every sample whose output or result is not finite (and a warning naming them)."""
     asym = ed / (2 * jac)
     bad = ~finite_out.to(ed.device) | ~torch.isfinite(ed) | ~torch.isfinite(jac) | ~torch.isfinite(asym)
     if bool(bad.any()):
@@ -272,7 +282,7 @@ def _nan_where_not_finite(ed, jac, ed_se, curl, finite_out: Tensor) -> tuple:
         ed, jac, asym, ed_se = (torch.where(bad, nan, v) for v in (ed, jac, asym, ed_se))
         if curl is not None:
             curl = torch.where(bad[:, None, None], nan, curl)
-    return ed, jac, asym, ed_se, curl
+    return EDResult(ed_fro=ed, jac_fro=jac, asym=asym, ed_stderr=ed_se, curl_map=curl, method=method, probes=probes)
 
 
 def exterior_derivative(
@@ -300,35 +310,16 @@ def exterior_derivative(
     x = _check_input(x, dtype)
     if curl_map and x.dim() != 4:
         raise ValueError(f"curl_map=True needs image-shaped samples (C, H, W), got {tuple(x.shape[1:])}")
-    if method == "analytic" and not _has_analytic(f):
-        raise ValueError("method='analytic' needs a field object with a callable `analytic_ed(x, curl_map)`; "
-                         f"{type(f).__name__} has none (use 'exact' or 'hutchinson')")
-
     with torch.no_grad():  # torch.func transforms still differentiate; this only stops graphs to parameters
         if method == "analytic" or (method == "auto" and _has_analytic(f)):
-            finite_out = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            ed, jac, ed_se, curl = _analytic(f, x, curl_map)
-            used, nprobes = "analytic", 0
-        else:
-            finite_out, act_bytes = _probe_forward(f, x)
-            exact_chunk = _exact_chunk(x, act_bytes, max_memory)
-            used = _choose_method(method, f, x, exact_chunk)
-            if used == "exact":
-                if exact_chunk == 0:
-                    need = (x.shape[0] + 1) * x[0].numel() ** 2 * x.element_size() / 2**30
-                    raise ValueError(f"exact Jacobians of {x.shape[0]} samples with {x[0].numel()} numbers need "
-                                     f"{need:.2f} GiB, over max_memory={max_memory / 2**30:.2f} GiB; raise "
-                                     "max_memory, pass fewer samples, or use method='hutchinson'")
-                ed, jac, ed_se, curl = _exact(f, x, exact_chunk, curl_map)
-                nprobes = 0
-            else:
-                if probes < 2:
-                    raise ValueError(f"probes must be >= 2 (the standard error needs a spread), got {probes}")
-                if rtol is not None and not rtol > 0:
-                    raise ValueError(f"rtol must be positive, got {rtol}")
-                seeds = _per_sample_seeds(seed, x.shape[0])
-                chunk = _hutchinson_chunk(x, act_bytes, max_memory)
-                ed, jac, ed_se, curl, nprobes = _hutchinson(f, x, seeds, probes, rtol, max(max_probes, probes),
-                                                            chunk, curl_map)
-        ed, jac, asym, ed_se, curl = _nan_where_not_finite(ed, jac, ed_se, curl, finite_out)
-    return EDResult(ed_fro=ed, jac_fro=jac, asym=asym, ed_stderr=ed_se, curl_map=curl, method=used, probes=nprobes)
+            all_finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            return _result(*_analytic(f, x, curl_map), all_finite, "analytic", 0)
+        vjp_fn, finite_out, act_bytes = _linearize(f, x)
+        exact_chunk = _exact_chunk(x, act_bytes, max_memory)
+        method = _choose_method(method, x, exact_chunk)
+        if method == "exact":
+            return _result(*_exact(vjp_fn, x, exact_chunk, curl_map, max_memory), finite_out, "exact", 0)
+        seeds = _per_sample_seeds(seed, x.shape[0])
+        chunk = _hutchinson_chunk(x, act_bytes, max_memory)
+        *stats, used = _hutchinson(f, vjp_fn, x, seeds, probes, rtol, max_probes, chunk, curl_map)
+        return _result(*stats, finite_out, "hutchinson", used)
