@@ -1,0 +1,438 @@
+"""The ELS-family machines against independent truth: a plain per-pixel brute force written from
+SPEC 5.1, the exact score of the empirical distribution (autograd), and torch.func.jacrev."""
+
+import math
+
+import pytest
+import torch
+
+from edtool.diffusion import alpha_bar, beta
+from edtool.machines import (
+    band_ed,
+    dense_ed,
+    dense_jacobian,
+    make_machine,
+    resolve_machine_name,
+)
+
+# (machine, paper_circular) pairs: every candidate rule, both paddings
+RULES = [("ls", False), ("els-borders", False), ("els-circular", False), ("els-circular", True)]
+
+
+def coefficients(t):
+    t = torch.tensor(t, dtype=torch.float64)
+    return alpha_bar(t).sqrt().item(), beta(t).item()
+
+
+def data(n=12, shape=(1, 6, 6), seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand((n,) + shape, generator=g) * 2 - 1).to(dtype)
+    labels = torch.arange(n) % 3
+    return images, labels
+
+
+def noisy(images, t, b=2, seed=1, pure_noise=True):
+    """Points on a diffusion trajectory: noised training images (the last one pure noise)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b2 = coefficients(t)
+    eps = torch.randn((b,) + images.shape[1:], generator=g, dtype=images.dtype)
+    x = a * images[:b] + math.sqrt(b2) * eps
+    if pure_noise:
+        x[-1] = eps[-1]
+    return x
+
+
+# ------------------------------------------------------------------ brute force, from SPEC 5.1
+
+
+def window(img, y, x, k, circular):
+    """The k x k window (C, k, k) of img (C, H, W) centred at (y, x): zeros or wrap outside."""
+    C, H, W = img.shape
+    r = k // 2
+    out = torch.zeros(C, k, k, dtype=img.dtype)
+    for dy in range(k):
+        for dx in range(k):
+            yy, xx = y + dy - r, x + dx - r
+            if circular:
+                out[:, dy, dx] = img[:, yy % H, xx % W]
+            elif 0 <= yy < H and 0 <= xx < W:
+                out[:, dy, dx] = img[:, yy, xx]
+    return out
+
+
+def candidate_positions(rule, y, x, H, W, k, paper):
+    """Where the candidate windows of pixel (y, x) sit in each training image, per SPEC 5.1."""
+    r = k // 2
+    inside = [(v, u) for v in range(r, H - r) for u in range(r, W - r)]
+    if rule == "ls":
+        return [(y, x)]
+    if rule == "els-circular":
+        return inside if paper else [(v, u) for v in range(H) for u in range(W)]
+    near_top, near_bottom, near_left, near_right = y < r, y > H - 1 - r, x < r, x > W - 1 - r
+    n_edges = near_top + near_bottom + near_left + near_right
+    if n_edges == 0:
+        return inside
+    if n_edges >= 2:
+        return [(y, x)]
+    if near_top or near_bottom:  # same row (same depth from that edge), anywhere along it
+        return [(y, u) for u in range(r, W - r)]
+    return [(v, x) for v in range(r, H - r)]
+
+
+def brute_force(rule, images, x, t, k, paper=False, nearest=False, gaps=None):
+    """Score by enumerating every pixel's candidate windows and a softmax (or its t -> 0 limit).
+    gaps, if a tensor like x[:, 0], receives each pixel's log-weight gap between best and runner-up."""
+    a, b2 = coefficients(t)
+    circular = rule == "els-circular"
+    B, C, H, W = x.shape
+    r = k // 2
+    windows = {}
+    s = torch.zeros_like(x)
+    for bi in range(B):
+        for y in range(H):
+            for xx in range(W):
+                xp = window(x[bi], y, xx, k, circular)
+                cands = []
+                for v, u in candidate_positions(rule, y, xx, H, W, k, paper):
+                    for i in range(len(images)):
+                        if (i, v, u) not in windows:
+                            windows[(i, v, u)] = window(images[i], v, u, k, circular)
+                        cands.append(windows[(i, v, u)])
+                P = torch.stack(cands)
+                logw = -((xp - a * P) ** 2).sum((1, 2, 3)) / (2 * b2)
+                if gaps is not None:
+                    top2 = logw.topk(2).values if len(logw) > 1 else torch.cat([logw, logw - math.inf])
+                    gaps[bi, y, xx] = top2[0] - top2[1]
+                if nearest:
+                    w = torch.zeros_like(logw)
+                    w[logw.argmax()] = 1
+                else:
+                    w = torch.softmax(logw, 0)
+                s[bi, :, y, xx] = -(xp[:, r, r] - a * (w @ P[:, :, r, r])) / b2
+    return s
+
+
+def ideal_truth(images, x, t):
+    """The exact score of the empirical distribution: grad log sum_i N(x; a y_i, b^2 I)."""
+    a, b2 = coefficients(t)
+    x = x.clone().requires_grad_(True)
+    d2 = ((x[:, None] - a * images[None]) ** 2).flatten(2).sum(-1)
+    torch.logsumexp(-d2 / (2 * b2), 1).sum().backward()
+    return x.grad
+
+
+def jacrev_dense(machine, t, x, label=None):
+    """Autograd Jacobian (B, n, n) of the machine's own score, one sample at a time."""
+    out = []
+    for b in range(x.shape[0]):
+        lab = None if label is None else label[b : b + 1]
+        f = lambda v: machine.score(t, v.view(1, *x.shape[1:]), lab).flatten()
+        out.append(torch.func.jacrev(f)(x[b].flatten()))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------ scores
+
+
+@pytest.mark.parametrize("rule,paper", RULES)
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_score_matches_brute_force(rule, paper, k):
+    images, _ = data(n=10)
+    x = noisy(images, 0.4)
+    m = make_machine(rule, images, patch_size=k, paper_circular=paper, chunk_size=200)
+    torch.testing.assert_close(m.score(0.4, x), brute_force(rule, images, x, 0.4, k, paper), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule,paper", [r for r in RULES if not r[1]])
+def test_score_matches_brute_force_patch_larger_than_image(rule, paper):
+    images, _ = data(n=8, shape=(1, 5, 5))
+    x = noisy(images, 0.3)
+    m = make_machine(rule, images, patch_size=7)
+    torch.testing.assert_close(m.score(0.3, x), brute_force(rule, images, x, 0.3, 7), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule,paper", RULES)
+def test_score_matches_brute_force_two_channels_non_square(rule, paper):
+    images, _ = data(n=6, shape=(2, 5, 7))
+    x = noisy(images, 0.6)
+    m = make_machine(rule, images, patch_size=3, paper_circular=paper, chunk_size=50)
+    torch.testing.assert_close(m.score(0.6, x), brute_force(rule, images, x, 0.6, 3, paper), rtol=1e-10, atol=1e-10)
+
+
+def test_borders_machine_is_local_machine_when_patch_covers_image():
+    images, _ = data(n=10, shape=(1, 5, 5))
+    x = noisy(images, 0.5)
+    for k in (5, 7, 9):
+        ls = make_machine("ls", images, patch_size=k).score(0.5, x)
+        torch.testing.assert_close(make_machine("els-borders", images, patch_size=k).score(0.5, x), ls)
+
+
+@pytest.mark.parametrize("t", [0.05, 0.5, 1.0])
+def test_ideal_score_is_exact_empirical_score(t):
+    images, _ = data(n=15, shape=(2, 4, 4))
+    x = noisy(images, t, b=3)
+    m = make_machine("is", images, chunk_size=40)
+    torch.testing.assert_close(m.score(t, x), ideal_truth(images, x, t), rtol=1e-9, atol=1e-9)
+
+
+def test_ideal_score_agrees_with_local_machine_when_windows_cover_the_image():
+    # a window of size 2H-1 at any pixel sees the whole image: ls then equals is
+    images, _ = data(n=10, shape=(1, 4, 4))
+    x = noisy(images, 0.5)
+    torch.testing.assert_close(
+        make_machine("ls", images, patch_size=7).score(0.5, x), make_machine("is", images).score(0.5, x)
+    )
+
+
+@pytest.mark.parametrize("rule,paper", RULES + [("is", False)])
+def test_small_t_is_finite_and_the_nearest_patch_limit(rule, paper):
+    images, _ = data(n=10)
+    x = noisy(images, 0.01, seed=3, pure_noise=False)  # near the data: no near-ties between patches
+    k = None if rule == "is" else 3
+    m = make_machine(rule, images, patch_size=k, paper_circular=paper, chunk_size=64)
+    s = m.score(0.01, x)
+    assert torch.isfinite(s).all()
+    if rule == "is":
+        a, b2 = coefficients(0.01)
+        d2 = ((x[:, None] - a * images[None]) ** 2).flatten(2).sum(-1)
+        limit = -(x - a * images[d2.argmin(1)]) / b2
+        clear = torch.ones_like(s, dtype=torch.bool)
+    else:
+        torch.testing.assert_close(s, brute_force(rule, images, x, 0.01, 3, paper), rtol=1e-9, atol=1e-9)
+        gaps = torch.zeros_like(x[:, 0])
+        limit = brute_force(rule, images, x, 0.01, 3, paper, nearest=True, gaps=gaps)
+        clear = (gaps > 40)[:, None].expand_as(s)  # runner-up weight < e^-40: the limit is reached
+        assert clear.float().mean() > 0.9
+    torch.testing.assert_close(s[clear], limit[clear], rtol=1e-9, atol=1e-9 * limit.abs().max().item())
+    # float32 gets there too, without overflow or 0/0
+    s32 = make_machine(rule, images.float(), patch_size=k, paper_circular=paper).score(0.01, x.float())
+    assert torch.isfinite(s32).all()
+    torch.testing.assert_close(s32.double()[clear], limit[clear], rtol=1e-3, atol=1e-3 * limit.abs().max().item())
+
+
+@pytest.mark.parametrize("rule,paper", RULES + [("is", False)])
+def test_chunked_equals_unchunked(rule, paper):
+    images, _ = data(n=12)
+    x = noisy(images, 0.2, b=3)
+    k = None if rule == "is" else 3
+    tiny = make_machine(rule, images, patch_size=k, paper_circular=paper, chunk_size=1).score(0.2, x)
+    huge = make_machine(rule, images, patch_size=k, paper_circular=paper, chunk_size=2**30).score(0.2, x)
+    torch.testing.assert_close(tiny, huge, rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_times():
+    images, _ = data(n=10)
+    x = noisy(images, 0.5, b=3)
+    m = make_machine("els-borders", images, patch_size=3)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    s = m.score(t, x)
+    for b in range(3):
+        torch.testing.assert_close(s[b : b + 1], m.score(t[b].item(), x[b : b + 1]))
+
+
+def test_eps_is_minus_sqrt_beta_times_score():
+    images, _ = data(n=10)
+    x = noisy(images, 0.5)
+    m = make_machine("ls", images, patch_size=3)
+    torch.testing.assert_close(m.eps(0.5, x), -math.sqrt(coefficients(0.5)[1]) * m.score(0.5, x))
+
+
+def test_scales_schedule_picks_patch_size_per_time():
+    images, _ = data(n=8)
+    x = noisy(images, 0.5)
+    m = make_machine("els-borders", images, scales=[1, 3, 5, 7])
+    picks = {0.01: 1, 0.25: 1, 0.26: 3, 0.5: 3, 0.51: 5, 0.75: 5, 0.76: 7, 1.0: 7}
+    for t, k in picks.items():
+        assert m.patch_size_at(t) == k
+    for t in (0.25, 0.5, 1.0):
+        fixed = make_machine("els-borders", images, patch_size=picks[t])
+        torch.testing.assert_close(m.score(t, x), fixed.score(t, x))
+    # a batch whose samples need different patch sizes is split and put back in order
+    s = m.score(torch.tensor([0.2, 0.9]), x)
+    torch.testing.assert_close(s[1:], make_machine("els-borders", images, patch_size=7).score(0.9, x[1:]))
+    torch.testing.assert_close(s[:1], make_machine("els-borders", images, patch_size=1).score(0.2, x[:1]))
+
+
+@pytest.mark.parametrize("rule", ["is", "ls", "els-borders", "els-circular"])
+def test_class_conditional_uses_only_that_label(rule):
+    images, labels = data(n=15)
+    x = noisy(images, 0.4, b=3)
+    k = None if rule == "is" else 3
+    m = make_machine(rule, images, labels, patch_size=k)
+    label = torch.tensor([2, 0, 2])
+    s = m.score(0.4, x, label)
+    for b in range(3):
+        own = make_machine(rule, images[labels == label[b]], patch_size=k)
+        torch.testing.assert_close(s[b : b + 1], own.score(0.4, x[b : b + 1]))
+    assert not torch.allclose(s, m.score(0.4, x))  # unconditional differs
+    torch.testing.assert_close(m.score(0.4, x, 1), m.score(0.4, x, torch.tensor([1, 1, 1])))
+
+
+# ------------------------------------------------------------------ closed-form Jacobian
+
+
+@pytest.mark.parametrize("rule,paper", RULES)
+@pytest.mark.parametrize("k", [3, 5])
+def test_closed_form_jacobian_equals_autograd(rule, paper, k):
+    images, _ = data(n=10)
+    x = noisy(images, 0.3)
+    m = make_machine(rule, images, patch_size=k, paper_circular=paper, chunk_size=100)
+    band = m.jacobian(0.3, x)
+    assert band.shape == (2, 1, 6, 6, 1, k, k)
+    torch.testing.assert_close(dense_jacobian(band, m.padding), jacrev_dense(m, 0.3, x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule,paper", [r for r in RULES if not r[1]])
+def test_closed_form_jacobian_patch_larger_than_image(rule, paper):
+    # for circular padding a 7-window on a 5x5 image meets some pixels twice: contributions add
+    images, _ = data(n=8, shape=(1, 5, 5))
+    x = noisy(images, 0.3)
+    m = make_machine(rule, images, patch_size=7)
+    torch.testing.assert_close(dense_jacobian(m.jacobian(0.3, x), m.padding), jacrev_dense(m, 0.3, x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule,paper", RULES)
+def test_closed_form_jacobian_two_channels_conditional(rule, paper):
+    images, labels = data(n=12, shape=(2, 5, 6))
+    x = noisy(images, 0.5)
+    label = torch.tensor([1, 2])
+    m = make_machine(rule, images, labels, patch_size=3, paper_circular=paper)
+    band = m.jacobian(0.5, x, label)
+    assert band.shape == (2, 2, 5, 6, 2, 3, 3)
+    dense = dense_jacobian(band, m.padding)
+    torch.testing.assert_close(dense, jacrev_dense(m, 0.5, x, label), rtol=1e-9, atol=1e-9)
+
+
+def test_ideal_jacobian_equals_autograd_and_is_symmetric():
+    images, labels = data(n=12, shape=(2, 3, 3))
+    x = noisy(images, 0.5)
+    m = make_machine("is", images, labels)
+    for label in (None, torch.tensor([0, 1])):
+        J = m.jacobian(0.5, x, label)
+        assert J.shape == (2, 18, 18)
+        torch.testing.assert_close(J, jacrev_dense(m, 0.5, x, label), rtol=1e-9, atol=1e-9)
+        res = dense_ed(J, (2, 3, 3))
+        assert (res["ed_fro"] / (2 * res["jac_fro"]) < 1e-6).all()
+
+
+@pytest.mark.parametrize("rule", ["ls", "els-borders"])
+def test_local_jacobians_are_not_symmetric(rule):
+    images, _ = data(n=10)
+    x = noisy(images, 0.3)
+    res = make_machine(rule, images, patch_size=3).field(0.3).analytic_ed(x)
+    assert (res["ed_fro"] / (2 * res["jac_fro"]) > 1e-3).all()
+
+
+@pytest.mark.parametrize("rule,paper,k", [r + (k,) for r in RULES for k in (3, 5)] + [("els-circular", False, 7)])
+def test_analytic_ed_equals_dense_autograd(rule, paper, k):
+    images, _ = data(n=10)
+    x = noisy(images, 0.3)
+    m = make_machine(rule, images, patch_size=k, paper_circular=paper)
+    field = m.field(0.3)
+    torch.testing.assert_close(field(x), m.score(0.3, x))
+    res = field.analytic_ed(x, curl_map=True)
+    truth = dense_ed(jacrev_dense(m, 0.3, x), (1, 6, 6), curl_map=True)
+    for key in ("ed_fro", "jac_fro", "curl_map"):
+        torch.testing.assert_close(res[key], truth[key], rtol=1e-9, atol=1e-9)
+    assert field.analytic_ed(x)["curl_map"] is None
+
+
+def test_analytic_ed_ideal_and_conditional():
+    images, labels = data(n=12, shape=(1, 4, 4))
+    x = noisy(images, 0.4)
+    m = make_machine("is", images, labels)
+    res = m.field(0.4, label=1).analytic_ed(x, curl_map=True)
+    truth = dense_ed(jacrev_dense(m, 0.4, x, torch.tensor([1, 1])), (1, 4, 4), curl_map=True)
+    torch.testing.assert_close(res["jac_fro"], truth["jac_fro"], rtol=1e-9, atol=1e-9)
+    assert (res["ed_fro"] < 1e-9 * res["jac_fro"]).all()
+    assert res["curl_map"].shape == (2, 4, 4)
+
+
+def test_band_ed_counts_each_entry_once_on_a_hand_made_band():
+    # J with a single off-diagonal entry J[p, q] = 2 (q right of p): ||J - J^T||_F = 2 sqrt(2)
+    band = torch.zeros(1, 1, 4, 4, 1, 3, 3, dtype=torch.float64)
+    band[0, 0, 1, 1, 0, 1, 2] = 2.0
+    for padding in ("zeros", "circular"):
+        res = band_ed(band, padding, curl_map=True)
+        assert res["ed_fro"].item() == pytest.approx(2 * math.sqrt(2))
+        assert res["jac_fro"].item() == pytest.approx(2)
+        assert res["curl_map"][0, 1, 1].item() == pytest.approx(2) and res["curl_map"][0, 1, 2].item() == pytest.approx(2)
+        assert res["curl_map"].sum().item() == pytest.approx(4)
+    # at the image edge the zero-padded band entry points outside and must be ignored
+    edge = torch.zeros(1, 1, 4, 4, 1, 3, 3, dtype=torch.float64)
+    edge[0, 0, 1, 3, 0, 1, 2] = 2.0  # would wrap to column 0 for circular padding
+    assert dense_jacobian(edge, "zeros").abs().sum() == 0
+    assert dense_jacobian(edge, "circular")[0, 1 * 4 + 3, 1 * 4 + 0] == 2
+
+
+def test_float32_jacobian_close_to_float64():
+    images, _ = data(n=20)
+    x = noisy(images, 0.2)
+    m64 = make_machine("els-borders", images, patch_size=3)
+    m32 = make_machine("els-borders", images.float(), patch_size=3)
+    j64, j32 = m64.jacobian(0.2, x), m32.jacobian(0.2, x.float())
+    assert j32.dtype == torch.float32
+    assert (j32.double() - j64).abs().max() < 1e-4 * j64.abs().max()
+
+
+# ------------------------------------------------------------------ settings and errors
+
+
+def test_names_and_aliases():
+    images, _ = data(n=4)
+    assert make_machine("els", images, patch_size=3).name == "els-borders"
+    assert resolve_machine_name("els", "circular") == "els-circular"
+    assert resolve_machine_name("els", "zeros") == "els-borders"
+    assert resolve_machine_name("ls", "circular") == "ls"
+    assert make_machine("els-circular", images, patch_size=3).padding == "circular"
+    with pytest.raises(ValueError, match="padding"):
+        resolve_machine_name("els", "reflect")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="elsx", patch_size=3), "unknown machine"),
+        (dict(name="ls", patch_size=4), "odd"),
+        (dict(name="ls", patch_size=0), "odd"),
+        (dict(name="ls", patch_size=-3), "odd"),
+        (dict(name="ls", patch_size=True), "odd"),
+        (dict(name="ls", patch_size=3.0), "odd"),
+        (dict(name="ls"), "exactly one"),
+        (dict(name="ls", patch_size=3, scales=[3]), "exactly one"),
+        (dict(name="ls", scales=[3, 6]), r"scales\[1\]"),
+        (dict(name="ls", scales=[]), "at least one"),
+        (dict(name="is", patch_size=3), "whole image"),
+        (dict(name="ls", patch_size=3, paper_circular=True), "paper_circular"),
+        (dict(name="els-circular", patch_size=9, paper_circular=True), "image size"),
+        (dict(name="ls", patch_size=3, chunk_size=0), "chunk_size"),
+    ],
+)
+def test_bad_settings_raise(kwargs, match):
+    images, _ = data(n=4)
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=match):
+        make_machine(name, images, **kwargs)
+
+
+def test_bad_inputs_raise():
+    images, labels = data(n=6)
+    x = noisy(images, 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        make_machine("ls", images[0], patch_size=3)
+    with pytest.raises(ValueError, match="labels"):
+        make_machine("ls", images, labels[:3], patch_size=3)
+    m = make_machine("ls", images, labels, patch_size=3)
+    with pytest.raises(ValueError, match="no training images have label 7"):
+        m.score(0.5, x, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="without labels"):
+        make_machine("ls", images, patch_size=3).score(0.5, x, 0)
+    with pytest.raises(ValueError, match="shape"):
+        m.score(0.5, x[:, :, :5])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        m.score(0.0, x)
+    with pytest.raises(ValueError, match="shape"):
+        m.score(torch.tensor([0.5, 0.5, 0.5]), x)
+    ms = make_machine("ls", images, scales=[3, 5])
+    with pytest.raises(ValueError, match="same patch size"):
+        ms.jacobian(torch.tensor([0.2, 0.9]), x)
