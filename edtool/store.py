@@ -209,6 +209,8 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
 
 def open_run(location, mode: str = "r") -> RunStore:
     """Open an existing run for reading ("r") or for filling and aggregating ("r+")."""
+    if mode not in ("r", "r+"):
+        raise ValueError(f"open_run mode must be 'r' or 'r+', got {mode!r} (create_run makes new runs)")
     location = _run_location(location)
     run = _open_existing(location, mode)
     if run is None:
@@ -411,6 +413,20 @@ def _refuse(run_dir, path: Path, info: Optional[dict]):
     raise EdtoolError(f"run {run_dir} is being computed{what} by pid {info.get('pid')} on host {info.get('host')} "
                       f"since {info.get('started')}; wait for it to finish, or if that process is gone "
                       f"delete {path}")
+
+
+def lock_holders(run_dir) -> list:
+    """Who holds locks on a run: one dict per lock file (pid, host, started, shard, path, stale)."""
+    base = local_dir(_run_location(run_dir))
+    if base is None or not base.is_dir():
+        return []
+    holders = []
+    for path in sorted(base.glob("lock*")):
+        if _LOCK_NAME.fullmatch(path.name):
+            info = _read_lock(path) or {}
+            holders.append({"pid": info.get("pid"), "host": info.get("host"), "started": info.get("started"),
+                            "shard": info.get("shard"), "path": str(path), "stale": _is_stale(info or None, path)})
+    return holders
 
 
 @contextmanager

@@ -15,7 +15,8 @@ import zarr
 
 import edtool
 from edtool.errors import EdtoolError
-from edtool.store import RunStore, create_run, open_run, run_lock, shard_realizations, store_url
+from edtool.store import (RunStore, create_run, lock_holders, open_run, run_lock, shard_realizations,
+                          store_url)
 
 MODELS = ["unet", "els"]
 CONFIG = {"estimator": "exact", "nsteps": 5, "dataset": "mnist5k"}
@@ -292,7 +293,8 @@ def test_two_processes_fill_disjoint_shards(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", SHARD_WORKER, str(tmp_path / "r"), str(i), "2"],
                               stderr=subprocess.PIPE) for i in range(2)]
     for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read().decode()
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
     done = open_run(tmp_path / "r")
     assert done.done_mask().all()
     ed = done.read("ed_fro")
@@ -318,6 +320,8 @@ def test_lock_excludes_second_holder_and_records_itself(tmp_path):
 def test_shard_locks(tmp_path):
     with run_lock(tmp_path / "r", (0, 2)) as a, run_lock(tmp_path / "r", (1, 2)) as b:
         assert a.name == "lock.shard-0-of-2" and b.name == "lock.shard-1-of-2"
+        assert [(h["shard"], h["pid"], h["stale"]) for h in lock_holders(tmp_path / "r")] == [
+            ("0/2", os.getpid(), False), ("1/2", os.getpid(), False)]
         with pytest.raises(EdtoolError, match="shard 0/2"):
             with run_lock(tmp_path / "r", (0, 2)):
                 pass
@@ -345,6 +349,7 @@ def test_stale_lock_taken_over_with_warning(tmp_path):
     pid = dead_pid()
     stale = {"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00", "token": "x"}
     (tmp_path / "r" / "lock").write_text(json.dumps(stale))
+    assert [(h["pid"], h["stale"]) for h in lock_holders(tmp_path / "r")] == [(pid, True)]
     with pytest.warns(UserWarning, match=f"stale lock of pid {pid}"):
         with run_lock(tmp_path / "r") as path:
             assert json.loads(path.read_text())["pid"] == os.getpid()

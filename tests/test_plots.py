@@ -1,0 +1,110 @@
+"""Figures from a run store (SPEC 9): which files appear, in which format, from the store alone."""
+
+import uuid
+
+import matplotlib
+import numpy as np
+import pytest
+
+from matplotlib.figure import Figure
+
+import edtool.plots as plots
+from edtool.aggregate import aggregate_run
+from edtool.errors import EdtoolError
+from edtool.plots import MODEL_COLORS, model_color, plot_run
+from edtool.store import create_run
+
+HEADERS = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF"}
+
+
+def filled_run(location, models=("unet", "els"), n_real=3, nsteps=4, maps=False, channels=1, skip=(), nan=(),
+               zero=()):
+    """A small run with ED growing toward t = 1; `skip` cells stay undone, `nan` cells fail (all NaN),
+    models in `zero` are exactly conservative (ED = 0, like the ideal score machine)."""
+    rng = np.random.default_rng(0)
+    run = create_run(location, {"estimator": "exact"}, list(models), list(range(n_real)), [-1] * n_real, nsteps,
+                     (channels, 6, 6), maps=maps)
+    for r in range(n_real):
+        for m in range(len(models)):
+            if (r, m) in skip:
+                continue
+            ed = (m + 1) * (1 + 10 * run.time) * rng.uniform(0.8, 1.2, nsteps)
+            if (r, m) in nan:
+                ed = np.full(nsteps, np.nan)
+            if models[m] in zero:
+                ed = np.zeros(nsteps)
+            jac = 3 * ed
+            curl = rng.random((nsteps, 6, 6)) * ed[:, None, None] if maps else None
+            with np.errstate(invalid="ignore"):
+                asym = ed / (2 * jac)  # 0/0 = NaN for the conservative model: undefined, honestly
+            run.write_cell(r, m, ed, jac, asym, 0 * ed, rng.uniform(-1, 1, (channels, 6, 6)), curl)
+    return run
+
+
+def check_files(paths, names, fmt="png"):
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{fmt}" for n in names)
+    for p in paths:
+        data = p.read_bytes()
+        assert len(data) > 1000
+        if fmt in HEADERS:
+            assert data.startswith(HEADERS[fmt])
+        else:
+            assert b"<svg" in data[:2000]
+
+
+def test_multi_realization_with_maps_and_failures(tmp_path):
+    filled_run(tmp_path / "r", models=("unet", "resnet", "is"), maps=True, skip={(2, 1)}, nan={(1, 0)}, zero={"is"})
+    backend = matplotlib.get_backend()
+    paths = plot_run(tmp_path / "r")
+    check_files(paths, ["ed_analysis_single", "ed_analysis_aggregated", "asym_vs_time", "curl_maps"])
+    assert all(p.parent == tmp_path / "r" for p in paths)  # the run directory by default
+    assert matplotlib.get_backend() == backend  # a notebook's backend is left alone
+
+
+def test_single_realization_without_maps(tmp_path):
+    filled_run(tmp_path / "r", n_real=1, channels=3)
+    check_files(plot_run(tmp_path / "r", out_dir=tmp_path / "figs"), ["ed_analysis_single", "asym_vs_time"])
+
+
+def test_partial_run_plots_what_is_done(tmp_path):
+    filled_run(tmp_path / "r", skip={(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)})  # only (0, els) done
+    check_files(plot_run(tmp_path / "r"), ["ed_analysis_single", "asym_vs_time"])
+
+
+@pytest.mark.parametrize("fmt", ["pdf", "svg"])
+def test_formats(tmp_path, fmt):
+    filled_run(tmp_path / "r", n_real=1, nsteps=3)  # the format is figure-independent: keep it cheap
+    check_files(plot_run(tmp_path / "r", fmt=fmt.upper()), ["ed_analysis_single", "asym_vs_time"], fmt)
+
+
+def test_bad_format_and_empty_run(tmp_path):
+    filled_run(tmp_path / "r", n_real=1)
+    with pytest.raises(EdtoolError, match="format 'jpg' is not supported"):
+        plot_run(tmp_path / "r", fmt="jpg")
+    create_run(tmp_path / "empty", {}, ["unet"], [0], [-1], 2, (1, 2, 2), maps=False)
+    with pytest.raises(EdtoolError, match="no finished cells"):
+        plot_run(tmp_path / "empty")
+    with pytest.raises(EdtoolError, match="not on a local disk"):
+        plot_run(filled_run(f"memory://edtool-plots-{uuid.uuid4().hex}/run", n_real=1, nsteps=2).location)
+
+
+def test_uses_fresh_stored_aggregate_and_recomputes_stale_one(tmp_path, monkeypatch):
+    run = filled_run(tmp_path / "r", n_real=2, nsteps=2, skip={(1, 1)})
+    aggregate_run(tmp_path / "r")
+    calls = []
+    real = plots.compute_aggregate
+    monkeypatch.setattr(plots, "compute_aggregate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("_single_figure", "_aggregated_figure", "_asym_figure"):  # rendering is tested elsewhere
+        monkeypatch.setattr(plots, name, lambda *a: Figure(figsize=(1, 1)))
+    plot_run(tmp_path / "r")
+    assert calls == []  # read from the store
+    run.write_cell(1, 1, [1.0, 2.0], [3.0, 4.0], [0.1, 0.2], [0, 0], np.zeros((1, 6, 6)))
+    plot_run(tmp_path / "r")
+    assert calls == [1]  # the stored aggregate is out of date: computed in memory
+
+
+def test_fixed_distinct_model_colors():
+    names = ["unet", "resnet", "els", "els-borders", "els-circular", "ls", "is"]
+    assert [model_color(n) for n in names] == [MODEL_COLORS[n] for n in names]
+    assert len({model_color(n) for n in names}) == len(names)
+    assert model_color("my-model") == model_color("my-model") and model_color("my-model") not in MODEL_COLORS.values()
