@@ -23,6 +23,7 @@ delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output 
 """
 
 import math
+from collections import OrderedDict
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -35,6 +36,7 @@ MACHINES = ("is", "ls", "els-circular", "els-borders")
 ALIASES = {"els": "els-borders"}
 PADDINGS = ("zeros", "circular")
 DEFAULT_CHUNK_SIZE = 2**22  # elements per streamed block (logits, keys or values): 16 MiB in float32
+DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls (mnist5k at k = 11: 2.5 GB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,36 +149,59 @@ def _stack_cells(cells, C: int, H: int, W: int, k: int, device) -> list:
 
 
 def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: Callable[[Tensor], Tensor]) -> Tensor:
-    """Posterior means E_w[values_of(P)] for every query row, streamed over chunks of candidates.
+    """Posterior means E_w[values] for every query row, streamed over chunks of candidates.
 
-    queries (G, R, D+1) hold rows [a x_p / b^2, -a^2 / (2 b^2)], so queries @ [P, |P|^2]^T is
-    -||x_p - a P||^2 / (2 b^2) up to a per-row constant: one matrix product per chunk of keys
-    (G, M, D). A running max keeps exp() in range at any t; sums are float64. The first column
-    of values_of(P) must be ones (it carries sum w); the result keeps it (it is then 1).
+    Keys come as (G, D+2, M) columns [1; P; |P|^2] and queries (G, R, D+2) as rows
+    [0, a x_p / b^2, -a^2 / (2 b^2)], so queries @ keys = -||x_p - a P||^2 / (2 b^2) up to a
+    per-row constant: one matrix product per chunk. A running shift s (G, R), kept at or just
+    above the largest log weight seen, is folded into that product through the ones row, so a
+    chunk costs one product, one exp and one product with values_of(keys) (G, V, M), whose
+    first row must be ones (it carries sum w). Where a chunk would overflow (a candidate far
+    better than any before) its rows are shifted up to its own max. Sums are float64; the
+    result is (G, R, V), normalized (its first column is 1).
     """
-    inplace = not torch.is_grad_enabled()  # in-place exp is faster but autograd can't see through it
-    top, sums = None, None
+    grad = torch.is_grad_enabled()  # in-place ops are faster but autograd can't see through them
+    shift, sums, buffer = None, None, None
     for keys in key_chunks:
-        keys_aug = torch.cat([keys, keys.square().sum(-1, keepdim=True)], -1)
-        logw = torch.bmm(queries, keys_aug.transpose(1, 2))  # (G, R, M)
-        chunk_top = logw.detach().amax(-1)
-        new_top = chunk_top if top is None else torch.maximum(top, chunk_top)
-        w = logw.sub_(new_top[..., None]).exp_() if inplace else (logw - new_top[..., None]).exp()
-        part = torch.bmm(w, values_of(keys)).double()
-        sums = part if top is None else sums * (top - new_top).double().exp()[..., None] + part
-        top = new_top
+        if shift is None:  # first chunk: start from its exact max
+            shift = torch.bmm(queries.detach(), keys.detach()).amax(-1)
+        logw = torch.bmm(torch.cat([-shift[..., None].to(queries.dtype), queries[..., 1:]], -1), keys)  # log w - s
+        if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
+            floor = math.log(torch.finfo(logw.dtype).tiny) + 8
+            logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
+        if not grad and (buffer is None or buffer.numel() < logw.numel()):
+            buffer = torch.empty_like(logw).view(-1)
+        values = values_of(keys).transpose(1, 2)
+        part = torch.bmm(_exp(logw, buffer), values).double()
+        if not bool((part[..., 0] < 1e30).all()):  # exp overflowed or nearly: lift those rows to the chunk max
+            lift = logw.detach().amax(-1).clamp(min=0)
+            part = torch.bmm(_exp(logw - lift[..., None], buffer), values).double()
+            sums = None if sums is None else sums * (-lift).double().exp()[..., None]
+            shift = shift + lift
+        sums = part if sums is None else sums + part
+        grow = part[..., 0].detach().log().clamp(min=0)  # keep the shift >= every log weight seen
+        sums = sums * (-grow).exp()[..., None]
+        shift = shift + grow.to(shift.dtype)
     return sums / sums[..., :1]
 
 
-def _rows_per_step(G: int, rows: int, width: int, chunk_size: int) -> int:
-    """How many candidates one step may take so no block (G x rows x M logits, G x M x width
+def _exp(logw: Tensor, buffer: Optional[Tensor]) -> Tensor:
+    """exp(logw), written into a reused buffer when one is given (no autograd)."""
+    if buffer is None:
+        return logw.exp()
+    return torch.exp(logw, out=buffer[: logw.numel()].view_as(logw))
+
+
+def _candidates_per_step(G: int, rows: int, width: int, chunk_size: int) -> int:
+    """How many candidates one step may take so no block (G x rows x M logits, G x width x M
     keys/values) exceeds chunk_size elements."""
     return max(1, chunk_size // (G * max(rows, width)))
 
 
-def _window_chunks(train_flat: Tensor, key_index: Tensor, step: int):
-    """Yield the candidate windows (G, M, D), M <= step, over all training images and all
-    positions of key_index (G, L, D); windows are gathered from the flat padded images."""
+def _gathered_keys(train_flat: Tensor, key_index: Tensor, step: int):
+    """Yield candidate keys (G, D+2, M) = [1; P; |P|^2], M <= step, gathered from the flat
+    padded training images for the window offsets key_index (G, L, D): every image, every
+    position."""
     N = train_flat.shape[0]
     G, L, D = key_index.shape
     positions = min(step, L)
@@ -184,8 +209,31 @@ def _window_chunks(train_flat: Tensor, key_index: Tensor, step: int):
     for i in range(0, N, images):
         block = train_flat[i : i + images]
         for l in range(0, L, positions):
-            keys = block[:, key_index[:, l : l + positions]]  # (n, G, l, D)
-            yield keys.transpose(0, 1).reshape(G, -1, D)
+            P = block[:, key_index[:, l : l + positions]]  # (n, G, l, D)
+            P = P.permute(1, 3, 0, 2).reshape(G, D, -1)
+            yield torch.cat([torch.ones_like(P[:, :1]), P, P.square().sum(1, keepdim=True)], 1)
+
+
+def _image_keys(train_flat: Tensor, step: int):
+    """Yield whole-image keys (1, n+2, M) = [1; y; |y|^2], M <= step (the `is` machine)."""
+    for i in range(0, len(train_flat), step):
+        y = train_flat[i : i + step].T
+        yield torch.cat([torch.ones_like(y[:1]), y, y.square().sum(0, keepdim=True)])[None]
+
+
+def _sliced_keys(keys: Tensor, step: int):
+    """Yield consecutive slices (G, D+2, <= step) of cached keys."""
+    for m in range(0, keys.shape[-1], step):
+        yield keys[..., m : m + step]
+
+
+def _fill(out: Tensor, source) -> Tensor:
+    """Concatenate a key source's chunks along candidates into the preallocated `out`."""
+    m = 0
+    for keys in source(2**22 // out.shape[1] + 1):
+        out[..., m : m + keys.shape[-1]] = keys
+        m += keys.shape[-1]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,15 +322,17 @@ def band_ed(band: Tensor, padding: str, curl_map: bool = False) -> dict:
 class Machine:
     """One analytic score machine over a fixed training set: `.score`, `.eps`, `.jacobian`, `.field`."""
 
-    def __init__(self, name, images, labels, patch_sizes, chunk_size, paper_circular):
+    def __init__(self, name, images, labels, patch_sizes, chunk_size, paper_circular, cache_bytes):
         self.name = name
         self.padding = "circular" if name == "els-circular" else "zeros"
         self.patch_sizes = patch_sizes  # None for `is`, else one size per scale entry
         self.chunk_size = chunk_size
+        self.cache_bytes = cache_bytes
         self.paper_circular = paper_circular
         self.images = images
         self.labels = labels
-        self._cache = {}
+        self._cache = {}  # padded training images and window indices
+        self._keys = OrderedDict()  # candidate keys per (label, k, dtype, device), within cache_bytes
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -365,6 +415,29 @@ class Machine:
             self._cache[key] = _stack_cells(cells, C, H, W, k, x.device)
         return self._cache[key]
 
+    def _candidates(self, label, k, x: Tensor) -> list:
+        """Per group, a function step -> chunks (G, D+2, <= step) of its candidate keys
+        [1; P; |P|^2]: slices of the key cache when the whole set fits `cache_bytes` (the
+        least recently used sets make room), else gathered from the padded images."""
+        train = self._train(label, k, x)
+        if k is None:  # `is`: one group, the whole images are the windows
+            sources = [lambda step: _image_keys(train, step)]
+            shapes = [(1, train.shape[1] + 2, len(train))]
+        else:
+            groups = self._groups(k, x)
+            sources = [lambda step, idx=key_index: _gathered_keys(train, idx, step) for _, _, key_index in groups]
+            shapes = [(idx.shape[0], idx.shape[2] + 2, len(train) * idx.shape[1]) for _, _, idx in groups]
+        key = (label, k, x.dtype, x.device)
+        if key not in self._keys:
+            need = sum(math.prod(shape) for shape in shapes) * train.element_size()
+            if need > self.cache_bytes:
+                return sources
+            while self._keys and need + sum(sum(t.nbytes for t in v) for v in self._keys.values()) > self.cache_bytes:
+                self._keys.popitem(last=False)
+            self._keys[key] = [_fill(train.new_empty(shape), source) for shape, source in zip(shapes, sources)]
+        self._keys.move_to_end(key)
+        return [lambda step, keys=keys: _sliced_keys(keys, step) for keys in self._keys[key]]
+
     # -- the engine, per run ----------------------------------------------------------------
 
     def _local_moments(self, x, a, b2, k, label, jacobian: bool) -> Tensor:
@@ -373,42 +446,43 @@ class Machine:
         B, C, H, W = x.shape
         D = C * k * k
         center = torch.arange(C, device=x.device) * k * k + (k // 2) * k + k // 2
-        train = self._train(label, k, x)
+        value_rows = torch.cat([center.new_zeros(1), 1 + center])  # rows [1; c] of the keys
         xflat = pad_images(x, k // 2, self.padding == "circular").flatten(1)
         scale = (a / b2).view(B, 1, 1, 1)
         bias = (-a * a / (2 * b2)).view(B, 1, 1, 1)
 
-        def values_of(keys):
-            ones = keys.new_ones(keys.shape[:-1] + (1,))
-            vc = torch.cat([ones, keys[..., center]], -1)
+        def values_of(keys):  # keys (G, D+2, M) -> values (G, V, M)
+            vc = keys[:, value_rows]
             if not jacobian:
                 return vc
-            vp = torch.cat([ones, keys], -1)
-            return (vc[..., :, None] * vp[..., None, :]).flatten(-2)
+            return (vc[:, :, None] * keys[:, None, : D + 1]).flatten(1, 2)
 
-        width = (1 + C) * (1 + D) if jacobian else D + 1
+        width = (1 + C) * (1 + D) if jacobian else D + 2
         pixels, pieces = [], []
-        for pix, query_index, key_index in self._groups(k, x):
+        for (pix, query_index, _), source in zip(self._groups(k, x), self._candidates(label, k, x)):
             G, R, _ = query_index.shape
             q = xflat[:, query_index]  # (B, G, R, D)
-            q = torch.cat([q * scale, bias.expand(B, G, R, 1)], -1)
-            q = q.transpose(0, 1).reshape(G, B * R, D + 1)
-            step = _rows_per_step(G, B * R, width, self.chunk_size)
-            m = posterior_moments(q, _window_chunks(train, key_index, step), values_of)
+            q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1)], -1)
+            q = q.transpose(0, 1).reshape(G, B * R, D + 2)
+            step = _candidates_per_step(G, B * R, width, self.chunk_size)
+            m = posterior_moments(q, source(step), values_of)
             pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
             pixels.append(pix.reshape(-1))
         order = torch.argsort(torch.cat(pixels))
         return torch.cat(pieces, 1)[:, order]
 
+    def _ideal_queries(self, x, a, b2) -> Tensor:
+        """Rows [0, a x / b^2, -a^2 / (2 b^2)] (1, B, n+2) for whole-image candidates."""
+        q = x.flatten(1) * (a / b2)[:, None]
+        return torch.cat([torch.zeros_like(q[:, :1]), q, (-a * a / (2 * b2))[:, None]], -1)[None]
+
     def _ideal_mean(self, x, a, b2, label) -> Tensor:
         """E_w[y] (B, n) over whole training images y: the ideal (empirical) score's posterior."""
-        B = x.shape[0]
-        train = self._train(label, None, x)
-        q = torch.cat([x.flatten(1) * (a / b2)[:, None], (-a * a / (2 * b2))[:, None]], -1)[None]
-        step = _rows_per_step(1, B, train.shape[1] + 1, self.chunk_size)
-        chunks = (train[i : i + step][None] for i in range(0, len(train), step))
-        ones = lambda keys: torch.cat([keys.new_ones(keys.shape[:-1] + (1,)), keys], -1)
-        return posterior_moments(q, chunks, ones)[0, :, 1:]
+        n = x[0].numel()
+        (source,) = self._candidates(label, None, x)
+        step = _candidates_per_step(1, x.shape[0], n + 2, self.chunk_size)
+        moments = posterior_moments(self._ideal_queries(x, a, b2), source(step), lambda keys: keys[:, : n + 1])
+        return moments[0, :, 1:]
 
     def _score_run(self, x, t, k, label) -> Tensor:
         """The score for samples that share patch size k and label."""
@@ -446,9 +520,10 @@ class Machine:
         eps^2 of the total are dropped (their share is below float precision)."""
         train = self._train(label, None, x)  # (N, n)
         B, n = x.shape[0], train.shape[1]
-        q = torch.cat([x.flatten(1) * (a / b2)[:, None], (-a * a / (2 * b2))[:, None]], -1)
-        keys = torch.cat([train, train.square().sum(-1, keepdim=True)], -1)
-        w = torch.softmax((q @ keys.T).double(), -1)
+        (source,) = self._candidates(label, None, x)
+        q = self._ideal_queries(x, a, b2)
+        step = _candidates_per_step(1, B, n + 2, self.chunk_size)
+        w = torch.softmax(torch.cat([torch.bmm(q, keys)[0] for keys in source(step)], -1).double(), -1)
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
         tiny = torch.finfo(x.dtype).eps ** 2
         out = []
@@ -538,12 +613,15 @@ def make_machine(
     scales: Optional[Sequence[int]] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     paper_circular: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Machine:
     """An ELS-family machine over training images (N, C, H, W) in [-1, 1] (labels (N,) for
     class-conditional use). Give exactly one of patch_size (odd) or scales (odd sizes, entry j
     for t = (j + 1) / len(scales)); `is` takes neither. `els` means `els-borders`; see
     `resolve_machine_name` for circular-padded networks. paper_circular: `els-circular` with
-    only fully-inside training windows as candidates (the paper's variant)."""
+    only fully-inside training windows as candidates (the paper's variant). chunk_size bounds
+    the elements of each streamed block; cache_bytes the candidate windows kept between calls
+    (beyond it they are gathered afresh at every call: slower, same numbers)."""
     name = ALIASES.get(name, name)
     if name not in MACHINES:
         raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")
@@ -574,4 +652,6 @@ def make_machine(
         H, W = images.shape[-2:]
         if max(sizes) > min(H, W):
             raise ValueError(f"the paper's circular machine needs patch sizes <= image size {H}x{W}, got {max(sizes)}")
-    return Machine(name, images, labels, sizes, chunk_size, paper_circular)
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+    return Machine(name, images, labels, sizes, chunk_size, paper_circular, cache_bytes)

