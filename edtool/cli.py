@@ -122,6 +122,289 @@ def import_checkpoint(
     print(f"wrote {path} (+ .json manifest)")
 
 
+# ------------------------------------------------------------------ the pipeline commands
+
+
+def _models(text: str) -> List[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _shard(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        i, k = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise EdtoolError(f"--shard must look like i/K (e.g. 0/4), got {text!r}") from None
+    if not (k >= 1 and 0 <= i < k):
+        raise EdtoolError(f"--shard {text}: need 0 <= i < K")
+    return (i, k)
+
+
+def _reporter(quiet: bool, as_json: bool):
+    from edtool.progress import JsonReporter, PlainReporter, QuietReporter, RichReporter
+
+    if as_json:
+        return JsonReporter()
+    if quiet:
+        return QuietReporter()
+    return RichReporter() if sys.stdout.isatty() else PlainReporter()
+
+
+def _run_compute(cfg, quiet: bool = False, as_json: bool = False) -> dict:
+    """compute() with a progress display and a clean message on Ctrl-C."""
+    from edtool.pipeline import compute
+
+    reporter = _reporter(quiet, as_json)
+    try:
+        with (reporter if hasattr(reporter, "__enter__") else _nullctx()):
+            summary = compute(cfg, reporter)
+    except KeyboardInterrupt:
+        print("edtool: interrupted; finished cells are saved. Run the same command again to resume.",
+              file=sys.stderr)
+        sys.exit(130)
+    return summary
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _print_results_table(location: str, as_json: bool = False):
+    """Final table: per model, mean ED and mean asym over the finished cells."""
+    import numpy as np
+
+    from edtool.store import open_run
+
+    run = open_run(location)
+    done = run.done_mask()
+    rows = []
+    for m, name in enumerate(run.models):
+        ed, asym = run.read("ed_fro", m)[done[:, m]], run.read("asym", m)[done[:, m]]
+        finite = np.isfinite(ed)
+        rows.append({"model": name, "realizations": int(done[:, m].sum()),
+                     "mean_ed_fro": float(np.nanmean(ed)) if finite.any() else None,
+                     "mean_asym": float(np.nanmean(asym)) if np.isfinite(asym).any() else None,
+                     "failed_steps": int((~finite).sum())})
+    if as_json:
+        return rows
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {location}")
+    for col in ("model", "realizations", "mean ||J-J^T||_F", "mean asym", "failed steps"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    fmt = lambda v: "NaN" if v is None else f"{v:.4g}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["model"], str(r["realizations"]), fmt(r["mean_ed_fro"]), fmt(r["mean_asym"]),
+                      str(r["failed_steps"]))
+    Console().print(table)
+    return rows
+
+
+def _compute_config(**kw):
+    from edtool.pipeline import ComputeConfig
+
+    return ComputeConfig(**kw)
+
+
+@app.command()
+def compute(
+    dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
+    models: str = typer.Option("unet,resnet,els", help="Comma-separated: unet, resnet, els, els-borders, "
+                               "els-circular, ls, is."),
+    unet: Optional[Path] = typer.Option(None, help="UNet checkpoint (default: found in checkpoints/)."),
+    resnet: Optional[Path] = typer.Option(None, help="ResNet checkpoint (default: found in checkpoints/)."),
+    scales: Optional[Path] = typer.Option(None, help="ELS scales: our calibration JSON or a paper scales_*.pt."),
+    patch_size: int = typer.Option(5, help="ELS patch size when no calibrated scales exist."),
+    nsteps: int = typer.Option(20, help="DDIM steps (the exterior derivative is measured at each)."),
+    realizations: int = typer.Option(1, help="Noise realizations (seeds seed, seed+1, ...)."),
+    seed: int = typer.Option(0, help="Seed of the first realization."),
+    label: Optional[int] = typer.Option(None, help="Class label for conditional models (default: random per realization)."),
+    estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic (ELS machines)."),
+    probes: int = typer.Option(16, help="Hutchinson probes per point (per round with --rtol)."),
+    rtol: Optional[float] = typer.Option(None, help="Add probes until the relative standard error of ED is below this."),
+    maps: bool = typer.Option(False, "--maps", help="Also store curl maps (where in the image the rotation lives)."),
+    trajectory: str = typer.Option("own", help="own: each model follows its own DDIM path; shared: all measured "
+                                   "on the reference model's path."),
+    reference: Optional[str] = typer.Option(None, help="Reference model for --trajectory shared (default: first)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+    batch: int = typer.Option(1, help="Realizations processed together."),
+    run: Optional[str] = typer.Option(None, help="Run name under cache/ (default derived from the settings)."),
+    run_dir: Optional[str] = typer.Option(None, help="Run directory or fsspec URL (overrides --run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run with other settings."),
+    shard: Optional[str] = typer.Option(None, help="i/K: compute only realizations r with r % K == i (job arrays)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable progress and summary."),
+):
+    """Run trajectories for realizations x models and stream the measurements into the run store (resumable)."""
+    import json as _json
+
+    cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet, resnet=resnet,
+                          scales=scales, patch_size=patch_size, nsteps=nsteps, realizations=realizations, seed=seed,
+                          label=label, estimator=estimator, probes=probes, rtol=rtol, maps=maps,
+                          trajectory=trajectory, reference=reference, device=device, batch=batch, run=run,
+                          run_dir=run_dir, overwrite=overwrite, shard=_shard(shard))
+    summary = _run_compute(cfg, quiet, as_json)
+    if summary.get("shard") and summary["shard"][0] != 0 and "RANK" in __import__("os").environ:
+        return  # under torchrun, rank 0 reports
+    if as_json:
+        print(_json.dumps({"event": "done", **summary, "results": _print_results_table(summary["location"], True)}))
+    elif not quiet:
+        _print_results_table(summary["location"])
+        t = summary["timings"]
+        print(f"time: total {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
+              f"store {t['store']:.2f}s); run stored in {summary['location']}")
+        for f in summary["failures"]:
+            print(f"warning: {f}", file=sys.stderr)
+
+
+@app.command()
+def aggregate(
+    run: str = typer.Argument(..., help="Run directory (or name under cache/)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Reduce a run over its finished realizations into aggregate/* and summary_stats.json."""
+    import json as _json
+
+    from edtool.aggregate import aggregate_run
+
+    summary = aggregate_run(_resolve_run(run))
+    if as_json:
+        print(_json.dumps(summary, indent=2))
+        return
+    used = summary.get("realizations_used", "?")
+    print(f"aggregated {used} of {summary.get('realizations_total', '?')} realizations of {_resolve_run(run)}")
+    for name, s in summary.get("models", {}).items():
+        print(f"  {name:<14} mean ED {s['mean_ed_magnitude']}  std {s['std_ed_magnitude']}  "
+              f"mean asym {s.get('mean_asym')}  (n={s['num_realizations']})")
+
+
+def _resolve_run(run: str) -> str:
+    """A run given as a path/URL, or as a name under cache/."""
+    from edtool.paths import cache_dir
+
+    if "://" in run or Path(run).exists():
+        return run
+    candidate = cache_dir() / run
+    if candidate.exists():
+        return str(candidate)
+    raise EdtoolError(f"no run {run!r} (neither a directory nor a name under {cache_dir()}); "
+                      "`edtool status` lists runs")
+
+
+@app.command()
+def plot(
+    run: str = typer.Argument(..., help="Run directory (or name under cache/)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the figures (default: the run directory)."),
+    fmt: str = typer.Option("png", "--format", help="png, pdf or svg."),
+):
+    """Render the figures of a run (SPEC 9) from its store alone."""
+    from edtool.plots import plot_run
+
+    for path in plot_run(_resolve_run(run), out_dir=out, fmt=fmt):
+        print(f"wrote {path}")
+
+
+@app.command()
+def analyze(
+    dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
+    single: bool = typer.Option(False, "--single", help="One realization (the default)."),
+    multiple: Optional[int] = typer.Option(None, "--multiple", help="N noise realizations."),
+    nsteps: int = typer.Option(20, help="DDIM steps."),
+    output_dir: Path = typer.Option(Path("results/exterior_derivative"), "--output_dir", "--output-dir",
+                                    help="Results folder; runs land in {output_dir}/{dataset}/..."),
+    unet_path: Optional[Path] = typer.Option(None, "--unet_path", "--unet-path", "--unet", help="UNet checkpoint."),
+    resnet_path: Optional[Path] = typer.Option(None, "--resnet_path", "--resnet-path", "--resnet",
+                                               help="ResNet checkpoint."),
+    scales_path: Optional[Path] = typer.Option(None, "--scales_path", "--scales-path", "--scales",
+                                               help="ELS scales file."),
+    models: str = typer.Option("unet,resnet,els", help="Models to compare."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
+    seed: int = typer.Option(0, help="Seed of the first realization."),
+    estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic."),
+    probes: int = typer.Option(16, help="Hutchinson probes per point."),
+    maps: bool = typer.Option(False, "--maps", help="Also store and draw curl maps."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run with other settings."),
+    fmt: str = typer.Option("png", "--format", help="Figure format: png, pdf or svg."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """compute + aggregate + plot in one go, with the seed tool's flags and folder layout."""
+    from edtool.aggregate import aggregate_run
+    from edtool.plots import plot_run
+
+    if single and multiple:
+        raise EdtoolError("use either --single or --multiple N, not both")
+    n = multiple if multiple is not None else 1
+    if n < 1:
+        raise EdtoolError(f"--multiple must be at least 1, got {n}")
+    layout = "multiple_realizations" if multiple is not None else "single_realization"
+    run_dir = output_dir / dataset / layout
+    cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet_path,
+                          resnet=resnet_path, scales=scales_path, nsteps=nsteps, realizations=n, seed=seed,
+                          estimator=estimator, probes=probes, maps=maps, device=device, run_dir=str(run_dir),
+                          overwrite=overwrite)
+    import time as _time
+
+    summary = _run_compute(cfg, quiet)
+    t0 = _time.perf_counter()
+    aggregate_run(str(run_dir))
+    t_agg = _time.perf_counter() - t0
+    t0 = _time.perf_counter()
+    paths = plot_run(str(run_dir), fmt=fmt)
+    t_plot = _time.perf_counter() - t0
+    if quiet:
+        return
+    _print_results_table(str(run_dir))
+    t = summary["timings"]
+    print(f"time: compute {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
+          f"store {t['store']:.2f}s), aggregate {t_agg:.2f}s, plot {t_plot:.1f}s")
+    print(f"results in {run_dir}: ed.zarr, summary_stats.json, " + ", ".join(p.name for p in paths))
+    for f in summary["failures"]:
+        print(f"warning: {f}", file=sys.stderr)
+
+
+@app.command()
+def status(
+    run: Optional[str] = typer.Argument(None, help="One run (directory or name); default: every run under cache/."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """List runs and how complete each is (per model, and per shard)."""
+    import json as _json
+
+    from edtool.status import run_status, find_runs
+
+    locations = [_resolve_run(run)] if run else find_runs()
+    rows = [run_status(loc) for loc in locations]
+    if as_json:
+        print(_json.dumps(rows, indent=2))
+        return
+    if not rows:
+        from edtool.paths import cache_dir
+
+        print(f"no runs under {cache_dir()}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="edtool runs")
+    for col in ("run", "models", "steps", "cells done", "per model", "estimator", "state"):
+        table.add_column(col)
+    for s in rows:
+        table.add_row(s["location"], ",".join(s["models"]), str(s["nsteps"]), f"{s['done']}/{s['total']}",
+                      " ".join(f"{k}:{v}" for k, v in s["per_model"].items()), str(s["estimator"]), s["state"])
+    Console().print(table)
+    for s in rows:
+        for line in s.get("shards", []):
+            print(f"  {s['location']}: {line}")
+
+
 def main():
     """Console entry point: run the app, turning EdtoolError into one line and exit code 2."""
     debug = "--debug" in sys.argv

@@ -1,0 +1,467 @@
+"""`edtool compute`: trajectories for realizations x models, measured at every step, streamed
+into the run store (SPEC 7, 8). Resumable: only cells whose `done` flag is unset are computed.
+
+    cfg = ComputeConfig(models=["unet", "els"], realizations=4, nsteps=20)
+    summary = compute(cfg)          # -> dict with the run location, timings, failures
+"""
+
+import hashlib
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from edtool.diffusion import ddim_sample, initial_noise
+from edtool.errors import EdtoolError
+
+NETWORKS = ("unet", "resnet")
+MACHINES = ("els", "els-borders", "els-circular", "ls", "is")
+ESTIMATORS = ("auto", "exact", "hutchinson", "analytic")
+
+
+@dataclass
+class ComputeConfig:
+    """Every option of `edtool compute`; those that change a number go into the store's config."""
+
+    dataset: str = "mnist5k"
+    data_root: Optional[str] = None
+    models: List[str] = field(default_factory=lambda: ["unet", "resnet", "els"])
+    unet: Optional[str] = None
+    resnet: Optional[str] = None
+    scales: Optional[str] = None
+    patch_size: int = 5  # ELS patch size when no calibrated scales are found
+    nsteps: int = 20
+    realizations: int = 1
+    seed: int = 0
+    label: Optional[int] = None
+    estimator: str = "auto"
+    probes: int = 16
+    rtol: Optional[float] = None
+    maps: bool = False
+    trajectory: str = "own"  # own | shared
+    reference: Optional[str] = None  # the model whose path is shared (default: the first)
+    device: str = "auto"
+    batch: int = 1
+    run: Optional[str] = None
+    run_dir: Optional[str] = None
+    overwrite: bool = False
+    shard: Optional[tuple] = None  # (i, K)
+
+
+class Reporter:
+    """Progress callbacks; the CLI supplies a rich or plain-text one. The default is silent."""
+
+    def start(self, total_cells: int, done_cells: int, models: List[str]): ...
+    def step(self, r: int, model: str, j: int, nsteps: int, asym: float): ...
+    def cell_done(self, r: int, model: str, asym_mean: float, failed: bool): ...
+    def note(self, message: str): ...
+
+
+# ------------------------------------------------------------------ setup
+
+
+def validate(cfg: ComputeConfig) -> None:
+    """Refuse bad settings before anything is loaded or written."""
+    from edtool.data import DATASETS
+
+    if cfg.dataset not in DATASETS:
+        raise EdtoolError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not cfg.models:
+        raise EdtoolError("no models given; e.g. --models unet,resnet,els")
+    for m in cfg.models:
+        if m not in NETWORKS + MACHINES:
+            raise EdtoolError(f"unknown model {m!r}; choose from {', '.join(NETWORKS + MACHINES)}")
+    if len(set(cfg.models)) != len(cfg.models):
+        raise EdtoolError(f"a model is listed twice in --models {','.join(cfg.models)}")
+    if cfg.nsteps < 1:
+        raise EdtoolError(f"--nsteps must be at least 1, got {cfg.nsteps}")
+    if cfg.realizations < 1:
+        raise EdtoolError(f"--realizations must be at least 1, got {cfg.realizations}")
+    if cfg.batch < 1:
+        raise EdtoolError(f"--batch must be at least 1, got {cfg.batch}")
+    if cfg.estimator not in ESTIMATORS:
+        raise EdtoolError(f"unknown --estimator {cfg.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if cfg.estimator == "analytic" and any(m in NETWORKS for m in cfg.models):
+        raise EdtoolError("--estimator analytic applies to the ELS machines only; use auto (closed form for "
+                          "machines, Hutchinson or exact for networks)")
+    if cfg.probes < 1:
+        raise EdtoolError(f"--probes must be at least 1, got {cfg.probes}")
+    if cfg.rtol is not None and not 0 < cfg.rtol < 1:
+        raise EdtoolError(f"--rtol must be between 0 and 1, got {cfg.rtol}")
+    if cfg.trajectory not in ("own", "shared"):
+        raise EdtoolError(f"--trajectory must be own or shared, got {cfg.trajectory!r}")
+    if cfg.reference is not None and cfg.reference not in cfg.models:
+        raise EdtoolError(f"--reference {cfg.reference!r} is not among --models")
+    if cfg.patch_size < 1 or cfg.patch_size % 2 == 0:
+        raise EdtoolError(f"--patch-size must be a positive odd number, got {cfg.patch_size}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present (each torchrun rank its own GPU)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EdtoolError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EdtoolError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    return device
+
+
+def run_location(cfg: ComputeConfig) -> str:
+    """--run-dir wins; else cache/<--run>; else cache/<dataset>-<models>-<nsteps>-r<realizations>-s<seed>."""
+    from edtool.paths import cache_dir
+
+    if cfg.run_dir:
+        return str(cfg.run_dir)
+    name = cfg.run or f"{cfg.dataset}-{'-'.join(cfg.models)}-n{cfg.nsteps}-r{cfg.realizations}-s{cfg.seed}"
+    if "/" in name or name in ("", ".", ".."):
+        raise EdtoolError(f"--run must be a plain name (got {name!r}); use --run-dir for a path")
+    return str(cache_dir() / name)
+
+
+def probe_seed(run_seed: int, realization: int, model: str, step: int) -> int:
+    """Seed of the Hutchinson probes for one (realization, model, step): stable across reruns and ranks."""
+    digest = hashlib.sha256(f"{run_seed}/{realization}/{model}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class Study:
+    """Everything compute needs, loaded once: fields by model name, seeds, labels, store config."""
+
+    cfg: ComputeConfig
+    fields: dict
+    seeds: List[int]
+    labels: List[int]
+    image_shape: tuple
+    config: dict
+    device: torch.device
+    notes: List[str]
+
+
+def _network_path(cfg: ComputeConfig, arch: str) -> Path:
+    from edtool import checkpoints
+
+    explicit = getattr(cfg, arch)
+    if explicit:
+        return Path(explicit)
+    return checkpoints.discover(cfg.dataset, arch)
+
+
+def _find_scales(cfg: ComputeConfig, network_paths: dict, machine: str):
+    """Scales for an ELS machine: --scales, else a calibration JSON next to a network checkpoint."""
+    from edtool.paper_import import read_scales
+
+    if cfg.scales:
+        return read_scales(cfg.scales), str(cfg.scales)
+    for arch in ("resnet", "unet"):
+        path = network_paths.get(arch)
+        if path is None:
+            continue
+        candidate = Path(path).with_name(f"{Path(path).stem}_scales_{machine}.json")
+        if candidate.exists():
+            return read_scales(candidate), str(candidate)
+    return None, None
+
+
+def prepare(cfg: ComputeConfig) -> Study:
+    """Load data, networks and machines; derive seeds, labels and the config that the store records."""
+    from edtool import checkpoints
+    from edtool.data import load_dataset
+    from edtool.machines import make_machine, resolve_machine_name
+
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    images, labels = load_dataset(cfg.dataset, root=cfg.data_root)
+    image_shape = tuple(images.shape[1:])
+    notes, fields, config_models = [], {}, {}
+
+    network_paths = {}
+    for arch in NETWORKS:
+        if arch in cfg.models or (arch == "resnet" and any(m in MACHINES for m in cfg.models)):
+            try:
+                network_paths[arch] = _network_path(cfg, arch)
+            except EdtoolError:
+                if arch in cfg.models:
+                    raise
+    padding = "zeros"
+    for arch in NETWORKS:
+        if arch not in cfg.models:
+            continue
+        net = checkpoints.load(network_paths[arch], dataset=cfg.dataset, image_shape=image_shape, device=device)
+        fields[arch] = net
+        padding = net.manifest.get("padding", padding)
+        config_models[arch] = {"path": str(network_paths[arch]), "sha256": checkpoints.file_hash(network_paths[arch])}
+
+    conditional = any(getattr(f, "conditional", False) for f in fields.values())
+    if cfg.label is not None:
+        if not 0 <= cfg.label <= int(labels.max()):
+            raise EdtoolError(f"--label {cfg.label} is not a class of {cfg.dataset} (0..{int(labels.max())})")
+        conditional = True
+
+    for name in cfg.models:
+        if name in NETWORKS:
+            continue
+        kind = resolve_machine_name(name, padding)
+        if kind == "is":
+            machine, info = make_machine(kind, images.to(device), labels.to(device)), {}
+        else:
+            scales, source = _find_scales(cfg, network_paths, kind)
+            if scales is None:
+                notes.append(f"{name}: no calibrated scales found, using a fixed patch size {cfg.patch_size} "
+                             "(run `edtool calibrate` or pass --scales)")
+                machine = make_machine(kind, images.to(device), labels.to(device), patch_size=cfg.patch_size)
+                info = {"patch_size": cfg.patch_size}
+            else:
+                machine = make_machine(kind, images.to(device), labels.to(device), scales=scales)
+                info = {"scales": list(scales), "scales_file": source}
+        fields[name] = machine
+        config_models[name] = {"machine": kind, **info}
+
+    seeds = [cfg.seed + r for r in range(cfg.realizations)]
+    if not conditional:
+        run_labels = [-1] * cfg.realizations
+    elif cfg.label is not None:
+        run_labels = [cfg.label] * cfg.realizations
+    else:
+        n_classes = int(labels.max()) + 1
+        run_labels = [int(torch.randint(0, n_classes, (1,), generator=torch.Generator().manual_seed(s)))
+                      for s in seeds]
+    reference = cfg.reference or cfg.models[0]
+    config = {
+        "dataset": cfg.dataset, "models": config_models, "nsteps": cfg.nsteps, "realizations": cfg.realizations,
+        "seed": cfg.seed, "label": cfg.label, "estimator": cfg.estimator, "probes": cfg.probes,
+        "rtol": cfg.rtol, "maps": cfg.maps, "trajectory": cfg.trajectory,
+        "reference": reference if cfg.trajectory == "shared" else None, "dtype": "float32",
+    }
+    return Study(cfg, fields, seeds, run_labels, image_shape, config, device, notes)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _score_field(model, t: torch.Tensor, label):
+    """The score at time t as a function of x alone; machines bring their closed-form Jacobian."""
+    if hasattr(model, "field"):
+        return model.field(t, label)
+    return lambda x: model.score(t, x, label)
+
+
+def _eps_fn(model, label):
+    return lambda t, x: model.eps(t, x, label)
+
+
+class _Timer:
+    """Accumulates wall time per phase (sampling, jacobian, store)."""
+
+    def __init__(self):
+        self.seconds = {"sampling": 0.0, "jacobian": 0.0, "store": 0.0}
+
+    def add(self, phase, since):
+        self.seconds[phase] += time.perf_counter() - since
+
+
+def measure(model, name: str, x_T: torch.Tensor, label, rows: List[int], study: Study, timer: _Timer,
+            reporter: Reporter, points: Optional[List[torch.Tensor]] = None) -> dict:
+    """Run one model's DDIM path from x_T (or visit the given shared points), measuring every step.
+
+    Returns numpy arrays ed_fro, jac_fro, asym, ed_stderr (B, nsteps), curl_map (B, nsteps, H, W) or
+    None, final (B, C, H, W) and the list of visited points (for a shared trajectory).
+    """
+    from edtool.ed import exterior_derivative
+
+    cfg, nsteps, B = study.cfg, study.cfg.nsteps, x_T.shape[0]
+    out = {k: np.full((B, nsteps), np.nan, dtype=np.float64) for k in ("ed_fro", "jac_fro", "asym", "ed_stderr")}
+    h, w = study.image_shape[1:]
+    out["curl_map"] = np.full((B, nsteps, h, w), np.nan) if cfg.maps else None
+    visited = []
+
+    def on_step(j, t, x):
+        visited.append(x.detach())
+        t0 = time.perf_counter()
+        tb = torch.full((B,), t, dtype=x.dtype, device=x.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
+            res = exterior_derivative(_score_field(model, tb, label), x, method=cfg.estimator, probes=cfg.probes,
+                                      seed=[probe_seed(cfg.seed, r, name, j) for r in rows], rtol=cfg.rtol,
+                                      curl_map=cfg.maps)
+        for k in ("ed_fro", "jac_fro", "asym", "ed_stderr"):
+            out[k][:, j] = getattr(res, k).detach().double().cpu().numpy()
+        if cfg.maps:
+            out["curl_map"][:, j] = res.curl_map.detach().double().cpu().numpy()
+        timer.add("jacobian", t0)
+        for i, r in enumerate(rows):
+            reporter.step(r, name, j, nsteps, float(out["asym"][i, j]))
+
+    if points is None:
+        eps = _eps_fn(model, label)
+
+        def timed_eps(t, x):
+            t0 = time.perf_counter()
+            e = eps(t, x)
+            timer.add("sampling", t0)
+            return e
+
+        final = ddim_sample(timed_eps, x_T, nsteps, on_step=on_step)
+    else:
+        for j, x in enumerate(points):
+            on_step(j, (nsteps - j) / nsteps, x)
+        final = None
+    out["final"] = None if final is None else final.detach().double().cpu().numpy()
+    out["points"] = visited
+    return out
+
+
+def _nan_cell(B: int, study: Study) -> dict:
+    n, (c, h, w) = study.cfg.nsteps, study.image_shape
+    out = {k: np.full((B, n), np.nan) for k in ("ed_fro", "jac_fro", "asym", "ed_stderr")}
+    out["curl_map"] = np.full((B, n, h, w), np.nan) if study.cfg.maps else None
+    out["final"] = np.full((B, c, h, w), np.nan)
+    return out
+
+
+def _measure_safely(model, name, x_T, label, rows, study, timer, reporter, points=None):
+    """measure(), but a failure inside one model becomes NaN for its cells plus a warning."""
+    try:
+        return measure(model, name, x_T, label, rows, study, timer, reporter, points), None
+    except (RuntimeError, ValueError, FloatingPointError) as err:  # incl. out of memory
+        message = f"{name} failed on realization(s) {rows}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        warnings.warn(message + " -> stored as NaN")
+        if "out of memory" in str(err).lower() and x_T.is_cuda:
+            torch.cuda.empty_cache()
+        return _nan_cell(x_T.shape[0], study), message
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def _distributed_shard(cfg: ComputeConfig):
+    """Under torchrun/srun (WORLD_SIZE > 1) join the process group; return (rank, world) or None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if cfg.shard is not None:
+        raise EdtoolError("--shard and torchrun split the realizations each on their own: use one of them")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
+    """Fill the run store for cfg, resuming where it stopped; returns a summary dict."""
+    from edtool.status import record_shard
+    from edtool.store import create_run, run_lock, shard_realizations
+
+    reporter = reporter or Reporter()
+    validate(cfg)
+    dist_shard = _distributed_shard(cfg)
+    shard = dist_shard or cfg.shard
+    location = run_location(cfg)
+    study = prepare(cfg)
+    for note in study.notes:
+        reporter.note(note)
+
+    names = list(cfg.models)
+    create = dict(config=study.config, models=names, seeds=study.seeds, labels=study.labels,
+                  nsteps=cfg.nsteps, image_shape=study.image_shape, maps=cfg.maps)
+    if dist_shard is not None and dist_shard[0] != 0:
+        _barrier()  # rank 0 creates the store first
+        run = create_run(location, **create)
+    else:
+        run = create_run(location, overwrite=cfg.overwrite, **create)
+        if dist_shard is not None:
+            _barrier()
+
+    mine = shard_realizations(cfg.realizations, shard)
+    record_shard(location, shard)
+    timer, failures = _Timer(), []
+    started = time.perf_counter()
+    with run_lock(location, shard=shard):
+        pending = run.pending(mine)
+        reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names)
+        todo = sorted({r for r, _ in pending})
+        for b in range(0, len(todo), cfg.batch):
+            rows = todo[b: b + cfg.batch]
+            _compute_batch(run, study, rows, timer, reporter, failures)
+    if dist_shard is not None:
+        _barrier()
+    total = time.perf_counter() - started
+    return {"location": location, "progress": run.progress(), "failures": failures,
+            "timings": {**timer.seconds, "total": total}, "notes": study.notes, "shard": shard}
+
+
+def _compute_batch(run, study: Study, rows: List[int], timer: _Timer, reporter: Reporter, failures: list):
+    """All not-yet-done models for a batch of realizations; each cell is written as soon as it is done."""
+    cfg, device = study.cfg, study.device
+    done = run.done_mask()
+    x_T = torch.cat([initial_noise(study.seeds[r], (1, *study.image_shape)) for r in rows]).to(device)
+    lab = [study.labels[r] for r in rows]
+    label = None if lab[0] < 0 else torch.tensor(lab, device=device)
+
+    names = list(cfg.models)
+    points, reference_final = None, None
+    if cfg.trajectory == "shared":
+        ref = study.config["reference"]
+        # the reference path is always recomputed (cheaply, no Jacobians) if its cell is already done
+        ref_out, err = _measure_safely(study.fields[ref], ref, x_T, label, rows, study, timer, reporter) \
+            if not all(done[r, names.index(ref)] for r in rows) else (None, None)
+        if ref_out is None:
+            points, reference_final = _reference_path(study.fields[ref], x_T, label, cfg.nsteps)
+        else:
+            points, reference_final = ref_out["points"], ref_out["final"]
+            _write(run, rows, names.index(ref), ref_out, timer, reporter, ref, err, failures)
+
+    for m, name in enumerate(names):
+        if all(done[r, m] for r in rows) or (cfg.trajectory == "shared" and name == study.config["reference"]):
+            continue
+        if points is not None and not points:  # the reference path failed
+            out, err = _nan_cell(len(rows), study), f"{name}: reference path failed"
+        else:
+            out, err = _measure_safely(study.fields[name], name, x_T, label, rows, study, timer, reporter, points)
+            if points is not None and err is None:
+                out["final"] = reference_final
+        _write(run, rows, m, out, timer, reporter, name, err, failures)
+
+
+def _reference_path(model, x_T, label, nsteps):
+    visited = []
+    final = ddim_sample(_eps_fn(model, label), x_T, nsteps, on_step=lambda j, t, x: visited.append(x.detach()))
+    return visited, final.detach().double().cpu().numpy()
+
+
+def _write(run, rows, m, out, timer, reporter, name, err, failures):
+    """Write each realization's cell (data first, done flag last inside write_cell)."""
+    t0 = time.perf_counter()
+    if err is None and not np.all(np.isfinite(out["ed_fro"])):
+        err = f"{name}: non-finite values on realization(s) {rows} -> NaN"
+        warnings.warn(err)
+    for i, r in enumerate(rows):
+        run.write_cell(r, m, out["ed_fro"][i], out["jac_fro"][i], out["asym"][i], out["ed_stderr"][i],
+                       out["final"][i], None if out["curl_map"] is None else out["curl_map"][i])
+        asym = out["asym"][i]
+        mean_asym = float(np.nanmean(asym)) if np.isfinite(asym).any() else math.nan
+        reporter.cell_done(r, name, mean_asym, err is not None)
+    if err is not None:
+        failures.append(err)
+    timer.add("store", t0)
