@@ -328,18 +328,35 @@ def _nan_cell(B: int, study: Study) -> dict:
     out = {k: np.full((B, n), np.nan) for k in ("ed_fro", "jac_fro", "asym", "ed_stderr")}
     out["curl_map"] = np.full((B, n, h, w), np.nan) if study.cfg.maps else None
     out["final"] = np.full((B, c, h, w), np.nan)
+    out["points"] = []  # a failed reference path has no points to share
     return out
 
 
+class _OutOfMemory(Exception):
+    """A batch of several realizations did not fit: compute() retries with a smaller batch."""
+
+
+def _is_out_of_memory(err: Exception) -> bool:
+    text = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def _measure_safely(model, name, x_T, label, rows, study, timer, reporter, points=None):
-    """measure(), but a failure inside one model becomes NaN for its cells plus a warning."""
+    """measure(), but a failure inside one model becomes NaN for its cells plus a warning.
+
+    Out of memory with several realizations in the batch is not a failure of the model: it raises
+    _OutOfMemory so that the batch is split; with one realization it is recorded as NaN like the rest.
+    """
     try:
         return measure(model, name, x_T, label, rows, study, timer, reporter, points), None
     except (RuntimeError, ValueError, FloatingPointError) as err:  # incl. out of memory
+        if _is_out_of_memory(err):
+            if x_T.is_cuda:
+                torch.cuda.empty_cache()
+            if len(rows) > 1:
+                raise _OutOfMemory() from err
         message = f"{name} failed on realization(s) {rows}: {type(err).__name__}: {str(err).splitlines()[0]}"
         warnings.warn(message + " -> stored as NaN")
-        if "out of memory" in str(err).lower() and x_T.is_cuda:
-            torch.cuda.empty_cache()
         return _nan_cell(x_T.shape[0], study), message
 
 
@@ -400,10 +417,16 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     with run_lock(location, shard=shard):
         pending = run.pending(mine)
         reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names)
-        todo = sorted({r for r, _ in pending})
-        for b in range(0, len(todo), cfg.batch):
-            rows = todo[b: b + cfg.batch]
-            _compute_batch(run, study, rows, timer, reporter, failures)
+        todo, batch = sorted({r for r, _ in pending}), cfg.batch
+        while todo:
+            rows = todo[:batch]
+            try:
+                _compute_batch(run, study, rows, timer, reporter, failures)
+            except _OutOfMemory:  # cells finished before it are stored; the rest is retried in halves
+                batch = max(1, len(rows) // 2)
+                reporter.note(f"out of memory with {len(rows)} realizations per batch: lowering --batch to {batch}")
+                continue
+            todo = todo[len(rows):]
     if dist_shard is not None:
         _barrier()
     total = time.perf_counter() - started
