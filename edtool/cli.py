@@ -280,9 +280,11 @@ def aggregate(
         return
     used = summary.get("realizations_used", "?")
     print(f"aggregated {used} of {summary.get('realizations_total', '?')} realizations of {_resolve_run(run)}")
-    for name, s in summary.get("models", {}).items():
-        print(f"  {name:<14} mean ED {s['mean_ed_magnitude']}  std {s['std_ed_magnitude']}  "
-              f"mean asym {s.get('mean_asym')}  (n={s['num_realizations']})")
+    for name in summary["models"]:
+        s = summary[name]
+        fmt = lambda v: "NaN" if v is None else f"{v:.4g}"  # noqa: E731
+        print(f"  {name:<14} mean ED {fmt(s['mean_ed_magnitude'])}  std {fmt(s['std_ed_magnitude'])}  "
+              f"mean asym {fmt(s['mean_asym'])}  (n={s['num_realizations']})")
 
 
 def _resolve_run(run: str) -> str:
@@ -371,6 +373,25 @@ def analyze(
 
 
 @app.command()
+def demo(
+    out: Path = typer.Option(Path("results/exterior_derivative_demo"), "--out", "--output_dir",
+                             help="Folder for the demo's run store, summary and figures."),
+    models: str = typer.Option("unet,resnet,els", help="Models to compare (the shipped checkpoints and ELS)."),
+    nsteps: int = typer.Option(10, help="DDIM steps (fewer = quicker tour)."),
+    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda."),
+):
+    """A short guided tour on the bundled data and checkpoints that explains each number as it appears."""
+    from rich.console import Console
+
+    from edtool.demo import run_demo
+
+    console = Console()
+    run_demo(out, models=_models(models), nsteps=nsteps, seed=seed, device=device,
+             reporter=_reporter(False, False), say=console.print)
+
+
+@app.command()
 def status(
     run: Optional[str] = typer.Argument(None, help="One run (directory or name); default: every run under cache/."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -429,4 +450,8 @@ def main():
         if isinstance(e, click.exceptions.Abort):
             print("edtool: aborted", file=sys.stderr)
             sys.exit(130)
-        raise
+        if debug:
+            raise
+        print(f"edtool: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
+              "and please report it)", file=sys.stderr)
+        sys.exit(1)
