@@ -122,6 +122,114 @@ def import_checkpoint(
     print(f"wrote {path} (+ .json manifest)")
 
 
+# ------------------------------------------------------------------ calibrate and sample (edtool.calibrate)
+
+
+def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, n_images: Optional[int], device: str):
+    """The checkpoint's network and its training data (the first n_images only, for quick checks)."""
+    from edtool import checkpoints
+    from edtool.data import load_dataset
+    from edtool.pipeline import resolve_device
+
+    dev = resolve_device(device)
+    if Path(checkpoint).suffix == ".pt" or not Path(checkpoint).with_suffix(".safetensors").exists():
+        checkpoints.load(checkpoint)  # the clear error for a missing or paper checkpoint
+    dataset = dataset or checkpoints.read_manifest(checkpoint).get("dataset") or "mnist5k"
+    images, labels = load_dataset(dataset, root=data_root)
+    if n_images is not None:
+        if n_images < 1:
+            raise EdtoolError(f"--n-images must be at least 1, got {n_images}")
+        images, labels = images[:n_images], labels[:n_images]
+    net = checkpoints.load(checkpoint, dataset=dataset, image_shape=tuple(images.shape[1:]), device=dev)
+    return net, images.to(dev), labels.to(dev), dataset
+
+
+def _seed_list(seeds: int, seed: int) -> List[int]:
+    if seeds < 1:
+        raise EdtoolError(f"--seeds must be at least 1, got {seeds}")
+    return list(range(seed, seed + seeds))
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def calibrate(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(..., help="Network checkpoint (.safetensors) to calibrate against."),
+    machine: str = typer.Option("els-borders", help="els-borders, els (follows the padding), els-circular or ls."),
+    sizes: str = typer.Option("3,5,7,9,11,13,15", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
+    seeds: int = typer.Option(4, help="Number of seeds (trajectories), scored together."),
+    seed: int = typer.Option(0, help="First seed."),
+    nsteps: int = typer.Option(20, help="DDIM steps (one scale per step)."),
+    metric: str = typer.Option("cosine", help="cosine (default) or l2 (relative distance)."),
+    dataset: Optional[str] = typer.Option(None, help="Training data of the machine (default: the checkpoint's)."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
+    n_images: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
+    label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
+    batch: Optional[int] = typer.Option(None, help="At most this many (step, seed) points per machine call."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    out: Optional[Path] = typer.Option(None, help="Scales JSON (default: <checkpoint>_scales_<machine>.json beside it)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+):
+    """Calibrate an ELS machine's patch size per step against a network (SPEC 5.2); writes a scales JSON."""
+    from edtool.calibrate import calibrate as run_calibration, calibration_meta, scales_path
+    from edtool.paper_import import write_scales_json
+
+    size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
+    net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, n_images, device)
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    res = run_calibration(net, images, labels, machine=machine, sizes=size_list, seeds=_seed_list(seeds, seed),
+                          nsteps=nsteps, metric=metric, batch=batch, label=label, log=log)
+    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = write_scales_json(out or scales_path(checkpoint, res["machine"]), res["scales"],
+                             **calibration_meta(res, checkpoint=Path(checkpoint).name, dataset=dataset,
+                                                command=command))
+    print(f"schedule ({res['machine']}, t = 1/{nsteps} .. 1): {' '.join(map(str, res['scales']))}")
+    print(f"wrote {path} ({res['seconds']['total']:.0f}s)")
+
+
+@app.command()
+def sample(
+    machine: str = typer.Option("els-borders", help="Comma-separated machines: els-borders, els, els-circular, ls, is."),
+    checkpoint: Path = typer.Option(..., help="Network checkpoint whose samples the machines are compared with."),
+    seeds: int = typer.Option(20, help="Number of seeds."),
+    seed: int = typer.Option(0, help="First seed."),
+    out: Path = typer.Option(..., help="Output folder (seeds/, els_outputs/, network_outputs/, r2_summary.json)."),
+    scales: Optional[Path] = typer.Option(None, help="Scales JSON or paper scales_*.pt (default: the calibration "
+                                          "JSON beside the checkpoint)."),
+    patch_size: int = typer.Option(5, help="Fixed patch size when no scales are found."),
+    nsteps: int = typer.Option(20, help="DDIM steps."),
+    dataset: Optional[str] = typer.Option(None, help="Training data of the machines (default: the checkpoint's)."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
+    n_images: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
+    label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
+    batch: Optional[int] = typer.Option(None, help="Seeds sampled together (default: all)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+):
+    """Sample ELS/LS/IS machines and the network from the same seeds; r^2 of each machine vs the network (SPEC 5.4)."""
+    from edtool.calibrate import _machine_kind, sample as run_sample, scales_path
+    from edtool.paper_import import read_scales
+
+    names = _models(machine)
+    net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, n_images, device)
+    schedule, sources = {}, {}
+    for name in names:
+        kind = _machine_kind(name, net)
+        path = scales if scales is not None else scales_path(checkpoint, kind)
+        if kind == "is":
+            continue
+        if scales is not None or path.exists():
+            schedule[kind], sources[kind] = read_scales(path), str(path)
+        else:
+            print(f"note: no calibrated scales for {kind} ({path} does not exist); using a fixed patch size "
+                  f"{patch_size} (run `edtool calibrate` or pass --scales)")
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    summary = run_sample(names, net, images, labels, _seed_list(seeds, seed), nsteps=nsteps, scales=schedule,
+                         out_dir=out, label=label, patch_size=patch_size, batch=batch, scales_source=sources, log=log)
+    for kind, res in summary["machines"].items():
+        print(f"{kind:<14} vs {summary['network']}: median r^2 {res['median_r2']:.4f} over {len(summary['seeds'])} seeds")
+    print(f"wrote {out}/ (r2_summary.json, samples_grid.png)")
+
+
 # ------------------------------------------------------------------ the pipeline commands
 
 

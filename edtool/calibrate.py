@@ -1,0 +1,410 @@
+"""Calibrating the ELS machines against a network (SPEC 5.2) and sampling them next to it (SPEC 5.4).
+
+`calibrate` runs the network's own DDIM trajectory from several seeds and, at every step, asks
+which patch size k makes the machine's score closest to the network's at the same x (cosine
+similarity, or relative L2 distance). The best k per step, median over seeds, is the scale
+schedule; entry i is for t = (i + 1) / N, the order `read_scales` and the machines use.
+
+`sample` runs the network and each machine from the same initial noises to t = 0 and measures
+their agreement as r^2, the squared Pearson correlation of the two final images (SPEC 5.4).
+
+    net = checkpoints.load("checkpoints/mnist5k_resnet.safetensors")
+    res = calibrate(net, images, labels, sizes=(3, 5, 7, 9), seeds=[0, 1, 2, 3])
+    write_scales_json(scales_path(ckpt, "els-borders"), res["scales"], **calibration_meta(res))
+    sample(["els-borders", "is"], net, images, labels, seeds=range(20), scales=res["scales"], out_dir="out")
+"""
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from edtool.diffusion import ddim_sample, eps_to_score, initial_noise
+from edtool.errors import EdtoolError
+
+METRICS = ("cosine", "l2")
+DEFAULT_SIZES = (3, 5, 7, 9, 11, 13, 15)
+
+
+# ------------------------------------------------------------------ small pure helpers
+
+
+def scales_path(checkpoint, machine: str) -> Path:
+    """Where a calibration for `checkpoint` lives: `<stem>_scales_<machine>.json` beside it (what
+    the pipeline looks for)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}_scales_{machine}.json")
+
+
+def r2(a, b) -> float:
+    """Squared Pearson correlation of two images (each flattened and mean-subtracted); NaN with a
+    warning when either is constant."""
+    a = np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64).ravel()
+    b = np.asarray(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"r2: images differ in size ({a.size} vs {b.size})")
+    a, b = a - a.mean(), b - b.mean()
+    den = float((a @ a) * (b @ b))
+    if not den > 0:
+        warnings.warn("r2 of a constant image is undefined; NaN")
+        return float("nan")
+    return float((a @ b) ** 2 / den)
+
+
+def similarity(reference: Tensor, other: Tensor, metric: str) -> Tensor:
+    """Per sample (B,), float64: cosine similarity, or the relative L2 distance
+    ||other - reference|| / ||reference||, of two score batches."""
+    r, o = reference.flatten(1).double(), other.flatten(1).double()
+    if metric == "cosine":
+        return (r * o).sum(1) / (r.norm(dim=1) * o.norm(dim=1))
+    return (o - r).norm(dim=1) / r.norm(dim=1)
+
+
+def best_index(values: Tensor, metric: str) -> Tensor:
+    """Index of the best candidate along the last axis (highest cosine, lowest L2); NaN never wins."""
+    if metric == "cosine":
+        return torch.nan_to_num(values, nan=-math.inf).argmax(-1)
+    return torch.nan_to_num(values, nan=math.inf).argmin(-1)
+
+
+def median_size(choices: Sequence[int], sizes: Sequence[int]) -> int:
+    """The median of per-seed choices, rounded to the nearest candidate size (ties: the smaller)."""
+    med = float(np.median(np.asarray(choices, dtype=np.float64)))
+    return min(sorted(sizes), key=lambda k: (abs(k - med), k))
+
+
+def check_sizes(sizes) -> list:
+    """Candidate patch sizes: distinct odd ints >= 1, sorted; else EdtoolError."""
+    sizes = list(sizes)
+    if not sizes:
+        raise EdtoolError("give at least one candidate patch size (e.g. --sizes 3 5 7)")
+    bad = [k for k in sizes if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0]
+    if bad:
+        raise EdtoolError(f"patch sizes must be odd integers >= 1 (3, 5, 7, ...), got {bad[0]!r}")
+    return sorted(set(sizes))
+
+
+def check_seeds(seeds) -> list:
+    """Seeds as a non-empty list of distinct ints; else EdtoolError."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise EdtoolError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise EdtoolError("seeds must be distinct")
+    return seeds
+
+
+def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[int], conditional: bool):
+    """Class label per seed for a conditional network (the given one, else one drawn from the seed
+    like `edtool compute` does); None for an unconditional one."""
+    if not conditional:
+        return None
+    if labels is None:
+        raise EdtoolError("a conditional network needs the training labels")
+    n_classes = int(labels.max()) + 1
+    if label is not None:
+        if not 0 <= int(label) < n_classes:
+            raise EdtoolError(f"label {label} is not a class of the data (0..{n_classes - 1})")
+        return torch.full((len(seeds),), int(label), dtype=torch.int64)
+    return torch.tensor([int(torch.randint(0, n_classes, (1,), generator=torch.Generator().manual_seed(s)))
+                         for s in seeds], dtype=torch.int64)
+
+
+def initial_noises(seeds: Sequence[int], shape, device="cpu") -> Tensor:
+    """x_T for each seed, stacked: (len(seeds), C, H, W)."""
+    return torch.cat([initial_noise(s, (1, *shape), device=device) for s in seeds])
+
+
+def _grid_time(tb: Tensor, nsteps: int) -> Tensor:
+    """DDIM's float32 times snapped back onto the exact grid i/N in float64, so a machine's
+    schedule entry is looked up at exactly t = i/N (float32 i/N can round just above it)."""
+    return torch.round(tb.double() * nsteps) / nsteps
+
+
+def _batches(n: int, batch: Optional[int]):
+    step = n if not batch else max(1, int(batch))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _machine_kind(machine: str, network) -> str:
+    """The machine's full name next to this network (`els` follows the network's padding)."""
+    from edtool.machines import resolve_machine_name
+
+    padding = (getattr(network, "manifest", None) or {}).get("padding", "zeros")
+    try:
+        return resolve_machine_name(machine, padding)
+    except ValueError as e:
+        raise EdtoolError(str(e)) from None
+
+
+def _check_images(images: Tensor, labels: Optional[Tensor]):
+    if not isinstance(images, Tensor) or images.dim() != 4 or len(images) == 0:
+        raise EdtoolError("training images must be a non-empty (N, C, H, W) tensor")
+    if labels is not None and len(labels) != len(images):
+        raise EdtoolError(f"{len(labels)} labels for {len(images)} images")
+
+
+# ------------------------------------------------------------------ calibration (SPEC 5.2)
+
+
+def network_trajectory(network, x: Tensor, nsteps: int, label: Optional[Tensor] = None, batch=None):
+    """The network's DDIM path from x: points (N, B, C, H, W) and its scores there, step j at
+    t = (N - j) / N, plus the final images."""
+    points, scores, finals = [], [], []
+    for sl in _batches(len(x), batch):
+        lab = None if label is None else label[sl]
+        xs, ss = [], []
+
+        def eps_fn(tb, xb, lab=lab):
+            eps = network.eps(tb, xb, lab)
+            xs.append(xb)
+            ss.append(eps_to_score(eps, tb))
+            return eps
+
+        finals.append(ddim_sample(eps_fn, x[sl], nsteps))
+        points.append(torch.stack(xs))
+        scores.append(torch.stack(ss))
+    return torch.cat(points, 1), torch.cat(scores, 1), torch.cat(finals)
+
+
+def calibrate(
+    network,
+    images: Tensor,
+    labels: Optional[Tensor] = None,
+    machine: str = "els-borders",
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    nsteps: int = 20,
+    metric: str = "cosine",
+    batch: Optional[int] = None,
+    label: Optional[int] = None,
+    device=None,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Per-step ELS patch sizes for `network` (anything with .eps(t, x, label)) on its own DDIM path.
+
+    Returns scales (N odd sizes, entry i for t = (i + 1) / N), choices (seed -> best size per
+    entry), similarity (N x len(sizes), mean over seeds; cosine or relative L2), and the
+    settings. `batch` bounds how many (step, seed) points one machine call scores.
+    """
+    from edtool.machines import make_machine
+
+    if metric not in METRICS:
+        raise EdtoolError(f"unknown metric {metric!r}; choose cosine or l2")
+    if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
+        raise EdtoolError(f"nsteps must be a positive integer, got {nsteps!r}")
+    _check_images(images, labels)
+    sizes, seeds = check_sizes(sizes), check_seeds(seeds)
+    kind = _machine_kind(machine, network)
+    if kind == "is":
+        raise EdtoolError("the 'is' machine has no patch size to calibrate; choose els-borders, els-circular or ls")
+    device = torch.device(device) if device is not None else images.device
+    conditional = bool(getattr(network, "conditional", False))
+    run_labels = seed_labels(seeds, labels, label, conditional)
+    log = log or (lambda msg: None)
+
+    t0 = time.perf_counter()
+    x0 = initial_noises(seeds, images.shape[1:], device)
+    lab = None if run_labels is None else run_labels.to(device)
+    with torch.no_grad():
+        points, net_scores, _ = network_trajectory(network, x0, nsteps, lab, batch)
+    N, S = nsteps, len(seeds)
+    # every (step, seed) point at once: index = j * S + s
+    xs = points.reshape(N * S, *points.shape[2:])
+    ts = torch.arange(N, 0, -1, dtype=torch.float64).div(N).repeat_interleave(S).to(device)
+    labs = None if lab is None else lab.repeat(N)
+    log(f"network trajectory: {N} steps x {S} seeds in {time.perf_counter() - t0:.1f}s")
+
+    table = torch.full((N, S, len(sizes)), math.nan, dtype=torch.float64)
+    timings = {}
+    for c, k in enumerate(sizes):
+        t1 = time.perf_counter()
+        m = make_machine(kind, images.to(device), None if labels is None else labels.to(device), patch_size=k)
+        values = []
+        with torch.no_grad():
+            for sl in _batches(N * S, batch):
+                s = m.score(ts[sl], xs[sl], None if labs is None else labs[sl])
+                values.append(similarity(net_scores.reshape(N * S, *net_scores.shape[2:])[sl], s, metric).cpu())
+        table[:, :, c] = torch.cat(values).view(N, S)
+        del m
+        timings[k] = time.perf_counter() - t1
+        log(f"k={k}: {N * S} scores in {timings[k]:.1f}s, mean {metric} {table[:, :, c].nanmean():.4f}")
+
+    best = best_index(table, metric)  # (N, S), step j at t = (N - j) / N
+    chosen = torch.tensor(sizes)[best].flip(0)  # row i: schedule entry for t = (i + 1) / N
+    scales = [median_size(chosen[i].tolist(), sizes) for i in range(N)]
+    return {
+        "scales": scales,
+        "machine": kind,
+        "metric": metric,
+        "sizes": sizes,
+        "seeds": seeds,
+        "labels": None if run_labels is None else run_labels.tolist(),
+        "nsteps": N,
+        "t": [(i + 1) / N for i in range(N)],
+        "choices": {str(s): chosen[:, si].tolist() for si, s in enumerate(seeds)},
+        "similarity": table.nanmean(1).flip(0).tolist(),
+        "n_images": len(images),
+        "seconds": {"total": time.perf_counter() - t0, **{f"k={k}": v for k, v in timings.items()}},
+    }
+
+
+def calibration_meta(result: dict, **extra) -> dict:
+    """Everything of a calibration result but the schedule, for write_scales_json(path, scales, **meta)."""
+    meta = {k: v for k, v in result.items() if k != "scales"}
+    meta["note"] = ("entry i of scales is the patch size at t = (i + 1) / nsteps; similarity rows are in the same "
+                    f"order, columns follow sizes ({result['metric']}: "
+                    f"{'higher' if result['metric'] == 'cosine' else 'lower'} is closer); choices per seed likewise")
+    meta.update(extra)
+    return meta
+
+
+# ------------------------------------------------------------------ sampling and agreement (SPEC 5.4)
+
+
+def output_dir_name(machine: str) -> str:
+    """Folder of a machine's samples: `els_outputs` for the paper's els(-borders), else `<machine>_outputs`."""
+    return "els_outputs" if machine in ("els", "els-borders") else f"{machine}_outputs"
+
+
+def _save_each(folder: Path, seeds, arrays) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, a in zip(seeds, arrays):
+        np.save(folder / f"seed_{s}.npy", a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
+
+
+def machine_sample(machine, x0: Tensor, nsteps: int, label: Optional[Tensor] = None, batch=None) -> Tensor:
+    """A machine's deterministic DDIM samples from x0, its schedule read at exactly t = i/N."""
+    out = []
+    for sl in _batches(len(x0), batch):
+        lab = None if label is None else label[sl]
+        out.append(ddim_sample(lambda tb, x, lab=lab: machine.eps(_grid_time(tb, nsteps), x, lab).to(x.dtype),
+                               x0[sl], nsteps))
+    return torch.cat(out)
+
+
+def _machine_scales(scales, kind: str) -> Optional[list]:
+    """The schedule for one machine from `scales` (None, one list for every machine, or a dict
+    machine -> list); None for `is` or when none is given."""
+    if isinstance(scales, dict):
+        scales = scales.get(kind)
+    if kind == "is" or scales is None:
+        return None
+    scales = list(scales)
+    if not scales or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in scales):
+        raise EdtoolError(f"scales for {kind} must be odd patch sizes, got {scales!r}")
+    return scales
+
+
+def sample(
+    machine_names: Sequence[str],
+    network,
+    images: Tensor,
+    labels: Optional[Tensor],
+    seeds: Sequence[int],
+    nsteps: int = 20,
+    scales=None,
+    out_dir=None,
+    label: Optional[int] = None,
+    patch_size: int = 5,
+    batch: Optional[int] = None,
+    device=None,
+    scales_source=None,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Machine and network samples from the same seeds, their r^2, files under out_dir.
+
+    Writes seeds/, network_outputs/, one <machine>_outputs/ per machine (els_outputs for
+    els-borders), labels/ (conditional), r2_summary.json and samples_grid.png (rows: network, then
+    each machine). Machines other than `is` use `scales` (one schedule for all, or a dict per
+    machine; entry i for t = (i + 1) / N), else the fixed `patch_size`. Returns the summary that r2_summary.json holds.
+    """
+    from edtool.imageio import save_grid
+    from edtool.machines import _check_patch_size, make_machine
+
+    if out_dir is None:
+        raise EdtoolError("sample needs an output folder")
+    if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
+        raise EdtoolError(f"nsteps must be a positive integer, got {nsteps!r}")
+    _check_images(images, labels)
+    seeds = check_seeds(seeds)
+    kinds = []
+    for name in machine_names:
+        kind = _machine_kind(name, network)
+        if kind in kinds:
+            raise EdtoolError(f"machine {kind!r} given twice")
+        kinds.append(kind)
+    if not kinds:
+        raise EdtoolError("give at least one machine (e.g. els-borders,is)")
+    per_machine = {k: _machine_scales(scales, k) for k in kinds}
+    sources = {k: scales_source.get(k) if isinstance(scales_source, dict) else scales_source for k in kinds}
+    try:
+        _check_patch_size(patch_size, "patch_size")
+    except ValueError as e:
+        raise EdtoolError(str(e)) from None
+    device = torch.device(device) if device is not None else images.device
+    out = Path(out_dir)
+    log = log or (lambda msg: None)
+    conditional = bool(getattr(network, "conditional", False))
+    run_labels = seed_labels(seeds, labels, label, conditional)
+    lab = None if run_labels is None else run_labels.to(device)
+
+    x0 = initial_noises(seeds, images.shape[1:], device)
+    _save_each(out / "seeds", seeds, x0)
+    if run_labels is not None:
+        _save_each(out / "labels", seeds, run_labels)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        _, _, net_final = network_trajectory(network, x0, nsteps, lab, batch)
+    _save_each(out / "network_outputs", seeds, net_final)
+    log(f"network: {len(seeds)} samples in {time.perf_counter() - t0:.1f}s")
+
+    summary = {
+        "network": getattr(network, "name", type(network).__name__),
+        "nsteps": nsteps,
+        "seeds": seeds,
+        "labels": None if run_labels is None else run_labels.tolist(),
+        "n_images": len(images),
+        "machines": {},
+        "notes": [],
+    }
+    rows = [net_final.cpu()]
+    for kind in kinds:
+        t1 = time.perf_counter()
+        if kind == "is":
+            m, info = make_machine("is", images.to(device), None if labels is None else labels.to(device)), {}
+        elif per_machine[kind] is not None:
+            m = make_machine(kind, images.to(device), None if labels is None else labels.to(device),
+                             scales=per_machine[kind])
+            info = {"scales": per_machine[kind], "scales_file": sources[kind]}
+        else:
+            m = make_machine(kind, images.to(device), None if labels is None else labels.to(device),
+                             patch_size=patch_size)
+            info = {"patch_size": patch_size}
+            summary["notes"].append(f"{kind}: no calibrated scales, fixed patch size {patch_size}")
+        with torch.no_grad():
+            final = machine_sample(m, x0, nsteps, lab, batch)
+        folder = output_dir_name(kind)
+        _save_each(out / folder, seeds, final)
+        values = [r2(a, b) for a, b in zip(final, net_final)]
+        finite = [v for v in values if math.isfinite(v)]
+        summary["machines"][kind] = {
+            "dir": folder, **info,
+            "r2": {str(s): v for s, v in zip(seeds, values)},
+            "median_r2": float(np.median(finite)) if finite else float("nan"),
+            "seconds": time.perf_counter() - t1,
+        }
+        rows.append(final.cpu())
+        log(f"{kind}: median r^2 {summary['machines'][kind]['median_r2']:.4f} over {len(finite)} seeds "
+            f"({time.perf_counter() - t1:.1f}s)")
+
+    ncol = min(len(seeds), 10)
+    save_grid(torch.cat([r[:ncol] for r in rows]), out / "samples_grid.png", nrow=ncol)
+    (out / "r2_summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
+    return summary

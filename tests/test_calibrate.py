@@ -1,0 +1,192 @@
+"""Calibration and sampling of the ELS machines (SPEC 5.2, 5.4) against independent truth: a
+"network" that IS a machine with a known schedule must be recovered exactly, a machine agrees
+with itself (r^2 = 1), and r^2 is numpy's squared Pearson correlation."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edtool import checkpoints
+from edtool.calibrate import (
+    _grid_time,
+    calibrate,
+    median_size,
+    r2,
+    sample,
+    scales_path,
+)
+from edtool.cli import main
+from edtool.diffusion import ddim_sample, initial_noise
+from edtool.errors import EdtoolError
+from edtool.machines import make_machine
+from edtool.models import build_network
+from edtool.paper_import import read_scales
+
+
+def toy_images(n=24, size=8, seed=0):
+    """Smooth random blobs in [-1, 1], (n, 1, size, size) float32, labels 0..2."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size + 2, size + 2, generator=g), 3, stride=1)
+    x = (x - x.amin((1, 2, 3), keepdim=True)) / (x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True))
+    return (2 * x - 1).float(), torch.arange(n) % 3
+
+
+class MachineNetwork:
+    """A machine dressed as a network: its schedule read at the exact grid times i/N."""
+
+    def __init__(self, machine, nsteps, conditional=False):
+        self.machine, self.nsteps, self.conditional = machine, nsteps, conditional
+        self.name = "machine-network"
+
+    def eps(self, t, x, label=None):
+        return self.machine.eps(_grid_time(t, self.nsteps), x, label if self.conditional else None).to(x.dtype)
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def test_r2_is_numpys_squared_pearson():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1, 8, 8))
+    b = 0.6 * a + rng.normal(size=(1, 8, 8))
+    assert r2(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1] ** 2, rel=1e-12)
+    assert r2(torch.tensor(a), torch.tensor(-3 * a + 2)) == pytest.approx(1, abs=1e-12)  # affine-invariant
+    assert r2(a, rng.normal(size=(1, 8, 8))) < 0.2
+    with pytest.warns(UserWarning, match="constant"):
+        assert math.isnan(r2(a, np.ones_like(a)))
+
+
+def test_median_size_rounds_to_a_candidate():
+    assert median_size([3, 5, 5], [3, 5, 7]) == 5
+    assert median_size([3, 7], [3, 5, 7]) == 5  # median 5 is a candidate
+    assert median_size([3, 7], [3, 7, 11]) == 3  # median 5: equally near 3 and 7, the smaller wins
+    assert median_size([7, 11, 11, 11], [3, 7, 11]) == 11
+
+
+# ------------------------------------------------------------------ calibration
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_calibration_recovers_the_schedule_of_a_machine_network(metric):
+    images, labels = toy_images()
+    nsteps, truth = 6, [1, 3, 3, 5, 7, 7]  # entry i for t = (i + 1) / 6
+    net = MachineNetwork(make_machine("els-borders", images, labels, scales=truth), nsteps)
+    res = calibrate(net, images, labels, sizes=(1, 3, 5, 7), seeds=[0, 1, 2], nsteps=nsteps, metric=metric, batch=7)
+    assert res["scales"] == truth
+    assert all(choice == truth for choice in res["choices"].values())
+    table = np.array(res["similarity"])  # (steps, sizes), rows in schedule order
+    assert table.shape == (nsteps, 4)
+    at_truth = table[np.arange(nsteps), [res["sizes"].index(k) for k in truth]]
+    if metric == "cosine":
+        assert np.all(at_truth > 1 - 1e-9) and np.all(np.delete(table, res["sizes"].index(1), 1)[0] < 1 - 1e-9)
+    else:
+        assert np.all(at_truth < 1e-5)
+
+
+def test_calibration_against_a_fixed_size_picks_it_everywhere_and_writes_discoverable_json(tmp_path):
+    from edtool.calibrate import calibration_meta
+    from edtool.paper_import import write_scales_json
+
+    images, labels = toy_images(seed=1)
+    net = MachineNetwork(make_machine("els-borders", images, labels, patch_size=5), 4)
+    res = calibrate(net, images, labels, sizes=(3, 5, 7), seeds=[3, 4], nsteps=4)
+    assert res["scales"] == [5, 5, 5, 5] and res["seeds"] == [3, 4] and res["labels"] is None
+    path = write_scales_json(scales_path(tmp_path / "net.safetensors", res["machine"]), res["scales"],
+                             **calibration_meta(res))
+    assert path.name == "net_scales_els-borders.json" and read_scales(path) == [5, 5, 5, 5]
+    assert json.loads(path.read_text())["choices"] == {"3": [5] * 4, "4": [5] * 4}
+
+
+def test_calibrate_bad_input():
+    images, labels = toy_images(n=6)
+    net = MachineNetwork(make_machine("els-borders", images, labels, patch_size=3), 2)
+    for kw, match in [({"metric": "dot"}, "metric"), ({"sizes": [4]}, "odd"), ({"machine": "is"}, "is"),
+                      ({"seeds": []}, "seed"), ({"machine": "elsx"}, "unknown machine"), ({"nsteps": 0}, "nsteps")]:
+        with pytest.raises(EdtoolError, match=match):
+            calibrate(net, images, labels, **{"sizes": [3], "seeds": [0], "nsteps": 2, **kw})
+
+
+# ------------------------------------------------------------------ sampling and r^2
+
+
+def test_sample_writes_the_layout_and_a_machine_agrees_with_itself(tmp_path):
+    images, labels = toy_images()
+    nsteps, schedule = 5, [3, 3, 5, 5, 7]
+    net = MachineNetwork(make_machine("els-borders", images, labels, scales=schedule), nsteps)
+    out = tmp_path / "s"
+    summary = sample(["els", "is"], net, images, labels, seeds=[0, 1, 2], nsteps=nsteps, scales=schedule, out_dir=out)
+    for folder in ("seeds", "els_outputs", "is_outputs", "network_outputs"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == ["seed_0.npy", "seed_1.npy", "seed_2.npy"]
+    assert not (out / "labels").exists()
+    assert (out / "samples_grid.png").stat().st_size > 100
+    np.testing.assert_array_equal(np.load(out / "seeds" / "seed_1.npy"), initial_noise(1, (1, 1, 8, 8))[0].numpy())
+    x0 = torch.stack([initial_noise(s, (1, 8, 8)) for s in [0, 1, 2]])
+    with torch.no_grad():
+        expected = ddim_sample(net.eps, x0, nsteps)
+    np.testing.assert_allclose(np.load(out / "network_outputs" / "seed_2.npy"), expected[2].numpy(), atol=1e-5)
+
+    on_disk = json.loads((out / "r2_summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    els = summary["machines"]["els-borders"]
+    assert els["dir"] == "els_outputs" and els["scales"] == schedule
+    assert all(v > 1 - 1e-6 for v in els["r2"].values()) and els["median_r2"] > 1 - 1e-6
+    ideal = summary["machines"]["is"]
+    assert ideal["median_r2"] == pytest.approx(np.median(list(ideal["r2"].values())))
+    a, b = np.load(out / "is_outputs" / "seed_0.npy"), np.load(out / "network_outputs" / "seed_0.npy")
+    assert ideal["r2"]["0"] == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1] ** 2, rel=1e-9)
+
+
+def test_conditional_sample_writes_labels_and_uses_them(tmp_path):
+    images, labels = toy_images()
+    net = MachineNetwork(make_machine("els-borders", images, labels, patch_size=3), 3, conditional=True)
+    summary = sample(["els-borders"], net, images, labels, seeds=[5, 6], nsteps=3, out_dir=tmp_path, label=2,
+                     patch_size=3)
+    assert summary["labels"] == [2, 2] and int(np.load(tmp_path / "labels" / "seed_6.npy")) == 2
+    assert summary["machines"]["els-borders"]["patch_size"] == 3 and summary["notes"]
+    assert summary["machines"]["els-borders"]["median_r2"] > 1 - 1e-6
+    with pytest.raises(EdtoolError, match="label 7"):
+        sample(["els-borders"], net, images, labels, seeds=[5], nsteps=3, out_dir=tmp_path, label=7)
+    with pytest.raises(EdtoolError, match="twice"):
+        sample(["els", "els-borders"], net, images, labels, seeds=[5], nsteps=3, out_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ the commands
+
+
+def run_cli(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["edtool", *map(str, args)])
+    main()
+
+
+def test_calibrate_and_sample_commands(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    net = build_network("resnet", emb_dim=8, num_layers=1)
+    ckpt = checkpoints.save(tmp_path / "tiny_resnet.safetensors", net, {
+        "arch": "resnet", "arch_kwargs": {"emb_dim": 8, "num_layers": 1}, "dataset": "mnist5k",
+        "image_shape": [1, 32, 32], "conditional": False, "num_classes": None, "padding": "zeros"})
+    run_cli(monkeypatch, "calibrate", "--checkpoint", ckpt, "--sizes", 3, 5, "--seeds", 2, "--nsteps", 2,
+            "--n-images", 12, "--quiet")
+    found = tmp_path / "tiny_resnet_scales_els-borders.json"
+    schedule = read_scales(found)
+    assert len(schedule) == 2 and set(schedule) <= {3, 5}
+    assert "schedule (els-borders" in capsys.readouterr().out
+
+    run_cli(monkeypatch, "sample", "--machine", "els-borders,is", "--checkpoint", ckpt, "--seeds", 2, "--nsteps", 2,
+            "--n-images", 12, "--out", tmp_path / "out", "--quiet")
+    summary = json.loads((tmp_path / "out" / "r2_summary.json").read_text())
+    assert summary["machines"]["els-borders"]["scales_file"] == str(found)
+    assert summary["machines"]["els-borders"]["scales"] == schedule
+    assert "median r^2" in capsys.readouterr().out
+
+    for bad in (["calibrate", "--checkpoint", ckpt, "--sizes", 4], ["calibrate", "--checkpoint", ckpt, "--metric", "x"],
+                ["calibrate", "--checkpoint", tmp_path / "missing.safetensors"],
+                ["sample", "--checkpoint", ckpt, "--machine", "nope", "--out", tmp_path / "o2", "--n-images", 4]):
+        with pytest.raises(SystemExit) as e:
+            run_cli(monkeypatch, *bad, "--quiet")
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("edtool: error:"), err
