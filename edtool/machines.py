@@ -333,6 +333,7 @@ class Machine:
         self.labels = labels
         self._cache = {}  # padded training images and window indices
         self._keys = OrderedDict()  # candidate keys per (label, k, dtype, device), within cache_bytes
+        self._last_score = None  # (x, t, k, label, score) of the last Jacobian: DDIM asks for that score next
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -484,8 +485,25 @@ class Machine:
         moments = posterior_moments(self._ideal_queries(x, a, b2), source(step), lambda keys: keys[:, : n + 1])
         return moments[0, :, 1:]
 
+    def _remembered_score(self, x, t, k, label) -> Optional[Tensor]:
+        """The score saved by the last _jacobian_run if it was for exactly these inputs, else None.
+        Only outside autograd (DDIM's no_grad evaluation): a differentiated call always recomputes."""
+        last = self._last_score
+        if torch.is_grad_enabled() or last is None or last[2] != k or x.shape != last[0].shape or x.dtype != last[0].dtype:
+            return None
+        if isinstance(label, Tensor) or isinstance(last[3], Tensor):
+            same_label = isinstance(label, Tensor) and isinstance(last[3], Tensor) and torch.equal(label, last[3])
+        else:
+            same_label = label == last[3]
+        if same_label and torch.equal(t, last[1]) and torch.equal(x, last[0]):
+            return last[4]
+        return None
+
     def _score_run(self, x, t, k, label) -> Tensor:
         """The score for samples that share patch size k and label."""
+        remembered = self._remembered_score(x, t, k, label)
+        if remembered is not None:  # measured the Jacobian here a moment ago: same sums, no second pass
+            return remembered
         a, b2 = self._coefficients(t, x)
         B, C, H, W = x.shape
         if k is None:
@@ -513,6 +531,10 @@ class Machine:
         band = band.view(B, H, W, C, C, k, k).permute(0, 3, 1, 2, 4, 5, 6).to(x.dtype)
         if self.padding == "zeros":
             band = band * _band_valid(H, W, k, x.device)[None, None, :, :, None]
+        mean = m[..., 1:, 0].transpose(1, 2).reshape(B, C, H, W)  # E_w[c], the score's posterior mean
+        score = -(x - a.view(B, 1, 1, 1) * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
+        self._last_score = (x.detach().clone(), t.detach().clone(), k,
+                            label.detach().clone() if isinstance(label, Tensor) else label, score.detach())
         return band
 
     def _ideal_jacobian(self, x, a, b2, label) -> Tensor:

@@ -471,3 +471,24 @@ def test_exterior_derivative_analytic_equals_exact(rule, paper):
     assert analytic.method == "analytic" and exterior_derivative(field, x, **f64).method == "analytic"
     for key in ("ed_fro", "jac_fro", "curl_map"):
         torch.testing.assert_close(getattr(analytic, key), getattr(exact, key), rtol=1e-8, atol=1e-8)
+
+
+def test_score_after_jacobian_reuses_its_sums_but_autograd_recomputes():
+    """DDIM asks for the score where the Jacobian was just measured: it comes from the same sums
+    (equal to a fresh evaluation to float precision); a differentiated call never uses it."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(40, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    machine = make_machine("els-borders", images, patch_size=3)
+    x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.4, 0.4], dtype=torch.float64)
+    with torch.no_grad():
+        fresh = machine.score(t, x)
+        band = machine.jacobian(t, x)
+        reused = machine.score(t, x)
+        other = machine.score(t, x + 0.1)
+    torch.testing.assert_close(reused, fresh, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(other, fresh)
+    machine.jacobian(t, x)
+    jac = torch.func.jacrev(lambda v: machine.score(t[:1], v.view(1, 1, 8, 8)).flatten())(x[:1].flatten())
+    assert jac.abs().sum() > 0  # a remembered (detached) score would have no Jacobian
+    torch.testing.assert_close(jac[2 * 8 + 2, 2 * 8 + 2], band[0, 0, 2, 2, 0, 1, 1])  # d s_p / d x_p at (2, 2)
