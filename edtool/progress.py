@@ -17,7 +17,7 @@ class PlainReporter(Reporter):
     def _print(self, text):
         print(text, file=self.stream, flush=True)
 
-    def start(self, total_cells, done_cells, models):
+    def start(self, total_cells, done_cells, models, steps=None):
         self.total, self.done = total_cells, done_cells
         if done_cells:
             self._print(f"resuming: {done_cells}/{total_cells} cells already done")
@@ -38,7 +38,7 @@ class JsonReporter(PlainReporter):
     def _emit(self, **event):
         self._print(json.dumps(event))
 
-    def start(self, total_cells, done_cells, models):
+    def start(self, total_cells, done_cells, models, steps=None):
         self.total, self.done = total_cells, done_cells
         self._emit(event="start", total_cells=total_cells, done_cells=done_cells, models=models)
 
@@ -76,13 +76,18 @@ class RichReporter(Reporter):
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def start(self, total_cells, done_cells, models):
+    def start(self, total_cells, done_cells, models, steps=None):
+        """One overall bar over cells; one bar per model over the steps it still has to measure."""
         self.overall = self.progress.add_task("all cells", total=total_cells, completed=done_cells, info="")
-        self.models = models
+        for name in models:
+            if steps is None or steps.get(name):
+                self.tasks[name] = self.progress.add_task(name, total=None if steps is None else steps[name],
+                                                          info="waiting", start=False)
 
     def step(self, r, model, j, nsteps, asym):
         if model not in self.tasks:
             self.tasks[model] = self.progress.add_task(model, total=None, info="")
+        self.progress.start_task(self.tasks[model])  # the clock (rate, ETA) runs from the model's first step
         self.progress.update(self.tasks[model], advance=1, info=f"r={r} step {j + 1}/{nsteps} asym {asym:.4f}")
 
     def cell_done(self, r, model, asym_mean, failed):
