@@ -99,6 +99,9 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError(f"--trajectory must be own or shared, got {cfg.trajectory!r}")
     if cfg.reference is not None and cfg.reference not in cfg.models:
         raise EdtoolError(f"--reference {cfg.reference!r} is not among --models")
+    if cfg.overwrite and cfg.shard is not None:
+        raise EdtoolError("--overwrite with --shard would delete what the other shards computed: delete the "
+                          "run directory once before starting the shards, and run them without --overwrite")
     if cfg.patch_size < 1 or cfg.patch_size % 2 == 0:
         raise EdtoolError(f"--patch-size must be a positive odd number, got {cfg.patch_size}")
 
@@ -402,19 +405,21 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     names = list(cfg.models)
     create = dict(config=study.config, models=names, seeds=study.seeds, labels=study.labels,
                   nsteps=cfg.nsteps, image_shape=study.image_shape, maps=cfg.maps)
-    if dist_shard is not None and dist_shard[0] != 0:
-        _barrier()  # rank 0 creates the store first
-        run = create_run(location, **create)
-    else:
-        run = create_run(location, overwrite=cfg.overwrite, **create)
-        if dist_shard is not None:
-            _barrier()
-
     mine = shard_realizations(cfg.realizations, shard)
-    record_shard(location, shard)
     timer, failures = _Timer(), []
-    started = time.perf_counter()
+    # the lock comes first: --overwrite must not delete a run that a live process is filling
     with run_lock(location, shard=shard):
+        if dist_shard is not None and dist_shard[0] != 0:
+            _barrier()  # rank 0 creates the store first
+            run = create_run(location, **create)
+        else:
+            try:
+                run = create_run(location, overwrite=cfg.overwrite, **create)
+            finally:  # on a refusal the other ranks meet it themselves rather than wait forever
+                if dist_shard is not None:
+                    _barrier()
+        record_shard(location, shard)
+        started = time.perf_counter()
         pending = run.pending(mine)
         reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names)
         todo, batch = sorted({r for r, _ in pending}), cfg.batch

@@ -192,19 +192,29 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
         return open_run(location, mode="r+")
     if base.exists() and not base.is_dir():
         raise EdtoolError(f"run location {base} is a file, not a directory: choose another --run")
-    base.mkdir(parents=True, exist_ok=True)
+    _make_dir(base)
     partial = base / f".{STORE_NAME}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _build(zarr.open_group(str(partial), mode="w-", zarr_format=3), settings)
         os.rename(partial, base / STORE_NAME)  # atomic: others see no store or a whole one
-    except OSError:
+    except OSError as err:
         if not (base / STORE_NAME).exists():
-            raise
+            raise EdtoolError(f"cannot write the run store in {base} ({err.strerror or err}): "
+                              "choose a writable --run-dir") from err
         # another process created the run at the same moment: use its store if it matches
         return create_run(location, config, models, seeds, labels, nsteps, image_shape, maps)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return open_run(location, mode="r+")
+
+
+def _make_dir(base: Path):
+    """Create a local run directory, or refuse an unwritable location in one clear line."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EdtoolError(f"cannot create the run directory {base} ({err.strerror or err}): "
+                          "choose a writable --run-dir") from err
 
 
 def open_run(location, mode: str = "r") -> RunStore:
@@ -271,17 +281,30 @@ def _stored_settings(run: RunStore) -> dict:
 
 
 def _require_same(location, old: dict, new: dict):
-    """Refuse to continue a run whose settings differ, naming each differing setting."""
-    def flat(s):
-        out = {k: v for k, v in s["config"].items()}
-        out.update({k: v for k, v in s.items() if k != "config"})
+    """Refuse to continue a run whose settings differ, naming each differing setting.
+
+    Nested config entries are compared leaf by leaf under dotted names (models.unet.sha256), so a
+    changed checkpoint is named, and the layout's `models` list cannot mask the config's `models`.
+    """
+    def leaves(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
         return out
-    old_flat, new_flat = flat(old), flat(new)
-    keys = [k for k in dict.fromkeys([*old_flat, *new_flat]) if old_flat.get(k, "<unset>") != new_flat.get(k, "<unset>")]
-    if keys:
-        def show(d):
-            return ", ".join(f"{k}={_short(d.get(k, '<unset>'))}" for k in keys)
-        raise EdtoolError(f"run {location} was made with {show(old_flat)}; you asked for {show(new_flat)}: "
+
+    def layout(s):
+        return {k: v for k, v in s.items() if k != "config"}
+
+    diffs = []  # (name, old, new), each named once even when config and layout both hold it
+    for a, b in ((leaves(old["config"]), leaves(new["config"])), (layout(old), layout(new))):
+        for k in dict.fromkeys([*a, *b]):
+            diff = (k, a.get(k, "<unset>"), b.get(k, "<unset>"))
+            if diff[1] != diff[2] and diff not in diffs:
+                diffs.append(diff)
+    if diffs:
+        def show(i):
+            return ", ".join(f"{d[0]}={_short(d[i])}" for d in diffs)
+        raise EdtoolError(f"run {location} was made with {show(1)}; you asked for {show(2)}: "
                           "use the same settings to resume, another --run name, or --overwrite")
 
 
@@ -443,7 +466,7 @@ def run_lock(run_dir, shard: Optional[tuple] = None):
                       "one process computes each realization")
         yield None
         return
-    base.mkdir(parents=True, exist_ok=True)
+    _make_dir(base)
     name = _lock_name(shard)
     path = base / name
     me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex,
@@ -473,6 +496,9 @@ def _acquire(base: Path, path: Path, me: dict):
                 _refuse(base, path, info)
             _take_over(base, path, info)
             continue
+        except OSError as err:
+            raise EdtoolError(f"cannot write the lock file {path} ({err.strerror or err}): "
+                              "choose a writable --run-dir") from err
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return
