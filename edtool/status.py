@@ -6,6 +6,7 @@ from typing import List
 
 import numpy as np
 
+from edtool.errors import EdtoolError
 from edtool.paths import cache_dir
 from edtool.store import STORE_NAME, local_dir, lock_holders, open_run, shard_realizations
 
@@ -32,8 +33,17 @@ def record_shard(location: str, shard) -> None:
 
 
 def run_status(location: str) -> dict:
-    """Settings and completion of one run: cells done per model, shards, whether a process holds it."""
-    run = open_run(location)
+    """Settings and completion of one run: cells done per model, shards, whether a process holds it.
+
+    A run that cannot be read is reported as such (state "unreadable: why"), so one broken folder
+    does not hide every other run from `edtool status`.
+    """
+    try:
+        run = open_run(location)
+    except EdtoolError as err:
+        return {"location": str(location), "models": [], "nsteps": None, "realizations": None, "done": 0,
+                "total": 0, "per_model": {}, "estimator": None, "dataset": None, "state": f"unreadable: {err}",
+                "shards": []}
     progress = run.progress()
     done = run.done_mask()
     cfg = run.config

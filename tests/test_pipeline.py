@@ -478,7 +478,8 @@ def test_analyze_accepts_the_seed_flags_and_writes_its_layout(tmp_path, capsys, 
         for suffix in (".safetensors", ".json"):
             shutil.copy(tiny_checkpoints / f"tiny_{arch}{suffix}", nets / f"my_{arch}{suffix}")
     monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tmp_path / "empty"))  # nothing to discover: flags must work
-    out_dir = tmp_path / "results"
+    monkeypatch.chdir(tmp_path)
+    out_dir = Path("results") / "study"  # relative, like the seed's default
     common = ["analyze", "--output_dir", out_dir, "--unet_path", nets / "my_unet.safetensors", "--resnet_path",
               nets / "my_resnet.safetensors", "--models", "unet,resnet", "--nsteps", "2", "--probes", "2",
               "--device", "cpu", "--quiet"]
@@ -504,6 +505,11 @@ def test_analyze_accepts_the_seed_flags_and_writes_its_layout(tmp_path, capsys, 
 
     code, _, err = cli(capsys, monkeypatch, *common, "--single", "--multiple", "2")
     assert code == 2 and "--single or --multiple" in err, err
+
+    code, out, err = cli(capsys, monkeypatch, "status", "--json")  # status finds runs under ./results too
+    assert code == 0, err
+    listed = {Path(r["location"]).resolve(): r for r in json.loads(out)}
+    assert listed[single.resolve()]["state"] == "complete" and listed[multiple.resolve()]["realizations"] == 2
 
 
 def test_shared_trajectory_measures_every_model_on_the_reference_path(tmp_path, tiny_checkpoints):
@@ -548,11 +554,14 @@ def test_shared_trajectory_measures_every_model_on_the_reference_path(tmp_path, 
 
 def test_status_lists_runs_completion_and_shards(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # `status` also looks in ./results
-    name = f"status-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("EDTOOL_CACHE", str(tmp_path / "cache"))
+    name = "sharded"
     compute(config(None, run=name, realizations=3, shard=(0, 2)))
+    (tmp_path / "cache" / "broken" / "ed.zarr").mkdir(parents=True)  # not a run: reported, not fatal
     code, out, err = cli(capsys, monkeypatch, "status", "--json")
     assert code == 0, err
     rows = {Path(r["location"]).name: r for r in json.loads(out)}
+    assert set(rows) == {"sharded", "broken"} and rows["broken"]["state"].startswith("unreadable: ")
     row = rows[name]
     assert (row["done"], row["total"], row["per_model"], row["state"]) == (4, 6, {"resnet": 2, "is": 2}, "partial")
     assert row["shards"] == ["shard 0/2: complete (4/4 cells)", "shard 1/2: incomplete (0/2 cells)"]
