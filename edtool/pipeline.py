@@ -58,7 +58,7 @@ class ComputeConfig:
 class Reporter:
     """Progress callbacks; the CLI supplies a rich or plain-text one. The default is silent."""
 
-    def start(self, total_cells: int, done_cells: int, models: List[str]): ...
+    def start(self, total_cells: int, done_cells: int, models: List[str], steps: Optional[dict] = None): ...
     def step(self, r: int, model: str, j: int, nsteps: int, asym: float): ...
     def cell_done(self, r: int, model: str, asym_mean: float, failed: bool): ...
     def note(self, message: str): ...
@@ -421,7 +421,8 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
         record_shard(location, shard)
         started = time.perf_counter()
         pending = run.pending(mine)
-        reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names)
+        steps = {name: cfg.nsteps * sum(1 for _, m in pending if m == i) for i, name in enumerate(names)}
+        reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names, steps)
         todo, batch = sorted({r for r, _ in pending}), cfg.batch
         while todo:
             rows = todo[:batch]
