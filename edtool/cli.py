@@ -67,7 +67,7 @@ def train(
     seed: int = typer.Option(0, help="Seed of every random choice in training."),
     fsizes: str = typer.Option("32,64,128", help="UNet channel widths per level."),
     emb_dim: int = typer.Option(256, help="UNet time-embedding size."),
-    width: int = typer.Option(64, help="ResNet width (multiple of 8)."),
+    width: int = typer.Option(64, help="ResNet width (a multiple of 8, at least 16)."),
     layers: int = typer.Option(4, help="ResNet residual layers."),
     out: Optional[Path] = typer.Option(None, help="Checkpoint path (default checkpoints/<dataset>_<arch>...)."),
     ckpt_every: int = typer.Option(250, min=1, help="Save resumable training state every N steps."),
@@ -82,8 +82,9 @@ def train(
         raise EdtoolError(f"unknown --arch {arch!r}; choose unet or resnet")
     if padding not in ("zeros", "circular"):
         raise EdtoolError(f"unknown --padding {padding!r}; choose zeros or circular")
-    if arch == "resnet" and width % 8:
-        raise EdtoolError(f"--width must be a multiple of 8 (GroupNorm with 8 groups), got {width}")
+    if arch == "resnet" and (width % 8 or width < 16):
+        raise EdtoolError(f"--width must be a multiple of 8 and at least 16 (GroupNorm with 8 groups needs "
+                          f"2 or more channels per group), got {width}")
     cfg = TrainConfig(arch=arch, dataset=dataset, conditional=conditional, padding=padding, steps=steps,
                       batch=batch, lr=lr, lr_final_factor=lr_final_factor, seed=seed,
                       fsizes=_int_list(fsizes, "--fsizes"), emb_dim=emb_dim, width=width, layers=layers)
@@ -346,6 +347,8 @@ def compute(
     run: Optional[str] = typer.Option(None, help="Run name under cache/ (default derived from the settings)."),
     run_dir: Optional[str] = typer.Option(None, help="Run directory or fsspec URL (overrides --run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run with other settings."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute finished cells that hold NaN "
+                                      "(a failure, e.g. out of memory); other cells are kept."),
     shard: Optional[str] = typer.Option(None, help="i/K: compute only realizations r with r % K == i (job arrays)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable progress and summary."),
@@ -357,7 +360,7 @@ def compute(
                           scales=scales, patch_size=patch_size, nsteps=nsteps, realizations=realizations, seed=seed,
                           label=label, estimator=estimator, probes=probes, rtol=rtol, maps=maps,
                           trajectory=trajectory, reference=reference, device=device, batch=batch, run=run,
-                          run_dir=run_dir, overwrite=overwrite, shard=_shard(shard))
+                          run_dir=run_dir, overwrite=overwrite, retry_failed=retry_failed, shard=_shard(shard))
     summary = _run_compute(cfg, quiet, as_json)
     if summary.get("shard") and summary["shard"][0] != 0 and "RANK" in __import__("os").environ:
         return  # under torchrun, rank 0 reports

@@ -52,6 +52,7 @@ class ComputeConfig:
     run: Optional[str] = None
     run_dir: Optional[str] = None
     overwrite: bool = False
+    retry_failed: bool = False  # recompute finished cells that hold NaN (e.g. out of memory on another device)
     shard: Optional[tuple] = None  # (i, K)
 
 
@@ -421,13 +422,17 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
         record_shard(location, shard)
         started = time.perf_counter()
         pending = run.pending(mine)
+        redo = _failed_cells(run, mine) if cfg.retry_failed else []
+        if redo:
+            reporter.note(f"retrying {len(redo)} finished cell(s) that hold NaN")
+            pending = sorted(set(pending) | set(redo))
         steps = {name: cfg.nsteps * sum(1 for _, m in pending if m == i) for i, name in enumerate(names)}
         reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names, steps)
         todo, batch = sorted({r for r, _ in pending}), cfg.batch
         while todo:
             rows = todo[:batch]
             try:
-                _compute_batch(run, study, rows, timer, reporter, failures)
+                _compute_batch(run, study, rows, timer, reporter, failures, redo)
             except _OutOfMemory:  # cells finished before it are stored; the rest is retried in halves
                 batch = max(1, len(rows) // 2)
                 reporter.note(f"out of memory with {len(rows)} realizations per batch: lowering --batch to {batch}")
@@ -440,10 +445,20 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
             "timings": {**timer.seconds, "total": total}, "notes": study.notes, "shard": shard}
 
 
-def _compute_batch(run, study: Study, rows: List[int], timer: _Timer, reporter: Reporter, failures: list):
+def _failed_cells(run, realizations: List[int]) -> list:
+    """Finished (r, m) cells with a NaN step among `realizations`: what --retry-failed recomputes."""
+    done, ed = run.done_mask(), run.read("ed_fro")
+    return [(r, m) for r in realizations for m in range(len(run.models))
+            if done[r, m] and not np.isfinite(ed[r, m]).all()]
+
+
+def _compute_batch(run, study: Study, rows: List[int], timer: _Timer, reporter: Reporter, failures: list,
+                   redo=()):
     """All not-yet-done models for a batch of realizations; each cell is written as soon as it is done."""
     cfg, device = study.cfg, study.device
     done = run.done_mask()
+    for r, m in redo:
+        done[r, m] = False
     x_T = torch.cat([initial_noise(study.seeds[r], (1, *study.image_shape)) for r in rows]).to(device)
     lab = [study.labels[r] for r in rows]
     label = None if lab[0] < 0 else torch.tensor(lab, device=device)

@@ -112,6 +112,8 @@ class RunStore:
             values["curl_map"] = _checked(curl_map, (n, h, w), "curl_map")
         elif curl_map is not None:
             raise ValueError("this run was created without maps: pass curl_map=None")
+        if self.group["done"][r, m]:  # rewriting (a retried failure): not done until the new data is whole
+            self.group["done"][r, m] = False
         for name, value in values.items():
             self.group[name][r, m] = value
         self._set_done(r, m)

@@ -1,6 +1,7 @@
 """Out of memory with several realizations in a batch lowers the batch; it never becomes NaN or zeros."""
 
 import numpy as np
+import pytest
 
 from edtool import pipeline
 from edtool.pipeline import ComputeConfig, compute
@@ -58,3 +59,40 @@ def test_out_of_memory_lowers_the_batch_and_matches_batch_one(tmp_path, monkeypa
         a, b = guarded.read(name), plain.read(name)
         assert np.isfinite(a).all() if a.dtype.kind == "f" else True
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+class _Broken:
+    """A field whose every evaluation fails (as a device error would)."""
+
+    def eps(self, t, x, label=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    score = eps
+
+
+def test_retry_failed_recomputes_only_the_nan_cells(tmp_path, monkeypatch):
+    cfg = dict(models=["resnet", "is"], nsteps=2, realizations=2, probes=4, device="cpu")
+    real_prepare = pipeline.prepare
+
+    def broken_prepare(c):
+        study = real_prepare(c)
+        study.fields["resnet"] = _Broken()
+        return study
+
+    monkeypatch.setattr(pipeline, "prepare", broken_prepare)
+    with pytest.warns(UserWarning, match="stored as NaN"):
+        first = compute(ComputeConfig(run_dir=str(tmp_path / "run"), **cfg))
+    assert len(first["failures"]) == 2
+    run = open_run(first["location"])
+    assert run.done_mask().all() and np.isnan(run.read("ed_fro", "resnet")).all()
+    is_before = run.read("ed_fro", "is").copy()
+
+    monkeypatch.setattr(pipeline, "prepare", real_prepare)
+    compute(ComputeConfig(run_dir=str(tmp_path / "run"), **cfg))  # a plain rerun keeps finished cells
+    assert np.isnan(open_run(first["location"]).read("ed_fro", "resnet")).all()
+    compute(ComputeConfig(run_dir=str(tmp_path / "run"), retry_failed=True, **cfg))
+    clean = compute(ComputeConfig(run_dir=str(tmp_path / "clean"), **cfg))
+    retried, reference = open_run(first["location"]), open_run(clean["location"])
+    for name in ARRAYS:
+        np.testing.assert_array_equal(retried.read(name), reference.read(name), err_msg=name)
+    np.testing.assert_array_equal(retried.read("ed_fro", "is"), is_before)
