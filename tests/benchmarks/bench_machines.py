@@ -8,6 +8,7 @@ Jacobian time / score time (target <= 3) and the exact ED from the band.
 
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_machines.py            # everything
     python tests/benchmarks/bench_machines.py --n-images 500 --ks 5 --batches 1
+    python tests/benchmarks/bench_machines.py --n-images 500 --ks 3 5 --batches 4 --no-jacobian --calibration
 """
 
 import argparse
@@ -89,6 +90,9 @@ def main():
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--no-jacobian", action="store_true")
+    p.add_argument("--calibration", action="store_true",
+                   help="also time edtool.calibrate on the shipped ResNet: sizes --ks, 1 seed, --calib-steps steps")
+    p.add_argument("--calib-steps", type=int, default=2)
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
@@ -120,7 +124,23 @@ def main():
                 t_jac = timed(lambda: machine.jacobian(args.t, x), device, args.repeat)
                 t_ed = timed(lambda: machine.field(args.t).analytic_ed(x, curl_map=True), device, args.repeat)
                 print(row + f" {t_jac:.3f} | {t_jac / t_score:.2f} | {t_ed:.3f} |", flush=True)
+    if args.calibration:
+        calibration_row(images, args.ks, args.calib_steps, device)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+def calibration_row(images, ks, nsteps, device):
+    """Wall time of calibrate() (one seed, these sizes) against the shipped ResNet, per scored point."""
+    from edtool import checkpoints
+    from edtool.calibrate import calibrate
+
+    net = checkpoints.load(checkpoints.discover("mnist5k", "resnet"), device=device)
+    t0 = time.perf_counter()
+    res = calibrate(net, images.to(device), None, sizes=ks, seeds=[0], nsteps=nsteps)
+    total = time.perf_counter() - t0
+    points = nsteps * len(ks)
+    print(f"\ncalibrate: sizes {ks}, 1 seed, {nsteps} steps = {points} machine scores in {total:.1f}s "
+          f"({total / points:.2f}s per (step, seed, size)); schedule {res['scales']}")
 
 
 if __name__ == "__main__":
