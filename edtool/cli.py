@@ -4,8 +4,10 @@ Bad input raises EdtoolError; `main` prints it as one line on stderr and exits 2
 unless --debug).
 """
 
+import os
 import shlex
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -266,21 +268,13 @@ def _run_compute(cfg, quiet: bool = False, as_json: bool = False) -> dict:
 
     reporter = _reporter(quiet, as_json)
     try:
-        with (reporter if hasattr(reporter, "__enter__") else _nullctx()):
+        with (reporter if hasattr(reporter, "__enter__") else nullcontext()):
             summary = compute(cfg, reporter)
     except KeyboardInterrupt:
         print("edtool: interrupted; finished cells are saved. Run the same command again to resume.",
               file=sys.stderr)
         sys.exit(130)
     return summary
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _print_results_table(location: str, as_json: bool = False):
@@ -362,7 +356,7 @@ def compute(
                           trajectory=trajectory, reference=reference, device=device, batch=batch, run=run,
                           run_dir=run_dir, overwrite=overwrite, retry_failed=retry_failed, shard=_shard(shard))
     summary = _run_compute(cfg, quiet, as_json)
-    if summary.get("shard") and summary["shard"][0] != 0 and "RANK" in __import__("os").environ:
+    if summary.get("shard") and summary["shard"][0] != 0 and "RANK" in os.environ:
         return  # under torchrun, rank 0 reports
     if as_json:
         print(_json.dumps({"event": "done", **summary, "results": _print_results_table(summary["location"], True)}))

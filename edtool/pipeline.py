@@ -10,8 +10,7 @@ import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 

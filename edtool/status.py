@@ -1,6 +1,5 @@
 """`edtool status`: which runs exist, their settings, how complete they are, who is computing them."""
 
-import json
 from pathlib import Path
 from typing import List
 
