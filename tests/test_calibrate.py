@@ -164,9 +164,9 @@ def run_cli(monkeypatch, *args):
 
 def test_calibrate_and_sample_commands(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
-    net = build_network("resnet", emb_dim=8, num_layers=1)
+    net = build_network("resnet", emb_dim=16, num_layers=1)
     ckpt = checkpoints.save(tmp_path / "tiny_resnet.safetensors", net, {
-        "arch": "resnet", "arch_kwargs": {"emb_dim": 8, "num_layers": 1}, "dataset": "mnist5k",
+        "arch": "resnet", "arch_kwargs": {"emb_dim": 16, "num_layers": 1}, "dataset": "mnist5k",
         "image_shape": [1, 32, 32], "conditional": False, "num_classes": None, "padding": "zeros"})
     run_cli(monkeypatch, "calibrate", "--checkpoint", ckpt, "--sizes", 3, 5, "--seeds", 2, "--nsteps", 2,
             "--n-images", 12, "--quiet")
