@@ -64,8 +64,9 @@ def _check_patch_size(k, what: str) -> int:
 
 
 def scale_index(t: float, nscales: int) -> int:
-    """Entry j of a scale schedule that applies at time t (entry j is for t = (j + 1) / N)."""
-    return min(max(math.ceil(t * nscales - 1e-9) - 1, 0), nscales - 1)
+    """Entry j of a scale schedule that applies at time t (entry j is for t = (j + 1) / N).
+    The tolerance absorbs float32 rounding of t = (j + 1) / N (DDIM's times arrive as float32)."""
+    return min(max(math.ceil(t * nscales - 1e-4) - 1, 0), nscales - 1)
 
 
 # ---------------------------------------------------------------------------------------------

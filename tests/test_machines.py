@@ -492,3 +492,14 @@ def test_score_after_jacobian_reuses_its_sums_but_autograd_recomputes():
     jac = torch.func.jacrev(lambda v: machine.score(t[:1], v.view(1, 1, 8, 8)).flatten())(x[:1].flatten())
     assert jac.abs().sum() > 0  # a remembered (detached) score would have no Jacobian
     torch.testing.assert_close(jac[2 * 8 + 2, 2 * 8 + 2], band[0, 0, 2, 2, 0, 1, 1])  # d s_p / d x_p at (2, 2)
+
+
+@pytest.mark.parametrize("nscales", [10, 20, 50, 1000])
+def test_scale_index_exact_for_float32_ddim_times(nscales):
+    """DDIM visits t = (j + 1) / N as float32; each must get schedule entry j, not its neighbour."""
+    from edtool.machines import scale_index
+
+    for j in range(nscales):
+        t32 = float(torch.tensor((j + 1) / nscales, dtype=torch.float32))
+        assert scale_index(t32, nscales) == j
+        assert scale_index((j + 1) / nscales, nscales) == j

@@ -48,7 +48,7 @@ def test_training_writes_manifest_loss_curve_and_samples(tmp_path):
 
 def test_train_command_on_mnist5k(tmp_path, monkeypatch):
     monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tmp_path))
-    result = CliRunner().invoke(app, ["train", "--arch", "resnet", "--steps", "2", "--batch", "2", "--width", "8",
+    result = CliRunner().invoke(app, ["train", "--arch", "resnet", "--steps", "2", "--batch", "2", "--width", "16",
                                       "--layers", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     assert checkpoints.discover("mnist5k", "resnet", tmp_path).name == "mnist5k_resnet.safetensors"
