@@ -259,15 +259,21 @@ def test_stored_numbers_are_the_score_jacobian_along_the_ddim_path(tmp_path, tin
 # ------------------------------------------------------------------ interruption, resume, lock
 
 
+def spawn_compute(run_dir):
+    """A real `python -m edtool compute` process on a small run (4 realizations): its args and process."""
+    args = ["compute", "--models", "resnet,is", "--nsteps", "3", "--realizations", "4", "--probes", "32",
+            "--device", "cpu", "--quiet", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([sys.executable, "-m", "edtool", *args], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return args, proc
+
+
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, capsys, monkeypatch):
     """A real process killed after its first finished cell; the live lock refuses a second process;
     the stale lock is then taken over and the same command finishes the run, equal to an uninterrupted one."""
     from edtool.status import run_status
 
-    args = ["compute", "--models", "resnet,is", "--nsteps", "3", "--realizations", "4", "--probes", "32",
-            "--device", "cpu", "--quiet", "--run-dir", str(tmp_path / "killed")]
-    proc = subprocess.Popen([sys.executable, "-m", "edtool", *args], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args, proc = spawn_compute(tmp_path / "killed")
     try:
         wait_for_done_cell(tmp_path / "killed", proc)
         # while it runs: status names it, a second process on the same run is refused and changes nothing
@@ -321,10 +327,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     """SIGINT: exit 130, a one-line hint to resume, no traceback, the lock released, the rerun finishes."""
-    args = ["compute", "--models", "resnet,is", "--nsteps", "3", "--realizations", "4", "--probes", "32",
-            "--device", "cpu", "--quiet", "--run-dir", str(tmp_path / "run")]
-    proc = subprocess.Popen([sys.executable, "-m", "edtool", *args], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args, proc = spawn_compute(tmp_path / "run")
     try:
         wait_for_done_cell(tmp_path / "run", proc)
         proc.send_signal(signal.SIGINT)
