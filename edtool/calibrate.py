@@ -121,12 +121,6 @@ def initial_noises(seeds: Sequence[int], shape, device="cpu") -> Tensor:
     return torch.cat([initial_noise(s, (1, *shape), device=device) for s in seeds])
 
 
-def _grid_time(tb: Tensor, nsteps: int) -> Tensor:
-    """DDIM's float32 times snapped back onto the exact grid i/N in float64, so a machine's
-    schedule entry is looked up at exactly t = i/N (float32 i/N can round just above it)."""
-    return torch.round(tb.double() * nsteps) / nsteps
-
-
 def _batches(n: int, batch: Optional[int]):
     step = n if not batch else max(1, int(batch))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -280,11 +274,11 @@ def _save_each(folder: Path, seeds, arrays) -> None:
 
 
 def machine_sample(machine, x0: Tensor, nsteps: int, label: Optional[Tensor] = None, batch=None) -> Tensor:
-    """A machine's deterministic DDIM samples from x0, its schedule read at exactly t = i/N."""
+    """A machine's deterministic DDIM samples from x0 (its schedule entry per step: machines.scale_index)."""
     out = []
     for sl in _batches(len(x0), batch):
         lab = None if label is None else label[sl]
-        out.append(ddim_sample(lambda tb, x, lab=lab: machine.eps(_grid_time(tb, nsteps), x, lab).to(x.dtype),
+        out.append(ddim_sample(lambda tb, x, lab=lab: machine.eps(tb, x, lab).to(x.dtype),
                                x0[sl], nsteps))
     return torch.cat(out)
 

@@ -164,6 +164,7 @@ def _network_path(cfg: ComputeConfig, arch: str) -> Path:
 
 def _find_scales(cfg: ComputeConfig, network_paths: dict, machine: str):
     """Scales for an ELS machine: --scales, else a calibration JSON next to a network checkpoint."""
+    from edtool.calibrate import scales_path
     from edtool.paper_import import read_scales
 
     if cfg.scales:
@@ -172,7 +173,7 @@ def _find_scales(cfg: ComputeConfig, network_paths: dict, machine: str):
         path = network_paths.get(arch)
         if path is None:
             continue
-        candidate = Path(path).with_name(f"{Path(path).stem}_scales_{machine}.json")
+        candidate = scales_path(path, machine)
         if candidate.exists():
             return read_scales(candidate), str(candidate)
     return None, None
@@ -181,6 +182,7 @@ def _find_scales(cfg: ComputeConfig, network_paths: dict, machine: str):
 def prepare(cfg: ComputeConfig) -> Study:
     """Load data, networks and machines; derive seeds, labels and the config that the store records."""
     from edtool import checkpoints
+    from edtool.calibrate import seed_labels
     from edtool.data import load_dataset
     from edtool.machines import make_machine, resolve_machine_name
 
@@ -233,14 +235,8 @@ def prepare(cfg: ComputeConfig) -> Study:
         config_models[name] = {"machine": kind, **info}
 
     seeds = [cfg.seed + r for r in range(cfg.realizations)]
-    if not conditional:
-        run_labels = [-1] * cfg.realizations
-    elif cfg.label is not None:
-        run_labels = [cfg.label] * cfg.realizations
-    else:
-        n_classes = int(labels.max()) + 1
-        run_labels = [int(torch.randint(0, n_classes, (1,), generator=torch.Generator().manual_seed(s)))
-                      for s in seeds]
+    drawn = seed_labels(seeds, labels, cfg.label, conditional)
+    run_labels = [-1] * cfg.realizations if drawn is None else drawn.tolist()
     reference = cfg.reference or cfg.models[0]
     config = {
         "dataset": cfg.dataset, "models": config_models, "nsteps": cfg.nsteps, "realizations": cfg.realizations,
@@ -285,9 +281,7 @@ def measure(model, name: str, x_T: torch.Tensor, label, rows: List[int], study: 
     from edtool.ed import exterior_derivative
 
     cfg, nsteps, B = study.cfg, study.cfg.nsteps, x_T.shape[0]
-    out = {k: np.full((B, nsteps), np.nan, dtype=np.float64) for k in ("ed_fro", "jac_fro", "asym", "ed_stderr")}
-    h, w = study.image_shape[1:]
-    out["curl_map"] = np.full((B, nsteps, h, w), np.nan) if cfg.maps else None
+    out = _nan_cell(B, study)  # every step starts as NaN: one that is never measured stays NaN
     visited = []
 
     def on_step(j, t, x):

@@ -12,7 +12,6 @@ import torch
 
 from edtool import checkpoints
 from edtool.calibrate import (
-    _grid_time,
     calibrate,
     median_size,
     r2,
@@ -43,7 +42,7 @@ class MachineNetwork:
         self.name = "machine-network"
 
     def eps(self, t, x, label=None):
-        return self.machine.eps(_grid_time(t, self.nsteps), x, label if self.conditional else None).to(x.dtype)
+        return self.machine.eps(t, x, label if self.conditional else None).to(x.dtype)
 
 
 # ------------------------------------------------------------------ pure helpers
