@@ -66,6 +66,8 @@ def train(
     batch: int = typer.Option(64, min=1, help="Images per step."),
     lr: float = typer.Option(2e-3, help="Initial AdamW learning rate."),
     lr_final_factor: float = typer.Option(0.05, help="Learning rate at the last step as a fraction of --lr."),
+    ema_decay: float = typer.Option(0.999, help="Ship the exponential moving average of the weights with this "
+                                    "decay (0: the raw weights)."),
     seed: int = typer.Option(0, help="Seed of every random choice in training."),
     fsizes: str = typer.Option("32,64,128", help="UNet channel widths per level."),
     emb_dim: int = typer.Option(256, help="UNet time-embedding size."),
@@ -88,7 +90,7 @@ def train(
         raise EdtoolError(f"--width must be a multiple of 8 and at least 16 (GroupNorm with 8 groups needs "
                           f"2 or more channels per group), got {width}")
     cfg = TrainConfig(arch=arch, dataset=dataset, conditional=conditional, padding=padding, steps=steps,
-                      batch=batch, lr=lr, lr_final_factor=lr_final_factor, seed=seed,
+                      batch=batch, lr=lr, lr_final_factor=lr_final_factor, ema_decay=ema_decay, seed=seed,
                       fsizes=_int_list(fsizes, "--fsizes"), emb_dim=emb_dim, width=width, layers=layers)
     images, labels = load_dataset(dataset, root=data_root)
     out = out or checkpoints_dir() / default_name(cfg)

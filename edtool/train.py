@@ -39,6 +39,7 @@ class TrainConfig:
     width: int = 64  # ResNet width (= its embedding size)
     layers: int = 4  # ResNet residual layers
     lastksize: int = 1
+    ema_decay: float = 0.999  # weights shipped = exponential moving average (0 = the raw weights)
 
 
 def arch_kwargs(cfg: TrainConfig, channels: int, num_classes: Optional[int]) -> dict:
@@ -79,6 +80,7 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pat
     gamma = cfg.lr_final_factor ** (1.0 / max(cfg.steps, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
     gen = torch.Generator().manual_seed(cfg.seed)
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     step, losses, elapsed = 0, [], 0.0
 
     state_file = _state_path(work_dir)
@@ -90,12 +92,13 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pat
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
+        ema = state["ema"]
         step, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
 
     def save_state():
         tmp = state_file.with_suffix(".tmp")
         torch.save({"config": asdict(cfg), "model": net.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "generator": gen.get_state(), "step": step,
+                    "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema": ema, "step": step,
                     "losses": losses, "elapsed": elapsed}, tmp)
         tmp.replace(state_file)
 
@@ -112,6 +115,7 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pat
         opt.step()
         sched.step()
         step += 1
+        update_ema(ema, net, ema_decay(cfg.ema_decay, step))
         losses.append(loss.item())
         elapsed = time.time() - t0
         if log is not None:
@@ -122,18 +126,58 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pat
             return None
 
     final_loss = float(torch.tensor(losses[-100:]).mean())
+    held_out = {"raw": eval_loss(net, images, labels, cfg)}
+    if cfg.ema_decay > 0:
+        net.load_state_dict(ema)
+        held_out["ema"] = eval_loss(net, images, labels, cfg)
     manifest = {
         "arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg, images.shape[1], num_classes),
         "dataset": cfg.dataset, "image_shape": list(images.shape[1:]), "conditional": cfg.conditional,
         "num_classes": num_classes, "padding": cfg.padding,
         "training": {**asdict(cfg), "recipe": "t=randint(0,1000)/1000, mse(eps_hat, eps), AdamW, ExponentialLR",
                      "command": command, "wall_time_s": round(elapsed, 1)},
-        "final_loss": final_loss,
+        "final_loss": final_loss,  # raw weights, mean training loss of the last 100 steps
+        "eval_loss": held_out,  # fixed noise draws over 2048 training images: raw vs shipped (EMA) weights
+        "weights": "ema" if cfg.ema_decay > 0 else "raw",
     }
     path = checkpoints.save(out, net, manifest)
     write_training_figures(Network(net, manifest), losses, path, seed=cfg.seed,
                            labels=labels if cfg.conditional else None)
     return path
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay with a warm-up (early steps forget the random initial weights quickly)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: dict, net: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for every floating tensor of the state dict."""
+    for k, v in net.state_dict().items():
+        if v.dtype.is_floating_point:
+            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+@torch.no_grad()
+def eval_loss(net: torch.nn.Module, images, labels, cfg: TrainConfig, n: int = 2048, seed: int = 12345) -> float:
+    """The training loss on fixed draws (same images, times and noise for every call): compares weights."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, images.shape[0], (n,), generator=gen)
+    t = torch.randint(0, 1000, (n,), generator=gen).float() / 1000
+    eps = torch.randn((n, *images.shape[1:]), generator=gen)
+    was_training = net.training
+    net.eval()
+    total = 0.0
+    for i in range(0, n, 256):
+        sl = slice(i, i + 256)
+        y = labels[idx[sl]] if cfg.conditional else None
+        total += float(F.mse_loss(net(add_noise(images[idx[sl]], t[sl], eps[sl]), t[sl], y), eps[sl],
+                                  reduction="sum"))
+    net.train(was_training)
+    return total / eps.numel()
 
 
 def write_training_figures(network: Network, losses, path: Path, seed: int = 0, labels=None, n: int = 64,

@@ -17,7 +17,8 @@ def _tiny_data(n=24):
 
 
 def _cfg(**kw):
-    return TrainConfig(arch="unet", dataset="tiny", steps=6, batch=4, fsizes=[8, 16], emb_dim=16, **kw)
+    return TrainConfig(**{"arch": "unet", "dataset": "tiny", "steps": 6, "batch": 4, "fsizes": [8, 16],
+                          "emb_dim": 16, **kw})
 
 
 def test_resumed_training_ends_with_the_same_weights(tmp_path):
@@ -54,3 +55,25 @@ def test_train_command_on_mnist5k(tmp_path, monkeypatch):
     assert checkpoints.discover("mnist5k", "resnet", tmp_path).name == "mnist5k_resnet.safetensors"
     bad = CliRunner().invoke(app, ["train", "--arch", "resnet", "--width", "12"])
     assert bad.exit_code != 0
+
+
+def test_shipped_weights_are_the_moving_average(tmp_path):
+    """One step: EMA = d * initial + (1 - d) * trained, with the warm-up decay d = min(decay, 2/11)."""
+    from edtool.models import build_network
+    from edtool.train import arch_kwargs, ema_decay
+
+    images, labels = _tiny_data()
+    cfg_raw, cfg_ema = _cfg(steps=1, ema_decay=0.0), _cfg(steps=1, ema_decay=0.999)
+    raw = load_file(str(train(cfg_raw, images, labels, tmp_path / "raw", tmp_path / "wr")))
+    ema = load_file(str(train(cfg_ema, images, labels, tmp_path / "ema", tmp_path / "we")))
+    torch.manual_seed(0)
+    init = build_network("unet", **arch_kwargs(cfg_raw, 1, None)).state_dict()
+    d = ema_decay(0.999, 1)
+    assert abs(d - 2 / 11) < 1e-12
+    changed = 0
+    for k in raw:
+        assert torch.allclose(ema[k], d * init[k] + (1 - d) * raw[k], atol=1e-6), k
+        changed += int(not torch.equal(raw[k], init[k]))
+    assert changed > 0  # the step moved the weights, so the check above compares different tensors
+    manifest = json.loads((tmp_path / "ema.json").read_text())
+    assert manifest["weights"] == "ema" and set(manifest["eval_loss"]) == {"raw", "ema"}
