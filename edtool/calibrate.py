@@ -6,7 +6,9 @@ similarity, or relative L2 distance). The best k per step, median over seeds, is
 schedule; entry i is for t = (i + 1) / N, the order `read_scales` and the machines use.
 
 `sample` runs the network and each machine from the same initial noises to t = 0 and measures
-their agreement as r^2, the squared Pearson correlation of the two final images (SPEC 5.4).
+their agreement (SPEC 5.4): r, the Pearson correlation of the two final images (what the paper
+reports and calls "r^2"), and r2 = r^2, with medians, interquartile ranges and the fraction of
+seeds on which each machine beats the ideal score machine `is`.
 
     net = checkpoints.load("checkpoints/mnist5k_resnet.safetensors")
     res = calibrate(net, images, labels, sizes=(3, 5, 7, 9), seeds=[0, 1, 2, 3])
@@ -42,19 +44,58 @@ def scales_path(checkpoint, machine: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}_scales_{machine}.json")
 
 
-def r2(a, b) -> float:
-    """Squared Pearson correlation of two images (each flattened and mean-subtracted); NaN with a
-    warning when either is constant."""
+def pearson_r(a, b) -> float:
+    """Pearson correlation r of two images (each flattened and mean-subtracted): the cosine of the
+    two centred images, what the paper's evaluation script computes (SPEC 5.4). NaN with a warning
+    when either is constant."""
     a = np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64).ravel()
     b = np.asarray(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=np.float64).ravel()
     if a.shape != b.shape:
-        raise ValueError(f"r2: images differ in size ({a.size} vs {b.size})")
+        raise ValueError(f"pearson_r: images differ in size ({a.size} vs {b.size})")
     a, b = a - a.mean(), b - b.mean()
     den = float((a @ a) * (b @ b))
     if not den > 0:
-        warnings.warn("r2 of a constant image is undefined; NaN")
+        warnings.warn("the correlation with a constant image is undefined; NaN")
         return float("nan")
-    return float((a @ b) ** 2 / den)
+    return float(np.clip((a @ b) / math.sqrt(den), -1.0, 1.0))
+
+
+def r2(a, b) -> float:
+    """r^2, the squared Pearson correlation of two images (the coefficient of determination); NaN
+    with a warning when either is constant."""
+    return pearson_r(a, b) ** 2
+
+
+AGREEMENT_DEFINITIONS = {
+    "r": "Pearson correlation of the machine's and the network's final images, each flattened and mean-subtracted "
+         "(the cosine of the centred images). The paper's evaluation script computes this number and its figures and "
+         "abstract call it r^2: its median 0.94 for the best MNIST pairing is a value of r.",
+    "r2": "r squared, the usual coefficient of determination (0.94 as r is 0.88 as r2)",
+    "median_r, median_r2": "medians over the seeds with a finite value",
+    "iqr_r, iqr_r2": "interquartile range over the same seeds: [25th, 75th percentile]",
+    "beats_is": "seeds on which the machine's r is larger than the ideal score machine's (is) r for the same seed: "
+                "wins, seeds compared, fraction = wins / seeds (by_r2: the same with r2, which differs only where r < 0)",
+}
+
+
+def agreement_stats(r_values: Sequence[float], baseline_r: Optional[Sequence[float]] = None) -> dict:
+    """Median and interquartile range of per-seed r and r2 = r^2 (NaN seeds left out), and, given the
+    baseline machine's r for the same seeds, on how many the machine beats it (SPEC 5.4)."""
+    r = np.asarray(r_values, dtype=np.float64)
+    out = {}
+    for name, v in (("r", r), ("r2", r ** 2)):
+        v = v[np.isfinite(v)]
+        q25, q50, q75 = np.percentile(v, [25, 50, 75]) if v.size else (math.nan,) * 3
+        out[f"median_{name}"], out[f"iqr_{name}"] = float(q50), [float(q25), float(q75)]
+    out["n_seeds"] = int(np.isfinite(r).sum())
+    if baseline_r is not None:
+        b = np.asarray(baseline_r, dtype=np.float64)
+        both = np.isfinite(r) & np.isfinite(b)
+        n = int(both.sum())
+        wins, wins2 = int((r[both] > b[both]).sum()), int((r[both] ** 2 > b[both] ** 2).sum())
+        out["beats_is"] = {"wins": wins, "seeds": n, "fraction": wins / n if n else math.nan,
+                           "by_r2": {"wins": wins2, "fraction": wins2 / n if n else math.nan}}
+    return out
 
 
 def similarity(reference: Tensor, other: Tensor, metric: str) -> Tensor:
@@ -311,13 +352,16 @@ def sample(
     device=None,
     scales_source=None,
     log: Optional[Callable[[str], None]] = None,
+    baseline: bool = True,
 ) -> dict:
-    """Machine and network samples from the same seeds, their r^2, files under out_dir.
+    """Machine and network samples from the same seeds, their agreement r and r2 (SPEC 5.4), files under out_dir.
 
     Writes seeds/, network_outputs/, one <machine>_outputs/ per machine (els_outputs for
     els-borders), labels/ (conditional), r2_summary.json and samples_grid.png (rows: network, then
     each machine). Machines other than `is` use `scales` (one schedule for all, or a dict per
-    machine; entry i for t = (i + 1) / N), else the fixed `patch_size`. Returns the summary that r2_summary.json holds.
+    machine; entry i for t = (i + 1) / N), else the fixed `patch_size`. With `baseline`, the ideal
+    score machine `is` is sampled too when not asked for, so that every machine's `beats_is` (the
+    paper's comparison) is reported. Returns the summary that r2_summary.json holds.
     """
     from edtool.imageio import save_grid
     from edtool.machines import _check_patch_size, make_machine
@@ -336,6 +380,9 @@ def sample(
         kinds.append(kind)
     if not kinds:
         raise EdtoolError("give at least one machine (e.g. els-borders,is)")
+    added_baseline = baseline and "is" not in kinds
+    if added_baseline:
+        kinds.append("is")
     per_machine = {k: _machine_scales(scales, k) for k in kinds}
     sources = {k: scales_source.get(k) if isinstance(scales_source, dict) else scales_source for k in kinds}
     try:
@@ -367,7 +414,10 @@ def sample(
         "n_images": len(images),
         "machines": {},
         "notes": [],
+        "definitions": AGREEMENT_DEFINITIONS,
     }
+    if added_baseline:
+        summary["notes"].append("is: sampled as the baseline of beats_is (SPEC 5.4); not among the machines asked for")
     rows = [net_final.cpu()]
     for kind in kinds:
         t1 = time.perf_counter()
@@ -386,19 +436,43 @@ def sample(
             final = machine_sample(m, x0, nsteps, lab, batch)
         folder = output_dir_name(kind)
         _save_each(out / folder, seeds, final)
-        values = [r2(a, b) for a, b in zip(final, net_final)]
-        finite = [v for v in values if math.isfinite(v)]
+        values = [pearson_r(a, b) for a, b in zip(final, net_final)]
         summary["machines"][kind] = {
-            "dir": folder, **info,
-            "r2": {str(s): v for s, v in zip(seeds, values)},
-            "median_r2": float(np.median(finite)) if finite else float("nan"),
+            "dir": folder, **info, **({"baseline": True} if kind == "is" and added_baseline else {}),
+            "r": {str(s): v for s, v in zip(seeds, values)},
+            "r2": {str(s): v ** 2 for s, v in zip(seeds, values)},
+            **agreement_stats(values),
             "seconds": time.perf_counter() - t1,
         }
         rows.append(final.cpu())
-        log(f"{kind}: median r^2 {summary['machines'][kind]['median_r2']:.4f} over {len(finite)} seeds "
+        log(f"{kind}: median r {summary['machines'][kind]['median_r']:.4f}, r^2 "
+            f"{summary['machines'][kind]['median_r2']:.4f} over {summary['machines'][kind]['n_seeds']} seeds "
             f"({time.perf_counter() - t1:.1f}s)")
+    if "is" in summary["machines"]:
+        ideal = list(summary["machines"]["is"]["r"].values())
+        for kind, res in summary["machines"].items():
+            if kind != "is":
+                res["beats_is"] = agreement_stats(list(res["r"].values()), ideal)["beats_is"]
 
     ncol = min(len(seeds), 10)
     save_grid(torch.cat([r[:ncol] for r in rows]), out / "samples_grid.png", nrow=ncol)
     (out / "r2_summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
     return summary
+
+
+def agreement_report(summary: dict) -> str:
+    """The lines `sample` prints: per machine the median r (the number the paper calls r^2) with its IQR,
+    r2 = r^2, and the seeds on which it beats is."""
+    lines = [f"agreement with {summary['network']} over {len(summary['seeds'])} seeds: r = Pearson correlation of the "
+             "final images, the number the paper calls r^2 (its best MNIST pairing: median 0.94); r2 = r squared"]
+    for kind, res in summary["machines"].items():
+        lo, hi = res["iqr_r"]
+        line = (f"  {kind:<13} median r {res['median_r']:.3f} (IQR {lo:.3f}-{hi:.3f})   "
+                f"median r2 {res['median_r2']:.3f}")
+        if "beats_is" in res:
+            b = res["beats_is"]
+            line += f"   beats is on {b['wins']}/{b['seeds']} seeds"
+        if res.get("baseline"):
+            line += "   (baseline)"
+        lines.append(line)
+    return "\n".join(lines)

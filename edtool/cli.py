@@ -208,10 +208,14 @@ def sample(
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
     batch: Optional[int] = typer.Option(None, help="Seeds sampled together (default: all)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="Also sample the ideal score machine (is) when not asked for, to report on how "
+                                       "many seeds each machine beats it (the paper's comparison)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
-    """Sample ELS/LS/IS machines and the network from the same seeds; r^2 of each machine vs the network (SPEC 5.4)."""
-    from edtool.calibrate import _machine_kind, sample as run_sample, scales_path
+    """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
+    network (SPEC 5.4)."""
+    from edtool.calibrate import _machine_kind, agreement_report, sample as run_sample, scales_path
     from edtool.paper_import import read_scales
 
     names = _models(machine)
@@ -229,10 +233,11 @@ def sample(
                   f"{patch_size} (run `edtool calibrate` or pass --scales)")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     summary = run_sample(names, net, images, labels, _seed_list(seeds, seed), nsteps=nsteps, scales=schedule,
-                         out_dir=out, label=label, patch_size=patch_size, batch=batch, scales_source=sources, log=log)
-    for kind, res in summary["machines"].items():
-        print(f"{kind:<14} vs {summary['network']}: median r^2 {res['median_r2']:.4f} over {len(summary['seeds'])} seeds")
+                         out_dir=out, label=label, patch_size=patch_size, batch=batch, scales_source=sources, log=log,
+                         baseline=baseline)
+    print(agreement_report(summary))
     print(f"wrote {out}/ (r2_summary.json, samples_grid.png)")
+
 
 
 # ------------------------------------------------------------------ the pipeline commands

@@ -12,8 +12,10 @@ import torch
 
 from edtool import checkpoints
 from edtool.calibrate import (
+    agreement_stats,
     calibrate,
     median_size,
+    pearson_r,
     r2,
     sample,
     scales_path,
@@ -48,15 +50,39 @@ class MachineNetwork:
 # ------------------------------------------------------------------ pure helpers
 
 
-def test_r2_is_numpys_squared_pearson():
+def test_r_is_numpys_pearson_and_r2_its_square():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(1, 8, 8))
     b = 0.6 * a + rng.normal(size=(1, 8, 8))
+    assert pearson_r(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], rel=1e-12)
+    assert pearson_r(a, -b) == pytest.approx(np.corrcoef(a.ravel(), -b.ravel())[0, 1], rel=1e-12)  # sign kept
     assert r2(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1] ** 2, rel=1e-12)
+    assert pearson_r(torch.tensor(a), torch.tensor(-3 * a + 2)) == pytest.approx(-1, abs=1e-12)
     assert r2(torch.tensor(a), torch.tensor(-3 * a + 2)) == pytest.approx(1, abs=1e-12)  # affine-invariant
     assert r2(a, rng.normal(size=(1, 8, 8))) < 0.2
     with pytest.warns(UserWarning, match="constant"):
         assert math.isnan(r2(a, np.ones_like(a)))
+
+
+def test_agreement_stats_median_iqr_and_wins_against_numpy():
+    rng = np.random.default_rng(1)
+    r = rng.uniform(-0.3, 1, size=11)
+    base = rng.uniform(-0.3, 1, size=11)
+    r[3], base[5] = np.nan, np.nan  # a failed seed on either side is left out of the comparison
+    got = agreement_stats(r, base)
+    ok = r[np.isfinite(r)]
+    assert got["median_r"] == pytest.approx(np.median(ok)) and got["n_seeds"] == 10
+    assert got["median_r2"] == pytest.approx(np.median(ok ** 2))
+    assert got["iqr_r"] == pytest.approx([np.quantile(ok, 0.25), np.quantile(ok, 0.75)])
+    assert got["iqr_r2"] == pytest.approx([np.quantile(ok ** 2, 0.25), np.quantile(ok ** 2, 0.75)])
+    wins = sum(1 for a, b in zip(r, base) if a == a and b == b and a > b)
+    wins2 = sum(1 for a, b in zip(r, base) if a == a and b == b and a * a > b * b)
+    assert got["beats_is"]["wins"] == wins and got["beats_is"]["seeds"] == 9
+    assert got["beats_is"]["fraction"] == pytest.approx(wins / 9)
+    assert got["beats_is"]["by_r2"]["wins"] == wins2
+    assert "beats_is" not in agreement_stats(r)
+    empty = agreement_stats([math.nan, math.nan])
+    assert math.isnan(empty["median_r"]) and empty["n_seeds"] == 0
 
 
 def test_median_size_rounds_to_a_candidate():
@@ -133,10 +159,25 @@ def test_sample_writes_the_layout_and_a_machine_agrees_with_itself(tmp_path):
     els = summary["machines"]["els-borders"]
     assert els["dir"] == "els_outputs" and els["scales"] == schedule
     assert all(v > 1 - 1e-6 for v in els["r2"].values()) and els["median_r2"] > 1 - 1e-6
+    assert els["median_r"] > 1 - 1e-6
     ideal = summary["machines"]["is"]
     assert ideal["median_r2"] == pytest.approx(np.median(list(ideal["r2"].values())))
-    a, b = np.load(out / "is_outputs" / "seed_0.npy"), np.load(out / "network_outputs" / "seed_0.npy")
-    assert ideal["r2"]["0"] == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1] ** 2, rel=1e-9)
+    # r, r2 and beats_is from the saved images, with numpy alone
+    net_r = {}
+    for folder, name in (("is_outputs", "is"), ("els_outputs", "els-borders")):
+        rs = []
+        for s in (0, 1, 2):
+            a, b = np.load(out / folder / f"seed_{s}.npy"), np.load(out / "network_outputs" / f"seed_{s}.npy")
+            rs.append(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+            assert on_disk["machines"][name]["r"][str(s)] == pytest.approx(rs[-1], rel=1e-9)
+            assert on_disk["machines"][name]["r2"][str(s)] == pytest.approx(rs[-1] ** 2, rel=1e-9)
+        net_r[name] = rs
+        assert on_disk["machines"][name]["median_r"] == pytest.approx(np.median(rs), rel=1e-9)
+        assert on_disk["machines"][name]["iqr_r"] == pytest.approx(np.percentile(rs, [25, 75]), rel=1e-9)
+    wins = sum(e > i for e, i in zip(net_r["els-borders"], net_r["is"]))
+    assert els["beats_is"] == {"wins": wins, "seeds": 3, "fraction": wins / 3, "by_r2": els["beats_is"]["by_r2"]}
+    assert wins == 3  # the machine is the network; is is not
+    assert "beats_is" not in ideal and "baseline" not in ideal and "0.94" in on_disk["definitions"]["r"]
 
 
 def test_conditional_sample_writes_labels_and_uses_them(tmp_path):
@@ -147,6 +188,12 @@ def test_conditional_sample_writes_labels_and_uses_them(tmp_path):
     assert summary["labels"] == [2, 2] and int(np.load(tmp_path / "labels" / "seed_6.npy")) == 2
     assert summary["machines"]["els-borders"]["patch_size"] == 3 and summary["notes"]
     assert summary["machines"]["els-borders"]["median_r2"] > 1 - 1e-6
+    # is was not asked for: sampled as the baseline of beats_is, said so; --no-baseline leaves it out
+    assert summary["machines"]["is"]["baseline"] is True and (tmp_path / "is_outputs" / "seed_6.npy").exists()
+    assert summary["machines"]["els-borders"]["beats_is"]["seeds"] == 2 and any("baseline" in n for n in summary["notes"])
+    alone = sample(["els-borders"], net, images, labels, seeds=[5], nsteps=3, out_dir=tmp_path / "alone", label=2,
+                   patch_size=3, baseline=False)
+    assert list(alone["machines"]) == ["els-borders"] and "beats_is" not in alone["machines"]["els-borders"]
     with pytest.raises(EdtoolError, match="label 7"):
         sample(["els-borders"], net, images, labels, seeds=[5], nsteps=3, out_dir=tmp_path, label=7)
     with pytest.raises(EdtoolError, match="twice"):
@@ -179,7 +226,11 @@ def test_calibrate_and_sample_commands(tmp_path, monkeypatch, capsys):
     summary = json.loads((tmp_path / "out" / "r2_summary.json").read_text())
     assert summary["machines"]["els-borders"]["scales_file"] == str(found)
     assert summary["machines"]["els-borders"]["scales"] == schedule
-    assert "median r^2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # the summary says which number is the paper's (its "r^2" 0.94 is our r) and how often the machine beats is
+    assert "the number the paper calls r^2" in printed and "0.94" in printed
+    r = summary["machines"]["els-borders"]["median_r"]
+    assert f"els-borders   median r {r:.3f}" in printed and "beats is on" in printed
 
     for bad in (["calibrate", "--checkpoint", ckpt, "--sizes", 4], ["calibrate", "--checkpoint", ckpt, "--metric", "x"],
                 ["calibrate", "--checkpoint", tmp_path / "missing.safetensors"],
