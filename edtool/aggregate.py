@@ -7,6 +7,12 @@ Standard deviations are sample ones (ddof = 1): NaN from fewer than two values.
 Names: `aggregate/<quantity>_<stat>` is (model, step), the statistic over realizations at
 each step; `aggregate/<quantity>_<stat>_timeavg` is (model,), the statistic over
 realizations of each realization's mean over its steps.
+
+QCSBM's NAsym = ||J - J^T||_F^2 / (4 ||J||_F^2) = asym^2 (SPEC 13) is averaged two ways, over the
+(realization, step) values where ed_fro, jac_fro and asym are all finite: `nasym_mean` (their
+mean of per-sample ratios, what their Table 2 reports) and `nasym_ratio_of_means` (mean
+||J - J^T||_F^2 / (4 mean ||J||_F^2), less biased); (model, step) per step and `..._overall`
+(model,) over all steps.
 """
 
 import datetime
@@ -31,6 +37,11 @@ DEFINITIONS = {
     "num_realizations": "completed realizations of this model (done cells)",
     "num_failed": "completed realizations with at least one non-finite ed_fro step (those steps are excluded)",
     "mean_asym": "mean of asym = ||J - J^T||_F / (2 ||J||_F) over all finite (realization, step) values",
+    "nasym_mean_of_ratios": "QCSBM's NAsym (Chao et al. 2023, Table 2): mean over (realization, step) of "
+                            "asym^2 = ||J - J^T||_F^2 / (4 ||J||_F^2), over the values where ed_fro, jac_fro and "
+                            "asym are finite; compare it with their table only for --points noised-data",
+    "nasym_ratio_of_means": "mean ||J - J^T||_F^2 / (4 mean ||J||_F^2) over the same values: the ratio of the "
+                            "averages, less biased than the mean of ratios",
     "per_step": "statistics over realizations at each step; time runs from 1 (noise) to 1/nsteps",
 }
 
@@ -63,7 +74,8 @@ def compute_aggregate(run: RunStore, block: int = BLOCK) -> tuple:
     """
     done = run.done_mask()
     moments, failed = _stream_moments(run, done, block)
-    arrays = {}
+    arrays = nasym_from_sums(moments["nasym"]["step"])
+    arrays.update({f"{k}_overall": v for k, v in nasym_from_sums(moments["nasym"]["all"]).items()})
     for q in QUANTITIES:
         arrays.update(_finish(q, "", *moments[q]["step"]))
         arrays.update(_finish(q, "_timeavg", *moments[q]["timeavg"]))
@@ -105,12 +117,14 @@ def _stream_moments(run: RunStore, done: np.ndarray, block: int):
     n_models, n = len(run.models), run.nsteps
     moments = {q: {"step": _empty_moments((n_models, n)), "all": _empty_moments(n_models),
                    "timeavg": _empty_moments(n_models), "max": np.full(n_models, -np.inf)} for q in QUANTITIES}
+    moments["nasym"] = {"step": np.zeros((4, n_models, n)), "all": np.zeros((4, n_models))}
     failed = np.zeros(n_models, dtype=np.int64)
     for r0 in range(0, run.n_realizations, block):
         rows = slice(r0, min(r0 + block, run.n_realizations))
         cell_done = done[rows]  # (B, M)
+        values = {}
         for q in QUANTITIES:
-            x = run.read(q, realizations=rows).astype(np.float64)  # (B, M, N)
+            x = values[q] = run.read(q, realizations=rows).astype(np.float64)  # (B, M, N)
             valid = cell_done[:, :, None] & np.isfinite(x)
             acc = moments[q]
             _merge(acc["step"], x, valid, axis=0)
@@ -121,7 +135,27 @@ def _stream_moments(run: RunStore, done: np.ndarray, block: int):
             acc["max"] = np.fmax(acc["max"], np.where(valid, x, -np.inf).max(axis=(0, 2), initial=-np.inf))
             if q == "ed_fro":
                 failed += (cell_done & ~np.isfinite(x).all(axis=2)).sum(axis=0)
+        sums = nasym_sums(values["ed_fro"], values["jac_fro"], values["asym"], cell_done[:, :, None], axis=0)
+        moments["nasym"]["step"] += sums
+        moments["nasym"]["all"] += sums.sum(axis=-1)
     return moments, failed
+
+
+def nasym_sums(ed_fro, jac_fro, asym, valid, axis) -> np.ndarray:
+    """Stacked (count, sum asym^2, sum ed_fro^2, sum jac_fro^2) along `axis` over the entries that are
+    `valid` and where all three quantities are finite: what nasym_from_sums turns into NAsym."""
+    ok = valid & np.isfinite(ed_fro) & np.isfinite(jac_fro) & np.isfinite(asym)
+    squares = [(np.where(ok, v, 0.0) ** 2).sum(axis=axis) for v in (asym, ed_fro, jac_fro)]
+    return np.stack([ok.sum(axis=axis), *squares]).astype(np.float64)
+
+
+def nasym_from_sums(sums: np.ndarray) -> dict:
+    """QCSBM's NAsym both ways from nasym_sums: `nasym_mean` = mean asym^2 (their mean of per-sample
+    ratios) and `nasym_ratio_of_means` = sum ||J - J^T||_F^2 / (4 sum ||J||_F^2); NaN without values."""
+    n, asym2, ed2, jac2 = sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"nasym_mean": np.where(n > 0, asym2 / np.maximum(n, 1), np.nan),
+                "nasym_ratio_of_means": np.where((n > 0) & (jac2 > 0), ed2 / (4 * jac2), np.nan)}
 
 
 def _finish(q: str, suffix: str, n, mean, m2) -> dict:
@@ -165,13 +199,19 @@ def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
         for q in ("ed_fro", "asym"):
             for stat in ("mean", "std", "median"):
                 per_step[f"{q}_{stat}"] = [_num(v) for v in arrays[f"{q}_{stat}"][m]]
+        for k in ("nasym_mean", "nasym_ratio_of_means"):
+            per_step[k] = [_num(v) for v in arrays[k][m]]
         summary[name] = {"mean_ed_magnitude": ed_mean, "std_ed_magnitude": ed_std,
                          "max_ed_magnitude": _num(ed_max) if np.isfinite(ed_max) else None,
                          "num_realizations": int(done[:, m].sum()), "num_failed": int(failed[m]),
                          "mean_asym": asym_mean, "std_asym": asym_std,
-                         "mean_jac_fro": overall("jac_fro", m)[0], "per_step": per_step}
+                         "mean_jac_fro": overall("jac_fro", m)[0],
+                         "nasym_mean_of_ratios": _num(arrays["nasym_mean_overall"][m]),
+                         "nasym_ratio_of_means": _num(arrays["nasym_ratio_of_means_overall"][m]),
+                         "per_step": per_step}
     summary.update({"models": run.models, "estimator": run.config.get("estimator"),
                     "probes": run.config.get("probes"), "nsteps": run.nsteps,
+                    "points": run.config.get("points", {"source": "trajectory"}),
                     "realizations_used": int(done.any(axis=1).sum()), "realizations_total": run.n_realizations,
                     "cells_done": int(done.sum()), "run": str(run.location), "edtool_version": __version__,
                     "definitions": DEFINITIONS})

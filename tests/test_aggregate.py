@@ -112,6 +112,36 @@ def test_summary_stats(tmp_path):
     assert summary["realizations_used"] == done.any(axis=1).sum()
 
 
+@pytest.mark.parametrize("block", [1, 4])
+def test_nasym_both_averages_from_the_stored_ed_and_jac(tmp_path, block):
+    """QCSBM's NAsym = ||J - J^T||^2 / (4 ||J||^2): the mean of per-sample ratios and the ratio of the
+    averages, per step and overall, recomputed with numpy from the stored ed_fro and jac_fro alone."""
+    run = random_run(tmp_path / "r")
+    arrays, _ = compute_aggregate(run, block=block)
+    summary = aggregate_run(tmp_path / "r", block=block)
+    done = run.done_mask()[:, :, None]
+    ed, jac = run.read("ed_fro").astype(np.float64), run.read("jac_fro").astype(np.float64)
+    ok = done & np.isfinite(ed) & np.isfinite(jac)
+    e2, j2 = np.where(ok, ed ** 2, 0), np.where(ok, jac ** 2, 0)
+    ratio = np.where(ok, e2 / (4 * np.where(ok, j2, 1)), 0)
+    n = ok.sum(axis=0)
+    np.testing.assert_allclose(arrays["nasym_mean"], ratio.sum(0) / n, rtol=1e-5)  # asym is float32
+    np.testing.assert_allclose(arrays["nasym_ratio_of_means"], e2.sum(0) / (4 * j2.sum(0)), rtol=1e-12)
+    overall = ratio.sum((0, 2)) / n.sum(1)
+    np.testing.assert_allclose(arrays["nasym_mean_overall"], overall, rtol=1e-5)
+    np.testing.assert_allclose(arrays["nasym_ratio_of_means_overall"], e2.sum((0, 2)) / (4 * j2.sum((0, 2))),
+                               rtol=1e-12)
+    assert not np.allclose(arrays["nasym_mean_overall"], arrays["nasym_ratio_of_means_overall"])  # two numbers
+    for m, name in enumerate(MODELS):
+        assert summary[name]["nasym_mean_of_ratios"] == pytest.approx(overall[m], rel=1e-5)
+        assert summary[name]["per_step"]["nasym_ratio_of_means"] == pytest.approx(
+            list(e2.sum(0)[m] / (4 * j2.sum(0)[m])), rel=1e-9)
+    assert "QCSBM" in summary["definitions"]["nasym_mean_of_ratios"] and summary["points"]["source"] == "trajectory"
+    stored = open_run(tmp_path / "r").group["aggregate"]
+    np.testing.assert_allclose(stored["nasym_ratio_of_means"][:], arrays["nasym_ratio_of_means"], rtol=1e-6)
+    assert stored["nasym_mean_overall"].metadata.dimension_names == ("model",)
+
+
 def test_model_without_finished_cells_and_single_realization(tmp_path):
     run = create_run(tmp_path / "r", {}, ["unet", "els"], [5, 6], [-1, -1], 3, (1, 2, 2), maps=False)
     run.write_cell(1, "unet", [3.0, 2.0, 1.0], [6.0, 4.0, 2.0], [0.25] * 3, [0.0] * 3, np.zeros((1, 2, 2)))
