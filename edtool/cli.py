@@ -538,11 +538,32 @@ def status(
             print(f"  {s['location']}: {line}")
 
 
+def _usage_error_types() -> tuple:
+    """What Typer raises for a bad command line: its own exception base (Typer >= 0.2x vendors a copy of
+    click), and click's where an older Typer still runs on click. click itself is not a dependency."""
+    types = tuple(t for t in (getattr(typer, "TyperException", None),) if t is not None)
+    try:
+        import click
+    except ImportError:
+        return types
+    return types + (click.ClickException,)
+
+
+def _usage_line(e: Exception) -> str:
+    """One line for a usage error: what is wrong, and where the help is."""
+    text = " ".join(e.format_message().split()) if hasattr(e, "format_message") else str(e)
+    ctx = getattr(e, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "edtool"
+    return f"edtool: error: {text} (see '{path} --help')"
+
+
 def main():
-    """Console entry point: run the app, turning EdtoolError into one line and exit code 2."""
+    """Console entry point. Every way a command line can be wrong ends here: help or one line on
+    stderr and exit code 2, never a traceback (unless --debug); EdtoolError (bad input found by a
+    command) likewise."""
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="edtool")  # an Exit (e.g. --help, typer.Exit(n)) comes back as its code
     except EdtoolError as e:
         if debug:
             raise
@@ -551,19 +572,26 @@ def main():
     except KeyboardInterrupt:
         print("edtool: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            print("edtool: aborted", file=sys.stderr)
-            sys.exit(130)
+    except typer.Abort:
+        print("edtool: aborted", file=sys.stderr)
+        sys.exit(130)
+    except _usage_error_types() as e:
+        if debug:
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `edtool` alone: the help (printed by rich already, or here)
+            text = e.format_message()
+            if text.strip():
+                print(text, file=sys.stderr)
+        else:
+            print(_usage_line(e), file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
         if debug:
             raise
         print(f"edtool: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
               "and please report it)", file=sys.stderr)
         sys.exit(1)
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        if code == 130:
+            print("edtool: interrupted", file=sys.stderr)
+        sys.exit(code)
