@@ -12,7 +12,7 @@ seeds on which each machine beats the ideal score machine `is`.
 
     net = checkpoints.load("checkpoints/mnist5k_resnet.safetensors")
     res = calibrate(net, images, labels, sizes=(3, 5, 7, 9), seeds=[0, 1, 2, 3])
-    write_scales_json(scales_path(ckpt, "els-borders"), res["scales"], **calibration_meta(res))
+    write_scales_json(scales_path(ckpt, "els-borders"), res["scales"], **calibration_meta(res))  # edtool.scales
     sample(["els-borders", "is"], net, images, labels, seeds=range(20), scales=res["scales"], out_dir="out")
 """
 
@@ -29,19 +29,13 @@ from torch import Tensor
 
 from edtool.diffusion import ddim_sample, eps_to_score, initial_noise
 from edtool.errors import EdtoolError
+from edtool.scales import build_machine, check_patch_size, check_schedule, fallback_note
 
 METRICS = ("cosine", "l2")
 DEFAULT_SIZES = (3, 5, 7, 9, 11, 13, 15)
 
 
 # ------------------------------------------------------------------ small pure helpers
-
-
-def scales_path(checkpoint, machine: str) -> Path:
-    """Where a calibration for `checkpoint` lives: `<stem>_scales_<machine>.json` beside it (what
-    the pipeline looks for)."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(f"{checkpoint.stem}_scales_{machine}.json")
 
 
 def pearson_r(a, b) -> float:
@@ -125,10 +119,7 @@ def check_sizes(sizes) -> list:
     sizes = list(sizes)
     if not sizes:
         raise EdtoolError("give at least one candidate patch size (e.g. --sizes 3 5 7)")
-    bad = [k for k in sizes if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0]
-    if bad:
-        raise EdtoolError(f"patch sizes must be odd integers >= 1 (3, 5, 7, ...), got {bad[0]!r}")
-    return sorted(set(sizes))
+    return sorted({check_patch_size(k, "candidate size") for k in sizes})
 
 
 def check_seeds(seeds) -> list:
@@ -167,7 +158,7 @@ def _batches(n: int, batch: Optional[int]):
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _machine_kind(machine: str, network) -> str:
+def machine_kind(machine: str, network) -> str:
     """The machine's full name next to this network (`els` follows the network's padding)."""
     from edtool.machines import resolve_machine_name
 
@@ -236,7 +227,7 @@ def calibrate(
         raise EdtoolError(f"nsteps must be a positive integer, got {nsteps!r}")
     _check_images(images, labels)
     sizes, seeds = check_sizes(sizes), check_seeds(seeds)
-    kind = _machine_kind(machine, network)
+    kind = machine_kind(machine, network)
     if kind == "is":
         raise EdtoolError("the 'is' machine has no patch size to calibrate; choose els-borders, els-circular or ls")
     device = torch.device(device) if device is not None else images.device
@@ -331,10 +322,7 @@ def _machine_scales(scales, kind: str) -> Optional[list]:
         scales = scales.get(kind)
     if kind == "is" or scales is None:
         return None
-    scales = list(scales)
-    if not scales or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in scales):
-        raise EdtoolError(f"scales for {kind} must be odd patch sizes, got {scales!r}")
-    return scales
+    return check_schedule(scales, f"scales for {kind}")
 
 
 def sample(
@@ -364,7 +352,6 @@ def sample(
     paper's comparison) is reported. Returns the summary that r2_summary.json holds.
     """
     from edtool.imageio import save_grid
-    from edtool.machines import _check_patch_size, make_machine
 
     if out_dir is None:
         raise EdtoolError("sample needs an output folder")
@@ -374,7 +361,7 @@ def sample(
     seeds = check_seeds(seeds)
     kinds = []
     for name in machine_names:
-        kind = _machine_kind(name, network)
+        kind = machine_kind(name, network)
         if kind in kinds:
             raise EdtoolError(f"machine {kind!r} given twice")
         kinds.append(kind)
@@ -385,10 +372,7 @@ def sample(
         kinds.append("is")
     per_machine = {k: _machine_scales(scales, k) for k in kinds}
     sources = {k: scales_source.get(k) if isinstance(scales_source, dict) else scales_source for k in kinds}
-    try:
-        _check_patch_size(patch_size, "patch_size")
-    except ValueError as e:
-        raise EdtoolError(str(e)) from None
+    check_patch_size(patch_size, "patch_size")
     device = torch.device(device) if device is not None else images.device
     out = Path(out_dir)
     log = log or (lambda msg: None)
@@ -421,17 +405,10 @@ def sample(
     rows = [net_final.cpu()]
     for kind in kinds:
         t1 = time.perf_counter()
-        if kind == "is":
-            m, info = make_machine("is", images.to(device), None if labels is None else labels.to(device)), {}
-        elif per_machine[kind] is not None:
-            m = make_machine(kind, images.to(device), None if labels is None else labels.to(device),
-                             scales=per_machine[kind])
-            info = {"scales": per_machine[kind], "scales_file": sources[kind]}
-        else:
-            m = make_machine(kind, images.to(device), None if labels is None else labels.to(device),
-                             patch_size=patch_size)
-            info = {"patch_size": patch_size}
-            summary["notes"].append(f"{kind}: no calibrated scales, fixed patch size {patch_size}")
+        m, info = build_machine(kind, images.to(device), None if labels is None else labels.to(device),
+                                scales=per_machine[kind], patch_size=patch_size, source=sources[kind])
+        if "patch_size" in info:
+            summary["notes"].append(fallback_note(kind, patch_size))
         with torch.no_grad():
             final = machine_sample(m, x0, nsteps, lab, batch)
         folder = output_dir_name(kind)

@@ -175,8 +175,8 @@ def calibrate(
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
     """Calibrate an ELS machine's patch size per step against a network (SPEC 5.2); writes a scales JSON."""
-    from edtool.calibrate import calibrate as run_calibration, calibration_meta, scales_path
-    from edtool.paper_import import write_scales_json
+    from edtool.calibrate import calibrate as run_calibration, calibration_meta
+    from edtool.scales import scales_path, write_scales_json
 
     size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
     net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, n_images, device)
@@ -215,22 +215,19 @@ def sample(
 ):
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
     network (SPEC 5.4)."""
-    from edtool.calibrate import _machine_kind, agreement_report, sample as run_sample, scales_path
-    from edtool.paper_import import read_scales
+    from edtool.calibrate import agreement_report, machine_kind, sample as run_sample
+    from edtool.scales import fallback_note, find_scales
 
     names = _models(machine)
     net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, n_images, device)
     schedule, sources = {}, {}
     for name in names:
-        kind = _machine_kind(name, net)
-        path = scales if scales is not None else scales_path(checkpoint, kind)
+        kind = machine_kind(name, net)
         if kind == "is":
             continue
-        if scales is not None or path.exists():
-            schedule[kind], sources[kind] = read_scales(path), str(path)
-        else:
-            print(f"note: no calibrated scales for {kind} ({path} does not exist); using a fixed patch size "
-                  f"{patch_size} (run `edtool calibrate` or pass --scales)")
+        schedule[kind], sources[kind] = find_scales(kind, scales, [checkpoint])
+        if schedule[kind] is None:
+            print(f"note: {fallback_note(kind, patch_size)}")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     summary = run_sample(names, net, images, labels, _seed_list(seeds, seed), nsteps=nsteps, scales=schedule,
                          out_dir=out, label=label, patch_size=patch_size, batch=batch, scales_source=sources, log=log,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edtool.diffusion import alpha_bar, beta, score_to_eps
+from edtool.scales import check_patch_size
 
 MACHINES = ("is", "ls", "els-circular", "els-borders")
 ALIASES = {"els": "els-borders"}
@@ -54,13 +55,6 @@ def resolve_machine_name(name: str, padding: str = "zeros") -> str:
     if name not in MACHINES:
         raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")
     return name
-
-
-def _check_patch_size(k, what: str) -> int:
-    """An odd positive int, or a ValueError that says so."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-        raise ValueError(f"{what} must be an odd integer >= 1 (3, 5, 7, ...), got {k!r}")
-    return k
 
 
 def scale_index(t: float, nscales: int) -> int:
@@ -666,9 +660,9 @@ def make_machine(
     elif (patch_size is None) == (scales is None):
         raise ValueError(f"machine {name!r} needs exactly one of patch_size=k or scales=[k0, k1, ...]")
     elif patch_size is not None:
-        sizes = [_check_patch_size(patch_size, "patch_size")]
+        sizes = [check_patch_size(patch_size, "patch_size")]
     else:
-        sizes = [_check_patch_size(k, f"scales[{j}]") for j, k in enumerate(scales)]
+        sizes = [check_patch_size(k, f"scales[{j}]") for j, k in enumerate(scales)]
         if not sizes:
             raise ValueError("scales must list at least one patch size")
     if name == "els-circular" and paper_circular:

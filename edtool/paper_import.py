@@ -1,4 +1,4 @@
-"""Import the paper's checkpoints and scale lists safely (SPEC 4).
+"""Import the paper's checkpoints safely (SPEC 4); its scale lists are read by `edtool.scales`.
 
 A paper checkpoint `backbone_<DATASET>_<UNet|ResNet>_<mode>[_conditional].pt` is a pickle of a
 whole `DDIM` module. Unpickling it normally would import the paper's code and could run
@@ -10,7 +10,6 @@ and no code from the file runs. The backbone's weights are then matched layer by
 `edtool.models` and written in our format (safetensors + manifest).
 """
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -281,54 +280,3 @@ def import_checkpoint(path, out=None, dataset: Optional[str] = None) -> Path:
     }
     out = Path(out) if out is not None else default_import_path(dataset, paper.arch, s["mode"], s["conditional"])
     return checkpoints.save(out, net, manifest)
-
-
-# ---- scales: per-step ELS patch sizes (SPEC 4, 5.1) ----
-
-def _validate_scales(scales, path) -> list:
-    """A non-empty list of odd positive ints, else EdtoolError naming the file."""
-    if isinstance(scales, torch.Tensor):
-        if scales.dtype.is_floating_point or scales.dtype.is_complex or scales.dtype == torch.bool or scales.dim() != 1:
-            raise EdtoolError(f"scales file {path} holds a {scales.dtype} tensor of shape {list(scales.shape)}; "
-                              "expected a 1-D list of odd integer patch sizes")
-        scales = scales.tolist()
-    if not isinstance(scales, (list, tuple)) or not scales:
-        raise EdtoolError(f"scales file {path} must hold a non-empty list of odd patch sizes, "
-                          f"got {type(scales).__name__ if scales else 'an empty list'}")
-    bad = [(j, k) for j, k in enumerate(scales) if type(k) is not int or k < 1 or k % 2 == 0]
-    if bad:
-        j, k = bad[0]
-        raise EdtoolError(f"scales file {path}: entry {j} is {k!r}; patch sizes must be odd positive integers")
-    return list(scales)
-
-
-def read_scales(path) -> list:
-    """Per-step patch sizes from a paper `scales_*.pt` (read weights-only) or our calibration JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdtoolError(f"scales file {path} does not exist")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EdtoolError(f"scales file {path} is not valid JSON ({e})") from None
-        if not isinstance(data, dict) or "scales" not in data:
-            raise EdtoolError(f"scales file {path} has no \"scales\" list (write it with write_scales_json)")
-        return _validate_scales(data["scales"], path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        raise EdtoolError(f"scales file {path} is not a plain list saved by torch.save ({lines[0]})") from None
-    return _validate_scales(data, path)
-
-
-def write_scales_json(path, scales, **meta) -> Path:
-    """Write a scale schedule as JSON {"scales": [...], **meta}, readable by read_scales."""
-    path = Path(path)
-    scales = _validate_scales([int(k) if isinstance(k, torch.Tensor) else k for k in scales], path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"scales": scales, **meta}, indent=1) + "\n")
-    tmp.replace(path)
-    return path

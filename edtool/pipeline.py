@@ -19,6 +19,7 @@ import torch
 
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
+from edtool.scales import check_patch_size
 
 NETWORKS = ("unet", "resnet")
 MACHINES = ("els", "els-borders", "els-circular", "ls", "is")
@@ -102,8 +103,7 @@ def validate(cfg: ComputeConfig) -> None:
     if cfg.overwrite and cfg.shard is not None:
         raise EdtoolError("--overwrite with --shard would delete what the other shards computed: delete the "
                           "run directory once before starting the shards, and run them without --overwrite")
-    if cfg.patch_size < 1 or cfg.patch_size % 2 == 0:
-        raise EdtoolError(f"--patch-size must be a positive odd number, got {cfg.patch_size}")
+    check_patch_size(cfg.patch_size, "--patch-size")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,29 +162,13 @@ def _network_path(cfg: ComputeConfig, arch: str) -> Path:
     return checkpoints.discover(cfg.dataset, arch)
 
 
-def _find_scales(cfg: ComputeConfig, network_paths: dict, machine: str):
-    """Scales for an ELS machine: --scales, else a calibration JSON next to a network checkpoint."""
-    from edtool.calibrate import scales_path
-    from edtool.paper_import import read_scales
-
-    if cfg.scales:
-        return read_scales(cfg.scales), str(cfg.scales)
-    for arch in ("resnet", "unet"):
-        path = network_paths.get(arch)
-        if path is None:
-            continue
-        candidate = scales_path(path, machine)
-        if candidate.exists():
-            return read_scales(candidate), str(candidate)
-    return None, None
-
-
 def prepare(cfg: ComputeConfig) -> Study:
     """Load data, networks and machines; derive seeds, labels and the config that the store records."""
     from edtool import checkpoints
     from edtool.calibrate import seed_labels
     from edtool.data import load_dataset
-    from edtool.machines import make_machine, resolve_machine_name
+    from edtool.machines import resolve_machine_name
+    from edtool.scales import build_machine, fallback_note, find_scales
 
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -219,18 +203,13 @@ def prepare(cfg: ComputeConfig) -> Study:
         if name in NETWORKS:
             continue
         kind = resolve_machine_name(name, padding)
-        if kind == "is":
-            machine, info = make_machine(kind, images.to(device), labels.to(device)), {}
-        else:
-            scales, source = _find_scales(cfg, network_paths, kind)
+        scales, source = None, None
+        if kind != "is":  # --scales, else the calibration beside the ResNet (or UNet) checkpoint
+            scales, source = find_scales(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")])
             if scales is None:
-                notes.append(f"{name}: no calibrated scales found, using a fixed patch size {cfg.patch_size} "
-                             "(run `edtool calibrate` or pass --scales)")
-                machine = make_machine(kind, images.to(device), labels.to(device), patch_size=cfg.patch_size)
-                info = {"patch_size": cfg.patch_size}
-            else:
-                machine = make_machine(kind, images.to(device), labels.to(device), scales=scales)
-                info = {"scales": list(scales), "scales_file": source}
+                notes.append(fallback_note(name, cfg.patch_size))
+        machine, info = build_machine(kind, images.to(device), labels.to(device), scales=scales,
+                                      patch_size=cfg.patch_size, source=source)
         fields[name] = machine
         config_models[name] = {"machine": kind, **info}
 

@@ -18,14 +18,13 @@ from edtool.calibrate import (
     pearson_r,
     r2,
     sample,
-    scales_path,
 )
 from edtool.cli import main
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
 from edtool.machines import make_machine
 from edtool.models import build_network
-from edtool.paper_import import read_scales
+from edtool.scales import read_scales, scales_path
 
 
 def toy_images(n=24, size=8, seed=0):
@@ -114,7 +113,7 @@ def test_calibration_recovers_the_schedule_of_a_machine_network(metric):
 
 def test_calibration_against_a_fixed_size_picks_it_everywhere_and_writes_discoverable_json(tmp_path):
     from edtool.calibrate import calibration_meta
-    from edtool.paper_import import write_scales_json
+    from edtool.scales import write_scales_json
 
     images, labels = toy_images(seed=1)
     net = MachineNetwork(make_machine("els-borders", images, labels, patch_size=5), 4)

@@ -20,7 +20,8 @@ from edtool import checkpoints
 from edtool.cli import main
 from edtool.errors import EdtoolError
 from edtool.models import build_network
-from edtool.paper_import import import_checkpoint, read_paper_pickle, read_scales, write_scales_json
+from edtool.paper_import import import_checkpoint, read_paper_pickle
+from edtool.scales import read_scales, write_scales_json
 
 SHARED = Path(os.environ.get("EDTOOL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REFERENCE_SCALES = SHARED / "reference" / "paper_scales.json"

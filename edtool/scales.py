@@ -1,0 +1,123 @@
+"""Scale schedules: the per-step patch sizes of an ELS machine (SPEC 4, 5.1), in one place.
+
+A schedule is a list of odd patch sizes, entry j for t = (j + 1) / N. This module checks them,
+reads them (a paper `scales_*.pt`, read weights-only, or our calibration JSON), writes them,
+finds the calibration that belongs to a checkpoint, and builds a machine from "a schedule, or
+else a fixed patch size".
+
+    path = scales_path("checkpoints/mnist5k_resnet.safetensors", "els-borders")
+    write_scales_json(path, [3, 5, 7], metric="cosine")
+    scales, source = find_scales("els-borders", checkpoints=["checkpoints/mnist5k_resnet.safetensors"])
+    machine, info = build_machine("els-borders", images, labels, scales=scales, source=source)
+"""
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from edtool.errors import EdtoolError
+
+
+def check_patch_size(k, what: str = "patch size") -> int:
+    """An odd int >= 1, else EdtoolError (a ValueError) naming `what`."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise EdtoolError(f"{what} is {k!r}; patch sizes must be odd integers >= 1 (3, 5, 7, ...)")
+    return k
+
+
+def check_schedule(scales, what: str = "scales") -> list:
+    """A non-empty list of odd patch sizes (a 1-D integer tensor is accepted), else EdtoolError."""
+    if isinstance(scales, torch.Tensor):
+        if scales.dtype.is_floating_point or scales.dtype.is_complex or scales.dtype == torch.bool or scales.dim() != 1:
+            raise EdtoolError(f"{what} holds a {scales.dtype} tensor of shape {list(scales.shape)}; "
+                              "expected a 1-D list of odd integer patch sizes")
+        scales = scales.tolist()
+    if not isinstance(scales, (list, tuple)) or not scales:
+        raise EdtoolError(f"{what} must hold a non-empty list of odd patch sizes, "
+                          f"got {type(scales).__name__ if scales else 'an empty list'}")
+    return [check_patch_size(k, f"{what}: entry {j}") for j, k in enumerate(scales)]
+
+
+# ------------------------------------------------------------------ files
+
+
+def read_scales(path) -> list:
+    """Per-step patch sizes from a paper `scales_*.pt` (read weights-only) or our calibration JSON."""
+    path = Path(path)
+    what = f"scales file {path}"
+    if not path.is_file():
+        raise EdtoolError(f"{what} does not exist")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdtoolError(f"{what} is not valid JSON ({e})") from None
+        if not isinstance(data, dict) or "scales" not in data:
+            raise EdtoolError(f"{what} has no \"scales\" list (write it with write_scales_json)")
+        return check_schedule(data["scales"], what)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise EdtoolError(f"{what} is not a plain list saved by torch.save ({lines[0]})") from None
+    return check_schedule(data, what)
+
+
+def write_scales_json(path, scales, **meta) -> Path:
+    """Write a scale schedule as JSON {"scales": [...], **meta}, readable by read_scales."""
+    path = Path(path)
+    scales = check_schedule([int(k) if isinstance(k, torch.Tensor) else k for k in scales], f"scales file {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"scales": scales, **meta}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def scales_path(checkpoint, machine: str) -> Path:
+    """Where a calibration of `machine` against `checkpoint` lives: `<stem>_scales_<machine>.json` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}_scales_{machine}.json")
+
+
+def find_scales(machine: str, explicit=None, checkpoints: Iterable = ()):
+    """(schedule, source) for a machine: the `explicit` file when given, else the calibration JSON
+    beside the first of `checkpoints` that has one; (None, None) when there is none."""
+    if explicit is not None:
+        return read_scales(explicit), str(explicit)
+    for checkpoint in checkpoints:
+        if checkpoint is None:
+            continue
+        candidate = scales_path(checkpoint, machine)
+        if candidate.exists():
+            return read_scales(candidate), str(candidate)
+    return None, None
+
+
+def fallback_note(name: str, patch_size: int) -> str:
+    """What a user is told when a machine runs with a fixed patch size for want of scales."""
+    return (f"{name}: no calibrated scales found, using a fixed patch size {patch_size} "
+            "(run `edtool calibrate` or pass --scales)")
+
+
+# ------------------------------------------------------------------ the machine
+
+
+def build_machine(kind: str, images, labels=None, scales: Optional[Sequence[int]] = None, patch_size: int = 5,
+                  source: Optional[str] = None):
+    """The machine `kind` with its schedule: `is` takes none; the others `scales` when given, else
+    the fixed `patch_size`. Returns (machine, info), info being what a run records about it."""
+    from edtool.machines import make_machine
+
+    if kind == "is":
+        return make_machine("is", images, labels), {}
+    if scales is not None:
+        scales = check_schedule(scales, f"scales for {kind}")
+        return make_machine(kind, images, labels, scales=scales), {"scales": scales, "scales_file": source}
+    check_patch_size(patch_size, "patch_size")
+    return make_machine(kind, images, labels, patch_size=patch_size), {"patch_size": patch_size}
