@@ -340,6 +340,10 @@ def compute(
     trajectory: str = typer.Option("own", help="own: each model follows its own DDIM path; shared: all measured "
                                    "on the reference model's path."),
     reference: Optional[str] = typer.Option(None, help="Reference model for --trajectory shared (default: first)."),
+    points: str = typer.Option("trajectory", help="trajectory: along DDIM paths; noised-data: at forward-noised "
+                               "held-out images at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, SPEC 13)."),
+    held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
+                                           "images (default: the training set's; mnist for mnist5k)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N."),
     batch: int = typer.Option(1, help="Realizations processed together."),
     run: Optional[str] = typer.Option(None, help="Run name under cache/ (default derived from the settings)."),
@@ -357,7 +361,8 @@ def compute(
     cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet, resnet=resnet,
                           scales=scales, patch_size=patch_size, nsteps=nsteps, realizations=realizations, seed=seed,
                           label=label, estimator=estimator, probes=probes, rtol=rtol, maps=maps,
-                          trajectory=trajectory, reference=reference, device=device, batch=batch, run=run,
+                          trajectory=trajectory, reference=reference, points=points, held_out=held_out,
+                          device=device, batch=batch, run=run,
                           run_dir=run_dir, overwrite=overwrite, retry_failed=retry_failed, shard=_shard(shard))
     summary = _run_compute(cfg, quiet, as_json)
     if summary.get("shard") and summary["shard"][0] != 0 and "RANK" in os.environ:
@@ -389,11 +394,19 @@ def aggregate(
         return
     used = summary.get("realizations_used", "?")
     print(f"aggregated {used} of {summary.get('realizations_total', '?')} realizations of {_resolve_run(run)}")
+    fmt = lambda v: "NaN" if v is None else f"{v:.4g}"  # noqa: E731
     for name in summary["models"]:
         s = summary[name]
-        fmt = lambda v: "NaN" if v is None else f"{v:.4g}"  # noqa: E731
         print(f"  {name:<14} mean ED {fmt(s['mean_ed_magnitude'])}  std {fmt(s['std_ed_magnitude'])}  "
               f"mean asym {fmt(s['mean_asym'])}  (n={s['num_realizations']})")
+    points = summary.get("points", {}).get("source", "trajectory")
+    where = ("at forward-noised held-out images, QCSBM's protocol: comparable with their Table 2"
+             if points == "noised-data" else "along DDIM paths: not QCSBM's protocol (use --points noised-data)")
+    print(f"NAsym = ||J-J^T||_F^2 / (4 ||J||_F^2) = asym^2, points {points} ({where}):")
+    for name in summary["models"]:
+        s = summary[name]
+        print(f"  {name:<14} mean of ratios (QCSBM's) {fmt(s['nasym_mean_of_ratios'])}  "
+              f"ratio of means {fmt(s['nasym_ratio_of_means'])}")
 
 
 def _resolve_run(run: str) -> str:
@@ -441,6 +454,10 @@ def analyze(
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic."),
     probes: int = typer.Option(16, help="Hutchinson probes per point."),
     maps: bool = typer.Option(False, "--maps", help="Also store and draw curl maps."),
+    points: str = typer.Option("trajectory", help="trajectory, or noised-data: forward-noised held-out images at "
+                               "uniformly spaced t (QCSBM's protocol, SPEC 13), in .../<layout>_noised_data/."),
+    held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
+                                           "images (default: the training set's; mnist for mnist5k)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run with other settings."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, pdf or svg."),
@@ -456,11 +473,13 @@ def analyze(
     if n < 1:
         raise EdtoolError(f"--multiple must be at least 1, got {n}")
     layout = "multiple_realizations" if multiple is not None else "single_realization"
+    if points == "noised-data":  # never the trajectory study's folder: a different run, not a changed setting
+        layout += "_noised_data"
     run_dir = output_dir / dataset / layout
     cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet_path,
                           resnet=resnet_path, scales=scales_path, nsteps=nsteps, realizations=n, seed=seed,
-                          estimator=estimator, probes=probes, maps=maps, device=device, run_dir=str(run_dir),
-                          overwrite=overwrite)
+                          estimator=estimator, probes=probes, maps=maps, points=points, held_out=held_out,
+                          device=device, run_dir=str(run_dir), overwrite=overwrite)
     import time as _time
 
     summary = _run_compute(cfg, quiet)

@@ -46,6 +46,8 @@ class ComputeConfig:
     rtol: Optional[float] = None
     maps: bool = False
     trajectory: str = "own"  # own | shared
+    points: str = "trajectory"  # trajectory | noised-data (SPEC 13: forward-noised held-out images)
+    held_out: Optional[str] = None  # data set of the noised-data points, test split (default: points.default_held_out)
     reference: Optional[str] = None  # the model whose path is shared (default: the first)
     device: str = "auto"
     batch: int = 1
@@ -100,6 +102,17 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError(f"--trajectory must be own or shared, got {cfg.trajectory!r}")
     if cfg.reference is not None and cfg.reference not in cfg.models:
         raise EdtoolError(f"--reference {cfg.reference!r} is not among --models")
+    from edtool.points import POINT_SOURCES
+
+    if cfg.points not in POINT_SOURCES:
+        raise EdtoolError(f"--points must be one of {', '.join(POINT_SOURCES)}, got {cfg.points!r}")
+    if cfg.points == "noised-data" and cfg.trajectory == "shared":
+        raise EdtoolError("--points noised-data measures every model at the same noised held-out images already; "
+                          "drop --trajectory shared")
+    if cfg.held_out is not None and cfg.points != "noised-data":
+        raise EdtoolError("--held-out chooses the images of --points noised-data; add --points noised-data")
+    if cfg.held_out is not None and cfg.held_out not in DATASETS:
+        raise EdtoolError(f"unknown --held-out {cfg.held_out!r}; choose one of {', '.join(DATASETS)}")
     if cfg.overwrite and cfg.shard is not None:
         raise EdtoolError("--overwrite with --shard would delete what the other shards computed: delete the "
                           "run directory once before starting the shards, and run them without --overwrite")
@@ -151,6 +164,7 @@ class Study:
     config: dict
     device: torch.device
     notes: List[str]
+    held_out: Optional[torch.Tensor] = None  # (realizations, C, H, W): x_0 of each realization with --points noised-data
 
 
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
@@ -214,8 +228,12 @@ def prepare(cfg: ComputeConfig) -> Study:
         config_models[name] = {"machine": kind, **info}
 
     seeds = [cfg.seed + r for r in range(cfg.realizations)]
-    drawn = seed_labels(seeds, labels, cfg.label, conditional)
-    run_labels = [-1] * cfg.realizations if drawn is None else drawn.tolist()
+    held_out, points = None, None
+    if cfg.points == "noised-data":
+        held_out, run_labels, points = _held_out_points(cfg, image_shape, conditional)
+    else:
+        drawn = seed_labels(seeds, labels, cfg.label, conditional)
+        run_labels = [-1] * cfg.realizations if drawn is None else drawn.tolist()
     reference = cfg.reference or cfg.models[0]
     config = {
         "dataset": cfg.dataset, "models": config_models, "nsteps": cfg.nsteps, "realizations": cfg.realizations,
@@ -223,7 +241,32 @@ def prepare(cfg: ComputeConfig) -> Study:
         "rtol": cfg.rtol, "maps": cfg.maps, "trajectory": cfg.trajectory,
         "reference": reference if cfg.trajectory == "shared" else None, "dtype": "float32",
     }
-    return Study(cfg, fields, seeds, run_labels, image_shape, config, device, notes)
+    if points is not None:  # trajectory runs keep the config they always had, so they resume as before
+        config["points"] = points
+    return Study(cfg, fields, seeds, run_labels, image_shape, config, device, notes, held_out)
+
+
+def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
+    """x_0 per realization for --points noised-data, their labels (-1 if unconditional) and the config
+    entry that records the point source (SPEC 13)."""
+    from edtool.data import load_dataset
+    from edtool.points import default_held_out, held_out_indices
+
+    name, split = (cfg.held_out, "test") if cfg.held_out else default_held_out(cfg.dataset)
+    images, labels = load_dataset(name, root=cfg.data_root, split=split)
+    if tuple(images.shape[1:]) != image_shape:
+        raise EdtoolError(f"held-out images of {name} ({split}) are {tuple(images.shape[1:])}, the models' "
+                          f"{image_shape}; choose a held-out set like the training data with --held-out")
+    pool = torch.arange(len(images))
+    if cfg.label is not None:
+        pool = pool[labels == cfg.label]
+    indices = pool[held_out_indices(len(pool), cfg.seed, cfg.realizations)]
+    run_labels = labels[indices].tolist() if conditional else [-1] * cfg.realizations
+    entry = {"source": "noised-data", "held_out": {"dataset": name, "split": split, "size": len(images)},
+             "indices": indices.tolist(),
+             "definition": "realization r: x_t = sqrt(alpha_bar(t)) x_0 + sqrt(beta(t)) eps at t = (N - j) / N, "
+                           "x_0 = held-out image indices[r], eps = initial_noise(seed + r); final holds x_0"}
+    return images[indices], run_labels, entry
 
 
 # ------------------------------------------------------------------ measuring
@@ -437,7 +480,12 @@ def _compute_batch(run, study: Study, rows: List[int], timer: _Timer, reporter: 
 
     names = list(cfg.models)
     points, reference_final = None, None
-    if cfg.trajectory == "shared":
+    if cfg.points == "noised-data":  # the same noised held-out points for every model; final is x_0
+        from edtool.points import noised_points
+
+        x_0 = study.held_out[rows].to(device)
+        points, reference_final = noised_points(x_0, x_T, cfg.nsteps), x_0.double().cpu().numpy()
+    elif cfg.trajectory == "shared":
         ref = study.config["reference"]
         # the reference path is always recomputed (cheaply, no Jacobians) if its cell is already done
         ref_out, err = _measure_safely(study.fields[ref], ref, x_T, label, rows, study, timer, reporter) \
