@@ -29,6 +29,7 @@ from torch import Tensor
 
 from edtool.diffusion import ddim_sample, eps_to_score, initial_noise
 from edtool.errors import EdtoolError
+from edtool.fileio import atomic_path, write_json
 from edtool.scales import build_machine, check_patch_size, check_schedule, fallback_note
 
 METRICS = ("cosine", "l2")
@@ -302,7 +303,8 @@ def output_dir_name(machine: str) -> str:
 def _save_each(folder: Path, seeds, arrays) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for s, a in zip(seeds, arrays):
-        np.save(folder / f"seed_{s}.npy", a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
+        with atomic_path(folder / f"seed_{s}.npy") as tmp:
+            np.save(tmp, a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
 
 
 def machine_sample(machine, x0: Tensor, nsteps: int, label: Optional[Tensor] = None, batch=None) -> Tensor:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import edtool
 from edtool.errors import EdtoolError
+from edtool.fileio import atomic_path, write_json
 from edtool.models import Network, build_network
 from edtool.paths import checkpoints_dir
 
@@ -28,15 +29,10 @@ def manifest_path(path) -> Path:
 def save(path, net: torch.nn.Module, manifest: dict) -> Path:
     """Write weights and manifest atomically (temp file + rename) so a crash leaves no half file."""
     path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-    full = {"format": FORMAT, "edtool_version": edtool.__version__, **manifest}
-    mtmp = manifest_path(path).with_suffix(".json.tmp")
-    mtmp.write_text(json.dumps(full, indent=2) + "\n")
-    mtmp.replace(manifest_path(path))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+    write_json(manifest_path(path), {"format": FORMAT, "edtool_version": edtool.__version__, **manifest})
     return path
 
 

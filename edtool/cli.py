@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from edtool.errors import EdtoolError
+from edtool.fileio import refuse_existing
 
 app = typer.Typer(
     name="edtool",
@@ -73,14 +74,16 @@ def train(
     emb_dim: int = typer.Option(256, help="UNet time-embedding size."),
     width: int = typer.Option(64, help="ResNet width (a multiple of 8, at least 16)."),
     layers: int = typer.Option(4, help="ResNet residual layers."),
-    out: Optional[Path] = typer.Option(None, help="Checkpoint path (default checkpoints/<dataset>_<arch>...)."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint path (default ./checkpoints/<dataset>_<arch>... in the "
+                                       "working directory)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
     ckpt_every: int = typer.Option(250, min=1, help="Save resumable training state every N steps."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ):
     """Train a UNet or ResNet noise predictor with the paper's recipe; resumes if interrupted."""
     from edtool.data import load_dataset
-    from edtool.paths import cache_dir, checkpoints_dir
-    from edtool.train import TrainConfig, default_name, train as run_training
+    from edtool.paths import cache_dir, local_checkpoints_dir
+    from edtool.train import TrainConfig, default_name, train as run_training, work_dir_name
 
     if arch not in ("unet", "resnet"):
         raise EdtoolError(f"unknown --arch {arch!r}; choose unet or resnet")
@@ -92,9 +95,12 @@ def train(
     cfg = TrainConfig(arch=arch, dataset=dataset, conditional=conditional, padding=padding, steps=steps,
                       batch=batch, lr=lr, lr_final_factor=lr_final_factor, ema_decay=ema_decay, seed=seed,
                       fsizes=_int_list(fsizes, "--fsizes"), emb_dim=emb_dim, width=width, layers=layers)
+    out = Path(out or local_checkpoints_dir() / default_name(cfg)).with_suffix(".safetensors")
+    if not force:
+        for path in (out, out.with_suffix(".json")):
+            refuse_existing(path)
     images, labels = load_dataset(dataset, root=data_root)
-    out = out or checkpoints_dir() / default_name(cfg)
-    work = cache_dir() / "train" / Path(out).stem
+    work = cache_dir() / "train" / work_dir_name(out, cfg)
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     progress = _progress(quiet)
     every = max(1, steps // 100)
@@ -117,13 +123,15 @@ def train(
 @app.command("import-checkpoint")
 def import_checkpoint(
     file: Path = typer.Argument(..., help="A paper checkpoint backbone_<DATASET>_<UNet|ResNet>_<mode>[_conditional].pt."),
-    out: Optional[Path] = typer.Option(None, help="Output path (default checkpoints/<dataset>_<arch>..._paper.safetensors)."),
+    out: Optional[Path] = typer.Option(None, help="Output path (default ./checkpoints/<dataset>_<arch>..._paper."
+                                       "safetensors in the working directory)."),
     dataset: Optional[str] = typer.Option(None, help="Dataset name for the manifest (default: read from the file name)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
 ):
     """Convert a paper checkpoint (a pickled DDIM) into edtool's format, unpickling only known classes."""
     from edtool.paper_import import import_checkpoint as run_import
 
-    path = run_import(file, out=out, dataset=dataset)
+    path = run_import(file, out=out, dataset=dataset, force=force)
     print(f"wrote {path} (+ .json manifest)")
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from edtool.errors import EdtoolError
+from edtool.fileio import atomic_path
 from edtool.paths import cache_dir
 
 DATASETS = ("mnist5k", "mnist", "fashionmnist", "cifar10")
@@ -365,10 +366,8 @@ def cached(name: str, split: str, paths: list[Path], prepare) -> tuple[torch.Ten
         except Exception as err:
             warnings.warn(f"ignoring unreadable data cache {path} ({err}); rebuilding it")
     images, labels = prepare(paths)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"images": images, "labels": labels}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"images": images, "labels": labels}, tmp)
     for old in folder.glob(f"{name}-{split}-*.pt"):  # entries for older versions of the sources
         if old != path:
             old.unlink(missing_ok=True)

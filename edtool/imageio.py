@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edtool.fileio import atomic_path
+
 
 def tile(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> one (rows*H', cols*W', C) uint8 mosaic with white gutters."""
@@ -25,6 +27,6 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, scale: int = 3) -> Path
 
     mosaic = tile(images, nrow).repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(path, mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=255)
+    with atomic_path(path) as tmp:
+        matplotlib.image.imsave(tmp, mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=255, format="png")
     return path

@@ -19,8 +19,9 @@ import torch
 
 from edtool import checkpoints
 from edtool.errors import EdtoolError
+from edtool.fileio import refuse_existing
 from edtool.models import build_network
-from edtool.paths import checkpoints_dir
+from edtool.paths import local_checkpoints_dir
 
 PAPER_CLASSES = ("DDIM", "MinimalUNet", "MinimalResNet", "UBlock", "EmbeddingModule")
 TORCH_LAYERS = ("Conv2d", "ConvTranspose2d", "Linear", "Sequential", "ModuleList", "GroupNorm", "ReLU",
@@ -255,13 +256,14 @@ def dataset_from_name(path) -> Optional[str]:
 
 
 def default_import_path(dataset: str, arch: str, padding: str, conditional: bool) -> Path:
-    """checkpoints/<dataset>_<arch>[_circular][_conditional]_paper.safetensors."""
+    """./checkpoints/<dataset>_<arch>[_circular][_conditional]_paper.safetensors in the working directory."""
     name = f"{dataset}_{arch}" + (f"_{padding}" if padding != "zeros" else "") + ("_conditional" if conditional else "")
-    return checkpoints_dir() / f"{name}_paper.safetensors"
+    return local_checkpoints_dir() / f"{name}_paper.safetensors"
 
 
-def import_checkpoint(path, out=None, dataset: Optional[str] = None) -> Path:
-    """Convert a paper checkpoint into our format (safetensors + manifest); returns the weights path."""
+def import_checkpoint(path, out=None, dataset: Optional[str] = None, force: bool = False) -> Path:
+    """Convert a paper checkpoint into our format (safetensors + manifest); returns the weights path.
+    An existing output is replaced only with `force`."""
     path = Path(path)
     dataset = dataset or dataset_from_name(path)
     if dataset is None:
@@ -279,4 +281,8 @@ def import_checkpoint(path, out=None, dataset: Optional[str] = None) -> Path:
                                "`edtool import-checkpoint`"},
     }
     out = Path(out) if out is not None else default_import_path(dataset, paper.arch, s["mode"], s["conditional"])
+    out = out.with_suffix(".safetensors")
+    if not force:
+        for existing in (out, checkpoints.manifest_path(out)):
+            refuse_existing(existing)
     return checkpoints.save(out, net, manifest)

@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from edtool.aggregate import compute_aggregate, read_aggregate
 from edtool.errors import EdtoolError
+from edtool.fileio import atomic_path
 from edtool.store import RunStore, local_dir, open_run
 
 FORMATS = ("png", "pdf", "svg")
@@ -74,7 +75,8 @@ def plot_run(location, out_dir=None, fmt: str = "png") -> list:
     paths = []
     for name, fig in figures.items():
         path = out_dir / f"{name}.{fmt}"
-        fig.savefig(path, format=fmt, dpi=150)
+        with atomic_path(path) as tmp:  # a kill mid-write never leaves a truncated figure in place of a good one
+            fig.savefig(tmp, format=fmt, dpi=150)
         paths.append(path)
     return paths
 

@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from edtool.errors import EdtoolError
+from edtool.fileio import write_json
 
 
 def check_patch_size(k, what: str = "patch size") -> int:
@@ -69,11 +70,7 @@ def write_scales_json(path, scales, **meta) -> Path:
     """Write a scale schedule as JSON {"scales": [...], **meta}, readable by read_scales."""
     path = Path(path)
     scales = check_schedule([int(k) if isinstance(k, torch.Tensor) else k for k in scales], f"scales file {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"scales": scales, **meta}, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(path, {"scales": scales, **meta}, indent=1)
 
 
 # ------------------------------------------------------------------ discovery

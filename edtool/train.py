@@ -6,6 +6,8 @@ from one generator whose state is checkpointed, so a resumed run ends with the s
 as an uninterrupted one.
 """
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 
 from edtool import checkpoints
 from edtool.diffusion import add_noise, ddim_sample
+from edtool.errors import EdtoolError
+from edtool.fileio import atomic_path
 from edtool.imageio import save_grid
 from edtool.models import Network, build_network
 
@@ -59,6 +63,17 @@ def default_name(cfg: TrainConfig) -> str:
     return name + ("_conditional" if cfg.conditional else "")
 
 
+def settings_hash(cfg: TrainConfig) -> str:
+    """12 hex digits of sha256 over every setting: one resumable work dir per (output, settings)."""
+    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def work_dir_name(out, cfg: TrainConfig) -> str:
+    """`<stem>-<settings hash>`: another run with other settings and the same output name starts afresh
+    instead of finding a state it cannot resume."""
+    return f"{Path(out).stem}-{settings_hash(cfg)}"
+
+
 def _state_path(work_dir: Path) -> Path:
     return work_dir / "train_state.pt"
 
@@ -87,7 +102,10 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pat
     if state_file.exists():
         state = torch.load(state_file, weights_only=True)
         if state["config"] != asdict(cfg):
-            raise ValueError(f"{state_file} belongs to a run with other settings; delete it or use another --out")
+            changed = sorted(k for k in set(state["config"]) | set(asdict(cfg))
+                             if state["config"].get(k) != asdict(cfg).get(k))
+            raise EdtoolError(f"{state_file} belongs to a training run with other settings ({', '.join(changed)}); "
+                              "delete that folder or use another work folder")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -96,11 +114,10 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pat
         step, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
 
     def save_state():
-        tmp = state_file.with_suffix(".tmp")
-        torch.save({"config": asdict(cfg), "model": net.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema": ema, "step": step,
-                    "losses": losses, "elapsed": elapsed}, tmp)
-        tmp.replace(state_file)
+        with atomic_path(state_file) as tmp:
+            torch.save({"config": asdict(cfg), "model": net.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema": ema, "step": step,
+                        "losses": losses, "elapsed": elapsed}, tmp)
 
     net.train()
     t0 = time.time() - elapsed
@@ -196,7 +213,8 @@ def write_training_figures(network: Network, losses, path: Path, seed: int = 0, 
     ax.set(xlabel="training step", ylabel="MSE(eps_hat, eps)", yscale="log", title=path.stem + ": training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path.with_name(path.stem + "_loss.png"), dpi=120)
+    with atomic_path(path.with_name(path.stem + "_loss.png")) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
     network.net.eval()

@@ -210,13 +210,13 @@ def test_import_paper_unet_gives_same_eps(tmp_path, layout):
 
 @pytest.mark.parametrize("down_norm", [None, "Identity"])
 def test_import_paper_resnet_circular_conditional(tmp_path, monkeypatch, down_norm):
-    monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tmp_path / "ckpts"))
+    monkeypatch.chdir(tmp_path)  # the default output is ./checkpoints
     torch.manual_seed(0)
     backbone = MinimalResNet(channels=3, emb_dim=16, mode="circular", conditional=True, num_classes=10,
                              num_layers=3, lastksize=3, down_norm=down_norm)
     src = save_paper(tmp_path / "backbone_CIFAR10_ResNet_circular_conditional.pt", DDIM(backbone, 3, default_imsize=8))
     out = import_checkpoint(src)
-    assert out == tmp_path / "ckpts" / "cifar10_resnet_circular_conditional_paper.safetensors"
+    assert out == tmp_path / "checkpoints" / "cifar10_resnet_circular_conditional_paper.safetensors"
     net = checkpoints.load(out, dataset="cifar10", image_shape=[3, 8, 8])
     kw = net.manifest["arch_kwargs"]
     assert (kw["num_layers"], kw["lastksize"], kw["num_classes"], kw["mode"]) == (3, 3, 10, "circular")
@@ -327,14 +327,23 @@ def test_import_refuses_non_checkpoints_and_unknown_dataset(tmp_path):
 
 
 def test_cli_import_checkpoint(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tmp_path / "ckpts"))
+    monkeypatch.chdir(tmp_path)  # the default output is ./checkpoints
     src = save_paper(tmp_path / "backbone_FashionMNIST_UNet_zeros_conditonal.pt",
                      DDIM(MinimalUNet(conditional=True, num_classes=10)))
     monkeypatch.setattr(sys, "argv", ["edtool", "import-checkpoint", str(src)])
     main()
-    out = tmp_path / "ckpts" / "fashionmnist_unet_conditional_paper.safetensors"
+    out = tmp_path / "checkpoints" / "fashionmnist_unet_conditional_paper.safetensors"
     assert str(out) in capsys.readouterr().out
     assert out.exists() and checkpoints.read_manifest(out)["conditional"] is True
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as e:  # a second import does not replace it without --force
+        main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and str(out) in err and "--force" in err
+    assert out.read_bytes() == before
+    monkeypatch.setattr(sys, "argv", ["edtool", "import-checkpoint", str(src), "--force"])
+    main()
+    assert str(out) in capsys.readouterr().out
 
     bad = tmp_path / "backbone_MNIST_UNet_zeros.pt"
     bad.write_bytes(b"garbage")

@@ -1,14 +1,19 @@
 """Training: the paper's recipe runs, writes our format, and resumes to the same weights."""
 
+import hashlib
 import json
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from edtool import checkpoints
-from edtool.cli import app
-from edtool.train import TrainConfig, train
+from edtool.cli import main
+from edtool.errors import EdtoolError
+from edtool.paths import REPO_ROOT
+from edtool.train import TrainConfig, train, work_dir_name
 
 
 def _tiny_data(n=24):
@@ -47,14 +52,55 @@ def test_training_writes_manifest_loss_curve_and_samples(tmp_path):
     assert net.eps(torch.tensor([0.5, 0.5]), x, torch.tensor([0, 2])).shape == x.shape
 
 
-def test_train_command_on_mnist5k(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tmp_path))
-    result = CliRunner().invoke(app, ["train", "--arch", "resnet", "--steps", "2", "--batch", "2", "--width", "16",
-                                      "--layers", "1", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert checkpoints.discover("mnist5k", "resnet", tmp_path).name == "mnist5k_resnet.safetensors"
-    bad = CliRunner().invoke(app, ["train", "--arch", "resnet", "--width", "12"])
-    assert bad.exit_code != 0
+def _main(monkeypatch, capsys, *args):
+    """`edtool ARGS` through the console entry point: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["edtool", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _digests(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_train_command_writes_to_the_working_directory_and_never_replaces(tmp_path, monkeypatch, capsys):
+    """No --out: ./checkpoints/ of the working directory, not the shipped folder; an existing
+    checkpoint is replaced only with --force."""
+    shipped = _digests(REPO_ROOT / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--arch", "resnet", "--steps", "2", "--batch", "2", "--width", "16", "--layers", "1", "--quiet"]
+    code, out, err = _main(monkeypatch, capsys, *args)
+    assert code == 0, err
+    path = tmp_path / "checkpoints" / "mnist5k_resnet.safetensors"
+    assert checkpoints.discover("mnist5k", "resnet", tmp_path / "checkpoints") == path
+    before = path.read_bytes()
+
+    code, out, err = _main(monkeypatch, capsys, *args[:4], "3", *args[5:])  # other settings, same name
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(path) in err and "--force" in err
+    assert path.read_bytes() == before
+    code, out, err = _main(monkeypatch, capsys, *args[:4], "3", *args[5:], "--force")
+    assert code == 0, err
+    assert checkpoints.read_manifest(path)["training"]["steps"] == 3 and path.read_bytes() != before
+    assert _digests(REPO_ROOT / "checkpoints") == shipped
+
+    code, out, err = _main(monkeypatch, capsys, "train", "--arch", "resnet", "--width", "12")
+    assert code == 2 and err.startswith("edtool: error: --width")
+
+
+def test_a_work_dir_of_other_settings_is_refused_by_name(tmp_path):
+    """train() refuses to resume a state written with other settings and names them; the CLI keys its
+    work dir by the settings hash, so two settings never meet in one folder."""
+    images, labels = _tiny_data()
+    assert train(_cfg(), images, labels, tmp_path / "a", tmp_path / "w", ckpt_every=1, stop_after=2) is None
+    with pytest.raises(EdtoolError, match="other settings \\(batch, steps\\)"):
+        train(_cfg(steps=7, batch=2), images, labels, tmp_path / "a", tmp_path / "w")
+    assert work_dir_name("x/a.safetensors", _cfg()) != work_dir_name("x/a.safetensors", _cfg(steps=7))
+    assert work_dir_name("x/a.safetensors", _cfg()) == work_dir_name("y/a", _cfg())
 
 
 def test_shipped_weights_are_the_moving_average(tmp_path):

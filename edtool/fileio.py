@@ -1,0 +1,55 @@
+"""Writing files safely: every file edtool writes appears whole or not at all (temp file + rename),
+and a file that is already there is replaced only when the user said so.
+
+    with atomic_path(out / "figure.png") as tmp:   # tmp keeps the suffix: libraries that read the
+        fig.savefig(tmp)                            # format from the name (matplotlib, np.save) work
+    write_text(path, text); write_json(path, obj)
+"""
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from edtool.errors import EdtoolError
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside `path`; on success it replaces `path` in one rename, on an
+    error (or a kill) the old file stays as it was and the temporary one is removed (or left as a
+    dot-file that nothing reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path, obj, indent=2, **kw) -> Path:
+    """JSON with a final newline, written atomically."""
+    return write_text(path, json.dumps(obj, indent=indent, **kw) + "\n")
+
+
+def refuse_existing(path, how: str = "pass --force to replace it, or --out to write elsewhere") -> None:
+    """Bad input: `path` is there already (this run did not write it); say how to go on."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise EdtoolError(f"{path} already exists; not replacing it: {how}")
