@@ -179,22 +179,28 @@ def calibrate(
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
     batch: Optional[int] = typer.Option(None, help="At most this many (step, seed) points per machine call."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    out: Optional[Path] = typer.Option(None, help="Scales JSON (default: <checkpoint>_scales_<machine>.json beside it)."),
+    out: Optional[Path] = typer.Option(None, help="Scales JSON (default: ./checkpoints/<checkpoint stem>_scales_"
+                                       "<machine>.json in the working directory, where compute finds it first)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing scales file at the output path."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
     """Calibrate an ELS machine's patch size per step against a network (SPEC 5.2); writes a scales JSON."""
-    from edtool.calibrate import calibrate as run_calibration, calibration_meta
-    from edtool.scales import scales_path, write_scales_json
+    from edtool.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
+    from edtool.checkpoints import file_hash
+    from edtool.scales import local_scales_path, write_scales_json
 
     size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
     net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, n_images, device)
+    out = out or local_scales_path(checkpoint, machine_kind(machine, net))
+    if not force:
+        refuse_existing(out)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     res = run_calibration(net, images, labels, machine=machine, sizes=size_list, seeds=_seed_list(seeds, seed),
                           nsteps=nsteps, metric=metric, batch=batch, label=label, log=log)
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    path = write_scales_json(out or scales_path(checkpoint, res["machine"]), res["scales"],
-                             **calibration_meta(res, checkpoint=Path(checkpoint).name, dataset=dataset,
-                                                command=command))
+    weights = Path(checkpoint).with_suffix(".safetensors")
+    path = write_scales_json(out, res["scales"], **calibration_meta(
+        res, checkpoint=weights.name, checkpoint_sha256=file_hash(weights), dataset=dataset, command=command))
     print(f"schedule ({res['machine']}, t = 1/{nsteps} .. 1): {' '.join(map(str, res['scales']))}")
     print(f"wrote {path} ({res['seconds']['total']:.0f}s)")
 

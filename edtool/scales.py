@@ -82,17 +82,42 @@ def scales_path(checkpoint, machine: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}_scales_{machine}.json")
 
 
+def local_scales_path(checkpoint, machine: str) -> Path:
+    """Where `edtool calibrate` writes by default: ./checkpoints/<stem>_scales_<machine>.json in the working
+    directory (never beside a shipped checkpoint)."""
+    from edtool.paths import local_checkpoints_dir
+
+    return local_checkpoints_dir() / scales_path(checkpoint, machine).name
+
+
+def _calibrated_for(candidate: Path, checkpoint) -> bool:
+    """Whether the calibration file belongs to this checkpoint: one beside it does unless it records the
+    sha256 of other weights; one elsewhere (./checkpoints/) only when it records this checkpoint's."""
+    from edtool.checkpoints import file_hash
+
+    beside = candidate.parent.resolve() == Path(checkpoint).parent.resolve()
+    try:
+        recorded = json.loads(candidate.read_text()).get("checkpoint_sha256")
+    except (OSError, ValueError, AttributeError):
+        return beside  # read_scales reports what is wrong with the file
+    weights = Path(checkpoint).with_suffix(".safetensors")
+    if recorded is None or not weights.is_file():
+        return beside
+    return recorded == file_hash(weights)
+
+
 def find_scales(machine: str, explicit=None, checkpoints: Iterable = ()):
-    """(schedule, source) for a machine: the `explicit` file when given, else the calibration JSON
-    beside the first of `checkpoints` that has one; (None, None) when there is none."""
+    """(schedule, source) for a machine: the `explicit` file when given, else for the first of
+    `checkpoints` that has one, its calibration in ./checkpoints/ (where `calibrate` writes), then the
+    one beside it; (None, None) when there is none. A calibration recorded for other weights is skipped."""
     if explicit is not None:
         return read_scales(explicit), str(explicit)
     for checkpoint in checkpoints:
         if checkpoint is None:
             continue
-        candidate = scales_path(checkpoint, machine)
-        if candidate.exists():
-            return read_scales(candidate), str(candidate)
+        for candidate in dict.fromkeys([local_scales_path(checkpoint, machine), scales_path(checkpoint, machine)]):
+            if candidate.exists() and _calibrated_for(candidate, checkpoint):
+                return read_scales(candidate), str(candidate)
     return None, None
 
 

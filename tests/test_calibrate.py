@@ -213,12 +213,22 @@ def test_calibrate_and_sample_commands(tmp_path, monkeypatch, capsys):
     ckpt = checkpoints.save(tmp_path / "tiny_resnet.safetensors", net, {
         "arch": "resnet", "arch_kwargs": {"emb_dim": 16, "num_layers": 1}, "dataset": "mnist5k",
         "image_shape": [1, 32, 32], "conditional": False, "num_classes": None, "padding": "zeros"})
-    run_cli(monkeypatch, "calibrate", "--checkpoint", ckpt, "--sizes", 3, 5, "--seeds", 2, "--nsteps", 2,
-            "--n-images", 12, "--quiet")
-    found = tmp_path / "tiny_resnet_scales_els-borders.json"
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # calibrate writes to ./checkpoints, never beside the checkpoint
+    calibrate = ["calibrate", "--checkpoint", ckpt, "--sizes", 3, 5, "--seeds", 2, "--nsteps", 2, "--n-images", 12,
+                 "--quiet"]
+    run_cli(monkeypatch, *calibrate)
+    found = tmp_path / "work" / "checkpoints" / "tiny_resnet_scales_els-borders.json"
     schedule = read_scales(found)
-    assert len(schedule) == 2 and set(schedule) <= {3, 5}
+    assert len(schedule) == 2 and set(schedule) <= {3, 5} and not scales_path(ckpt, "els-borders").exists()
+    assert json.loads(found.read_text())["checkpoint_sha256"] == checkpoints.file_hash(ckpt)
     assert "schedule (els-borders" in capsys.readouterr().out
+    before = found.read_bytes()
+    with pytest.raises(SystemExit) as e:  # an existing calibration is replaced only with --force
+        run_cli(monkeypatch, *calibrate[:-3], 8, "--quiet")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and str(found) in err and "--force" in err
+    assert found.read_bytes() == before
 
     run_cli(monkeypatch, "sample", "--machine", "els-borders,is", "--checkpoint", ckpt, "--seeds", 2, "--nsteps", 2,
             "--n-images", 12, "--out", tmp_path / "out", "--quiet")

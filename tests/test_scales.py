@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from edtool.errors import EdtoolError
-from edtool.scales import build_machine, check_patch_size, check_schedule, find_scales, scales_path, write_scales_json
+from edtool.checkpoints import file_hash
+from edtool.scales import (build_machine, check_patch_size, check_schedule, find_scales, local_scales_path, scales_path,
+                           write_scales_json)
 
 
 @pytest.mark.parametrize("k", [4, 0, -3, True, 3.0, "3", None])
@@ -35,6 +37,26 @@ def test_find_scales_prefers_the_explicit_file_then_the_first_checkpoint_with_a_
     assert find_scales("els-borders", explicit, [resnet, unet]) == ([1, 1], str(explicit))
     with pytest.raises(EdtoolError, match="does not exist"):
         find_scales("els-borders", tmp_path / "missing.json", [resnet])
+
+
+def test_a_calibration_in_the_working_directory_comes_before_the_one_beside_the_checkpoint(tmp_path, monkeypatch):
+    """`calibrate` writes to ./checkpoints; compute/sample find it there first, but only when it records
+    this checkpoint's sha256 (a file of the same name for other weights is not used)."""
+    shipped = tmp_path / "shipped" / "net.safetensors"
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"weights")
+    beside = write_scales_json(scales_path(shipped, "els-borders"), [7, 9])
+    monkeypatch.chdir(tmp_path)
+    assert local_scales_path(shipped, "els-borders") == tmp_path / "checkpoints" / "net_scales_els-borders.json"
+    assert find_scales("els-borders", None, [shipped]) == ([7, 9], str(beside))
+    local = write_scales_json(local_scales_path(shipped, "els-borders"), [3, 5])  # no checkpoint recorded
+    assert find_scales("els-borders", None, [shipped])[0] == [7, 9]
+    write_scales_json(local, [3, 5], checkpoint_sha256=file_hash(shipped))
+    assert find_scales("els-borders", None, [shipped]) == ([3, 5], str(local))
+    write_scales_json(local, [3, 5], checkpoint_sha256="0" * 64)  # calibrated against other weights
+    assert find_scales("els-borders", None, [shipped]) == ([7, 9], str(beside))
+    write_scales_json(beside, [7, 9], checkpoint_sha256="0" * 64)
+    assert find_scales("els-borders", None, [shipped]) == (None, None)
 
 
 def test_build_machine_uses_the_schedule_else_the_fixed_size():
