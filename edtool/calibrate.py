@@ -16,6 +16,7 @@ seeds on which each machine beats the ideal score machine `is`.
     sample(["els-borders", "is"], net, images, labels, seeds=range(20), scales=res["scales"], out_dir="out")
 """
 
+import hashlib
 import json
 import math
 import time
@@ -343,6 +344,7 @@ def sample(
     scales_source=None,
     log: Optional[Callable[[str], None]] = None,
     baseline: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Machine and network samples from the same seeds, their agreement r and r2 (SPEC 5.4), files under out_dir.
 
@@ -381,6 +383,11 @@ def sample(
     conditional = bool(getattr(network, "conditional", False))
     run_labels = seed_labels(seeds, labels, label, conditional)
     lab = None if run_labels is None else run_labels.to(device)
+    record = {"network": _digest(network), "images": _digest(images), "labels_sha256": _digest(labels),
+              "nsteps": nsteps, "seeds": seeds, "labels": None if run_labels is None else run_labels.tolist(),
+              "machines": {k: ({"scales": per_machine[k]} if per_machine[k] is not None else
+                               {} if k == "is" else {"patch_size": patch_size}) for k in kinds}}
+    _claim_sample_dir(out, record, overwrite)
 
     x0 = initial_noises(seeds, images.shape[1:], device)
     _save_each(out / "seeds", seeds, x0)
@@ -435,8 +442,60 @@ def sample(
 
     ncol = min(len(seeds), 10)
     save_grid(torch.cat([r[:ncol] for r in rows]), out / "samples_grid.png", nrow=ncol)
-    (out / "r2_summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
+    write_json(out / SUMMARY_NAME, summary, indent=1, allow_nan=True)  # last: its presence means "complete"
     return summary
+
+
+SETTINGS_NAME, SUMMARY_NAME = "sample_settings.json", "r2_summary.json"
+
+
+def _digest(obj) -> Optional[str]:
+    """sha256 of a tensor's bytes or a network's weights (None for neither): what the samples came from."""
+    module = getattr(obj, "net", obj)
+    if isinstance(obj, Tensor):
+        tensors = [("", obj)]
+    elif hasattr(module, "state_dict"):
+        tensors = sorted(module.state_dict().items())
+    else:
+        return getattr(obj, "name", None) if obj is not None else None
+    h = hashlib.sha256()
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sample_files(out: Path, record: dict) -> list:
+    """Every file a sample run with these settings writes under `out`."""
+    folders = ["seeds", "network_outputs"] + [output_dir_name(k) for k in record["machines"]]
+    folders += ["labels"] if record.get("labels") is not None else []
+    return ([out / f / f"seed_{s}.npy" for f in folders for s in record["seeds"]]
+            + [out / "samples_grid.png", out / SUMMARY_NAME, out / SETTINGS_NAME])
+
+
+def _claim_sample_dir(out: Path, record: dict, overwrite: bool) -> None:
+    """Make `out` ours for these settings before anything is sampled: a folder with samples of other
+    settings (or of no recorded settings) is refused unless `overwrite`, which first deletes the files
+    the earlier run recorded. The settings are written first and the summary removed, so that a kill
+    never leaves r2_summary.json beside images it does not describe."""
+    settings = out / SETTINGS_NAME
+    try:
+        old = json.loads(settings.read_text()) if settings.exists() else None
+    except (OSError, ValueError):
+        old = {}
+    if old is not None and old != record and not overwrite:
+        changed = [k for k in record if old.get(k) != record.get(k)] or sorted(old)
+        raise EdtoolError(f"{out} holds samples made with other settings ({', '.join(changed)} differ, recorded in "
+                          f"{settings}); use another --out, the same settings to redo them, or --overwrite")
+    ours_by_name = [p for p in _sample_files(out, record)[:-1] if p.exists()]
+    if old is None and ours_by_name and not overwrite:
+        raise EdtoolError(f"{out} holds {ours_by_name[-1].name} and other sample files that edtool did not record "
+                          f"(no {SETTINGS_NAME}); use another --out, or --overwrite to replace them")
+    if old and overwrite and old != record:
+        for path in _sample_files(out, old) if {"seeds", "machines"} <= set(old) else []:
+            path.unlink(missing_ok=True)
+    (out / SUMMARY_NAME).unlink(missing_ok=True)
+    write_json(settings, record, indent=1)
 
 
 def agreement_report(summary: dict) -> str:

@@ -225,6 +225,7 @@ def sample(
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="Also sample the ideal score machine (is) when not asked for, to report on how "
                                        "many seeds each machine beats it (the paper's comparison)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace samples of other settings in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
@@ -245,10 +246,9 @@ def sample(
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     summary = run_sample(names, net, images, labels, _seed_list(seeds, seed), nsteps=nsteps, scales=schedule,
                          out_dir=out, label=label, patch_size=patch_size, batch=batch, scales_source=sources, log=log,
-                         baseline=baseline)
+                         baseline=baseline, overwrite=overwrite)
     print(agreement_report(summary))
     print(f"wrote {out}/ (r2_summary.json, samples_grid.png)")
-
 
 
 # ------------------------------------------------------------------ the pipeline commands

@@ -199,6 +199,49 @@ def test_conditional_sample_writes_labels_and_uses_them(tmp_path):
         sample(["els", "els-borders"], net, images, labels, seeds=[5], nsteps=3, out_dir=tmp_path)
 
 
+def test_sample_into_an_existing_folder_checks_its_settings(tmp_path):
+    """Same settings redo the same files; other settings are refused by name (or --overwrite deletes the old
+    run's files first); a folder of unrecorded samples is refused; an interrupted redo leaves no summary."""
+    images, labels = toy_images()
+    net = MachineNetwork(make_machine("els-borders", images, labels, patch_size=3), 3)
+    out = tmp_path / "out"
+    first = sample(["els-borders"], net, images, labels, seeds=[0, 1], nsteps=3, out_dir=out, patch_size=3)
+    recorded = json.loads((out / "sample_settings.json").read_text())
+    assert recorded["seeds"] == [0, 1] and recorded["machines"]["els-borders"] == {"patch_size": 3}
+    again = sample(["els-borders"], net, images, labels, seeds=[0, 1], nsteps=3, out_dir=out, patch_size=3)
+    assert again["machines"]["els-borders"]["r"] == first["machines"]["els-borders"]["r"]
+    for kw, setting in (({"nsteps": 4}, "nsteps"), ({"seeds": [0, 1, 2]}, "seeds"), ({"patch_size": 5}, "machines")):
+        with pytest.raises(EdtoolError, match=f"other settings \\({setting}"):
+            sample(["els-borders"], net, images, labels, **{"seeds": [0, 1], "nsteps": 3, "patch_size": 3, **kw},
+                   out_dir=out)
+    assert json.loads((out / "sample_settings.json").read_text()) == recorded  # the refusals wrote nothing
+    with pytest.raises(EdtoolError, match="other settings \\(images"):
+        sample(["els-borders"], net, images[:-1], labels[:-1], seeds=[0, 1], nsteps=3, out_dir=out, patch_size=3)
+
+    sample(["els-borders"], net, images, labels, seeds=[0], nsteps=4, out_dir=out, patch_size=3, overwrite=True)
+    assert not (out / "els_outputs" / "seed_1.npy").exists() and not (out / "seeds" / "seed_1.npy").exists()
+    assert json.loads((out / "r2_summary.json").read_text())["nsteps"] == 4
+
+    class Failing(MachineNetwork):  # the same network, killed in the middle of a redo
+        def eps(self, t, x, label=None):
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        sample(["els-borders"], Failing(net.machine, 3), images, labels, seeds=[0], nsteps=4, out_dir=out,
+               patch_size=3)
+    assert not (out / "r2_summary.json").exists()  # never a summary of other images than those beside it
+    assert not list(out.rglob(".*.tmp*"))
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "r2_summary.json").write_text("{}")
+    with pytest.raises(EdtoolError, match="did not record"):
+        sample(["els-borders"], net, images, labels, seeds=[0], nsteps=3, out_dir=foreign, patch_size=3)
+    assert (foreign / "r2_summary.json").read_text() == "{}"
+    sample(["els-borders"], net, images, labels, seeds=[0], nsteps=3, out_dir=foreign, patch_size=3, overwrite=True)
+    assert json.loads((foreign / "r2_summary.json").read_text())["seeds"] == [0]
+
+
 # ------------------------------------------------------------------ the commands
 
 
