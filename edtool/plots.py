@@ -94,9 +94,15 @@ def _time_axis(ax):
     ax.grid(alpha=0.3)
 
 
+def _noised_data(run: RunStore) -> bool:
+    """Whether the run measured at forward-noised held-out images (--points noised-data, SPEC 13)."""
+    return run.config.get("points", {}).get("source") == "noised-data"
+
+
 def _realization_title(run: RunStore, r: int) -> str:
     label = int(run.labels[r])
-    return f"realization {r} (seed {int(run.seeds[r])}{'' if label < 0 else f', label {label}'})"
+    image = f", held-out image {run.config['points']['indices'][r]}" if _noised_data(run) else ""
+    return f"realization {r} (seed {int(run.seeds[r])}{image}{'' if label < 0 else f', label {label}'})"
 
 
 def _legend(ax, **kw):
@@ -137,7 +143,8 @@ def _single_figure(run: RunStore, done: np.ndarray, r: int) -> Figure:
         name = run.models[m]
         ax_lin.plot(run.time, ed[m], marker="o", ms=3, color=model_color(name), label=name)
         ax_log.plot(run.time, ed[m], marker="o", ms=3, color=model_color(name), label=name + _off_log(ed[m]))
-    for ax, title in ((ax_lin, "ED along the reverse process"), (ax_log, "ED, log scale")):
+    where = "at the noised held-out image" if _noised_data(run) else "along the reverse process"
+    for ax, title in ((ax_lin, f"ED {where}"), (ax_log, "ED, log scale")):
         _time_axis(ax)
         ax.set_ylabel(ED_LABEL)
         ax.set_title(title)
@@ -164,7 +171,8 @@ def _single_figure(run: RunStore, done: np.ndarray, r: int) -> Figure:
         ax = fig.add_subplot(image_grid[0, m])
         missing = np.full(run.image_shape, np.nan)
         _show_image(ax, run.read("final", model=m, realizations=[r])[0] if done[r, m] else missing)
-        ax.set_title(f"{name}: final image", color=model_color(name), fontsize="medium")
+        ax.set_title(f"{name}: {'held-out image x_0' if _noised_data(run) else 'final image'}",
+                     color=model_color(name), fontsize="medium")
     fig.suptitle(f"Exterior derivative of the score, {_realization_title(run, r)}", fontsize="x-large")
     return fig
 

@@ -147,3 +147,5 @@ def test_aggregate_command_names_both_nasym_averages(tmp_path, held_out_root, ca
     code, out, err = cli(capsys, monkeypatch, "aggregate", tmp_path / "run")
     assert code == 0, err
     assert "NAsym" in out and "mean of ratios" in out and "ratio of means" in out and "noised-data" in out
+    code, out, err = cli(capsys, monkeypatch, "plot", tmp_path / "run")  # figures say what the points are
+    assert code == 0 and "ed_analysis" in out, err
