@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from edtool.diffusion import ddim_sample, initial_noise
+from edtool.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
+from edtool.machines import ALIASES, MACHINES
 from edtool.scales import check_patch_size
 
 NETWORKS = ("unet", "resnet")
-MACHINES = ("els", "els-borders", "els-circular", "ls", "is")
-ESTIMATORS = ("auto", "exact", "hutchinson", "analytic")
+MACHINE_NAMES = tuple(ALIASES) + MACHINES  # what --models accepts: `els` follows the networks' padding
 
 
 @dataclass
@@ -79,8 +80,8 @@ def validate(cfg: ComputeConfig) -> None:
     if not cfg.models:
         raise EdtoolError("no models given; e.g. --models unet,resnet,els")
     for m in cfg.models:
-        if m not in NETWORKS + MACHINES:
-            raise EdtoolError(f"unknown model {m!r}; choose from {', '.join(NETWORKS + MACHINES)}")
+        if m not in NETWORKS + MACHINE_NAMES:
+            raise EdtoolError(f"unknown model {m!r}; choose from {', '.join(NETWORKS + MACHINE_NAMES)}")
     if len(set(cfg.models)) != len(cfg.models):
         raise EdtoolError(f"a model is listed twice in --models {','.join(cfg.models)}")
     if cfg.nsteps < 1:
@@ -154,10 +155,11 @@ def probe_seed(run_seed: int, realization: int, model: str, step: int) -> int:
 
 @dataclass
 class Study:
-    """Everything compute needs, loaded once: fields by model name, seeds, labels, store config."""
+    """Everything compute needs, loaded once: the models (networks and machines) by name, seeds,
+    labels, store config."""
 
     cfg: ComputeConfig
-    fields: dict
+    models: dict
     seeds: List[int]
     labels: List[int]
     image_shape: tuple
@@ -188,11 +190,11 @@ def prepare(cfg: ComputeConfig) -> Study:
     device = resolve_device(cfg.device)
     images, labels = load_dataset(cfg.dataset, root=cfg.data_root)
     image_shape = tuple(images.shape[1:])
-    notes, fields, config_models = [], {}, {}
+    notes, models, config_models = [], {}, {}
 
     network_paths = {}
     for arch in NETWORKS:
-        if arch in cfg.models or (arch == "resnet" and any(m in MACHINES for m in cfg.models)):
+        if arch in cfg.models or (arch == "resnet" and any(m in MACHINE_NAMES for m in cfg.models)):
             try:
                 network_paths[arch] = _network_path(cfg, arch)
             except EdtoolError:
@@ -203,11 +205,11 @@ def prepare(cfg: ComputeConfig) -> Study:
         if arch not in cfg.models:
             continue
         net = checkpoints.load(network_paths[arch], dataset=cfg.dataset, image_shape=image_shape, device=device)
-        fields[arch] = net
+        models[arch] = net
         padding = net.manifest.get("padding", padding)
         config_models[arch] = {"path": str(network_paths[arch]), "sha256": checkpoints.file_hash(network_paths[arch])}
 
-    conditional = any(getattr(f, "conditional", False) for f in fields.values())
+    conditional = any(getattr(f, "conditional", False) for f in models.values())
     if cfg.label is not None:
         if not 0 <= cfg.label <= int(labels.max()):
             raise EdtoolError(f"--label {cfg.label} is not a class of {cfg.dataset} (0..{int(labels.max())})")
@@ -224,7 +226,7 @@ def prepare(cfg: ComputeConfig) -> Study:
                 notes.append(fallback_note(name, cfg.patch_size))
         machine, info = build_machine(kind, images.to(device), labels.to(device), scales=scales,
                                       patch_size=cfg.patch_size, source=source)
-        fields[name] = machine
+        models[name] = machine
         config_models[name] = {"machine": kind, **info}
 
     seeds = [cfg.seed + r for r in range(cfg.realizations)]
@@ -243,7 +245,7 @@ def prepare(cfg: ComputeConfig) -> Study:
     }
     if points is not None:  # trajectory runs keep the config they always had, so they resume as before
         config["points"] = points
-    return Study(cfg, fields, seeds, run_labels, image_shape, config, device, notes, held_out)
+    return Study(cfg, models, seeds, run_labels, image_shape, config, device, notes, held_out)
 
 
 def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
@@ -293,21 +295,56 @@ class _Timer:
         self.seconds[phase] += time.perf_counter() - since
 
 
-def measure(model, name: str, x_T: torch.Tensor, label, rows: List[int], study: Study, timer: _Timer,
-            reporter: Reporter, points: Optional[List[torch.Tensor]] = None) -> dict:
-    """Run one model's DDIM path from x_T (or visit the given shared points), measuring every step.
+@dataclass
+class Cell:
+    """One model's measurements for a batch of B realizations along nsteps steps, as the store takes them."""
 
-    Returns numpy arrays ed_fro, jac_fro, asym, ed_stderr (B, nsteps), curl_map (B, nsteps, H, W) or
-    None, final (B, C, H, W) and the list of visited points (for a shared trajectory).
-    """
+    ed_fro: np.ndarray  # (B, nsteps) ||J - J^T||_F
+    jac_fro: np.ndarray  # (B, nsteps) ||J||_F
+    asym: np.ndarray  # (B, nsteps) ed_fro / (sqrt(2) jac_fro)
+    ed_stderr: np.ndarray  # (B, nsteps) standard error of ed_fro (0 when exact)
+    final: Optional[np.ndarray]  # (B, C, H, W) the path's end at t = 0 (None on a shared path until set)
+    curl_map: Optional[np.ndarray] = None  # (B, nsteps, H, W) with --maps
+    points: list = field(default_factory=list)  # x at every step: what a shared trajectory reuses
+
+    @classmethod
+    def nan(cls, B: int, study: "Study") -> "Cell":
+        """Every number NaN: a step that is never measured stays NaN (and a failed path has no points)."""
+        n, (c, h, w) = study.cfg.nsteps, study.image_shape
+        return cls(*(np.full((B, n), np.nan) for _ in range(4)), final=np.full((B, c, h, w), np.nan),
+                   curl_map=np.full((B, n, h, w), np.nan) if study.cfg.maps else None)
+
+
+@dataclass
+class Batch:
+    """Realizations computed together: their row numbers, initial noises (B, C, H, W) and labels."""
+
+    rows: List[int]
+    x_T: torch.Tensor
+    label: Optional[torch.Tensor]
+
+
+@dataclass
+class _Job:
+    """What every batch of a compute() call shares: the study, the open store, progress, timings, failures."""
+
+    study: Study
+    run: object  # edtool.store.RunStore
+    reporter: Reporter
+    timer: _Timer = field(default_factory=_Timer)
+    failures: list = field(default_factory=list)
+
+
+def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tensor]] = None) -> Cell:
+    """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step."""
     from edtool.ed import exterior_derivative
 
-    cfg, nsteps, B = study.cfg, study.cfg.nsteps, x_T.shape[0]
-    out = _nan_cell(B, study)  # every step starts as NaN: one that is never measured stays NaN
-    visited = []
+    cfg, nsteps, model = job.study.cfg, job.study.cfg.nsteps, job.study.models[name]
+    B, label, rows = batch.x_T.shape[0], batch.label, batch.rows
+    out = Cell.nan(B, job.study)
 
     def on_step(j, t, x):
-        visited.append(x.detach())
+        out.points.append(x.detach())
         t0 = time.perf_counter()
         tb = torch.full((B,), t, dtype=x.dtype, device=x.device)
         with warnings.catch_warnings():
@@ -316,12 +353,12 @@ def measure(model, name: str, x_T: torch.Tensor, label, rows: List[int], study: 
                                       seed=[probe_seed(cfg.seed, r, name, j) for r in rows], rtol=cfg.rtol,
                                       curl_map=cfg.maps)
         for k in ("ed_fro", "jac_fro", "asym", "ed_stderr"):
-            out[k][:, j] = getattr(res, k).detach().double().cpu().numpy()
+            getattr(out, k)[:, j] = getattr(res, k).detach().double().cpu().numpy()
         if cfg.maps:
-            out["curl_map"][:, j] = res.curl_map.detach().double().cpu().numpy()
-        timer.add("jacobian", t0)
+            out.curl_map[:, j] = res.curl_map.detach().double().cpu().numpy()
+        job.timer.add("jacobian", t0)
         for i, r in enumerate(rows):
-            reporter.step(r, name, j, nsteps, float(out["asym"][i, j]))
+            job.reporter.step(r, name, j, nsteps, float(out.asym[i, j]))
 
     if points is None:
         eps = _eps_fn(model, label)
@@ -329,25 +366,15 @@ def measure(model, name: str, x_T: torch.Tensor, label, rows: List[int], study: 
         def timed_eps(t, x):
             t0 = time.perf_counter()
             e = eps(t, x)
-            timer.add("sampling", t0)
+            job.timer.add("sampling", t0)
             return e
 
-        final = ddim_sample(timed_eps, x_T, nsteps, on_step=on_step)
+        final = ddim_sample(timed_eps, batch.x_T, nsteps, on_step=on_step)
+        out.final = final.detach().double().cpu().numpy()
     else:
         for j, x in enumerate(points):
             on_step(j, (nsteps - j) / nsteps, x)
-        final = None
-    out["final"] = None if final is None else final.detach().double().cpu().numpy()
-    out["points"] = visited
-    return out
-
-
-def _nan_cell(B: int, study: Study) -> dict:
-    n, (c, h, w) = study.cfg.nsteps, study.image_shape
-    out = {k: np.full((B, n), np.nan) for k in ("ed_fro", "jac_fro", "asym", "ed_stderr")}
-    out["curl_map"] = np.full((B, n, h, w), np.nan) if study.cfg.maps else None
-    out["final"] = np.full((B, c, h, w), np.nan)
-    out["points"] = []  # a failed reference path has no points to share
+        out.final = None
     return out
 
 
@@ -360,23 +387,23 @@ def _is_out_of_memory(err: Exception) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def _measure_safely(model, name, x_T, label, rows, study, timer, reporter, points=None):
-    """measure(), but a failure inside one model becomes NaN for its cells plus a warning.
+def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
+    """measure(), but a failure inside one model becomes NaN for its cells plus a warning: (Cell, error or None).
 
     Out of memory with several realizations in the batch is not a failure of the model: it raises
     _OutOfMemory so that the batch is split; with one realization it is recorded as NaN like the rest.
     """
     try:
-        return measure(model, name, x_T, label, rows, study, timer, reporter, points), None
+        return measure(job, name, batch, points), None
     except (RuntimeError, ValueError, FloatingPointError) as err:  # incl. out of memory
         if _is_out_of_memory(err):
-            if x_T.is_cuda:
+            if batch.x_T.is_cuda:
                 torch.cuda.empty_cache()
-            if len(rows) > 1:
+            if len(batch.rows) > 1:
                 raise _OutOfMemory() from err
-        message = f"{name} failed on realization(s) {rows}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        message = f"{name} failed on realization(s) {batch.rows}: {type(err).__name__}: {str(err).splitlines()[0]}"
         warnings.warn(message + " -> stored as NaN")
-        return _nan_cell(x_T.shape[0], study), message
+        return Cell.nan(len(batch.rows), job.study), message
 
 
 # ------------------------------------------------------------------ the stage
@@ -422,7 +449,6 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     create = dict(config=study.config, models=names, seeds=study.seeds, labels=study.labels,
                   nsteps=cfg.nsteps, image_shape=study.image_shape, maps=cfg.maps)
     mine = shard_realizations(cfg.realizations, shard)
-    timer, failures = _Timer(), []
     # the lock comes first: --overwrite must not delete a run that a live process is filling
     with run_lock(location, shard=shard):
         if dist_shard is not None and dist_shard[0] != 0:
@@ -435,6 +461,7 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
                 if dist_shard is not None:
                     _barrier()
         record_shard(location, shard)
+        job = _Job(study, run, reporter)
         started = time.perf_counter()
         pending = run.pending(mine)
         redo = _failed_cells(run, mine) if cfg.retry_failed else []
@@ -447,7 +474,7 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
         while todo:
             rows = todo[:batch]
             try:
-                _compute_batch(run, study, rows, timer, reporter, failures, redo)
+                _compute_batch(job, rows, redo)
             except _OutOfMemory:  # cells finished before it are stored; the rest is retried in halves
                 batch = max(1, len(rows) // 2)
                 reporter.note(f"out of memory with {len(rows)} realizations per batch: lowering --batch to {batch}")
@@ -456,8 +483,8 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     if dist_shard is not None:
         _barrier()
     total = time.perf_counter() - started
-    return {"location": location, "progress": run.progress(), "failures": failures,
-            "timings": {**timer.seconds, "total": total}, "notes": study.notes, "shard": shard}
+    return {"location": location, "progress": run.progress(), "failures": job.failures,
+            "timings": {**job.timer.seconds, "total": total}, "notes": study.notes, "shard": shard}
 
 
 def _failed_cells(run, realizations: List[int]) -> list:
@@ -467,16 +494,15 @@ def _failed_cells(run, realizations: List[int]) -> list:
             if done[r, m] and not np.isfinite(ed[r, m]).all()]
 
 
-def _compute_batch(run, study: Study, rows: List[int], timer: _Timer, reporter: Reporter, failures: list,
-                   redo=()):
+def _compute_batch(job: _Job, rows: List[int], redo=()):
     """All not-yet-done models for a batch of realizations; each cell is written as soon as it is done."""
-    cfg, device = study.cfg, study.device
-    done = run.done_mask()
+    study, cfg, device = job.study, job.study.cfg, job.study.device
+    done = job.run.done_mask()
     for r, m in redo:
         done[r, m] = False
     x_T = torch.cat([initial_noise(study.seeds[r], (1, *study.image_shape)) for r in rows]).to(device)
     lab = [study.labels[r] for r in rows]
-    label = None if lab[0] < 0 else torch.tensor(lab, device=device)
+    batch = Batch(rows, x_T, None if lab[0] < 0 else torch.tensor(lab, device=device))
 
     names = list(cfg.models)
     points, reference_final = None, None
@@ -487,45 +513,46 @@ def _compute_batch(run, study: Study, rows: List[int], timer: _Timer, reporter: 
         points, reference_final = noised_points(x_0, x_T, cfg.nsteps), x_0.double().cpu().numpy()
     elif cfg.trajectory == "shared":
         ref = study.config["reference"]
-        # the reference path is always recomputed (cheaply, no Jacobians) if its cell is already done
-        ref_out, err = _measure_safely(study.fields[ref], ref, x_T, label, rows, study, timer, reporter) \
-            if not all(done[r, names.index(ref)] for r in rows) else (None, None)
-        if ref_out is None:
-            points, reference_final = _reference_path(study.fields[ref], x_T, label, cfg.nsteps)
+        if all(done[r, names.index(ref)] for r in rows):
+            # its cell is done: the path is recomputed, cheaply (no Jacobians)
+            points, reference_final = _reference_path(study.models[ref], batch, cfg.nsteps)
         else:
-            points, reference_final = ref_out["points"], ref_out["final"]
-            _write(run, rows, names.index(ref), ref_out, timer, reporter, ref, err, failures)
+            ref_out, err = _measure_safely(job, ref, batch)
+            points, reference_final = ref_out.points, ref_out.final
+            _write(job, names.index(ref), ref, batch, ref_out, err)
 
     for m, name in enumerate(names):
         if all(done[r, m] for r in rows) or (cfg.trajectory == "shared" and name == study.config["reference"]):
             continue
         if points is not None and not points:  # the reference path failed
-            out, err = _nan_cell(len(rows), study), f"{name}: reference path failed"
+            out, err = Cell.nan(len(rows), study), f"{name}: reference path failed"
         else:
-            out, err = _measure_safely(study.fields[name], name, x_T, label, rows, study, timer, reporter, points)
+            out, err = _measure_safely(job, name, batch, points)
             if points is not None and err is None:
-                out["final"] = reference_final
-        _write(run, rows, m, out, timer, reporter, name, err, failures)
+                out.final = reference_final
+        _write(job, m, name, batch, out, err)
 
 
-def _reference_path(model, x_T, label, nsteps):
+def _reference_path(model, batch: Batch, nsteps: int):
+    """The points a model's DDIM path visits and its end (float64 numpy), without measuring anything."""
     visited = []
-    final = ddim_sample(_eps_fn(model, label), x_T, nsteps, on_step=lambda j, t, x: visited.append(x.detach()))
+    final = ddim_sample(_eps_fn(model, batch.label), batch.x_T, nsteps,
+                        on_step=lambda j, t, x: visited.append(x.detach()))
     return visited, final.detach().double().cpu().numpy()
 
 
-def _write(run, rows, m, out, timer, reporter, name, err, failures):
-    """Write each realization's cell (data first, done flag last inside write_cell)."""
+def _write(job: _Job, m: int, name: str, batch: Batch, cell: Cell, err: Optional[str]):
+    """Write each realization's cell of model m (data first, done flag last inside write_cell)."""
     t0 = time.perf_counter()
-    if err is None and not np.all(np.isfinite(out["ed_fro"])):
-        err = f"{name}: non-finite values on realization(s) {rows} -> NaN"
+    if err is None and not np.all(np.isfinite(cell.ed_fro)):
+        err = f"{name}: non-finite values on realization(s) {batch.rows} -> NaN"
         warnings.warn(err)
-    for i, r in enumerate(rows):
-        run.write_cell(r, m, out["ed_fro"][i], out["jac_fro"][i], out["asym"][i], out["ed_stderr"][i],
-                       out["final"][i], None if out["curl_map"] is None else out["curl_map"][i])
-        asym = out["asym"][i]
+    for i, r in enumerate(batch.rows):
+        job.run.write_cell(r, m, cell.ed_fro[i], cell.jac_fro[i], cell.asym[i], cell.ed_stderr[i], cell.final[i],
+                           None if cell.curl_map is None else cell.curl_map[i])
+        asym = cell.asym[i]
         mean_asym = float(np.nanmean(asym)) if np.isfinite(asym).any() else math.nan
-        reporter.cell_done(r, name, mean_asym, err is not None)
+        job.reporter.cell_done(r, name, mean_asym, err is not None)
     if err is not None:
-        failures.append(err)
-    timer.add("store", t0)
+        job.failures.append(err)
+    job.timer.add("store", t0)

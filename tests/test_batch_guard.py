@@ -39,7 +39,7 @@ def _run(tmp_path, name, batch, monkeypatch=None, wrap=False):
 
         def prepare(c):
             study = real_prepare(c)
-            study.fields["resnet"] = wrappers["resnet"] = _FitsOneAtATime(study.fields["resnet"])
+            study.models["resnet"] = wrappers["resnet"] = _FitsOneAtATime(study.models["resnet"])
             return study
 
         monkeypatch.setattr(pipeline, "prepare", prepare)
@@ -76,7 +76,7 @@ def test_retry_failed_recomputes_only_the_nan_cells(tmp_path, monkeypatch):
 
     def broken_prepare(c):
         study = real_prepare(c)
-        study.fields["resnet"] = _Broken()
+        study.models["resnet"] = _Broken()
         return study
 
     monkeypatch.setattr(pipeline, "prepare", broken_prepare)

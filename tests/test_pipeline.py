@@ -440,8 +440,8 @@ def test_a_failing_model_records_nan_with_a_warning_and_the_run_goes_on(tmp_path
 
     def prepare(cfg):
         study = real_prepare(cfg)
-        study.fields["resnet"] = _Failing(study.fields["resnet"], "nonfinite")
-        study.fields["unet"] = _Failing(study.fields["unet"], "raise")
+        study.models["resnet"] = _Failing(study.models["resnet"], "nonfinite")
+        study.models["unet"] = _Failing(study.models["unet"], "raise")
         return study
 
     monkeypatch.setattr(pipeline, "prepare", prepare)
