@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 
+from edtool.config import TrainConfig, default
 from edtool.errors import EdtoolError
 from edtool.fileio import refuse_existing
 
@@ -56,24 +57,30 @@ def _int_list(text: str, what: str) -> List[int]:
         raise EdtoolError(f"{what} must be integers separated by commas, e.g. 32,64,128 (got {text!r})") from None
 
 
+def _T(name: str):
+    """The default of a training setting: TrainConfig's, so the command and the library agree."""
+    return default(TrainConfig, name)
+
+
 @app.command()
 def train(
     arch: str = typer.Option(..., help="Network architecture: unet or resnet."),
-    dataset: str = typer.Option("mnist5k", help="Training data: mnist5k, mnist, fashionmnist, cifar10."),
+    dataset: str = typer.Option(_T("dataset"), help="Training data: mnist5k, mnist, fashionmnist, cifar10."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout (not needed for mnist5k)."),
-    conditional: bool = typer.Option(False, "--conditional", help="Class-conditional network."),
-    padding: str = typer.Option("zeros", help="Convolution padding: zeros or circular."),
-    steps: int = typer.Option(3000, min=1, help="Optimizer steps."),
-    batch: int = typer.Option(64, min=1, help="Images per step."),
-    lr: float = typer.Option(2e-3, help="Initial AdamW learning rate."),
-    lr_final_factor: float = typer.Option(0.05, help="Learning rate at the last step as a fraction of --lr."),
-    ema_decay: float = typer.Option(0.999, help="Ship the exponential moving average of the weights with this "
-                                    "decay (0: the raw weights)."),
-    seed: int = typer.Option(0, help="Seed of every random choice in training."),
-    fsizes: str = typer.Option("32,64,128", help="UNet channel widths per level."),
-    emb_dim: int = typer.Option(256, help="UNet time-embedding size."),
-    width: int = typer.Option(64, help="ResNet width (a multiple of 8, at least 16)."),
-    layers: int = typer.Option(4, help="ResNet residual layers."),
+    conditional: bool = typer.Option(_T("conditional"), "--conditional", help="Class-conditional network."),
+    padding: str = typer.Option(_T("padding"), help="Convolution padding: zeros or circular."),
+    steps: int = typer.Option(_T("steps"), min=1, help="Optimizer steps."),
+    batch: int = typer.Option(_T("batch"), min=1, help="Images per step."),
+    lr: float = typer.Option(_T("lr"), help="Initial AdamW learning rate."),
+    lr_final_factor: float = typer.Option(_T("lr_final_factor"), help="Learning rate at the last step as a "
+                                          "fraction of --lr."),
+    ema_decay: float = typer.Option(_T("ema_decay"), help="Ship the exponential moving average of the weights "
+                                    "with this decay (0: the raw weights)."),
+    seed: int = typer.Option(_T("seed"), help="Seed of every random choice in training."),
+    fsizes: str = typer.Option(",".join(map(str, _T("fsizes"))), help="UNet channel widths per level."),
+    emb_dim: int = typer.Option(_T("emb_dim"), help="UNet time-embedding size."),
+    width: int = typer.Option(_T("width"), help="ResNet width (a multiple of 8, at least 16)."),
+    layers: int = typer.Option(_T("layers"), help="ResNet residual layers."),
     out: Optional[Path] = typer.Option(None, help="Checkpoint path (default ./checkpoints/<dataset>_<arch>... in the "
                                        "working directory)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
@@ -83,18 +90,12 @@ def train(
     """Train a UNet or ResNet noise predictor with the paper's recipe; resumes if interrupted."""
     from edtool.data import load_dataset
     from edtool.paths import cache_dir, local_checkpoints_dir
-    from edtool.train import TrainConfig, default_name, train as run_training, work_dir_name
+    from edtool.train import default_name, train as run_training, work_dir_name
 
-    if arch not in ("unet", "resnet"):
-        raise EdtoolError(f"unknown --arch {arch!r}; choose unet or resnet")
-    if padding not in ("zeros", "circular"):
-        raise EdtoolError(f"unknown --padding {padding!r}; choose zeros or circular")
-    if arch == "resnet" and (width % 8 or width < 16):
-        raise EdtoolError(f"--width must be a multiple of 8 and at least 16 (GroupNorm with 8 groups needs "
-                          f"2 or more channels per group), got {width}")
     cfg = TrainConfig(arch=arch, dataset=dataset, conditional=conditional, padding=padding, steps=steps,
                       batch=batch, lr=lr, lr_final_factor=lr_final_factor, ema_decay=ema_decay, seed=seed,
-                      fsizes=_int_list(fsizes, "--fsizes"), emb_dim=emb_dim, width=width, layers=layers)
+                      fsizes=_int_list(fsizes, "--fsizes"), emb_dim=emb_dim, width=width,
+                      layers=layers).validate()  # before the data is loaded (train() checks it again)
     out = Path(out or local_checkpoints_dir() / default_name(cfg)).with_suffix(".safetensors")
     if not force:
         for path in (out, out.with_suffix(".json")):

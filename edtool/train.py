@@ -9,7 +9,7 @@ as an uninterrupted one.
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,33 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from edtool import checkpoints
+from edtool.config import TrainConfig
 from edtool.diffusion import add_noise, ddim_sample
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path
 from edtool.imageio import save_grid
 from edtool.models import Network, build_network
-
-
-@dataclass
-class TrainConfig:
-    """Every setting that changes the trained weights."""
-
-    arch: str = "unet"
-    dataset: str = "mnist5k"
-    conditional: bool = False
-    padding: str = "zeros"
-    steps: int = 4000
-    batch: int = 128
-    lr: float = 2e-3
-    lr_final_factor: float = 0.05  # learning rate at the last step = lr * this (exponential decay)
-    weight_decay: float = 0.0
-    seed: int = 0
-    fsizes: list = field(default_factory=lambda: [32, 64, 128])  # UNet widths
-    emb_dim: int = 256  # UNet time-embedding size
-    width: int = 64  # ResNet width (= its embedding size)
-    layers: int = 4  # ResNet residual layers
-    lastksize: int = 1
-    ema_decay: float = 0.999  # weights shipped = exponential moving average (0 = the raw weights)
 
 
 def arch_kwargs(cfg: TrainConfig, channels: int, num_classes: Optional[int]) -> dict:
@@ -80,12 +59,14 @@ def _state_path(work_dir: Path) -> Path:
 
 def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Path, work_dir: Path,
           ckpt_every: int = 250, command: str = "", log: Optional[Callable[[int, float, float], None]] = None,
-          stop_after: Optional[int] = None) -> Path:
-    """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs.
+          stop_after: Optional[int] = None) -> Optional[Path]:
+    """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs and return
+    the weights' path.
 
     `log(step, loss, lr)` is called every step; `stop_after` ends the run early (tests use it
-    to simulate an interruption) without writing the final checkpoint.
+    to simulate an interruption) without writing the final checkpoint, and returns None.
     """
+    cfg.validate()
     out = Path(out).with_suffix(".safetensors")
     work_dir.mkdir(parents=True, exist_ok=True)
     num_classes = int(labels.max()) + 1 if cfg.conditional else None

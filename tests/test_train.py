@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from edtool import checkpoints
-from edtool.cli import main
+from edtool.cli import app, main
+from edtool.config import default
 from edtool.errors import EdtoolError
 from edtool.paths import REPO_ROOT
 from edtool.train import TrainConfig, train, work_dir_name
@@ -40,11 +41,13 @@ def test_resumed_training_ends_with_the_same_weights(tmp_path):
 
 def test_training_writes_manifest_loss_curve_and_samples(tmp_path):
     images, labels = _tiny_data()
-    path = train(_cfg(conditional=True), images, labels, tmp_path / "m", tmp_path / "w", command="edtool train x")
+    losses = []
+    path = train(_cfg(conditional=True), images, labels, tmp_path / "m", tmp_path / "w", command="edtool train x",
+                 log=lambda step, loss, lr: losses.append(loss))
     manifest = json.loads(path.with_suffix(".json").read_text())
     assert manifest["arch"] == "unet" and manifest["conditional"] and manifest["num_classes"] == 3
     assert manifest["image_shape"] == [1, 8, 8] and manifest["training"]["command"] == "edtool train x"
-    assert manifest["final_loss"] > 0
+    assert len(losses) == 6 and manifest["final_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
     for suffix in ("_loss.png", "_samples.png"):
         assert (tmp_path / f"m{suffix}").stat().st_size > 1000
     net = checkpoints.load(path, dataset="tiny", image_shape=[1, 8, 8])
@@ -101,6 +104,28 @@ def test_a_work_dir_of_other_settings_is_refused_by_name(tmp_path):
         train(_cfg(steps=7, batch=2), images, labels, tmp_path / "a", tmp_path / "w")
     assert work_dir_name("x/a.safetensors", _cfg()) != work_dir_name("x/a.safetensors", _cfg(steps=7))
     assert work_dir_name("x/a.safetensors", _cfg()) == work_dir_name("y/a", _cfg())
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"arch": "vit"}, "--arch"), ({"padding": "reflect"}, "--padding"), ({"arch": "resnet", "width": 12}, "--width"),
+    ({"steps": 0}, "--steps"), ({"batch": 0}, "--batch"), ({"lr": 0.0}, "--lr"), ({"lr_final_factor": 0.0}, "final"),
+    ({"ema_decay": 1.0}, "--ema-decay"),
+])
+def test_train_refuses_bad_settings_before_writing_anything(tmp_path, kw, words):
+    images, labels = _tiny_data()
+    with pytest.raises(EdtoolError, match=words):
+        train(_cfg(**kw), images, labels, tmp_path / "m", tmp_path / "w")
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_command_and_the_library_share_their_defaults():
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]
+    options = {p.name: p.default for p in command.params}
+    for name in ("dataset", "steps", "batch", "lr", "lr_final_factor", "ema_decay", "seed", "emb_dim", "width", "layers"):
+        assert options[name] == default(TrainConfig, name), name
+    assert options["fsizes"] == ",".join(map(str, default(TrainConfig, "fsizes")))
 
 
 def test_shipped_weights_are_the_moving_average(tmp_path):

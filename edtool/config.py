@@ -1,0 +1,52 @@
+"""Settings objects without heavy imports, so the command line takes its defaults from them."""
+
+from dataclasses import dataclass, field, fields
+
+from edtool.errors import EdtoolError
+
+
+def default(cls, name: str):
+    """The default of one setting of a settings dataclass (default_factory included)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
+@dataclass
+class TrainConfig:
+    """Every setting that changes the trained weights (`edtool train` and `edtool.train.train`)."""
+
+    arch: str = "unet"
+    dataset: str = "mnist5k"
+    conditional: bool = False
+    padding: str = "zeros"
+    steps: int = 3000
+    batch: int = 64
+    lr: float = 2e-3
+    lr_final_factor: float = 0.05  # learning rate at the last step = lr * this (exponential decay)
+    weight_decay: float = 0.0
+    seed: int = 0
+    fsizes: list = field(default_factory=lambda: [32, 64, 128])  # UNet widths
+    emb_dim: int = 256  # UNet time-embedding size
+    width: int = 64  # ResNet width (= its embedding size)
+    layers: int = 4  # ResNet residual layers
+    lastksize: int = 1
+    ema_decay: float = 0.999  # weights shipped = exponential moving average (0 = the raw weights)
+
+    def validate(self) -> "TrainConfig":
+        """Refuse settings no network or optimizer can use (EdtoolError naming the option)."""
+        if self.arch not in ("unet", "resnet"):
+            raise EdtoolError(f"unknown --arch {self.arch!r}; choose unet or resnet")
+        if self.padding not in ("zeros", "circular"):
+            raise EdtoolError(f"unknown --padding {self.padding!r}; choose zeros or circular")
+        if self.arch == "resnet" and (self.width % 8 or self.width < 16):
+            raise EdtoolError(f"--width must be a multiple of 8 and at least 16 (GroupNorm with 8 groups needs "
+                              f"2 or more channels per group), got {self.width}")
+        for name in ("steps", "batch"):
+            if getattr(self, name) < 1:
+                raise EdtoolError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 < self.lr_final_factor <= 1:
+            raise EdtoolError(f"--lr must be positive and --lr-final-factor in (0, 1], got {self.lr} and "
+                              f"{self.lr_final_factor}")
+        if not 0 <= self.ema_decay < 1:
+            raise EdtoolError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        return self
