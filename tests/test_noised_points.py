@@ -149,3 +149,13 @@ def test_aggregate_command_names_both_nasym_averages(tmp_path, held_out_root, ca
     assert "NAsym" in out and "mean of ratios" in out and "ratio of means" in out and "noised-data" in out
     code, out, err = cli(capsys, monkeypatch, "plot", tmp_path / "run")  # figures say what the points are
     assert code == 0 and "ed_analysis" in out, err
+
+
+def test_analyze_with_noised_points_keeps_its_own_folder(tmp_path, held_out_root, capsys, monkeypatch):
+    common = ["analyze", "--output_dir", tmp_path / "res", "--models", "resnet", "--nsteps", "1", "--probes", "2",
+              "--device", "cpu", "--quiet", "--data-root", held_out_root[0]]
+    code, _, err = cli(capsys, monkeypatch, *common, "--points", "noised-data")
+    assert code == 0, err
+    run = open_run(tmp_path / "res" / "mnist5k" / "single_realization_noised_data")
+    assert run.config["points"]["held_out"]["dataset"] == "mnist"  # mnist5k's held-out set: MNIST's test split
+    assert not (tmp_path / "res" / "mnist5k" / "single_realization").exists()
