@@ -12,6 +12,11 @@ set ("the windows centred at these positions, in every training image"). One str
 a chunk of candidates with one matrix product, keeps a running log-sum-exp, and accumulates
 the weighted sums (sum w, sum w c and, for the Jacobian, sum w P and sum w c P^T) in float64.
 
+Many candidate windows are identical (on mnist5k only 38 % of the k = 3 windows are distinct:
+the all-background window dominates). Each cell's distinct windows are kept once, with log of
+their count added to their logit (`merge_plan`, `merged_keys`): the same weights, sums and
+Jacobian, on fewer columns.
+
 The Jacobian has a closed form (SPEC 5.3): d s_p / d x_q = (a^2/b^4) Cov_w(c, P[q - p]) -
 delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output number, and
 `band_ed` turns the band into ||J - J^T||_F, ||J||_F and the curl map exactly.
@@ -23,7 +28,7 @@ delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output 
 """
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -194,9 +199,9 @@ def _candidates_per_step(G: int, rows: int, width: int, chunk_size: int) -> int:
 
 
 def _gathered_keys(train_flat: Tensor, key_index: Tensor, step: int):
-    """Yield candidate keys (G, D+2, M) = [1; P; |P|^2], M <= step, gathered from the flat
-    padded training images for the window offsets key_index (G, L, D): every image, every
-    position."""
+    """Yield candidate keys (G, D+3, M) = [1; P; |P|^2; log count = 0], M <= step, gathered from
+    the flat padded training images for the window offsets key_index (G, L, D): every image,
+    every position, one column per window (nothing merged)."""
     N = train_flat.shape[0]
     G, L, D = key_index.shape
     positions = min(step, L)
@@ -206,7 +211,7 @@ def _gathered_keys(train_flat: Tensor, key_index: Tensor, step: int):
         for l in range(0, L, positions):
             P = block[:, key_index[:, l : l + positions]]  # (n, G, l, D)
             P = P.permute(1, 3, 0, 2).reshape(G, D, -1)
-            yield torch.cat([torch.ones_like(P[:, :1]), P, P.square().sum(1, keepdim=True)], 1)
+            yield torch.cat([torch.ones_like(P[:, :1]), P, P.square().sum(1, keepdim=True), torch.zeros_like(P[:, :1])], 1)
 
 
 def _image_keys(train_flat: Tensor, step: int):
@@ -217,7 +222,7 @@ def _image_keys(train_flat: Tensor, step: int):
 
 
 def _sliced_keys(keys: Tensor, step: int):
-    """Yield consecutive slices (G, D+2, <= step) of cached keys."""
+    """Yield consecutive slices (G, rows, <= step) of cached keys."""
     for m in range(0, keys.shape[-1], step):
         yield keys[..., m : m + step]
 
@@ -229,6 +234,70 @@ def _fill(out: Tensor, source) -> Tensor:
         out[..., m : m + keys.shape[-1]] = keys
         m += keys.shape[-1]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Identical candidate windows, merged (exact: a window met n times is one column with log n
+# added to its logit, so w and every weighted sum are unchanged)
+# ---------------------------------------------------------------------------------------------
+
+MERGE_BLOCK = 2**22  # window entries hashed or compared per step while merging (32 MiB of int64)
+
+
+def _windows(train_flat: Tensor, cell_index: Tensor, m: Tensor) -> Tensor:
+    """Candidate windows (M, D) number m = i * L + l of one cell: image i, position l of
+    cell_index (L, D)."""
+    L = cell_index.shape[0]
+    return train_flat[(m // L)[:, None], cell_index[m % L]]
+
+
+def _row_hash(rows: Tensor) -> Tensor:
+    """A 64-bit hash (M,) of the bit patterns of each row of rows (M, D): equal rows, equal hashes."""
+    if rows.element_size() not in (4, 8):
+        rows = rows.float()
+    bits = rows.contiguous().view(torch.int32 if rows.element_size() == 4 else torch.int64).long()
+    g = torch.Generator().manual_seed(20292)
+    mult = torch.randint(-(2**62), 2**62, (rows.shape[1],), generator=g).to(rows.device) * 2 + 1
+    return (bits * mult).sum(-1)  # wraps modulo 2^64
+
+
+def merge_plan(train_flat: Tensor, cell_index: Tensor):
+    """The distinct candidate windows of one cell and how often each occurs: (rep (U,), count (U,)),
+    rep the number i * L + l of each kind's first window. Windows are grouped by a hash of their
+    bits and every window is then compared with its group's first, entry by entry: a hash
+    collision only leaves windows unmerged (count 1), never merges different ones. Transient
+    memory: four int64 per candidate."""
+    dev = train_flat.device
+    M = train_flat.shape[0] * cell_index.shape[0]
+    step = max(1, MERGE_BLOCK // cell_index.shape[1])
+    blocks = [torch.arange(s, min(s + step, M), device=dev) for s in range(0, M, step)]
+    hashes = torch.cat([_row_hash(_windows(train_flat, cell_index, m)) for m in blocks])
+    _, inverse, count = torch.unique(hashes, return_inverse=True, return_counts=True)
+    del hashes
+    rep = torch.full_like(count, M).scatter_reduce_(0, inverse, torch.arange(M, device=dev), "amin")
+    bad = torch.cat([m[(_windows(train_flat, cell_index, m) != _windows(train_flat, cell_index, rep[inverse[m]])).any(1)]
+                     for m in blocks])
+    if len(bad):  # equal hashes, different windows: those stand alone
+        count = count.index_add(0, inverse[bad], -torch.ones_like(bad))
+        rep, count = torch.cat([rep, bad]), torch.cat([count, torch.ones_like(bad)])
+    order = rep.argsort()  # image order: neighbouring columns come from the same image
+    return rep[order], count[order]
+
+
+def merged_keys(train_flat: Tensor, key_index: Tensor, plans: Sequence) -> Tensor:
+    """Keys (G, D+3, U) = [1; P; |P|^2; log count] of each cell's distinct windows (plans from
+    merge_plan); cells with fewer than U are padded with columns of weight 0 (log count -inf)."""
+    G, L, D = key_index.shape
+    U = max(len(rep) for rep, _ in plans)
+    keys = train_flat.new_zeros(G, D + 3, U)
+    keys[:, 0] = 1
+    keys[:, D + 2] = torch.finfo(train_flat.dtype).min / 4  # exp of it is 0 (or the CPU floor, < 1e-34)
+    for g, (rep, count) in enumerate(plans):
+        P = _windows(train_flat, key_index[g], rep).T  # (D, U_g)
+        keys[g, 1 : D + 1, : len(rep)] = P
+        keys[g, D + 1, : len(rep)] = P.square().sum(0)
+        keys[g, D + 2, : len(rep)] = count.to(train_flat.dtype).log()
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,28 +383,59 @@ def band_ed(band: Tensor, padding: str, curl_map: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-class Machine:
-    """One analytic score machine over a fixed training set: `.score`, `.eps`, `.jacobian`, `.field`."""
+LastScore = namedtuple("LastScore", "x t k label score")  # a Jacobian's inputs and the score it also gave
 
-    def __init__(self, name, images, labels, patch_sizes, chunk_size, paper_circular, cache_bytes):
+
+class KeyCache:
+    """Candidate key sets kept between calls, per (label, k, dtype, device), within `budget`
+    bytes: the least recently used sets make room; a set that alone exceeds the budget is
+    refused (and remembered as such) and its keys are gathered afresh at every call."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.sets = OrderedDict()
+        self.refused = set()
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for keys in self.sets.values() for t in keys)
+
+    def get(self, key, plan: Callable[[], tuple]) -> Optional[list]:
+        """The key tensors under `key`, or None when they do not fit. On first use plan() returns
+        (bytes needed, make), and make() builds them once the older sets have made room."""
+        if key in self.refused:
+            return None
+        if key not in self.sets:
+            need, make = plan()
+            if need > self.budget:
+                self.refused.add(key)
+                return None
+            while self.sets and need + self.nbytes() > self.budget:
+                self.sets.popitem(last=False)
+            self.sets[key] = make()
+        self.sets.move_to_end(key)
+        return self.sets[key]
+
+
+class Machine:
+    """What every analytic score machine shares: settings, input checks, the split of a batch
+    into runs of one patch size and one label, the padded training images; `.score`, `.eps`,
+    `.jacobian`, `.field`. Subclasses say how a run is scored (`_score_run`, `_jacobian_run`)."""
+
+    padding = "zeros"
+
+    def __init__(self, name, images, labels, patch_sizes, chunk_size, cache_bytes):
         self.name = name
-        self.padding = "circular" if name == "els-circular" else "zeros"
         self.patch_sizes = patch_sizes  # None for `is`, else one size per scale entry
         self.chunk_size = chunk_size
-        self.cache_bytes = cache_bytes
-        self.paper_circular = paper_circular
         self.images = images
         self.labels = labels
         self._cache = {}  # padded training images and window indices
-        self._keys = OrderedDict()  # candidate keys per (label, k, dtype, device), within cache_bytes
-        self._last_score = None  # (x, t, k, label, score) of the last Jacobian: DDIM asks for that score next
+        self._keys = KeyCache(cache_bytes)
 
     # -- settings ---------------------------------------------------------------------------
 
     def patch_size_at(self, t: float) -> Optional[int]:
         """The patch size used at time t (None for `is`, which uses the whole image)."""
-        if self.patch_sizes is None:
-            return None
         return self.patch_sizes[scale_index(t, len(self.patch_sizes))]
 
     def _coefficients(self, t: Tensor, x: Tensor):
@@ -377,20 +477,24 @@ class Machine:
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor, got {x.dtype}")
 
-    def _subsets(self, t: Tensor, label: Optional[Tensor]):
-        """Split the batch into runs that share one patch size and one label: [(index, k, label)]."""
+    def _runs(self, t, x: Tensor, label):
+        """Checked (t, label) and the batch split into runs sharing one patch size and one label:
+        [(index, k, label)]."""
+        self._check_x(x)
+        t = self._times(t, x)
+        label = self._labels(label, x.shape[0], x.device)
         ks = [self.patch_size_at(v) for v in t.tolist()]
         labs = [None] * len(ks) if label is None else label.tolist()
         runs = {}
         for b, key in enumerate(zip(ks, labs)):
             runs.setdefault(key, []).append(b)
-        return [(torch.tensor(idx, device=t.device), k, lab) for (k, lab), idx in runs.items()]
+        return t, label, [(torch.tensor(idx, device=t.device), k, lab) for (k, lab), idx in runs.items()]
 
     # -- cached training data ---------------------------------------------------------------
 
-    def _train(self, label, k, x: Tensor) -> Tensor:
-        """The training images with this label, padded for patch size k and flattened: (N, F)."""
-        key = ("train", label, k, x.dtype, x.device)
+    def _train(self, label, r: int, x: Tensor) -> Tensor:
+        """The training images with this label, padded by r and flattened: (N, F)."""
+        key = ("train", label, r, x.dtype, x.device)
         if key not in self._cache:
             images = self.images
             if label is not None:
@@ -398,168 +502,14 @@ class Machine:
                 if len(images) == 0:
                     raise ValueError(f"no training images have label {label}")
             images = images.to(device=x.device, dtype=x.dtype)
-            r = 0 if k is None else k // 2
             self._cache[key] = pad_images(images, r, self.padding == "circular").flatten(1).contiguous()
         return self._cache[key]
-
-    def _groups(self, k: int, x: Tensor) -> list:
-        """The stacked candidate cells of this machine for patch size k, on x's device."""
-        key = ("groups", k, x.device)
-        if key not in self._cache:
-            C, H, W = x.shape[1:]
-            cells = candidate_cells(self.name, H, W, k, self.paper_circular)
-            self._cache[key] = _stack_cells(cells, C, H, W, k, x.device)
-        return self._cache[key]
-
-    def _candidates(self, label, k, x: Tensor) -> list:
-        """Per group, a function step -> chunks (G, D+2, <= step) of its candidate keys
-        [1; P; |P|^2]: slices of the key cache when the whole set fits `cache_bytes` (the
-        least recently used sets make room), else gathered from the padded images."""
-        train = self._train(label, k, x)
-        if k is None:  # `is`: one group, the whole images are the windows
-            sources = [lambda step: _image_keys(train, step)]
-            shapes = [(1, train.shape[1] + 2, len(train))]
-        else:
-            groups = self._groups(k, x)
-            sources = [lambda step, idx=key_index: _gathered_keys(train, idx, step) for _, _, key_index in groups]
-            shapes = [(idx.shape[0], idx.shape[2] + 2, len(train) * idx.shape[1]) for _, _, idx in groups]
-        key = (label, k, x.dtype, x.device)
-        if key not in self._keys:
-            need = sum(math.prod(shape) for shape in shapes) * train.element_size()
-            if need > self.cache_bytes:
-                return sources
-            while self._keys and need + sum(sum(t.nbytes for t in v) for v in self._keys.values()) > self.cache_bytes:
-                self._keys.popitem(last=False)
-            self._keys[key] = [_fill(train.new_empty(shape), source) for shape, source in zip(shapes, sources)]
-        self._keys.move_to_end(key)
-        return [lambda step, keys=keys: _sliced_keys(keys, step) for keys in self._keys[key]]
-
-    # -- the engine, per run ----------------------------------------------------------------
-
-    def _local_moments(self, x, a, b2, k, label, jacobian: bool) -> Tensor:
-        """Posterior moments per pixel (B, H*W, V): V = [1, c] (score) or [1, c] x [1, P]
-        flattened (jacobian), in float64."""
-        B, C, H, W = x.shape
-        D = C * k * k
-        center = torch.arange(C, device=x.device) * k * k + (k // 2) * k + k // 2
-        value_rows = torch.cat([center.new_zeros(1), 1 + center])  # rows [1; c] of the keys
-        xflat = pad_images(x, k // 2, self.padding == "circular").flatten(1)
-        scale = (a / b2).view(B, 1, 1, 1)
-        bias = (-a * a / (2 * b2)).view(B, 1, 1, 1)
-
-        def values_of(keys):  # keys (G, D+2, M) -> values (G, V, M)
-            vc = keys[:, value_rows]
-            if not jacobian:
-                return vc
-            return (vc[:, :, None] * keys[:, None, : D + 1]).flatten(1, 2)
-
-        width = (1 + C) * (1 + D) if jacobian else D + 2
-        pixels, pieces = [], []
-        for (pix, query_index, _), source in zip(self._groups(k, x), self._candidates(label, k, x)):
-            G, R, _ = query_index.shape
-            q = xflat[:, query_index]  # (B, G, R, D)
-            q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1)], -1)
-            q = q.transpose(0, 1).reshape(G, B * R, D + 2)
-            step = _candidates_per_step(G, B * R, width, self.chunk_size)
-            m = posterior_moments(q, source(step), values_of)
-            pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
-            pixels.append(pix.reshape(-1))
-        order = torch.argsort(torch.cat(pixels))
-        return torch.cat(pieces, 1)[:, order]
-
-    def _ideal_queries(self, x, a, b2) -> Tensor:
-        """Rows [0, a x / b^2, -a^2 / (2 b^2)] (1, B, n+2) for whole-image candidates."""
-        q = x.flatten(1) * (a / b2)[:, None]
-        return torch.cat([torch.zeros_like(q[:, :1]), q, (-a * a / (2 * b2))[:, None]], -1)[None]
-
-    def _ideal_mean(self, x, a, b2, label) -> Tensor:
-        """E_w[y] (B, n) over whole training images y: the ideal (empirical) score's posterior."""
-        n = x[0].numel()
-        (source,) = self._candidates(label, None, x)
-        step = _candidates_per_step(1, x.shape[0], n + 2, self.chunk_size)
-        moments = posterior_moments(self._ideal_queries(x, a, b2), source(step), lambda keys: keys[:, : n + 1])
-        return moments[0, :, 1:]
-
-    def _remembered_score(self, x, t, k, label) -> Optional[Tensor]:
-        """The score saved by the last _jacobian_run if it was for exactly these inputs, else None.
-        Only outside autograd (DDIM's no_grad evaluation): a differentiated call always recomputes."""
-        last = self._last_score
-        if torch.is_grad_enabled() or last is None or last[2] != k or x.shape != last[0].shape or x.dtype != last[0].dtype:
-            return None
-        if isinstance(label, Tensor) or isinstance(last[3], Tensor):
-            same_label = isinstance(label, Tensor) and isinstance(last[3], Tensor) and torch.equal(label, last[3])
-        else:
-            same_label = label == last[3]
-        if same_label and torch.equal(t, last[1]) and torch.equal(x, last[0]):
-            return last[4]
-        return None
-
-    def _score_run(self, x, t, k, label) -> Tensor:
-        """The score for samples that share patch size k and label."""
-        remembered = self._remembered_score(x, t, k, label)
-        if remembered is not None:  # measured the Jacobian here a moment ago: same sums, no second pass
-            return remembered
-        a, b2 = self._coefficients(t, x)
-        B, C, H, W = x.shape
-        if k is None:
-            mean = self._ideal_mean(x, a, b2, label).view_as(x)
-        else:
-            m = self._local_moments(x, a, b2, k, label, jacobian=False)  # (B, HW, 1 + C)
-            mean = m[..., 1:].transpose(1, 2).reshape(B, C, H, W)
-        ab = a.view(B, 1, 1, 1)
-        return -(x - ab * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
-
-    def _jacobian_run(self, x, t, k, label) -> Tensor:
-        """The closed-form Jacobian for samples sharing k and label: band, or dense for `is`."""
-        a, b2 = self._coefficients(t, x)
-        B, C, H, W = x.shape
-        if k is None:
-            return self._ideal_jacobian(x, a, b2, label)
-        D = C * k * k
-        m = self._local_moments(x, a, b2, k, label, jacobian=True).view(B, H * W, 1 + C, 1 + D)
-        cov = m[..., 1:, 1:] - m[..., 1:, :1] * m[..., :1, 1:]  # Cov_w(c_i, P_j): (B, HW, C, D)
-        center = torch.arange(C, device=x.device) * k * k + (k // 2) * k + k // 2
-        delta = torch.zeros(C, D, dtype=torch.float64, device=x.device)
-        delta[torch.arange(C), center] = 1
-        a64, b64 = a.double().view(B, 1, 1, 1), b2.double().view(B, 1, 1, 1)
-        band = (a64**2 / b64**2) * cov - delta / b64
-        band = band.view(B, H, W, C, C, k, k).permute(0, 3, 1, 2, 4, 5, 6).to(x.dtype)
-        if self.padding == "zeros":
-            band = band * _band_valid(H, W, k, x.device)[None, None, :, :, None]
-        mean = m[..., 1:, 0].transpose(1, 2).reshape(B, C, H, W)  # E_w[c], the score's posterior mean
-        score = -(x - a.view(B, 1, 1, 1) * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
-        self._last_score = (x.detach().clone(), t.detach().clone(), k,
-                            label.detach().clone() if isinstance(label, Tensor) else label, score.detach())
-        return band
-
-    def _ideal_jacobian(self, x, a, b2, label) -> Tensor:
-        """Dense (B, n, n) Jacobian of the ideal score: (a^2/b^4) Cov_w(y) - I/b^2; weights below
-        eps^2 of the total are dropped (their share is below float precision)."""
-        train = self._train(label, None, x)  # (N, n)
-        B, n = x.shape[0], train.shape[1]
-        (source,) = self._candidates(label, None, x)
-        q = self._ideal_queries(x, a, b2)
-        step = _candidates_per_step(1, B, n + 2, self.chunk_size)
-        w = torch.softmax(torch.cat([torch.bmm(q, keys)[0] for keys in source(step)], -1).double(), -1)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        tiny = torch.finfo(x.dtype).eps ** 2
-        out = []
-        for b in range(B):
-            keep = w[b] > tiny
-            wb = (w[b][keep] / w[b][keep].sum()).to(x.dtype)
-            yb = train[keep]
-            z = (yb - wb @ yb) * wb.sqrt()[:, None]
-            out.append((a[b] ** 2 / b2[b] ** 2) * (z.T @ z) - eye / b2[b])
-        return torch.stack(out)
 
     # -- public -----------------------------------------------------------------------------
 
     def score(self, t, x: Tensor, label=None) -> Tensor:
         """The machine's score s(t, x) (B, C, H, W); t a float or (B,), label None or (B,)."""
-        self._check_x(x)
-        t = self._times(t, x)
-        label = self._labels(label, x.shape[0], x.device)
-        runs = self._subsets(t, label)
+        t, label, runs = self._runs(t, x, label)
         if len(runs) == 1:
             _, k, lab = runs[0]
             return self._score_run(x, t, k, lab)
@@ -572,31 +522,13 @@ class Machine:
         return score_to_eps(self.score(t, x, label), self._times(t, x).to(x.dtype))
 
     def jacobian(self, t, x: Tensor, label=None) -> Tensor:
-        """The closed-form score Jacobian: band (B, C, H, W, C, k, k), entry [b, c, y, x, c', dy, dx]
-        = d s_{c,y,x} / d x_{c', y+dy-k//2, x+dx-k//2} (0 at zero padding; circular positions wrap);
-        for `is` the dense (B, n, n) matrix."""
-        self._check_x(x)
-        t = self._times(t, x)
-        label = self._labels(label, x.shape[0], x.device)
-        runs = self._subsets(t, label)
+        """The closed-form score Jacobian (see the subclass for its shape)."""
+        t, label, runs = self._runs(t, x, label)
         if len({k for _, k, _ in runs}) > 1:
             raise ValueError("jacobian: all samples of a batch must use the same patch size; split the batch by t")
         idx = torch.cat([i for i, _, _ in runs])
         parts = [self._jacobian_run(x[i], t[i], k, lab) for i, k, lab in runs]
         return parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(idx)]
-
-    def analytic_ed(self, t, x: Tensor, label=None, curl_map: bool = False) -> dict:
-        """Exact ed_fro, jac_fro (B,) and the curl map (B, H, W) or None, from the closed form."""
-        C, H, W = x.shape[1:]
-        if self.name == "is":  # one sample at a time: the dense Jacobian is n x n
-            t = self._times(t, x)
-            label = self._labels(label, x.shape[0], x.device)
-            res = [
-                dense_ed(self.jacobian(t[b : b + 1], x[b : b + 1], None if label is None else label[b : b + 1]), (C, H, W), curl_map)
-                for b in range(x.shape[0])
-            ]
-            return {key: None if res[0][key] is None else torch.cat([r[key] for r in res]) for key in res[0]}
-        return band_ed(self.jacobian(t, x, label), self.padding, curl_map)
 
     def field(self, t, label=None) -> "MachineField":
         """The score field x -> s(t, x) at one time, with its exact `analytic_ed`."""
@@ -604,7 +536,206 @@ class Machine:
 
     def __repr__(self):
         sizes = "whole image" if self.patch_sizes is None else self.patch_sizes
-        return f"Machine({self.name!r}, {len(self.images)} images, patch sizes {sizes})"
+        return f"{type(self).__name__}({self.name!r}, {len(self.images)} images, patch sizes {sizes})"
+
+
+class IdealMachine(Machine):
+    """The ideal score `is`: the exact score of the empirical distribution, whole training images
+    as candidates; its Jacobian is dense (n x n) and symmetric."""
+
+    def __init__(self, images, labels, chunk_size, cache_bytes):
+        super().__init__("is", images, labels, None, chunk_size, cache_bytes)
+
+    def patch_size_at(self, t: float) -> None:
+        return None
+
+    def _source(self, label, x: Tensor):
+        """A function step -> chunks (1, n+2, <= step) of the whole-image keys [1; y; |y|^2]."""
+        train = self._train(label, 0, x)
+        shape = (1, train.shape[1] + 2, len(train))
+        make = lambda: [_fill(train.new_empty(shape), lambda step: _image_keys(train, step))]
+        cached = self._keys.get((label, None, x.dtype, x.device), lambda: (math.prod(shape) * train.element_size(), make))
+        if cached is None:
+            return lambda step: _image_keys(train, step)
+        return lambda step: _sliced_keys(cached[0], step)
+
+    def _queries(self, x, a, b2) -> Tensor:
+        """Rows [0, a x / b^2, -a^2 / (2 b^2)] (1, B, n+2) for whole-image candidates."""
+        q = x.flatten(1) * (a / b2)[:, None]
+        return torch.cat([torch.zeros_like(q[:, :1]), q, (-a * a / (2 * b2))[:, None]], -1)[None]
+
+    def _score_run(self, x, t, k, label) -> Tensor:
+        """-(x - a E_w[y]) / b^2 over whole training images y, for samples sharing a label."""
+        a, b2 = self._coefficients(t, x)
+        n = x[0].numel()
+        step = _candidates_per_step(1, x.shape[0], n + 2, self.chunk_size)
+        moments = posterior_moments(self._queries(x, a, b2), self._source(label, x)(step), lambda keys: keys[:, : n + 1])
+        mean = moments[0, :, 1:].view_as(x)
+        ab = a.view(-1, 1, 1, 1)
+        return -(x - ab * mean.to(x.dtype)) / b2.view(-1, 1, 1, 1)
+
+    def _jacobian_run(self, x, t, k, label) -> Tensor:
+        """Dense (B, n, n) Jacobian of the ideal score: (a^2/b^4) Cov_w(y) - I/b^2; weights below
+        eps^2 of the total are dropped (their share is below float precision)."""
+        a, b2 = self._coefficients(t, x)
+        train = self._train(label, 0, x)  # (N, n)
+        B, n = x.shape[0], train.shape[1]
+        q = self._queries(x, a, b2)
+        step = _candidates_per_step(1, B, n + 2, self.chunk_size)
+        w = torch.softmax(torch.cat([torch.bmm(q, keys)[0] for keys in self._source(label, x)(step)], -1).double(), -1)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        tiny = torch.finfo(x.dtype).eps ** 2
+        out = []
+        for b in range(B):
+            keep = w[b] > tiny
+            wb = (w[b][keep] / w[b][keep].sum()).to(x.dtype)
+            yb = train[keep]
+            z = (yb - wb @ yb) * wb.sqrt()[:, None]
+            out.append((a[b] ** 2 / b2[b] ** 2) * (z.T @ z) - eye / b2[b])
+        return torch.stack(out)
+
+    def jacobian(self, t, x: Tensor, label=None) -> Tensor:
+        """The dense (B, n, n) Jacobian d s / d x of the ideal score."""
+        return super().jacobian(t, x, label)
+
+    def analytic_ed(self, t, x: Tensor, label=None, curl_map: bool = False) -> dict:
+        """Exact ed_fro, jac_fro (B,) and the curl map (B, H, W) or None, one sample at a time
+        (the dense Jacobian is n x n)."""
+        t = self._times(t, x)
+        label = self._labels(label, x.shape[0], x.device)
+        res = [
+            dense_ed(self.jacobian(t[b : b + 1], x[b : b + 1], None if label is None else label[b : b + 1]), x.shape[1:], curl_map)
+            for b in range(x.shape[0])
+        ]
+        return {key: None if res[0][key] is None else torch.cat([r[key] for r in res]) for key in res[0]}
+
+
+class LocalMachine(Machine):
+    """The local machines `ls`, `els-circular`, `els-borders`: k x k windows, candidates per
+    `candidate_cells`; identical candidate windows are merged with their count; the Jacobian is
+    a band of C*k*k numbers per output number."""
+
+    def __init__(self, name, images, labels, patch_sizes, chunk_size, cache_bytes, paper_circular=False):
+        super().__init__(name, images, labels, patch_sizes, chunk_size, cache_bytes)
+        self.padding = "circular" if name == "els-circular" else "zeros"
+        self.paper_circular = paper_circular
+        self._last = None  # LastScore of the last Jacobian: DDIM asks for that score next
+
+    def _groups(self, k: int, x: Tensor) -> list:
+        """The stacked candidate cells of this machine for patch size k, on x's device."""
+        key = ("groups", k, x.device)
+        if key not in self._cache:
+            C, H, W = x.shape[1:]
+            cells = candidate_cells(self.name, H, W, k, self.paper_circular)
+            self._cache[key] = _stack_cells(cells, C, H, W, k, x.device)
+        return self._cache[key]
+
+    def _sources(self, label, k, x: Tensor) -> list:
+        """Per group, a function step -> chunks (G, D+3, <= step) of its candidate keys
+        [1; P; |P|^2; log count]: the cached distinct windows with their counts when they fit
+        the cache's budget, else every window gathered afresh from the padded images."""
+        train = self._train(label, k // 2, x)
+        groups = self._groups(k, x)
+        gathered = [lambda step, idx=idx: _gathered_keys(train, idx, step) for _, _, idx in groups]
+        every = sum(idx.shape[0] * (idx.shape[2] + 3) * idx.shape[1] for _, _, idx in groups) * len(train) * train.element_size()
+
+        def plan():
+            if every > 4 * self._keys.budget:  # merging would not bring it within the budget
+                return math.inf, None
+            plans = [[merge_plan(train, cell) for cell in idx] for _, _, idx in groups]
+            need = sum(idx.shape[0] * (idx.shape[2] + 3) * max(len(r) for r, _ in p) for (_, _, idx), p in zip(groups, plans))
+            return need * train.element_size(), lambda: [merged_keys(train, idx, p) for (_, _, idx), p in zip(groups, plans)]
+
+        cached = self._keys.get((label, k, x.dtype, x.device), plan)
+        if cached is None:
+            return gathered
+        return [lambda step, keys=keys: _sliced_keys(keys, step) for keys in cached]
+
+    def _moments(self, x, a, b2, k, label, jacobian: bool) -> Tensor:
+        """Posterior moments per pixel (B, H*W, V): V = [1, c] (score) or [1, c] x [1, P]
+        flattened (jacobian), in float64."""
+        B, C, H, W = x.shape
+        D = C * k * k
+        center = torch.arange(C, device=x.device) * k * k + (k // 2) * k + k // 2
+        value_rows = torch.cat([center.new_zeros(1), 1 + center])  # rows [1; c] of the keys
+        xflat = pad_images(x, k // 2, self.padding == "circular").flatten(1)
+        scale = (a / b2).view(B, 1, 1, 1)
+        bias = (-a * a / (2 * b2)).view(B, 1, 1, 1)
+
+        def values_of(keys):  # keys (G, D+3, M) -> values (G, V, M)
+            vc = keys[:, value_rows]
+            if not jacobian:
+                return vc
+            return (vc[:, :, None] * keys[:, None, : D + 1]).flatten(1, 2)
+
+        width = (1 + C) * (1 + D) if jacobian else D + 3
+        pixels, pieces = [], []
+        for (pix, query_index, _), source in zip(self._groups(k, x), self._sources(label, k, x)):
+            G, R, _ = query_index.shape
+            q = xflat[:, query_index]  # (B, G, R, D)
+            q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1), torch.ones_like(q[..., :1])], -1)
+            q = q.transpose(0, 1).reshape(G, B * R, D + 3)  # rows [0, a x_p / b^2, -a^2 / (2 b^2), 1]
+            step = _candidates_per_step(G, B * R, width, self.chunk_size)
+            m = posterior_moments(q, source(step), values_of)
+            pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
+            pixels.append(pix.reshape(-1))
+        order = torch.argsort(torch.cat(pixels))
+        return torch.cat(pieces, 1)[:, order]
+
+    def _remembered_score(self, x, t, k, label) -> Optional[Tensor]:
+        """The score saved by the last _jacobian_run if it was for exactly these inputs, else None.
+        Only outside autograd (DDIM's no_grad evaluation): a differentiated call always recomputes."""
+        last = self._last
+        if torch.is_grad_enabled() or last is None or last.k != k or x.shape != last.x.shape or x.dtype != last.x.dtype:
+            return None
+        if isinstance(label, Tensor) or isinstance(last.label, Tensor):
+            same_label = isinstance(label, Tensor) and isinstance(last.label, Tensor) and torch.equal(label, last.label)
+        else:
+            same_label = label == last.label
+        if same_label and torch.equal(t, last.t) and torch.equal(x, last.x):
+            return last.score
+        return None
+
+    def _score_run(self, x, t, k, label) -> Tensor:
+        """The score for samples that share patch size k and label."""
+        remembered = self._remembered_score(x, t, k, label)
+        if remembered is not None:  # measured the Jacobian here a moment ago: same sums, no second pass
+            return remembered
+        a, b2 = self._coefficients(t, x)
+        B, C, H, W = x.shape
+        m = self._moments(x, a, b2, k, label, jacobian=False)  # (B, HW, 1 + C)
+        mean = m[..., 1:].transpose(1, 2).reshape(B, C, H, W)
+        return -(x - a.view(B, 1, 1, 1) * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
+
+    def _jacobian_run(self, x, t, k, label) -> Tensor:
+        """The closed-form band for samples sharing k and label (SPEC 5.3); remembers the score."""
+        a, b2 = self._coefficients(t, x)
+        B, C, H, W = x.shape
+        D = C * k * k
+        m = self._moments(x, a, b2, k, label, jacobian=True).view(B, H * W, 1 + C, 1 + D)
+        cov = m[..., 1:, 1:] - m[..., 1:, :1] * m[..., :1, 1:]  # Cov_w(c_i, P_j): (B, HW, C, D)
+        center = torch.arange(C, device=x.device) * k * k + (k // 2) * k + k // 2
+        delta = torch.zeros(C, D, dtype=torch.float64, device=x.device)
+        delta[torch.arange(C), center] = 1
+        a64, b64 = a.double().view(B, 1, 1, 1), b2.double().view(B, 1, 1, 1)
+        band = (a64**2 / b64**2) * cov - delta / b64
+        band = band.view(B, H, W, C, C, k, k).permute(0, 3, 1, 2, 4, 5, 6).to(x.dtype)
+        if self.padding == "zeros":
+            band = band * _band_valid(H, W, k, x.device)[None, None, :, :, None]
+        mean = m[..., 1:, 0].transpose(1, 2).reshape(B, C, H, W)  # E_w[c], the score's posterior mean
+        score = -(x - a.view(B, 1, 1, 1) * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
+        self._last = LastScore(x.detach().clone(), t.detach().clone(), k,
+                               label.detach().clone() if isinstance(label, Tensor) else label, score.detach())
+        return band
+
+    def jacobian(self, t, x: Tensor, label=None) -> Tensor:
+        """The closed-form band (B, C, H, W, C, k, k), entry [b, c, y, x, c', dy, dx]
+        = d s_{c,y,x} / d x_{c', y+dy-k//2, x+dx-k//2} (0 at zero padding; circular positions wrap)."""
+        return super().jacobian(t, x, label)
+
+    def analytic_ed(self, t, x: Tensor, label=None, curl_map: bool = False) -> dict:
+        """Exact ed_fro, jac_fro (B,) and the curl map (B, H, W) or None, from the band."""
+        return band_ed(self.jacobian(t, x, label), self.padding, curl_map)
 
 
 class MachineField:
@@ -671,4 +802,6 @@ def make_machine(
             raise ValueError(f"the paper's circular machine needs patch sizes <= image size {H}x{W}, got {max(sizes)}")
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
         raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
-    return Machine(name, images, labels, sizes, chunk_size, paper_circular, cache_bytes)
+    if name == "is":
+        return IdealMachine(images, labels, chunk_size, cache_bytes)
+    return LocalMachine(name, images, labels, sizes, chunk_size, cache_bytes, paper_circular)

@@ -227,12 +227,12 @@ def test_chunked_equals_unchunked_cached_equals_streamed(rule, paper, t):
 def test_key_cache_respects_its_budget():
     images, _ = data(n=12)
     x = noisy(images, 0.3)
-    one_set = 12 * 36 * (9 + 2) * 8  # bytes of the ls keys at k = 3, float64
+    one_set = 12 * 36 * (9 + 3) * 8  # bytes of the ls keys at k = 3, float64 (random windows: none merged)
     m = make_machine("ls", images, scales=[3, 5], cache_bytes=one_set)
     first = m.score(0.3, x)
-    assert sum(t.nbytes for v in m._keys.values() for t in v) == one_set
+    assert m._keys.nbytes() == one_set
     m.score(0.9, x)  # k = 5 does not fit: streamed, the k = 3 set stays
-    assert list(m._keys) == [(None, 3, torch.float64, x.device)]
+    assert list(m._keys.sets) == [(None, 3, torch.float64, x.device)]
     torch.testing.assert_close(m.score(0.3, x), first)
 
 
@@ -503,3 +503,92 @@ def test_scale_index_exact_for_float32_ddim_times(nscales):
         t32 = float(torch.tensor((j + 1) / nscales, dtype=torch.float32))
         assert scale_index(t32, nscales) == j
         assert scale_index((j + 1) / nscales, nscales) == j
+
+
+# ------------------------------------------------------------------ merged identical windows (issue 13)
+
+
+def mnist_subset(n, seed=0):
+    """n real MNIST digits (mnist5k, 32 x 32 in [-1, 1]) and their labels: mostly background, so
+    many candidate windows are identical."""
+    from edtool.data import load_dataset
+
+    images, labels = load_dataset("mnist5k")
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx], labels[idx]
+
+
+def test_merge_plan_counts_every_window_once():
+    from edtool.machines import _windows, merge_plan, window_index
+
+    images, _ = mnist_subset(40)
+    train = torch.nn.functional.pad(images, (1, 1, 1, 1)).flatten(1)
+    cell = window_index(torch.arange(32 * 32), 1, 32, 32, 3)  # every position of the zero-padded images
+    rep, count = merge_plan(train, cell)
+    every = _windows(train, cell, torch.arange(40 * 32 * 32))
+    truth = {}
+    for row in map(tuple, every.tolist()):
+        truth[row] = truth.get(row, 0) + 1
+    got = dict(zip(map(tuple, _windows(train, cell, rep).tolist()), count.tolist()))
+    assert got == truth and len(rep) < 0.6 * len(every)
+
+
+def test_hash_collisions_never_merge_different_windows(monkeypatch):
+    from edtool import machines
+
+    images, _ = mnist_subset(12)
+    x = noisy(images, 0.3)
+    every = make_machine("els-borders", images, patch_size=3, cache_bytes=0).score(0.3, x)
+    monkeypatch.setattr(machines, "_row_hash", lambda rows: torch.zeros(len(rows), dtype=torch.int64))
+    m = make_machine("els-borders", images, patch_size=3)
+    torch.testing.assert_close(m.score(0.3, x), every, rtol=1e-5, atol=1e-5 * every.abs().max().item())
+    assert m._keys.nbytes() > 0  # the merged keys were built and used
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+slow = pytest.mark.slow
+MNIST_CASES = [("els-borders", False, 3), ("els-circular", False, 3), pytest.param("ls", False, 3, marks=slow),
+               pytest.param("els-borders", False, 5, marks=slow), pytest.param("els-circular", True, 5, marks=slow)]
+
+
+@pytest.mark.parametrize("rule,paper,k", MNIST_CASES)
+@pytest.mark.parametrize("t", [0.05, 0.9])
+def test_merged_windows_equal_every_window_on_mnist(rule, paper, k, t):
+    """Score, closed-form band and ED of the merged engine against the engine that scores every
+    window (cache_bytes=0) on real digits: both paddings, edges and corners, small and large t,
+    unconditional and class-conditional. In float64 they agree to rounding (1e-10); in float32,
+    as used, both stay as close to the float64 truth as float32 allows
+    (at t = 0.05 both are ~1e-5 off on the band: (a^2/b^4) Cov cancels digits), 1e-5 on the score."""
+    from edtool.machines import candidate_cells
+
+    images, labels = mnist_subset(30)
+    x = noisy(images.double(), t, b=2, pure_noise=False)
+    make = lambda imgs, **kw: make_machine(rule, imgs, labels, patch_size=k, paper_circular=paper, **kw)
+    every64, merged64 = make(images.double(), cache_bytes=0), make(images.double())
+    every32, merged32 = make(images, cache_bytes=0), make(images)
+    with torch.no_grad():
+        for lab in (None, labels[:2]):
+            truth = every64.jacobian(t, x, lab)
+            truth_ed = band_ed(truth, every64.padding, curl_map=True)
+            fast = merged64.jacobian(t, x, lab)
+            fast_ed = band_ed(fast, merged64.padding, curl_map=True)
+            assert rel(merged64.score(t, x, lab), every64.score(t, x, lab)) < 1e-10
+            assert rel(fast, truth) < 1e-10
+            assert rel(fast_ed["jac_fro"], truth_ed["jac_fro"]) < 1e-10
+            for name in ("ed_fro", "curl_map"):  # near 0 where J is nearly symmetric: relative to ||J||_F
+                err = (fast_ed[name] - truth_ed[name]).norm() / truth_ed["jac_fro"].norm()
+                assert err < 1e-10
+            x32 = x.float()  # float32 rounding alone: both engines sit ~1e-5 off on the band at t = 0.05
+            tol = 1e-4 if t < 0.1 else 1e-5
+            assert rel(merged32.score(t, x32, lab), every64.score(t, x, lab)) < 1e-5
+            fast32, dense32 = merged32.jacobian(t, x32, lab), every32.jacobian(t, x32, lab)
+            assert rel(fast32, truth) < tol and rel(dense32, truth) < tol
+            # (ed_fro of J - J^T cancels further: in float32 both engines are ~1e-4 off at t = 0.05)
+            assert rel(band_ed(fast32, merged32.padding)["jac_fro"], truth_ed["jac_fro"]) < tol
+    keys = merged32._keys.sets[(None, k, torch.float32, x.device)]
+    columns = sum(int((K[:, -1] > -1e30).sum()) for K in keys)  # distinct windows (not the padding of short cells)
+    every_column = sum(len(centers) for _, centers in candidate_cells(rule, 32, 32, k, paper)) * len(images)
+    assert columns < 0.8 * every_column  # windows were merged, so the comparison tested something
