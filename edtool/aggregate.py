@@ -43,7 +43,19 @@ DEFINITIONS = {
     "nasym_ratio_of_means": "mean ||J - J^T||_F^2 / (4 mean ||J||_F^2) over the same values: the ratio of the "
                             "averages, less biased than the mean of ratios",
     "per_step": "statistics over realizations at each step; time runs from 1 (noise) to 1/nsteps",
+    "loc_jac": "locality profile (SPEC 12): share of ||J||_F^2 in entries whose output and input pixels are at "
+               "Chebyshev distance <= radius; aggregate/loc_jac_<stat> is (model, step, radius)",
+    "loc_ed": "the same share for J - J^T",
+    "r90_jac": "effective radius: the smallest radius holding 90 % of ||J||_F^2 (NaN when beyond the largest "
+               "radius stored; such values are left out and counted out of n)",
+    "r90_ed": "the same for J - J^T",
+    "align_jac": "cosine <J_a, J_ref>_F / (||J_a||_F ||J_ref||_F) with the reference model's Jacobian at the "
+                 "same (shared-trajectory) point: 1 = the same linearization up to scale",
+    "align_ed": "the same cosine between the antisymmetric parts; NaN where one is zero (a gradient field)",
 }
+# SPEC 12 arrays aggregated when a run has them: (realization, model, step[, radius]) -> (model, step[, radius])
+WHOLE_QUANTITIES = ("loc_jac", "loc_ed", "r90_jac", "r90_ed", "align_jac", "align_ed")
+WHOLE_STATS = ("mean", "std", "median", "q05", "q95", "n")
 
 
 def aggregate_run(location, block: int = BLOCK) -> dict:
@@ -87,8 +99,32 @@ def compute_aggregate(run: RunStore, block: int = BLOCK) -> tuple:
                 arrays.setdefault(f"{q}_{stat}_timeavg", np.full(len(run.models), np.nan))
                 arrays[f"{q}_{stat}"][m] = _nanquantile(slab, p)
                 arrays[f"{q}_{stat}_timeavg"][m] = _nanquantile(cell_means[:, None], p)[0]
+    arrays.update(_whole_aggregate(run, done))
     summary = _summary(run, done, arrays, moments, failed)
     return arrays, summary
+
+
+def _whole_aggregate(run: RunStore, done: np.ndarray) -> dict:
+    """mean, std (ddof=1), median, q05, q95 and n over done realizations of each SPEC 12 array the run
+    has, one model's (realization, step[, radius]) slab at a time; NaN values are left out."""
+    arrays = {}
+    for q in WHOLE_QUANTITIES:
+        if q not in run.group:
+            continue
+        for m in range(len(run.models)):
+            slab = run.read(q, model=m)[done[:, m]].astype(np.float64)
+            valid = np.isfinite(slab)
+            n = valid.sum(axis=0)
+            with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                values = {"mean": np.where(n > 0, np.nanmean(slab, axis=0) if slab.size else np.nan, np.nan),
+                          "std": np.where(n > 1, np.nanstd(slab, axis=0, ddof=1) if slab.size else np.nan, np.nan),
+                          "n": n}
+            values.update({stat: _nanquantile(slab, p) for stat, p in QUANTILES.items()})
+            for stat, v in values.items():
+                arrays.setdefault(f"{q}_{stat}", np.full((len(run.models), *slab.shape[1:]),
+                                                         0 if stat == "n" else np.nan))[m] = v
+    return arrays
 
 
 def _empty_moments(shape) -> list:
@@ -201,6 +237,21 @@ def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
                 per_step[f"{q}_{stat}"] = [_num(v) for v in arrays[f"{q}_{stat}"][m]]
         for k in ("nasym_mean", "nasym_ratio_of_means"):
             per_step[k] = [_num(v) for v in arrays[k][m]]
+        whole = {}
+        for q in WHOLE_QUANTITIES:
+            if f"{q}_mean" not in arrays:
+                continue
+            for stat in ("mean", "std", "median"):
+                whole[f"{q}_{stat}"] = _nested(arrays[f"{q}_{stat}"][m])
+            whole[f"{q}_n"] = np.asarray(arrays[f"{q}_n"][m]).tolist()
+        if whole:  # per step (loc_*: per step and radius)
+            per_step.update(whole)
+        overall_whole = {}
+        for q in ("r90_jac", "r90_ed", "align_jac", "align_ed"):
+            if f"{q}_mean" in arrays:
+                n, mean = arrays[f"{q}_n"][m], arrays[f"{q}_mean"][m]
+                overall_whole[f"mean_{q}"] = _num(np.nansum(np.where(n > 0, mean * n, 0)) / n.sum()) \
+                    if n.sum() else None
         summary[name] = {"mean_ed_magnitude": ed_mean, "std_ed_magnitude": ed_std,
                          "max_ed_magnitude": _num(ed_max) if np.isfinite(ed_max) else None,
                          "num_realizations": int(done[:, m].sum()), "num_failed": int(failed[m]),
@@ -208,14 +259,23 @@ def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
                          "mean_jac_fro": overall("jac_fro", m)[0],
                          "nasym_mean_of_ratios": _num(arrays["nasym_mean_overall"][m]),
                          "nasym_ratio_of_means": _num(arrays["nasym_ratio_of_means_overall"][m]),
-                         "per_step": per_step}
+                         **overall_whole, "per_step": per_step}
     summary.update({"models": run.models, "estimator": run.config.get("estimator"),
                     "probes": run.config.get("probes"), "nsteps": run.nsteps,
                     "points": run.config.get("points", {"source": "trajectory"}),
                     "realizations_used": int(done.any(axis=1).sum()), "realizations_total": run.n_realizations,
                     "cells_done": int(done.sum()), "run": str(run.location), "edtool_version": __version__,
                     "definitions": DEFINITIONS})
+    for key in ("locality", "align"):  # SPEC 12 settings, when the run measured them
+        if run.config.get(key):
+            summary[key] = run.config[key]
     return summary
+
+
+def _nested(values) -> list:
+    """A (nested) list of JSON numbers, None for NaN/inf."""
+    values = np.asarray(values, dtype=np.float64)
+    return [_nested(v) for v in values] if values.ndim > 1 else [_num(v) for v in values]
 
 
 def _num(v):
@@ -228,7 +288,7 @@ def write_aggregate(run: RunStore, arrays: dict, summary: dict):
     """Write `aggregate/*` into the store (replacing earlier ones) with dimension names for xarray."""
     group = run.group.require_group("aggregate")
     for name, value in arrays.items():
-        dims = ("model", "step") if value.ndim == 2 else ("model",)
+        dims = ("model", "step", "radius")[:value.ndim] if value.ndim > 1 else ("model",)
         dtype = "int64" if name.split("_timeavg")[0].endswith("_n") else "float32"
         fill = 0 if dtype == "int64" else np.nan
         group.create_array(name, shape=value.shape, dtype=dtype, fill_value=fill, dimension_names=dims,
@@ -251,6 +311,7 @@ def read_aggregate(run: RunStore):
     if group.attrs.get("cells_done") != int(run.done_mask().sum()):
         return None
     names = [f"{q}_{s}{suffix}" for q in QUANTITIES for s in STATS for suffix in ("", "_timeavg")]
+    names += [f"{q}_{s}" for q in WHOLE_QUANTITIES if q in run.group for s in WHOLE_STATS]
     if not all(name in group for name in names):
         return None
     return {name: np.asarray(group[name][:]) for name in names}

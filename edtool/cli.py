@@ -352,13 +352,24 @@ def compute(
     probes: int = typer.Option(16, help="Hutchinson probes per point (per round with --rtol)."),
     rtol: Optional[float] = typer.Option(None, help="Add probes until the relative standard error of ED is below this."),
     maps: bool = typer.Option(False, "--maps", help="Also store curl maps (where in the image the rotation lives)."),
-    trajectory: str = typer.Option("own", help="own: each model follows its own DDIM path; shared: all measured "
-                                   "on the reference model's path."),
+    trajectory: Optional[str] = typer.Option(None, help="own: each model follows its own DDIM path; shared: all "
+                                             "measured on the reference model's path (default: own; shared with "
+                                             "--align)."),
     reference: Optional[str] = typer.Option(None, help="Reference model for --trajectory shared (default: first)."),
     points: str = typer.Option("trajectory", help="trajectory: along DDIM paths; noised-data: at forward-noised "
                                "held-out images at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, SPEC 13)."),
     held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
                                            "images (default: the training set's; mnist for mnist5k)."),
+    locality: bool = typer.Option(False, "--locality", help="Also store how local each score Jacobian is (SPEC 12): "
+                                  "share of ||J||_F^2 within each pixel distance, and the radius r90 holding 90%."),
+    locality_radius: Optional[int] = typer.Option(None, help="Largest pixel distance of the locality profile "
+                                                  "(default: half the image size)."),
+    locality_method: str = typer.Option("auto", help="auto (exact Jacobian when it fits in memory, else probes), "
+                                        "exact or probe."),
+    locality_pixels: int = typer.Option(64, help="Output pixels drawn by the locality probe estimator."),
+    align: Optional[str] = typer.Option(None, help="Also store the cosine between every model's score Jacobian "
+                                        "and this model's at the same points, e.g. --align els (implies "
+                                        "--trajectory shared unless --points noised-data)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N."),
     batch: int = typer.Option(1, help="Realizations processed together."),
     run: Optional[str] = typer.Option(None, help="Run name under cache/ (default derived from the settings)."),
@@ -376,7 +387,9 @@ def compute(
     cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet, resnet=resnet,
                           scales=scales, patch_size=patch_size, nsteps=nsteps, realizations=realizations, seed=seed,
                           label=label, estimator=estimator, probes=probes, rtol=rtol, maps=maps,
-                          trajectory=trajectory, reference=reference, points=points, held_out=held_out,
+                          trajectory=trajectory or ("shared" if align and points == "trajectory" else "own"), reference=reference,
+                          points=points, held_out=held_out, locality=locality, locality_radius=locality_radius,
+                          locality_method=locality_method, locality_pixels=locality_pixels, align=align,
                           device=device, batch=batch, run=run,
                           run_dir=run_dir, overwrite=overwrite, retry_failed=retry_failed, shard=_shard(shard))
     summary = _run_compute(cfg, quiet, as_json)

@@ -227,6 +227,11 @@ class FieldJacobian:
                 self._dense = _exact_jacobian(self._vjp_fn, self.x, chunk)
         return self._dense
 
+    @property
+    def has_dense(self) -> bool:
+        """Whether the dense Jacobians are already built (then exact work on them costs no more products)."""
+        return self._dense is not None
+
     def chunk(self, max_memory: int = 2**30) -> int:
         """Vectors per vmapped product within max_memory."""
         from edtool.ed import _hutchinson_chunk

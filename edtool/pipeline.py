@@ -57,6 +57,11 @@ class ComputeConfig:
     overwrite: bool = False
     retry_failed: bool = False  # recompute finished cells that hold NaN (e.g. out of memory on another device)
     shard: Optional[tuple] = None  # (i, K)
+    locality: bool = False  # SPEC 12 locality profiles loc_jac, loc_ed per radius, and r90
+    locality_radius: Optional[int] = None  # R: radii 0..R (default half the image size)
+    locality_method: str = "auto"  # auto (exact when the Jacobian fits in memory) | exact | probe
+    locality_pixels: int = 64  # output pixels drawn by the probe estimator
+    align: Optional[str] = None  # SPEC 12 alignment of every model's Jacobian with this model's (same points)
 
 
 class Reporter:
@@ -118,6 +123,27 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError("--overwrite with --shard would delete what the other shards computed: delete the "
                           "run directory once before starting the shards, and run them without --overwrite")
     check_patch_size(cfg.patch_size, "--patch-size")
+    _validate_jacobian_whole(cfg)
+
+
+def _validate_jacobian_whole(cfg: ComputeConfig) -> None:
+    """--locality and --align settings (SPEC 12)."""
+    from edtool.locality import LOCALITY_METHODS
+
+    if cfg.locality_method not in LOCALITY_METHODS:
+        raise EdtoolError(f"unknown --locality-method {cfg.locality_method!r}; choose one of "
+                          f"{', '.join(LOCALITY_METHODS)}")
+    if cfg.locality_radius is not None and cfg.locality_radius < 0:
+        raise EdtoolError(f"--locality-radius must be 0 or more, got {cfg.locality_radius}")
+    if cfg.locality_pixels < 2:
+        raise EdtoolError(f"--locality-pixels must be at least 2 (an error bar needs a spread), "
+                          f"got {cfg.locality_pixels}")
+    if cfg.align is not None:
+        if cfg.align not in cfg.models:
+            raise EdtoolError(f"--align {cfg.align!r} is not among --models {','.join(cfg.models)}; add it")
+        if cfg.trajectory != "shared" and cfg.points == "trajectory":
+            raise EdtoolError("--align compares Jacobians at the same points: it needs --trajectory shared "
+                              "(or --points noised-data)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -245,6 +271,7 @@ def prepare(cfg: ComputeConfig) -> Study:
     }
     if points is not None:  # trajectory runs keep the config they always had, so they resume as before
         config["points"] = points
+    config.update(jacobian_whole_config(cfg, image_shape, models))
     return Study(cfg, models, seeds, run_labels, image_shape, config, device, notes, held_out)
 
 
@@ -269,6 +296,37 @@ def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
              "definition": "realization r: x_t = sqrt(alpha_bar(t)) x_0 + sqrt(beta(t)) eps at t = (N - j) / N, "
                            "x_0 = held-out image indices[r], eps = initial_noise(seed + r); final holds x_0"}
     return images[indices], run_labels, entry
+
+
+def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict) -> dict:
+    """The SPEC 12 settings a run records (absent when off, so runs made without them still resume), with
+    each ELS machine's patch half-width (k - 1)/2 at every step, which the locality figures draw."""
+    from edtool.diffusion import timesteps
+    from edtool.locality import default_radius
+
+    out = {}
+    if cfg.locality:
+        radius = default_radius(image_shape) if cfg.locality_radius is None else cfg.locality_radius
+        times = timesteps(cfg.nsteps).tolist()
+        half = {name: [(f.patch_size_at(t) - 1) / 2 for t in times] for name, f in fields.items()
+                if getattr(f, "patch_sizes", None)}
+        out["locality"] = {"radius": radius, "method": cfg.locality_method, "pixels": cfg.locality_pixels,
+                           "patch_half_width": half}
+    if cfg.align is not None:
+        out["align"] = {"reference": cfg.align, "probes": cfg.probes}
+    return out
+
+
+def _whole_dims(config: dict) -> dict:
+    """The per-cell arrays of SPEC 12 a run with this config stores, with their trailing dimensions."""
+    from edtool.store import ALIGN_ARRAYS, LOCALITY_ARRAYS
+
+    return {**(LOCALITY_ARRAYS if config.get("locality") else {}), **(ALIGN_ARRAYS if config.get("align") else {})}
+
+
+def jacobian_whole_arrays(config: dict) -> list:
+    """The names of the per-cell arrays of SPEC 12 a run with this config stores."""
+    return list(_whole_dims(config))
 
 
 # ------------------------------------------------------------------ measuring
@@ -306,13 +364,18 @@ class Cell:
     final: Optional[np.ndarray]  # (B, C, H, W) the path's end at t = 0 (None on a shared path until set)
     curl_map: Optional[np.ndarray] = None  # (B, nsteps, H, W) with --maps
     points: list = field(default_factory=list)  # x at every step: what a shared trajectory reuses
+    whole: dict = field(default_factory=dict)  # SPEC 12 arrays by store name: (B, nsteps[, radii])
+    notes: set = field(default_factory=set)  # one-line notes for the reporter, once per cell
 
     @classmethod
     def nan(cls, B: int, study: "Study") -> "Cell":
         """Every number NaN: a step that is never measured stays NaN (and a failed path has no points)."""
         n, (c, h, w) = study.cfg.nsteps, study.image_shape
+        radii = (study.config.get("locality") or {}).get("radius", -1) + 1
+        whole = {name: np.full((B, n, radii) if "radius" in dims else (B, n), np.nan)
+                 for name, dims in _whole_dims(study.config).items()}
         return cls(*(np.full((B, n), np.nan) for _ in range(4)), final=np.full((B, c, h, w), np.nan),
-                   curl_map=np.full((B, n, h, w), np.nan) if study.cfg.maps else None)
+                   curl_map=np.full((B, n, h, w), np.nan) if study.cfg.maps else None, whole=whole)
 
 
 @dataclass
@@ -356,6 +419,8 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
             getattr(out, k)[:, j] = getattr(res, k).detach().double().cpu().numpy()
         if cfg.maps:
             out.curl_map[:, j] = res.curl_map.detach().double().cpu().numpy()
+        if cfg.locality or cfg.align:
+            _measure_whole(job.study, name, tb, batch, x, j, out)
         job.timer.add("jacobian", t0)
         for i, r in enumerate(rows):
             job.reporter.step(r, name, j, nsteps, float(out.asym[i, j]))
@@ -375,7 +440,46 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
         for j, x in enumerate(points):
             on_step(j, (nsteps - j) / nsteps, x)
         out.final = None
+    for note in sorted(out.notes):
+        job.reporter.note(note)
     return out
+
+
+def _circular(model) -> Optional[bool]:
+    """Whether distances wrap around (circular padding): a network's manifest says; None lets a
+    machine use its own padding."""
+    manifest = getattr(model, "manifest", None)
+    return None if manifest is None else manifest.get("padding") == "circular"
+
+
+def _measure_whole(study: Study, name: str, tb: torch.Tensor, batch: Batch, x: torch.Tensor, j: int, out: Cell):
+    """SPEC 12 at one step: the locality profile of this model's Jacobian and its alignment with the
+    reference's, both from one Jacobian operator (the dense J of a network is built once for both)."""
+    from edtool.locality import FieldJacobian, alignment, jacobian_operator, locality
+
+    cfg, settings, model, rows = study.cfg, study.config, study.models[name], batch.rows
+    op = jacobian_operator(_score_field(model, tb, batch.label), x, circular=_circular(model))
+    if cfg.locality:
+        loc = settings["locality"]
+        res = locality(op, loc["radius"], loc["method"], loc["pixels"],
+                       seed=[probe_seed(cfg.seed, r, f"{name}/locality", j) for r in rows])
+        for k in ("loc_jac", "loc_ed", "loc_jac_stderr", "loc_ed_stderr", "r90_jac", "r90_ed"):
+            out.whole[k][:, j] = getattr(res, k).detach().double().cpu().numpy()
+    if cfg.align:
+        ref = study.models[cfg.align]
+        op_ref = op if name == cfg.align else jacobian_operator(_score_field(ref, tb, batch.label), x,
+                                                                circular=_circular(ref))
+        # exact when both dense Jacobians are at hand (machines, or a network whose J --locality built)
+        at_hand = all(not isinstance(o, FieldJacobian) or o.has_dense for o in (op, op_ref))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the reason comes back in the result
+            al = alignment(op, op_ref, "exact" if at_hand else "hutchinson", cfg.probes,
+                           seed=[probe_seed(cfg.seed, r, f"{name}/align", j) for r in rows])
+        for k in ("align_jac", "align_ed", "align_jac_stderr", "align_ed_stderr"):
+            out.whole[k][:, j] = getattr(al, k).detach().double().cpu().numpy()
+        if al.reason is not None:
+            out.notes.add(f"{name} vs {cfg.align}: align_ed is NaN where a Jacobian is symmetric (a gradient "
+                          "field, like the `is` machine's, has no rotation to align)")
 
 
 class _OutOfMemory(Exception):
@@ -447,7 +551,9 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
 
     names = list(cfg.models)
     create = dict(config=study.config, models=names, seeds=study.seeds, labels=study.labels,
-                  nsteps=cfg.nsteps, image_shape=study.image_shape, maps=cfg.maps)
+                  nsteps=cfg.nsteps, image_shape=study.image_shape, maps=cfg.maps,
+                  extra_arrays=jacobian_whole_arrays(study.config),
+                  radius=(study.config.get("locality") or {}).get("radius"))
     mine = shard_realizations(cfg.realizations, shard)
     # the lock comes first: --overwrite must not delete a run that a live process is filling
     with run_lock(location, shard=shard):
@@ -549,7 +655,8 @@ def _write(job: _Job, m: int, name: str, batch: Batch, cell: Cell, err: Optional
         warnings.warn(err)
     for i, r in enumerate(batch.rows):
         job.run.write_cell(r, m, cell.ed_fro[i], cell.jac_fro[i], cell.asym[i], cell.ed_stderr[i], cell.final[i],
-                           None if cell.curl_map is None else cell.curl_map[i])
+                           None if cell.curl_map is None else cell.curl_map[i],
+                           **{k: v[i] for k, v in cell.whole.items()})
         asym = cell.asym[i]
         mean_asym = float(np.nanmean(asym)) if np.isfinite(asym).any() else math.nan
         job.reporter.cell_done(r, name, mean_asym, err is not None)

@@ -6,6 +6,9 @@ Files (in the run directory unless `out_dir` is given):
   heatmaps realizations x steps, summary of mean and std per model
 - `asym_vs_time.<fmt>`: the scale-free asymmetry over time
 - `curl_maps.<fmt>`: where the rotation lives (steps x models), only when the run stored maps
+- `locality_r90.<fmt>`, `locality_profile.<fmt>`: how far each score Jacobian reaches (SPEC 12), with the
+  ELS machine's calibrated patch half-width; only when the run measured --locality
+- `alignment_vs_time.<fmt>`: cosine of each model's Jacobian with the reference's; only with --align
 
 Figures are built with matplotlib's object API (no pyplot, no global backend switch), so this
 works headless and never disturbs a notebook's backend. Every model keeps one color everywhere.
@@ -72,6 +75,11 @@ def plot_run(location, out_dir=None, fmt: str = "png") -> list:
     figures["asym_vs_time"] = _asym_figure(run, done, agg, r0)
     if run.has_maps:
         figures["curl_maps"] = _curl_figure(run, done, r0)
+    if "loc_jac" in run.extra_arrays:
+        figures["locality_r90"] = _r90_figure(run, done, agg)
+        figures["locality_profile"] = _profile_figure(run, done, agg)
+    if "align_jac" in run.extra_arrays:
+        figures["alignment_vs_time"] = _alignment_figure(run, done, agg)
     paths = []
     for name, fig in figures.items():
         path = out_dir / f"{name}.{fmt}"
@@ -335,4 +343,130 @@ def _curl_figure(run: RunStore, done: np.ndarray, r: int, max_steps: int = 6) ->
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="$r_p$ / max over the image")
     fig.suptitle(r"curl maps $r_p = \|(J - J^\top)[p,:]\|_2$ [1/data$^2$], " + _realization_title(run, r))
+    return fig
+
+
+# ------------------------------------------------------------------ SPEC 12: locality and alignment
+
+R90_LABEL = "effective radius r90 [pixels]\n(smallest pixel distance holding 90 % of the Jacobian's energy)"
+LOC_LABEL = r"share of the squared Frobenius norm within distance $\leq r$"
+
+
+def patch_half_widths(run: RunStore, name: str):
+    """(k - 1)/2 of an ELS machine's patch size at each stored step, as compute recorded it (calibrated
+    scales or the fixed patch size); None for networks and the `is` machine (the whole image)."""
+    half = (run.config.get("locality") or {}).get("patch_half_width", {}).get(name)
+    return None if half is None else np.asarray(half, dtype=float)
+
+
+def _step_line(ax, time, values, **kw):
+    """A per-step value drawn as a step line: each value holds over its step's width in t."""
+    dt = 1.0 / len(time)
+    edges = np.r_[time + dt / 2, time[-1] - dt / 2]
+    ax.stairs(values, edges, baseline=None, **kw)
+
+
+def _r90_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
+    """r90 of J and of J - J^T vs t per model (median over realizations, 5-95 % band), with each ELS
+    machine's calibrated patch half-width (k - 1)/2 as a step line."""
+    R = int(run.radius[-1])
+    fig = Figure(figsize=(14, 5.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, q, what in ((axes[0], "r90_jac", r"the score Jacobian $J$"),
+                        (axes[1], "r90_ed", r"its antisymmetric part $J - J^\top$")):
+        for m, name in enumerate(run.models):
+            if not done[:, m].any():
+                continue
+            color = model_color(name)
+            med, lo, hi, n = agg[f"{q}_median"][m], agg[f"{q}_q05"][m], agg[f"{q}_q95"][m], agg[f"{q}_n"][m]
+            # r90 is NaN when the profile never reaches 90 % within R, or is undefined (zero energy)
+            last = run.read(q.replace("r90", "loc"), model=m)[done[:, m], :, -1]  # (realizations, step)
+            beyond = np.flatnonzero((last < 0.9).any(axis=0))
+            note = "" if np.isfinite(med).any() or beyond.size else " (undefined: zero energy)"
+            ax.plot(run.time, med, marker="o", ms=3, color=color, label=f"{name} (n = {int(n.max())}){note}")
+            if n.max() >= 2:
+                ax.fill_between(run.time, lo, hi, color=color, alpha=0.15, linewidth=0)
+            if beyond.size:
+                ax.plot(run.time[beyond], np.full(beyond.size, R + 0.5), "^", color=color, ms=6,
+                        label=f"{name}: r90 > {R} in some realizations")
+            half = patch_half_widths(run, name)
+            if half is not None:
+                _step_line(ax, run.time, half, color=color, linestyle="--", linewidth=1.5,
+                           label=f"{name}: calibrated patch half-width (k-1)/2")
+        _time_axis(ax)
+        ax.set_ylim(-0.5, R + 1)
+        ax.set_title(f"how far {what} reaches")
+        _legend(ax)
+    axes[0].set_ylabel(R90_LABEL)
+    used = int(done.any(axis=1).sum())
+    fig.suptitle("Locality of the score: an output pixel depends on input pixels within r90 (Chebyshev distance); "
+                 f"median over {used} realization(s), band 5-95 %", fontsize="large")
+    return fig
+
+
+def _profile_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
+    """The mean locality profile as a heatmap (t x radius) per model, for J and J - J^T; white line:
+    where 90 % is reached; dashed: the machine's patch half-width."""
+    models = [m for m in range(len(run.models)) if done[:, m].any()]
+    fig = Figure(figsize=(3.6 * len(models) + 1.5, 7.5), layout="constrained")
+    axes = fig.subplots(2, len(models), squeeze=False, sharex=True, sharey=True)
+    R = int(run.radius[-1])
+    dt = 1.0 / run.nsteps
+    extent = [-0.5, R + 0.5, run.time[-1] - dt / 2, run.time[0] + dt / 2]
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
+    image = None
+    for col, m in enumerate(models):
+        name = run.models[m]
+        for row, (q, what) in enumerate((("loc_jac", "J"), ("loc_ed", "J - J^T"))):
+            ax = axes[row, col]
+            mean = agg[f"{q}_mean"][m]  # (step, radius)
+            image = ax.imshow(mean, aspect="auto", origin="upper", extent=extent, vmin=0, vmax=1, cmap=cmap,
+                              interpolation="nearest")
+            r90 = np.array([np.argmax(v >= 0.9) if (v >= 0.9).any() else np.nan for v in mean])
+            ax.plot(r90, run.time, "o-", color="white", ms=3, linewidth=1, label="r90: 90 % reached")
+            half = patch_half_widths(run, name)
+            if half is not None:
+                ax.plot(half, run.time, "s--", color="red", ms=3, linewidth=1, label="calibrated patch half-width (k-1)/2")
+            if not np.isfinite(mean).any():
+                ax.text(0.5, 0.5, "undefined\n(J - J^T = 0)" if q == "loc_ed" else "no data", ha="center",
+                        va="center", transform=ax.transAxes)
+            ax.set_title(f"{name}: ${what}$", color=model_color(name), fontsize="medium")
+            ax.set_xlabel("pixel distance r (Chebyshev)" if row == 1 else "")
+            if col == 0:
+                ax.set_ylabel("t (1 = noise → 0 = data)")
+            if row == 0 and col == 0:
+                _legend(ax, loc="lower right")
+    fig.colorbar(image, ax=axes, label=LOC_LABEL + "  (mean over realizations)", shrink=0.85)
+    fig.suptitle("Locality profile: how much of the Jacobian's energy lies within distance r of the output pixel",
+                 fontsize="large")
+    return fig
+
+
+def _alignment_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
+    """align_jac and align_ed vs t per model (mean, ±1 std band over realizations)."""
+    ref = run.config["align"]["reference"]
+    fig = Figure(figsize=(14, 5.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, q, what in ((axes[0], "align_jac", r"Jacobians $J$"),
+                        (axes[1], "align_ed", r"antisymmetric parts $J - J^\top$")):
+        for m, name in enumerate(run.models):
+            if not done[:, m].any():
+                continue
+            color, n = model_color(name), agg[f"{q}_n"][m]
+            mean, std = agg[f"{q}_mean"][m], agg[f"{q}_std"][m]
+            note = "" if np.isfinite(mean).any() else " (undefined: a symmetric Jacobian has no rotation)"
+            ax.plot(run.time, mean, marker="o", ms=3, color=color,
+                    label=f"{name}{' (the reference)' if name == ref else ''} (n = {int(n.max())}){note}")
+            if n.max() >= 2:
+                ax.fill_between(run.time, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        ax.axhline(0, color="gray", linewidth=0.8)
+        _time_axis(ax)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_title(f"cosine between the {what} of each model and of {ref}")
+        _legend(ax)
+    axes[0].set_ylabel(r"alignment $\langle A, B\rangle_F / (\|A\|_F \|B\|_F)$" + "\n(1 = same linearization up to "
+                       "scale, 0 = unrelated, -1 = opposite)")
+    used = int(done.any(axis=1).sum())
+    fig.suptitle(f"Alignment with {ref} at the same points (shared trajectory), mean ± 1 std over {used} "
+                 "realization(s)", fontsize="large")
     return fig

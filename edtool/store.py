@@ -33,6 +33,12 @@ from edtool.errors import EdtoolError
 SCHEMA_VERSION = 1
 STORE_NAME = "ed.zarr"
 STEP_ARRAYS = ("ed_fro", "jac_fro", "asym", "ed_stderr")  # (realization, model, step)
+# SPEC 12, stored only in runs made with them (create_run's extra_arrays): trailing dims of each cell
+LOCALITY_ARRAYS = {"loc_jac": ("step", "radius"), "loc_ed": ("step", "radius"), "loc_jac_stderr": ("step", "radius"),
+                   "loc_ed_stderr": ("step", "radius"), "r90_jac": ("step",), "r90_ed": ("step",)}
+ALIGN_ARRAYS = {"align_jac": ("step",), "align_ed": ("step",), "align_jac_stderr": ("step",),
+                "align_ed_stderr": ("step",)}
+EXTRA_ARRAYS = {**LOCALITY_ARRAYS, **ALIGN_ARRAYS}
 
 
 # ---------------------------------------------------------------- locations
@@ -76,6 +82,8 @@ class RunStore:
         self.n_realizations = len(self.seeds)
         self.image_shape = tuple(group["final"].shape[2:])
         self.has_maps = "curl_map" in group
+        self.extra_arrays = [name for name in EXTRA_ARRAYS if name in group]
+        self.radius = np.asarray(group["radius"][:]) if "radius" in group else None
 
     def __repr__(self):
         return (f"RunStore({self.location!r}, models={self.models}, realizations={self.n_realizations}, "
@@ -91,11 +99,13 @@ class RunStore:
             raise ValueError(f"model index {m} out of range 0..{len(self.models) - 1}")
         return int(m)
 
-    def write_cell(self, r: int, m: Union[int, str], ed_fro, jac_fro, asym, ed_stderr, final, curl_map=None):
+    def write_cell(self, r: int, m: Union[int, str], ed_fro, jac_fro, asym, ed_stderr, final, curl_map=None,
+                   **extra):
         """Store one (realization, model) cell; `done[r, m]` is set only after every array is written.
 
         Step vectors have length nsteps, `final` is (C, H, W), `curl_map` (nsteps, H, W) and is
-        required exactly when the run was created with maps. Non-finite values are stored as NaN.
+        required exactly when the run was created with maps; `extra` holds the run's EXTRA_ARRAYS, all
+        of them and no others. Non-finite values are stored as NaN.
         """
         if self.group.read_only:
             raise ValueError(f"run {self.location} was opened read-only: use open_run(..., mode='r+')")
@@ -112,6 +122,12 @@ class RunStore:
             values["curl_map"] = _checked(curl_map, (n, h, w), "curl_map")
         elif curl_map is not None:
             raise ValueError("this run was created without maps: pass curl_map=None")
+        if sorted(extra) != sorted(self.extra_arrays):
+            raise ValueError(f"this run stores {self.extra_arrays or 'no extra arrays'}: write_cell got "
+                             f"{sorted(extra) or 'none'}")
+        sizes = {"step": n, "radius": 0 if self.radius is None else len(self.radius)}
+        for name, value in extra.items():
+            values[name] = _checked(value, tuple(sizes[d] for d in EXTRA_ARRAYS[name]), name)
         if self.group["done"][r, m]:  # rewriting (a retried failure): not done until the new data is whole
             self.group["done"][r, m] = False
         for name, value in values.items():
@@ -168,14 +184,16 @@ def _checked(value, shape, name) -> np.ndarray:
 
 
 def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[int], labels: Sequence[int],
-               nsteps: int, image_shape, maps: bool, overwrite: bool = False) -> RunStore:
+               nsteps: int, image_shape, maps: bool, overwrite: bool = False, extra_arrays: Sequence[str] = (),
+               radius: Optional[int] = None) -> RunStore:
     """Create the run at `location` (a directory or fsspec URL), or reopen it if its settings match.
 
     A store with different settings is refused with a message naming them, unless `overwrite`,
-    which deletes it (and its summary_stats.json) and starts fresh.
+    which deletes it (and its summary_stats.json) and starts fresh. `extra_arrays` names optional
+    per-cell arrays (EXTRA_ARRAYS); those with a radius dimension hold radii 0..`radius`.
     """
     location = _run_location(location)
-    settings = _settings(config, models, seeds, labels, nsteps, image_shape, maps)
+    settings = _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays, radius)
     url = store_url(location)
     existing = _open_existing(location, "r")
     if existing is not None and overwrite:
@@ -204,7 +222,8 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
             raise EdtoolError(f"cannot write the run store in {base} ({err.strerror or err}): "
                               "choose a writable --run-dir") from err
         # another process created the run at the same moment: use its store if it matches
-        return create_run(location, config, models, seeds, labels, nsteps, image_shape, maps)
+        return create_run(location, config, models, seeds, labels, nsteps, image_shape, maps,
+                          extra_arrays=extra_arrays, radius=radius)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return open_run(location, mode="r+")
@@ -255,7 +274,7 @@ def _open_existing(location: str, mode: str) -> Optional[RunStore]:
     return RunStore(group, location)
 
 
-def _settings(config, models, seeds, labels, nsteps, image_shape, maps) -> dict:
+def _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays=(), radius=None) -> dict:
     """Everything that must match for a rerun to continue a run, validated and JSON-normalized."""
     models = [str(m) for m in models]
     if not models or len(set(models)) != len(models):
@@ -271,15 +290,32 @@ def _settings(config, models, seeds, labels, nsteps, image_shape, maps) -> dict:
         config = json.loads(json.dumps(config))
     except (TypeError, ValueError) as err:
         raise EdtoolError(f"run config must be JSON-serializable: {err}") from err
-    return {"config": config, "models": models, "seeds": seeds, "labels": labels, "nsteps": int(nsteps),
-            "image_shape": shape, "maps": bool(maps)}
+    extra = [name for name in EXTRA_ARRAYS if name in set(extra_arrays)]
+    unknown = sorted(set(extra_arrays) - set(extra))
+    if unknown:
+        raise EdtoolError(f"unknown extra arrays {unknown}; known: {', '.join(EXTRA_ARRAYS)}")
+    radial = any("radius" in EXTRA_ARRAYS[name] for name in extra)
+    if radial and (radius is None or int(radius) < 0):
+        raise EdtoolError(f"arrays with a radius dimension need radius >= 0, got {radius}")
+    out = {"config": config, "models": models, "seeds": seeds, "labels": labels, "nsteps": int(nsteps),
+           "image_shape": shape, "maps": bool(maps)}
+    if extra:  # absent when there are none, so runs made before extra arrays existed still match
+        out["extra_arrays"] = extra
+    if radial:
+        out["radius"] = int(radius)
+    return out
 
 
 def _stored_settings(run: RunStore) -> dict:
     """The settings a stored run was made with, in the form `_settings` returns."""
-    return {"config": run.config, "models": run.models, "seeds": run.seeds.tolist(),
-            "labels": run.labels.tolist(), "nsteps": run.nsteps, "image_shape": list(run.image_shape),
-            "maps": run.has_maps}
+    out = {"config": run.config, "models": run.models, "seeds": run.seeds.tolist(),
+           "labels": run.labels.tolist(), "nsteps": run.nsteps, "image_shape": list(run.image_shape),
+           "maps": run.has_maps}
+    if run.extra_arrays:
+        out["extra_arrays"] = run.extra_arrays
+    if run.radius is not None:
+        out["radius"] = len(run.radius) - 1
+    return out
 
 
 def _require_same(location, old: dict, new: dict):
@@ -337,6 +373,13 @@ def _build(group: zarr.Group, s: dict):
     array("final", (r, m, c, h, w), ("realization", "model", "channel", "y", "x"), chunks=(1, m, c, h, w))
     if s["maps"]:
         array("curl_map", (r, m, n, h, w), ("realization", "model", "step", "y", "x"), chunks=(1, m, n, h, w))
+    if "radius" in s:
+        array("radius", (s["radius"] + 1,), ("radius",), "int64", 0)[:] = np.arange(s["radius"] + 1)
+    sizes = {"step": n, "radius": s.get("radius", -1) + 1}
+    for name in s.get("extra_arrays", []):
+        dims = EXTRA_ARRAYS[name]
+        shape = tuple(sizes[d] for d in dims)
+        array(name, (r, m, *shape), ("realization", "model", *dims), chunks=(1, m, *shape))
     group.attrs.update({"config": s["config"], "models": s["models"], "schema_version": SCHEMA_VERSION,
                         "edtool_version": __version__})
     consolidate(group.store)
