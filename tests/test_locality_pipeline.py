@@ -39,7 +39,7 @@ def test_stored_arrays_equal_a_recomputation_at_the_same_points(whole_run):
         dims = tuple(run.group[name].metadata.dimension_names)
         assert dims == (("realization", "model", "step", "radius") if name.startswith("loc") else
                         ("realization", "model", "step")), name
-    net, ideal = study.fields["resnet"], study.fields["is"]
+    net, ideal = study.models["resnet"], study.models["is"]
     for r in range(2):
         path = []
         ddim_sample(lambda t, x: net.eps(t, x), initial_noise(study.seeds[r], (1, 1, 32, 32)), 1,
