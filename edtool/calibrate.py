@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edtool.diffusion import ddim_sample, eps_to_score, initial_noise
+from edtool.diffusion import ddim_sample, eps_to_score, initial_noise, timesteps
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, write_json
 from edtool.scales import build_machine, check_patch_size, check_schedule, fallback_note
@@ -195,7 +195,7 @@ def network_trajectory(network, x: Tensor, nsteps: int, label: Optional[Tensor] 
             ss.append(eps_to_score(eps, tb))
             return eps
 
-        finals.append(ddim_sample(eps_fn, x[sl], nsteps))
+        finals.append(ddim_sample(eps_fn, x[sl], timesteps(nsteps)))
         points.append(torch.stack(xs))
         scores.append(torch.stack(ss))
     return torch.cat(points, 1), torch.cat(scores, 1), torch.cat(finals)
@@ -245,7 +245,7 @@ def calibrate(
     N, S = nsteps, len(seeds)
     # every (step, seed) point at once: index = j * S + s
     xs = points.reshape(N * S, *points.shape[2:])
-    ts = torch.arange(N, 0, -1, dtype=torch.float64).div(N).repeat_interleave(S).to(device)
+    ts = timesteps(N)[:-1].repeat_interleave(S).to(device)  # the times the network was evaluated at
     labs = None if lab is None else lab.repeat(N)
     log(f"network trajectory: {N} steps x {S} seeds in {time.perf_counter() - t0:.1f}s")
 
@@ -313,8 +313,7 @@ def machine_sample(machine, x0: Tensor, nsteps: int, label: Optional[Tensor] = N
     out = []
     for sl in _batches(len(x0), batch):
         lab = None if label is None else label[sl]
-        out.append(ddim_sample(lambda tb, x, lab=lab: machine.eps(tb, x, lab).to(x.dtype),
-                               x0[sl], nsteps))
+        out.append(ddim_sample(lambda tb, x, lab=lab: machine.eps(tb, x, lab), x0[sl], timesteps(nsteps)))
     return torch.cat(out)
 
 

@@ -44,8 +44,11 @@ def score_to_eps(score: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def timesteps(nsteps: int) -> torch.Tensor:
-    """The N evaluation times t_i = i/N for i = N..1 (index j = N - i; j = 0 is t = 1)."""
-    return torch.arange(nsteps, 0, -1, dtype=torch.float64) / nsteps
+    """The DDIM time grid, float64: t_j = (N - j) / N for j = 0..N, from t_0 = 1 down to t_N = 0.
+    Step j evaluates the model at t_j and moves to t_{j+1} (like k-diffusion's sigmas, ending at 0)."""
+    if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
+        raise ValueError(f"nsteps must be a positive int, got {nsteps!r}")
+    return torch.arange(nsteps, -1, -1, dtype=torch.float64) / nsteps
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
@@ -60,24 +63,28 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: float, t_next: float) -> to
 def ddim_sample(
     eps_fn: EpsFn,
     x: torch.Tensor,
-    nsteps: int,
+    times,
     on_step: Optional[Callable[[int, float, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
-    """Run N deterministic DDIM steps from x (pure noise at t = 1) and return x at t = 0.
+    """Deterministic DDIM from x at times[0] (pure noise at t = 1) to times[-1]; returns the last x.
 
-    `on_step(j, t, x)` is called at every evaluation point before its update, which is
-    where the pipeline measures the exterior derivative.
+    `times` is a decreasing grid such as timesteps(N) (an int N is short for it). eps_fn gets the
+    times as float64 (B,) tensors, exactly the grid's values (a network casts them to its dtype;
+    an ELS machine picks its scale entry from them), and its output is cast to x's dtype.
+    `on_step(j, t_j, x)` is called at every evaluation point before its update, which is where
+    the pipeline measures the exterior derivative.
     """
-    if nsteps < 1:
-        raise ValueError("nsteps must be >= 1")
-    for j in range(nsteps):
-        t, t_next = (nsteps - j) / nsteps, (nsteps - j - 1) / nsteps
+    times = timesteps(times) if isinstance(times, int) else torch.as_tensor(times, dtype=torch.float64).cpu()
+    if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
+        raise ValueError("times must be a decreasing 1-D grid of at least 2 points, e.g. timesteps(20)")
+    grid = times.tolist()
+    for j, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         if on_step is not None:
             on_step(j, t, x)
-        tb = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+        tb = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
         with torch.no_grad():
             eps = eps_fn(tb, x)
-        x = ddim_step(x, eps, t, t_next)
+        x = ddim_step(x, eps.to(x.dtype), t, t_next)
     return x
 
 

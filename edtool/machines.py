@@ -27,6 +27,8 @@ delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output 
     res = m.field(0.5).analytic_ed(x, curl_map=True)
 """
 
+import bisect
+import functools
 import math
 from collections import OrderedDict, namedtuple
 from typing import Callable, Iterable, Optional, Sequence
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edtool.diffusion import alpha_bar, beta, score_to_eps
+from edtool.diffusion import alpha_bar, beta, score_to_eps, timesteps
 from edtool.scales import check_patch_size
 
 MACHINES = ("is", "ls", "els-circular", "els-borders")
@@ -63,9 +65,15 @@ def resolve_machine_name(name: str, padding: str = "zeros") -> str:
 
 
 def scale_index(t: float, nscales: int) -> int:
-    """Entry j of a scale schedule that applies at time t (entry j is for t = (j + 1) / N).
-    The tolerance absorbs float32 rounding of t = (j + 1) / N (DDIM's times arrive as float32)."""
-    return min(max(math.ceil(t * nscales - 1e-4) - 1, 0), nscales - 1)
+    """Entry j of a scale schedule that applies at time t: the first with t <= (j + 1) / N. The grid
+    times (diffusion.timesteps, float64, as DDIM hands them over) get their own entry exactly."""
+    return min(bisect.bisect_left(_schedule_times(nscales), t), nscales - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _schedule_times(nscales: int) -> tuple:
+    """(1/N, 2/N, ..., 1): the times of the schedule's entries, the same float64 values as timesteps(N)."""
+    return tuple(timesteps(nscales)[:-1].flip(0).tolist())
 
 
 # ---------------------------------------------------------------------------------------------

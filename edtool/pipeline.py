@@ -17,7 +17,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from edtool.diffusion import ddim_sample, initial_noise
+from edtool.diffusion import ddim_sample, initial_noise, timesteps
 from edtool.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
 from edtool.machines import ALIASES, MACHINES
@@ -403,13 +403,14 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
     from edtool.ed import exterior_derivative
 
     cfg, nsteps, model = job.study.cfg, job.study.cfg.nsteps, job.study.models[name]
+    times = timesteps(nsteps).tolist()
     B, label, rows = batch.x_T.shape[0], batch.label, batch.rows
     out = Cell.nan(B, job.study)
 
     def on_step(j, t, x):
         out.points.append(x.detach())
         t0 = time.perf_counter()
-        tb = torch.full((B,), t, dtype=x.dtype, device=x.device)
+        tb = torch.full((B,), t, dtype=torch.float64, device=x.device)  # the grid's t: networks cast it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
             res = exterior_derivative(_score_field(model, tb, label), x, method=cfg.estimator, probes=cfg.probes,
@@ -434,11 +435,11 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
             job.timer.add("sampling", t0)
             return e
 
-        final = ddim_sample(timed_eps, batch.x_T, nsteps, on_step=on_step)
+        final = ddim_sample(timed_eps, batch.x_T, times, on_step=on_step)
         out.final = final.detach().double().cpu().numpy()
     else:
         for j, x in enumerate(points):
-            on_step(j, (nsteps - j) / nsteps, x)
+            on_step(j, times[j], x)
         out.final = None
     for note in sorted(out.notes):
         job.reporter.note(note)
@@ -642,7 +643,7 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
 def _reference_path(model, batch: Batch, nsteps: int):
     """The points a model's DDIM path visits and its end (float64 numpy), without measuring anything."""
     visited = []
-    final = ddim_sample(_eps_fn(model, batch.label), batch.x_T, nsteps,
+    final = ddim_sample(_eps_fn(model, batch.label), batch.x_T, timesteps(nsteps),
                         on_step=lambda j, t, x: visited.append(x.detach()))
     return visited, final.detach().double().cpu().numpy()
 

@@ -18,7 +18,7 @@ from typing import List
 
 import torch
 
-from edtool.diffusion import add_noise
+from edtool.diffusion import add_noise, timesteps
 from edtool.errors import EdtoolError
 
 POINT_SOURCES = ("trajectory", "noised-data")
@@ -46,5 +46,5 @@ def noised_points(x0: torch.Tensor, eps: torch.Tensor, nsteps: int) -> List[torc
     tensor per step, in the order the store keeps steps (j = 0 is t = 1)."""
     if x0.shape != eps.shape:
         raise ValueError(f"noised_points: x0 {tuple(x0.shape)} and eps {tuple(eps.shape)} differ")
-    return [add_noise(x0, torch.full((x0.shape[0],), (nsteps - j) / nsteps, dtype=torch.float64), eps)
-            for j in range(nsteps)]
+    return [add_noise(x0, torch.full((x0.shape[0],), t, dtype=torch.float64), eps)
+            for t in timesteps(nsteps)[:-1].tolist()]

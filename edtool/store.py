@@ -363,7 +363,7 @@ def _build(group: zarr.Group, s: dict):
         return group.create_array(name, shape=shape, chunks=chunks or shape, dtype=dtype, fill_value=fill,
                                   dimension_names=dims)
 
-    array("time", (n,), ("step",), "float64")[:] = timesteps(n).numpy()
+    array("time", (n,), ("step",), "float64")[:] = timesteps(n)[:-1].numpy()  # t_j of step j
     array("seed", (r,), ("realization",), "int64", 0)[:] = np.asarray(s["seeds"], dtype=np.int64)
     array("label", (r,), ("realization",), "int64", -1)[:] = np.asarray(s["labels"], dtype=np.int64)
     group.create_array("model", shape=(m,), dtype=str, dimension_names=("model",))[:] = np.array(s["models"])

@@ -17,8 +17,8 @@ def test_schedule_matches_the_paper_formula():
     assert beta(torch.tensor(0.0)) == 0 and 0.999 < beta(torch.tensor(1.0)) < 1
 
 
-def test_timesteps_run_from_one_down_to_one_over_n():
-    assert timesteps(4).tolist() == [1.0, 0.75, 0.5, 0.25]
+def test_timesteps_run_from_one_down_to_zero():
+    assert timesteps(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0] and timesteps(4).dtype == torch.float64
 
 
 def test_score_noise_round_trip():
@@ -37,7 +37,7 @@ def test_one_image_training_set_lands_on_that_image():
         return (x - ab.sqrt() * y) / b.sqrt()
 
     x = initial_noise(3, (4, 1, 8, 8), dtype=torch.float64)
-    out = ddim_sample(ideal_eps, x, nsteps=7)
+    out = ddim_sample(ideal_eps, x, timesteps(7))
     assert torch.allclose(out, y.expand_as(out), atol=1e-10)
 
 
@@ -54,7 +54,7 @@ def test_gaussian_data_statistics_are_reproduced():
     t1 = torch.tensor(1.0, dtype=torch.float64)
     std1 = (alpha_bar(t1) * s**2 + beta(t1)).sqrt()
     x = alpha_bar(t1).sqrt() * mu + std1 * torch.randn(20000, 1, 1, 1, generator=g, dtype=torch.float64)
-    out = ddim_sample(gaussian_eps, x, nsteps=100)
+    out = ddim_sample(gaussian_eps, x, timesteps(100))
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.std().item() == pytest.approx(s, rel=0.03)
 
@@ -63,6 +63,26 @@ def test_on_step_sees_every_point_before_its_update():
     seen = []
     ddim_sample(lambda t, x: torch.zeros_like(x), torch.ones(1, 1, 2, 2), 5, on_step=lambda j, t, x: seen.append((j, t)))
     assert seen == [(j, (5 - j) / 5) for j in range(5)]
+
+
+def test_the_model_sees_the_grid_times_exactly_and_x_keeps_its_dtype():
+    """eps_fn gets t_j of the grid as float64, bit for bit (what a machine's schedule lookup needs),
+    and a float64 eps does not turn a float32 x into float64; an int is short for timesteps(N)."""
+    seen = []
+
+    def eps_fn(t, x):
+        seen.append(t)
+        return torch.zeros_like(x, dtype=torch.float64) + t[:, None, None, None]
+
+    x = torch.ones(2, 1, 2, 2)
+    out = ddim_sample(eps_fn, x, timesteps(20))
+    assert out.dtype == torch.float32 and len(seen) == 20
+    assert all(t.dtype == torch.float64 and t.tolist() == [(20 - j) / 20] * 2 for j, t in enumerate(seen))
+    assert torch.equal(ddim_sample(eps_fn, x, 20), out)
+    halfway = ddim_sample(eps_fn, x, torch.tensor([1.0, 0.5]))  # a custom grid: two points, one step
+    assert torch.equal(halfway, ddim_sample(eps_fn, x, timesteps(2)[:2]))
+    with pytest.raises(ValueError, match="decreasing"):
+        ddim_sample(eps_fn, x, [0.0, 1.0])
 
 
 def test_forward_process_and_initial_noise_are_reproducible():

@@ -495,14 +495,20 @@ def test_score_after_jacobian_reuses_its_sums_but_autograd_recomputes():
 
 
 @pytest.mark.parametrize("nscales", [10, 20, 50, 1000])
-def test_scale_index_exact_for_float32_ddim_times(nscales):
-    """DDIM visits t = (j + 1) / N as float32; each must get schedule entry j, not its neighbour."""
+def test_scale_index_exact_on_the_ddim_grid(nscales):
+    """DDIM visits the grid times t = (j + 1) / N (diffusion.timesteps, float64); each gets schedule entry
+    j, not its neighbour, also on the grid of a run with half as many steps; between grid points the
+    entry above applies."""
+    from edtool.diffusion import timesteps
     from edtool.machines import scale_index
 
-    for j in range(nscales):
-        t32 = float(torch.tensor((j + 1) / nscales, dtype=torch.float32))
-        assert scale_index(t32, nscales) == j
-        assert scale_index((j + 1) / nscales, nscales) == j
+    grid = timesteps(nscales)[:-1].tolist()  # t_j = (N - j) / N: entry N - 1 - j
+    assert [scale_index(t, nscales) for t in grid] == list(range(nscales - 1, -1, -1))
+    coarse = timesteps(nscales // 2)[:-1].tolist()  # t = 2i / N: entry 2i - 1
+    assert [scale_index(t, nscales) for t in coarse] == list(range(nscales - 1, 0, -2))
+    between = [(j + 0.5) / nscales for j in range(nscales)]
+    assert [scale_index(t, nscales) for t in between] == list(range(nscales))
+    assert scale_index(0.0, nscales) == 0 and scale_index(1.5, nscales) == nscales - 1
 
 
 # ------------------------------------------------------------------ merged identical windows (issue 13)

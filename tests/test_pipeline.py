@@ -539,7 +539,7 @@ def test_shared_trajectory_measures_every_model_on_the_reference_path(tmp_path, 
         points = []
         ddim_sample(lambda t, x: net.eps(t, x), initial_noise(int(seed), (1, 1, 32, 32)), nsteps,
                     on_step=lambda j, t, x: points.append((t, x.clone())))
-        jac = np.float32([exterior_derivative(machine.field(torch.full((1,), t), None), x).jac_fro[0]
+        jac = np.float32([exterior_derivative(machine.field(torch.full((1,), t, dtype=torch.float64), None), x).jac_fro[0]
                           for t, x in points])
         np.testing.assert_array_equal(shared.read("jac_fro", "is")[r], jac)  # the same computation, bit for bit
         assert not np.array_equal(own.read("jac_fro", "is")[r], jac)  # on its own path it sees other points
