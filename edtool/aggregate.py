@@ -284,6 +284,12 @@ def _num(v):
     return v if np.isfinite(v) else None
 
 
+def format_number(value) -> str:
+    """A summary number as people read it: 4 significant digits; None (no finite value: every step
+    failed) spelled out as NaN."""
+    return "NaN" if value is None else f"{value:.4g}"
+
+
 def write_aggregate(run: RunStore, arrays: dict, summary: dict):
     """Write `aggregate/*` into the store (replacing earlier ones) with dimension names for xarray."""
     group = run.group.require_group("aggregate")

@@ -7,6 +7,7 @@ unless --debug).
 import os
 import shlex
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
@@ -26,18 +27,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state = {"debug": False}
-
-
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
-    _state["debug"] = debug
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False)
+    """--debug is read by main() from sys.argv; declared here so that it shows in --help."""
 
 
 def _progress(quiet: bool = False):
@@ -317,10 +309,11 @@ def _print_results_table(location: str, as_json: bool = False):
     from rich.console import Console
     from rich.table import Table
 
+    from edtool.aggregate import format_number as fmt
+
     table = Table(title=f"run {location}")
     for col in ("model", "realizations", "mean ||J-J^T||_F", "mean asym", "failed steps"):
         table.add_column(col, justify="right" if col != "model" else "left")
-    fmt = lambda v: "NaN" if v is None else f"{v:.4g}"  # noqa: E731
     for r in rows:
         table.add_row(r["model"], str(r["realizations"]), fmt(r["mean_ed_fro"]), fmt(r["mean_asym"]),
                       str(r["failed_steps"]))
@@ -414,7 +407,7 @@ def aggregate(
     """Reduce a run over its finished realizations into aggregate/* and summary_stats.json."""
     import json as _json
 
-    from edtool.aggregate import aggregate_run
+    from edtool.aggregate import aggregate_run, format_number as fmt
 
     summary = aggregate_run(_resolve_run(run))
     if as_json:
@@ -422,7 +415,6 @@ def aggregate(
         return
     used = summary.get("realizations_used", "?")
     print(f"aggregated {used} of {summary.get('realizations_total', '?')} realizations of {_resolve_run(run)}")
-    fmt = lambda v: "NaN" if v is None else f"{v:.4g}"  # noqa: E731
     for name in summary["models"]:
         s = summary[name]
         print(f"  {name:<14} mean ED {fmt(s['mean_ed_magnitude'])}  std {fmt(s['std_ed_magnitude'])}  "
@@ -508,15 +500,13 @@ def analyze(
                           resnet=resnet_path, scales=scales_path, nsteps=nsteps, realizations=n, seed=seed,
                           estimator=estimator, probes=probes, maps=maps, points=points, held_out=held_out,
                           device=device, run_dir=str(run_dir), overwrite=overwrite)
-    import time as _time
-
     summary = _run_compute(cfg, quiet)
-    t0 = _time.perf_counter()
+    t0 = time.perf_counter()
     aggregate_run(str(run_dir))
-    t_agg = _time.perf_counter() - t0
-    t0 = _time.perf_counter()
+    t_agg = time.perf_counter() - t0
+    t0 = time.perf_counter()
     paths = plot_run(str(run_dir), fmt=fmt)
-    t_plot = _time.perf_counter() - t0
+    t_plot = time.perf_counter() - t0
     if quiet:
         return
     _print_results_table(str(run_dir))

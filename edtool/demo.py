@@ -57,11 +57,6 @@ def yardstick_checks(images: torch.Tensor, seed: int = 0) -> dict:
     return {"ideal_score_asym": float(gradient.asym[0]), "rotation_asym": float(rotation.asym[0])}
 
 
-def _fmt(value) -> str:
-    """A number for the tour, or NaN (a failed measurement) spelled out."""
-    return "NaN" if value is None else f"{value:.4g}"
-
-
 def _nearest_steps(times: np.ndarray, wanted=CHECK_TIMES) -> List[int]:
     return sorted({int(np.argmin(np.abs(times - t))) for t in wanted}, key=lambda j: -times[j])
 
@@ -69,7 +64,7 @@ def _nearest_steps(times: np.ndarray, wanted=CHECK_TIMES) -> List[int]:
 def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int = 10, seed: int = 0,
              device: str = "auto", reporter: Reporter = None, say: Callable[[str], None] = print) -> dict:
     """Explain, measure, and write the store, summary and figures under out_dir; returns the summary."""
-    from edtool.aggregate import aggregate_run
+    from edtool.aggregate import aggregate_run, format_number as _fmt
     from edtool.data import load_dataset
     from edtool.plots import plot_run
     from edtool.store import open_run

@@ -62,14 +62,14 @@ class EDResult:
 
 
 def _check_input(x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
-    """A detached floating batch (B, *S) in the compute dtype (float32 unless asked otherwise)."""
+    """A detached floating batch (B, *S) in the compute dtype: x's own unless `dtype` asks for another."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch of shape (B, *S), got shape {tuple(x.shape)}")
-    return x.detach().to(dtype or torch.float32).contiguous()
+    return x.detach().to(dtype or x.dtype).contiguous()
 
 
 def _per_sample_seeds(seed: Union[int, Sequence[int]], batch: int) -> list:
@@ -304,7 +304,7 @@ def exterior_derivative(
     analytic; `seed` (one int, or one per sample) seeds each sample's probes; with `rtol`, Hutchinson
     adds rounds of `probes` probes until every relative standard error is below rtol (then the probe
     count, the same for the whole batch, depends on the batch). `max_memory` bounds the bytes that
-    vector products and Jacobians hold at once.
+    vector products and Jacobians hold at once. The computation runs in x's dtype unless `dtype` is given.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")

@@ -209,7 +209,7 @@ class FieldJacobian:
     def __init__(self, f, x: Tensor, circular: bool = False):
         from edtool.ed import _check_input, _linearize
 
-        self.f, self.x, self.circular = f, _check_input(x, x.dtype if x.is_floating_point() else None), circular
+        self.f, self.x, self.circular = f, _check_input(x, None), circular
         self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
         with torch.no_grad():
             self._vjp_fn, self.finite, self._act_bytes = _linearize(f, self.x)

@@ -45,6 +45,16 @@ def resnet_exact(resnet_field, resnet_x):
     return exterior_derivative(resnet_field, resnet_x, method="exact", dtype=f64)
 
 
+def test_a_float64_field_at_float64_points_needs_no_dtype(resnet_field, resnet_x, resnet_exact):
+    """The input's dtype is the compute dtype: a float64 network at float64 x just works (it used to
+    be cast to float32 and fail inside torch with a dtype mismatch)."""
+    for method in ("exact", "hutchinson"):
+        res = exterior_derivative(resnet_field, resnet_x, method=method, probes=4)
+        assert res.ed_fro.dtype == f64
+    torch.testing.assert_close(exterior_derivative(resnet_field, resnet_x, method="exact").ed_fro,
+                               resnet_exact.ed_fro, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- linear fields
 
 
@@ -112,8 +122,8 @@ def test_gradient_field_is_conservative():
     exact = exterior_derivative(f, x, method="exact")
     assert exact.ed_fro.dtype == torch.float32
     assert (exact.jac_fro > 0.1).all() and (exact.asym < 1e-5).all()
-    hutch = exterior_derivative(f, x, method="hutchinson", dtype=f64)
-    assert (hutch.asym < 1e-12).all()
+    hutch = exterior_derivative(f, x.double(), method="hutchinson")  # float64 input stays float64
+    assert hutch.ed_fro.dtype == f64 and (hutch.asym < 1e-12).all()
     assert (hutch.ed_fro < 1e-12 * hutch.jac_fro).all()
 
 
