@@ -227,11 +227,6 @@ class FieldJacobian:
                 self._dense = _exact_jacobian(self._vjp_fn, self.x, chunk)
         return self._dense
 
-    @property
-    def has_dense(self) -> bool:
-        """Whether the dense Jacobians are already built (then exact work on them costs no more products)."""
-        return self._dense is not None
-
     def chunk(self, max_memory: int = 2**30) -> int:
         """Vectors per vmapped product within max_memory."""
         from edtool.ed import _hutchinson_chunk
@@ -265,6 +260,25 @@ def jacobian_operator(field, x: Tensor, circular: Optional[bool] = None) -> Oper
             return DenseJacobian(J, x.shape[1:], padding == "circular" if circular is None else circular)
         return BandJacobian(J, padding)
     return FieldJacobian(field, x, bool(circular))
+
+
+class ClosedFormField:
+    """A machine's score field with its closed-form Jacobian already built (`op`, band or dense):
+    `edtool.ed.exterior_derivative` takes the exact ED from it (`analytic_ed`) instead of building the
+    Jacobian a second time, so --locality and --align cost the machines no extra pass."""
+
+    def __init__(self, field, op: Union["BandJacobian", "DenseJacobian"]):
+        self.field, self.op = field, op
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.field(x)
+
+    def analytic_ed(self, x: Tensor, curl_map: bool = False) -> dict:
+        from edtool.machines import band_ed, dense_ed
+
+        if isinstance(self.op, BandJacobian):
+            return band_ed(self.op.band, self.op.padding, curl_map)
+        return dense_ed(self.op.J, self.op.shape, curl_map)
 
 
 # ----------------------------------------------------------------------------- locality

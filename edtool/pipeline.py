@@ -301,13 +301,12 @@ def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
 def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict) -> dict:
     """The SPEC 12 settings a run records (absent when off, so runs made without them still resume), with
     each ELS machine's patch half-width (k - 1)/2 at every step, which the locality figures draw."""
-    from edtool.diffusion import timesteps
     from edtool.locality import default_radius
 
     out = {}
     if cfg.locality:
         radius = default_radius(image_shape) if cfg.locality_radius is None else cfg.locality_radius
-        times = timesteps(cfg.nsteps).tolist()
+        times = timesteps(cfg.nsteps)[:-1].tolist()  # t_j of step j
         half = {name: [(f.patch_size_at(t) - 1) / 2 for t in times] for name, f in fields.items()
                 if getattr(f, "patch_sizes", None)}
         out["locality"] = {"radius": radius, "method": cfg.locality_method, "pixels": cfg.locality_pixels,
@@ -396,11 +395,13 @@ class _Job:
     reporter: Reporter
     timer: _Timer = field(default_factory=_Timer)
     failures: list = field(default_factory=list)
+    reference_ops: dict = field(default_factory=dict)  # --align: the reference's Jacobian per step of this batch
 
 
 def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tensor]] = None) -> Cell:
     """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step."""
     from edtool.ed import exterior_derivative
+    from edtool.locality import ClosedFormField
 
     cfg, nsteps, model = job.study.cfg, job.study.cfg.nsteps, job.study.models[name]
     times = timesteps(nsteps).tolist()
@@ -411,17 +412,21 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
         out.points.append(x.detach())
         t0 = time.perf_counter()
         tb = torch.full((B,), t, dtype=torch.float64, device=x.device)  # the grid's t: networks cast it
+        f = _score_field(model, tb, label)
+        op = _jacobian_op(job, name, f, x, j) if cfg.locality or cfg.align else None
+        if op is not None and hasattr(f, "analytic_ed") and cfg.estimator in ("auto", "analytic"):
+            f = ClosedFormField(f, op)  # the machine's ED from the Jacobian just built, not a second one
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
-            res = exterior_derivative(_score_field(model, tb, label), x, method=cfg.estimator, probes=cfg.probes,
+            res = exterior_derivative(f, x, method=cfg.estimator, probes=cfg.probes,
                                       seed=[probe_seed(cfg.seed, r, name, j) for r in rows], rtol=cfg.rtol,
                                       curl_map=cfg.maps)
         for k in ("ed_fro", "jac_fro", "asym", "ed_stderr"):
             getattr(out, k)[:, j] = getattr(res, k).detach().double().cpu().numpy()
         if cfg.maps:
             out.curl_map[:, j] = res.curl_map.detach().double().cpu().numpy()
-        if cfg.locality or cfg.align:
-            _measure_whole(job.study, name, tb, batch, x, j, out)
+        if op is not None:
+            _measure_whole(job, name, op, tb, batch, x, j, out)
         job.timer.add("jacobian", t0)
         for i, r in enumerate(rows):
             job.reporter.step(r, name, j, nsteps, float(out.asym[i, j]))
@@ -453,13 +458,26 @@ def _circular(model) -> Optional[bool]:
     return None if manifest is None else manifest.get("padding") == "circular"
 
 
-def _measure_whole(study: Study, name: str, tb: torch.Tensor, batch: Batch, x: torch.Tensor, j: int, out: Cell):
-    """SPEC 12 at one step: the locality profile of this model's Jacobian and its alignment with the
-    reference's, both from one Jacobian operator (the dense J of a network is built once for both)."""
-    from edtool.locality import FieldJacobian, alignment, jacobian_operator, locality
+def _jacobian_op(job: _Job, name: str, f, x: torch.Tensor, j: int):
+    """The Jacobian operator of model `name` at step j's point x. The --align reference's is kept for the
+    batch: every model visits the same points, so it is built once per step, not once per model."""
+    from edtool.locality import jacobian_operator
 
-    cfg, settings, model, rows = study.cfg, study.config, study.models[name], batch.rows
-    op = jacobian_operator(_score_field(model, tb, batch.label), x, circular=_circular(model))
+    if name == job.study.cfg.align and j in job.reference_ops:
+        return job.reference_ops[j]
+    op = jacobian_operator(f, x, circular=_circular(job.study.models[name]))
+    if name == job.study.cfg.align:
+        job.reference_ops[j] = op
+    return op
+
+
+def _measure_whole(job: _Job, name: str, op, tb: torch.Tensor, batch: Batch, x: torch.Tensor, j: int, out: Cell):
+    """SPEC 12 at one step: the locality profile of this model's Jacobian `op` and its alignment with the
+    reference's (the dense J of a network is built once for both)."""
+    from edtool.locality import FieldJacobian, alignment, locality
+
+    study = job.study
+    cfg, settings, rows = study.cfg, study.config, batch.rows
     if cfg.locality:
         loc = settings["locality"]
         res = locality(op, loc["radius"], loc["method"], loc["pixels"],
@@ -467,11 +485,13 @@ def _measure_whole(study: Study, name: str, tb: torch.Tensor, batch: Batch, x: t
         for k in ("loc_jac", "loc_ed", "loc_jac_stderr", "loc_ed_stderr", "r90_jac", "r90_ed"):
             out.whole[k][:, j] = getattr(res, k).detach().double().cpu().numpy()
     if cfg.align:
-        ref = study.models[cfg.align]
-        op_ref = op if name == cfg.align else jacobian_operator(_score_field(ref, tb, batch.label), x,
-                                                                circular=_circular(ref))
-        # exact when both dense Jacobians are at hand (machines, or a network whose J --locality built)
-        at_hand = all(not isinstance(o, FieldJacobian) or o.has_dense for o in (op, op_ref))
+        ref = cfg.align
+        op_ref = _jacobian_op(job, ref, _score_field(study.models[ref], tb, batch.label), x, j)
+        # exact when both dense Jacobians are at hand: machines, and networks whose J --locality builds
+        # exactly (decided by the settings alone, so a resumed run chooses as a fresh one does)
+        exact_nets = cfg.locality and settings["locality"]["method"] != "probe"
+        at_hand = all(not isinstance(o, FieldJacobian) or (exact_nets and o.dense() is not None)
+                      for o in (op, op_ref))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the reason comes back in the result
             al = alignment(op, op_ref, "exact" if at_hand else "hutchinson", cfg.probes,
@@ -610,6 +630,7 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
     x_T = torch.cat([initial_noise(study.seeds[r], (1, *study.image_shape)) for r in rows]).to(device)
     lab = [study.labels[r] for r in rows]
     batch = Batch(rows, x_T, None if lab[0] < 0 else torch.tensor(lab, device=device))
+    job.reference_ops.clear()  # the reference's Jacobians at the previous batch's points
 
     names = list(cfg.models)
     points, reference_final = None, None
