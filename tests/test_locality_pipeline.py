@@ -137,3 +137,17 @@ def test_align_implies_a_shared_trajectory(tmp_path, capsys, monkeypatch):
     np.testing.assert_array_equal(run.read("align_jac")[:, 1], 1)  # the machine against itself
     assert (run.read("align_jac_stderr")[:, 0] > 0).all()  # the network without --locality: Hutchinson
     assert np.isnan(run.read("align_ed")).all()  # the reference is a gradient field: undefined, not 0
+
+
+def test_config_records_each_machine_patch_half_width_per_step():
+    """The r90 figure's step line: (k - 1)/2 of the machine's own patch size at every stored step."""
+    from edtool.machines import make_machine
+    from edtool.pipeline import ComputeConfig, jacobian_whole_config
+
+    images = torch.zeros(2, 1, 8, 8)
+    fields = {"els": make_machine("els-borders", images, scales=[3, 7]), "is": make_machine("is", images)}
+    cfg = ComputeConfig(nsteps=4, locality=True, models=["els", "is"])
+    out = jacobian_whole_config(cfg, (1, 8, 8), fields)
+    # times 1, 0.75, 0.5, 0.25: entry 1 (k = 7) for t > 0.5, entry 0 (k = 3) for t <= 0.5
+    assert out["locality"] == {"radius": 4, "method": "auto", "pixels": 64, "patch_half_width": {"els": [3, 3, 1, 1]}}
+    assert jacobian_whole_config(ComputeConfig(nsteps=4), (1, 8, 8), fields) == {}  # off: the config is as before
