@@ -31,7 +31,8 @@ from torch import Tensor
 from edtool.diffusion import ddim_sample, eps_to_score, initial_noise, timesteps
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, write_json
-from edtool.scales import build_machine, check_patch_size, check_schedule, fallback_note
+from edtool.scales import (build_machine, check_fits, check_patch_size, check_schedule, fallback_note,
+                           resampling_note)
 
 METRICS = ("cosine", "l2")
 DEFAULT_SIZES = (3, 5, 7, 9, 11, 13, 15)
@@ -228,7 +229,7 @@ def calibrate(
     if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
         raise EdtoolError(f"nsteps must be a positive integer, got {nsteps!r}")
     _check_images(images, labels)
-    sizes, seeds = check_sizes(sizes), check_seeds(seeds)
+    sizes, seeds = check_fits(check_sizes(sizes), images.shape, "candidate size"), check_seeds(seeds)
     kind = machine_kind(machine, network)
     if kind == "is":
         raise EdtoolError("the 'is' machine has no patch size to calibrate; choose els-borders, els-circular or ls")
@@ -376,6 +377,8 @@ def sample(
     per_machine = {k: _machine_scales(scales, k) for k in kinds}
     sources = {k: scales_source.get(k) if isinstance(scales_source, dict) else scales_source for k in kinds}
     check_patch_size(patch_size, "patch_size")
+    for kind in kinds:  # before anything is sampled: a window larger than the images is refused
+        check_fits(per_machine[kind] or ([] if kind == "is" else [patch_size]), images.shape, f"{kind}: patch size")
     device = torch.device(device) if device is not None else images.device
     out = Path(out_dir)
     log = log or (lambda msg: None)
@@ -417,6 +420,9 @@ def sample(
                                 scales=per_machine[kind], patch_size=patch_size, source=sources[kind])
         if "patch_size" in info:
             summary["notes"].append(fallback_note(kind, patch_size))
+        elif per_machine[kind] is not None and resampling_note(kind, per_machine[kind], nsteps, sources[kind]):
+            summary["notes"].append(resampling_note(kind, per_machine[kind], nsteps, sources[kind]))
+            log(f"note: {summary['notes'][-1]}")
         with torch.no_grad():
             final = machine_sample(m, x0, nsteps, lab, batch)
         folder = output_dir_name(kind)

@@ -395,7 +395,8 @@ def compute(
         t = summary["timings"]
         print(f"time: total {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
               f"store {t['store']:.2f}s); run stored in {summary['location']}")
-        for f in summary["failures"]:
+    if not as_json:  # on stderr even with --quiet: these say a number is not what was asked for
+        for f in summary["failures"] + summary["warnings"]:
             print(f"warning: {f}", file=sys.stderr)
 
 
@@ -508,13 +509,15 @@ def analyze(
     paths = plot_run(str(run_dir), fmt=fmt)
     t_plot = time.perf_counter() - t0
     if quiet:
+        for f in summary["failures"] + summary["warnings"]:
+            print(f"warning: {f}", file=sys.stderr)
         return
     _print_results_table(str(run_dir))
     t = summary["timings"]
     print(f"time: compute {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
           f"store {t['store']:.2f}s), aggregate {t_agg:.2f}s, plot {t_plot:.1f}s")
     print(f"results in {run_dir}: ed.zarr, summary_stats.json, " + ", ".join(p.name for p in paths))
-    for f in summary["failures"]:
+    for f in summary["failures"] + summary["warnings"]:
         print(f"warning: {f}", file=sys.stderr)
 
 

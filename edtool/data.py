@@ -9,6 +9,7 @@ split and a fingerprint (size, mtime) of its source files, so later loads take a
 import gzip
 import hashlib
 import importlib.util
+import math
 import os
 import pickle
 import struct
@@ -145,7 +146,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise EdtoolError(f"{path} is not an unsigned-byte IDX file with {ndim} dimension(s): magic number "
                           f"{magic:#010x}, expected {0x0800 + ndim:#010x} ({0x0800 + ndim})")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    need = int(np.prod(dims, dtype=np.int64))
+    need = math.prod(dims)  # Python ints: sizes from a hostile header must not overflow
     if len(raw) - header < need:
         raise EdtoolError(f"{path} is truncated: its header promises {need} bytes of data for shape "
                           f"{dims}, it has {len(raw) - header}")

@@ -56,6 +56,7 @@ class EDResult:
     curl_map: Optional[Tensor]
     method: str
     probes: int  # probes used; 0 for exact and analytic
+    rtol_met: Optional[Tensor] = None  # with rtol: per sample, whether ed_stderr / ed_fro <= rtol was reached
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -237,7 +238,7 @@ def _hutchinson(f, vjp_fn, x, seeds, probes, rtol, max_probes, chunk, curl_map) 
             sums.add(*_jvp_vjp_probes(f, vjp_fn, x, V))
         ed, jac, ed_se, curl = sums.stats(curl_map)
         if rtol is None or sums.count >= max_probes or not bool((ed_se / ed > rtol).any()):
-            return ed, jac, ed_se, curl, sums.count
+            return ed, jac, ed_se, curl, sums.count, None if rtol is None else ~(ed_se / ed > rtol)
 
 
 # ----------------------------------------------------------------------------- analytic
@@ -272,7 +273,7 @@ def _choose_method(method: str, x: Tensor, exact_chunk: int) -> str:
     return "exact" if small and exact_chunk > 0 else "hutchinson"
 
 
-def _result(ed, jac, ed_se, curl, finite_out: Tensor, method: str, probes: int) -> EDResult:
+def _result(ed, jac, ed_se, curl, finite_out: Tensor, method: str, probes: int, rtol_met=None) -> EDResult:
     """The EDResult, with NaN for every sample whose output or result is not finite (and a warning naming them)."""
     asym = ed / (2 * jac)
     bad = ~finite_out.to(ed.device) | ~torch.isfinite(ed) | ~torch.isfinite(jac) | ~torch.isfinite(asym)
@@ -283,7 +284,8 @@ def _result(ed, jac, ed_se, curl, finite_out: Tensor, method: str, probes: int) 
         ed, jac, asym, ed_se = (torch.where(bad, nan, v) for v in (ed, jac, asym, ed_se))
         if curl is not None:
             curl = torch.where(bad[:, None, None], nan, curl)
-    return EDResult(ed_fro=ed, jac_fro=jac, asym=asym, ed_stderr=ed_se, curl_map=curl, method=method, probes=probes)
+    return EDResult(ed_fro=ed, jac_fro=jac, asym=asym, ed_stderr=ed_se, curl_map=curl, method=method, probes=probes,
+                    rtol_met=rtol_met)
 
 
 def exterior_derivative(
@@ -303,8 +305,9 @@ def exterior_derivative(
     f maps x (B, *S) to the same shape sample by sample. `method` is auto, exact, hutchinson or
     analytic; `seed` (one int, or one per sample) seeds each sample's probes; with `rtol`, Hutchinson
     adds rounds of `probes` probes until every relative standard error is below rtol (then the probe
-    count, the same for the whole batch, depends on the batch). `max_memory` bounds the bytes that
-    vector products and Jacobians hold at once. The computation runs in x's dtype unless `dtype` is given.
+    count, the same for the whole batch, depends on the batch); a sample still above it at `max_probes`
+    gets a RuntimeWarning and False in `rtol_met`. `max_memory` bounds the bytes that vector products
+    and Jacobians hold at once. The computation runs in x's dtype unless `dtype` is given.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -322,5 +325,11 @@ def exterior_derivative(
             return _result(*_exact(vjp_fn, x, exact_chunk, curl_map, max_memory), finite_out, "exact", 0)
         seeds = _per_sample_seeds(seed, x.shape[0])
         chunk = _hutchinson_chunk(x, act_bytes, max_memory)
-        *stats, used = _hutchinson(f, vjp_fn, x, seeds, probes, rtol, max_probes, chunk, curl_map)
-        return _result(*stats, finite_out, "hutchinson", used)
+        *stats, used, met = _hutchinson(f, vjp_fn, x, seeds, probes, rtol, max_probes, chunk, curl_map)
+        if met is not None and not bool(met.all()):
+            missed = (~met).nonzero().flatten().tolist()
+            worst = float((stats[2] / stats[0])[~met].max())
+            warnings.warn(f"exterior_derivative: rtol {rtol} not reached for samples {missed} after the cap of {used} "
+                          f"probes (relative standard error up to {worst:.3g}); raise max_probes or rtol",
+                          RuntimeWarning, stacklevel=2)
+        return _result(*stats, finite_out, "hutchinson", used, met)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edtool.diffusion import alpha_bar, beta, score_to_eps, timesteps
-from edtool.scales import check_patch_size
+from edtool.scales import check_fits, check_patch_size
 
 MACHINES = ("is", "ls", "els-circular", "els-borders")
 ALIASES = {"els": "els-borders"}
@@ -54,10 +54,11 @@ DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls (mnist5k at
 
 def resolve_machine_name(name: str, padding: str = "zeros") -> str:
     """The machine name to use next to a network with this padding: `els` means the circular
-    machine for a circular-padded network and `els-borders` for a zero-padded one."""
-    if padding not in PADDINGS:
-        raise ValueError(f"unknown padding {padding!r}; choose one of {', '.join(PADDINGS)}")
+    machine for a circular-padded network and `els-borders` for a zero-padded one (other names do not
+    depend on the padding)."""
     if name == "els":
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; choose one of {', '.join(PADDINGS)}")
         return "els-circular" if padding == "circular" else "els-borders"
     if name not in MACHINES:
         raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")
@@ -804,6 +805,8 @@ def make_machine(
         sizes = [check_patch_size(k, f"scales[{j}]") for j, k in enumerate(scales)]
         if not sizes:
             raise ValueError("scales must list at least one patch size")
+    if sizes is not None:
+        check_fits(sizes, images.shape, "patch size")
     if name == "els-circular" and paper_circular:
         H, W = images.shape[-2:]
         if max(sizes) > min(H, W):

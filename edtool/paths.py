@@ -19,4 +19,11 @@ def local_checkpoints_dir() -> Path:
 
 def cache_dir() -> Path:
     """Runtime output (runs, prepared data); EDTOOL_CACHE overrides, default ./cache."""
-    return Path(os.environ.get("EDTOOL_CACHE", Path.cwd() / "cache"))
+    path = Path(os.environ.get("EDTOOL_CACHE", Path.cwd() / "cache"))
+    if path.exists() and not path.is_dir():
+        from edtool.errors import EdtoolError
+
+        where = f"EDTOOL_CACHE={os.environ['EDTOOL_CACHE']}" if "EDTOOL_CACHE" in os.environ else str(path)
+        raise EdtoolError(f"{where} is a file, not a folder: point EDTOOL_CACHE at a folder (or unset it for "
+                          "./cache)")
+    return path

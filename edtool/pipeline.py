@@ -21,10 +21,11 @@ from edtool.diffusion import ddim_sample, initial_noise, timesteps
 from edtool.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
 from edtool.machines import ALIASES, MACHINES
-from edtool.scales import check_patch_size
+from edtool.scales import check_fits, check_patch_size
 
 NETWORKS = ("unet", "resnet")
 MACHINE_NAMES = tuple(ALIASES) + MACHINES  # what --models accepts: `els` follows the networks' padding
+RTOL_MAX_PROBES = 1024  # --rtol adds probes up to this many per point
 
 
 @dataclass
@@ -156,9 +157,30 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise EdtoolError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EdtoolError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    if device.type == "meta":
+        raise EdtoolError("--device meta holds shapes but no numbers: nothing can be measured on it; use auto, cpu "
+                          "or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EdtoolError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EdtoolError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu" and not _backend_available(device.type):
+        raise EdtoolError(f"--device {name} is not available in this PyTorch build or on this machine; use auto, "
+                          "cpu or cuda")
     return device
+
+
+def _backend_available(kind: str) -> bool:
+    """Whether torch can run on a device type other than cpu/cuda (mps, xpu, ...)."""
+    if kind == "mps":
+        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    module = getattr(torch, kind, None)
+    try:
+        return bool(module is not None and module.is_available())
+    except Exception:  # a backend stub that cannot even answer
+        return False
 
 
 def run_location(cfg: ComputeConfig) -> str:
@@ -193,6 +215,7 @@ class Study:
     device: torch.device
     notes: List[str]
     held_out: Optional[torch.Tensor] = None  # (realizations, C, H, W): x_0 of each realization with --points noised-data
+    rtol_missed: list = field(default_factory=list)  # (realization, model, step, ed_stderr / ed_fro) above --rtol
 
 
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
@@ -210,12 +233,13 @@ def prepare(cfg: ComputeConfig) -> Study:
     from edtool.calibrate import seed_labels
     from edtool.data import load_dataset
     from edtool.machines import resolve_machine_name
-    from edtool.scales import build_machine, fallback_note, find_scales
+    from edtool.scales import build_machine, fallback_note, find_scales, resampling_note
 
     validate(cfg)
     device = resolve_device(cfg.device)
     images, labels = load_dataset(cfg.dataset, root=cfg.data_root)
     image_shape = tuple(images.shape[1:])
+    check_fits([cfg.patch_size], image_shape, "--patch-size")
     notes, models, config_models = [], {}, {}
 
     network_paths = {}
@@ -226,13 +250,13 @@ def prepare(cfg: ComputeConfig) -> Study:
             except EdtoolError:
                 if arch in cfg.models:
                     raise
-    padding = "zeros"
+    padding, padding_from = "zeros", None
     for arch in NETWORKS:
         if arch not in cfg.models:
             continue
         net = checkpoints.load(network_paths[arch], dataset=cfg.dataset, image_shape=image_shape, device=device)
         models[arch] = net
-        padding = net.manifest.get("padding", padding)
+        padding, padding_from = net.manifest.get("padding", padding), network_paths[arch]
         config_models[arch] = {"path": str(network_paths[arch]), "sha256": checkpoints.file_hash(network_paths[arch])}
 
     conditional = any(getattr(f, "conditional", False) for f in models.values())
@@ -244,12 +268,19 @@ def prepare(cfg: ComputeConfig) -> Study:
     for name in cfg.models:
         if name in NETWORKS:
             continue
-        kind = resolve_machine_name(name, padding)
+        try:
+            kind = resolve_machine_name(name, padding)
+        except ValueError:  # els follows the networks' padding, and theirs is one no machine models
+            raise EdtoolError(f"{name} follows the network's padding, and {padding_from} has padding {padding!r}, "
+                              "which no ELS machine models (zeros, circular): name the machine instead, "
+                              "els-borders or els-circular") from None
         scales, source = None, None
         if kind != "is":  # --scales, else the calibration beside the ResNet (or UNet) checkpoint
             scales, source = find_scales(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")])
             if scales is None:
                 notes.append(fallback_note(name, cfg.patch_size))
+            elif resampling_note(name, scales, cfg.nsteps, source):
+                notes.append(resampling_note(name, scales, cfg.nsteps, source))
         machine, info = build_machine(kind, images.to(device), labels.to(device), scales=scales,
                                       patch_size=cfg.patch_size, source=source)
         models[name] = machine
@@ -420,9 +451,12 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
             warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
             res = exterior_derivative(f, x, method=cfg.estimator, probes=cfg.probes,
                                       seed=[probe_seed(cfg.seed, r, name, j) for r in rows], rtol=cfg.rtol,
-                                      curl_map=cfg.maps)
+                                      max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
         for k in ("ed_fro", "jac_fro", "asym", "ed_stderr"):
             getattr(out, k)[:, j] = getattr(res, k).detach().double().cpu().numpy()
+        if res.rtol_met is not None:  # the probe cap came before the --rtol target: say so at the end
+            job.study.rtol_missed += [(r, name, j, float(out.ed_stderr[i, j] / out.ed_fro[i, j]))
+                                      for i, r in enumerate(rows) if not bool(res.rtol_met[i])]
         if cfg.maps:
             out.curl_map[:, j] = res.curl_map.detach().double().cpu().numpy()
         if op is not None:
@@ -536,11 +570,20 @@ def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
 
 def _distributed_shard(cfg: ComputeConfig):
     """Under torchrun/srun (WORLD_SIZE > 1) join the process group; return (rank, world) or None."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise EdtoolError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes; unset it to "
+                          "run one process, or start the ranks with torchrun") from None
     if world <= 1:
         return None
     if cfg.shard is not None:
         raise EdtoolError("--shard and torchrun split the realizations each on their own: use one of them")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise EdtoolError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"not: start the ranks with torchrun (torchrun --nproc-per-node {world} -m edtool compute "
+                          "...), or unset WORLD_SIZE to run one process")
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -610,8 +653,17 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     if dist_shard is not None:
         _barrier()
     total = time.perf_counter() - started
-    return {"location": location, "progress": run.progress(), "failures": job.failures,
+    warned = [rtol_warning(study.rtol_missed, cfg.rtol)] if study.rtol_missed else []
+    return {"location": location, "progress": run.progress(), "failures": job.failures, "warnings": warned,
             "timings": {**job.timer.seconds, "total": total}, "notes": study.notes, "shard": shard}
+
+
+def rtol_warning(missed: list, rtol: float) -> str:
+    """One line: how many measured points stopped at the probe cap above the --rtol target, and the worst."""
+    r, name, j, worst = max(missed, key=lambda m: m[3])
+    return (f"--rtol {rtol} not reached at {len(missed)} (realization, model, step) points (the probe cap of "
+            f"{RTOL_MAX_PROBES} came first); worst relative standard error {worst:.3g} ({name}, realization {r}, "
+            f"step {j}); each point's is ed_stderr / ed_fro in the store")
 
 
 def _failed_cells(run, realizations: List[int]) -> list:

@@ -28,6 +28,18 @@ def check_patch_size(k, what: str = "patch size") -> int:
     return k
 
 
+def check_fits(sizes: Sequence[int], image_shape, what: str = "patch size") -> list:
+    """Patch sizes no larger than the images (H, W last in image_shape): a bigger window sees nothing
+    more, and costs minutes (k = 101 on 32x32 ran for 10); else EdtoolError naming the largest allowed."""
+    H, W = image_shape[-2:]
+    side = max(H, W)
+    too_big = [k for k in sizes if k > side]
+    if too_big:
+        raise EdtoolError(f"{what} {max(too_big)} is larger than the {H}x{W} images; patch sizes go up to "
+                          f"{side if side % 2 else side - 1}")
+    return list(sizes)
+
+
 def check_schedule(scales, what: str = "scales") -> list:
     """A non-empty list of odd patch sizes (a 1-D integer tensor is accepted), else EdtoolError."""
     if isinstance(scales, torch.Tensor):
@@ -119,6 +131,25 @@ def find_scales(machine: str, explicit=None, checkpoints: Iterable = ()):
             if candidate.exists() and _calibrated_for(candidate, checkpoint):
                 return read_scales(candidate), str(candidate)
     return None, None
+
+
+def resampling_note(name: str, scales: Sequence[int], nsteps: int, source=None) -> Optional[str]:
+    """None when a schedule has one entry per DDIM step; else the line that says how it is used: the step
+    at time t takes entry j with t in ((j) / N, (j + 1) / N] (machines.scale_index), so a 20-entry paper
+    schedule with 10 steps uses every second entry, and a length that is no multiple of the steps lands
+    between the calibrated times."""
+    from edtool.machines import scale_index
+
+    n = len(scales)
+    if n == nsteps:
+        return None
+    used = [scale_index((i + 1) / nsteps, n) + 1 for i in range(nsteps)]  # 1-based, ascending t
+    shown = ", ".join(map(str, used)) if len(used) <= 12 else ", ".join(map(str, used[:5] + ["..."] + used[-3:]))
+    aligned = n % nsteps == 0
+    return (f"{name}: {source or 'the scale schedule'} has {n} entries for {nsteps} steps; each step uses the "
+            f"entry for its time t (entries {shown} of 1..{n})"
+            + ("" if aligned else f"; {n} is no multiple of {nsteps}, so the steps fall between the calibrated "
+                                  f"times (calibrate with --nsteps {nsteps} for an exact schedule)"))
 
 
 def fallback_note(name: str, patch_size: int) -> str:

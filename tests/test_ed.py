@@ -181,9 +181,12 @@ def test_rtol_adds_rounds_until_target(resnet_field, resnet_x, resnet_exact):
     assert res.probes > 8 and res.probes % 8 == 0 and res.probes < 1024
     assert (res.ed_stderr / res.ed_fro < 0.03).all()
     assert ((res.ed_fro - resnet_exact.ed_fro).abs() < 4 * res.ed_stderr).all()
-    capped = exterior_derivative(resnet_field, resnet_x, method="hutchinson", probes=8, rtol=1e-6, max_probes=20,
-                                 dtype=f64)
-    assert capped.probes == 20
+    assert res.rtol_met.all()
+    with pytest.warns(RuntimeWarning, match="rtol 1e-06 not reached for samples \\[0, 1.*cap of 20 probes"):
+        capped = exterior_derivative(resnet_field, resnet_x, method="hutchinson", probes=8, rtol=1e-6, max_probes=20,
+                                     dtype=f64)
+    assert capped.probes == 20 and not capped.rtol_met.any()  # said, and recorded per sample
+    assert exterior_derivative(resnet_field, resnet_x, method="hutchinson", probes=8, dtype=f64).rtol_met is None
 
 
 def test_auto_picks_exact_for_small_and_hutchinson_for_large():
