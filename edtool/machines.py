@@ -806,7 +806,7 @@ def make_machine(
         if not sizes:
             raise ValueError("scales must list at least one patch size")
     if sizes is not None:
-        check_fits(sizes, images.shape, "patch size")
+        check_fits(sizes, images.shape, "patch size", whole=True)
     if name == "els-circular" and paper_circular:
         H, W = images.shape[-2:]
         if max(sizes) > min(H, W):

@@ -28,15 +28,19 @@ def check_patch_size(k, what: str = "patch size") -> int:
     return k
 
 
-def check_fits(sizes: Sequence[int], image_shape, what: str = "patch size") -> list:
-    """Patch sizes no larger than the images (H, W last in image_shape): a bigger window sees nothing
-    more, and costs minutes (k = 101 on 32x32 ran for 10); else EdtoolError naming the largest allowed."""
+def check_fits(sizes: Sequence[int], image_shape, what: str = "patch size", whole: bool = False) -> list:
+    """Patch sizes no larger than the images (H, W last in image_shape), else EdtoolError naming the
+    largest allowed: what the commands accept (k = 101 on 32x32 ran for 10 minutes, and no calibration
+    picks a window wider than the image). `whole` allows up to 2 * side - 1, where every pixel's window
+    already covers the whole image and a larger one changes nothing but the cost (what make_machine takes)."""
     H, W = image_shape[-2:]
     side = max(H, W)
-    too_big = [k for k in sizes if k > side]
+    largest = 2 * side - 1 if whole else (side if side % 2 else side - 1)
+    too_big = [k for k in sizes if k > largest]
     if too_big:
-        raise EdtoolError(f"{what} {max(too_big)} is larger than the {H}x{W} images; patch sizes go up to "
-                          f"{side if side % 2 else side - 1}")
+        raise EdtoolError(f"{what} {max(too_big)} is larger than the {H}x{W} images allow; patch sizes go up to "
+                          f"{largest}" + (" (a window of that size already covers the whole image from every pixel)"
+                                          if whole else ""))
     return list(sizes)
 
 

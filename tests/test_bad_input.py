@@ -41,8 +41,8 @@ def test_unusable_devices_are_refused(device, expected, tmp_path, capsys, monkey
     assert not (tmp_path / "r").exists()  # nothing stored (meta used to store NaN and report success)
 
 
-@pytest.mark.parametrize("size,expected", [(101, "--patch-size 101 is larger than the 32x32 images; patch sizes "
-                                                  "go up to 31"),
+@pytest.mark.parametrize("size,expected", [(101, "--patch-size 101 is larger than the 32x32 images allow; patch "
+                                                  "sizes go up to 31"),
                                            (33, "--patch-size 33 is larger"), (4, "--patch-size is 4"),
                                            (0, "--patch-size is 0"), (-3, "--patch-size is -3")])
 def test_patch_sizes_that_do_not_fit_are_refused(size, expected, tmp_path, capsys, monkeypatch):
@@ -50,11 +50,14 @@ def test_patch_sizes_that_do_not_fit_are_refused(size, expected, tmp_path, capsy
     assert_refused(result, expected)
 
 
-def test_machines_refuse_windows_larger_than_the_images():
+def test_machines_refuse_windows_that_change_nothing_but_the_cost():
+    """The library takes windows up to 2 * side - 1 (each then covers the whole image; tests/test_machines.py
+    checks those against brute force); the commands up to the image side."""
     images = torch.zeros(3, 1, 8, 12)
-    assert make_machine("els-borders", images, patch_size=11).patch_sizes == [11]  # up to the longer side
-    with pytest.raises(EdtoolError, match="patch size 13 is larger than the 8x12 images; patch sizes go up to 11"):
-        make_machine("els-borders", images, scales=[3, 13])
+    assert make_machine("els-borders", images, patch_size=23).patch_sizes == [23]
+    with pytest.raises(EdtoolError, match="patch size 25 is larger than the 8x12 images allow; patch sizes go up "
+                                          "to 23"):
+        make_machine("els-borders", images, scales=[3, 25])
 
 
 def test_environment_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
