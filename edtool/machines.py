@@ -43,7 +43,8 @@ from edtool.scales import check_fits, check_patch_size
 MACHINES = ("is", "ls", "els-circular", "els-borders")
 ALIASES = {"els": "els-borders"}
 PADDINGS = ("zeros", "circular")
-DEFAULT_CHUNK_SIZE = 2**22  # elements per streamed block (logits, keys or values): 16 MiB in float32
+DEFAULT_CHUNK_SIZE = 2**20  # elements per streamed block (logits, keys or values): 4 MiB in float32, cache-sized
+# (mnist5k, k = 3: 10 % faster than 2**22; 2**18 is slower again, per-block overhead)
 DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls (mnist5k at k = 11: 2.5 GB)
 
 
@@ -218,7 +219,8 @@ def _gathered_keys(train_flat: Tensor, key_index: Tensor, step: int):
     for i in range(0, N, images):
         block = train_flat[i : i + images]
         for l in range(0, L, positions):
-            P = block[:, key_index[:, l : l + positions]]  # (n, G, l, D)
+            idx = key_index[:, l : l + positions]
+            P = block.index_select(1, idx.reshape(-1)).view(len(block), *idx.shape)  # (n, G, l, D)
             P = P.permute(1, 3, 0, 2).reshape(G, D, -1)
             yield torch.cat([torch.ones_like(P[:, :1]), P, P.square().sum(1, keepdim=True), torch.zeros_like(P[:, :1])], 1)
 
@@ -250,14 +252,7 @@ def _fill(out: Tensor, source) -> Tensor:
 # added to its logit, so w and every weighted sum are unchanged)
 # ---------------------------------------------------------------------------------------------
 
-MERGE_BLOCK = 2**22  # window entries hashed or compared per step while merging (32 MiB of int64)
-
-
-def _windows(train_flat: Tensor, cell_index: Tensor, m: Tensor) -> Tensor:
-    """Candidate windows (M, D) number m = i * L + l of one cell: image i, position l of
-    cell_index (L, D)."""
-    L = cell_index.shape[0]
-    return train_flat[(m // L)[:, None], cell_index[m % L]]
+MERGE_BLOCK = 2**22  # window entries hashed or compared per block while merging (32 MiB of int64)
 
 
 def _row_hash(rows: Tensor) -> Tensor:
@@ -271,41 +266,46 @@ def _row_hash(rows: Tensor) -> Tensor:
 
 
 def merge_plan(train_flat: Tensor, cell_index: Tensor):
-    """The distinct candidate windows of one cell and how often each occurs: (rep (U,), count (U,)),
-    rep the number i * L + l of each kind's first window. Windows are grouped by a hash of their
-    bits and every window is then compared with its group's first, entry by entry: a hash
-    collision only leaves windows unmerged (count 1), never merges different ones. Transient
-    memory: four int64 per candidate."""
-    dev = train_flat.device
-    M = train_flat.shape[0] * cell_index.shape[0]
-    step = max(1, MERGE_BLOCK // cell_index.shape[1])
-    blocks = [torch.arange(s, min(s + step, M), device=dev) for s in range(0, M, step)]
-    hashes = torch.cat([_row_hash(_windows(train_flat, cell_index, m)) for m in blocks])
+    """The distinct candidate windows (U, D) of one cell (window offsets cell_index (L, D) in every
+    training image) and how often each occurs (U,), in order of first occurrence (image, then
+    position). Windows are grouped by a hash of their bits, then every window is compared with
+    its group's first entry by entry: a hash collision only leaves windows unmerged (count 1),
+    it never merges different ones. Transient memory: about five int64 per candidate window."""
+    N, F = train_flat.shape
+    L, D = cell_index.shape
+    M = N * L
+    n = max(1, MERGE_BLOCK // (L * D))  # images per block
+    block = lambda i: train_flat[i : i + n].index_select(1, cell_index.reshape(-1)).view(-1, D)  # windows i*L .. (i+n)*L - 1
+    hashes = torch.cat([_row_hash(block(i)) for i in range(0, N, n)])
     _, inverse, count = torch.unique(hashes, return_inverse=True, return_counts=True)
     del hashes
-    rep = torch.full_like(count, M).scatter_reduce_(0, inverse, torch.arange(M, device=dev), "amin")
-    bad = torch.cat([m[(_windows(train_flat, cell_index, m) != _windows(train_flat, cell_index, rep[inverse[m]])).any(1)]
-                     for m in blocks])
+    first = torch.full_like(count, M).scatter_reduce_(0, inverse, torch.arange(M, device=count.device), "amin")
+    take = lambda m: train_flat.view(-1)[(m // L * F)[:, None] + cell_index[m % L]]  # windows number m = i*L + l
+    windows = take(first)
+    bad = torch.cat([i * L + torch.nonzero((block(i) != windows[inverse[i * L : (i + n) * L]]).any(1))[:, 0]
+                     for i in range(0, N, n)])
     if len(bad):  # equal hashes, different windows: those stand alone
         count = count.index_add(0, inverse[bad], -torch.ones_like(bad))
-        rep, count = torch.cat([rep, bad]), torch.cat([count, torch.ones_like(bad)])
-    order = rep.argsort()  # image order: neighbouring columns come from the same image
-    return rep[order], count[order]
+        first, windows = torch.cat([first, bad]), torch.cat([windows, take(bad)])
+        count = torch.cat([count, torch.ones_like(bad)])
+    order = first.argsort()
+    return windows[order], count[order]
 
 
-def merged_keys(train_flat: Tensor, key_index: Tensor, plans: Sequence) -> Tensor:
+def merged_keys(key_index: Tensor, plans: Sequence) -> Tensor:
     """Keys (G, D+3, U) = [1; P; |P|^2; log count] of each cell's distinct windows (plans from
     merge_plan); cells with fewer than U are padded with columns of weight 0 (log count -inf)."""
     G, L, D = key_index.shape
-    U = max(len(rep) for rep, _ in plans)
-    keys = train_flat.new_zeros(G, D + 3, U)
+    U = max(len(windows) for windows, _ in plans)
+    dtype = plans[0][0].dtype
+    keys = plans[0][0].new_zeros(G, D + 3, U)
     keys[:, 0] = 1
-    keys[:, D + 2] = torch.finfo(train_flat.dtype).min / 4  # exp of it is 0 (or the CPU floor, < 1e-34)
-    for g, (rep, count) in enumerate(plans):
-        P = _windows(train_flat, key_index[g], rep).T  # (D, U_g)
-        keys[g, 1 : D + 1, : len(rep)] = P
-        keys[g, D + 1, : len(rep)] = P.square().sum(0)
-        keys[g, D + 2, : len(rep)] = count.to(train_flat.dtype).log()
+    keys[:, D + 2] = torch.finfo(dtype).min / 4  # exp of it is 0 (or the CPU floor, < 1e-34)
+    for g, (windows, count) in enumerate(plans):
+        P = windows.T  # (D, U_g)
+        keys[g, 1 : D + 1, : P.shape[1]] = P
+        keys[g, D + 1, : P.shape[1]] = P.square().sum(0)
+        keys[g, D + 2, : P.shape[1]] = count.to(dtype).log()
     return keys
 
 
@@ -652,8 +652,8 @@ class LocalMachine(Machine):
             if every > 4 * self._keys.budget:  # merging would not bring it within the budget
                 return math.inf, None
             plans = [[merge_plan(train, cell) for cell in idx] for _, _, idx in groups]
-            need = sum(idx.shape[0] * (idx.shape[2] + 3) * max(len(r) for r, _ in p) for (_, _, idx), p in zip(groups, plans))
-            return need * train.element_size(), lambda: [merged_keys(train, idx, p) for (_, _, idx), p in zip(groups, plans)]
+            need = sum(idx.shape[0] * (idx.shape[2] + 3) * max(len(w) for w, _ in p) for (_, _, idx), p in zip(groups, plans))
+            return need * train.element_size(), lambda: [merged_keys(idx, p) for (_, _, idx), p in zip(groups, plans)]
 
         cached = self._keys.get((label, k, x.dtype, x.device), plan)
         if cached is None:
@@ -681,7 +681,7 @@ class LocalMachine(Machine):
         pixels, pieces = [], []
         for (pix, query_index, _), source in zip(self._groups(k, x), self._sources(label, k, x)):
             G, R, _ = query_index.shape
-            q = xflat[:, query_index]  # (B, G, R, D)
+            q = xflat.index_select(1, query_index.reshape(-1)).view(B, G, R, D)
             q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1), torch.ones_like(q[..., :1])], -1)
             q = q.transpose(0, 1).reshape(G, B * R, D + 3)  # rows [0, a x_p / b^2, -a^2 / (2 b^2), 1]
             step = _candidates_per_step(G, B * R, width, self.chunk_size)

@@ -9,6 +9,12 @@ Jacobian time / score time (target <= 3) and the exact ED from the band.
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_machines.py            # everything
     python tests/benchmarks/bench_machines.py --n-images 500 --ks 5 --batches 1
     python tests/benchmarks/bench_machines.py --n-images 500 --ks 3 5 --batches 4 --no-jacobian --calibration
+    python tests/benchmarks/bench_machines.py --before --ks 3 5 7 11 --batches 1     # before/after table
+    python tests/benchmarks/bench_machines.py --before --dataset mnist --root /work/shared/data/mnist --ks 3 5
+
+--before times the engine as it was before identical windows were merged (_machines_before.py,
+kept verbatim) and the current one on the same x, one after the other per row, and reports the
+speed-up and the relative difference of score and band (float32).
 """
 
 import argparse
@@ -18,7 +24,16 @@ import time
 import torch
 
 from edtool.diffusion import add_noise
-from edtool.machines import _candidates_per_step, make_machine
+from edtool.machines import _candidates_per_step, candidate_cells, make_machine
+
+
+def load_images(dataset: str, root) -> torch.Tensor:
+    """Training images (N, 1, 32, 32) in [-1, 1]: mnist5k, or full MNIST read from `root`."""
+    if dataset == "mnist5k":
+        return load_mnist5k()
+    from edtool.data import load_dataset
+
+    return load_dataset(dataset, root=root, download=False)[0]
 
 
 def load_mnist5k() -> torch.Tensor:
@@ -51,6 +66,15 @@ def timed(f, device, repeat: int) -> float:
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def once(f, device):
+    """Wall time of one call (no warm-up: the machines' caches are filled beforehand) and its result."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = f()
+    sync(device)
+    return time.perf_counter() - t0, out
 
 
 def distance_work(machine, k, x):
@@ -93,10 +117,15 @@ def main():
     p.add_argument("--calibration", action="store_true",
                    help="also time edtool.calibrate on the shipped ResNet: sizes --ks, 1 seed, --calib-steps steps")
     p.add_argument("--calib-steps", type=int, default=2)
+    p.add_argument("--before", action="store_true", help="before/after table against _machines_before.py")
+    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--root", default=None)
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
-    images = load_mnist5k()[: args.n_images]
+    images = load_images(args.dataset, args.root)[: args.n_images]
+    if args.before:
+        return before_after(images, args, device, dtype)
     square = 2048 if device.type == "cuda" else 1024
     peak = matmul_rate((1, square, square, square), device, dtype)
     print(f"device {device}, {torch.get_num_threads()} threads, {dtype}, {len(images)} images, t = {args.t}, "
@@ -126,6 +155,49 @@ def main():
                 print(row + f" {t_jac:.3f} | {t_jac / t_score:.2f} | {t_ed:.3f} |", flush=True)
     if args.calibration:
         calibration_row(images, args.ks, args.calib_steps, device)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+def before_after(images, args, device, dtype):
+    """One els-borders score and closed-form Jacobian per (k, B), old engine then new, same x."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("_machines_before", pathlib.Path(__file__).with_name("_machines_before.py"))
+    before = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(before)
+    print(f"{len(images)} images, t = {args.t}, {torch.get_num_threads()} threads, {dtype}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+    print("| k | B | distinct windows | build s | score before s | after s | speed-up | Jacobian before s | after s | speed-up | rel. diff score | band |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k in args.ks:
+        old = before.make_machine("els-borders", images, patch_size=k)
+        t0 = time.perf_counter()
+        new = make_machine("els-borders", images, patch_size=k)
+        for B in args.batches:
+            g = torch.Generator().manual_seed(B)
+            x0 = images[torch.randint(len(images), (B,), generator=g)]
+            x = add_noise(x0, torch.tensor(args.t), torch.randn(x0.shape, generator=g)).to(device, dtype)
+            with torch.no_grad():
+                new._sources(None, k, x)  # builds the merged key cache (timed once, as "build")
+                build = time.perf_counter() - t0
+                old._candidates(None, k, x)  # fills the old engine's key cache, untimed
+                s_old, sc_old = once(lambda: old.score(args.t, x), device)
+                s_new, sc_new = once(lambda: new.score(args.t, x), device)
+                j_old = j_new = float("nan")
+                if not args.no_jacobian:
+                    j_old, jo = once(lambda: old.jacobian(args.t, x), device)
+                    j_new, jn = once(lambda: new.jacobian(args.t, x), device)
+                    band = (jn - jo).norm() / jo.norm()
+                score = (sc_new - sc_old).norm() / sc_old.norm()
+            keys = new._keys.sets.get((None, k, dtype, device))
+            cols = "streamed" if keys is None else sum(int((K[:, -1] > -1e30).sum()) for K in keys)
+            total = sum(len(c) for _, c in candidate_cells("els-borders", *images.shape[-2:], k)) * len(images)
+            share = cols if isinstance(cols, str) else f"{cols / total:.0%}"
+            print(f"| {k} | {B} | {share} | {build:.1f} | {s_old:.2f} | {s_new:.2f} | {s_old / s_new:.2f} | {j_old:.2f} | "
+                  f"{j_new:.2f} | {j_old / j_new:.2f} | {score:.1e} | {'-' if args.no_jacobian else f'{band:.1e}'} |", flush=True)
+            t0 = time.perf_counter()
+        del old, new
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
