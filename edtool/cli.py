@@ -448,11 +448,13 @@ def plot(
     run: str = typer.Argument(..., help="Run directory (or name under cache/)."),
     out: Optional[Path] = typer.Option(None, help="Folder for the figures (default: the run directory)."),
     fmt: str = typer.Option("png", "--format", help="png, pdf or svg."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace files of the figures' names that edtool "
+                                   "did not write (e.g. the seed tool's)."),
 ):
     """Render the figures of a run (SPEC 9) from its store alone."""
     from edtool.plots import plot_run
 
-    for path in plot_run(_resolve_run(run), out_dir=out, fmt=fmt):
+    for path in plot_run(_resolve_run(run), out_dir=out, fmt=fmt, overwrite=overwrite):
         print(f"wrote {path}")
 
 
@@ -480,13 +482,14 @@ def analyze(
     held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
                                            "images (default: the training set's; mnist for mnist5k)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run with other settings."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run with other settings, and "
+                                   "replace files of the figures' names that edtool did not write."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, pdf or svg."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """compute + aggregate + plot in one go, with the seed tool's flags and folder layout."""
     from edtool.aggregate import aggregate_run
-    from edtool.plots import plot_run
+    from edtool.plots import check_figure_folder, plot_run
 
     if single and multiple:
         raise EdtoolError("use either --single or --multiple N, not both")
@@ -501,12 +504,13 @@ def analyze(
                           resnet=resnet_path, scales=scales_path, nsteps=nsteps, realizations=n, seed=seed,
                           estimator=estimator, probes=probes, maps=maps, points=points, held_out=held_out,
                           device=device, run_dir=str(run_dir), overwrite=overwrite)
+    check_figure_folder(run_dir, fmt, overwrite)  # before computing: the seed tool's figures have these names
     summary = _run_compute(cfg, quiet)
     t0 = time.perf_counter()
     aggregate_run(str(run_dir))
     t_agg = time.perf_counter() - t0
     t0 = time.perf_counter()
-    paths = plot_run(str(run_dir), fmt=fmt)
+    paths = plot_run(str(run_dir), fmt=fmt, overwrite=overwrite)
     t_plot = time.perf_counter() - t0
     if quiet:
         for f in summary["failures"] + summary["warnings"]:

@@ -6,6 +6,7 @@ and a file that is already there is replaced only when the user said so.
     write_text(path, text); write_json(path, obj)
 """
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -53,3 +54,45 @@ def refuse_existing(path, how: str = "pass --force to replace it, or --out to wr
     path = Path(path)
     if path.exists() or path.is_symlink():
         raise EdtoolError(f"{path} already exists; not replacing it: {how}")
+
+
+# ------------------------------------------------------------------ what edtool wrote in a folder
+
+LEDGER = ".edtool-written.json"  # {file name: sha256} of the files edtool wrote in this folder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _ledger(folder: Path) -> dict:
+    try:
+        data = json.loads((Path(folder) / LEDGER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def refuse_foreign(paths, how: str = "pass --overwrite to replace it, or write to another folder") -> None:
+    """EdtoolError for the first of `paths` that exists but is not a file edtool wrote there (by the
+    folder's ledger, content included): another tool's file of the same name, or one edited since."""
+    for path in map(Path, paths):
+        if path.exists() or path.is_symlink():
+            if path.is_symlink() or not path.is_file() or _ledger(path.parent).get(path.name) != _sha256(path):
+                raise EdtoolError(f"{path} exists and edtool did not write it (or it changed since; the seed tool "
+                                  f"writes files of the same names); not replacing it: {how}")
+
+
+def record_written(paths) -> None:
+    """Add files edtool just wrote to their folders' ledgers (name -> sha256), atomically."""
+    by_folder = {}
+    for path in map(Path, paths):
+        by_folder.setdefault(path.parent, []).append(path)
+    for folder, files in by_folder.items():
+        ledger = _ledger(folder)
+        ledger.update({p.name: _sha256(p) for p in files})
+        write_json(folder / LEDGER, ledger)

@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from edtool.aggregate import compute_aggregate, read_aggregate
 from edtool.errors import EdtoolError
-from edtool.fileio import atomic_path
+from edtool.fileio import atomic_path, record_written, refuse_foreign
 from edtool.store import RunStore, local_dir, open_run
 
 FORMATS = ("png", "pdf", "svg")
@@ -46,11 +46,25 @@ def model_color(name: str) -> str:
     return MODEL_COLORS.get(name, _SPARE_COLORS[zlib.crc32(name.encode()) % len(_SPARE_COLORS)])
 
 
-def plot_run(location, out_dir=None, fmt: str = "png") -> list:
+FIGURES = ("ed_analysis_single", "ed_analysis_aggregated", "asym_vs_time", "curl_maps", "locality_r90",
+           "locality_profile", "alignment_vs_time")  # every figure name plot_run may write
+
+
+def check_figure_folder(out_dir, fmt: str = "png", overwrite: bool = False) -> None:
+    """Refuse (EdtoolError) when `out_dir` holds a file of a figure's name that edtool did not write
+    there (the seed tool's figures have the same names), unless `overwrite`."""
+    if not overwrite:
+        refuse_foreign([Path(out_dir) / f"{name}.{str(fmt).lower().lstrip('.')}" for name in FIGURES],
+                       "pass --overwrite to replace it, or write the figures to another folder")
+
+
+def plot_run(location, out_dir=None, fmt: str = "png", overwrite: bool = False) -> list:
     """Render every figure the run supports and return their paths.
 
     Uses the stored aggregate when it is up to date, otherwise computes it in memory (the store
-    is only read). A non-local run needs an explicit local `out_dir`.
+    is only read). A non-local run needs an explicit local `out_dir`. A file of a figure's name that
+    edtool did not write there is refused unless `overwrite`; each figure is written whole (temp +
+    rename) and recorded in the folder's ledger.
     """
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
@@ -61,6 +75,7 @@ def plot_run(location, out_dir=None, fmt: str = "png") -> list:
         if out_dir is None:
             raise EdtoolError(f"run {run.location} is not on a local disk: give an output directory for the figures")
     out_dir = Path(out_dir)
+    check_figure_folder(out_dir, fmt, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = run.done_mask()
     if not done.any():
@@ -86,6 +101,7 @@ def plot_run(location, out_dir=None, fmt: str = "png") -> list:
         with atomic_path(path) as tmp:  # a kill mid-write never leaves a truncated figure in place of a good one
             fig.savefig(tmp, format=fmt, dpi=150)
         paths.append(path)
+        record_written([path])
     return paths
 
 

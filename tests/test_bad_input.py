@@ -145,3 +145,50 @@ def test_rtol_met_is_recorded_by_the_estimator():
                                   dtype=torch.float64)
     assert res.probes == 8 and not res.rtol_met.any()
     assert np.all((res.ed_stderr / res.ed_fro).numpy() > 1e-9)
+
+
+# ------------------------------------------------------------------ files edtool did not write
+
+
+def test_analyze_never_replaces_the_seed_tools_figures(tmp_path, capsys, monkeypatch):
+    """A figure of the same name that edtool did not write is refused before anything is computed;
+    edtool's own figures are replaced on a rerun; --overwrite replaces the foreign one."""
+    folder = tmp_path / "out" / "mnist5k" / "single_realization"
+    folder.mkdir(parents=True)
+    theirs = folder / "asym_vs_time.png"
+    theirs.write_bytes(b"the seed tool's figure")
+    args = ["analyze", "--output_dir", tmp_path / "out", "--models", "resnet,is", "--nsteps", 2, "--device", "cpu",
+            "--quiet"]
+    assert_refused(cli(capsys, monkeypatch, *args), f"{theirs} exists and edtool did not write it", "--overwrite")
+    assert theirs.read_bytes() == b"the seed tool's figure" and not (folder / "ed.zarr").exists()
+
+    code, out, err = cli(capsys, monkeypatch, *args, "--overwrite")
+    assert code == 0, err
+    assert theirs.read_bytes().startswith(b"\x89PNG")
+    code, out, err = cli(capsys, monkeypatch, "plot", folder)  # its own figures: replaced without a word
+    assert code == 0 and str(theirs) in out, err
+    theirs.write_bytes(b"edited by hand")
+    assert_refused(cli(capsys, monkeypatch, "plot", folder), str(theirs))
+
+
+def test_a_kill_during_plot_leaves_the_good_figure(tmp_path, capsys, monkeypatch):
+    """The figure is written to a temporary name and renamed: a crash (or kill) mid-write leaves the
+    previous figure whole and no half file under the real name."""
+    from matplotlib.figure import Figure
+
+    code, out, err = cli(capsys, monkeypatch, *COMPUTE, "--models", "is", "--run-dir", tmp_path / "r", "--quiet")
+    assert code == 0, err
+    code, out, err = cli(capsys, monkeypatch, "plot", tmp_path / "r")
+    good = {p.name: p.read_bytes() for p in (tmp_path / "r").glob("*.png")}
+    assert "ed_analysis_single.png" in good  # the first one plot writes
+
+    def dies_mid_write(self, fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", dies_mid_write)
+    code, out, err = cli(capsys, monkeypatch, "plot", tmp_path / "r")
+    assert code == 130
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").glob("*.png")} == good
+    assert not [p.name for p in (tmp_path / "r").iterdir() if ".tmp" in p.name]
