@@ -135,14 +135,17 @@ def check_seeds(seeds) -> list:
     return seeds
 
 
-def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[int], conditional: bool):
+def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[int], conditional: bool,
+                n_classes: Optional[int] = None):
     """Class label per seed for a conditional network (the given one, else one drawn from the seed
-    like `edtool compute` does); None for an unconditional one."""
+    like `edtool compute` does); None for an unconditional one. The classes are 0..n_classes-1
+    (from the network's manifest), else those of the training labels."""
     if not conditional:
         return None
-    if labels is None:
-        raise EdtoolError("a conditional network needs the training labels")
-    n_classes = int(labels.max()) + 1
+    if n_classes is None:
+        if labels is None:
+            raise EdtoolError("a conditional network needs the training labels or its number of classes")
+        n_classes = int(labels.max()) + 1
     if label is not None:
         if not 0 <= int(label) < n_classes:
             raise EdtoolError(f"label {label} is not a class of the data (0..{n_classes - 1})")

@@ -131,22 +131,24 @@ def import_checkpoint(
 # ------------------------------------------------------------------ calibrate and sample (edtool.calibrate)
 
 
-def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, n_images: Optional[int], device: str):
-    """The checkpoint's network and its training data (the first n_images only, for quick checks)."""
+def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, max_samples: Optional[int], device: str):
+    """The checkpoint's network (ours, or a paper .pt imported on the fly) and its training data (the
+    first max_samples images, per class for a conditional network: the seed tool's ELS max_samples)."""
     from edtool import checkpoints
-    from edtool.data import load_dataset
+    from edtool.data import first_samples, load_dataset
     from edtool.pipeline import resolve_device
 
     dev = resolve_device(device)
-    if Path(checkpoint).suffix == ".pt" or not Path(checkpoint).with_suffix(".safetensors").exists():
-        checkpoints.load(checkpoint)  # the clear error for a missing or paper checkpoint
-    dataset = dataset or checkpoints.read_manifest(checkpoint).get("dataset") or "mnist5k"
+    if max_samples is not None and max_samples < 1:
+        raise EdtoolError(f"--max-samples must be at least 1, got {max_samples}")
+    net = checkpoints.load(checkpoint, dataset=dataset, device=dev, note=print)
+    dataset = dataset or net.manifest.get("dataset") or "mnist5k"
     images, labels = load_dataset(dataset, root=data_root)
-    if n_images is not None:
-        if n_images < 1:
-            raise EdtoolError(f"--n-images must be at least 1, got {n_images}")
-        images, labels = images[:n_images], labels[:n_images]
-    net = checkpoints.load(checkpoint, dataset=dataset, image_shape=tuple(images.shape[1:]), device=dev)
+    shape = net.manifest.get("image_shape")
+    if shape is not None and list(shape) != list(images.shape[1:]):
+        raise EdtoolError(f"checkpoint {checkpoint} expects images of shape {list(shape)}, {dataset} has "
+                          f"{list(images.shape[1:])}")
+    images, labels = first_samples(images, labels, max_samples, per_class=net.conditional)
     return net, images.to(dev), labels.to(dev), dataset
 
 
@@ -168,7 +170,8 @@ def calibrate(
     metric: str = typer.Option("cosine", help="cosine (default) or l2 (relative distance)."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machine (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
-    n_images: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
+                                              "first N training images (per class for a conditional network)."),
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
     batch: Optional[int] = typer.Option(None, help="At most this many (step, seed) points per machine call."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
@@ -183,7 +186,7 @@ def calibrate(
     from edtool.scales import local_scales_path, write_scales_json
 
     size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
-    net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, n_images, device)
+    net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     out = out or local_scales_path(checkpoint, machine_kind(machine, net))
     if not force:
         refuse_existing(out)
@@ -191,7 +194,7 @@ def calibrate(
     res = run_calibration(net, images, labels, machine=machine, sizes=size_list, seeds=_seed_list(seeds, seed),
                           nsteps=nsteps, metric=metric, batch=batch, label=label, log=log)
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    weights = Path(checkpoint).with_suffix(".safetensors")
+    weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
     path = write_scales_json(out, res["scales"], **calibration_meta(
         res, checkpoint=weights.name, checkpoint_sha256=file_hash(weights), dataset=dataset, command=command))
     print(f"schedule ({res['machine']}, t = 1/{nsteps} .. 1): {' '.join(map(str, res['scales']))}")
@@ -211,7 +214,8 @@ def sample(
     nsteps: int = typer.Option(20, help="DDIM steps."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machines (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
-    n_images: Optional[int] = typer.Option(None, help="Use only the first N training images (quick checks)."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
+                                              "first N training images (per class for a conditional network)."),
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
     batch: Optional[int] = typer.Option(None, help="Seeds sampled together (default: all)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
@@ -227,15 +231,17 @@ def sample(
     from edtool.scales import fallback_note, find_scales
 
     names = _models(machine)
-    net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, n_images, device)
-    schedule, sources = {}, {}
+    net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
+    schedule, sources, notes = {}, {}, []
     for name in names:
         kind = machine_kind(name, net)
         if kind == "is":
             continue
-        schedule[kind], sources[kind] = find_scales(kind, scales, [checkpoint])
+        schedule[kind], sources[kind] = find_scales(kind, scales, [checkpoint], nsteps, notes)
         if schedule[kind] is None:
-            print(f"note: {fallback_note(kind, patch_size)}")
+            notes.append(fallback_note(kind, patch_size))
+    for line in notes:
+        print(f"note: {line}")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     summary = run_sample(names, net, images, labels, _seed_list(seeds, seed), nsteps=nsteps, scales=schedule,
                          out_dir=out, label=label, patch_size=patch_size, batch=batch, scales_source=sources, log=log,
@@ -333,10 +339,16 @@ def compute(
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     models: str = typer.Option("unet,resnet,els", help="Comma-separated: unet, resnet, els, els-borders, "
                                "els-circular, ls, is."),
-    unet: Optional[Path] = typer.Option(None, help="UNet checkpoint (default: found in checkpoints/)."),
-    resnet: Optional[Path] = typer.Option(None, help="ResNet checkpoint (default: found in checkpoints/)."),
+    unet: Optional[Path] = typer.Option(None, "--unet", "--unet_path", "--unet-path",
+                                        help="UNet checkpoint, ours or a paper backbone_*.pt (default: "
+                                        "found in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
+    resnet: Optional[Path] = typer.Option(None, "--resnet", "--resnet_path", "--resnet-path",
+                                          help="ResNet checkpoint, ours or a paper backbone_*.pt (default: "
+                                          "found like --unet)."),
     scales: Optional[Path] = typer.Option(None, help="ELS scales: our calibration JSON or a paper scales_*.pt."),
     patch_size: int = typer.Option(5, help="ELS patch size when no calibrated scales exist."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
+                                              "training images (per class for conditional runs)."),
     nsteps: int = typer.Option(20, help="DDIM steps (the exterior derivative is measured at each)."),
     realizations: int = typer.Option(1, help="Noise realizations (seeds seed, seed+1, ...)."),
     seed: int = typer.Option(0, help="Seed of the first realization."),
@@ -378,7 +390,8 @@ def compute(
     import json as _json
 
     cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet, resnet=resnet,
-                          scales=scales, patch_size=patch_size, nsteps=nsteps, realizations=realizations, seed=seed,
+                          scales=scales, patch_size=patch_size, max_samples=max_samples, nsteps=nsteps,
+                          realizations=realizations, seed=seed,
                           label=label, estimator=estimator, probes=probes, rtol=rtol, maps=maps,
                           trajectory=trajectory or ("shared" if align and points == "trajectory" else "own"), reference=reference,
                           points=points, held_out=held_out, locality=locality, locality_radius=locality_radius,
@@ -466,13 +479,17 @@ def analyze(
     nsteps: int = typer.Option(20, help="DDIM steps."),
     output_dir: Path = typer.Option(Path("results/exterior_derivative"), "--output_dir", "--output-dir",
                                     help="Results folder; runs land in {output_dir}/{dataset}/..."),
-    unet_path: Optional[Path] = typer.Option(None, "--unet_path", "--unet-path", "--unet", help="UNet checkpoint."),
+    unet_path: Optional[Path] = typer.Option(None, "--unet_path", "--unet-path", "--unet",
+                                             help="UNet checkpoint, ours or a paper backbone_*.pt (default: found "
+                                             "in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
     resnet_path: Optional[Path] = typer.Option(None, "--resnet_path", "--resnet-path", "--resnet",
-                                               help="ResNet checkpoint."),
+                                               help="ResNet checkpoint, ours or a paper backbone_*.pt."),
     scales_path: Optional[Path] = typer.Option(None, "--scales_path", "--scales-path", "--scales",
                                                help="ELS scales file."),
     models: str = typer.Option("unet,resnet,els", help="Models to compare."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
+                                              "training images (per class for conditional runs)."),
     seed: int = typer.Option(0, help="Seed of the first realization."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic."),
     probes: int = typer.Option(16, help="Hutchinson probes per point."),
@@ -501,9 +518,9 @@ def analyze(
         layout += "_noised_data"
     run_dir = output_dir / dataset / layout
     cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet_path,
-                          resnet=resnet_path, scales=scales_path, nsteps=nsteps, realizations=n, seed=seed,
-                          estimator=estimator, probes=probes, maps=maps, points=points, held_out=held_out,
-                          device=device, run_dir=str(run_dir), overwrite=overwrite)
+                          resnet=resnet_path, scales=scales_path, max_samples=max_samples, nsteps=nsteps,
+                          realizations=n, seed=seed, estimator=estimator, probes=probes, maps=maps, points=points,
+                          held_out=held_out, device=device, run_dir=str(run_dir), overwrite=overwrite)
     check_figure_folder(run_dir, fmt, overwrite)  # before computing: the seed tool's figures have these names
     summary = _run_compute(cfg, quiet)
     t0 = time.perf_counter()

@@ -375,6 +375,28 @@ def cached(name: str, split: str, paths: list[Path], prepare) -> tuple[torch.Ten
     return images, labels
 
 
+NUM_CLASSES = 10  # every data set edtool reads has ten classes
+
+
+def first_samples(images: torch.Tensor, labels: torch.Tensor, max_samples, per_class: bool = False):
+    """The first `max_samples` training images (SPEC 6, the seed tool's ELS `max_samples`), or the first
+    `max_samples` of every class when `per_class` (class-conditional machines), in their original order."""
+    if max_samples is None:
+        return images, labels
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise EdtoolError(f"--max-samples must be a positive integer, got {max_samples!r}")
+    if not per_class:
+        keep = torch.arange(min(max_samples, len(images)))
+    else:  # rank of each image within its class, kept while below max_samples
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(labels)
+        rank[order] = torch.arange(len(labels)) - starts[labels[order]]
+        keep = torch.nonzero(rank < max_samples).flatten()
+    return images[keep], labels[keep]
+
+
 def load_dataset(name: str = "mnist5k", root=None, split: str = "train", download: bool = True):
     """Load a data set as (images (N,C,32,32) float32 in [-1, 1], labels (N,) int64).
 

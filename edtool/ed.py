@@ -265,12 +265,17 @@ def _analytic(f, x: Tensor, curl_map: bool) -> tuple:
 # ----------------------------------------------------------------------------- entry point
 
 
+def auto_method(n: int, device_type: str) -> str:
+    """What `auto` means for a field without a closed form on n numbers per sample: exact up to
+    EXACT_MAX_N for the device type, else Hutchinson (so a run records it, and CPU and CUDA differ)."""
+    return "exact" if n <= EXACT_MAX_N.get(device_type, EXACT_MAX_N["cpu"]) else "hutchinson"
+
+
 def _choose_method(method: str, x: Tensor, exact_chunk: int) -> str:
     """`auto` without a closed form: exact for small n that fits in memory, else Hutchinson."""
     if method != "auto":
         return method
-    small = x[0].numel() <= EXACT_MAX_N.get(x.device.type, EXACT_MAX_N["cpu"])
-    return "exact" if small and exact_chunk > 0 else "hutchinson"
+    return "exact" if auto_method(x[0].numel(), x.device.type) == "exact" and exact_chunk > 0 else "hutchinson"
 
 
 def _result(ed, jac, ed_se, curl, finite_out: Tensor, method: str, probes: int, rtol_met=None) -> EDResult:

@@ -10,8 +10,10 @@ and no code from the file runs. The backbone's weights are then matched layer by
 `edtool.models` and written in our format (safetensors + manifest).
 """
 
+import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -21,7 +23,7 @@ from edtool import checkpoints
 from edtool.errors import EdtoolError
 from edtool.fileio import refuse_existing
 from edtool.models import build_network
-from edtool.paths import local_checkpoints_dir
+from edtool.paths import cache_dir, local_checkpoints_dir
 
 PAPER_CLASSES = ("DDIM", "MinimalUNet", "MinimalResNet", "UBlock", "EmbeddingModule")
 TORCH_LAYERS = ("Conv2d", "ConvTranspose2d", "Linear", "Sequential", "ModuleList", "GroupNorm", "ReLU",
@@ -31,6 +33,9 @@ TORCH_LAYERS = ("Conv2d", "ConvTranspose2d", "Linear", "Sequential", "ModuleList
 NOISE_SCHEDULES = ("cosine_noise_schedule", "linear_noise_schedule", "exponential_schedule")
 PAPER_DATASETS = {"MNIST": "mnist", "FashionMNIST": "fashionmnist", "CIFAR10": "cifar10", "CelebA": "celeba"}
 _NAME = re.compile(r"backbone_(?P<dataset>[A-Za-z0-9]+)_(?P<arch>UNet|ResNet)_(?P<mode>zeros|circular)")
+# the paper's names, conditional spelled as in its files (some read "conditonal")
+_FULL_NAME = re.compile(r"(?P<kind>backbone|scales)_(?P<dataset>[A-Za-z0-9]+)_(?P<arch>UNet|ResNet)_"
+                        r"(?P<mode>zeros|circular)(?P<conditional>_conditi?onal)?\.pt")
 
 # Per-layer settings that change the computation; they must equal those of our layer.
 _LAYER_SETTINGS = {
@@ -253,6 +258,42 @@ def dataset_from_name(path) -> Optional[str]:
     """The dataset in a paper file name (backbone_CIFAR10_ResNet_zeros.pt -> cifar10), or None."""
     m = _NAME.search(Path(path).name)
     return PAPER_DATASETS.get(m["dataset"]) if m else None
+
+
+def parse_paper_name(path) -> Optional[dict]:
+    """What a paper file name says: backbone_MNIST_UNet_zeros.pt -> kind backbone, dataset mnist, arch unet,
+    mode zeros, conditional False (scales_*.pt likewise); None for other names."""
+    m = _FULL_NAME.fullmatch(Path(path).name)
+    if m is None or m["dataset"] not in PAPER_DATASETS:
+        return None
+    return {"kind": m["kind"], "dataset": PAPER_DATASETS[m["dataset"]], "arch": m["arch"].lower(),
+            "mode": m["mode"], "conditional": m["conditional"] is not None,
+            "stem": Path(path).name[len(m["kind"]) + 1:-3]}
+
+
+def cached_import(path, dataset: Optional[str] = None):
+    """A paper `.pt` imported on the fly (same allow-list as import_checkpoint) into
+    cache/checkpoints/, keyed by the file's sha256 so a second use reads the cached copy:
+    (our weights path, one line saying what happened)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdtoolError(f"paper checkpoint {path} does not exist")
+    sha = checkpoints.file_hash(path)
+    dataset = dataset_from_name(path) or dataset  # the file's own name wins: a mismatch is then refused
+    folder = cache_dir() / "checkpoints"
+    out = folder / f"{path.stem}-{dataset}-{sha[:16]}.safetensors"
+    if out.exists() and checkpoints.manifest_path(out).exists():
+        return out, f"{path}: paper checkpoint, using its import cached at {out}"
+    # build beside, then move in (manifest first, weights last): a concurrent rank sees all or nothing
+    work = folder / f".import-{os.getpid()}-{sha[:16]}"
+    try:
+        made = import_checkpoint(path, out=work / out.name, dataset=dataset)
+        os.replace(checkpoints.manifest_path(made), checkpoints.manifest_path(out))
+        os.replace(made, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out, (f"{path}: paper checkpoint imported through the allow-list (no code run) into {out}; "
+                 "`edtool import-checkpoint` keeps a copy where you want it")
 
 
 def default_import_path(dataset: str, arch: str, padding: str, conditional: bool) -> Path:

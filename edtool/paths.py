@@ -1,14 +1,43 @@
-"""Where edtool keeps things: the shipped checkpoints and the runtime cache."""
+"""Where edtool keeps things: checkpoint folders (searched in SPEC 4's order) and the runtime cache."""
 
 import os
 from pathlib import Path
+from typing import List
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DATA = Path(__file__).resolve().parent / "_shipped"  # the repo's checkpoints/ inside a wheel
+
+
+def shipped_dir() -> Path:
+    """The checkpoints and scales shipped with edtool: package data `edtool/_shipped` in an installed
+    wheel, the repository's `checkpoints/` in a checkout (or an editable install)."""
+    return PACKAGE_DATA if PACKAGE_DATA.is_dir() else REPO_ROOT / "checkpoints"
 
 
 def checkpoints_dir() -> Path:
-    """Shipped checkpoints; EDTOOL_CHECKPOINTS overrides."""
-    return Path(os.environ.get("EDTOOL_CHECKPOINTS", REPO_ROOT / "checkpoints"))
+    """Where new checkpoints are written (train, import-checkpoint): EDTOOL_CHECKPOINTS, else ./checkpoints."""
+    env = os.environ.get("EDTOOL_CHECKPOINTS")
+    return Path(env) if env else Path.cwd() / "checkpoints"
+
+
+def search_dirs() -> List[Path]:
+    """Folders searched for checkpoints and scales, first match wins (SPEC 4): ./checkpoints of the
+    working directory, EDTOOL_CHECKPOINTS, the shipped ones. A ./checkpoints that is the shipped
+    folder itself (running inside the repository) keeps the shipped folder's place, last."""
+    env = os.environ.get("EDTOOL_CHECKPOINTS")
+    shipped = shipped_dir()
+    dirs: List[Path] = []
+    for d in (Path.cwd() / "checkpoints", Path(env) if env else None):
+        if d is not None and not _same(d, shipped) and not any(_same(d, seen) for seen in dirs):
+            dirs.append(d)
+    return dirs + [shipped]
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def local_checkpoints_dir() -> Path:

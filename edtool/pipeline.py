@@ -39,6 +39,7 @@ class ComputeConfig:
     resnet: Optional[str] = None
     scales: Optional[str] = None
     patch_size: int = 5  # ELS patch size when no calibrated scales are found
+    max_samples: Optional[int] = None  # the machines get the first N training images (per class if conditional)
     nsteps: int = 20
     realizations: int = 1
     seed: int = 0
@@ -124,6 +125,9 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError("--overwrite with --shard would delete what the other shards computed: delete the "
                           "run directory once before starting the shards, and run them without --overwrite")
     check_patch_size(cfg.patch_size, "--patch-size")
+    if cfg.max_samples is not None and (isinstance(cfg.max_samples, bool) or not isinstance(cfg.max_samples, int)
+                                        or cfg.max_samples < 1):
+        raise EdtoolError(f"--max-samples must be at least 1, got {cfg.max_samples}")
     _validate_jacobian_whole(cfg)
 
 
@@ -219,6 +223,7 @@ class Study:
 
 
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
+    """--unet/--resnet, else the first found in ./checkpoints, EDTOOL_CHECKPOINTS, shipped (SPEC 4)."""
     from edtool import checkpoints
 
     explicit = getattr(cfg, arch)
@@ -227,43 +232,87 @@ def _network_path(cfg: ComputeConfig, arch: str) -> Path:
     return checkpoints.discover(cfg.dataset, arch)
 
 
+def _padding_of(path: Path) -> Optional[str]:
+    """A network file's padding, from our manifest or a paper file's name (without loading it)."""
+    from edtool import checkpoints
+    from edtool.paper_import import parse_paper_name
+
+    if path.suffix == ".pt":
+        info = parse_paper_name(path)
+        return info["mode"] if info else None
+    try:
+        return checkpoints.read_manifest(path).get("padding")
+    except EdtoolError:
+        return None
+
+
+def _image_shape(fields: dict) -> Optional[tuple]:
+    """The image shape the measured networks agree on (from their manifests), None without networks."""
+    shapes = {name: tuple(f.manifest.get("image_shape") or ()) for name, f in fields.items()}
+    if len(set(shapes.values())) > 1:
+        raise EdtoolError(f"the networks expect different image shapes ({shapes}); pass checkpoints made "
+                          f"for the same data")
+    shape = next(iter(shapes.values()), None)
+    if shape is not None and len(shape) != 3:
+        raise EdtoolError(f"checkpoint manifest of {next(iter(fields))} has no image_shape (C, H, W)")
+    return shape
+
+
 def prepare(cfg: ComputeConfig) -> Study:
-    """Load data, networks and machines; derive seeds, labels and the config that the store records."""
+    """Load networks, data (only for machines, SPEC 6) and machines; derive seeds, labels and the config
+    that the store records (with the estimator each model uses on this device)."""
     from edtool import checkpoints
     from edtool.calibrate import seed_labels
-    from edtool.data import load_dataset
+    from edtool.data import NUM_CLASSES, first_samples, load_dataset
+    from edtool.ed import auto_method
     from edtool.machines import resolve_machine_name
     from edtool.scales import build_machine, fallback_note, find_scales, resampling_note
 
     validate(cfg)
     device = resolve_device(cfg.device)
-    images, labels = load_dataset(cfg.dataset, root=cfg.data_root)
-    image_shape = tuple(images.shape[1:])
-    check_fits([cfg.patch_size], image_shape, "--patch-size")
     notes, models, config_models = [], {}, {}
+    wants_machines = any(m in MACHINE_NAMES for m in cfg.models)
+    if wants_machines and cfg.scales:  # checked before anything heavy is loaded
+        find_scales("els", cfg.scales, nsteps=cfg.nsteps)
 
     network_paths = {}
     for arch in NETWORKS:
-        if arch in cfg.models or (arch == "resnet" and any(m in MACHINE_NAMES for m in cfg.models)):
+        if arch in cfg.models or (arch == "resnet" and wants_machines):
             try:
                 network_paths[arch] = _network_path(cfg, arch)
             except EdtoolError:
                 if arch in cfg.models:
                     raise
-    padding, padding_from = "zeros", None
     for arch in NETWORKS:
         if arch not in cfg.models:
             continue
-        net = checkpoints.load(network_paths[arch], dataset=cfg.dataset, image_shape=image_shape, device=device)
-        models[arch] = net
-        padding, padding_from = net.manifest.get("padding", padding), network_paths[arch]
-        config_models[arch] = {"path": str(network_paths[arch]), "sha256": checkpoints.file_hash(network_paths[arch])}
+        path = network_paths[arch]
+        models[arch] = checkpoints.load(path, dataset=cfg.dataset, device=device, note=notes.append)
+        config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
+    paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
+    if not paddings and "resnet" in network_paths:  # machines alone follow the ResNet their scales are for
+        paddings = [_padding_of(network_paths["resnet"]) or "zeros"]
+    padding = paddings[0] if paddings else "zeros"
+    padding_from = next(iter(network_paths.values()), None) if not models else network_paths[next(iter(models))]
+    nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
+    conditional = bool(nets_conditional) or cfg.label is not None
+    n_classes = next((int(f.manifest["num_classes"]) for f in nets_conditional
+                      if f.manifest.get("num_classes")), None)
 
-    conditional = any(getattr(f, "conditional", False) for f in models.values())
-    if cfg.label is not None:
-        if not 0 <= cfg.label <= int(labels.max()):
-            raise EdtoolError(f"--label {cfg.label} is not a class of {cfg.dataset} (0..{int(labels.max())})")
-        conditional = True
+    image_shape = _image_shape(models)
+    images = labels = None
+    if wants_machines:  # only the machines need the training images
+        images, labels = load_dataset(cfg.dataset, root=cfg.data_root)
+        if image_shape is not None and tuple(images.shape[1:]) != image_shape:
+            raise EdtoolError(f"the networks expect images of shape {list(image_shape)}, {cfg.dataset} has "
+                              f"{list(images.shape[1:])}")
+        image_shape = tuple(images.shape[1:])
+        check_fits([cfg.patch_size], image_shape, "--patch-size")
+        n_classes = n_classes or int(labels.max()) + 1
+        images, labels = first_samples(images, labels, cfg.max_samples, per_class=conditional)
+    n_classes = n_classes or NUM_CLASSES
+    if cfg.label is not None and not 0 <= cfg.label < n_classes:
+        raise EdtoolError(f"--label {cfg.label} is not a class of {cfg.dataset} (0..{n_classes - 1})")
 
     for name in cfg.models:
         if name in NETWORKS:
@@ -275,8 +324,9 @@ def prepare(cfg: ComputeConfig) -> Study:
                               "which no ELS machine models (zeros, circular): name the machine instead, "
                               "els-borders or els-circular") from None
         scales, source = None, None
-        if kind != "is":  # --scales, else the calibration beside the ResNet (or UNet) checkpoint
-            scales, source = find_scales(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")])
+        if kind != "is":  # --scales, else the calibration found for the ResNet (or UNet), SPEC 4's order
+            scales, source = find_scales(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")],
+                                         cfg.nsteps, notes)
             if scales is None:
                 notes.append(fallback_note(name, cfg.patch_size))
             elif resampling_note(name, scales, cfg.nsteps, source):
@@ -285,13 +335,18 @@ def prepare(cfg: ComputeConfig) -> Study:
                                       patch_size=cfg.patch_size, source=source)
         models[name] = machine
         config_models[name] = {"machine": kind, **info}
+    n = math.prod(image_shape)
+    for name, entry in config_models.items():  # what `auto` means here, recorded: CPU and CUDA differ
+        machine = name in MACHINE_NAMES
+        entry["estimator"] = ("analytic" if machine else auto_method(n, device.type)) \
+            if cfg.estimator == "auto" else cfg.estimator
 
     seeds = [cfg.seed + r for r in range(cfg.realizations)]
     held_out, points = None, None
     if cfg.points == "noised-data":
         held_out, run_labels, points = _held_out_points(cfg, image_shape, conditional)
     else:
-        drawn = seed_labels(seeds, labels, cfg.label, conditional)
+        drawn = seed_labels(seeds, labels, cfg.label, conditional, n_classes=n_classes)
         run_labels = [-1] * cfg.realizations if drawn is None else drawn.tolist()
     reference = cfg.reference or cfg.models[0]
     config = {
@@ -299,7 +354,10 @@ def prepare(cfg: ComputeConfig) -> Study:
         "seed": cfg.seed, "label": cfg.label, "estimator": cfg.estimator, "probes": cfg.probes,
         "rtol": cfg.rtol, "maps": cfg.maps, "trajectory": cfg.trajectory,
         "reference": reference if cfg.trajectory == "shared" else None, "dtype": "float32",
+        "device": device.type,
     }
+    if wants_machines and cfg.max_samples is not None:  # absent otherwise, so older runs resume as before
+        config["max_samples"] = cfg.max_samples
     if points is not None:  # trajectory runs keep the config they always had, so they resume as before
         config["points"] = points
     config.update(jacobian_whole_config(cfg, image_shape, models))
@@ -438,6 +496,7 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
     times = timesteps(nsteps).tolist()
     B, label, rows = batch.x_T.shape[0], batch.label, batch.rows
     out = Cell.nan(B, job.study)
+    method = job.study.config["models"][name]["estimator"]  # `auto` resolved once, as the config records it
 
     def on_step(j, t, x):
         out.points.append(x.detach())
@@ -449,7 +508,7 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
             f = ClosedFormField(f, op)  # the machine's ED from the Jacobian just built, not a second one
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
-            res = exterior_derivative(f, x, method=cfg.estimator, probes=cfg.probes,
+            res = exterior_derivative(f, x, method=method, probes=cfg.probes,
                                       seed=[probe_seed(cfg.seed, r, name, j) for r in rows], rtol=cfg.rtol,
                                       max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
         for k in ("ed_fro", "jac_fro", "asym", "ed_stderr"):

@@ -116,24 +116,94 @@ def _calibrated_for(candidate: Path, checkpoint) -> bool:
         recorded = json.loads(candidate.read_text()).get("checkpoint_sha256")
     except (OSError, ValueError, AttributeError):
         return beside  # read_scales reports what is wrong with the file
-    weights = Path(checkpoint).with_suffix(".safetensors")
+    weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
     if recorded is None or not weights.is_file():
         return beside
     return recorded == file_hash(weights)
 
 
-def find_scales(machine: str, explicit=None, checkpoints: Iterable = ()):
-    """(schedule, source) for a machine: the `explicit` file when given, else for the first of
-    `checkpoints` that has one, its calibration in ./checkpoints/ (where `calibrate` writes), then the
-    one beside it; (None, None) when there is none. A calibration recorded for other weights is skipped."""
+def fits_steps(scales: list, nsteps: int) -> bool:
+    """A schedule of M entries (entry j for t = (j + 1) / M) serves N DDIM steps when every step's
+    time t = k / N is one of its grid times, i.e. when N divides M."""
+    return len(scales) % nsteps == 0
+
+
+def check_steps(scales: list, nsteps: int, source) -> list:
+    """The schedule, or an EdtoolError saying it was calibrated for other steps."""
+    if not fits_steps(scales, nsteps):
+        fits = [n for n in range(1, len(scales) + 1) if len(scales) % n == 0]
+        raise EdtoolError(f"scales file {source} has {len(scales)} patch sizes (one per step of a {len(scales)}-step "
+                          f"schedule), which do not serve --nsteps {nsteps}: use --nsteps "
+                          f"{', '.join(map(str, fits))}, or calibrate for {nsteps} steps")
+    return scales
+
+
+def _names_for(machine: str, network: Path) -> tuple:
+    """What a schedule for `machine` next to this network is called: our `<stem>_scales_<machine>.json`,
+    and for a paper network (its .pt, or our import of one) with the machine of its padding, the
+    paper's scales_<DATASET>_<arch>_<mode>[_conditional].pt, as the key (dataset, arch, mode, conditional)."""
+    from edtool import checkpoints
+    from edtool.paper_import import parse_paper_name
+
+    paper = parse_paper_name(network)
+    if paper is None and network.suffix != ".pt" and checkpoints.manifest_path(network).exists():
+        try:
+            imported = checkpoints.read_manifest(network).get("imported_from") or {}
+            paper = parse_paper_name(imported.get("file", "x"))
+        except EdtoolError:
+            pass
+    key = None
+    if paper is not None and machine == ("els-circular" if paper["mode"] == "circular" else "els-borders"):
+        key = (paper["dataset"], paper["arch"], paper["mode"], paper["conditional"])
+    return scales_path(network, machine).name, key
+
+
+def _paper_scales_in(directory: Path, key: tuple) -> list:
+    """The paper's scales_*.pt in a folder whose name says (dataset, arch, mode, conditional) = key."""
+    from edtool.paper_import import parse_paper_name
+
+    found = []
+    for path in sorted(directory.glob("scales_*.pt")):
+        info = parse_paper_name(path)
+        if info is not None and (info["dataset"], info["arch"], info["mode"], info["conditional"]) == key:
+            found.append(path)
+    return found
+
+
+def find_scales(machine: str, explicit=None, checkpoints: Iterable = (), nsteps: Optional[int] = None,
+                notes: Optional[list] = None):
+    """(schedule, source) for a machine, or (None, None).
+
+    The `explicit` file when given (refused if it does not serve `nsteps`). Else, for the networks
+    in `checkpoints` (most wanted first), their calibration `<stem>_scales_<machine>.json` or, for
+    paper networks, the paper's `scales_*.pt`, searched in SPEC 4's order: ./checkpoints,
+    EDTOOL_CHECKPOINTS, beside each network, the shipped folder. A schedule that does not serve
+    `nsteps`, or a calibration that records other weights than the network's, is passed over
+    (the first with a line in `notes`)."""
+    from edtool.paths import search_dirs
+
     if explicit is not None:
-        return read_scales(explicit), str(explicit)
-    for checkpoint in checkpoints:
-        if checkpoint is None:
+        scales = read_scales(explicit)
+        return (check_steps(scales, nsteps, explicit) if nsteps else scales), str(explicit)
+    networks = [Path(c) for c in checkpoints if c is not None]
+    names = [(n, *_names_for(machine, n)) for n in networks]
+    dirs = search_dirs()
+    for parent in dict.fromkeys(n.parent for n in networks):
+        if parent.is_dir() and not any(d.is_dir() and parent.resolve() == d.resolve() for d in dirs):
+            dirs.insert(len(dirs) - 1, parent)  # beside the networks, before the shipped folder
+    for d in dirs:
+        if not d.is_dir():
             continue
-        for candidate in dict.fromkeys([local_scales_path(checkpoint, machine), scales_path(checkpoint, machine)]):
-            if candidate.exists() and _calibrated_for(candidate, checkpoint):
-                return read_scales(candidate), str(candidate)
+        for network, json_name, paper_key in names:
+            for path in [d / json_name] + ([] if paper_key is None else _paper_scales_in(d, paper_key)):
+                if not path.is_file() or (path.suffix == ".json" and not _calibrated_for(path, network)):
+                    continue
+                scales = read_scales(path)
+                if not nsteps or fits_steps(scales, nsteps):
+                    return scales, str(path)
+                if notes is not None:
+                    notes.append(f"{machine}: passing over {path} ({len(scales)} patch sizes do not serve "
+                                 f"--nsteps {nsteps})")
     return None, None
 
 

@@ -318,6 +318,11 @@ def _stored_settings(run: RunStore) -> dict:
     return out
 
 
+PROCESS_ONLY = ("device",)  # config entries recorded but not required to match on resume
+# recorded since issue 12: a run made before has no such entry, and resumes (its estimator was `auto`)
+RECORDED_LATER = re.compile(r"models\.[^.]+\.estimator")
+
+
 def _require_same(location, old: dict, new: dict):
     """Refuse to continue a run whose settings differ, naming each differing setting.
 
@@ -333,8 +338,11 @@ def _require_same(location, old: dict, new: dict):
     def layout(s):
         return {k: v for k, v in s.items() if k != "config"}
 
+    def compared(config):  # what only describes the process (the device kind) may differ between shards
+        return {k: v for k, v in config.items() if k not in PROCESS_ONLY}
+
     diffs = []  # (name, old, new), each named once even when config and layout both hold it
-    for a, b in ((leaves(old["config"]), leaves(new["config"])), (layout(old), layout(new))):
+    for a, b in ((leaves(compared(old["config"])), leaves(compared(new["config"]))), (layout(old), layout(new))):
         for k in dict.fromkeys([*a, *b]):
             diff = (k, a.get(k, "<unset>"), b.get(k, "<unset>"))
             if diff[1] != diff[2] and diff not in diffs:

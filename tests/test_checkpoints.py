@@ -431,7 +431,7 @@ def test_load_refuses_mismatch_and_broken_files(tmp_path):
         checkpoints.load(path, dataset="cifar10")
     with pytest.raises(EdtoolError, match=r"\[1, 16, 16\].*\[3, 32, 32\]"):
         checkpoints.load(path, image_shape=(3, 32, 32))
-    with pytest.raises(EdtoolError, match="import-checkpoint"):
+    with pytest.raises(EdtoolError, match="paper checkpoint.*does not exist"):
         checkpoints.load(tmp_path / "backbone_MNIST_UNet_zeros.pt")
     with pytest.raises(EdtoolError, match="does not exist"):
         checkpoints.load(tmp_path / "nothere.safetensors")
