@@ -305,9 +305,19 @@ def output_dir_name(machine: str) -> str:
     return "els_outputs" if machine in ("els", "els-borders") else f"{machine}_outputs"
 
 
-def _save_each(folder: Path, seeds, arrays) -> None:
+LAYOUTS = ("edtool", "paper")
+
+
+def _save_each(folder: Path, seeds, arrays, layout: str = "edtool") -> None:
+    """One file per seed: `seed_<s>.npy` (edtool), or, as the paper's scripts write them, `<i:04d>.pt`
+    holding a plain tensor with a batch axis of one (images (1, C, H, W), labels (1,)), i = the seed's
+    position in the list; readable with torch.load(..., weights_only=True)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for s, a in zip(seeds, arrays):
+    for i, (s, a) in enumerate(zip(seeds, arrays)):
+        if layout == "paper":
+            with atomic_path(folder / f"{i:04d}.pt") as tmp:
+                torch.save(torch.as_tensor(a).detach().cpu().clone().unsqueeze(0), tmp)
+            continue
         with atomic_path(folder / f"seed_{s}.npy") as tmp:
             np.save(tmp, a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
 
@@ -348,6 +358,7 @@ def sample(
     log: Optional[Callable[[str], None]] = None,
     baseline: bool = True,
     overwrite: bool = False,
+    layout: str = "edtool",
 ) -> dict:
     """Machine and network samples from the same seeds, their agreement r and r2 (SPEC 5.4), files under out_dir.
 
@@ -356,12 +367,15 @@ def sample(
     each machine). Machines other than `is` use `scales` (one schedule for all, or a dict per
     machine; entry i for t = (i + 1) / N), else the fixed `patch_size`. With `baseline`, the ideal
     score machine `is` is sampled too when not asked for, so that every machine's `beats_is` (the
-    paper's comparison) is reported. Returns the summary that r2_summary.json holds.
+    paper's comparison) is reported. `layout` "paper" writes the per-seed files as the paper's scripts
+    do (`0000.pt` ...: plain tensors) instead of `seed_<s>.npy`. Returns the summary that r2_summary.json holds.
     """
     from edtool.imageio import save_grid
 
     if out_dir is None:
         raise EdtoolError("sample needs an output folder")
+    if layout not in LAYOUTS:
+        raise EdtoolError(f"unknown layout {layout!r}; choose {' or '.join(LAYOUTS)}")
     if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
         raise EdtoolError(f"nsteps must be a positive integer, got {nsteps!r}")
     _check_images(images, labels)
@@ -392,16 +406,18 @@ def sample(
               "nsteps": nsteps, "seeds": seeds, "labels": None if run_labels is None else run_labels.tolist(),
               "machines": {k: ({"scales": per_machine[k]} if per_machine[k] is not None else
                                {} if k == "is" else {"patch_size": patch_size}) for k in kinds}}
+    if layout != "edtool":  # absent for edtool's layout, so earlier sample folders keep their record
+        record["layout"] = layout
     _claim_sample_dir(out, record, overwrite)
 
     x0 = initial_noises(seeds, images.shape[1:], device)
-    _save_each(out / "seeds", seeds, x0)
+    _save_each(out / "seeds", seeds, x0, layout)
     if run_labels is not None:
-        _save_each(out / "labels", seeds, run_labels)
+        _save_each(out / "labels", seeds, run_labels, layout)
     t0 = time.perf_counter()
     with torch.no_grad():
         _, _, net_final = network_trajectory(network, x0, nsteps, lab, batch)
-    _save_each(out / "network_outputs", seeds, net_final)
+    _save_each(out / "network_outputs", seeds, net_final, layout)
     log(f"network: {len(seeds)} samples in {time.perf_counter() - t0:.1f}s")
 
     summary = {
@@ -410,6 +426,7 @@ def sample(
         "seeds": seeds,
         "labels": None if run_labels is None else run_labels.tolist(),
         "n_images": len(images),
+        "layout": layout if layout == "edtool" else "paper: <folder>/<i:04d>.pt holds seeds[i] (batch axis of one)",
         "machines": {},
         "notes": [],
         "definitions": AGREEMENT_DEFINITIONS,
@@ -429,7 +446,7 @@ def sample(
         with torch.no_grad():
             final = machine_sample(m, x0, nsteps, lab, batch)
         folder = output_dir_name(kind)
-        _save_each(out / folder, seeds, final)
+        _save_each(out / folder, seeds, final, layout)
         values = [pearson_r(a, b) for a, b in zip(final, net_final)]
         summary["machines"][kind] = {
             "dir": folder, **info, **({"baseline": True} if kind == "is" and added_baseline else {}),
@@ -477,7 +494,9 @@ def _sample_files(out: Path, record: dict) -> list:
     """Every file a sample run with these settings writes under `out`."""
     folders = ["seeds", "network_outputs"] + [output_dir_name(k) for k in record["machines"]]
     folders += ["labels"] if record.get("labels") is not None else []
-    return ([out / f / f"seed_{s}.npy" for f in folders for s in record["seeds"]]
+    names = ([f"{i:04d}.pt" for i in range(len(record["seeds"]))] if record.get("layout") == "paper"
+             else [f"seed_{s}.npy" for s in record["seeds"]])
+    return ([out / f / name for f in folders for name in names]
             + [out / "samples_grid.png", out / SUMMARY_NAME, out / SETTINGS_NAME])
 
 

@@ -135,6 +135,8 @@ def discover(dataset: str, arch: str, directory=None, conditional: Optional[bool
         if found is not None:
             return found
     where = ", ".join(str(d) for d in dirs)
+    if directory is None and not dirs[-1].is_dir():  # an installation without its package data
+        where += f" (the shipped folder {dirs[-1]} is missing: reinstall edtool from a complete wheel)"
     raise EdtoolError(f"no {arch} checkpoint for dataset {dataset!r} in {where}; train one with "
                       f"`edtool train --arch {arch} --dataset {dataset}`, put the paper's backbone_*.pt in "
                       f"./checkpoints, or pass its path")

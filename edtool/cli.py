@@ -219,6 +219,8 @@ def sample(
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
     batch: Optional[int] = typer.Option(None, help="Seeds sampled together (default: all)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    layout: str = typer.Option("edtool", help="Per-seed files: edtool (seed_<s>.npy) or paper (0000.pt ...: "
+                               "plain tensors, as the paper's scripts write them)."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="Also sample the ideal score machine (is) when not asked for, to report on how "
                                        "many seeds each machine beats it (the paper's comparison)."),
@@ -245,7 +247,7 @@ def sample(
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     summary = run_sample(names, net, images, labels, _seed_list(seeds, seed), nsteps=nsteps, scales=schedule,
                          out_dir=out, label=label, patch_size=patch_size, batch=batch, scales_source=sources, log=log,
-                         baseline=baseline, overwrite=overwrite)
+                         baseline=baseline, overwrite=overwrite, layout=layout)
     print(agreement_report(summary))
     print(f"wrote {out}/ (r2_summary.json, samples_grid.png)")
 

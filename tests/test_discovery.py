@@ -7,6 +7,7 @@ Paper files are pickled here with the paper's classes rebuilt in test_checkpoint
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,26 +191,28 @@ def test_scales_search_order_and_steps(tmp_path, monkeypatch):
     """A calibration written to ./checkpoints (where `calibrate` writes) wins over EDTOOL_CHECKPOINTS,
     which wins over the shipped one beside the shipped ResNet; schedules that do not serve the steps
     are passed over with a note."""
-    from edtool.paper_import import read_scales, write_scales_json
+    from edtool.scales import find_scales, read_scales, write_scales_json
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EDTOOL_CHECKPOINTS", raising=False)
-    resnet = shipped_dir() / "mnist5k_resnet.safetensors"
+    resnet = [shipped_dir() / "mnist5k_resnet.safetensors"]
     shipped = shipped_dir() / "mnist5k_resnet_scales_els-borders.json"
-    assert checkpoints.find_scales("els-borders", [resnet], 20) == (read_scales(shipped), shipped)
+    assert find_scales("els-borders", None, resnet, 20) == (read_scales(shipped), str(shipped))
     env = tmp_path / "env"
     write_scales_json(env / "mnist5k_resnet_scales_els-borders.json", [5] * 20)
     monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(env))
-    assert checkpoints.find_scales("els-borders", [resnet], 10)[0] == [5] * 20
+    assert find_scales("els-borders", None, resnet, 10)[0] == [5] * 20
     write_scales_json(tmp_path / "checkpoints" / "mnist5k_resnet_scales_els-borders.json", [7] * 3)
     notes = []
-    assert checkpoints.find_scales("els-borders", [resnet], 3, notes)[0] == [7] * 3
-    assert checkpoints.find_scales("els-borders", [resnet], 20, notes)[0] == [5] * 20
+    assert find_scales("els-borders", None, resnet, 3, notes)[0] == [7] * 3
+    assert find_scales("els-borders", None, resnet, 20, notes)[0] == [5] * 20
     assert any("3 patch sizes do not serve --nsteps 20" in n for n in notes)
     notes = []
-    assert checkpoints.find_scales("els-borders", [resnet], 7, notes) == (None, None)
+    assert find_scales("els-borders", None, resnet, 7, notes) == (None, None)
     assert len(notes) == 3  # each file named once, none used
-    assert checkpoints.find_scales("els-circular", [resnet], 20) == (None, None)
+    assert find_scales("els-circular", None, resnet, 20) == (None, None)
+    with pytest.raises(EdtoolError, match="3 patch sizes.*--nsteps 20"):
+        find_scales("els-borders", tmp_path / "checkpoints" / "mnist5k_resnet_scales_els-borders.json", resnet, 20)
 
 
 # ------------------------------------------------------------------ only what needs data loads it
@@ -300,3 +303,19 @@ def test_estimator_and_device_recorded_and_another_resolution_refused(tmp_path, 
         compute(ComputeConfig(**one, shard=(1, 2)))
     run = open_run(tmp_path / "h")
     assert run.done_mask().all() and run.config["models"]["resnet"]["estimator"] == "hutchinson"
+
+
+def test_shipped_folder_is_package_data_when_installed_and_missing_data_says_so(tmp_path, capsys, monkeypatch):
+    from edtool import paths
+
+    assert paths.shipped_dir() == REPO / "checkpoints"  # a checkout (or editable install)
+    monkeypatch.setattr(paths, "PACKAGE_DATA", tmp_path / "site" / "edtool" / "_shipped")
+    paths.PACKAGE_DATA.mkdir(parents=True)
+    assert paths.shipped_dir() == paths.PACKAGE_DATA  # a wheel: edtool/_shipped beside the modules
+    shutil.rmtree(paths.PACKAGE_DATA)
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "site")  # and no checkout around it: data missing
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EDTOOL_CHECKPOINTS", raising=False)
+    code, _, err = cli(capsys, monkeypatch, "analyze", "--nsteps", "2", "--models", "unet", "--device", "cpu")
+    one_line_error(code, err, "no unet checkpoint", "shipped folder", "reinstall edtool")
+    assert not (tmp_path / "results").exists()
