@@ -6,6 +6,8 @@ any training data; --max-samples; the estimator each model used and the device r
 Paper files are pickled here with the paper's classes rebuilt in test_checkpoints (not edtool's).
 """
 
+import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -199,10 +201,12 @@ def test_scales_search_order_and_steps(tmp_path, monkeypatch):
     shipped = shipped_dir() / "mnist5k_resnet_scales_els-borders.json"
     assert find_scales("els-borders", None, resnet, 20) == (read_scales(shipped), str(shipped))
     env = tmp_path / "env"
-    write_scales_json(env / "mnist5k_resnet_scales_els-borders.json", [5] * 20)
+    sha = checkpoints.file_hash(resnet[0])  # a calibration away from the weights counts when it records them
+    write_scales_json(env / "mnist5k_resnet_scales_els-borders.json", [5] * 20, checkpoint_sha256=sha)
     monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(env))
     assert find_scales("els-borders", None, resnet, 10)[0] == [5] * 20
-    write_scales_json(tmp_path / "checkpoints" / "mnist5k_resnet_scales_els-borders.json", [7] * 3)
+    write_scales_json(tmp_path / "checkpoints" / "mnist5k_resnet_scales_els-borders.json", [7] * 3,
+                      checkpoint_sha256=sha)
     notes = []
     assert find_scales("els-borders", None, resnet, 3, notes)[0] == [7] * 3
     assert find_scales("els-borders", None, resnet, 20, notes)[0] == [5] * 20
@@ -211,8 +215,13 @@ def test_scales_search_order_and_steps(tmp_path, monkeypatch):
     assert find_scales("els-borders", None, resnet, 7, notes) == (None, None)
     assert len(notes) == 3  # each file named once, none used
     assert find_scales("els-circular", None, resnet, 20) == (None, None)
+    # one in ./checkpoints calibrated for other weights is not this network's: the next folder's is used
+    write_scales_json(tmp_path / "checkpoints" / "mnist5k_resnet_scales_els-borders.json", [9] * 20,
+                      checkpoint_sha256="0" * 64)
+    assert find_scales("els-borders", None, resnet, 20)[0] == [5] * 20
+    write_scales_json(tmp_path / "three.json", [7] * 3)
     with pytest.raises(EdtoolError, match="3 patch sizes.*--nsteps 20"):
-        find_scales("els-borders", tmp_path / "checkpoints" / "mnist5k_resnet_scales_els-borders.json", resnet, 20)
+        find_scales("els-borders", tmp_path / "three.json", resnet, 20)
 
 
 # ------------------------------------------------------------------ only what needs data loads it
@@ -319,3 +328,38 @@ def test_shipped_folder_is_package_data_when_installed_and_missing_data_says_so(
     code, _, err = cli(capsys, monkeypatch, "analyze", "--nsteps", "2", "--models", "unet", "--device", "cpu")
     one_line_error(code, err, "no unet checkpoint", "shipped folder", "reinstall edtool")
     assert not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------ full MNIST (../shared/data/mnist)
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # the genuine histogram
+UNCOMPRESSED_MD5 = {"train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",  # SPEC 6
+                    "train-labels-idx1-ubyte.gz": "a25bea736e30d166cdddb491f175f624"}
+
+
+def shared_mnist() -> Path:
+    """The 70,000-digit data root beside the checkout (or under $EDTOOL_SHARED); skip, saying so, when absent."""
+    shared = Path(os.environ.get("EDTOOL_SHARED", REPO.parent / "shared"))
+    root = shared / "data" / "mnist"
+    if not all((root / "MNIST" / "raw" / name).is_file() for name in UNCOMPRESSED_MD5):
+        pytest.skip(f"full MNIST not found in {root} (a copy of shared/ beside the clone, or set EDTOOL_SHARED)")
+    return root
+
+
+def test_full_mnist_from_the_shared_data_root(tmp_path):
+    root = shared_mnist()
+    for name, md5 in UNCOMPRESSED_MD5.items():  # recompressed files: the uncompressed bytes are the originals
+        with gzip.open(root / "MNIST" / "raw" / name) as f:
+            assert hashlib.md5(f.read()).hexdigest() == md5, name
+    images, labels = data.load_dataset("mnist", root=root, download=False)
+    assert images.shape == (60000, 1, 32, 32) and labels.bincount().tolist() == MNIST_TRAIN_COUNTS
+    assert -1 <= float(images.min()) < -0.99 and 0.99 < float(images.max()) <= 1
+    test_images, _ = data.load_dataset("mnist", root=root, split="test", download=False)
+    assert test_images.shape == (10000, 1, 32, 32)
+    compute(ComputeConfig(dataset="mnist", data_root=str(root), models=["is"], max_samples=300, nsteps=2,
+                          device="cpu", run_dir=str(tmp_path / "r")))
+    run = open_run(tmp_path / "r")
+    machine = make_machine("is", images[:300])
+    with torch.no_grad():
+        want = ddim_sample(lambda t, x: machine.eps(t, x).to(x.dtype), initial_noise(0, (1, 1, 32, 32)), 2)
+    np.testing.assert_allclose(run.read("final")[0, 0], want[0].numpy(), rtol=1e-5, atol=1e-6)
