@@ -16,14 +16,12 @@ mean of per-sample ratios, what their Table 2 reports) and `nasym_ratio_of_means
 """
 
 import datetime
-import json
-import os
 import warnings
 
 import numpy as np
 
 from edtool import __version__
-from edtool.store import RunStore, consolidate, local_dir, open_run
+from edtool.store import RunStore, access_lock, consolidate, local_dir, new_array, open_run, require_whole, write_summary
 
 QUANTITIES = ("ed_fro", "asym", "jac_fro")
 STATS = ("mean", "std", "cv", "median", "q05", "q95", "n")
@@ -36,6 +34,7 @@ DEFINITIONS = {
     "max_ed_magnitude": "largest of the same values",
     "num_realizations": "completed realizations of this model (done cells)",
     "num_failed": "completed realizations with at least one non-finite ed_fro step (those steps are excluded)",
+    "num_used": "realizations that contribute to mean_ed_magnitude (at least one finite ed_fro step)",
     "mean_asym": "mean of asym = ||J - J^T||_F / (2 ||J||_F) over all finite (realization, step) values",
     "nasym_mean_of_ratios": "QCSBM's NAsym (Chao et al. 2023, Table 2): mean over (realization, step) of "
                             "asym^2 = ||J - J^T||_F^2 / (4 ||J||_F^2), over the values where ed_fro, jac_fro and "
@@ -61,18 +60,21 @@ WHOLE_STATS = ("mean", "std", "median", "q05", "q95", "n")
 def aggregate_run(location, block: int = BLOCK) -> dict:
     """Aggregate the run at `location` into its `aggregate/` arrays and return the summary.
 
-    The summary is also written to `<run>/summary_stats.json` when the run is on a local disk;
-    for a non-local store the caller decides where it goes. Memory: see `compute_aggregate`.
+    The summary is also written to `<run>/summary_stats.json` when the run is on a local disk
+    (atomically; a summary_stats.json edtool did not write is refused, never replaced); for a
+    non-local store the caller decides where it goes. A run with damaged cells is refused, naming
+    them. Holds the run's access lock exclusively: a second aggregate, a plot or a `compute
+    --overwrite` waits for it; cells that compute finishes meanwhile count next time.
+    Memory: see `compute_aggregate`.
     """
-    run = open_run(location, mode="r+")
-    arrays, summary = compute_aggregate(run, block)
-    write_aggregate(run, arrays, summary)
-    base = local_dir(run.location)
-    if base is not None:
-        path = base / "summary_stats.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
+    with access_lock(location, exclusive=True, doing="aggregating it"):
+        run = open_run(location, mode="r+")
+        require_whole(run)
+        arrays, summary = compute_aggregate(run, block)
+        write_aggregate(run, arrays, summary)
+        base = local_dir(run.location)
+        if base is not None:
+            write_summary(base, summary)
     return summary
 
 
@@ -84,7 +86,7 @@ def compute_aggregate(run: RunStore, block: int = BLOCK) -> tuple:
     column: they read one model's (realization, step) slab of one quantity at a time, i.e.
     realizations x steps x 8 bytes.
     """
-    done = run.done_mask()
+    done = run.done_mask()  # one snapshot: cells finished after it count next time
     moments, failed = _stream_moments(run, done, block)
     arrays = nasym_from_sums(moments["nasym"]["step"])
     arrays.update({f"{k}_overall": v for k, v in nasym_from_sums(moments["nasym"]["all"]).items()})
@@ -255,6 +257,7 @@ def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
         summary[name] = {"mean_ed_magnitude": ed_mean, "std_ed_magnitude": ed_std,
                          "max_ed_magnitude": _num(ed_max) if np.isfinite(ed_max) else None,
                          "num_realizations": int(done[:, m].sum()), "num_failed": int(failed[m]),
+                         "num_used": int(arrays["ed_fro_n_timeavg"][m]),
                          "mean_asym": asym_mean, "std_asym": asym_std,
                          "mean_jac_fro": overall("jac_fro", m)[0],
                          "nasym_mean_of_ratios": _num(arrays["nasym_mean_overall"][m]),
@@ -297,12 +300,9 @@ def write_aggregate(run: RunStore, arrays: dict, summary: dict):
         dims = ("model", "step", "radius")[:value.ndim] if value.ndim > 1 else ("model",)
         dtype = "int64" if name.split("_timeavg")[0].endswith("_n") else "float32"
         fill = 0 if dtype == "int64" else np.nan
-        group.create_array(name, shape=value.shape, dtype=dtype, fill_value=fill, dimension_names=dims,
-                           overwrite=True)[:] = value.astype(dtype)
-    group.create_array("model", shape=(len(run.models),), dtype=str, dimension_names=("model",),
-                       overwrite=True)[:] = np.array(run.models)
-    group.create_array("time", shape=(run.nsteps,), dtype="float64", dimension_names=("step",),
-                       overwrite=True)[:] = run.time
+        new_array(group, name, value.shape, dims, dtype, fill, overwrite=True)[:] = value.astype(dtype)
+    new_array(group, "model", (len(run.models),), ("model",), str, None, overwrite=True)[:] = np.array(run.models)
+    new_array(group, "time", (run.nsteps,), ("step",), "float64", overwrite=True)[:] = run.time
     group.attrs.update({"cells_done": summary["cells_done"], "realizations_used": summary["realizations_used"],
                         "written": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                         "ddof": 1})

@@ -332,7 +332,16 @@ def _print_results_table(location: str, as_json: bool = False):
 def _compute_config(**kw):
     from edtool.pipeline import ComputeConfig
 
+    _refuse_memory_url(kw.get("run_dir"))
     return ComputeConfig(**kw)
+
+
+def _refuse_memory_url(location):
+    """memory:// lives only as long as one process: from the command line a run there would vanish
+    at exit while the command reports success (the Python API keeps it, for notebooks and tests)."""
+    if location is not None and str(location).lower().startswith("memory://"):
+        raise EdtoolError(f"{location}: a memory:// store vanishes when edtool exits, so nothing would be kept; "
+                          "use a directory or a persistent URL (file://, s3://, ...), or memory:// from Python")
 
 
 @app.command()
@@ -434,7 +443,8 @@ def aggregate(
     for name in summary["models"]:
         s = summary[name]
         print(f"  {name:<14} mean ED {fmt(s['mean_ed_magnitude'])}  std {fmt(s['std_ed_magnitude'])}  "
-              f"mean asym {fmt(s['mean_asym'])}  (n={s['num_realizations']})")
+              f"mean asym {fmt(s['mean_asym'])}  (n={s['num_used']}"
+              + (f"; {s['num_failed']} of {s['num_realizations']} with failed steps)" if s["num_failed"] else ")"))
     points = summary.get("points", {}).get("source", "trajectory")
     where = ("at forward-noised held-out images, QCSBM's protocol: comparable with their Table 2"
              if points == "noised-data" else "along DDIM paths: not QCSBM's protocol (use --points noised-data)")
@@ -449,6 +459,7 @@ def _resolve_run(run: str) -> str:
     """A run given as a path/URL, or as a name under cache/."""
     from edtool.paths import cache_dir
 
+    _refuse_memory_url(run)
     if "://" in run or Path(run).exists():
         return run
     candidate = cache_dir() / run
@@ -596,6 +607,38 @@ def status(
     for s in rows:
         for line in s.get("shards", []):
             print(f"  {s['location']}: {line}")
+
+
+@app.command()
+def verify(
+    run: str = typer.Argument(..., help="Run directory (or name under cache/)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Check every chunk of a run (present, checksum, length) and name the damaged cells; exit 1 if any.
+
+    Damaged cells are recomputed by rerunning the `edtool compute` that made the run (same settings);
+    aggregate and plot refuse a run with damaged cells.
+    """
+    import json as _json
+
+    from edtool.status import verify_run
+
+    report = verify_run(_resolve_run(run))
+    bad = report["damaged"]
+    if as_json:
+        print(_json.dumps(report, indent=2))
+    else:
+        for cell in bad:
+            print(f"damaged: realization {cell['realization']} {cell['model']}: {cell['reason']}")
+        if report["unchecksummed"]:
+            print(f"note: {', '.join(report['unchecksummed'])} carry no chunk checksums (a run made before "
+                  "edtool checksummed chunks): missing chunks are found, flipped bits are not")
+        whole = report["done"] - len(bad)
+        print(f"run {report['location']}: {len(bad)} damaged cell(s), {whole} whole of {report['done']} done "
+              f"({report['total']} in all)" + ("; rerun the `edtool compute` that made it to recompute them"
+                                                if bad else ""))
+    if bad:
+        sys.exit(1)
 
 
 def _usage_error_types() -> tuple:

@@ -22,6 +22,7 @@ from edtool.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
 from edtool.machines import ALIASES, MACHINES
 from edtool.scales import check_fits, check_patch_size
+from edtool.store import MAX_REALIZATIONS
 
 NETWORKS = ("unet", "resnet")
 MACHINE_NAMES = tuple(ALIASES) + MACHINES  # what --models accepts: `els` follows the networks' padding
@@ -95,6 +96,10 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError(f"--nsteps must be at least 1, got {cfg.nsteps}")
     if cfg.realizations < 1:
         raise EdtoolError(f"--realizations must be at least 1, got {cfg.realizations}")
+    if cfg.realizations > MAX_REALIZATIONS:
+        raise EdtoolError(f"--realizations {cfg.realizations} is more than one run holds (at most "
+                          f"{MAX_REALIZATIONS}: one chunk file per realization and array); split the work over "
+                          "runs with different --seed")
     if cfg.batch < 1:
         raise EdtoolError(f"--batch must be at least 1, got {cfg.batch}")
     if cfg.estimator not in ESTIMATORS:
@@ -661,7 +666,7 @@ def _barrier():
 def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     """Fill the run store for cfg, resuming where it stopped; returns a summary dict."""
     from edtool.status import record_shard
-    from edtool.store import create_run, run_lock, shard_realizations
+    from edtool.store import create_run, describe_cells, run_lock, shard_realizations
 
     reporter = reporter or Reporter()
     validate(cfg)
@@ -692,6 +697,9 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
         record_shard(location, shard)
         job = _Job(study, run, reporter)
         started = time.perf_counter()
+        damaged = run.reset_damaged(mine)  # done cells whose chunks are missing or corrupt: computed again
+        if damaged:
+            reporter.note(f"recomputing {len(damaged)} damaged cell(s): {describe_cells(run, damaged)}")
         pending = run.pending(mine)
         redo = _failed_cells(run, mine) if cfg.retry_failed else []
         if redo:
@@ -727,17 +735,18 @@ def rtol_warning(missed: list, rtol: float) -> str:
 
 def _failed_cells(run, realizations: List[int]) -> list:
     """Finished (r, m) cells with a NaN step among `realizations`: what --retry-failed recomputes."""
-    done, ed = run.done_mask(), run.read("ed_fro")
-    return [(r, m) for r in realizations for m in range(len(run.models))
-            if done[r, m] and not np.isfinite(ed[r, m]).all()]
+    done, ed = run.done_mask(realizations), run.read("ed_fro", realizations=realizations)
+    return [(r, m) for i, r in enumerate(realizations) for m in range(len(run.models))
+            if done[i, m] and not np.isfinite(ed[i, m]).all()]
 
 
 def _compute_batch(job: _Job, rows: List[int], redo=()):
     """All not-yet-done models for a batch of realizations; each cell is written as soon as it is done."""
     study, cfg, device = job.study, job.study.cfg, job.study.device
-    done = job.run.done_mask()
+    done = dict(zip(rows, job.run.done_mask(rows)))  # only this batch's rows: cost independent of the run size
     for r, m in redo:
-        done[r, m] = False
+        if r in done:
+            done[r][m] = False
     x_T = torch.cat([initial_noise(study.seeds[r], (1, *study.image_shape)) for r in rows]).to(device)
     lab = [study.labels[r] for r in rows]
     batch = Batch(rows, x_T, None if lab[0] < 0 else torch.tensor(lab, device=device))
@@ -752,7 +761,7 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
         points, reference_final = noised_points(x_0, x_T, cfg.nsteps), x_0.double().cpu().numpy()
     elif cfg.trajectory == "shared":
         ref = study.config["reference"]
-        if all(done[r, names.index(ref)] for r in rows):
+        if all(done[r][names.index(ref)] for r in rows):
             # its cell is done: the path is recomputed, cheaply (no Jacobians)
             points, reference_final = _reference_path(study.models[ref], batch, cfg.nsteps)
         else:
@@ -761,7 +770,7 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
             _write(job, names.index(ref), ref, batch, ref_out, err)
 
     for m, name in enumerate(names):
-        if all(done[r, m] for r in rows) or (cfg.trajectory == "shared" and name == study.config["reference"]):
+        if all(done[r][m] for r in rows) or (cfg.trajectory == "shared" and name == study.config["reference"]):
             continue
         if points is not None and not points:  # the reference path failed
             out, err = Cell.nan(len(rows), study), f"{name}: reference path failed"

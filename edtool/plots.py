@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from edtool.aggregate import compute_aggregate, read_aggregate
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, record_written, refuse_foreign
-from edtool.store import RunStore, local_dir, open_run
+from edtool.store import RunStore, access_lock, local_dir, open_run, require_whole
 
 FORMATS = ("png", "pdf", "svg")
 MODEL_COLORS = {"unet": "#1f77b4", "resnet": "#ff7f0e", "els": "#2ca02c", "els-borders": "#8c564b",
@@ -69,6 +69,11 @@ def plot_run(location, out_dir=None, fmt: str = "png", overwrite: bool = False) 
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
         raise EdtoolError(f"figure format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
+    with access_lock(location):  # shared: no aggregate rewrites, no --overwrite deletes the run meanwhile
+        return _plot_run(location, out_dir, fmt, overwrite)
+
+
+def _plot_run(location, out_dir, fmt: str, overwrite: bool) -> list:
     run = open_run(location)
     if out_dir is None:
         out_dir = local_dir(run.location)
@@ -76,11 +81,12 @@ def plot_run(location, out_dir=None, fmt: str = "png", overwrite: bool = False) 
             raise EdtoolError(f"run {run.location} is not on a local disk: give an output directory for the figures")
     out_dir = Path(out_dir)
     check_figure_folder(out_dir, fmt, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
     done = run.done_mask()
     if not done.any():
         raise EdtoolError(f"run {run.location} has no finished cells yet: nothing to plot "
                           "(`edtool status` shows its progress)")
+    require_whole(run)
+    out_dir.mkdir(parents=True, exist_ok=True)
     agg = read_aggregate(run) or compute_aggregate(run)[0]
     r0 = _first_realization(done)
 

@@ -1,5 +1,7 @@
-"""`edtool status`: which runs exist, their settings, how complete they are, who is computing them."""
+"""`edtool status` and `edtool verify`: which runs exist, their settings, how complete and how
+whole they are (damaged cells), who is computing them."""
 
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -7,7 +9,10 @@ import numpy as np
 
 from edtool.errors import EdtoolError
 from edtool.paths import cache_dir
-from edtool.store import STORE_NAME, local_dir, lock_holders, open_run, shard_realizations
+from edtool.store import (STORE_NAME, BrokenRunError, access_lock, local_dir, lock_holders, open_run,
+                          shard_realizations)
+
+STATUS_WAIT = 2.0  # seconds status waits for a run being replaced before reporting it busy
 
 SHARDS_DIR = "shards"
 
@@ -32,19 +37,33 @@ def record_shard(location: str, shard) -> None:
 
 
 def run_status(location: str) -> dict:
-    """Settings and completion of one run: cells done per model, shards, whether a process holds it.
+    """Settings, completion and wholeness of one run: cells done per model, damaged cells, shards,
+    whether a process holds it.
 
-    A run that cannot be read is reported as such (state "unreadable: why"), so one broken folder
-    does not hide every other run from `edtool status`.
+    A run that cannot be read is reported as such (state "broken: why" or "unreadable: why"),
+    never raised, so one damaged folder does not hide every other run from `edtool status`.
     """
     try:
-        run = open_run(location)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a run busy for a moment is reported as such, not warned about
+            with access_lock(location, wait=STATUS_WAIT):
+                return _run_status(location)
+    except BrokenRunError as err:
+        state = f"broken: {err}"
     except EdtoolError as err:
-        return {"location": str(location), "models": [], "nsteps": None, "realizations": None, "done": 0,
-                "total": 0, "per_model": {}, "estimator": None, "dataset": None, "state": f"unreadable: {err}",
-                "shards": []}
+        state = f"busy: {err}" if " is busy" in str(err) else f"unreadable: {err}"
+    except Exception as err:  # noqa: BLE001 (whatever is wrong with one run, list the others)
+        state = f"unreadable: {type(err).__name__}: {err}"
+    return {"location": str(location), "models": [], "nsteps": None, "realizations": None, "done": 0,
+            "total": 0, "per_model": {}, "estimator": None, "dataset": None, "state": state, "shards": [],
+            "damaged": None}
+
+
+def _run_status(location: str) -> dict:
+    run = open_run(location)
     progress = run.progress()
     done = run.done_mask()
+    damaged = run.damaged()
     cfg = run.config
     state = "complete" if progress["done"] == progress["total"] else ("empty" if progress["done"] == 0 else "partial")
     base = local_dir(location)
@@ -52,9 +71,13 @@ def run_status(location: str) -> dict:
                for h in lock_holders(location) if not h["stale"]]
     if holders and state != "complete":
         state = "running: " + "; ".join(holders)
+    if damaged:
+        state = f"damaged: {len(damaged)} cell(s), `edtool verify {location}` names them ({state})"
     shards = []
     if base is not None and (base / SHARDS_DIR).is_dir():
         for marker in sorted((base / SHARDS_DIR).iterdir()):
+            if not marker.name.isdigit() or int(marker.name) < 1:
+                continue  # not a marker record_shard wrote
             k = int(marker.name)
             for i in range(k):
                 rows = shard_realizations(run.n_realizations, (i, k))
@@ -64,4 +87,22 @@ def run_status(location: str) -> dict:
     return {"location": str(location), "models": run.models, "nsteps": run.nsteps,
             "realizations": run.n_realizations, "done": progress["done"], "total": progress["total"],
             "per_model": progress["per_model"], "estimator": cfg.get("estimator"), "dataset": cfg.get("dataset"),
-            "state": state, "shards": shards}
+            "state": state, "shards": shards, "damaged": len(damaged)}
+
+
+def verify_run(location: str) -> dict:
+    """Check every chunk of a run: which done cells are damaged (chunk missing, checksum or length
+    wrong) and which arrays carry no checksum (runs made before edtool checksummed chunks)."""
+    with access_lock(location):
+        run = open_run(location)
+        cells = run.damaged()
+        progress = run.progress()
+        unchecked = [name for name in ("done", *run.cell_arrays) if not _checksummed(run.array(name))]
+    return {"location": str(run.location), "done": progress["done"], "total": progress["total"],
+            "damaged": [{"realization": r, "model": run.models[m], "reason": why}
+                        for (r, m), why in sorted(cells.items())],
+            "unchecksummed": unchecked}
+
+
+def _checksummed(array) -> bool:
+    return any(type(c).__name__ == "Crc32cCodec" for c in array.metadata.codecs)

@@ -6,6 +6,12 @@ with `RunStore.write_cell`, which writes all of a cell's numbers first and sets
 Chunks hold one realization (all models), so separate processes may fill separate
 realizations at once; `run_lock` keeps two processes off the same realizations.
 
+Damaged is told from unfinished: every chunk carries a CRC32C checksum, and `RunStore.damaged`
+checks that each done cell's chunks (every array in CELL_ARRAYS the run has) are present and
+decode. Readers take `access_lock` shared; replacing a run (and writing its aggregate) takes
+it exclusively. `.edtool-run.json` in the run directory records what edtool wrote there, so
+`--overwrite` deletes only that.
+
     run = create_run("cache/demo", config, ["unet", "els"], seeds=[0, 1], labels=[-1, -1],
                      nsteps=20, image_shape=(1, 32, 32), maps=False)
     for r, m in run.pending():
@@ -13,14 +19,18 @@ realizations at once; `run_lock` keeps two processes off the same realizations.
 """
 
 import datetime
+import fcntl
+import hashlib
 import json
 import os
+import time
 import re
 import shutil
 import socket
 import uuid
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -29,9 +39,14 @@ import zarr
 
 from edtool import __version__
 from edtool.errors import EdtoolError
+from edtool.fileio import write_text
 
 SCHEMA_VERSION = 1
 STORE_NAME = "ed.zarr"
+SUMMARY_NAME = "summary_stats.json"
+MARKER_NAME = ".edtool-run.json"  # what edtool wrote in a run directory (the store, summary hashes)
+ACCESS_LOCK_NAME = ".edtool-access.lock"  # readers shared, replacing/aggregating exclusive (flock)
+MAX_REALIZATIONS = 1_000_000  # one chunk file per realization and array; more is a job for several runs
 STEP_ARRAYS = ("ed_fro", "jac_fro", "asym", "ed_stderr")  # (realization, model, step)
 # SPEC 12, stored only in runs made with them (create_run's extra_arrays): trailing dims of each cell
 LOCALITY_ARRAYS = {"loc_jac": ("step", "radius"), "loc_ed": ("step", "radius"), "loc_jac_stderr": ("step", "radius"),
@@ -39,6 +54,47 @@ LOCALITY_ARRAYS = {"loc_jac": ("step", "radius"), "loc_ed": ("step", "radius"), 
 ALIGN_ARRAYS = {"align_jac": ("step",), "align_ed": ("step",), "align_jac_stderr": ("step",),
                 "align_ed_stderr": ("step",)}
 EXTRA_ARRAYS = {**LOCALITY_ARRAYS, **ALIGN_ARRAYS}
+
+
+@dataclass(frozen=True)
+class CellArray:
+    """A per-cell array of shape (realization, model, *dims), one realization per chunk."""
+
+    dims: tuple  # trailing dimension names; sizes come from the run (step, channel, y, x)
+    required: bool = True  # False: only in runs created with it (create_run's maps / extra_arrays)
+    dtype: str = "float32"
+
+
+# Which arrays belong to a cell: the one list that write_cell, damage checks and repair use.
+# A new per-cell measurement adds an entry here (optional ones are asked for with
+# create_run(..., extra_arrays=[name])) and is then written, checked and repaired like the rest.
+CELL_ARRAYS = {
+    **{name: CellArray(("step",)) for name in STEP_ARRAYS},
+    "final": CellArray(("channel", "y", "x")),
+    "curl_map": CellArray(("step", "y", "x"), required=False),  # create_run(maps=True)
+    **{name: CellArray(dims, required=False) for name, dims in EXTRA_ARRAYS.items()},  # create_run(extra_arrays=)
+}
+
+
+class BrokenRunError(EdtoolError):
+    """A run store whose metadata edtool cannot trust (missing or edited attributes, wrong shapes)."""
+
+
+def chunk_codecs() -> list:
+    """Bytes-to-bytes codecs of every array edtool creates: zstd, then a CRC32C of the stored bytes,
+    so a flipped bit or a truncated chunk fails to decode instead of reading as a number."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(), Crc32cCodec()]
+
+
+def new_array(group: zarr.Group, name: str, shape, dims, dtype="float32", fill=np.nan, chunks=None,
+              overwrite: bool = False) -> zarr.Array:
+    """Create an array in a run store (the one place edtool creates arrays): checksummed chunks
+    and `dimension_names` for xarray; `chunks` defaults to one chunk."""
+    return group.create_array(name, shape=tuple(shape), chunks=tuple(chunks or shape), dtype=dtype,
+                              fill_value=fill, dimension_names=tuple(dims), compressors=chunk_codecs(),
+                              overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- locations
@@ -68,26 +124,50 @@ def _run_location(location) -> str:
 
 
 class RunStore:
-    """An open run: metadata as attributes, cells written with `write_cell`, read with `read`."""
+    """An open run: metadata as attributes, cells written with `write_cell`, read with `read`.
+
+    Opening checks the layout (attributes and array shapes agree); a run that fails is a
+    BrokenRunError naming what is wrong.
+    """
 
     def __init__(self, group: zarr.Group, location: str):
         self.group = group
         self.location = location
+        self._arrays = {}
+        members = set(group.array_keys())
+        problem = _layout_problem(group, members)
+        if problem:
+            raise BrokenRunError(f"run {location} is broken: {problem}; recompute it with `edtool compute` "
+                                 "and --overwrite (or move it away)")
         self.config = dict(group.attrs["config"])
         self.models = list(group.attrs["models"])
-        self.time = np.asarray(group["time"][:])
-        self.seeds = np.asarray(group["seed"][:])
-        self.labels = np.asarray(group["label"][:])
+        self.time = np.asarray(self.array("time")[:])
+        self.seeds = np.asarray(self.array("seed")[:])
+        self.labels = np.asarray(self.array("label")[:])
         self.nsteps = len(self.time)
         self.n_realizations = len(self.seeds)
-        self.image_shape = tuple(group["final"].shape[2:])
-        self.has_maps = "curl_map" in group
-        self.extra_arrays = [name for name in EXTRA_ARRAYS if name in group]
-        self.radius = np.asarray(group["radius"][:]) if "radius" in group else None
+        self.image_shape = tuple(self.array("final").shape[2:])
+        self.cell_arrays = [name for name in CELL_ARRAYS if name in members]  # what a whole cell holds
+        self.has_maps = "curl_map" in self.cell_arrays
+        self.extra_arrays = [name for name in EXTRA_ARRAYS if name in members]  # SPEC 12 arrays of this run
+        self.radius = np.asarray(self.array("radius")[:]) if "radius" in members else None
 
     def __repr__(self):
         return (f"RunStore({self.location!r}, models={self.models}, realizations={self.n_realizations}, "
                 f"nsteps={self.nsteps})")
+
+    def array(self, name: str) -> zarr.Array:
+        """A stored array, opened once per RunStore (opening reads its metadata). Chunks are always
+        written, even all-fill ones (a failed cell is all NaN), so a missing chunk means damage."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return self._arrays[name]
+
+    def cell_shape(self, name: str) -> tuple:
+        """The shape of one cell of a per-cell array (its trailing dimensions)."""
+        sizes = dict(zip(("channel", "y", "x"), self.image_shape), step=self.nsteps,
+                     radius=0 if self.radius is None else len(self.radius))
+        return tuple(sizes[d] for d in CELL_ARRAYS[name].dims)
 
     def model_index(self, m: Union[int, str]) -> int:
         """A model's position, from its index or its name."""
@@ -99,54 +179,56 @@ class RunStore:
             raise ValueError(f"model index {m} out of range 0..{len(self.models) - 1}")
         return int(m)
 
-    def write_cell(self, r: int, m: Union[int, str], ed_fro, jac_fro, asym, ed_stderr, final, curl_map=None,
-                   **extra):
+    def write_cell(self, r: int, m: Union[int, str], ed_fro=None, jac_fro=None, asym=None, ed_stderr=None,
+                   final=None, curl_map=None, **more):
         """Store one (realization, model) cell; `done[r, m]` is set only after every array is written.
 
-        Step vectors have length nsteps, `final` is (C, H, W), `curl_map` (nsteps, H, W) and is
-        required exactly when the run was created with maps; `extra` holds the run's EXTRA_ARRAYS, all
-        of them and no others. Non-finite values are stored as NaN.
+        Every per-cell array the run has (CELL_ARRAYS) must be given: step vectors of length nsteps,
+        `final` (C, H, W), `curl_map` (nsteps, H, W) exactly when the run was created with maps.
+        Non-finite values are stored as NaN.
         """
         if self.group.read_only:
             raise ValueError(f"run {self.location} was opened read-only: use open_run(..., mode='r+')")
         if not 0 <= int(r) < self.n_realizations:
             raise ValueError(f"realization {r} out of range 0..{self.n_realizations - 1}")
         r, m = int(r), self.model_index(m)
-        n, (_, h, w) = self.nsteps, self.image_shape
-        values = {"ed_fro": _checked(ed_fro, (n,), "ed_fro"), "jac_fro": _checked(jac_fro, (n,), "jac_fro"),
-                  "asym": _checked(asym, (n,), "asym"), "ed_stderr": _checked(ed_stderr, (n,), "ed_stderr"),
-                  "final": _checked(final, self.image_shape, "final")}
-        if self.has_maps:
-            if curl_map is None:
-                raise ValueError("this run was created with maps=True: write_cell needs curl_map")
-            values["curl_map"] = _checked(curl_map, (n, h, w), "curl_map")
-        elif curl_map is not None:
-            raise ValueError("this run was created without maps: pass curl_map=None")
-        if sorted(extra) != sorted(self.extra_arrays):
-            raise ValueError(f"this run stores {self.extra_arrays or 'no extra arrays'}: write_cell got "
-                             f"{sorted(extra) or 'none'}")
-        sizes = {"step": n, "radius": 0 if self.radius is None else len(self.radius)}
-        for name, value in extra.items():
-            values[name] = _checked(value, tuple(sizes[d] for d in EXTRA_ARRAYS[name]), name)
-        if self.group["done"][r, m]:  # rewriting (a retried failure): not done until the new data is whole
-            self.group["done"][r, m] = False
+        given = dict(ed_fro=ed_fro, jac_fro=jac_fro, asym=asym, ed_stderr=ed_stderr, final=final,
+                     curl_map=curl_map, **more)
+        for name, value in given.items():
+            if name not in CELL_ARRAYS:
+                raise ValueError(f"{name!r} is not a per-cell array (known: {', '.join(CELL_ARRAYS)})")
+            if value is not None and name not in self.cell_arrays:
+                raise ValueError("this run was created without maps: pass curl_map=None" if name == "curl_map"
+                                 else f"this run was created without {name}: pass {name}=None")
+        values = {}
+        for name in self.cell_arrays:
+            if given.get(name) is None:
+                raise ValueError("this run was created with maps=True: write_cell needs curl_map"
+                                 if name == "curl_map" else f"this run stores {name}: write_cell needs it")
+            values[name] = _checked(given[name], self.cell_shape(name), name, CELL_ARRAYS[name].dtype)
+        done = self.array("done")
+        if done[r, m]:  # rewriting (a retried failure): not done until the new data is whole
+            done[r, m] = False
         for name, value in values.items():
-            self.group[name][r, m] = value
+            self.array(name)[r, m] = value
         self._set_done(r, m)
 
     def _set_done(self, r: int, m: int):
         """The commit point of a cell: the last write of `write_cell`."""
-        self.group["done"][r, m] = True
+        self.array("done")[r, m] = True
 
-    def done_mask(self) -> np.ndarray:
-        """(realization, model) bool: which cells are complete."""
-        return np.asarray(self.group["done"][:], dtype=bool)
+    def done_mask(self, realizations: Optional[Sequence[int]] = None) -> np.ndarray:
+        """(realization, model) bool: which cells are complete; only the given realizations' rows if any
+        (reading only their chunks). A realization whose done chunk does not decode reads as not done
+        (`damaged` names it)."""
+        done, _, _ = self._read_rows("done", self._rows(realizations))
+        return done.astype(bool)
 
     def pending(self, realizations: Optional[Sequence[int]] = None) -> list:
         """The (r, m) cells not yet done, realization-major; only `realizations` if given (e.g. a shard's)."""
-        done = self.done_mask()
-        rows = range(self.n_realizations) if realizations is None else realizations
-        return [(int(r), m) for r in rows for m in range(len(self.models)) if not done[r, m]]
+        rows = list(range(self.n_realizations)) if realizations is None else [int(r) for r in realizations]
+        done = self.done_mask(rows)
+        return [(r, m) for i, r in enumerate(rows) for m in range(len(self.models)) if not done[i, m]]
 
     def progress(self) -> dict:
         """How complete the run is: cells done/total, per model, and fully finished realizations."""
@@ -158,7 +240,7 @@ class RunStore:
 
     def read(self, name: str, model: Union[int, str, None] = None, realizations=None) -> np.ndarray:
         """A stored array as numpy; `model` selects one model's slab, `realizations` a slice or index list."""
-        array = self.group[name]
+        array = self.array(name)
         rows = slice(None) if realizations is None else realizations
         if isinstance(rows, slice):
             return np.asarray(array[rows] if model is None else array[rows, self.model_index(model)])
@@ -167,13 +249,180 @@ class RunStore:
             return np.asarray(array.get_orthogonal_selection(rows))
         return np.asarray(array.get_orthogonal_selection((rows, self.model_index(model))))
 
+    # ------------------------------------------------------------ damage
 
-def _checked(value, shape, name) -> np.ndarray:
+    def damage(self, realizations: Optional[Sequence[int]] = None, block: int = 64) -> dict:
+        """What is wrong with a run's chunks: {r: {array: "missing" | "unreadable (why)"}}.
+
+        Every chunk (done flags included) must decode (checksum, length); once any cell of a
+        realization is done, its chunk of each per-cell array must exist. Reads each chunk once,
+        `block` realizations at a time.
+        """
+        rows = self._rows(realizations)
+        found = {}
+        for i in range(0, len(rows), block):
+            part = rows[i:i + block]
+            done, bad, _ = self._read_rows("done", part)
+            for r, why in bad.items():
+                found.setdefault(r, {})["done"] = why
+            live = set(part[done.any(axis=1)].tolist())
+            for name in self.cell_arrays:
+                _, bad, absent = self._read_rows(name, part)
+                absent = self._missing_chunks(name, sorted(live)) if absent is None else absent
+                for r in absent:
+                    if r in live:
+                        bad.setdefault(r, "missing")
+                for r, why in bad.items():
+                    found.setdefault(r, {})[name] = why
+        return found
+
+    def damaged(self, realizations: Optional[Sequence[int]] = None) -> dict:
+        """Done cells whose data is not whole, {(r, m): reason}; a realization whose done flags do
+        not decode counts with all its models (their state is unknown)."""
+        return self._damaged_cells(self.damage(realizations))
+
+    def _damaged_cells(self, found: dict) -> dict:
+        rows = sorted(found)
+        done = self.done_mask(rows) if rows else None
+        out = {}
+        for i, r in enumerate(rows):
+            reason = "; ".join(f"{name} chunk {why}" for name, why in found[r].items())
+            for m in range(len(self.models)):
+                if done[i, m] or "done" in found[r]:
+                    out[(r, m)] = reason
+        return out
+
+    def reset_damaged(self, realizations: Optional[Sequence[int]] = None) -> dict:
+        """Make damaged cells pending again so compute recomputes them; returns them as `damaged` does.
+
+        A chunk that does not decode is removed (its numbers are lost for every model of that
+        realization, and those that were done are among the damaged cells); then the done flags
+        of the damaged cells are cleared.
+        """
+        if self.group.read_only:
+            raise ValueError(f"run {self.location} was opened read-only: use open_run(..., mode='r+')")
+        found = self.damage(realizations)
+        cells = self._damaged_cells(found)
+        for r, names in found.items():
+            for name, why in names.items():
+                if why != "missing":
+                    self._delete_chunk(name, r)
+        done = self.array("done")
+        for r, m in cells:
+            done[r, m] = False
+        return cells
+
+    def _rows(self, realizations) -> np.ndarray:
+        if realizations is None:
+            return np.arange(self.n_realizations)
+        return np.asarray(list(realizations), dtype=np.int64).reshape(-1)
+
+    def _read_rows(self, name: str, rows: np.ndarray):
+        """Array `name` at realizations `rows`, with the fill value where a chunk is absent or does not
+        decode; {r: "unreadable (why)"} for the latter; the rows whose chunk is absent (None when the
+        store cannot tell cheaply). One read for the lot, chunk by chunk only after an error."""
+        array = self.array(name)
+        present = self._present(name, rows)
+        have = rows if present is None else rows[present]
+        out = np.full((len(rows), *array.shape[1:]), array.fill_value, dtype=array.dtype)
+        where = slice(None) if present is None else present
+        bad = {}
+        try:  # absent chunks are not read at all (zarr is slow to find a chunk missing)
+            if len(have):
+                out[where] = array.get_orthogonal_selection((have,))
+        except Exception:  # noqa: BLE001 (any decoding error: checksum, length, codec)
+            index = np.flatnonzero(present) if present is not None else np.arange(len(rows))
+            for i in index:
+                try:
+                    out[i] = array[int(rows[i])]
+                except Exception as err:  # noqa: BLE001
+                    text = str(err).lower()
+                    why = "checksum mismatch" if "checksum" in text else f"{type(err).__name__}: {str(err)[:60]}"
+                    bad[int(rows[i])] = f"unreadable ({why})"
+        return out, bad, (None if present is None else [int(r) for r in rows[~present]])
+
+    def _chunk_key(self, name: str, r: int) -> str:
+        array = self.array(name)
+        return f"{array.path}/" + array.metadata.encode_chunk_key((int(r),) + (0,) * (array.ndim - 1))
+
+    def _present(self, name: str, rows) -> Optional[np.ndarray]:
+        """Which of `rows` have a chunk of `name` on disk (a stat each); None for non-local stores."""
+        root = getattr(self.group.store, "root", None)
+        if not isinstance(root, Path):
+            return None
+        return np.array([(root / self._chunk_key(name, r)).is_file() for r in rows], dtype=bool)
+
+    def _missing_chunks(self, name: str, rows) -> list:
+        """The realizations among `rows` whose chunk of `name` is absent from the store."""
+        present = self._present(name, rows)
+        if present is not None:
+            return [int(r) for r in np.asarray(rows)[~present]]
+        from zarr.core.sync import sync
+
+        return [int(r) for r in rows if not sync(self.group.store.exists(self._chunk_key(name, r)))]
+
+    def _delete_chunk(self, name: str, r: int):
+        from zarr.core.sync import sync
+
+        sync(self.group.store.delete(self._chunk_key(name, r)))
+
+
+def describe_cells(run: RunStore, cells: dict, limit: int = 4) -> str:
+    """Damaged cells {(r, m): reason} for a one-line message: the first few by name, then a count."""
+    items = sorted(cells.items())
+    text = ", ".join(f"realization {r} {run.models[m]} ({why})" for (r, m), why in items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def require_whole(run: RunStore):
+    """Refuse (EdtoolError) a run with damaged cells, naming them: its numbers are not what was computed."""
+    cells = run.damaged()
+    if cells:
+        raise EdtoolError(f"run {run.location} has {len(cells)} damaged cell(s): {describe_cells(run, cells)}; "
+                          "rerun the `edtool compute` that made it (same settings) to recompute them "
+                          f"(`edtool verify {run.location}` lists them)")
+
+
+def _layout_problem(group: zarr.Group, members: set) -> Optional[str]:
+    """Why a store's attributes and arrays do not form a run edtool can read, or None."""
+    attrs = group.attrs.asdict()
+    config, models = attrs.get("config"), attrs.get("models")
+    if not isinstance(config, dict):
+        return "group attribute 'config' is missing" if config is None else "group attribute 'config' is not a mapping"
+    if not isinstance(models, list) or not models or not all(isinstance(x, str) for x in models):
+        return "group attribute 'models' is missing" if models is None else "group attribute 'models' is not a list of names"
+    needed = ["time", "seed", "label", "model", "done"] + [n for n, a in CELL_ARRAYS.items() if a.required]
+    absent = [n for n in needed if n not in members]
+    if absent:
+        return f"array(s) {', '.join(absent)} missing"
+    try:
+        shapes = {n: tuple(group[n].shape) for n in members}
+        stored_models = [str(x) for x in group["model"][:]]
+    except Exception as err:  # noqa: BLE001 (edited or unreadable array metadata)
+        return f"array metadata unreadable ({type(err).__name__}: {str(err)[:80]})"
+    if stored_models != models:
+        return f"group attribute 'models' {models} disagrees with the model array {stored_models}"
+    r, m, n = shapes["seed"][0] if shapes["seed"] else 0, len(models), shapes["time"][0] if shapes["time"] else 0
+    final = shapes["final"]
+    if len(final) != 5:
+        return f"array final has shape {final}, expected (realization, model, channel, y, x)"
+    sizes = dict(zip(("channel", "y", "x"), final[2:]), step=n)
+    if "radius" in members:
+        sizes["radius"] = shapes["radius"][0] if shapes["radius"] else 0
+    expected = {"time": (n,), "seed": (r,), "label": (r,), "model": (m,), "done": (r, m)}
+    expected.update({name: (r, m, *(sizes[d] for d in a.dims)) for name, a in CELL_ARRAYS.items() if name in members})
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            return f"array {name} has shape {shapes[name]}, expected {shape}"
+    return None
+
+
+def _checked(value, shape, name, dtype="float32") -> np.ndarray:
     """A float32 numpy copy of `value` with the expected shape, non-finite entries as NaN."""
     if hasattr(value, "detach"):  # torch tensor, possibly on a GPU
         value = value.detach().cpu().numpy()
     with np.errstate(over="ignore", invalid="ignore"):
-        arr = np.asarray(value, dtype=np.float64).astype(np.float32)  # float32 overflow -> inf
+        arr = np.asarray(value, dtype=np.float64).astype(dtype)  # float32 overflow -> inf
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
     arr[~np.isfinite(arr)] = np.nan
@@ -189,19 +438,28 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
     """Create the run at `location` (a directory or fsspec URL), or reopen it if its settings match.
 
     A store with different settings is refused with a message naming them, unless `overwrite`,
-    which deletes it (and its summary_stats.json) and starts fresh. `extra_arrays` names optional
-    per-cell arrays (EXTRA_ARRAYS); those with a radius dimension hold radii 0..`radius`.
+    which deletes what edtool wrote there (the store, and summary_stats.json if edtool wrote it)
+    and starts fresh, holding the run's access lock so no reader sees it half deleted.
+    `extra_arrays` names optional per-cell arrays (EXTRA_ARRAYS); those with a radius dimension
+    hold radii 0..`radius`.
     """
     location = _run_location(location)
     settings = _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays, radius)
-    url = store_url(location)
+    if overwrite:
+        _check_deletable(location)  # refuse before touching anything (the lock file included)
+        with access_lock(location, exclusive=True, doing="replacing it (--overwrite)", create=True):
+            _delete_run(location)
+            return _create(location, settings)
     existing = _open_existing(location, "r")
-    if existing is not None and overwrite:
-        _delete_run(location)
-        existing = None
     if existing is not None:
         _require_same(location, _stored_settings(existing), settings)
         return _open_existing(location, "r+")
+    return _create(location, settings)
+
+
+def _create(location: str, settings: dict) -> RunStore:
+    """Build a fresh store at `location` (none there yet), atomically where the disk allows."""
+    url = store_url(location)
     base = local_dir(location)
     if base is None:  # object stores: build in place, attributes (the mark of a run) last
         try:
@@ -222,10 +480,13 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
             raise EdtoolError(f"cannot write the run store in {base} ({err.strerror or err}): "
                               "choose a writable --run-dir") from err
         # another process created the run at the same moment: use its store if it matches
-        return create_run(location, config, models, seeds, labels, nsteps, image_shape, maps,
-                          extra_arrays=extra_arrays, radius=radius)
+        existing = _open_existing(location, "r")
+        _require_same(location, _stored_settings(existing), settings)
+        return _open_existing(location, "r+")
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    _update_marker(base, store=STORE_NAME,
+                   created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
     return open_run(location, mode="r+")
 
 
@@ -256,20 +517,28 @@ def _open_existing(location: str, mode: str) -> Optional[RunStore]:
     base = local_dir(location)
     if base is not None and not (base / STORE_NAME).exists():
         return None
+    ours = base is not None and (read_marker(base) or {}).get("store") == STORE_NAME
     try:
         group = zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=False)
     except Exception as err:
         if base is None and isinstance(err, (FileNotFoundError, zarr.errors.GroupNotFoundError)):
             return None
+        if ours:
+            raise BrokenRunError(f"run {location} is broken: its group metadata does not read "
+                                 f"({type(err).__name__}: {str(err)[:80]}); recompute it with --overwrite") from err
         raise EdtoolError(f"{url} exists but is not an edtool run store ({type(err).__name__}: {err}); "
                           "choose another --run or remove it") from err
     attrs = group.attrs.asdict()
     if "schema_version" not in attrs or "edtool_version" not in attrs:
+        if ours:
+            missing = "schema_version" if "schema_version" not in attrs else "edtool_version"
+            raise BrokenRunError(f"run {location} is broken: group attribute {missing!r} is missing; "
+                                 "recompute it with --overwrite")
         raise EdtoolError(f"{url} is a zarr store that edtool did not write (or did not finish creating): "
                           "choose another --run or remove it")
     if attrs["schema_version"] != SCHEMA_VERSION:
         raise EdtoolError(f"{url} was written by edtool {attrs['edtool_version']} with store schema "
-                          f"{attrs['schema_version']}; this edtool {__version__} reads schema {SCHEMA_VERSION}: "
+                          f"{attrs['schema_version']!r}; this edtool {__version__} reads schema {SCHEMA_VERSION}: "
                           "recompute it with --overwrite, or read it with that edtool version")
     return RunStore(group, location)
 
@@ -279,6 +548,9 @@ def _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_ar
     models = [str(m) for m in models]
     if not models or len(set(models)) != len(models):
         raise EdtoolError(f"models must be a non-empty list of distinct names, got {models}")
+    if len(seeds) > MAX_REALIZATIONS:
+        raise EdtoolError(f"{len(seeds)} realizations is more than one run holds (at most {MAX_REALIZATIONS}, "
+                          "one chunk file per realization and array): split the work over several runs")
     seeds, labels = [int(s) for s in seeds], [int(y) for y in labels]
     if not seeds or len(seeds) != len(labels):
         raise EdtoolError(f"need one label per seed and at least one seed (got {len(seeds)} seeds, "
@@ -366,28 +638,22 @@ def _build(group: zarr.Group, s: dict):
 
     r, m, n = len(s["seeds"]), len(s["models"]), s["nsteps"]
     c, h, w = s["image_shape"]
+    sizes = {"step": n, "channel": c, "y": h, "x": w}
 
-    def array(name, shape, dims, dtype="float32", fill=np.nan, chunks=None):
-        return group.create_array(name, shape=shape, chunks=chunks or shape, dtype=dtype, fill_value=fill,
-                                  dimension_names=dims)
-
-    array("time", (n,), ("step",), "float64")[:] = timesteps(n)[:-1].numpy()  # t_j of step j
-    array("seed", (r,), ("realization",), "int64", 0)[:] = np.asarray(s["seeds"], dtype=np.int64)
-    array("label", (r,), ("realization",), "int64", -1)[:] = np.asarray(s["labels"], dtype=np.int64)
-    group.create_array("model", shape=(m,), dtype=str, dimension_names=("model",))[:] = np.array(s["models"])
-    for name in STEP_ARRAYS:
-        array(name, (r, m, n), ("realization", "model", "step"), chunks=(1, m, n))
-    array("done", (r, m), ("realization", "model"), "bool", False, chunks=(1, m))
-    array("final", (r, m, c, h, w), ("realization", "model", "channel", "y", "x"), chunks=(1, m, c, h, w))
-    if s["maps"]:
-        array("curl_map", (r, m, n, h, w), ("realization", "model", "step", "y", "x"), chunks=(1, m, n, h, w))
     if "radius" in s:
-        array("radius", (s["radius"] + 1,), ("radius",), "int64", 0)[:] = np.arange(s["radius"] + 1)
-    sizes = {"step": n, "radius": s.get("radius", -1) + 1}
-    for name in s.get("extra_arrays", []):
-        dims = EXTRA_ARRAYS[name]
-        shape = tuple(sizes[d] for d in dims)
-        array(name, (r, m, *shape), ("realization", "model", *dims), chunks=(1, m, *shape))
+        new_array(group, "radius", (s["radius"] + 1,), ("radius",), "int64", 0)[:] = np.arange(s["radius"] + 1)
+        sizes["radius"] = s["radius"] + 1
+    new_array(group, "time", (n,), ("step",), "float64")[:] = timesteps(n)[:-1].numpy()  # t_j of step j
+    new_array(group, "seed", (r,), ("realization",), "int64", 0)[:] = np.asarray(s["seeds"], dtype=np.int64)
+    new_array(group, "label", (r,), ("realization",), "int64", -1)[:] = np.asarray(s["labels"], dtype=np.int64)
+    new_array(group, "model", (m,), ("model",), str, None)[:] = np.array(s["models"])
+    new_array(group, "done", (r, m), ("realization", "model"), "bool", False, chunks=(1, m))
+    wanted = set(s.get("extra_arrays", ())) | ({"curl_map"} if s["maps"] else set())
+    for name, a in CELL_ARRAYS.items():
+        if a.required or name in wanted:
+            shape = (m, *(sizes[d] for d in a.dims))
+            new_array(group, name, (r, *shape), ("realization", "model", *a.dims), a.dtype, np.nan,
+                      chunks=(1, *shape))
     group.attrs.update({"config": s["config"], "models": s["models"], "schema_version": SCHEMA_VERSION,
                         "edtool_version": __version__})
     consolidate(group.store)
@@ -405,16 +671,115 @@ def consolidate(store):
 
 
 def _delete_run(location: str):
-    """Remove a run's store and the summary derived from it (figures are simply re-rendered)."""
+    """Remove what edtool wrote of a run: its store and its summary (figures are simply re-rendered).
+
+    Refuses (EdtoolError) to delete a store edtool cannot tell it wrote, or a symbolic link (its
+    target may be somebody else's data). A summary_stats.json edtool did not write is kept, with
+    a warning. The store is renamed away first, so no reader ever sees it half deleted.
+    """
     base = local_dir(location)
-    if base is not None:
-        shutil.rmtree(base / STORE_NAME)
-        (base / "summary_stats.json").unlink(missing_ok=True)
-    else:
+    if base is None:
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(store_url(location))
-        fs.rm(path, recursive=True)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        return
+    _check_deletable(location)
+    store = base / STORE_NAME
+    if store.exists():
+        doomed = base / f".{STORE_NAME}.deleting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(store, doomed)
+        shutil.rmtree(doomed)
+    summary = base / SUMMARY_NAME
+    if summary.exists():
+        if summary.is_file() and not summary.is_symlink() and summary_is_ours(base):
+            summary.unlink()
+        else:
+            warnings.warn(f"kept {summary}: edtool did not write it (or it was changed since); it does not "
+                          "describe the new run")
+    if base.is_dir():
+        _update_marker(base, summary_sha256=[])
+
+
+def _check_deletable(location: str):
+    """Refuse (EdtoolError) to delete a run store that is a symbolic link or that edtool cannot tell it wrote."""
+    base = local_dir(location)
+    if base is None:
+        return
+    store = base / STORE_NAME
+    if store.is_symlink():
+        raise EdtoolError(f"{store} is a symbolic link: --overwrite deletes only what edtool wrote and does not "
+                          "follow links; remove the link yourself (or choose another --run)")
+    if store.exists() and (not store.is_dir() or not _store_is_ours(base)):
+        raise EdtoolError(f"{store} was not written by edtool (no run marker, no edtool attributes): "
+                          "--overwrite deletes only what edtool wrote; move it away or choose another --run")
+
+
+# ---------------------------------------------------------------- what edtool wrote (the run marker)
+
+
+def read_marker(base: Path) -> Optional[dict]:
+    """The run directory's marker (what edtool wrote there), None if absent or unreadable."""
+    try:
+        data = json.loads((Path(base) / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _update_marker(base: Path, **changes):
+    """Merge `changes` into the marker, atomically (temp + rename)."""
+    data = read_marker(base) or {"written_by": "edtool"}
+    data.update(changes)
+    write_text(Path(base) / MARKER_NAME, json.dumps(data, indent=1) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _store_is_ours(base: Path) -> bool:
+    """Whether the ed.zarr in `base` is edtool's: the marker names it, or (runs from before the
+    marker) its group carries edtool's attributes."""
+    if (read_marker(base) or {}).get("store") == STORE_NAME:
+        return True
+    try:
+        attrs = zarr.open_group(str(base / STORE_NAME), mode="r", zarr_format=3, use_consolidated=False).attrs
+        return "schema_version" in attrs and "edtool_version" in attrs
+    except Exception:  # noqa: BLE001 (unreadable: not recognizably ours)
+        return False
+
+
+def summary_is_ours(base: Path) -> bool:
+    """Whether `base/summary_stats.json` is one edtool's aggregate wrote for this run, unchanged.
+
+    With a marker: its hash must be one the marker recorded. Runs from before the marker: the
+    file must carry edtool's own keys (edtool_version, cells_done)."""
+    path = Path(base) / SUMMARY_NAME
+    marker = read_marker(base)
+    if marker is not None:
+        return _sha256(path) in marker.get("summary_sha256", [])
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "edtool_version" in data and "cells_done" in data
+
+
+def write_summary(base: Path, summary: dict) -> Path:
+    """Write summary_stats.json atomically, refusing to replace one edtool did not write."""
+    path = Path(base) / SUMMARY_NAME
+    if path.is_symlink() or (path.exists() and not (path.is_file() and summary_is_ours(base))):
+        raise EdtoolError(f"{path} exists and was not written by edtool for this run (or was changed since): "
+                          "aggregate does not replace it; move it away and run aggregate again")
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    new = hashlib.sha256(text.encode()).hexdigest()
+    old = (read_marker(base) or {}).get("summary_sha256", [])
+    _update_marker(base, summary_sha256=[*old[-2:], new])  # recorded first: a crash leaves it recognized
+    write_text(path, text)
+    _update_marker(base, summary_sha256=[new])
+    return path
 
 
 # ---------------------------------------------------------------- sharding and locking
@@ -576,3 +941,74 @@ def _take_over(base: Path, path: Path, stale: Optional[dict]):
         f"the stale lock of pid {stale.get('pid')} on {stale.get('host')} (since {stale.get('started')}; "
         "that process is gone)")
     warnings.warn(f"run {base}: taking over {holder}; finished cells are kept, the rest are recomputed")
+
+
+# ---------------------------------------------------------------- readers and writers of a whole run
+
+LOCK_WAIT = 600.0  # seconds a command waits for another's access before giving up
+
+
+@contextmanager
+def access_lock(location, exclusive: bool = False, doing: str = "", wait: Optional[float] = None):
+    """Hold the run's access lock: shared for readers (plot, verify, status), exclusive for whoever
+    replaces the store or writes its aggregate, so nobody reads a run while it is deleted or rewritten.
+
+    Computing cells needs no access lock (cells are committed by their done flag, and `run_lock`
+    keeps writers apart). An flock on `<run>/.edtool-access.lock`, released by the kernel when its
+    process dies, so it never goes stale. Waits up to `wait` seconds (LOCK_WAIT; EdtoolError after),
+    warning once that it waits. Non-local runs, and run directories a reader cannot write, are not locked.
+    """
+    base = local_dir(_run_location(location))
+    if base is None or not (base.is_dir() or exclusive):
+        yield
+        return
+    if exclusive:
+        _make_dir(base)
+    path = base / ACCESS_LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if exclusive:
+            raise EdtoolError(f"cannot write the lock file {path}: choose a writable --run-dir") from None
+        yield  # a read-only run directory: nobody can replace the run from here either
+        return
+    try:
+        _flock(fd, base, exclusive, LOCK_WAIT if wait is None else wait)
+        if exclusive:  # who holds it, for the messages of those who wait
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "doing": doing}).encode(), 0)
+        yield
+    finally:
+        if exclusive:
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the flock
+
+
+def _flock(fd: int, base: Path, exclusive: bool, wait: float):
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    deadline, warned = time.monotonic() + wait, False
+    while True:
+        try:
+            fcntl.flock(fd, mode)
+            return
+        except BlockingIOError:
+            pass
+        holder = access_holder(base)
+        if time.monotonic() >= deadline:
+            raise EdtoolError(f"run {base} is busy{holder}: try again when that has finished")
+        if not warned:
+            warnings.warn(f"run {base} is busy{holder}: waiting for it")
+            warned = True
+        time.sleep(0.05)
+
+
+def access_holder(base: Path) -> str:
+    """Who holds a run's access lock exclusively, as ' (pid N on host: doing)', or '' if unknown
+    (readers do not sign)."""
+    try:
+        info = json.loads((Path(base) / ACCESS_LOCK_NAME).read_text() or "{}")
+    except (OSError, ValueError):
+        return ""
+    if not info:
+        return " (being read by another edtool process)"
+    return f" (pid {info.get('pid')} on {info.get('host')}: {info.get('doing') or 'writing'})"

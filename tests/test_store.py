@@ -16,7 +16,7 @@ import zarr
 import edtool
 from edtool.errors import EdtoolError
 from edtool.store import (RunStore, create_run, lock_holders, open_run, run_lock, shard_realizations,
-                          store_url)
+                          store_url, write_summary)
 
 MODELS = ["unet", "els"]
 CONFIG = {"estimator": "exact", "nsteps": 5, "dataset": "mnist5k"}
@@ -165,14 +165,14 @@ def test_crash_before_done_flag_leaves_cell_pending(tmp_path, monkeypatch):
 
 def test_crash_midway_through_data_leaves_cell_pending(tmp_path, monkeypatch):
     run = make(tmp_path / "r")
-    real_getitem = zarr.Group.__getitem__
+    real_setitem = zarr.Array.__setitem__
 
-    def failing_getitem(self, key):
-        if key == "final":
+    def failing_setitem(self, key, value):
+        if self.path == "final":
             raise OSError("disk full while writing the final image")
-        return real_getitem(self, key)
+        return real_setitem(self, key, value)
 
-    monkeypatch.setattr(zarr.Group, "__getitem__", failing_getitem)
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing_setitem)
     with pytest.raises(OSError):
         run.write_cell(0, 1, **cell_values(np.random.default_rng(5)))
     monkeypatch.undo()
@@ -201,12 +201,43 @@ def test_different_settings_refused_with_names_and_disk_untouched(tmp_path):
     assert snapshot(tmp_path / "r") == before
 
 
-def test_overwrite_starts_fresh(tmp_path):
+def test_overwrite_starts_fresh_and_deletes_only_what_edtool_wrote(tmp_path):
     make(tmp_path / "r").write_cell(0, 0, **cell_values(np.random.default_rng(8)))
-    (tmp_path / "r" / "summary_stats.json").write_text("{}")
+    write_summary(tmp_path / "r", {"cells_done": 1})  # what aggregate writes: edtool's own
     fresh = make(tmp_path / "r", nsteps=3, overwrite=True)
     assert fresh.nsteps == 3 and not fresh.done_mask().any()
     assert not (tmp_path / "r" / "summary_stats.json").exists()
+    # a summary edtool did not write (the seed tool's, or ours edited by hand) is kept, with a warning
+    for text in ('{"unet": {"mean_ed_magnitude": 1.0}}\n', None):
+        if text is None:
+            (tmp_path / "r" / "summary_stats.json").unlink()
+            write_summary(tmp_path / "r", {"cells_done": 0})
+            text = (tmp_path / "r" / "summary_stats.json").read_text().replace("0", "7")
+        (tmp_path / "r" / "summary_stats.json").write_text(text)
+        with pytest.warns(UserWarning, match="kept .*summary_stats.json"):
+            make(tmp_path / "r", overwrite=True)
+        assert (tmp_path / "r" / "summary_stats.json").read_text() == text
+        with pytest.raises(EdtoolError, match="not written by edtool"):  # nor does aggregate replace it
+            write_summary(tmp_path / "r", {"cells_done": 0})
+        assert (tmp_path / "r" / "summary_stats.json").read_text() == text
+
+
+def test_overwrite_refuses_a_symlinked_or_foreign_store(tmp_path):
+    theirs = tmp_path / "theirs.zarr"
+    make(tmp_path / "elsewhere")
+    os.rename(tmp_path / "elsewhere" / "ed.zarr", theirs)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "ed.zarr").symlink_to(theirs)
+    before = snapshot(theirs)
+    with pytest.raises(EdtoolError, match="symbolic link"):
+        make(tmp_path / "r", nsteps=3, overwrite=True)
+    assert snapshot(theirs) == before and (tmp_path / "r" / "ed.zarr").is_symlink()
+    foreign = tmp_path / "f" / "ed.zarr"
+    foreign.mkdir(parents=True)
+    (foreign / "data.bin").write_bytes(b"theirs")
+    with pytest.raises(EdtoolError, match="not written by edtool"):
+        make(tmp_path / "f", overwrite=True)
+    assert (foreign / "data.bin").read_bytes() == b"theirs"
 
 
 def test_other_schema_or_foreign_store_refused_untouched(tmp_path):
@@ -222,8 +253,8 @@ def test_other_schema_or_foreign_store_refused_untouched(tmp_path):
             make(tmp_path / name)
         with pytest.raises(EdtoolError, match=pattern):
             open_run(tmp_path / name)
-        if name == "junk":
-            with pytest.raises(EdtoolError, match=pattern):
+        if name != "old":
+            with pytest.raises(EdtoolError, match="not written by edtool"):
                 make(tmp_path / name, overwrite=True)  # never delete what edtool did not write
         assert snapshot(tmp_path / name) == before
 
@@ -265,7 +296,7 @@ def test_concurrent_creation_yields_one_store(tmp_path):
     for t in threads:
         t.join()
     assert not errors and len(results) == 4
-    assert sorted(os.listdir(tmp_path / "r")) == ["ed.zarr"]  # no partial stores left behind
+    assert sorted(os.listdir(tmp_path / "r")) == [".edtool-run.json", "ed.zarr"]  # no partial stores left behind
 
 
 def test_shard_realizations():
