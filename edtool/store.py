@@ -949,20 +949,22 @@ LOCK_WAIT = 600.0  # seconds a command waits for another's access before giving 
 
 
 @contextmanager
-def access_lock(location, exclusive: bool = False, doing: str = "", wait: Optional[float] = None):
+def access_lock(location, exclusive: bool = False, doing: str = "", wait: Optional[float] = None,
+                create: bool = False):
     """Hold the run's access lock: shared for readers (plot, verify, status), exclusive for whoever
     replaces the store or writes its aggregate, so nobody reads a run while it is deleted or rewritten.
 
     Computing cells needs no access lock (cells are committed by their done flag, and `run_lock`
     keeps writers apart). An flock on `<run>/.edtool-access.lock`, released by the kernel when its
     process dies, so it never goes stale. Waits up to `wait` seconds (LOCK_WAIT; EdtoolError after),
-    warning once that it waits. Non-local runs, and run directories a reader cannot write, are not locked.
+    warning once that it waits. Non-local runs, run directories a reader cannot write, and (unless
+    `create`, which makes the directory) folders that hold no run are not locked.
     """
     base = local_dir(_run_location(location))
-    if base is None or not (base.is_dir() or exclusive):
-        yield
+    if base is None or not (create or (base / ACCESS_LOCK_NAME).exists() or (base / STORE_NAME).exists()):
+        yield  # not a run (yet): nothing to protect, and no lock file left in somebody's folder
         return
-    if exclusive:
+    if create:
         _make_dir(base)
     path = base / ACCESS_LOCK_NAME
     try:

@@ -373,3 +373,11 @@ def test_each_batch_reads_only_its_own_done_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(RunStore, "done_mask", spy)
     compute(config(tmp_path / "r", models=["is"], nsteps=1, realizations=6))
     assert sizes.count(6) <= 3 and sizes.count(1) >= 6, sizes
+
+
+def test_readers_leave_nothing_in_a_folder_without_a_run(tmp_path):
+    (tmp_path / "notarun").mkdir()
+    for command in (aggregate_run, plot_run, verify_run):
+        with pytest.raises(EdtoolError, match="no edtool run"):
+            command(str(tmp_path / "notarun"))
+    assert os.listdir(tmp_path / "notarun") == []
