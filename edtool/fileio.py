@@ -69,6 +69,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_ledger(folder) -> dict:
+    """What edtool recorded writing in `folder` ({name: sha256, or a note for a directory}); {} if none."""
+    return _ledger(Path(folder))
+
+
+def record_entry(folder, name: str, value: str) -> None:
+    """Record something edtool wrote that is not a plain file (a run's ed.zarr) in the folder's ledger."""
+    ledger = _ledger(Path(folder))
+    ledger[name] = value
+    write_json(Path(folder) / LEDGER, ledger)
+
+
 def _ledger(folder: Path) -> dict:
     try:
         data = json.loads((Path(folder) / LEDGER).read_text())

@@ -20,7 +20,6 @@ it exclusively. `.edtool-run.json` in the run directory records what edtool wrot
 
 import datetime
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -39,12 +38,12 @@ import zarr
 
 from edtool import __version__
 from edtool.errors import EdtoolError
-from edtool.fileio import write_text
+from edtool.fileio import read_ledger, record_entry, record_written, refuse_foreign, write_text
 
 SCHEMA_VERSION = 1
 STORE_NAME = "ed.zarr"
 SUMMARY_NAME = "summary_stats.json"
-MARKER_NAME = ".edtool-run.json"  # what edtool wrote in a run directory (the store, summary hashes)
+STORE_ENTRY = "edtool run store"  # the ledger's (fileio) record that edtool made a folder's ed.zarr
 ACCESS_LOCK_NAME = ".edtool-access.lock"  # readers shared, replacing/aggregating exclusive (flock)
 MAX_REALIZATIONS = 1_000_000  # one chunk file per realization and array; more is a job for several runs
 STEP_ARRAYS = ("ed_fro", "jac_fro", "asym", "ed_stderr")  # (realization, model, step)
@@ -485,8 +484,7 @@ def _create(location: str, settings: dict) -> RunStore:
         return _open_existing(location, "r+")
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    _update_marker(base, store=STORE_NAME,
-                   created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    record_entry(base, STORE_NAME, STORE_ENTRY)
     return open_run(location, mode="r+")
 
 
@@ -517,7 +515,7 @@ def _open_existing(location: str, mode: str) -> Optional[RunStore]:
     base = local_dir(location)
     if base is not None and not (base / STORE_NAME).exists():
         return None
-    ours = base is not None and (read_marker(base) or {}).get("store") == STORE_NAME
+    ours = base is not None and read_ledger(base).get(STORE_NAME) == STORE_ENTRY
     try:
         group = zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=False)
     except Exception as err:
@@ -698,8 +696,6 @@ def _delete_run(location: str):
         else:
             warnings.warn(f"kept {summary}: edtool did not write it (or it was changed since); it does not "
                           "describe the new run")
-    if base.is_dir():
-        _update_marker(base, summary_sha256=[])
 
 
 def _check_deletable(location: str):
@@ -712,37 +708,17 @@ def _check_deletable(location: str):
         raise EdtoolError(f"{store} is a symbolic link: --overwrite deletes only what edtool wrote and does not "
                           "follow links; remove the link yourself (or choose another --run)")
     if store.exists() and (not store.is_dir() or not _store_is_ours(base)):
-        raise EdtoolError(f"{store} was not written by edtool (no run marker, no edtool attributes): "
+        raise EdtoolError(f"{store} was not written by edtool (not in the folder's ledger, no edtool attributes): "
                           "--overwrite deletes only what edtool wrote; move it away or choose another --run")
 
 
-# ---------------------------------------------------------------- what edtool wrote (the run marker)
-
-
-def read_marker(base: Path) -> Optional[dict]:
-    """The run directory's marker (what edtool wrote there), None if absent or unreadable."""
-    try:
-        data = json.loads((Path(base) / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _update_marker(base: Path, **changes):
-    """Merge `changes` into the marker, atomically (temp + rename)."""
-    data = read_marker(base) or {"written_by": "edtool"}
-    data.update(changes)
-    write_text(Path(base) / MARKER_NAME, json.dumps(data, indent=1) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+# ---------------------------------------------------------------- what edtool wrote (the folder's ledger)
 
 
 def _store_is_ours(base: Path) -> bool:
-    """Whether the ed.zarr in `base` is edtool's: the marker names it, or (runs from before the
-    marker) its group carries edtool's attributes."""
-    if (read_marker(base) or {}).get("store") == STORE_NAME:
+    """Whether the ed.zarr in `base` is edtool's: the ledger names it, or (runs from before the
+    ledger) its group carries edtool's attributes."""
+    if read_ledger(base).get(STORE_NAME) == STORE_ENTRY:
         return True
     try:
         attrs = zarr.open_group(str(base / STORE_NAME), mode="r", zarr_format=3, use_consolidated=False).attrs
@@ -752,16 +728,17 @@ def _store_is_ours(base: Path) -> bool:
 
 
 def summary_is_ours(base: Path) -> bool:
-    """Whether `base/summary_stats.json` is one edtool's aggregate wrote for this run, unchanged.
-
-    With a marker: its hash must be one the marker recorded. Runs from before the marker: the
-    file must carry edtool's own keys (edtool_version, cells_done)."""
-    path = Path(base) / SUMMARY_NAME
-    marker = read_marker(base)
-    if marker is not None:
-        return _sha256(path) in marker.get("summary_sha256", [])
+    """Whether `base/summary_stats.json` is one edtool's aggregate wrote there, unchanged (by the
+    folder's ledger). Runs from before the ledger: the file must carry edtool's own keys."""
+    ledger = read_ledger(base)
+    if SUMMARY_NAME in ledger or STORE_NAME in ledger:
+        try:
+            refuse_foreign([Path(base) / SUMMARY_NAME])
+            return True
+        except EdtoolError:
+            return False
     try:
-        data = json.loads(path.read_text())
+        data = json.loads((Path(base) / SUMMARY_NAME).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and "edtool_version" in data and "cells_done" in data
@@ -773,12 +750,8 @@ def write_summary(base: Path, summary: dict) -> Path:
     if path.is_symlink() or (path.exists() and not (path.is_file() and summary_is_ours(base))):
         raise EdtoolError(f"{path} exists and was not written by edtool for this run (or was changed since): "
                           "aggregate does not replace it; move it away and run aggregate again")
-    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    new = hashlib.sha256(text.encode()).hexdigest()
-    old = (read_marker(base) or {}).get("summary_sha256", [])
-    _update_marker(base, summary_sha256=[*old[-2:], new])  # recorded first: a crash leaves it recognized
-    write_text(path, text)
-    _update_marker(base, summary_sha256=[new])
+    write_text(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    record_written([path])
     return path
 
 

@@ -296,7 +296,7 @@ def test_concurrent_creation_yields_one_store(tmp_path):
     for t in threads:
         t.join()
     assert not errors and len(results) == 4
-    assert sorted(os.listdir(tmp_path / "r")) == [".edtool-run.json", "ed.zarr"]  # no partial stores left behind
+    assert sorted(os.listdir(tmp_path / "r")) == [".edtool-written.json", "ed.zarr"]  # no partial stores left behind
 
 
 def test_shard_realizations():
