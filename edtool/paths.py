@@ -14,12 +14,6 @@ def shipped_dir() -> Path:
     return PACKAGE_DATA if PACKAGE_DATA.is_dir() else REPO_ROOT / "checkpoints"
 
 
-def checkpoints_dir() -> Path:
-    """Where new checkpoints are written (train, import-checkpoint): EDTOOL_CHECKPOINTS, else ./checkpoints."""
-    env = os.environ.get("EDTOOL_CHECKPOINTS")
-    return Path(env) if env else Path.cwd() / "checkpoints"
-
-
 def search_dirs() -> List[Path]:
     """Folders searched for checkpoints and scales, first match wins (SPEC 4): ./checkpoints of the
     working directory, EDTOOL_CHECKPOINTS, the shipped ones. A ./checkpoints that is the shipped

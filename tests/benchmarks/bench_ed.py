@@ -33,7 +33,7 @@ import torch
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.ed import exterior_derivative
 from edtool.models import MinimalResNet, MinimalUNet, Network
-from edtool.paths import checkpoints_dir
+from edtool.paths import shipped_dir
 
 TIMES = (0.9, 0.5, 0.1)
 NSTEPS = 10  # so that the trajectory passes exactly through TIMES
@@ -192,8 +192,8 @@ def verdicts(rows: list) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--unet", default=str(checkpoints_dir() / "mnist5k_unet.safetensors"))
-    ap.add_argument("--resnet", default=str(checkpoints_dir() / "mnist5k_resnet.safetensors"))
+    ap.add_argument("--unet", default=str(shipped_dir() / "mnist5k_unet.safetensors"))
+    ap.add_argument("--resnet", default=str(shipped_dir() / "mnist5k_resnet.safetensors"))
     ap.add_argument("--quick", action="store_true", help="measure t = 0.5 only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement (default 1)")
     ap.add_argument("--probe-seeds", type=int, default=5, help="probe seeds per Hutchinson point (default 5)")
