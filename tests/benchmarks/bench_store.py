@@ -14,7 +14,8 @@ grows with the run. Columns:
   cells/s   cells written per second inside the batch loop (first to last finished cell)
   total     the whole compute() call, including its final progress count over all N realizations
   verify    `RunStore.damaged()` over the whole run (reads every chunk; grows with N by design)
-The sizes run one after another in one process; compare ratios, absolute times drift with load.
+The sizes run one after another in one process (list a size twice to see the first run's warm-up);
+compare ratios, absolute times drift with load.
 """
 
 import argparse
@@ -62,8 +63,7 @@ class Clock(Reporter):
         self.cells.append(time.perf_counter())
 
 
-def bench(n: int, cells: int, folder: Path) -> dict:
-    run_dir = folder / f"r{n}"
+def bench(n: int, cells: int, run_dir: Path) -> dict:
     cfg = ComputeConfig(models=MODELS, nsteps=NSTEPS, realizations=n, device="cpu", run_dir=str(run_dir),
                         shard=(0, max(1, n // cells)))
     t0 = time.perf_counter()
@@ -91,15 +91,16 @@ def main():
     torch.set_num_threads(1)
     pipeline.prepare, pipeline.measure = fake_prepare, fake_measure
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench(n, args.cells, Path(tmp)) for n in args.sizes]
+        rows = [bench(n, args.cells, Path(tmp) / f"run{i}") for i, n in enumerate(args.sizes)]
     print(f"{'realizations':>12} {'cells':>6} {'create s':>9} {'setup s':>8} {'cells/s':>8} {'total s':>8} "
           f"{'verify s':>9}")
     for r in rows:
         print(f"{r['n']:>12} {r['cells']:>6} {r['create']:>9.2f} {r['setup']:>8.2f} {r['rate']:>8.1f} "
               f"{r['total']:>8.2f} {r['verify']:>9.2f}")
-    base = rows[0]["rate"]
-    for r in rows[1:]:
-        print(f"cells/s at {r['n']} realizations / at {rows[0]['n']}: {r['rate'] / base:.2f}")
+    last = {r["n"]: r["rate"] for r in rows}  # the last (warmed-up) run of each size
+    small = min(last)
+    for n in sorted(last)[1:]:
+        print(f"cells/s at {n} realizations / at {small}: {last[n] / last[small]:.2f}")
 
 
 if __name__ == "__main__":
