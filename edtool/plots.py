@@ -81,12 +81,28 @@ def _plot_run(location, out_dir, fmt: str, overwrite: bool) -> list:
             raise EdtoolError(f"run {run.location} is not on a local disk: give an output directory for the figures")
     out_dir = Path(out_dir)
     check_figure_folder(out_dir, fmt, overwrite)
+    figures = run_figures(run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures.items():
+        path = out_dir / f"{name}.{fmt}"
+        with atomic_path(path) as tmp:  # a kill mid-write never leaves a truncated figure in place of a good one
+            fig.savefig(tmp, format=fmt, dpi=150)
+        paths.append(path)
+        record_written([path])
+    return paths
+
+
+def run_figures(run) -> dict:
+    """The figures a run supports, by file name (SPEC 9): ed_analysis_single, asym_vs_time, and with
+    two or more realizations ed_analysis_aggregated; curl_maps, locality_* and alignment_vs_time when
+    the run stores them. `run` is a location or an open RunStore; nothing is written."""
+    run = run if isinstance(run, RunStore) else open_run(run)
     done = run.done_mask()
     if not done.any():
         raise EdtoolError(f"run {run.location} has no finished cells yet: nothing to plot "
                           "(`edtool status` shows its progress)")
     require_whole(run)
-    out_dir.mkdir(parents=True, exist_ok=True)
     agg = read_aggregate(run) or compute_aggregate(run)[0]
     r0 = _first_realization(done)
 
@@ -101,14 +117,7 @@ def _plot_run(location, out_dir, fmt: str, overwrite: bool) -> list:
         figures["locality_profile"] = _profile_figure(run, done, agg)
     if "align_jac" in run.extra_arrays:
         figures["alignment_vs_time"] = _alignment_figure(run, done, agg)
-    paths = []
-    for name, fig in figures.items():
-        path = out_dir / f"{name}.{fmt}"
-        with atomic_path(path) as tmp:  # a kill mid-write never leaves a truncated figure in place of a good one
-            fig.savefig(tmp, format=fmt, dpi=150)
-        paths.append(path)
-        record_written([path])
-    return paths
+    return figures
 
 
 def _first_realization(done: np.ndarray) -> int:

@@ -292,3 +292,14 @@ def test_calibrate_and_sample_commands(tmp_path, monkeypatch, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("edtool: error:"), err
+
+
+def test_is_on_a_one_image_training_set_samples_that_image(tmp_path):
+    """With one training image y the ideal score's posterior is y itself, so deterministic DDIM lands on
+    y from any noise (the last step is x_0 = (x - sqrt(beta) eps_hat) / sqrt(alpha_bar) = y)."""
+    images, labels = toy_images(n=1)
+    net = MachineNetwork(make_machine("els-borders", images, labels, patch_size=3), 4)
+    summary = sample(["is"], net, images, labels, seeds=[0, 1, 2], nsteps=4, out_dir=tmp_path, baseline=False)
+    assert list(summary["machines"]) == ["is"]
+    for s in (0, 1, 2):
+        np.testing.assert_allclose(np.load(tmp_path / "is_outputs" / f"seed_{s}.npy"), images[0].numpy(), atol=1e-5)

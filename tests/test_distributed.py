@@ -67,6 +67,7 @@ def test_shards_together_equal_one_process_and_rerun_alone(tmp_path, capsys, mon
     assert_same_arrays(tmp_path / "three", tmp_path / "single")
 
 
+@pytest.mark.slow  # two torchrun processes, 17-25 s on 2 cores
 def test_torchrun_two_ranks_equal_one_process(tmp_path, single_process_run):
     proc = torchrun(tmp_path / "run")
     out, err = proc.communicate(timeout=300)
@@ -80,6 +81,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, single_process_run):
                                                             "shard 1/2: complete (4/4 cells)"]
 
 
+@pytest.mark.slow  # two torchrun processes, 17-25 s on 2 cores
 def test_killed_rank_then_rerun_finishes_the_run(tmp_path, single_process_run):
     proc = torchrun(tmp_path / "run")
     try:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 import edtool.plots as plots
 from edtool.aggregate import aggregate_run
 from edtool.errors import EdtoolError
-from edtool.plots import MODEL_COLORS, model_color, plot_run
+from edtool.plots import plot_run, run_figures
 from edtool.store import create_run
 
 HEADERS = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF"}
@@ -103,8 +103,37 @@ def test_uses_fresh_stored_aggregate_and_recomputes_stale_one(tmp_path, monkeypa
     assert calls == [1]  # the stored aggregate is out of date: computed in memory
 
 
-def test_fixed_distinct_model_colors():
-    names = ["unet", "resnet", "els", "els-borders", "els-circular", "ls", "is"]
-    assert [model_color(n) for n in names] == [MODEL_COLORS[n] for n in names]
-    assert len({model_color(n) for n in names}) == len(names)
-    assert model_color("my-model") == model_color("my-model") and model_color("my-model") not in MODEL_COLORS.values()
+def test_figures_hold_the_panels_spec_9_lists(tmp_path):
+    """Inspect the Figures themselves: every panel SPEC 9 names, with axis labels, a legend per model,
+    std error bars, a log-scale panel, one image per model, and the models in fixed distinct colors."""
+    from matplotlib.container import ErrorbarContainer
+
+    filled_run(tmp_path / "r", models=("unet", "resnet", "is"), maps=True)
+    figs = run_figures(tmp_path / "r")
+    assert set(figs) == {"ed_analysis_single", "ed_analysis_aggregated", "asym_vs_time", "curl_maps"}
+
+    lin, log, bars, *images = figs["ed_analysis_single"].axes
+    assert lin.get_yscale() == "linear" and log.get_yscale() == "log"
+    for ax in (lin, log, bars):
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    for ax in (lin, log):
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["unet", "resnet", "is"]
+        assert len({line.get_color() for line in ax.get_lines()}) == 3
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["unet", "resnet", "is"]
+    assert [ax.get_title() for ax in images[:3]] == [f"{m}: final image" for m in ("unet", "resnet", "is")]
+    assert all(ax.get_images() for ax in images[:3])
+
+    mean, cv, summary, *heat = figs["ed_analysis_aggregated"].axes
+    errorbars = [c for c in mean.containers if isinstance(c, ErrorbarContainer)]
+    assert len(errorbars) == 3 and all(c.has_yerr for c in errorbars)
+    assert "std" in mean.get_title() and mean.get_ylabel() and cv.get_ylabel() and summary.get_ylabel()
+    assert [t.get_text().split(" ")[0] for t in mean.get_legend().get_texts()] == ["unet", "resnet", "is"]
+    assert [t.get_text() for t in summary.get_legend().get_texts()][:1] == ["mean"]
+    heatmaps = [ax for ax in heat if ax.get_images()]
+    assert len(heatmaps) == 3 and all(ax.get_ylabel() in ("realization", "") for ax in heatmaps)
+    assert any("colorbar" in ax.get_label() or ax.get_title().startswith("gray") for ax in heat)
+
+    (asym,) = figs["asym_vs_time"].axes
+    assert asym.get_xlabel() and asym.get_ylabel() and asym.get_ylim()[0] == 0
+    assert len(asym.get_legend().get_texts()) == 3
+    assert all(ax.get_images() for ax in figs["curl_maps"].axes if not ax.get_label() == "<colorbar>")
