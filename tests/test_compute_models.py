@@ -86,7 +86,8 @@ def test_els_uses_the_calibration_beside_the_resnet_one_patch_size_per_step(tmp_
     summary = compute(config(tmp_path / "run", models=["resnet", "els"], resnet=str(ckpt), realizations=1,
                              trajectory="shared", reference="resnet"))
     run = open_run(tmp_path / "run")
-    assert run.config["models"]["els"] == {"machine": "els-borders", "scales": [3, 5], "scales_file": str(found)}
+    assert run.config["models"]["els"]["scales"] == [3, 5]
+    assert run.config["models"]["els"]["scales_file"] == str(found)
     assert not any("fixed patch size" in n for n in summary["notes"])
     expected = _els_at_the_resnet_points(tmp_path / "run", [5, 3], nsteps=2)
     np.testing.assert_allclose(run.read("ed_fro", "els")[0], expected, rtol=1e-5)
@@ -98,7 +99,8 @@ def test_els_scales_flag_wins_and_without_scales_a_fixed_size_with_a_note(tmp_pa
     beside = write_scales_json(scales_path(ckpt, "els-borders"), [3, 5])
     explicit = write_scales_json(tmp_path / "mine.json", [1, 1])
     study = pipeline.prepare(config(None, models=["els"], resnet=str(ckpt), scales=str(explicit)))
-    assert study.config["models"]["els"] == {"machine": "els-borders", "scales": [1, 1], "scales_file": str(explicit)}
+    assert study.config["models"]["els"]["scales"] == [1, 1]
+    assert study.config["models"]["els"]["scales_file"] == str(explicit)
     study = pipeline.prepare(config(None, models=["els"], resnet=str(ckpt)))
     assert study.config["models"]["els"]["scales_file"] == str(beside) and not study.notes
     assert study.models["els"].patch_sizes == [3, 5]
@@ -106,7 +108,8 @@ def test_els_scales_flag_wins_and_without_scales_a_fixed_size_with_a_note(tmp_pa
     monkeypatch.chdir(tmp_path)  # no ./checkpoints calibration here either
     bare = _tiny(tmp_path / "bare" / "tiny_resnet")
     study = pipeline.prepare(config(None, models=["els"], resnet=str(bare), patch_size=3))
-    assert study.config["models"]["els"] == {"machine": "els-borders", "patch_size": 3}
+    assert study.config["models"]["els"]["machine"] == "els-borders"
+    assert study.config["models"]["els"]["patch_size"] == 3 and "scales" not in study.config["models"]["els"]
     assert study.notes == ["els: no calibrated scales found, using a fixed patch size 3 (run `edtool calibrate` "
                            "or pass --scales)"]
 
