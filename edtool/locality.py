@@ -58,11 +58,16 @@ def pixel_distances(pixels: Tensor, H: int, W: int, circular: bool = False) -> T
     return torch.maximum(dy, dx)
 
 
+def _shells_per_row(energy: Tensor, dist: Tensor, radius: int) -> Tensor:
+    """Sum each row of `energy` (..., HW) into distance shells 0..radius plus one bin for d > radius,
+    by the distances `dist` (broadcast to energy): (..., radius + 2)."""
+    idx = dist.clamp(max=radius + 1).expand_as(energy)
+    return energy.new_zeros(*energy.shape[:-1], radius + 2).scatter_add_(-1, idx, energy)
+
+
 def _shells(energy: Tensor, dist: Tensor, radius: int) -> Tensor:
-    """Sum `energy` (..., K, HW) into distance shells 0..radius plus one bin for d > radius: (..., radius + 2)."""
-    idx = dist.clamp(max=radius + 1).expand_as(energy).flatten(-2)
-    out = energy.new_zeros(*energy.shape[:-2], radius + 2)
-    return out.scatter_add_(-1, idx, energy.flatten(-2))
+    """Shell sums (..., radius + 2) of rows (..., K, HW) added over the K rows."""
+    return _shells_per_row(energy, dist, radius).sum(-2)
 
 
 def profile(shells: Tensor) -> Tensor:
@@ -352,13 +357,6 @@ def locality_probes(op: Operator, radius: int, pixels: int = 64, seed=0, max_mem
         bad = ~(cum[..., -1].sum(0) > 0)
         out += [torch.where(bad[:, None], math.nan, est), torch.where(bad[:, None], math.nan, se)]
     return tuple(out)
-
-
-def _shells_per_row(energy: Tensor, dist: Tensor, radius: int) -> Tensor:
-    """Shell energies (K, B, R + 2) of K rows per sample: energy and dist (K, B, HW)."""
-    idx = dist.clamp(max=radius + 1)
-    out = energy.new_zeros(*energy.shape[:-1], radius + 2)
-    return out.scatter_add_(-1, idx, energy)
 
 
 def locality(op: Operator, radius: Optional[int] = None, method: str = "auto", pixels: int = 64, seed=0,
