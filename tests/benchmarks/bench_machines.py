@@ -12,9 +12,10 @@ Jacobian time / score time (target <= 3) and the exact ED from the band.
     python tests/benchmarks/bench_machines.py --before --ks 3 5 7 11 --batches 1     # before/after table
     python tests/benchmarks/bench_machines.py --before --dataset mnist --root /work/shared/data/mnist --ks 3 5
 
---before times the engine as it was before identical windows were merged (_machines_before.py,
-kept verbatim) and the current one on the same x, one after the other per row, and reports the
-speed-up and the relative difference of score and band (float32).
+--before times the engine as it was before identical windows were merged (edtool/machines.py of
+commit 2e567e5, read with `git show`; --before-commit picks another) and the current one on the
+same x, one after the other per row, and reports the speed-up and the relative difference of
+score and band (float32).
 """
 
 import argparse
@@ -117,7 +118,8 @@ def main():
     p.add_argument("--calibration", action="store_true",
                    help="also time edtool.calibrate on the shipped ResNet: sizes --ks, 1 seed, --calib-steps steps")
     p.add_argument("--calib-steps", type=int, default=2)
-    p.add_argument("--before", action="store_true", help="before/after table against _machines_before.py")
+    p.add_argument("--before", action="store_true", help="before/after table against an earlier engine")
+    p.add_argument("--before-commit", default="2e567e5", help="commit whose edtool/machines.py is 'before'")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--root", default=None)
     args = p.parse_args()
@@ -160,12 +162,15 @@ def main():
 
 def before_after(images, args, device, dtype):
     """One els-borders score and closed-form Jacobian per (k, B), old engine then new, same x."""
-    import importlib.util
     import pathlib
+    import subprocess
+    import types
 
-    spec = importlib.util.spec_from_file_location("_machines_before", pathlib.Path(__file__).with_name("_machines_before.py"))
-    before = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(before)
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    code = subprocess.run(["git", "show", f"{args.before_commit}:edtool/machines.py"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+    before = types.ModuleType("machines_before")
+    exec(compile(code, f"{args.before_commit}:edtool/machines.py", "exec"), before.__dict__)
     print(f"{len(images)} images, t = {args.t}, {torch.get_num_threads()} threads, {dtype}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| k | B | distinct windows | build s | score before s | after s | speed-up | Jacobian before s | after s | speed-up | rel. diff score | band |")
