@@ -270,7 +270,8 @@ def merge_plan(train_flat: Tensor, cell_index: Tensor):
     training image) and how often each occurs (U,), in order of first occurrence (image, then
     position). Windows are grouped by a hash of their bits, then every window is compared with
     its group's first entry by entry: a hash collision only leaves windows unmerged (count 1),
-    it never merges different ones. Transient memory: about five int64 per candidate window."""
+    it never merges different ones. Transient memory: about seven int64 per window of the cell
+    (hashes, sort, inverse, first occurrence; full MNIST at k = 3: ~3 GB), freed on return."""
     N, F = train_flat.shape
     L, D = cell_index.shape
     M = N * L
@@ -777,8 +778,9 @@ def make_machine(
     for t = (j + 1) / len(scales)); `is` takes neither. `els` means `els-borders`; see
     `resolve_machine_name` for circular-padded networks. paper_circular: `els-circular` with
     only fully-inside training windows as candidates (the paper's variant). chunk_size bounds
-    the elements of each streamed block; cache_bytes the candidate windows kept between calls
-    (beyond it they are gathered afresh at every call: slower, same numbers)."""
+    the elements of each streamed block; cache_bytes the candidate windows kept between calls,
+    identical ones merged (a set beyond it is gathered afresh at every call, unmerged: slower,
+    same numbers). Memory: the cache (<= cache_bytes) + a few blocks of chunk_size elements."""
     name = ALIASES.get(name, name)
     if name not in MACHINES:
         raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")
