@@ -16,6 +16,19 @@ Jacobian time / score time (target <= 3) and the exact ED from the band.
 commit 2e567e5, read with `git show`; --before-commit picks another) and the current one on the
 same x, one after the other per row, and reports the speed-up and the relative difference of
 score and band (float32).
+
+Measured 2026-11-29 on the shared 2-core machine at load average 12-15 (every number is noisy;
+the two engines ran one after the other per row; OMP_NUM_THREADS=1, t = 0.5, B = 1):
+
+    --before --ks 3 (5,000 images)
+    | k | distinct windows | score before s | after s | speed-up | Jacobian before s | after s | speed-up |
+    | 3 | 34% | 250.8 | 86.2 | 2.91 | 296.2 | 108.9 | 2.72 |
+    --before --n-images 1000 --ks 3 5 7 11
+    | 3 | 32% | 42.8 | 14.2 | 3.01 | 49.8 | 16.9 | 2.95 |
+    | 5 | 43% | 29.3 | 13.2 | 2.23 | 46.7 | 32.6 | 1.43 |
+    | 7 | 54% | 33.1 | 28.4 | 1.17 | 58.6 | 28.5 | 2.06 |
+    | 11 | 73% | 20.2 | 21.0 | 0.96 | 42.7 | 27.5 | 1.55 |
+(merging costs a one-off build per (label, k): 5-30 s at 1,000 images under that load.)
 """
 
 import argparse
