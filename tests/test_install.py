@@ -33,18 +33,20 @@ def test_wheel_in_a_fresh_venv_runs_analyze_and_demo_from_anywhere(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("edtool-*.whl")
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
+    # nothing of this checkout may leak in: the venv sees only the wheel
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "EDTOOL_CHECKPOINTS",
+                                                              "EDTOOL_CACHE")}
+    clean["OMP_NUM_THREADS"] = "1"
     py = env_dir / "bin" / "python"
     for spec in (f"torch=={torch.__version__.split('+')[0]}", wheel):
-        done = run([py, "-m", "pip", "install", "-q", spec])
+        done = run([py, "-m", "pip", "install", "-q", spec], env=clean)
         assert done.returncode == 0, done.stderr
-    site = Path(run([py, "-c", "import edtool, os; print(os.path.dirname(edtool.__file__))"]).stdout.strip())
+    site = Path(run([py, "-c", "import edtool, os; print(os.path.dirname(edtool.__file__))"], cwd=tmp_path,
+                    env=clean).stdout.strip())
     assert site.is_relative_to(env_dir) and SHIPPED <= {p.name for p in (site / "_shipped").iterdir()}
 
     anywhere = tmp_path / "elsewhere"
     anywhere.mkdir()
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "EDTOOL_CHECKPOINTS",
-                                                              "EDTOOL_CACHE")}
-    clean["OMP_NUM_THREADS"] = "1"
     exe = env_dir / "bin" / "edtool"
     proc = run([exe, "analyze", "--nsteps", "2", "--models", "unet,resnet,els", "--probes", "2", "--device", "cpu",
                 "--quiet"], cwd=anywhere, env=clean)
