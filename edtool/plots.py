@@ -425,10 +425,12 @@ def _r90_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
                 _step_line(ax, run.time, half, color=color, linestyle="--", linewidth=1.5,
                            label=f"{name}: calibrated patch half-width (k-1)/2")
         _time_axis(ax)
-        ax.set_ylim(-0.5, R + 1)
         ax.set_title(f"how far {what} reaches")
         _legend(ax)
     axes[0].set_ylabel(R90_LABEL)
+    top = max([line.get_ydata().max() for ax in axes for line in ax.lines if np.isfinite(line.get_ydata()).any()]
+              + [1.0], key=lambda v: np.nan_to_num(v))
+    axes[0].set_ylim(-0.5, min(R + 1, np.nanmax([top, 1.0]) + 1.5))  # the shared y axis, fitted to what is drawn
     used = int(done.any(axis=1).sum())
     fig.suptitle("Locality of the score: an output pixel depends on input pixels within r90 (Chebyshev distance); "
                  f"median over {used} realization(s), band 5-95 %", fontsize="large")
