@@ -28,7 +28,13 @@ the two engines ran one after the other per row; OMP_NUM_THREADS=1, t = 0.5, B =
     | 5 | 43% | 29.3 | 13.2 | 2.23 | 46.7 | 32.6 | 1.43 |
     | 7 | 54% | 33.1 | 28.4 | 1.17 | 58.6 | 28.5 | 2.06 |
     | 11 | 73% | 20.2 | 21.0 | 0.96 | 42.7 | 27.5 | 1.55 |
-(merging costs a one-off build per (label, k): 5-30 s at 1,000 images under that load.)
+    again at load average 5.5 (cleaner), --n-images 1000, columns: build s, then as above
+    | 3 | 32% | 1.0 | 5.72 | 1.32 | 4.33 | 5.84 | 2.13 | 2.74 |
+    | 5 | 43% | 0.9 | 5.76 | 2.54 | 2.26 | 7.70 | 3.45 | 2.23 |
+    | 7 | 54% | 2.3 | 3.36 | 2.28 | 1.48 | 5.04 | 3.52 | 1.43 |
+    | 11 | 73% | 5.4 | 3.17 | 2.94 | 1.08 | 6.33 | 5.77 | 1.10 |
+(merging costs a one-off build per (label, k); at k = 11 it is more than one score, so a machine
+used for only a few calls at k >= 11 gains nothing yet.)
 """
 
 import argparse
