@@ -25,6 +25,7 @@ def test_without_cuda_it_refuses_in_one_line(capsys):
     assert len(err) == 1 and "no CUDA device" in err[0] and "--dry-run" in err[0]
 
 
+@pytest.mark.slow  # exact Jacobians of a network on CPU: minutes on 2 cores
 def test_dry_run_checks_agreement_and_prints_the_table(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert bench().main(["--dry-run", "--models", "resnet,els", "--max-samples", "20", "--probes", "2"]) == 0

@@ -303,3 +303,21 @@ def test_is_on_a_one_image_training_set_samples_that_image(tmp_path):
     assert list(summary["machines"]) == ["is"]
     for s in (0, 1, 2):
         np.testing.assert_allclose(np.load(tmp_path / "is_outputs" / f"seed_{s}.npy"), images[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.slow  # two full ELS trajectories on 5,000 digits: minutes of CPU
+def test_els_agrees_with_the_shipped_resnet_better_than_the_ideal_score(tmp_path):
+    """The paper's headline on our shipped pair: with its calibrated scales, the ELS machine's sample is
+    closer (Pearson r) to the shipped ResNet's than the ideal score machine's is, seed by seed."""
+    from edtool.data import load_dataset
+    from edtool.paths import shipped_dir
+
+    ckpt = shipped_dir() / "mnist5k_resnet.safetensors"
+    images, labels = load_dataset("mnist5k")
+    net = checkpoints.load(ckpt)
+    summary = sample(["els-borders", "is"], net, images, labels, seeds=[100, 101], nsteps=20, out_dir=tmp_path,
+                     scales={"els-borders": read_scales(scales_path(ckpt, "els-borders"))})
+    els, ideal = summary["machines"]["els-borders"]["r"], summary["machines"]["is"]["r"]
+    for s in ("100", "101"):
+        assert els[s] > ideal[s], (s, els[s], ideal[s])
+    assert summary["machines"]["els-borders"]["beats_is"]["wins"] == 2

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         devices, device, name = ("cpu", "cpu"), "cpu", "CPU (dry run)"
         args.realizations, args.nsteps, args.check_steps = min(args.realizations, 2), min(args.nsteps, 2), 2
-        args.batches, args.max_samples = [b for b in args.batches if b <= 2] or [1], args.max_samples or 50
+        args.batches, args.max_samples = [1, 2], args.max_samples or 50  # batched and not, tiny
     elif not torch.cuda.is_available():
         print("bench_gpu: no CUDA device (torch.cuda.is_available() is False): run it on a GPU machine, "
               "or with --dry-run to check the script on CPU", file=sys.stderr)
