@@ -111,8 +111,8 @@ def test_seed_command_with_paper_files_in_cwd_checkpoints(tmp_path):
     compute(ComputeConfig(dataset="mnist", models=["unet", "resnet"], unet=str(converted["unet"]),
                           resnet=str(converted["resnet"]), nsteps=2, probes=2, device="cpu", run_dir=str(ref)))
     a, b = open_run(run_dir), open_run(ref)
-    for name in ("ed_fro", "asym", "final"):
-        np.testing.assert_array_equal(a.read(name)[:, :2], b.read(name), err_msg=name)
+    for name in ("ed_fro", "asym", "final"):  # the subprocess ran with 1 thread, this process may use more:
+        np.testing.assert_allclose(a.read(name)[:, :2], b.read(name), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_paper_pt_given_directly_and_a_malicious_one_refused_unrun(tmp_path, capsys, monkeypatch, offline):
