@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pat
         opt.step()
         sched.step()
         step += 1
-        update_ema(ema, net, ema_decay(cfg.ema_decay, step))
+        if cfg.ema_decay > 0:  # decay 0 ships the raw weights: nothing to average
+            update_ema(ema, net, ema_decay(cfg.ema_decay, step))
         losses.append(loss.item())
         elapsed = time.time() - t0
         if log is not None:
