@@ -268,11 +268,8 @@ def calibrate(
         timings[k] = time.perf_counter() - t1
         log(f"k={k}: {N * S} scores in {timings[k]:.1f}s, mean {metric} {table[:, :, c].nanmean():.4f}")
 
-    best = best_index(table, metric)  # (N, S), step j at t = (N - j) / N
-    chosen = torch.tensor(sizes)[best].flip(0)  # row i: schedule entry for t = (i + 1) / N
-    scales = [median_size(chosen[i].tolist(), sizes) for i in range(N)]
     return {
-        "scales": scales,
+        **schedule_from_table(table.flip(0), sizes, seeds, metric),
         "machine": kind,
         "metric": metric,
         "sizes": sizes,
@@ -280,10 +277,56 @@ def calibrate(
         "labels": None if run_labels is None else run_labels.tolist(),
         "nsteps": N,
         "t": [(i + 1) / N for i in range(N)],
-        "choices": {str(s): chosen[:, si].tolist() for si, s in enumerate(seeds)},
-        "similarity": table.nanmean(1).flip(0).tolist(),
         "n_images": len(images),
         "seconds": {"total": time.perf_counter() - t0, **{f"k={k}": v for k, v in timings.items()}},
+    }
+
+
+def schedule_from_table(table: Tensor, sizes: Sequence[int], seeds: Sequence[int], metric: str) -> dict:
+    """The schedule from similarities table (N, S, K), row i for t = (i + 1) / N: per seed the best
+    size per row (choices), their median per row (scales), the mean over seeds and the table itself."""
+    chosen = torch.tensor(list(sizes))[best_index(table, metric)]  # (N, S)
+    return {
+        "scales": [median_size(chosen[i].tolist(), sizes) for i in range(len(table))],
+        "choices": {str(s): chosen[:, si].tolist() for si, s in enumerate(seeds)},
+        "similarity": table.nanmean(1).tolist(),
+        "similarity_per_seed": table.tolist(),  # [row][seed][size]: what merge_calibrations needs
+    }
+
+
+MERGE_SAME = ("machine", "metric", "seeds", "labels", "nsteps", "n_images", "dataset", "checkpoint_sha256")
+
+
+def merge_calibrations(parts: Sequence[dict], names: Optional[Sequence[str]] = None) -> dict:
+    """One calibration from runs that scored disjoint candidate sizes on the same trajectories (same
+    checkpoint, data, machine, metric, seeds and steps): the schedule one run over all their sizes
+    gives, so a calibration can be split over processes or machines by --sizes. Parts are the
+    calibration results or their JSON contents."""
+    names = list(names or [f"part {i + 1}" for i in range(len(parts))])
+    if len(parts) < 2:
+        raise EdtoolError("merging needs at least two calibrations")
+    first = parts[0]
+    for part, name in zip(parts, names):
+        if "similarity_per_seed" not in part:
+            raise EdtoolError(f"{name} has no per-seed similarities (written by an older edtool): run it again")
+        for key in MERGE_SAME:
+            if part.get(key) != first.get(key):
+                raise EdtoolError(f"{name} was calibrated with {key} {part.get(key)!r}, {names[0]} with "
+                                  f"{first.get(key)!r}: only runs on the same trajectories merge")
+    sizes = [k for part in parts for k in part["sizes"]]
+    if len(set(sizes)) != len(sizes):
+        twice = sorted({k for k in sizes if sizes.count(k) > 1})
+        raise EdtoolError(f"size {twice[0]} was scored by more than one of {', '.join(names)}: give disjoint --sizes")
+    table = torch.cat([torch.tensor(part["similarity_per_seed"], dtype=torch.float64) for part in parts], -1)
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    sizes = [sizes[c] for c in order]
+    seconds = {"total": sum(part["seconds"]["total"] for part in parts)}
+    for part in parts:
+        seconds.update({k: v for k, v in part["seconds"].items() if k != "total"})
+    merged = {k: first[k] for k in ("machine", "metric") + tuple(k for k in MERGE_SAME if k in first)}
+    return {
+        **schedule_from_table(table[..., order], sizes, first["seeds"], first["metric"]), **merged,
+        "sizes": sizes, "t": first["t"], "seconds": seconds, "merged_from": names,
     }
 
 

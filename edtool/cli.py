@@ -4,6 +4,7 @@ Bad input raises EdtoolError; `main` prints it as one line on stderr and exits 2
 unless --debug).
 """
 
+import json
 import os
 import shlex
 import sys
@@ -179,12 +180,20 @@ def calibrate(
                                        "<machine>.json in the working directory, where compute finds it first)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing scales file at the output path."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+    merge: Optional[str] = typer.Option(None, help="Comma-separated scales JSONs of runs with disjoint --sizes "
+                                        "(same checkpoint, seeds, steps): write the schedule of all their sizes, "
+                                        "computing nothing."),
 ):
     """Calibrate an ELS machine's patch size per step against a network (SPEC 5.2); writes a scales JSON."""
     from edtool.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
     from edtool.checkpoints import file_hash
     from edtool.scales import local_scales_path, write_scales_json
 
+    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
+    if merge is not None:
+        _merge_calibrations(merge, weights, out, force, command)
+        return
     size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
     net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     out = out or local_scales_path(checkpoint, machine_kind(machine, net))
@@ -193,12 +202,41 @@ def calibrate(
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     res = run_calibration(net, images, labels, machine=machine, sizes=size_list, seeds=_seed_list(seeds, seed),
                           nsteps=nsteps, metric=metric, batch=batch, label=label, log=log)
-    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
     path = write_scales_json(out, res["scales"], **calibration_meta(
         res, checkpoint=weights.name, checkpoint_sha256=file_hash(weights), dataset=dataset, command=command))
     print(f"schedule ({res['machine']}, t = 1/{nsteps} .. 1): {' '.join(map(str, res['scales']))}")
     print(f"wrote {path} ({res['seconds']['total']:.0f}s)")
+
+
+def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: bool, command: str) -> None:
+    """calibrate --merge: one scales JSON from calibrations of disjoint sizes of this checkpoint."""
+    from edtool.calibrate import calibration_meta, merge_calibrations
+    from edtool.checkpoints import file_hash
+    from edtool.scales import local_scales_path, write_scales_json
+
+    if not weights.is_file():
+        raise EdtoolError(f"checkpoint {weights} does not exist")
+    sha = file_hash(weights)
+    parts, names = [], [p.strip() for p in merge.split(",") if p.strip()]
+    for name in names:
+        try:
+            part = json.loads(Path(name).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EdtoolError(f"--merge {name}: cannot read it as a calibration JSON ({e})") from None
+        if not isinstance(part, dict) or "sizes" not in part or "seconds" not in part:
+            raise EdtoolError(f"--merge {name} is not a calibration written by edtool calibrate")
+        if part.get("checkpoint_sha256") != sha:
+            raise EdtoolError(f"--merge {name} was calibrated for other weights than {weights} (sha256 differs)")
+        parts.append(part)
+    res = merge_calibrations(parts, names)
+    out = out or local_scales_path(weights, res["machine"])
+    if not force:
+        refuse_existing(out)
+    meta = calibration_meta(res, checkpoint=weights.name, command=command,
+                            part_commands=[part.get("command") for part in parts])
+    path = write_scales_json(out, res["scales"], **meta)
+    print(f"schedule ({res['machine']}, sizes {' '.join(map(str, res['sizes']))}): {' '.join(map(str, res['scales']))}")
+    print(f"wrote {path}")
 
 
 @app.command()

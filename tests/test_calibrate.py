@@ -15,6 +15,7 @@ from edtool.calibrate import (
     agreement_stats,
     calibrate,
     median_size,
+    merge_calibrations,
     pearson_r,
     r2,
     sample,
@@ -123,6 +124,28 @@ def test_calibration_against_a_fixed_size_picks_it_everywhere_and_writes_discove
                              **calibration_meta(res))
     assert path.name == "net_scales_els-borders.json" and read_scales(path) == [5, 5, 5, 5]
     assert json.loads(path.read_text())["choices"] == {"3": [5] * 4, "4": [5] * 4}
+
+
+def test_calibrations_of_disjoint_sizes_merge_into_the_one_run_over_all_sizes():
+    images, labels = toy_images(seed=2)
+    nsteps = 5
+    net = MachineNetwork(make_machine("els-borders", images, labels, scales=[1, 3, 5, 5, 7]), nsteps)
+    run = lambda sizes: calibrate(net, images, labels, sizes=sizes, seeds=[0, 1, 2], nsteps=nsteps, batch=4)
+    whole, low, high = run((1, 3, 5, 7)), run((3, 7)), run((1, 5))
+    merged = merge_calibrations([low, high])
+    assert merged["sizes"] == [1, 3, 5, 7]
+    for key in ("scales", "choices", "similarity", "similarity_per_seed", "seeds", "nsteps", "machine", "metric"):
+        assert merged[key] == whole[key], key
+    # a part alone picks only among its own sizes: merging is not the same as either part
+    assert low["scales"] != whole["scales"] and high["scales"] != whole["scales"]
+
+    other_seeds = calibrate(net, images, labels, sizes=(5,), seeds=[0, 1], nsteps=nsteps)
+    legacy = {k: v for k, v in high.items() if k != "similarity_per_seed"}
+    for parts, match in [([low], "at least two"), ([low, low], "size 3 was scored by more than one"),
+                         ([low, other_seeds], "seeds"), ([low, legacy], "no per-seed similarities"),
+                         ([low, {**high, "metric": "l2"}], "metric")]:
+        with pytest.raises(EdtoolError, match=match):
+            merge_calibrations(parts)
 
 
 def test_calibrate_bad_input():
@@ -272,6 +295,33 @@ def test_calibrate_and_sample_commands(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and str(found) in err and "--force" in err
     assert found.read_bytes() == before
+
+    # the same calibration split over two runs by --sizes, then merged: the same schedule and table
+    for sizes, name in (("3", "a.json"), ("5", "b.json")):
+        run_cli(monkeypatch, *calibrate[:4], sizes, *calibrate[6:12], "--out", tmp_path / name, "--quiet")
+    merged_path = tmp_path / "merged.json"
+    run_cli(monkeypatch, "calibrate", "--checkpoint", ckpt, "--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+            "--out", merged_path)
+    merged, whole = json.loads(merged_path.read_text()), json.loads(found.read_text())
+    for key in ("scales", "choices", "similarity_per_seed", "sizes", "checkpoint_sha256"):
+        assert merged[key] == whole[key], key
+    assert len(merged["part_commands"]) == 2 and "--sizes 3" in merged["part_commands"][0]
+    capsys.readouterr()
+    other = checkpoints.save(tmp_path / "other.safetensors", build_network("resnet", emb_dim=16, num_layers=1),
+                             json.loads(ckpt.with_suffix(".json").read_text()))
+    (tmp_path / "junk.json").write_text("{not json")
+    for merge, match in ((f"{tmp_path / 'a.json'},{tmp_path / 'a.json'}", "more than one"),
+                         (f"{tmp_path / 'a.json'},{tmp_path / 'junk.json'}", "cannot read"),
+                         (f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "already exists")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(monkeypatch, "calibrate", "--checkpoint", ckpt, "--merge", merge, "--out", merged_path)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
+    with pytest.raises(SystemExit) as e:  # parts made for other weights
+        run_cli(monkeypatch, "calibrate", "--checkpoint", other, "--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                "--out", tmp_path / "m2.json")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "other weights" in err and not (tmp_path / "m2.json").exists()
 
     run_cli(monkeypatch, "sample", "--machine", "els-borders,is", "--checkpoint", ckpt, "--seeds", 2, "--nsteps", 2,
             "--n-images", 12, "--out", tmp_path / "out", "--quiet")
