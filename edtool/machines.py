@@ -253,6 +253,10 @@ def _fill(out: Tensor, source) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 MERGE_BLOCK = 2**22  # window entries hashed or compared per block while merging (32 MiB of int64)
+# Windows of more entries (C k^2) are not merged: on mnist5k at k = 11, 73 % of them are distinct and
+# the one-off merge costs ~3 scores while a merged score is no faster (k = 9: pays after ~5 calls;
+# k <= 7: after 1-2). Measured by tests/benchmarks/bench_merge_threshold.py.
+MERGE_MAX_ENTRIES = 81
 
 
 def _row_hash(rows: Tensor) -> Tensor:
@@ -622,8 +626,8 @@ class IdealMachine(Machine):
 
 class LocalMachine(Machine):
     """The local machines `ls`, `els-circular`, `els-borders`: k x k windows, candidates per
-    `candidate_cells`; identical candidate windows are merged with their count; the Jacobian is
-    a band of C*k*k numbers per output number."""
+    `candidate_cells`; identical candidate windows (of <= MERGE_MAX_ENTRIES entries) are merged with
+    their count; the Jacobian is a band of C*k*k numbers per output number."""
 
     def __init__(self, name, images, labels, patch_sizes, chunk_size, cache_bytes, paper_circular=False):
         super().__init__(name, images, labels, patch_sizes, chunk_size, cache_bytes)
@@ -651,6 +655,8 @@ class LocalMachine(Machine):
 
         def plan():
             if every > 4 * self._keys.budget:  # merging would not bring it within the budget
+                return math.inf, None
+            if groups[0][2].shape[2] > MERGE_MAX_ENTRIES:  # large windows rarely repeat: merging does not pay
                 return math.inf, None
             plans = [[merge_plan(train, cell) for cell in idx] for _, _, idx in groups]
             need = sum(idx.shape[0] * (idx.shape[2] + 3) * max(len(w) for w, _ in p) for (_, _, idx), p in zip(groups, plans))
@@ -779,8 +785,8 @@ def make_machine(
     `resolve_machine_name` for circular-padded networks. paper_circular: `els-circular` with
     only fully-inside training windows as candidates (the paper's variant). chunk_size bounds
     the elements of each streamed block; cache_bytes the candidate windows kept between calls,
-    identical ones merged (a set beyond it is gathered afresh at every call, unmerged: slower,
-    same numbers). Memory: the cache (<= cache_bytes) + a few blocks of chunk_size elements."""
+    identical ones merged up to k = 9 for grey images (a set beyond the budget, or of larger
+    windows, is gathered afresh at every call, unmerged: same numbers). Memory: the cache (<= cache_bytes) + a few blocks of chunk_size elements."""
     name = ALIASES.get(name, name)
     if name not in MACHINES:
         raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")

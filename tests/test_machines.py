@@ -598,3 +598,19 @@ def test_merged_windows_equal_every_window_on_mnist(rule, paper, k, t):
     columns = sum(int((K[:, -1] > -1e30).sum()) for K in keys)  # distinct windows (not the padding of short cells)
     every_column = sum(len(centers) for _, centers in candidate_cells(rule, 32, 32, k, paper)) * len(images)
     assert columns < 0.8 * every_column  # windows were merged, so the comparison tested something
+
+
+def test_windows_are_merged_only_where_it_pays():
+    """k <= 9 (grey): distinct windows kept between calls; k = 11: gathered at every call (its windows
+    rarely repeat and the merge costs more than it saves), the same numbers either way."""
+    from edtool.machines import MERGE_MAX_ENTRIES
+
+    images, _ = mnist_subset(8)
+    x = noisy(images, 0.5, b=1, pure_noise=False)
+    for k, merged in ((9, True), (11, False)):
+        assert (k * k <= MERGE_MAX_ENTRIES) == merged
+        m = make_machine("els-borders", images, patch_size=k)
+        score = m.score(0.5, x)
+        assert (m._keys.nbytes() > 0) == merged
+        every = make_machine("els-borders", images, patch_size=k, cache_bytes=0).score(0.5, x)
+        assert rel(score, every) < 1e-6
