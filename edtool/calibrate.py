@@ -323,7 +323,7 @@ def merge_calibrations(parts: Sequence[dict], names: Optional[Sequence[str]] = N
     seconds = {"total": sum(part["seconds"]["total"] for part in parts)}
     for part in parts:
         seconds.update({k: v for k, v in part["seconds"].items() if k != "total"})
-    merged = {k: first[k] for k in ("machine", "metric") + tuple(k for k in MERGE_SAME if k in first)}
+    merged = {k: first[k] for k in MERGE_SAME if k in first}  # equal in every part (checked above)
     return {
         **schedule_from_table(table[..., order], sizes, first["seeds"], first["metric"]), **merged,
         "sizes": sizes, "t": first["t"], "seconds": seconds, "merged_from": names,
