@@ -1,7 +1,8 @@
 """ELS cost per step on mnist5k vs full MNIST (60k): one els-borders score and one closed-form
-Jacobian + ED at k = 5, t = 0.5, one image (the merge plan is built before timing).
+Jacobian + ED at each patch size k (default 5), t = 0.5, one image (where windows are merged,
+k <= 9, the merge plan is built before timing; a study builds it once per k).
 
-    python tests/benchmarks/bench_els_fullmnist.py --data-root ../shared/data/mnist [--threads 2]
+    python tests/benchmarks/bench_els_fullmnist.py --data-root ../shared/data/mnist [--threads 2] [--k 5,11,15]
 """
 
 import argparse
@@ -10,31 +11,38 @@ import time
 import torch
 
 from edtool.data import load_dataset
-from edtool.machines import make_machine
+from edtool.machines import MERGE_MAX_ENTRIES, make_machine
+
+
+def time_step(images, labels, k: int, x, t) -> tuple:
+    """Seconds for one els-borders score and one closed-form Jacobian + ED at patch size k."""
+    m = make_machine("els-borders", images, labels, patch_size=k)
+    with torch.no_grad():
+        if images.shape[1] * k * k <= MERGE_MAX_ENTRIES:
+            m.score(t, x)  # builds the merge plan
+        t0 = time.perf_counter()
+        m.score(t, x)
+        score_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        m.analytic_ed(t, x)
+        return score_s, time.perf_counter() - t0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", required=True, help="torchvision-style root holding MNIST/raw/")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--k", default="5", help="comma-separated patch sizes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.5], dtype=torch.float64)
     for name, kw in [("mnist5k", {}), ("mnist", {"root": args.data_root})]:
         images, labels = load_dataset(name, **kw)
-        m = make_machine("els-borders", images, labels, patch_size=args.k)
-        with torch.no_grad():
-            m.score(t, x)  # builds the merge plan
-            t0 = time.perf_counter()
-            m.score(t, x)
-            score_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            m.analytic_ed(t, x)
-            jac_s = time.perf_counter() - t0
-        print(f"{name}: {len(images)} images, els-borders k={args.k} t=0.5: score {score_s:.1f} s, "
-              f"closed-form Jacobian + ED {jac_s:.1f} s", flush=True)
+        for k in map(int, args.k.split(",")):
+            score_s, jac_s = time_step(images, labels, k, x, t)
+            print(f"{name}: {len(images)} images, els-borders k={k} t=0.5: score {score_s:.1f} s, "
+                  f"closed-form Jacobian + ED {jac_s:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
