@@ -269,13 +269,15 @@ def _row_hash(rows: Tensor) -> Tensor:
     return (bits * mult).sum(-1)  # wraps modulo 2^64
 
 
-def merge_plan(train_flat: Tensor, cell_index: Tensor):
+def merge_plan(train_flat: Tensor, cell_index: Tensor, limit: Optional[int] = None):
     """The distinct candidate windows (U, D) of one cell (window offsets cell_index (L, D) in every
     training image) and how often each occurs (U,), in order of first occurrence (image, then
-    position). Windows are grouped by a hash of their bits, then every window is compared with
-    its group's first entry by entry: a hash collision only leaves windows unmerged (count 1),
-    it never merges different ones. Transient memory: about seven int64 per window of the cell
-    (hashes, sort, inverse, first occurrence; full MNIST at k = 3: ~3 GB), freed on return."""
+    position); None when there are more than `limit` (found before any window is copied).
+    Windows are grouped by a hash of their bits, then every window is compared with its group's
+    first entry by entry: a hash collision only leaves windows unmerged (count 1), it never
+    merges different ones. Transient memory: about seven int64 per window of the cell (hashes,
+    sort, inverse, first occurrence; full MNIST at k = 3: ~3 GB), freed on return, plus the
+    result."""
     N, F = train_flat.shape
     L, D = cell_index.shape
     M = N * L
@@ -284,8 +286,19 @@ def merge_plan(train_flat: Tensor, cell_index: Tensor):
     hashes = torch.cat([_row_hash(block(i)) for i in range(0, N, n)])
     _, inverse, count = torch.unique(hashes, return_inverse=True, return_counts=True)
     del hashes
+    if limit is not None and len(count) > limit:
+        return None
     first = torch.full_like(count, M).scatter_reduce_(0, inverse, torch.arange(M, device=count.device), "amin")
-    take = lambda m: train_flat.view(-1)[(m // L * F)[:, None] + cell_index[m % L]]  # windows number m = i*L + l
+
+    def take(m: Tensor) -> Tensor:
+        """Windows number m = i*L + l (image i, position l), copied MERGE_BLOCK entries at a time."""
+        out = train_flat.new_empty(len(m), D)
+        rows = max(1, MERGE_BLOCK // D)
+        for s in range(0, len(m), rows):
+            part = m[s : s + rows]
+            out[s : s + rows] = train_flat.view(-1)[(part // L * F)[:, None] + cell_index[part % L]]
+        return out
+
     windows = take(first)
     bad = torch.cat([i * L + torch.nonzero((block(i) != windows[inverse[i * L : (i + n) * L]]).any(1))[:, 0]
                      for i in range(0, N, n)])
@@ -658,9 +671,24 @@ class LocalMachine(Machine):
                 return math.inf, None
             if groups[0][2].shape[2] > MERGE_MAX_ENTRIES:  # large windows rarely repeat: merging does not pay
                 return math.inf, None
-            plans = [[merge_plan(train, cell) for cell in idx] for _, _, idx in groups]
-            need = sum(idx.shape[0] * (idx.shape[2] + 3) * max(len(w) for w, _ in p) for (_, _, idx), p in zip(groups, plans))
-            return need * train.element_size(), lambda: [merged_keys(idx, p) for (_, _, idx), p in zip(groups, plans)]
+            plans, need = [], 0
+            for _, _, idx in groups:  # stop as soon as the distinct windows counted so far overflow the budget
+                column = idx.shape[0] * (idx.shape[2] + 3) * train.element_size()  # bytes per merged column
+                limit = (self._keys.budget - need) // column
+                cells = [merge_plan(train, cell, limit) for cell in idx] if limit > 0 else [None]
+                if any(p is None for p in cells):
+                    return math.inf, None
+                plans.append(cells)
+                need += column * max(len(w) for w, _ in cells)
+
+            def make():  # each group's windows are freed once its keys are built
+                keys = []
+                for g, (_, _, idx) in enumerate(groups):
+                    keys.append(merged_keys(idx, plans[g]))
+                    plans[g] = None
+                return keys
+
+            return need, make
 
         cached = self._keys.get((label, k, x.dtype, x.device), plan)
         if cached is None:
@@ -786,7 +814,10 @@ def make_machine(
     only fully-inside training windows as candidates (the paper's variant). chunk_size bounds
     the elements of each streamed block; cache_bytes the candidate windows kept between calls,
     identical ones merged up to k = 9 for grey images (a set beyond the budget, or of larger
-    windows, is gathered afresh at every call, unmerged: same numbers). Memory: the cache (<= cache_bytes) + a few blocks of chunk_size elements."""
+    windows, is gathered afresh at every call, unmerged: same numbers). Memory: the cache
+    (<= cache_bytes) + a few blocks of chunk_size elements; while a key set is being merged, also
+    about seven int64 per window of its largest cell (full MNIST, k = 3: ~3 GB) and its distinct
+    windows (<= cache_bytes: counting stops at the budget before any window is copied)."""
     name = ALIASES.get(name, name)
     if name not in MACHINES:
         raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")

@@ -539,6 +539,42 @@ def test_merge_plan_counts_every_window_once():
     assert got == truth and len(got) == len(windows) < 0.6 * len(every)
 
 
+def test_merge_plan_stops_at_its_limit_before_copying_windows():
+    from edtool.machines import merge_plan, window_index
+
+    images, _ = mnist_subset(40)
+    train = torch.nn.functional.pad(images, (1, 1, 1, 1)).flatten(1)
+    cell = window_index(torch.arange(32 * 32), 1, 32, 32, 3)
+    windows, count = merge_plan(train, cell)
+    assert merge_plan(train, cell, limit=len(windows) - 1) is None
+    at_limit, count_at_limit = merge_plan(train, cell, limit=len(windows))
+    assert torch.equal(at_limit, windows) and torch.equal(count_at_limit, count)
+
+
+def test_distinct_windows_beyond_the_budget_are_never_merged(monkeypatch):
+    """Full MNIST at k = 7 once copied every distinct window (killed at 21 GB) before finding they exceed
+    the cache budget. With a budget between the distinct windows' size and a quarter of all windows',
+    merging stops at the cell whose distinct windows overflow it, before copying them: nothing is
+    cached and the score is the gathered one."""
+    from edtool import machines
+
+    images, _ = mnist_subset(40)
+    x = noisy(images[:2], 0.3)
+    every = make_machine("els-borders", images, patch_size=3, cache_bytes=0).score(0.3, x)
+    merged = make_machine("els-borders", images, patch_size=3)
+    torch.testing.assert_close(merged.score(0.3, x), every, rtol=1e-5, atol=1e-5 * every.abs().max().item())
+    need, all_windows = merged._keys.nbytes(), 40 * 32 * 32 * (9 + 3) * images.element_size()
+    assert all_windows <= 4 * (need - 1)  # the budget below passes the cheap check on all windows
+
+    plans = []
+    real_plan = machines.merge_plan
+    monkeypatch.setattr(machines, "merge_plan", lambda *a, **kw: plans.append(real_plan(*a, **kw)) or plans[-1])
+    m = make_machine("els-borders", images, patch_size=3, cache_bytes=need - 1)
+    torch.testing.assert_close(m.score(0.3, x), every, rtol=1e-5, atol=1e-5 * every.abs().max().item())
+    assert plans[-1] is None  # counting stopped at the budget: the cell's windows were never copied
+    assert m._keys.nbytes() == 0 and not m._keys.sets
+
+
 def test_hash_collisions_never_merge_different_windows(monkeypatch):
     from edtool import machines
 

@@ -86,7 +86,7 @@ def main():
     print(f"\nthreads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cores {os.cpu_count()}")
     for name, s in times.items():
         print(f"{name}: {s:.1f} s wall")
-    print(f"analyze CPU (user+sys): {cpu:.1f} s")
+    print(f"analyze CPU (user+sys): {cpu:.1f} s, peak memory of the largest child: {after.ru_maxrss / 2**20:.1f} GiB")
 
 
 if __name__ == "__main__":
