@@ -12,11 +12,13 @@
 
     python tests/benchmarks/bench_fullmnist_paper.py --data-root ../shared/data/mnist --work /tmp/fullmnist
 
-Run 2026-11-29 on the shared 2-core VM: both paper files were found and imported on the fly, the
-UNet and ResNet cells finished (mean asym 0.114, 0.095 after 300 training steps), and the ELS cell
-(the paper's MNIST ResNet schedule, k up to 15, 60k candidates per window position) had not
-finished after 71 CPU-minutes spent mostly starved behind other jobs; no wall time yet. Per step,
-ELS on 60k costs 12.8x mnist5k at k = 5 (bench_els_fullmnist.py).
+Runs 2026-11-29 on the shared 2-core VM, OMP_NUM_THREADS=1, two calibrations on the cores:
+- 20 steps (the default): killed by the OOM killer at 21.8 GB in the ELS cell at k = 7, where the
+  machine copied every distinct candidate window before finding they exceed its key budget (fixed:
+  counting now stops at the budget).
+- `--analyze-args "--nsteps 10"`, after that fix: both paper files found and imported on the fly;
+  analyze 2,795 s wall, 1,828 s CPU, peak memory 18.0 GiB; mean asym unet 0.127, resnet 0.098
+  (networks of 300 steps), els 0.062. Per ELS step, 60k costs ~12x mnist5k (bench_els_fullmnist.py).
 """
 
 import argparse
