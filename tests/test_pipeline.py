@@ -264,8 +264,14 @@ def spawn_compute(run_dir):
     args = ["compute", "--models", "resnet,is", "--nsteps", "3", "--realizations", "4", "--probes", "32",
             "--device", "cpu", "--quiet", "--run-dir", str(run_dir)]
     proc = subprocess.Popen([sys.executable, "-m", "edtool", *args], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     return args, proc
+
+
+def _default_sigint():
+    """In the child: Ctrl-C as in a terminal. A test run started in the background by a non-interactive
+    shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, capsys, monkeypatch):
