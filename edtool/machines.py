@@ -675,9 +675,11 @@ class LocalMachine(Machine):
             for _, _, idx in groups:  # stop as soon as the distinct windows counted so far overflow the budget
                 column = idx.shape[0] * (idx.shape[2] + 3) * train.element_size()  # bytes per merged column
                 limit = (self._keys.budget - need) // column
-                cells = [merge_plan(train, cell, limit) for cell in idx] if limit > 0 else [None]
-                if any(p is None for p in cells):
-                    return math.inf, None
+                cells = []
+                for cell in idx:  # the first cell over the limit ends the plan: the rest are not hashed
+                    cells.append(merge_plan(train, cell, limit) if limit > 0 else None)
+                    if cells[-1] is None:
+                        return math.inf, None
                 plans.append(cells)
                 need += column * max(len(w) for w, _ in cells)
 
