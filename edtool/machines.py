@@ -259,71 +259,85 @@ MERGE_BLOCK = 2**22  # window entries hashed or compared per block while merging
 MERGE_MAX_ENTRIES = 81
 
 
-def _row_hash(rows: Tensor) -> Tensor:
-    """A 64-bit hash (M,) of the bit patterns of each row of rows (M, D): equal rows, equal hashes."""
+def _row_hash(rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """A 64-bit hash (M,) of the bit patterns of each row of rows (M, D): equal rows, equal hashes
+    (written into `out` when given)."""
     if rows.element_size() not in (4, 8):
         rows = rows.float()
     bits = rows.contiguous().view(torch.int32 if rows.element_size() == 4 else torch.int64).long()
     g = torch.Generator().manual_seed(20292)
     mult = torch.randint(-(2**62), 2**62, (rows.shape[1],), generator=g).to(rows.device) * 2 + 1
-    return (bits * mult).sum(-1)  # wraps modulo 2^64
+    return torch.sum(bits * mult, -1, out=out)  # wraps modulo 2^64
+
+
+def cell_windows(train_flat: Tensor, cell_index: Tensor, m: Tensor) -> Tensor:
+    """Windows (len(m), D) number m = i*L + l (image i of train_flat (N, F), position l of the
+    cell's window offsets cell_index (L, D)), copied MERGE_BLOCK entries at a time."""
+    L, D = cell_index.shape
+    F = train_flat.shape[1]
+    out = train_flat.new_empty(len(m), D)
+    rows = max(1, MERGE_BLOCK // D)
+    for s in range(0, len(m), rows):
+        part = m[s : s + rows]
+        out[s : s + rows] = train_flat.view(-1)[(part // L * F)[:, None] + cell_index[part % L]]
+    return out
 
 
 def merge_plan(train_flat: Tensor, cell_index: Tensor, limit: Optional[int] = None):
-    """The distinct candidate windows (U, D) of one cell (window offsets cell_index (L, D) in every
-    training image) and how often each occurs (U,), in order of first occurrence (image, then
-    position); None when there are more than `limit` (found before any window is copied).
+    """The distinct candidate windows of one cell (window offsets cell_index (L, D) in every
+    training image), as (first, count): the number i*L + l (image i, position l) of each one's
+    first occurrence, ascending, and how often it occurs, both (U,) int64; None when there are
+    more than `limit`. `cell_windows` copies the windows themselves, and `merged_keys` copies
+    them straight into the keys, so a plan costs 16 bytes per distinct window.
     Windows are grouped by a hash of their bits, then every window is compared with its group's
     first entry by entry: a hash collision only leaves windows unmerged (count 1), it never
     merges different ones. Transient memory: about seven int64 per window of the cell (hashes,
-    sort, inverse, first occurrence; full MNIST at k = 3: ~3 GB), freed on return, plus the
-    result."""
-    N, F = train_flat.shape
+    sort, inverse, first occurrence; full MNIST at k = 3: ~3 GB), freed on return. Per-block
+    results go into tensors allocated up front: small results kept between the blocks' large
+    temporaries fragmented glibc's heap to ~16 GB (full MNIST, k = 7)."""
+    N = train_flat.shape[0]
     L, D = cell_index.shape
     M = N * L
     n = max(1, MERGE_BLOCK // (L * D))  # images per block
     block = lambda i: train_flat[i : i + n].index_select(1, cell_index.reshape(-1)).view(-1, D)  # windows i*L .. (i+n)*L - 1
-    hashes = torch.cat([_row_hash(block(i)) for i in range(0, N, n)])
+    hashes = torch.empty(M, dtype=torch.int64, device=train_flat.device)
+    for i in range(0, N, n):
+        _row_hash(block(i), out=hashes[i * L : (i + n) * L])
     _, inverse, count = torch.unique(hashes, return_inverse=True, return_counts=True)
     del hashes
     if limit is not None and len(count) > limit:
         return None
     first = torch.full_like(count, M).scatter_reduce_(0, inverse, torch.arange(M, device=count.device), "amin")
-
-    def take(m: Tensor) -> Tensor:
-        """Windows number m = i*L + l (image i, position l), copied MERGE_BLOCK entries at a time."""
-        out = train_flat.new_empty(len(m), D)
-        rows = max(1, MERGE_BLOCK // D)
-        for s in range(0, len(m), rows):
-            part = m[s : s + rows]
-            out[s : s + rows] = train_flat.view(-1)[(part // L * F)[:, None] + cell_index[part % L]]
-        return out
-
-    windows = take(first)
-    bad = torch.cat([i * L + torch.nonzero((block(i) != windows[inverse[i * L : (i + n) * L]]).any(1))[:, 0]
-                     for i in range(0, N, n)])
+    differs = torch.empty(M, dtype=torch.bool, device=train_flat.device)  # differs from its hash group's first window
+    for i in range(0, N, n):
+        group_first = cell_windows(train_flat, cell_index, first[inverse[i * L : (i + n) * L]])
+        torch.any(block(i) != group_first, 1, out=differs[i * L : (i + n) * L])
+    bad = torch.nonzero(differs)[:, 0]
+    del differs, group_first
     if len(bad):  # equal hashes, different windows: those stand alone
         count = count.index_add(0, inverse[bad], -torch.ones_like(bad))
-        first, windows = torch.cat([first, bad]), torch.cat([windows, take(bad)])
-        count = torch.cat([count, torch.ones_like(bad)])
+        first, count = torch.cat([first, bad]), torch.cat([count, torch.ones_like(bad)])
     order = first.argsort()
-    return windows[order], count[order]
+    return first[order], count[order]
 
 
-def merged_keys(key_index: Tensor, plans: Sequence) -> Tensor:
+def merged_keys(train_flat: Tensor, key_index: Tensor, plans: Sequence) -> Tensor:
     """Keys (G, D+3, U) = [1; P; |P|^2; log count] of each cell's distinct windows (plans from
-    merge_plan); cells with fewer than U are padded with columns of weight 0 (log count -inf)."""
+    merge_plan), copied block by block from train_flat; cells with fewer than U are padded with
+    columns of weight 0 (log count -inf)."""
     G, L, D = key_index.shape
-    U = max(len(windows) for windows, _ in plans)
-    dtype = plans[0][0].dtype
-    keys = plans[0][0].new_zeros(G, D + 3, U)
+    U = max(len(first) for first, _ in plans)
+    dtype = train_flat.dtype
+    keys = train_flat.new_zeros(G, D + 3, U)
     keys[:, 0] = 1
     keys[:, D + 2] = torch.finfo(dtype).min / 4  # exp of it is 0 (or the CPU floor, < 1e-34)
-    for g, (windows, count) in enumerate(plans):
-        P = windows.T  # (D, U_g)
-        keys[g, 1 : D + 1, : P.shape[1]] = P
-        keys[g, D + 1, : P.shape[1]] = P.square().sum(0)
-        keys[g, D + 2, : P.shape[1]] = count.to(dtype).log()
+    rows = max(1, MERGE_BLOCK // D)
+    for g, (first, count) in enumerate(plans):
+        for s in range(0, len(first), rows):
+            P = cell_windows(train_flat, key_index[g], first[s : s + rows]).T  # (D, <= rows)
+            keys[g, 1 : D + 1, s : s + P.shape[1]] = P
+            keys[g, D + 1, s : s + P.shape[1]] = P.square().sum(0)
+        keys[g, D + 2, : len(first)] = count.to(dtype).log()
     return keys
 
 
@@ -683,10 +697,10 @@ class LocalMachine(Machine):
                 plans.append(cells)
                 need += column * max(len(w) for w, _ in cells)
 
-            def make():  # each group's windows are freed once its keys are built
+            def make():  # the old sets are evicted by now; each group's plan is freed once its keys are built
                 keys = []
                 for g, (_, _, idx) in enumerate(groups):
-                    keys.append(merged_keys(idx, plans[g]))
+                    keys.append(merged_keys(train, idx, plans[g]))
                     plans[g] = None
                 return keys
 
@@ -818,8 +832,10 @@ def make_machine(
     identical ones merged up to k = 9 for grey images (a set beyond the budget, or of larger
     windows, is gathered afresh at every call, unmerged: same numbers). Memory: the cache
     (<= cache_bytes) + a few blocks of chunk_size elements; while a key set is being merged, also
-    about seven int64 per window of its largest cell (full MNIST, k = 3: ~3 GB) and its distinct
-    windows (<= cache_bytes: counting stops at the budget before any window is copied)."""
+    about seven int64 per window of its largest cell (full MNIST, k = 3: ~3 GB) and 16 bytes per
+    distinct window (counting stops at the budget; the windows are copied once, into the keys).
+    Measured on full MNIST, one image, k = 5 then k = 7 (tests/benchmarks/bench_merge_memory.py):
+    peak 4.6 then 6.4 GiB of memory, 3.0 GiB of it cached keys."""
     name = ALIASES.get(name, name)
     if name not in MACHINES:
         raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")

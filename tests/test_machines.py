@@ -525,12 +525,14 @@ def mnist_subset(n, seed=0):
 
 
 def test_merge_plan_counts_every_window_once():
-    from edtool.machines import merge_plan, window_index
+    from edtool.machines import cell_windows, merge_plan, window_index
 
     images, _ = mnist_subset(40)
     train = torch.nn.functional.pad(images, (1, 1, 1, 1)).flatten(1)
     cell = window_index(torch.arange(32 * 32), 1, 32, 32, 3)  # every position of the zero-padded images
-    windows, count = merge_plan(train, cell)
+    first, count = merge_plan(train, cell)
+    assert bool((first[1:] > first[:-1]).all())  # in order of first occurrence
+    windows = cell_windows(train, cell, first)
     every = train[:, cell].reshape(-1, 9)
     truth = {}
     for row in map(tuple, every.tolist()):
@@ -545,10 +547,10 @@ def test_merge_plan_stops_at_its_limit_before_copying_windows():
     images, _ = mnist_subset(40)
     train = torch.nn.functional.pad(images, (1, 1, 1, 1)).flatten(1)
     cell = window_index(torch.arange(32 * 32), 1, 32, 32, 3)
-    windows, count = merge_plan(train, cell)
-    assert merge_plan(train, cell, limit=len(windows) - 1) is None
-    at_limit, count_at_limit = merge_plan(train, cell, limit=len(windows))
-    assert torch.equal(at_limit, windows) and torch.equal(count_at_limit, count)
+    first, count = merge_plan(train, cell)
+    assert merge_plan(train, cell, limit=len(first) - 1) is None
+    at_limit, count_at_limit = merge_plan(train, cell, limit=len(first))
+    assert torch.equal(at_limit, first) and torch.equal(count_at_limit, count)
 
 
 def test_distinct_windows_beyond_the_budget_are_never_merged(monkeypatch):
@@ -581,7 +583,7 @@ def test_hash_collisions_never_merge_different_windows(monkeypatch):
     images, _ = mnist_subset(12)
     x = noisy(images, 0.3)
     every = make_machine("els-borders", images, patch_size=3, cache_bytes=0).score(0.3, x)
-    monkeypatch.setattr(machines, "_row_hash", lambda rows: torch.zeros(len(rows), dtype=torch.int64))
+    monkeypatch.setattr(machines, "_row_hash", lambda rows, out=None: torch.zeros(len(rows), dtype=torch.int64, out=out))
     m = make_machine("els-borders", images, patch_size=3)
     torch.testing.assert_close(m.score(0.3, x), every, rtol=1e-5, atol=1e-5 * every.abs().max().item())
     assert m._keys.nbytes() > 0  # the merged keys were built and used
