@@ -272,15 +272,9 @@ def _row_hash(rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
 
 def cell_windows(train_flat: Tensor, cell_index: Tensor, m: Tensor) -> Tensor:
     """Windows (len(m), D) number m = i*L + l (image i of train_flat (N, F), position l of the
-    cell's window offsets cell_index (L, D)), copied MERGE_BLOCK entries at a time."""
-    L, D = cell_index.shape
-    F = train_flat.shape[1]
-    out = train_flat.new_empty(len(m), D)
-    rows = max(1, MERGE_BLOCK // D)
-    for s in range(0, len(m), rows):
-        part = m[s : s + rows]
-        out[s : s + rows] = train_flat.view(-1)[(part // L * F)[:, None] + cell_index[part % L]]
-    return out
+    cell's window offsets cell_index (L, D)); callers pass blocks of m to bound the copy."""
+    L = cell_index.shape[0]
+    return train_flat.view(-1)[(m // L * train_flat.shape[1])[:, None] + cell_index[m % L]]
 
 
 def merge_plan(train_flat: Tensor, cell_index: Tensor, limit: Optional[int] = None):
@@ -695,7 +689,7 @@ class LocalMachine(Machine):
                     if cells[-1] is None:
                         return math.inf, None
                 plans.append(cells)
-                need += column * max(len(w) for w, _ in cells)
+                need += column * max(len(first) for first, _ in cells)
 
             def make():  # the old sets are evicted by now; each group's plan is freed once its keys are built
                 keys = []
