@@ -5,7 +5,6 @@ A checkpoint is two files side by side: `NAME.safetensors` (the network's state 
 flag, padding, training recipe, final loss, edtool version). Loading never unpickles anything.
 """
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import edtool
 from edtool.errors import EdtoolError
-from edtool.fileio import atomic_path, write_json
+from edtool.fileio import atomic_path, sha256_file, write_json
 from edtool.models import Network, build_network
 from edtool.paths import search_dirs
 
@@ -52,11 +51,7 @@ def read_manifest(path) -> dict:
 
 def file_hash(path) -> str:
     """sha256 of a file: recorded in run configs so a changed checkpoint is noticed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def load(path, dataset: Optional[str] = None, image_shape=None, device="cpu", note=None) -> Network:

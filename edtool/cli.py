@@ -57,61 +57,107 @@ def _T(name: str):
 
 @app.command()
 def train(
-    arch: str = typer.Option(..., help="Network architecture: unet or resnet."),
+    ctx: typer.Context,
+    arch: Optional[str] = typer.Option(None, help="Network architecture: unet or resnet (required unless --state "
+                                       "holds a run)."),
     dataset: str = typer.Option(_T("dataset"), help="Training data: mnist5k, mnist, fashionmnist, cifar10."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout (not needed for mnist5k)."),
     conditional: bool = typer.Option(_T("conditional"), "--conditional", help="Class-conditional network."),
     padding: str = typer.Option(_T("padding"), help="Convolution padding: zeros or circular."),
-    steps: int = typer.Option(_T("steps"), min=1, help="Optimizer steps."),
-    batch: int = typer.Option(_T("batch"), min=1, help="Images per step."),
+    steps: int = typer.Option(_T("steps"), min=1, max=10**9, help="Optimizer steps (in all, counting those done)."),
+    batch: int = typer.Option(_T("batch"), min=1, max=1 << 20, help="Images per step."),
     lr: float = typer.Option(_T("lr"), help="Initial AdamW learning rate."),
     lr_final_factor: float = typer.Option(_T("lr_final_factor"), help="Learning rate at the last step as a "
                                           "fraction of --lr."),
+    lr_gamma: Optional[float] = typer.Option(None, help="Per-step learning-rate factor instead of "
+                                             "--lr-final-factor (the paper: 0.999965); such a run can be continued "
+                                             "to more --steps."),
     ema_decay: float = typer.Option(_T("ema_decay"), help="Ship the exponential moving average of the weights "
                                     "with this decay (0: the raw weights)."),
-    seed: int = typer.Option(_T("seed"), help="Seed of every random choice in training."),
+    seed: int = typer.Option(_T("seed"), min=0, max=2**63 - 1, help="Seed of every random choice in training."),
     fsizes: str = typer.Option(",".join(map(str, _T("fsizes"))), help="UNet channel widths per level."),
     emb_dim: int = typer.Option(_T("emb_dim"), help="UNet time-embedding size."),
     width: int = typer.Option(_T("width"), help="ResNet width (a multiple of 8, at least 16)."),
     layers: int = typer.Option(_T("layers"), help="ResNet residual layers."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this edtool checkpoint's weights (same "
+                                             "architecture) instead of random ones."),
+    state: Optional[Path] = typer.Option(None, help="Keep the complete resumable state (safetensors + JSON) and "
+                                         "the snapshots in this folder; if it holds a run, continue it (settings "
+                                         "not given come from it): edtool train --state DIR --steps N."),
+    snapshot_every: int = typer.Option(0, min=0, help="Every N steps record the moving average's loss on "
+                                       "held-out digits and a sample grid in --state (0: never)."),
+    held_out_root: Optional[Path] = typer.Option(None, help="Data root holding the test split for the snapshots' "
+                                                 "held-out loss (mnist5k: MNIST t10k; default: --data-root)."),
     out: Optional[Path] = typer.Option(None, help="Checkpoint path (default ./checkpoints/<dataset>_<arch>... in the "
-                                       "working directory)."),
+                                       "working directory; with --state: none unless given)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
     ckpt_every: int = typer.Option(250, min=1, help="Save resumable training state every N steps."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ):
     """Train a UNet or ResNet noise predictor with the paper's recipe; resumes if interrupted."""
+    from edtool import checkpoints, train_state
     from edtool.data import load_dataset
     from edtool.paths import cache_dir, local_checkpoints_dir
     from edtool.train import default_name, train as run_training, work_dir_name
 
-    cfg = TrainConfig(arch=arch, dataset=dataset, conditional=conditional, padding=padding, steps=steps,
-                      batch=batch, lr=lr, lr_final_factor=lr_final_factor, ema_decay=ema_decay, seed=seed,
-                      fsizes=_int_list(fsizes, "--fsizes"), emb_dim=emb_dim, width=width,
-                      layers=layers).validate()  # before the data is loaded (train() checks it again)
-    out = Path(out or local_checkpoints_dir() / default_name(cfg)).with_suffix(".safetensors")
-    if not force:
-        for path in (out, out.with_suffix(".json")):
-            refuse_existing(path)
-    images, labels = load_dataset(dataset, root=data_root)
-    work = cache_dir() / "train" / work_dir_name(out, cfg)
+    given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
+    settings = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__}
+    settings["fsizes"] = _int_list(fsizes, "--fsizes")
+    init = None
+    if init_from is not None:
+        net = checkpoints.load(init_from)
+        init = net.net.state_dict()
+        settings["init_from"] = checkpoints.file_hash(init_from.with_suffix(".safetensors"))
+    previous = train_state.read(state) if state is not None else None
+    if previous is not None:  # continue it: settings not given on the command line come from the state
+        settings = {**settings, **previous["config"],
+                    **{k: settings[k] for k in given if k in settings}}
+        settings["steps"] = steps if "steps" in given else previous["config"].get("steps", previous["step"])
+        if "init_from" not in given:
+            init = None  # the state holds the weights
+    if settings["arch"] is None:
+        raise EdtoolError("--arch is required (unet or resnet), unless --state names a folder holding a run")
+    cfg = TrainConfig(**settings).validate()  # before the data is loaded (train() checks it again)
+    if init is not None and checkpoints.read_manifest(init_from.with_suffix(".safetensors"))["arch"] != cfg.arch:
+        raise EdtoolError(f"--init-from {init_from} is not a {cfg.arch}; give a checkpoint of the same architecture")
+    if out is None and state is None:
+        out = local_checkpoints_dir() / default_name(cfg)
+    if out is not None:
+        out = Path(out).with_suffix(".safetensors")
+        if not force:
+            for path in (out, out.with_suffix(".json")):
+                refuse_existing(path)
+    images, labels = load_dataset(cfg.dataset, root=data_root)
+    held_out = None
+    if snapshot_every:
+        if state is None:
+            raise EdtoolError("--snapshot-every needs --state DIR (the snapshots are kept there)")
+        name = "mnist" if cfg.dataset == "mnist5k" else cfg.dataset
+        held_out = load_dataset(name, root=held_out_root or data_root, split="test", download=False)
+    work = state if state is not None else cache_dir() / "train" / work_dir_name(out, cfg)
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     progress = _progress(quiet)
+    steps = cfg.steps
     every = max(1, steps // 100)
+    kw = dict(ckpt_every=ckpt_every, command=command, init_weights=init, held_out=held_out,
+              snapshot_every=snapshot_every)
 
     if progress is None:
         def log(step, loss, lr_now):
             if step % every == 0 or step == steps:
                 print(f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.2e}", flush=True)
-        path = run_training(cfg, images, labels, Path(out), work, ckpt_every=ckpt_every, command=command, log=log)
+        path = run_training(cfg, images, labels, out, work, log=log, **kw)
     else:
         with progress:
-            task = progress.add_task(f"train {arch}", total=steps, info="")
+            task = progress.add_task(f"train {cfg.arch}", total=steps, info="")
 
             def log(step, loss, lr_now):
                 progress.update(task, completed=step, info=f"loss {loss:.4f} lr {lr_now:.1e}")
-            path = run_training(cfg, images, labels, Path(out), work, ckpt_every=ckpt_every, command=command, log=log)
-    print(f"wrote {path} (+ .json manifest, _loss.png, _samples.png)")
+            path = run_training(cfg, images, labels, out, work, log=log, **kw)
+    if path is not None:
+        print(f"wrote {path} (+ .json manifest, _loss.png, _samples.png)")
+    if state is not None:
+        print(f"training state at step {steps} in {state}; continue with: edtool train --state {state} --steps N")
 
 
 @app.command("import-checkpoint")

@@ -1,6 +1,8 @@
 """Settings objects without heavy imports, so the command line takes its defaults from them."""
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
 
 from edtool.errors import EdtoolError
 
@@ -23,6 +25,9 @@ class TrainConfig:
     batch: int = 64
     lr: float = 2e-3
     lr_final_factor: float = 0.05  # learning rate at the last step = lr * this (exponential decay)
+    # per-step decay instead (the paper's is 0.999965): lr at step s = lr * lr_gamma**s, whatever --steps is,
+    # so a run can be continued to more steps
+    lr_gamma: Optional[float] = None
     weight_decay: float = 0.0
     seed: int = 0
     fsizes: list = field(default_factory=lambda: [32, 64, 128])  # UNet widths
@@ -31,6 +36,19 @@ class TrainConfig:
     layers: int = 4  # ResNet residual layers
     lastksize: int = 1
     ema_decay: float = 0.999  # weights shipped = exponential moving average (0 = the raw weights)
+    init_from: Optional[str] = None  # sha256 of the edtool checkpoint whose weights start the run (None: random)
+
+    def identity(self) -> dict:
+        """The settings a saved state must share to be resumed: all of them, except the step count when
+        the learning rate does not depend on it (a per-step --lr-gamma run continues to more steps)."""
+        settings = asdict(self)
+        if self.lr_gamma is not None:
+            settings.pop("steps")
+        return settings
+
+    def gamma(self) -> float:
+        """The per-step learning-rate factor."""
+        return self.lr_gamma if self.lr_gamma is not None else self.lr_final_factor ** (1.0 / max(self.steps, 1))
 
     def validate(self) -> "TrainConfig":
         """Refuse settings no network or optimizer can use (EdtoolError naming the option)."""
@@ -44,9 +62,11 @@ class TrainConfig:
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise EdtoolError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not 0 < self.lr_final_factor <= 1:
-            raise EdtoolError(f"--lr must be positive and --lr-final-factor in (0, 1], got {self.lr} and "
-                              f"{self.lr_final_factor}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not 0 < self.lr_final_factor <= 1:
+            raise EdtoolError(f"--lr must be a finite positive number and --lr-final-factor in (0, 1], got {self.lr} "
+                              f"and {self.lr_final_factor}")
+        if self.lr_gamma is not None and not 0 < self.lr_gamma <= 1:
+            raise EdtoolError(f"--lr-gamma must be in (0, 1] (the paper's is 0.999965), got {self.lr_gamma}")
         if not 0 <= self.ema_decay < 1:
             raise EdtoolError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         return self

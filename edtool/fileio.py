@@ -61,7 +61,7 @@ def refuse_existing(path, how: str = "pass --force to replace it, or --out to wr
 LEDGER = ".edtool-written.json"  # {file name: sha256} of the files edtool wrote in this folder
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -94,7 +94,7 @@ def refuse_foreign(paths, how: str = "pass --overwrite to replace it, or write t
     folder's ledger, content included): another tool's file of the same name, or one edited since."""
     for path in map(Path, paths):
         if path.exists() or path.is_symlink():
-            if path.is_symlink() or not path.is_file() or _ledger(path.parent).get(path.name) != _sha256(path):
+            if path.is_symlink() or not path.is_file() or _ledger(path.parent).get(path.name) != sha256_file(path):
                 raise EdtoolError(f"{path} exists and edtool did not write it (or it changed since; the seed tool "
                                   f"writes files of the same names); not replacing it: {how}")
 
@@ -106,5 +106,5 @@ def record_written(paths) -> None:
         by_folder.setdefault(path.parent, []).append(path)
     for folder, files in by_folder.items():
         ledger = _ledger(folder)
-        ledger.update({p.name: _sha256(p) for p in files})
+        ledger.update({p.name: sha256_file(p) for p in files})
         write_json(folder / LEDGER, ledger)

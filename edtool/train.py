@@ -2,8 +2,8 @@
 
 Per image t = randint(0, 1000) / 1000, x_t = sqrt(alpha_bar) x_0 + sqrt(beta) eps, loss
 mse(eps_hat(x_t, t), eps), AdamW with exponential learning-rate decay. All randomness comes
-from one generator whose state is checkpointed, so a resumed run ends with the same weights
-as an uninterrupted one.
+from one generator whose state is saved with the rest (`train_state`: safetensors + JSON), so a
+resumed run ends with the same weights as an uninterrupted one, bit for bit.
 """
 
 import hashlib
@@ -16,11 +16,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from edtool import checkpoints
+from edtool import checkpoints, train_state
 from edtool.config import TrainConfig
 from edtool.diffusion import add_noise, ddim_sample
 from edtool.errors import EdtoolError
-from edtool.fileio import atomic_path
+from edtool.fileio import atomic_path, write_json
 from edtool.imageio import save_grid
 from edtool.models import Network, build_network
 
@@ -44,7 +44,7 @@ def default_name(cfg: TrainConfig) -> str:
 
 def settings_hash(cfg: TrainConfig) -> str:
     """12 hex digits of sha256 over every setting: one resumable work dir per (output, settings)."""
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def work_dir_name(out, cfg: TrainConfig) -> str:
@@ -53,96 +53,143 @@ def work_dir_name(out, cfg: TrainConfig) -> str:
     return f"{Path(out).stem}-{settings_hash(cfg)}"
 
 
-def _state_path(work_dir: Path) -> Path:
-    return work_dir / "train_state.pt"
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): exponential decay, lr * gamma**step."""
+    return cfg.lr * cfg.gamma() ** step
 
 
-def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Path, work_dir: Path,
+def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path], work_dir: Path,
           ckpt_every: int = 250, command: str = "", log: Optional[Callable[[int, float, float], None]] = None,
-          stop_after: Optional[int] = None) -> Optional[Path]:
+          stop_after: Optional[int] = None, init_weights: Optional[dict] = None, held_out=None,
+          snapshot_every: int = 0) -> Optional[Path]:
     """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs and return
-    the weights' path.
+    the weights' path (None when `out` is None: a campaign stretch that only advances its state).
 
-    `log(step, loss, lr)` is called every step; `stop_after` ends the run early (tests use it
-    to simulate an interruption) without writing the final checkpoint, and returns None.
+    `log(step, loss, lr)` is called every step; `stop_after` ends the run early (tests use it to
+    simulate an interruption) without writing the final checkpoint, and returns None.
+    `init_weights` (a state dict, cfg.init_from its checkpoint's sha256) starts the weights and their
+    moving average from a trained network. Every `snapshot_every` steps the moving-average weights are
+    evaluated (loss on `held_out` = (images, labels), fixed draws) and sampled into work_dir/snapshots.
     """
     cfg.validate()
-    out = Path(out).with_suffix(".safetensors")
+    work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     num_classes = int(labels.max()) + 1 if cfg.conditional else None
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     net = build_network(cfg.arch, **arch_kwargs(cfg, images.shape[1], num_classes))
+    if init_weights is not None:
+        net.load_state_dict(init_weights)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gamma = cfg.lr_final_factor ** (1.0 / max(cfg.steps, 1))
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     step, losses, elapsed = 0, [], 0.0
 
-    state_file = _state_path(work_dir)
-    if state_file.exists():
-        state = torch.load(state_file, weights_only=True)
-        if state["config"] != asdict(cfg):
-            changed = sorted(k for k in set(state["config"]) | set(asdict(cfg))
-                             if state["config"].get(k) != asdict(cfg).get(k))
-            raise EdtoolError(f"{state_file} belongs to a training run with other settings ({', '.join(changed)}); "
+    meta = train_state.read(work_dir)
+    if meta is not None:
+        if meta["config"] != cfg.identity():
+            changed = sorted(k for k in set(meta["config"]) | set(cfg.identity())
+                             if meta["config"].get(k) != cfg.identity().get(k))
+            raise EdtoolError(f"{work_dir} holds a training run with other settings ({', '.join(changed)}); "
                               "delete that folder or use another work folder")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        ema = state["ema"]
-        step, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
+        ema, losses = train_state.restore(work_dir, meta, net=net, opt=opt, gen=gen)
+        step, elapsed = meta["step"], meta["elapsed_s"]
 
     def save_state():
-        with atomic_path(state_file) as tmp:
-            torch.save({"config": asdict(cfg), "model": net.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema": ema, "step": step,
-                        "losses": losses, "elapsed": elapsed}, tmp)
+        if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+            raise EdtoolError(f"training diverged by step {step} (non-finite weights); the state saved before "
+                              f"is kept: lower --lr (now {cfg.lr:g})")
+        train_state.save(work_dir, config=cfg.identity(), net=net, ema=ema, opt=opt, gen=gen, step=step,
+                         losses=losses, info={"elapsed_s": elapsed, "command": command})
 
     net.train()
     t0 = time.time() - elapsed
     while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
         idx = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen)
         x0, y = images[idx], labels[idx]
         t = torch.randint(0, 1000, (cfg.batch,), generator=gen).float() / 1000
         eps = torch.randn(x0.shape, generator=gen)
         loss = F.mse_loss(net(add_noise(x0, t, eps), t, y if cfg.conditional else None), eps)
+        if not torch.isfinite(loss):
+            raise EdtoolError(f"training diverged at step {step + 1} (loss {loss.item()}); nothing was written "
+                              f"for this step: lower --lr (now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         step += 1
         if cfg.ema_decay > 0:  # decay 0 ships the raw weights: nothing to average
             update_ema(ema, net, ema_decay(cfg.ema_decay, step))
         losses.append(loss.item())
         elapsed = time.time() - t0
         if log is not None:
-            log(step, losses[-1], sched.get_last_lr()[0])
+            log(step, losses[-1], lr_at(cfg, step - 1))
+        if snapshot_every and step % snapshot_every == 0:
+            snapshot(work_dir, step, snapshot_every, cfg, net, ema, images, labels, held_out, num_classes)
         if step % ckpt_every == 0 or step == cfg.steps:
             save_state()
         if stop_after is not None and step >= stop_after and step < cfg.steps:
             return None
+    if out is None:
+        return None
 
-    final_loss = float(torch.tensor(losses[-100:]).mean())
-    held_out = {"raw": eval_loss(net, images, labels, cfg)}
+    held = {"raw": eval_loss(net, images, labels, cfg)}
     if cfg.ema_decay > 0:
         net.load_state_dict(ema)
-        held_out["ema"] = eval_loss(net, images, labels, cfg)
-    manifest = {
+        held["ema"] = eval_loss(net, images, labels, cfg)
+    man = manifest(cfg, images, num_classes, command, elapsed, step)
+    man["final_loss"] = float(torch.tensor(losses[-100:]).mean())  # raw weights, mean of the last 100 steps
+    man["eval_loss"] = held  # fixed noise draws over 2048 training images: raw vs shipped (EMA) weights
+    path = checkpoints.save(Path(out).with_suffix(".safetensors"), net, man)
+    write_training_figures(Network(net, man), losses, path, seed=cfg.seed,
+                           labels=labels if cfg.conditional else None)
+    return path
+
+
+def manifest(cfg: TrainConfig, images, num_classes, command: str, elapsed: float, step: int) -> dict:
+    """The checkpoint manifest of a network trained with cfg for `step` steps (SPEC 4)."""
+    return {
         "arch": cfg.arch, "arch_kwargs": arch_kwargs(cfg, images.shape[1], num_classes),
         "dataset": cfg.dataset, "image_shape": list(images.shape[1:]), "conditional": cfg.conditional,
         "num_classes": num_classes, "padding": cfg.padding,
-        "training": {**asdict(cfg), "recipe": "t=randint(0,1000)/1000, mse(eps_hat, eps), AdamW, ExponentialLR",
+        "training": {**asdict(cfg), "steps": step,
+                     "recipe": "t=randint(0,1000)/1000, mse(eps_hat, eps), AdamW, exponential lr decay",
                      "command": command, "wall_time_s": round(elapsed, 1)},
-        "final_loss": final_loss,  # raw weights, mean training loss of the last 100 steps
-        "eval_loss": held_out,  # fixed noise draws over 2048 training images: raw vs shipped (EMA) weights
         "weights": "ema" if cfg.ema_decay > 0 else "raw",
     }
-    path = checkpoints.save(out, net, manifest)
-    write_training_figures(Network(net, manifest), losses, path, seed=cfg.seed,
-                           labels=labels if cfg.conditional else None)
-    return path
+
+
+def snapshot(work_dir: Path, step: int, every: int, cfg: TrainConfig, net, ema: dict, images, labels, held_out,
+             num_classes) -> dict:
+    """Evaluate the moving-average weights after `step` steps: loss on fixed held-out and training draws,
+    a 64-sample grid; the weights themselves are kept at steps every * 2**j (geometric: a long campaign
+    keeps a handful). Appends one record to work_dir/snapshots.json."""
+    import copy
+
+    folder = work_dir / "snapshots"
+    avg = copy.deepcopy(net)
+    avg.load_state_dict(ema)
+    record = {"step": step, "lr": lr_at(cfg, step - 1), "train_draws_loss": eval_loss(avg, images, labels, cfg)}
+    if held_out is not None:
+        record["held_out_loss"] = eval_loss(avg, held_out[0], held_out[1], cfg)
+    records = [r for r in read_snapshots(work_dir) if r["step"] < step]
+    name = f"step_{step:08d}"
+    man = manifest(cfg, images, num_classes, "", 0.0, step)
+    samples = sample_grid(Network(avg, man), folder / f"{name}_samples.png", seed=cfg.seed,
+                          labels=labels if cfg.conditional else None)
+    record["samples"] = str(samples.relative_to(work_dir))
+    k = step // every
+    if k & (k - 1) == 0:  # step = every * 2**j
+        record["weights"] = str(checkpoints.save(folder / name, avg, {**man, "held_out_loss": record.get(
+            "held_out_loss"), "train_draws_loss": record["train_draws_loss"]}).relative_to(work_dir))
+    write_json(work_dir / "snapshots.json", records + [record])
+    return record
+
+
+def read_snapshots(work_dir) -> list:
+    """The snapshot records of a training state folder ([] when there are none)."""
+    path = Path(work_dir) / "snapshots.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def ema_decay(decay: float, step: int) -> float:
@@ -199,8 +246,16 @@ def write_training_figures(network: Network, losses, path: Path, seed: int = 0, 
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
+    sample_grid(network, path.with_name(path.stem + "_samples.png"), seed, labels, n, nsteps)
+
+
+@torch.no_grad()
+def sample_grid(network: Network, path: Path, seed: int = 0, labels=None, n: int = 64, nsteps: int = 20) -> Path:
+    """A grid of n DDIM samples from fixed noise (seed + 1): the same draws for every network."""
+    was_training = network.net.training
     network.net.eval()
     x = torch.randn((n, *network.manifest["image_shape"]), generator=torch.Generator().manual_seed(seed + 1))
     lab = None if labels is None else torch.arange(n) % (int(labels.max()) + 1)
     samples = ddim_sample(lambda t, xx: network.eps(t, xx, lab), x, nsteps)
-    save_grid(samples, path.with_name(path.stem + "_samples.png"))
+    network.net.train(was_training)
+    return save_grid(samples, path)

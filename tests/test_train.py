@@ -148,3 +148,88 @@ def test_shipped_weights_are_the_moving_average(tmp_path):
     assert changed > 0  # the step moved the weights, so the check above compares different tensors
     manifest = json.loads((tmp_path / "ema.json").read_text())
     assert manifest["weights"] == "ema" and set(manifest["eval_loss"]) == {"raw", "ema"}
+
+
+def _state_tensors(folder: Path) -> dict:
+    meta = json.loads((folder / "state.json").read_text())
+    return load_file(str(folder / meta["tensors"]))
+
+
+@pytest.mark.parametrize("gamma", [None, 0.9])
+def test_a_saved_state_continues_bit_for_bit(tmp_path, gamma):
+    """N+M steps in one go equal N steps, save, load, M steps: weights, moving average, AdamW moments,
+    RNG state and losses, bit for bit. With --lr-gamma the same state is continued to more steps."""
+    images, labels = _tiny_data()
+    straight = train(_cfg(lr_gamma=gamma), images, labels, None, tmp_path / "a", ckpt_every=100)
+    assert straight is None  # no --out: only the state advances
+    if gamma is None:  # interrupted after 3 of 6 steps, then resumed by a second call
+        train(_cfg(), images, labels, None, tmp_path / "b", ckpt_every=1, stop_after=3)
+    else:  # a first stretch of 3 steps, then the same run continued to 6
+        train(_cfg(lr_gamma=gamma, steps=3), images, labels, None, tmp_path / "b", ckpt_every=100)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 3
+    train(_cfg(lr_gamma=gamma), images, labels, None, tmp_path / "b", ckpt_every=100)
+    a, b = _state_tensors(tmp_path / "a"), _state_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a) and "rng" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len(a["losses"]) == 6 and [p.suffix for p in (tmp_path / "b").iterdir()] .count(".safetensors") == 1
+
+
+def test_a_damaged_state_is_refused_not_trained_on(tmp_path):
+    images, labels = _tiny_data()
+    train(_cfg(steps=2), images, labels, None, tmp_path / "s", ckpt_every=1)
+    meta = json.loads((tmp_path / "s" / "state.json").read_text())
+    tensors = tmp_path / "s" / meta["tensors"]
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(EdtoolError, match="damaged"):
+        train(_cfg(steps=4), images, labels, None, tmp_path / "s")
+
+
+def test_snapshots_record_held_out_loss_grid_and_geometric_weights(tmp_path):
+    from edtool.train import eval_loss, read_snapshots
+
+    images, labels = _tiny_data()
+    held_images, held_labels = _tiny_data(12)
+    cfg = _cfg(steps=8, lr_gamma=0.99)
+    train(cfg, images, labels, None, tmp_path / "s", held_out=(held_images, held_labels), snapshot_every=2)
+    records = read_snapshots(tmp_path / "s")
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert [("weights" in r) for r in records] == [True, True, False, True]  # steps 2 * 2**j
+    for r in records:
+        assert (tmp_path / "s" / r["samples"]).stat().st_size > 500
+    last = checkpoints.load(tmp_path / "s" / records[-1]["weights"], dataset="tiny", image_shape=[1, 8, 8])
+    ema = {k[4:]: v for k, v in _state_tensors(tmp_path / "s").items() if k.startswith("ema.")}
+    assert all(torch.equal(last.net.state_dict()[k], v) for k, v in ema.items())  # the snapshot is the average
+    assert records[-1]["held_out_loss"] == pytest.approx(eval_loss(last.net, held_images, held_labels, cfg))
+
+
+def test_init_from_starts_at_the_given_weights(tmp_path):
+    images, labels = _tiny_data()
+    first = train(_cfg(steps=2), images, labels, tmp_path / "a", tmp_path / "wa")
+    start = load_file(str(first))
+    cfg = _cfg(steps=1, lr=1e-12, ema_decay=0.0, init_from=checkpoints.file_hash(first))
+    cont = load_file(str(train(cfg, images, labels, tmp_path / "b", tmp_path / "wb", init_weights=start)))
+    fresh = load_file(str(train(_cfg(steps=1, lr=1e-12, ema_decay=0.0), images, labels, tmp_path / "c", tmp_path / "wc")))
+    assert all(torch.allclose(cont[k], start[k], atol=1e-9) for k in start)
+    assert not all(torch.allclose(fresh[k], start[k], atol=1e-3) for k in start if start[k].is_floating_point())
+
+
+def test_train_command_continues_a_state_folder_with_its_own_settings(tmp_path, monkeypatch, capsys):
+    """`edtool train --state DIR --steps N` continues the run in DIR; a setting given that differs is refused
+    by name; --lr inf is a usage error, not a NaN network."""
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--arch", "resnet", "--batch", "2", "--width", "16", "--layers", "1", "--quiet",
+            "--lr-gamma", "0.99", "--state", "st"]
+    code, out, err = _main(monkeypatch, capsys, *base, "--steps", "2")
+    assert code == 0, err
+    assert json.loads((tmp_path / "st" / "state.json").read_text())["step"] == 2
+    assert not (tmp_path / "checkpoints").exists()  # --state without --out writes no checkpoint
+    code, out, err = _main(monkeypatch, capsys, "train", "--state", "st", "--steps", "3", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "st" / "state.json").read_text())["step"] == 3
+    code, out, err = _main(monkeypatch, capsys, "train", "--state", "st", "--steps", "4", "--batch", "3", "--quiet")
+    assert code == 2 and "other settings (batch)" in err and len(err.strip().splitlines()) == 1
+    code, out, err = _main(monkeypatch, capsys, *base[:-2], "--steps", "2", "--lr", "inf")
+    assert code == 2 and "--lr" in err and not (tmp_path / "checkpoints").exists()
