@@ -17,7 +17,7 @@ import typer
 
 from edtool.config import TrainConfig, default
 from edtool.errors import EdtoolError
-from edtool.fileio import refuse_existing
+from edtool.fileio import check_output
 
 app = typer.Typer(
     name="edtool",
@@ -124,9 +124,8 @@ def train(
         out = local_checkpoints_dir() / default_name(cfg)
     if out is not None:
         out = Path(out).with_suffix(".safetensors")
-        if not force:
-            for path in (out, out.with_suffix(".json")):
-                refuse_existing(path)
+        check_output([out, out.with_suffix(".json"), out.with_name(out.stem + "_loss.png"),
+                      out.with_name(out.stem + "_samples.png")], force)
     images, labels = load_dataset(cfg.dataset, root=data_root)
     held_out = None
     if snapshot_every:
@@ -243,8 +242,7 @@ def calibrate(
     size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
     net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     out = out or local_scales_path(checkpoint, machine_kind(machine, net))
-    if not force:
-        refuse_existing(out)
+    check_output([out], force)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     res = run_calibration(net, images, labels, machine=machine, sizes=size_list, seeds=_seed_list(seeds, seed),
                           nsteps=nsteps, metric=metric, batch=batch, label=label, log=log)
@@ -276,8 +274,7 @@ def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: b
         parts.append(part)
     res = merge_calibrations(parts, names)
     out = out or local_scales_path(weights, res["machine"])
-    if not force:
-        refuse_existing(out)
+    check_output([out], force)
     meta = calibration_meta(res, checkpoint=weights.name, command=command,
                             part_commands=[part.get("command") for part in parts])
     path = write_scales_json(out, res["scales"], **meta)

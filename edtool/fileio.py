@@ -56,6 +56,35 @@ def refuse_existing(path, how: str = "pass --force to replace it, or --out to wr
         raise EdtoolError(f"{path} already exists; not replacing it: {how}")
 
 
+def check_output(paths, force: bool = False, how: str = "pass --force to replace it, or --out to write elsewhere"):
+    """Before any work: every path in `paths` can be written (its nearest existing folder is a folder
+    that takes files), is not a folder, is not a file edtool ships (never replaced, --force or not),
+    and is not there already unless `force`. Raises EdtoolError naming the path."""
+    import tempfile
+
+    from edtool.paths import shipped_dir
+
+    shipped = shipped_dir().resolve()
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise EdtoolError(f"{path} is a folder; give a file path to --out")
+        if (path.exists() or path.is_symlink()) and path.resolve().parent == shipped:
+            raise EdtoolError(f"{path} is a file edtool ships; not replacing it, --force or not: pass --out to "
+                              "write elsewhere")
+        if not force:
+            refuse_existing(path, how)
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise EdtoolError(f"cannot write {path}: {folder} is a file, not a folder; pass --out to write elsewhere")
+        try:  # a probe: os.access says yes to root on a read-only file system
+            tempfile.TemporaryFile(dir=folder, prefix=".edtool-probe-").close()
+        except OSError as e:
+            raise EdtoolError(f"cannot write {path}: {folder} does not take files ({e.strerror}); pass --out to "
+                              "write elsewhere") from None
+
+
 # ------------------------------------------------------------------ what edtool wrote in a folder
 
 LEDGER = ".edtool-written.json"  # {file name: sha256} of the files edtool wrote in this folder

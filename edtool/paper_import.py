@@ -21,7 +21,7 @@ import torch
 
 from edtool import checkpoints
 from edtool.errors import EdtoolError
-from edtool.fileio import refuse_existing
+from edtool.fileio import check_output
 from edtool.models import build_network
 from edtool.paths import cache_dir, local_checkpoints_dir
 
@@ -322,8 +322,8 @@ def import_checkpoint(path, out=None, dataset: Optional[str] = None, force: bool
                                "`edtool import-checkpoint`"},
     }
     out = Path(out) if out is not None else default_import_path(dataset, paper.arch, s["mode"], s["conditional"])
+    if out.is_dir():
+        raise EdtoolError(f"--out {out} is a folder; give the checkpoint's file name, e.g. {out / 'net.safetensors'}")
     out = out.with_suffix(".safetensors")
-    if not force:
-        for existing in (out, checkpoints.manifest_path(out)):
-            refuse_existing(existing)
+    check_output([out, checkpoints.manifest_path(out)], force)
     return checkpoints.save(out, net, manifest)

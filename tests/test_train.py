@@ -233,3 +233,21 @@ def test_train_command_continues_a_state_folder_with_its_own_settings(tmp_path, 
     assert code == 2 and "other settings (batch)" in err and len(err.strip().splitlines()) == 1
     code, out, err = _main(monkeypatch, capsys, *base[:-2], "--steps", "2", "--lr", "inf")
     assert code == 2 and "--lr" in err and not (tmp_path / "checkpoints").exists()
+
+
+def test_outputs_are_checked_before_any_training(tmp_path, monkeypatch, capsys):
+    """--force never replaces a shipped file; an output under a file, or a folder as --out, is one line and
+    exit 2 before the data is loaded; the training figures of another tool are not replaced."""
+    shipped = _digests(REPO_ROOT / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("edtool.data.load_dataset", lambda *a, **k: pytest.fail("loaded data before checking"))
+    args = ["train", "--arch", "resnet", "--steps", "1", "--quiet", "--out"]
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "m_loss.png").write_text("a user's figure")
+    for out, words in [(REPO_ROOT / "checkpoints" / "mnist5k_resnet", "edtool ships"),
+                       (tmp_path / "afile" / "m", "is a file, not a folder"), (tmp_path / "y" / "m", "m_loss.png")]:
+        code, _, err = _main(monkeypatch, capsys, *args, out, "--force" if "ships" in words else "--quiet")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "y" / "m_loss.png").read_text() == "a user's figure"
+    assert _digests(REPO_ROOT / "checkpoints") == shipped
