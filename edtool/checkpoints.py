@@ -31,7 +31,9 @@ def save(path, net: torch.nn.Module, manifest: dict) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
-    write_json(manifest_path(path), {"format": FORMAT, "edtool_version": edtool.__version__, **manifest})
+        digest = sha256_file(tmp)
+    write_json(manifest_path(path), {"format": FORMAT, "edtool_version": edtool.__version__, **manifest,
+                                     "weights_sha256": digest})
     return path
 
 

@@ -12,6 +12,8 @@ import importlib.util
 import math
 import os
 import pickle
+import shutil
+import tempfile
 import struct
 import tarfile
 import urllib.error
@@ -30,7 +32,7 @@ from edtool.paths import cache_dir
 
 DATASETS = ("mnist5k", "mnist", "fashionmnist", "cifar10")
 SPLITS = ("train", "test")
-CACHE_FORMAT = 1  # bump when the preparation changes, so old cache entries are not reused
+CACHE_FORMAT = 2  # bump when the preparation changes, so old cache entries are not reused
 
 # torchvision's sources and md5s (torchvision/datasets/mnist.py, cifar.py).
 IDX_FOLDERS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}
@@ -99,23 +101,25 @@ def download_verified(urls: list[str], dest: Path, md5: str) -> None:
     Unreachable mirrors are skipped (OSError raised if none works); a checksum mismatch is an
     EdtoolError and leaves nothing behind.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     reasons = []
-    for url in urls:
-        try:
-            fetch(url, part)
-        except (OSError, ValueError) as err:  # URLError, timeouts, refused connections
-            part.unlink(missing_ok=True)
-            reasons.append(f"{url}: {getattr(err, 'reason', err)}")
-            continue
-        got = md5sum(part)
-        if got != md5:
-            part.unlink(missing_ok=True)
-            raise EdtoolError(f"download of {url} has md5 {got}, expected {md5}: the file is damaged or "
-                              f"not the genuine one; try again or put the genuine file at {dest}")
-        part.replace(dest)
-        return
+    with tempfile.TemporaryDirectory(prefix="edtool-download-") as tmp:  # nothing lands in the data root
+        part = Path(tmp) / dest.name                                     # unless a verified file does
+        for url in urls:
+            try:
+                fetch(url, part)
+            except (OSError, ValueError) as err:  # URLError, timeouts, refused connections
+                part.unlink(missing_ok=True)
+                reasons.append(f"{url}: {getattr(err, 'reason', err)}")
+                continue
+            got = md5sum(part)
+            if got != md5:
+                raise EdtoolError(f"download of {url} has md5 {got}, expected {md5}: the file is damaged or "
+                                  f"not the genuine one; try again or put the genuine file at {dest}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staged = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+            shutil.copyfile(part, staged)
+            staged.replace(dest)
+            return
     raise OSError("; ".join(reasons) or "no URL to download from")
 
 
@@ -363,16 +367,28 @@ def cached(name: str, split: str, paths: list[Path], prepare) -> tuple[torch.Ten
     if path.is_file():
         try:
             d = torch.load(path, weights_only=True)
-            return d["images"], d["labels"]
+            if d.get("sha256") == tensor_digest(d["images"], d["labels"]):
+                return d["images"], d["labels"]
+            warnings.warn(f"data cache {path} is damaged (its content does not match the hash recorded when it "
+                          "was made); rebuilding it from the source files")
         except Exception as err:
             warnings.warn(f"ignoring unreadable data cache {path} ({err}); rebuilding it")
     images, labels = prepare(paths)
     with atomic_path(path) as tmp:
-        torch.save({"images": images, "labels": labels}, tmp)
+        torch.save({"images": images, "labels": labels, "sha256": tensor_digest(images, labels)}, tmp)
     for old in folder.glob(f"{name}-{split}-*.pt"):  # entries for older versions of the sources
         if old != path:
             old.unlink(missing_ok=True)
     return images, labels
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 over the tensors' dtypes, shapes and bytes: checks a cached copy before it is used."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 NUM_CLASSES = 10  # every data set edtool reads has ten classes

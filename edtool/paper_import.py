@@ -10,6 +10,7 @@ and no code from the file runs. The backbone's weights are then matched layer by
 `edtool.models` and written in our format (safetensors + manifest).
 """
 
+import json
 import os
 import pickle
 import re
@@ -282,8 +283,15 @@ def cached_import(path, dataset: Optional[str] = None):
     dataset = dataset_from_name(path) or dataset  # the file's own name wins: a mismatch is then refused
     folder = cache_dir() / "checkpoints"
     out = folder / f"{path.stem}-{dataset}-{sha[:16]}.safetensors"
+    damaged = ""
     if out.exists() and checkpoints.manifest_path(out).exists():
-        return out, f"{path}: paper checkpoint, using its import cached at {out}"
+        try:
+            recorded = json.loads(checkpoints.manifest_path(out).read_text()).get("weights_sha256")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == checkpoints.file_hash(out):
+            return out, f"{path}: paper checkpoint, using its import cached at {out}"
+        damaged = f"its cached import {out} was damaged (its hash differs from the recorded one); "
     # build beside, then move in (manifest first, weights last): a concurrent rank sees all or nothing
     work = folder / f".import-{os.getpid()}-{sha[:16]}"
     try:
@@ -292,8 +300,8 @@ def cached_import(path, dataset: Optional[str] = None):
         os.replace(made, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out, (f"{path}: paper checkpoint imported through the allow-list (no code run) into {out}; "
-                 "`edtool import-checkpoint` keeps a copy where you want it")
+    return out, (f"{path}: {damaged}paper checkpoint imported through the allow-list (no code run) into "
+                 f"{out}; `edtool import-checkpoint` keeps a copy where you want it")
 
 
 def default_import_path(dataset: str, arch: str, padding: str, conditional: bool) -> Path:

@@ -462,3 +462,42 @@ def test_discover_reads_manifests_not_names(tmp_path):
     cond.unlink()  # a manifest without its weights is not a checkpoint
     with pytest.raises(EdtoolError, match="no unet checkpoint"):
         checkpoints.discover("mnist5k", "unet", tmp_path, conditional=True)
+
+
+def test_a_damaged_cached_import_is_rebuilt_not_used(tmp_path, monkeypatch):
+    """Flipped bytes in cache/checkpoints/*.safetensors (an on-the-fly paper import) are noticed by the
+    weights' hash recorded at import and the import is redone, with one line saying so."""
+    from edtool.paper_import import cached_import
+
+    monkeypatch.setenv("EDTOOL_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    ddim = DDIM(MinimalUNet(channels=1, fsizes=(8, 16, 32), emb_dim=16))
+    src = save_paper(tmp_path / "backbone_MNIST_UNet_zeros.pt", ddim)
+    out, line = cached_import(src)
+    good = out.read_bytes()
+    assert "imported through the allow-list" in line and "was damaged" not in line
+    assert "using its import cached" in cached_import(src)[1]
+    data = bytearray(good)
+    data[-8] ^= 0x40  # a weight's bits, not the header: still a loadable file, with other numbers
+    out.write_bytes(bytes(data))
+    again, line = cached_import(src)
+    assert again == out and "was damaged" in line and out.read_bytes() == good
+
+
+def test_a_damaged_data_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    from edtool import data
+
+    monkeypatch.setenv("EDTOOL_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 16)
+    prepare = lambda paths: (torch.tensor(list(paths[0].read_bytes()), dtype=torch.float32).view(16, 16, 4, 4),
+                             torch.arange(16) % 10)
+    images, labels = data.cached("toy", "train", [src], prepare)
+    entry = next((tmp_path / "cache" / "data").glob("toy-train-*.pt"))
+    raw = bytearray(entry.read_bytes())
+    at = raw.find(torch.tensor(200.0).numpy().tobytes())  # one stored pixel's float32 bytes
+    raw[at + 3] ^= 0x01
+    entry.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="damaged"):
+        again, again_labels = data.cached("toy", "train", [src], prepare)
+    assert torch.equal(again, images) and torch.equal(again_labels, labels)

@@ -223,6 +223,7 @@ def test_missing_files_offline_names_them_and_where(tmp_path):
     assert str(tmp_path / "d" / "FashionMNIST" / "raw") in msg
     assert "t10k-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
     assert "network is unreachable" in msg and "--data-root" in msg and "http" in msg
+    assert not (tmp_path / "d").exists()  # a data root the user only reads gets no empty folders
 
 
 def test_only_the_missing_file_is_named(tmp_path):
@@ -283,8 +284,7 @@ def test_download_with_wrong_md5_is_refused_and_removed(tmp_path, monkeypatch):
     with pytest.raises(EdtoolError, match="md5") as err:
         data.load_dataset("mnist", root=tmp_path / "d")
     assert "train-images-idx3-ubyte.gz" in str(err.value)
-    raw = tmp_path / "d" / "MNIST" / "raw"
-    assert list(raw.iterdir()) == []  # neither the bad file nor a .part remains
+    assert not (tmp_path / "d").exists()  # neither the bad file nor a .part nor an empty MNIST/raw/ remains
 
 
 def test_fetch_reads_file_urls(tmp_path):
