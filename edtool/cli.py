@@ -95,10 +95,10 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ):
     """Train a UNet or ResNet noise predictor with the paper's recipe; resumes if interrupted."""
-    from edtool import checkpoints, train_state
+    from edtool.networks import checkpoints, train_state
     from edtool.data import load_dataset
     from edtool.paths import cache_dir, local_checkpoints_dir
-    from edtool.train import default_name, train as run_training, work_dir_name
+    from edtool.networks.train import default_name, train as run_training, work_dir_name
 
     given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
     settings = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__}
@@ -168,21 +168,21 @@ def import_checkpoint(
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
 ):
     """Convert a paper checkpoint (a pickled DDIM) into edtool's format, unpickling only known classes."""
-    from edtool.paper_import import import_checkpoint as run_import
+    from edtool.networks.paper_import import import_checkpoint as run_import
 
     path = run_import(file, out=out, dataset=dataset, force=force)
     print(f"wrote {path} (+ .json manifest)")
 
 
-# ------------------------------------------------------------------ calibrate and sample (edtool.calibrate)
+# ------------------------------------------------------------------ calibrate and sample (edtool.els.calibrate)
 
 
 def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, max_samples: Optional[int], device: str):
     """The checkpoint's network (ours, or a paper .pt imported on the fly) and its training data (the
     first max_samples images, per class for a conditional network: the seed tool's ELS max_samples)."""
-    from edtool import checkpoints
+    from edtool.networks import checkpoints
     from edtool.data import first_samples, load_dataset
-    from edtool.pipeline import resolve_device
+    from edtool.study.compute import resolve_device
 
     dev = resolve_device(device)
     if max_samples is not None and max_samples < 1:
@@ -230,9 +230,9 @@ def calibrate(
                                         "computing nothing."),
 ):
     """Calibrate an ELS machine's patch size per step against a network (SPEC 5.2); writes a scales JSON."""
-    from edtool.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
-    from edtool.checkpoints import file_hash
-    from edtool.scales import local_scales_path, write_scales_json
+    from edtool.els.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
+    from edtool.networks.checkpoints import file_hash
+    from edtool.els.schedule import local_scales_path, write_scales_json
 
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
@@ -254,9 +254,9 @@ def calibrate(
 
 def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: bool, command: str) -> None:
     """calibrate --merge: one scales JSON from calibrations of disjoint sizes of this checkpoint."""
-    from edtool.calibrate import calibration_meta, merge_calibrations
-    from edtool.checkpoints import file_hash
-    from edtool.scales import local_scales_path, write_scales_json
+    from edtool.els.calibrate import calibration_meta, merge_calibrations
+    from edtool.networks.checkpoints import file_hash
+    from edtool.els.schedule import local_scales_path, write_scales_json
 
     if not weights.is_file():
         raise EdtoolError(f"checkpoint {weights} does not exist")
@@ -310,8 +310,8 @@ def sample(
 ):
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
     network (SPEC 5.4)."""
-    from edtool.calibrate import agreement_report, machine_kind, sample as run_sample
-    from edtool.scales import fallback_note, find_scales
+    from edtool.els.calibrate import agreement_report, machine_kind, sample as run_sample
+    from edtool.els.schedule import fallback_note, find_scales
 
     names = _models(machine)
     net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
@@ -353,7 +353,7 @@ def _shard(text: Optional[str]):
 
 
 def _reporter(quiet: bool, as_json: bool):
-    from edtool.progress import JsonReporter, PlainReporter, QuietReporter, RichReporter
+    from edtool.study.progress import JsonReporter, PlainReporter, QuietReporter, RichReporter
 
     if as_json:
         return JsonReporter()
@@ -364,7 +364,7 @@ def _reporter(quiet: bool, as_json: bool):
 
 def _run_compute(cfg, quiet: bool = False, as_json: bool = False) -> dict:
     """compute() with a progress display and a clean message on Ctrl-C."""
-    from edtool.pipeline import compute
+    from edtool.study.compute import compute
 
     reporter = _reporter(quiet, as_json)
     try:
@@ -381,7 +381,7 @@ def _print_results_table(location: str, as_json: bool = False):
     """Final table: per model, mean ED and mean asym over the finished cells."""
     import numpy as np
 
-    from edtool.store import open_run
+    from edtool.store.run import open_run
 
     run = open_run(location)
     done = run.done_mask()
@@ -398,7 +398,7 @@ def _print_results_table(location: str, as_json: bool = False):
     from rich.console import Console
     from rich.table import Table
 
-    from edtool.aggregate import format_number as fmt
+    from edtool.study.aggregate import format_number as fmt
 
     table = Table(title=f"run {location}")
     for col in ("model", "realizations", "mean ||J-J^T||_F", "mean asym", "failed steps"):
@@ -411,7 +411,7 @@ def _print_results_table(location: str, as_json: bool = False):
 
 
 def _compute_config(**kw):
-    from edtool.pipeline import ComputeConfig
+    from edtool.study.compute import ComputeConfig
 
     _refuse_memory_url(kw.get("run_dir"))
     return ComputeConfig(**kw)
@@ -513,7 +513,7 @@ def aggregate(
     """Reduce a run over its finished realizations into aggregate/* and summary_stats.json."""
     import json as _json
 
-    from edtool.aggregate import aggregate_run, format_number as fmt
+    from edtool.study.aggregate import aggregate_run, format_number as fmt
 
     summary = aggregate_run(_resolve_run(run))
     if as_json:
@@ -559,7 +559,7 @@ def plot(
                                    "did not write (e.g. the seed tool's)."),
 ):
     """Render the figures of a run (SPEC 9) from its store alone."""
-    from edtool.plots import plot_run
+    from edtool.study.plots import plot_run
 
     for path in plot_run(_resolve_run(run), out_dir=out, fmt=fmt, overwrite=overwrite):
         print(f"wrote {path}")
@@ -599,8 +599,8 @@ def analyze(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """compute + aggregate + plot in one go, with the seed tool's flags and folder layout."""
-    from edtool.aggregate import aggregate_run
-    from edtool.plots import check_figure_folder, plot_run
+    from edtool.study.aggregate import aggregate_run
+    from edtool.study.plots import check_figure_folder, plot_run
 
     if single and multiple:
         raise EdtoolError("use either --single or --multiple N, not both")
@@ -648,7 +648,7 @@ def demo(
     """A short guided tour on the bundled data and checkpoints that explains each number as it appears."""
     from rich.console import Console
 
-    from edtool.demo import run_demo
+    from edtool.study.demo import run_demo
 
     console = Console()
     run_demo(out, models=_models(models), nsteps=nsteps, seed=seed, device=device,
@@ -663,7 +663,7 @@ def status(
     """List runs and how complete each is (per model, and per shard)."""
     import json as _json
 
-    from edtool.status import run_status, find_runs
+    from edtool.store.status import run_status, find_runs
 
     locations = [_resolve_run(run)] if run else find_runs()
     rows = [run_status(loc) for loc in locations]
@@ -702,7 +702,7 @@ def verify(
     """
     import json as _json
 
-    from edtool.status import verify_run
+    from edtool.store.status import verify_run
 
     report = verify_run(_resolve_run(run))
     bad = report["damaged"]

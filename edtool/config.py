@@ -15,7 +15,7 @@ def default(cls, name: str):
 
 @dataclass
 class TrainConfig:
-    """Every setting that changes the trained weights (`edtool train` and `edtool.train.train`)."""
+    """Every setting that changes the trained weights (`edtool train` and `edtool.networks.train.train`)."""
 
     arch: str = "unet"
     dataset: str = "mnist5k"

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from edtool.aggregate import QUANTITIES, aggregate_run, compute_aggregate, read_aggregate
-from edtool.store import create_run, open_run
+from edtool.study.aggregate import QUANTITIES, aggregate_run, compute_aggregate, read_aggregate
+from edtool.store.run import create_run, open_run
 
 MODELS = ["unet", "resnet", "els"]
 

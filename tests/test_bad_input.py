@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from edtool import checkpoints, pipeline
+from edtool.networks import checkpoints
+from edtool.study import compute as pipeline
 from edtool.data import read_idx
 from edtool.errors import EdtoolError
-from edtool.ed import exterior_derivative
-from edtool.machines import make_machine
-from edtool.models import build_network
-from edtool.scales import resampling_note, write_scales_json
-from edtool.store import open_run
+from edtool.jacobian.ed import exterior_derivative
+from edtool.els.machine import make_machine
+from edtool.networks.models import build_network
+from edtool.els.schedule import resampling_note, write_scales_json
+from edtool.store.run import open_run
 from test_pipeline import TINY, _tiny_networks, cli, config, tiny_checkpoints  # noqa: F401
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from edtool import pipeline
-from edtool.pipeline import ComputeConfig, compute
-from edtool.store import open_run
+from edtool.study import compute as pipeline
+from edtool.study.compute import ComputeConfig, compute
+from edtool.store.run import open_run
 
 ARRAYS = ("ed_fro", "jac_fro", "asym", "ed_stderr", "final", "done", "seed", "label")
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from edtool import checkpoints
-from edtool.calibrate import (
+from edtool.networks import checkpoints
+from edtool.els.calibrate import (
     agreement_stats,
     calibrate,
     median_size,
@@ -23,9 +23,9 @@ from edtool.calibrate import (
 from edtool.cli import main
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
-from edtool.machines import make_machine
-from edtool.models import build_network
-from edtool.scales import read_scales, scales_path
+from edtool.els.machine import make_machine
+from edtool.networks.models import build_network
+from edtool.els.schedule import read_scales, scales_path
 
 
 def toy_images(n=24, size=8, seed=0):
@@ -113,8 +113,8 @@ def test_calibration_recovers_the_schedule_of_a_machine_network(metric):
 
 
 def test_calibration_against_a_fixed_size_picks_it_everywhere_and_writes_discoverable_json(tmp_path):
-    from edtool.calibrate import calibration_meta
-    from edtool.scales import write_scales_json
+    from edtool.els.calibrate import calibration_meta
+    from edtool.els.schedule import write_scales_json
 
     images, labels = toy_images(seed=1)
     net = MachineNetwork(make_machine("els-borders", images, labels, patch_size=5), 4)

@@ -1,7 +1,7 @@
 """Our checkpoint format (save/load/discover) and the safe import of the paper's pickles and scales.
 
 The paper-like networks below are written here from SPEC 4 with the paper's attribute names,
-independently of edtool.models, registered under the paper's module paths only while
+independently of edtool.networks.models, registered under the paper's module paths only while
 torch.save runs, exactly as the paper's whole-DDIM pickles were made.
 """
 
@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from edtool import checkpoints
+from edtool.networks import checkpoints
 from edtool.cli import main
 from edtool.errors import EdtoolError
-from edtool.models import build_network
-from edtool.paper_import import import_checkpoint, read_paper_pickle
-from edtool.scales import read_scales, write_scales_json
+from edtool.networks.models import build_network
+from edtool.networks.paper_import import import_checkpoint, read_paper_pickle
+from edtool.els.schedule import read_scales, write_scales_json
 
 SHARED = Path(os.environ.get("EDTOOL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REFERENCE_SCALES = SHARED / "reference" / "paper_scales.json"
@@ -467,7 +467,7 @@ def test_discover_reads_manifests_not_names(tmp_path):
 def test_a_damaged_cached_import_is_rebuilt_not_used(tmp_path, monkeypatch):
     """Flipped bytes in cache/checkpoints/*.safetensors (an on-the-fly paper import) are noticed by the
     weights' hash recorded at import and the import is redone, with one line saying so."""
-    from edtool.paper_import import cached_import
+    from edtool.networks.paper_import import cached_import
 
     monkeypatch.setenv("EDTOOL_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)

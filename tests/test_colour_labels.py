@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from edtool import checkpoints, data
-from edtool.calibrate import seed_labels
+from edtool import data
+from edtool.networks import checkpoints
+from edtool.els.calibrate import seed_labels
 from edtool.diffusion import ddim_sample, initial_noise
-from edtool.machines import make_machine
-from edtool.models import build_network
-from edtool.store import open_run
+from edtool.els.machine import make_machine
+from edtool.networks.models import build_network
+from edtool.store.run import open_run
 from test_pipeline import cli
 
 CLASSES = 10
@@ -109,7 +110,7 @@ def test_cifar_conditional_colour_end_to_end(tmp_path, capsys, monkeypatch, cifa
     assert code == 0, err
     assert (run / "ed_analysis_single.png").exists()
 
-    from edtool.plots import _single_figure
+    from edtool.study.plots import _single_figure
 
     fig = _single_figure(store, store.done_mask(), 0)
     shown = [im.get_array() for ax in fig.axes for im in ax.get_images()]

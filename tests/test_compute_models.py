@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from edtool import checkpoints, pipeline
-from edtool.calibrate import seed_labels
+from edtool.networks import checkpoints
+from edtool.study import compute as pipeline
+from edtool.els.calibrate import seed_labels
 from edtool.data import load_dataset
 from edtool.diffusion import ddim_sample, initial_noise, timesteps
-from edtool.ed import exterior_derivative
-from edtool.machines import make_machine
-from edtool.models import build_network
-from edtool.pipeline import compute, probe_seed
-from edtool.scales import scales_path, write_scales_json
-from edtool.store import STEP_ARRAYS, open_run
+from edtool.jacobian.ed import exterior_derivative
+from edtool.els.machine import make_machine
+from edtool.networks.models import build_network
+from edtool.study.compute import compute, probe_seed
+from edtool.els.schedule import scales_path, write_scales_json
+from edtool.store.run import STEP_ARRAYS, open_run
 from test_pipeline import _tiny_networks, config, tiny_checkpoints  # noqa: F401  (fixtures)
 
 

@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from edtool.cli import app
 from edtool.data import load_dataset
-from edtool.demo import ideal_score, yardstick_checks
-from edtool.store import open_run
+from edtool.study.demo import ideal_score, yardstick_checks
+from edtool.store.run import open_run
 
 
 def test_ideal_score_is_the_gradient_of_the_mixture_log_density():

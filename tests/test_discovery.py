@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from edtool import checkpoints, data
-from edtool.calibrate import seed_labels
+from edtool import data
+from edtool.networks import checkpoints
+from edtool.els.calibrate import seed_labels
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
-from edtool.machines import make_machine
-from edtool.paper_import import import_checkpoint
+from edtool.els.machine import make_machine
+from edtool.networks.paper_import import import_checkpoint
 from edtool.paths import search_dirs, shipped_dir
-from edtool.pipeline import ComputeConfig, compute
-from edtool.store import open_run
+from edtool.study.compute import ComputeConfig, compute
+from edtool.store.run import open_run
 from test_checkpoints import DDIM, MinimalResNet, MinimalUNet, _RunsCode, save_paper
 from test_data import small_mnist, write_idx_root
 from test_pipeline import REPO, cli, save_tiny, snapshot
@@ -193,7 +194,7 @@ def test_scales_search_order_and_steps(tmp_path, monkeypatch):
     """A calibration written to ./checkpoints (where `calibrate` writes) wins over EDTOOL_CHECKPOINTS,
     which wins over the shipped one beside the shipped ResNet; schedules that do not serve the steps
     are passed over with a note."""
-    from edtool.scales import find_scales, read_scales, write_scales_json
+    from edtool.els.schedule import find_scales, read_scales, write_scales_json
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EDTOOL_CHECKPOINTS", raising=False)
@@ -230,7 +231,7 @@ def test_scales_search_order_and_steps(tmp_path, monkeypatch):
 def conditional_cifar_resnet(path: Path, padding="zeros") -> Path:
     torch.manual_seed(0)
     kw = dict(in_channels=3, out_channels=3, mode=padding, emb_dim=16, num_layers=1, conditional=True, num_classes=10)
-    from edtool.models import build_network
+    from edtool.networks.models import build_network
 
     return checkpoints.save(path, build_network("resnet", **kw), {
         "arch": "resnet", "arch_kwargs": kw, "dataset": "cifar10", "image_shape": [3, 32, 32],
@@ -285,7 +286,7 @@ def test_first_samples_per_class_against_a_loop():
 
 
 def test_estimator_and_device_recorded_and_another_resolution_refused(tmp_path, monkeypatch):
-    import edtool.ed as ed
+    import edtool.jacobian.ed as ed
 
     monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tmp_path))
     monkeypatch.chdir(tmp_path)

@@ -11,11 +11,11 @@ import uuid
 import numpy as np
 import pytest
 
-from edtool.aggregate import aggregate_run
+from edtool.study.aggregate import aggregate_run
 from edtool.errors import EdtoolError
-from edtool.pipeline import compute
-from edtool.plots import plot_run
-from edtool.store import lock_holders, open_run
+from edtool.study.compute import compute
+from edtool.study.plots import plot_run
+from edtool.store.run import lock_holders, open_run
 from test_pipeline import (PNG, REPO, _tiny_networks, assert_same_arrays, cli, config, snapshot,  # noqa: F401
                            subprocess_env, tiny_checkpoints, wait_for_done_cell)
 
@@ -75,7 +75,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, single_process_run):
     assert out.count("mean ||J-J^T||_F") == 1  # rank 0 alone prints the results table
     assert_same_arrays(tmp_path / "run", single_process_run)
     assert lock_holders(tmp_path / "run") == []
-    from edtool.status import run_status
+    from edtool.store.status import run_status
 
     assert run_status(str(tmp_path / "run"))["shards"] == ["shard 0/2: complete (4/4 cells)",
                                                             "shard 1/2: complete (4/4 cells)"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.func import grad, vjp, vmap
 
-from edtool.ed import EXACT_MAX_N, _exact_jacobian, exterior_derivative
-from edtool.models import MinimalResNet, Network
+from edtool.jacobian.ed import EXACT_MAX_N, _exact_jacobian, exterior_derivative
+from edtool.networks.models import MinimalResNet, Network
 
 f64 = torch.float64
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edtool.locality import (
+from edtool.jacobian.locality import (
     BandJacobian,
     DenseJacobian,
     FieldJacobian,
@@ -23,8 +23,8 @@ from edtool.locality import (
     pixel_distances,
     r90,
 )
-from edtool.machines import dense_jacobian, make_machine
-from edtool.models import MinimalResNet, Network
+from edtool.els.machine import dense_jacobian, make_machine
+from edtool.networks.models import MinimalResNet, Network
 
 f64 = torch.float64
 
@@ -165,7 +165,7 @@ def test_ideal_machine_gives_a_dense_operator():
 def test_band_products_equal_dense_products(padding, k):
     band = rand(2, 2, 5, 6, 2, k, k, seed=4)
     if padding == "zeros":  # entries reaching outside the image are zero in a machine's band
-        from edtool.machines import _band_valid
+        from edtool.els.machine import _band_valid
         band = band * _band_valid(5, 6, k, "cpu")[None, None, :, :, None]
     V = rand(3, 2, 2, 5, 6, seed=5)
     u, w = BandJacobian(band, padding).products(V)

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from edtool.aggregate import aggregate_run
+from edtool.study.aggregate import aggregate_run
 from edtool.diffusion import ddim_sample, initial_noise
-from edtool.ed import exterior_derivative
-from edtool.locality import FieldJacobian, alignment, jacobian_operator, locality
-from edtool.pipeline import compute, prepare
-from edtool.plots import plot_run
-from edtool.store import open_run, store_url
+from edtool.jacobian.ed import exterior_derivative
+from edtool.jacobian.locality import FieldJacobian, alignment, jacobian_operator, locality
+from edtool.study.compute import compute, prepare
+from edtool.study.plots import plot_run
+from edtool.store.run import open_run, store_url
 from test_pipeline import PNG, _tiny_networks, cli, config, snapshot, tiny_checkpoints  # noqa: F401
 
 WHOLE = ("loc_jac", "loc_ed", "loc_jac_stderr", "loc_ed_stderr", "r90_jac", "r90_ed",
@@ -141,8 +141,8 @@ def test_align_implies_a_shared_trajectory(tmp_path, capsys, monkeypatch):
 
 def test_config_records_each_machine_patch_half_width_per_step():
     """The r90 figure's step line: (k - 1)/2 of the machine's own patch size at every stored step."""
-    from edtool.machines import make_machine
-    from edtool.pipeline import ComputeConfig, jacobian_whole_config
+    from edtool.els.machine import make_machine
+    from edtool.study.compute import ComputeConfig, jacobian_whole_config
 
     images = torch.zeros(2, 1, 8, 8)
     fields = {"els": make_machine("els-borders", images, scales=[3, 7]), "is": make_machine("is", images)}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edtool.diffusion import alpha_bar, beta
-from edtool.machines import (
+from edtool.els.machine import (
     band_ed,
     dense_ed,
     dense_jacobian,
@@ -454,12 +454,12 @@ def test_bad_inputs_raise():
         ms.jacobian(torch.tensor([0.2, 0.9]), x)
 
 
-# ------------------------------------------------------------------ through edtool.ed
+# ------------------------------------------------------------------ through edtool.jacobian.ed
 
 
 @pytest.mark.parametrize("rule,paper", RULES + [("is", False)])
 def test_exterior_derivative_analytic_equals_exact(rule, paper):
-    from edtool.ed import exterior_derivative
+    from edtool.jacobian.ed import exterior_derivative
 
     images, labels = data(n=10)
     x = noisy(images, 0.3)
@@ -500,7 +500,7 @@ def test_scale_index_exact_on_the_ddim_grid(nscales):
     j, not its neighbour, also on the grid of a run with half as many steps; between grid points the
     entry above applies."""
     from edtool.diffusion import timesteps
-    from edtool.machines import scale_index
+    from edtool.els.machine import scale_index
 
     grid = timesteps(nscales)[:-1].tolist()  # t_j = (N - j) / N: entry N - 1 - j
     assert [scale_index(t, nscales) for t in grid] == list(range(nscales - 1, -1, -1))
@@ -525,7 +525,7 @@ def mnist_subset(n, seed=0):
 
 
 def test_merge_plan_counts_every_window_once():
-    from edtool.machines import cell_windows, merge_plan, window_index
+    from edtool.els.machine import cell_windows, merge_plan, window_index
 
     images, _ = mnist_subset(40)
     train = torch.nn.functional.pad(images, (1, 1, 1, 1)).flatten(1)
@@ -542,7 +542,7 @@ def test_merge_plan_counts_every_window_once():
 
 
 def test_merge_plan_stops_at_its_limit_before_copying_windows():
-    from edtool.machines import merge_plan, window_index
+    from edtool.els.machine import merge_plan, window_index
 
     images, _ = mnist_subset(40)
     train = torch.nn.functional.pad(images, (1, 1, 1, 1)).flatten(1)
@@ -558,7 +558,7 @@ def test_distinct_windows_beyond_the_budget_are_never_merged(monkeypatch):
     the cache budget. With a budget between the distinct windows' size and a quarter of all windows',
     merging stops at the cell whose distinct windows overflow it, before copying them: nothing is
     cached and the score is the gathered one."""
-    from edtool import machines
+    from edtool.els import machine as machines
 
     images, _ = mnist_subset(40)
     x = noisy(images[:2], 0.3)
@@ -578,7 +578,7 @@ def test_distinct_windows_beyond_the_budget_are_never_merged(monkeypatch):
 
 
 def test_hash_collisions_never_merge_different_windows(monkeypatch):
-    from edtool import machines
+    from edtool.els import machine as machines
 
     images, _ = mnist_subset(12)
     x = noisy(images, 0.3)
@@ -606,7 +606,7 @@ def test_merged_windows_equal_every_window_on_mnist(rule, paper, k, t):
     unconditional and class-conditional. In float64 they agree to rounding (1e-10); in float32,
     as used, both stay as close to the float64 truth as float32 allows
     (at t = 0.05 both are ~1e-5 off on the band: (a^2/b^4) Cov cancels digits), 1e-5 on the score."""
-    from edtool.machines import candidate_cells
+    from edtool.els.machine import candidate_cells
 
     images, labels = mnist_subset(30)
     x = noisy(images.double(), t, b=2, pure_noise=False)
@@ -641,7 +641,7 @@ def test_merged_windows_equal_every_window_on_mnist(rule, paper, k, t):
 def test_windows_are_merged_only_where_it_pays():
     """k <= 9 (grey): distinct windows kept between calls; k = 11: gathered at every call (its windows
     rarely repeat and the merge costs more than it saves), the same numbers either way."""
-    from edtool.machines import MERGE_MAX_ENTRIES
+    from edtool.els.machine import MERGE_MAX_ENTRIES
 
     images, _ = mnist_subset(8)
     x = noisy(images, 0.5, b=1, pure_noise=False)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from edtool.models import EmbeddingModule, Network, build_network
+from edtool.networks.models import EmbeddingModule, Network, build_network
 
 
 def unet(**kw):

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from edtool import checkpoints
-from edtool.aggregate import aggregate_run
+from edtool.networks import checkpoints
+from edtool.study.aggregate import aggregate_run
 from edtool.diffusion import initial_noise
 from edtool.errors import EdtoolError
-from edtool.pipeline import compute
-from edtool.points import held_out_indices
-from edtool.store import RunStore, open_run
+from edtool.study.compute import compute
+from edtool.study.points import held_out_indices
+from edtool.store.run import RunStore, open_run
 from test_data import bilinear_numpy, small_mnist, write_idx_root
 from test_pipeline import _tiny_networks, assert_same_arrays, cli, config, snapshot, tiny_checkpoints  # noqa: F401
 
@@ -42,12 +42,12 @@ def noised(run_dir, root, **kw):
 
 def test_points_are_the_closed_form_and_the_numbers_the_jacobian_there(tmp_path, held_out_root, tiny_checkpoints,
                                                                        monkeypatch):
-    import edtool.ed
-    from edtool import pipeline
+    import edtool.jacobian.ed
+    from edtool.study import compute as pipeline
 
     root, digits, _ = held_out_root
     nsteps, seed = 2, 7
-    seen, times, real_ed, real_field = [], [], edtool.ed.exterior_derivative, pipeline._score_field
+    seen, times, real_ed, real_field = [], [], edtool.jacobian.ed.exterior_derivative, pipeline._score_field
 
     def spy_field(model, t, label):  # the time and the point each Jacobian is taken at
         times.append(float(t[0]))
@@ -57,7 +57,7 @@ def test_points_are_the_closed_form_and_the_numbers_the_jacobian_there(tmp_path,
         seen.append(x.detach().double().clone())
         return real_ed(field, x, **kw)
 
-    monkeypatch.setattr(edtool.ed, "exterior_derivative", spy_ed)
+    monkeypatch.setattr(edtool.jacobian.ed, "exterior_derivative", spy_ed)
     monkeypatch.setattr(pipeline, "_score_field", spy_field)
     summary = compute(noised(tmp_path / "run", root, models=["resnet", "is"], nsteps=nsteps, seed=seed, probes=4))
     store = open_run(summary["location"])

@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from edtool import checkpoints, pipeline
+from edtool.networks import checkpoints
+from edtool.study import compute as pipeline
 from edtool.cli import main
 from edtool.errors import EdtoolError
-from edtool.models import build_network
-from edtool.pipeline import ComputeConfig, compute
-from edtool.store import STEP_ARRAYS, lock_holders, open_run, run_lock, store_url
+from edtool.networks.models import build_network
+from edtool.study.compute import ComputeConfig, compute
+from edtool.store.run import STEP_ARRAYS, lock_holders, open_run, run_lock, store_url
 
 REPO = Path(__file__).resolve().parent.parent
 ARRAYS = ("time", "seed", "label", *STEP_ARRAYS, "done", "final")
@@ -277,7 +278,7 @@ def _default_sigint():
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, capsys, monkeypatch):
     """A real process killed after its first finished cell; the live lock refuses a second process;
     the stale lock is then taken over and the same command finishes the run, equal to an uninterrupted one."""
-    from edtool.status import run_status
+    from edtool.store.status import run_status
 
     args, proc = spawn_compute(tmp_path / "killed")
     try:
@@ -468,7 +469,7 @@ def test_a_failing_model_records_nan_with_a_warning_and_the_run_goes_on(tmp_path
     assert np.isfinite(store.read("final", "is")).all()
     assert (store.read("ed_fro")[:, :2] != 0).all()  # (NaN != 0): nothing failed was stored as zero
 
-    from edtool.aggregate import aggregate_run
+    from edtool.study.aggregate import aggregate_run
 
     agg = aggregate_run(tmp_path / "run")
     assert agg["resnet"]["num_failed"] == 2 and agg["unet"]["num_failed"] == 2 and agg["is"]["num_failed"] == 0
@@ -525,8 +526,8 @@ def test_shared_trajectory_measures_every_model_on_the_reference_path(tmp_path, 
     """`is` measured at the ResNet's DDIM points equals the machine evaluated there directly."""
     from edtool.data import load_dataset
     from edtool.diffusion import ddim_sample, initial_noise
-    from edtool.ed import exterior_derivative
-    from edtool.machines import make_machine
+    from edtool.jacobian.ed import exterior_derivative
+    from edtool.els.machine import make_machine
 
     nsteps = 3
     compute(config(tmp_path / "shared", nsteps=nsteps, trajectory="shared", reference="resnet"))

@@ -8,11 +8,11 @@ import pytest
 
 from matplotlib.figure import Figure
 
-import edtool.plots as plots
-from edtool.aggregate import aggregate_run
+import edtool.study.plots as plots
+from edtool.study.aggregate import aggregate_run
 from edtool.errors import EdtoolError
-from edtool.plots import plot_run, run_figures
-from edtool.store import create_run
+from edtool.study.plots import plot_run, run_figures
+from edtool.store.run import create_run
 
 HEADERS = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF"}
 

@@ -8,7 +8,7 @@ import torch
 
 from edtool.diffusion import initial_noise
 from edtool.errors import EdtoolError
-from edtool.points import default_held_out, held_out_indices, noised_points
+from edtool.study.points import default_held_out, held_out_indices, noised_points
 
 
 def test_noised_points_are_the_forward_process_at_uniform_t():

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import zarr
 
-from edtool.aggregate import aggregate_run
+from edtool.study.aggregate import aggregate_run
 from edtool.errors import EdtoolError
-from edtool.pipeline import compute
-from edtool.plots import plot_run
-from edtool.store import (BrokenRunError, RunStore, access_lock, create_run, open_run,
+from edtool.study.compute import compute
+from edtool.study.plots import plot_run
+from edtool.store.run import (BrokenRunError, RunStore, access_lock, create_run, open_run,
                           store_url)
-from edtool.status import run_status, verify_run
+from edtool.store.status import run_status, verify_run
 from test_pipeline import (REPO, _tiny_networks, assert_same_arrays, cli, config, snapshot,  # noqa: F401
                            subprocess_env, tiny_checkpoints, wait_for_done_cell)
 

@@ -1,12 +1,12 @@
-"""edtool.scales: the one place that checks, finds and applies ELS scale schedules.
+"""edtool.els.schedule: the one place that checks, finds and applies ELS scale schedules.
 (Reading and writing the files is covered next to the paper import, tests/test_checkpoints.py.)"""
 
 import pytest
 import torch
 
 from edtool.errors import EdtoolError
-from edtool.checkpoints import file_hash
-from edtool.scales import (build_machine, check_patch_size, check_schedule, find_scales, local_scales_path, scales_path,
+from edtool.networks.checkpoints import file_hash
+from edtool.els.schedule import (build_machine, check_patch_size, check_schedule, find_scales, local_scales_path, scales_path,
                            write_scales_json)
 
 

@@ -15,7 +15,7 @@ import zarr
 
 import edtool
 from edtool.errors import EdtoolError
-from edtool.store import (RunStore, create_run, lock_holders, open_run, run_lock, shard_realizations,
+from edtool.store.run import (RunStore, create_run, lock_holders, open_run, run_lock, shard_realizations,
                           store_url, write_summary)
 
 MODELS = ["unet", "els"]
@@ -309,7 +309,7 @@ def test_shard_realizations():
 
 SHARD_WORKER = """
 import sys, numpy as np
-from edtool.store import open_run, run_lock, shard_realizations
+from edtool.store.run import open_run, run_lock, shard_realizations
 run_dir, i, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with run_lock(run_dir, (i, k)):
     run = open_run(run_dir, mode="r+")

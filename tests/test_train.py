@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edtool import checkpoints
+from edtool.networks import checkpoints
 from edtool.cli import app, main
 from edtool.config import default
 from edtool.errors import EdtoolError
 from edtool.paths import REPO_ROOT
-from edtool.train import TrainConfig, train, work_dir_name
+from edtool.networks.train import TrainConfig, train, work_dir_name
 
 
 def _tiny_data(n=24):
@@ -130,8 +130,8 @@ def test_the_command_and_the_library_share_their_defaults():
 
 def test_shipped_weights_are_the_moving_average(tmp_path):
     """One step: EMA = d * initial + (1 - d) * trained, with the warm-up decay d = min(decay, 2/11)."""
-    from edtool.models import build_network
-    from edtool.train import arch_kwargs, ema_decay
+    from edtool.networks.models import build_network
+    from edtool.networks.train import arch_kwargs, ema_decay
 
     images, labels = _tiny_data()
     cfg_raw, cfg_ema = _cfg(steps=1, ema_decay=0.0), _cfg(steps=1, ema_decay=0.999)
@@ -188,7 +188,7 @@ def test_a_damaged_state_is_refused_not_trained_on(tmp_path):
 
 
 def test_snapshots_record_held_out_loss_grid_and_geometric_weights(tmp_path):
-    from edtool.train import eval_loss, read_snapshots
+    from edtool.networks.train import eval_loss, read_snapshots
 
     images, labels = _tiny_data()
     held_images, held_labels = _tiny_data(12)

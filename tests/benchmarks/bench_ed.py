@@ -7,8 +7,8 @@ when a file is missing) and an untrained CIFAR-sized UNet (3x32x32), at t = 0.9,
 real DDIM trajectory (10 steps from seed 0), one sample per point, side by side:
   seed     the old tool: torch.autograd.functional.jacobian of the flattened score with
            create_graph=True (one backward pass per output, the graph kept)
-  exact    edtool.ed, method="exact"
-  hutch-P  edtool.ed, method="hutchinson" with P probes (16 is the pipeline's default), repeated with
+  exact    edtool.jacobian.ed, method="exact"
+  hutch-P  edtool.jacobian.ed, method="hutchinson" with P probes (16 is the pipeline's default), repeated with
            probe seeds 0..S-1 (--probe-seeds S, default 5): time is the median per seed, the error is
            the root mean square over seeds (and the worst seed), since one draw is one sample of the noise
 Every (point, method) runs in its own subprocess, which reports its wall and CPU time and its peak
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from edtool.diffusion import ddim_sample, initial_noise
-from edtool.ed import exterior_derivative
-from edtool.models import MinimalResNet, MinimalUNet, Network
+from edtool.jacobian.ed import exterior_derivative
+from edtool.networks.models import MinimalResNet, MinimalUNet, Network
 from edtool.paths import shipped_dir
 
 TIMES = (0.9, 0.5, 0.1)
@@ -48,7 +48,7 @@ def build_network(case: dict) -> Network:
     """The case's network: its checkpoint when the file exists, else the same architecture untrained (seed 0)."""
     path = case.get("path")
     if path and Path(path).exists():
-        from edtool.checkpoints import load
+        from edtool.networks.checkpoints import load
         return load(path)
     torch.manual_seed(0)
     if case["arch"] == "unet":
@@ -85,7 +85,7 @@ def seed_tool_ed(f, x) -> dict:
 
 
 def edtool_ed(f, x, method: str, seed: int = 0) -> dict:
-    """edtool.ed on one sample: method 'exact' or 'hutch-P' (probes drawn with `seed`)."""
+    """edtool.jacobian.ed on one sample: method 'exact' or 'hutch-P' (probes drawn with `seed`)."""
     if method == "exact":
         res = exterior_derivative(f, x, method="exact", max_memory=MAX_MEMORY)
     else:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from edtool.data import load_dataset
-from edtool.machines import MERGE_MAX_ENTRIES, make_machine
+from edtool.els.machine import MERGE_MAX_ENTRIES, make_machine
 
 
 def time_step(images, labels, k: int, x, t) -> tuple:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/: the paper stand-in classes and s
 
 from test_checkpoints import DDIM, MinimalResNet, MinimalUNet, save_paper  # noqa: E402
 
-from edtool import checkpoints  # noqa: E402
+from edtool.networks import checkpoints  # noqa: E402
 
 PAPER_SCALES = {"ResNet": [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15]}  # paper_scales.json
 

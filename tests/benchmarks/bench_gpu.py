@@ -34,8 +34,8 @@ ASYM_RTOL = 1e-3
 
 def study(device: str, run_dir: Path, args, models, realizations: int, nsteps: int, batch: int = 1, **extra):
     """One compute run; returns (seconds, per-model seconds, run store)."""
-    from edtool.pipeline import ComputeConfig, Reporter, compute
-    from edtool.store import open_run
+    from edtool.study.compute import ComputeConfig, Reporter, compute
+    from edtool.store.run import open_run
 
     class Clock(Reporter):
         def __init__(self):

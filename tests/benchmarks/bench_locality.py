@@ -24,7 +24,7 @@ import time
 import torch
 
 from edtool.diffusion import ddim_sample, initial_noise
-from edtool.locality import FieldJacobian, alignment, jacobian_operator, locality
+from edtool.jacobian.locality import FieldJacobian, alignment, jacobian_operator, locality
 
 TIMES = (0.9, 0.5, 0.1)
 NSTEPS = 10
@@ -58,8 +58,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from edtool.ed import exterior_derivative
-    from edtool.pipeline import ComputeConfig, prepare
+    from edtool.jacobian.ed import exterior_derivative
+    from edtool.study.compute import ComputeConfig, prepare
 
     study = prepare(ComputeConfig(models=["unet", "resnet", "els"], device="cpu"))
     els = study.fields["els"]

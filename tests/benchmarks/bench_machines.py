@@ -12,7 +12,7 @@ Jacobian time / score time (target <= 3) and the exact ED from the band.
     python tests/benchmarks/bench_machines.py --before --ks 3 5 7 11 --batches 1     # before/after table
     python tests/benchmarks/bench_machines.py --before --dataset mnist --root /work/shared/data/mnist --ks 3 5
 
---before times the engine as it was before identical windows were merged (edtool/machines.py of
+--before times the engine as it was before identical windows were merged (edtool/els/machine.py of
 commit 2e567e5, read with `git show`; --before-commit picks another) and the current one on the
 same x, one after the other per row, and reports the speed-up and the relative difference of
 score and band (float32).
@@ -44,7 +44,7 @@ import time
 import torch
 
 from edtool.diffusion import add_noise
-from edtool.machines import _candidates_per_step, candidate_cells, make_machine
+from edtool.els.machine import _candidates_per_step, candidate_cells, make_machine
 
 
 def load_images(dataset: str, root) -> torch.Tensor:
@@ -135,10 +135,10 @@ def main():
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--no-jacobian", action="store_true")
     p.add_argument("--calibration", action="store_true",
-                   help="also time edtool.calibrate on the shipped ResNet: sizes --ks, 1 seed, --calib-steps steps")
+                   help="also time edtool.els.calibrate on the shipped ResNet: sizes --ks, 1 seed, --calib-steps steps")
     p.add_argument("--calib-steps", type=int, default=2)
     p.add_argument("--before", action="store_true", help="before/after table against an earlier engine")
-    p.add_argument("--before-commit", default="2e567e5", help="commit whose edtool/machines.py is 'before'")
+    p.add_argument("--before-commit", default="2e567e5", help="commit whose edtool/els/machine.py is 'before'")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--root", default=None)
     args = p.parse_args()
@@ -186,10 +186,10 @@ def before_after(images, args, device, dtype):
     import types
 
     repo = pathlib.Path(__file__).resolve().parents[2]
-    code = subprocess.run(["git", "show", f"{args.before_commit}:edtool/machines.py"], cwd=repo, check=True,
+    code = subprocess.run(["git", "show", f"{args.before_commit}:edtool/els/machine.py"], cwd=repo, check=True,
                           capture_output=True, text=True).stdout
     before = types.ModuleType("machines_before")
-    exec(compile(code, f"{args.before_commit}:edtool/machines.py", "exec"), before.__dict__)
+    exec(compile(code, f"{args.before_commit}:edtool/els/machine.py", "exec"), before.__dict__)
     print(f"{len(images)} images, t = {args.t}, {torch.get_num_threads()} threads, {dtype}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| k | B | distinct windows | build s | score before s | after s | speed-up | Jacobian before s | after s | speed-up | rel. diff score | band |")
@@ -227,8 +227,8 @@ def before_after(images, args, device, dtype):
 
 def calibration_row(images, ks, nsteps, device):
     """Wall time of calibrate() (one seed, these sizes) against the shipped ResNet, per scored point."""
-    from edtool import checkpoints
-    from edtool.calibrate import calibrate
+    from edtool.networks import checkpoints
+    from edtool.els.calibrate import calibrate
 
     net = checkpoints.load(checkpoints.discover("mnist5k", "resnet"), device=device)
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ import time
 import torch
 
 from edtool.data import load_dataset
-from edtool.machines import make_machine
+from edtool.els.machine import make_machine
 
 
 def resident_gib() -> float:

@@ -3,7 +3,7 @@
 For one noised digit (t = 0.5) and els-borders over 1,000 mnist5k images, times the first score
 call (for the merged engine it includes the one-off merge), a second score and a Jacobian, with the
 key cache on (merged) and off (every window gathered at every call, the engine before merging).
-edtool.machines.MERGE_MAX_ENTRIES (81: k <= 9 for grey images) is set from this table.
+edtool.els.machine.MERGE_MAX_ENTRIES (81: k <= 9 for grey images) is set from this table.
 
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_merge_threshold.py 7 9 11
 
@@ -25,7 +25,7 @@ import torch
 
 from edtool.data import load_dataset
 from edtool.diffusion import add_noise
-import edtool.machines as machines
+import edtool.els.machine as machines
 
 
 def main(ks):

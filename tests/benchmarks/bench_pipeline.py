@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_pipeline.py                  # the default study
     python tests/benchmarks/bench_pipeline.py --models unet --nsteps 4 --out /tmp/bench_pipeline.md
 
-Runs edtool.pipeline.compute with ComputeConfig() defaults (unet, resnet, els; 20 steps; 1 realization;
+Runs edtool.study.compute.compute with ComputeConfig() defaults (unet, resnet, els; 20 steps; 1 realization;
 mnist5k) into a fresh temporary run directory (and a temporary EDTOOL_CACHE unless --cache is given), then
-edtool.aggregate.aggregate_run and edtool.plots.plot_run. Reports wall and process CPU time for setup
+edtool.study.aggregate.aggregate_run and edtool.study.plots.plot_run. Reports wall and process CPU time for setup
 (data, networks, machines), sampling, Jacobian work, store writes, aggregate, plotting and the total, the
 store's share of the total (target < 5%), and per-model time from the reporter's cell_done callbacks.
 """
@@ -32,7 +32,7 @@ def since(t0):
 
 def timing_reporter():
     """A pipeline Reporter that records (wall, CPU) per finished cell: per-model time for one realization."""
-    from edtool.pipeline import Reporter
+    from edtool.study.compute import Reporter
 
     class CellClock(Reporter):
         def __init__(self):
@@ -55,9 +55,9 @@ def timing_reporter():
 
 def run(args, tmp: Path) -> dict:
     """compute + aggregate + plot into tmp; returns every timing."""
-    from edtool.aggregate import aggregate_run
-    from edtool.pipeline import ComputeConfig, compute
-    from edtool.plots import plot_run
+    from edtool.study.aggregate import aggregate_run
+    from edtool.study.compute import ComputeConfig, compute
+    from edtool.study.plots import plot_run
 
     kw = {}
     if args.models:

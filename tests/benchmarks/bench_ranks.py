@@ -72,7 +72,7 @@ def run_mode(mode: str, args, run_dir: Path) -> dict:
 
 def arrays(run_dir: Path) -> dict:
     """Every array of the run store by name (numpy)."""
-    from edtool.store import open_run
+    from edtool.store.run import open_run
 
     run = open_run(str(run_dir))
     names = [name for name, _ in run.group.arrays()]

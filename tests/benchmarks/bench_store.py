@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edtool import pipeline
-from edtool.pipeline import ComputeConfig, Reporter, Study, compute
-from edtool.store import create_run, open_run
+from edtool.study import compute as pipeline
+from edtool.study.compute import ComputeConfig, Reporter, Study, compute
+from edtool.store.run import create_run, open_run
 
 MODELS = ["is", "ls"]  # names only: the fake measurement never touches a model
 IMAGE = (1, 32, 32)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edtool.diffusion import alpha_bar, beta, score_to_eps, timesteps
-from edtool.scales import check_fits, check_patch_size
+from edtool.els.schedule import check_fits, check_patch_size
 
 MACHINES = ("is", "ls", "els-circular", "els-borders")
 ALIASES = {"els": "els-borders"}
@@ -794,7 +794,7 @@ class LocalMachine(Machine):
 
 class MachineField:
     """A machine's score field at a fixed time (and label): call it, or ask for its analytic ED.
-    `edtool.ed.exterior_derivative` uses `analytic_ed` when a field has one."""
+    `edtool.jacobian.ed.exterior_derivative` uses `analytic_ed` when a field has one."""
 
     def __init__(self, machine: Machine, t, label=None):
         self.machine, self.t, self.label = machine, t, label

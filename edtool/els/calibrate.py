@@ -12,7 +12,7 @@ seeds on which each machine beats the ideal score machine `is`.
 
     net = checkpoints.load("checkpoints/mnist5k_resnet.safetensors")
     res = calibrate(net, images, labels, sizes=(3, 5, 7, 9), seeds=[0, 1, 2, 3])
-    write_scales_json(scales_path(ckpt, "els-borders"), res["scales"], **calibration_meta(res))  # edtool.scales
+    write_scales_json(scales_path(ckpt, "els-borders"), res["scales"], **calibration_meta(res))  # edtool.els.schedule
     sample(["els-borders", "is"], net, images, labels, seeds=range(20), scales=res["scales"], out_dir="out")
 """
 
@@ -31,7 +31,7 @@ from torch import Tensor
 from edtool.diffusion import ddim_sample, eps_to_score, initial_noise, timesteps
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, write_json
-from edtool.scales import (build_machine, check_fits, check_patch_size, check_schedule, fallback_note,
+from edtool.els.schedule import (build_machine, check_fits, check_patch_size, check_schedule, fallback_note,
                            resampling_note)
 
 METRICS = ("cosine", "l2")
@@ -166,7 +166,7 @@ def _batches(n: int, batch: Optional[int]):
 
 def machine_kind(machine: str, network) -> str:
     """The machine's full name next to this network (`els` follows the network's padding)."""
-    from edtool.machines import resolve_machine_name
+    from edtool.els.machine import resolve_machine_name
 
     padding = (getattr(network, "manifest", None) or {}).get("padding", "zeros")
     try:
@@ -225,7 +225,7 @@ def calibrate(
     entry), similarity (N x len(sizes), mean over seeds; cosine or relative L2), and the
     settings. `batch` bounds how many (step, seed) points one machine call scores.
     """
-    from edtool.machines import make_machine
+    from edtool.els.machine import make_machine
 
     if metric not in METRICS:
         raise EdtoolError(f"unknown metric {metric!r}; choose cosine or l2")

@@ -109,7 +109,7 @@ def local_scales_path(checkpoint, machine: str) -> Path:
 def _calibrated_for(candidate: Path, checkpoint) -> bool:
     """Whether the calibration file belongs to this checkpoint: one beside it does unless it records the
     sha256 of other weights; one elsewhere (./checkpoints/) only when it records this checkpoint's."""
-    from edtool.checkpoints import file_hash
+    from edtool.networks.checkpoints import file_hash
 
     beside = candidate.parent.resolve() == Path(checkpoint).parent.resolve()
     try:
@@ -142,8 +142,8 @@ def _names_for(machine: str, network: Path) -> tuple:
     """What a schedule for `machine` next to this network is called: our `<stem>_scales_<machine>.json`,
     and for a paper network (its .pt, or our import of one) with the machine of its padding, the
     paper's scales_<DATASET>_<arch>_<mode>[_conditional].pt, as the key (dataset, arch, mode, conditional)."""
-    from edtool import checkpoints
-    from edtool.paper_import import parse_paper_name
+    from edtool.networks import checkpoints
+    from edtool.networks.paper_import import parse_paper_name
 
     paper = parse_paper_name(network)
     if paper is None and network.suffix != ".pt" and checkpoints.manifest_path(network).exists():
@@ -160,7 +160,7 @@ def _names_for(machine: str, network: Path) -> tuple:
 
 def _paper_scales_in(directory: Path, key: tuple) -> list:
     """The paper's scales_*.pt in a folder whose name says (dataset, arch, mode, conditional) = key."""
-    from edtool.paper_import import parse_paper_name
+    from edtool.networks.paper_import import parse_paper_name
 
     found = []
     for path in sorted(directory.glob("scales_*.pt")):
@@ -212,7 +212,7 @@ def resampling_note(name: str, scales: Sequence[int], nsteps: int, source=None) 
     at time t takes entry j with t in ((j) / N, (j + 1) / N] (machines.scale_index), so a 20-entry paper
     schedule with 10 steps uses every second entry, and a length that is no multiple of the steps lands
     between the calibrated times."""
-    from edtool.machines import scale_index
+    from edtool.els.machine import scale_index
 
     n = len(scales)
     if n == nsteps:
@@ -239,7 +239,7 @@ def build_machine(kind: str, images, labels=None, scales: Optional[Sequence[int]
                   source: Optional[str] = None):
     """The machine `kind` with its schedule: `is` takes none; the others `scales` when given, else
     the fixed `patch_size`. Returns (machine, info), info being what a run records about it."""
-    from edtool.machines import make_machine
+    from edtool.els.machine import make_machine
 
     if kind == "is":
         return make_machine("is", images, labels), {}

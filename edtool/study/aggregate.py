@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 
 from edtool import __version__
-from edtool.store import RunStore, access_lock, consolidate, local_dir, new_array, open_run, require_whole, write_summary
+from edtool.store.run import RunStore, access_lock, consolidate, local_dir, new_array, open_run, require_whole, write_summary
 
 QUANTITIES = ("ed_fro", "asym", "jac_fro")
 STATS = ("mean", "std", "cv", "median", "q05", "q95", "n")

@@ -4,7 +4,7 @@ import json
 import math
 import sys
 
-from edtool.pipeline import Reporter
+from edtool.study.compute import Reporter
 
 
 class PlainReporter(Reporter):

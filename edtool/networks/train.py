@@ -16,13 +16,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from edtool import checkpoints, train_state
+from edtool.networks import checkpoints, train_state
 from edtool.config import TrainConfig
 from edtool.diffusion import add_noise, ddim_sample
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, write_json
 from edtool.imageio import save_grid
-from edtool.models import Network, build_network
+from edtool.networks.models import Network, build_network
 
 
 def arch_kwargs(cfg: TrainConfig, channels: int, num_classes: Optional[int]) -> dict:

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from edtool.diffusion import ddim_sample, initial_noise, timesteps
-from edtool.ed import METHODS as ESTIMATORS
+from edtool.jacobian.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
-from edtool.machines import ALIASES, MACHINES
-from edtool.scales import check_fits, check_patch_size
-from edtool.store import MAX_REALIZATIONS
+from edtool.els.machine import ALIASES, MACHINES
+from edtool.els.schedule import check_fits, check_patch_size
+from edtool.store.run import MAX_REALIZATIONS
 
 NETWORKS = ("unet", "resnet")
 MACHINE_NAMES = tuple(ALIASES) + MACHINES  # what --models accepts: `els` follows the networks' padding
@@ -115,7 +115,7 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError(f"--trajectory must be own or shared, got {cfg.trajectory!r}")
     if cfg.reference is not None and cfg.reference not in cfg.models:
         raise EdtoolError(f"--reference {cfg.reference!r} is not among --models")
-    from edtool.points import POINT_SOURCES
+    from edtool.study.points import POINT_SOURCES
 
     if cfg.points not in POINT_SOURCES:
         raise EdtoolError(f"--points must be one of {', '.join(POINT_SOURCES)}, got {cfg.points!r}")
@@ -138,7 +138,7 @@ def validate(cfg: ComputeConfig) -> None:
 
 def _validate_jacobian_whole(cfg: ComputeConfig) -> None:
     """--locality and --align settings (SPEC 12)."""
-    from edtool.locality import LOCALITY_METHODS
+    from edtool.jacobian.locality import LOCALITY_METHODS
 
     if cfg.locality_method not in LOCALITY_METHODS:
         raise EdtoolError(f"unknown --locality-method {cfg.locality_method!r}; choose one of "
@@ -229,7 +229,7 @@ class Study:
 
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
     """--unet/--resnet, else the first found in ./checkpoints, EDTOOL_CHECKPOINTS, shipped (SPEC 4)."""
-    from edtool import checkpoints
+    from edtool.networks import checkpoints
 
     explicit = getattr(cfg, arch)
     if explicit:
@@ -239,8 +239,8 @@ def _network_path(cfg: ComputeConfig, arch: str) -> Path:
 
 def _padding_of(path: Path) -> Optional[str]:
     """A network file's padding, from our manifest or a paper file's name (without loading it)."""
-    from edtool import checkpoints
-    from edtool.paper_import import parse_paper_name
+    from edtool.networks import checkpoints
+    from edtool.networks.paper_import import parse_paper_name
 
     if path.suffix == ".pt":
         info = parse_paper_name(path)
@@ -266,12 +266,12 @@ def _image_shape(fields: dict) -> Optional[tuple]:
 def prepare(cfg: ComputeConfig) -> Study:
     """Load networks, data (only for machines, SPEC 6) and machines; derive seeds, labels and the config
     that the store records (with the estimator each model uses on this device)."""
-    from edtool import checkpoints
-    from edtool.calibrate import seed_labels
+    from edtool.networks import checkpoints
+    from edtool.els.calibrate import seed_labels
     from edtool.data import NUM_CLASSES, first_samples, load_dataset
-    from edtool.ed import auto_method
-    from edtool.machines import resolve_machine_name
-    from edtool.scales import build_machine, fallback_note, find_scales, resampling_note
+    from edtool.jacobian.ed import auto_method
+    from edtool.els.machine import resolve_machine_name
+    from edtool.els.schedule import build_machine, fallback_note, find_scales, resampling_note
 
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -373,7 +373,7 @@ def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
     """x_0 per realization for --points noised-data, their labels (-1 if unconditional) and the config
     entry that records the point source (SPEC 13)."""
     from edtool.data import load_dataset
-    from edtool.points import default_held_out, held_out_indices
+    from edtool.study.points import default_held_out, held_out_indices
 
     name, split = (cfg.held_out, "test") if cfg.held_out else default_held_out(cfg.dataset)
     images, labels = load_dataset(name, root=cfg.data_root, split=split)
@@ -395,7 +395,7 @@ def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
 def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict) -> dict:
     """The SPEC 12 settings a run records (absent when off, so runs made without them still resume), with
     each ELS machine's patch half-width (k - 1)/2 at every step, which the locality figures draw."""
-    from edtool.locality import default_radius
+    from edtool.jacobian.locality import default_radius
 
     out = {}
     if cfg.locality:
@@ -412,7 +412,7 @@ def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict) -> dict
 
 def _whole_dims(config: dict) -> dict:
     """The per-cell arrays of SPEC 12 a run with this config stores, with their trailing dimensions."""
-    from edtool.store import ALIGN_ARRAYS, LOCALITY_ARRAYS
+    from edtool.store.run import ALIGN_ARRAYS, LOCALITY_ARRAYS
 
     return {**(LOCALITY_ARRAYS if config.get("locality") else {}), **(ALIGN_ARRAYS if config.get("align") else {})}
 
@@ -485,7 +485,7 @@ class _Job:
     """What every batch of a compute() call shares: the study, the open store, progress, timings, failures."""
 
     study: Study
-    run: object  # edtool.store.RunStore
+    run: object  # edtool.store.run.RunStore
     reporter: Reporter
     timer: _Timer = field(default_factory=_Timer)
     failures: list = field(default_factory=list)
@@ -494,8 +494,8 @@ class _Job:
 
 def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tensor]] = None) -> Cell:
     """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step."""
-    from edtool.ed import exterior_derivative
-    from edtool.locality import ClosedFormField
+    from edtool.jacobian.ed import exterior_derivative
+    from edtool.jacobian.locality import ClosedFormField
 
     cfg, nsteps, model = job.study.cfg, job.study.cfg.nsteps, job.study.models[name]
     times = timesteps(nsteps).tolist()
@@ -559,7 +559,7 @@ def _circular(model) -> Optional[bool]:
 def _jacobian_op(job: _Job, name: str, f, x: torch.Tensor, j: int):
     """The Jacobian operator of model `name` at step j's point x. The --align reference's is kept for the
     batch: every model visits the same points, so it is built once per step, not once per model."""
-    from edtool.locality import jacobian_operator
+    from edtool.jacobian.locality import jacobian_operator
 
     if name == job.study.cfg.align and j in job.reference_ops:
         return job.reference_ops[j]
@@ -572,7 +572,7 @@ def _jacobian_op(job: _Job, name: str, f, x: torch.Tensor, j: int):
 def _measure_whole(job: _Job, name: str, op, tb: torch.Tensor, batch: Batch, x: torch.Tensor, j: int, out: Cell):
     """SPEC 12 at one step: the locality profile of this model's Jacobian `op` and its alignment with the
     reference's (the dense J of a network is built once for both)."""
-    from edtool.locality import FieldJacobian, alignment, locality
+    from edtool.jacobian.locality import FieldJacobian, alignment, locality
 
     study = job.study
     cfg, settings, rows = study.cfg, study.config, batch.rows
@@ -665,8 +665,8 @@ def _barrier():
 
 def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     """Fill the run store for cfg, resuming where it stopped; returns a summary dict."""
-    from edtool.status import record_shard
-    from edtool.store import create_run, describe_cells, run_lock, shard_realizations
+    from edtool.store.status import record_shard
+    from edtool.store.run import create_run, describe_cells, run_lock, shard_realizations
 
     reporter = reporter or Reporter()
     validate(cfg)
@@ -755,7 +755,7 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
     names = list(cfg.models)
     points, reference_final = None, None
     if cfg.points == "noised-data":  # the same noised held-out points for every model; final is x_0
-        from edtool.points import noised_points
+        from edtool.study.points import noised_points
 
         x_0 = study.held_out[rows].to(device)
         points, reference_final = noised_points(x_0, x_T, cfg.nsteps), x_0.double().cpu().numpy()

@@ -1,4 +1,4 @@
-"""Import the paper's checkpoints safely (SPEC 4); its scale lists are read by `edtool.scales`.
+"""Import the paper's checkpoints safely (SPEC 4); its scale lists are read by `edtool.els.schedule`.
 
 A paper checkpoint `backbone_<DATASET>_<UNet|ResNet>_<mode>[_conditional].pt` is a pickle of a
 whole `DDIM` module. Unpickling it normally would import the paper's code and could run
@@ -7,7 +7,7 @@ builds tensors and plain containers, plus inert stand-ins for an explicit allow-
 names (the paper's DDIM, MinimalUNet, MinimalResNet, UBlock, EmbeddingModule and the torch.nn
 layers they use). A stand-in only collects the pickled attributes; nothing else is unpickled
 and no code from the file runs. The backbone's weights are then matched layer by layer onto
-`edtool.models` and written in our format (safetensors + manifest).
+`edtool.networks.models` and written in our format (safetensors + manifest).
 """
 
 import json
@@ -20,10 +20,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from edtool import checkpoints
+from edtool.networks import checkpoints
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output
-from edtool.models import build_network
+from edtool.networks.models import build_network
 from edtool.paths import cache_dir, local_checkpoints_dir
 
 PAPER_CLASSES = ("DDIM", "MinimalUNet", "MinimalResNet", "UBlock", "EmbeddingModule")
@@ -63,7 +63,7 @@ class PaperBackbone(NamedTuple):
     """What a paper checkpoint holds: its backbone's architecture, weights and settings."""
 
     arch: str  # "unet" or "resnet"
-    state_dict: dict  # our key names (edtool.models), i.e. the pickled keys without "backbone."
+    state_dict: dict  # our key names (edtool.networks.models), i.e. the pickled keys without "backbone."
     settings: dict  # our constructor arguments, from the pickled attributes or else the weight shapes
     layers: dict  # our module path -> pickled layer (an inert stand-in); "" is the backbone
     image_size: Optional[int]  # the DDIM's default_imsize, if pickled

@@ -25,10 +25,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from edtool.aggregate import compute_aggregate, read_aggregate
+from edtool.study.aggregate import compute_aggregate, read_aggregate
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, record_written, refuse_foreign
-from edtool.store import RunStore, access_lock, local_dir, open_run, require_whole
+from edtool.store.run import RunStore, access_lock, local_dir, open_run, require_whole
 
 FORMATS = ("png", "pdf", "svg")
 MODEL_COLORS = {"unet": "#1f77b4", "resnet": "#ff7f0e", "els": "#2ca02c", "els-borders": "#8c564b",

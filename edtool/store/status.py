@@ -9,7 +9,7 @@ import numpy as np
 
 from edtool.errors import EdtoolError
 from edtool.paths import cache_dir
-from edtool.store import (STORE_NAME, BrokenRunError, access_lock, local_dir, lock_holders, open_run,
+from edtool.store.run import (STORE_NAME, BrokenRunError, access_lock, local_dir, lock_holders, open_run,
                           shard_realizations)
 
 STATUS_WAIT = 2.0  # seconds status waits for a run being replaced before reporting it busy

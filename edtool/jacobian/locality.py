@@ -10,7 +10,7 @@ distance d(p, q) = max(|p_y - q_y|, |p_x - q_x|) (on the torus for circular padd
 
 Every measurement takes a *Jacobian operator* (one per batch of samples): a dense matrix
 (`DenseJacobian`), the ELS machines' closed-form band (`BandJacobian`) or a field at a point
-(`FieldJacobian`, products by autograd, the dense matrix from chunked VJPs as in `edtool.ed`).
+(`FieldJacobian`, products by autograd, the dense matrix from chunked VJPs as in `edtool.jacobian.ed`).
 Exact numbers come from the dense matrix or the band; without them:
 - locality by *masked probes*: for m output pixels p drawn without replacement, the probes e_(c,p)
   give row (c, p) of J (one VJP) and of J^T (one JVP); masking those rows by distance shell gives
@@ -122,7 +122,7 @@ def _band_offsets(k: int, device) -> Tensor:
 def locality_band(band: Tensor, padding: str, radius: Optional[int] = None) -> dict:
     """Exact loc_jac, loc_ed (B, R + 1) of a closed-form band (B, C, H, W, C, k, k) (SPEC 5.3): each
     window offset has one distance, so the profile is 1 from r = (k - 1)/2 on by construction."""
-    from edtool.machines import band_transpose, dense_jacobian
+    from edtool.els.machine import band_transpose, dense_jacobian
 
     B, C, H, W, _, k, _ = band.shape
     R = default_radius((H, W)) if radius is None else int(radius)
@@ -138,7 +138,7 @@ def locality_band(band: Tensor, padding: str, radius: Optional[int] = None) -> d
 
 def band_matvec(band: Tensor, V: Tensor, padding: str) -> Tensor:
     """J v for a band (B, C, H, W, C, k, k) and vectors V (P, B, C, H, W), without forming J."""
-    from edtool.machines import pad_images
+    from edtool.els.machine import pad_images
 
     B, C, H, W, _, k, _ = band.shape
     r = k // 2
@@ -191,14 +191,14 @@ class BandJacobian:
 
     def dense(self, max_memory: int = 2**30) -> Optional[Tensor]:
         """The dense Jacobians, or None when they do not fit in max_memory bytes."""
-        from edtool.machines import dense_jacobian
+        from edtool.els.machine import dense_jacobian
 
         if self._dense is None and self._dense_bytes() <= max_memory:
             self._dense = dense_jacobian(self.band, self.padding)
         return self._dense
 
     def products(self, V: Tensor) -> tuple:
-        from edtool.machines import band_transpose
+        from edtool.els.machine import band_transpose
 
         return band_matvec(self.band, V, self.padding), band_matvec(band_transpose(self.band, self.circular), V,
                                                                    self.padding)
@@ -209,10 +209,10 @@ class BandJacobian:
 
 class FieldJacobian:
     """The Jacobian of a field f (x (B, C, H, W) -> same shape, sample by sample) at x, by autograd:
-    products by forward (J v) and reverse mode (J^T v), the dense matrix from chunked VJPs (`edtool.ed`)."""
+    products by forward (J v) and reverse mode (J^T v), the dense matrix from chunked VJPs (`edtool.jacobian.ed`)."""
 
     def __init__(self, f, x: Tensor, circular: bool = False):
-        from edtool.ed import _check_input, _linearize
+        from edtool.jacobian.ed import _check_input, _linearize
 
         self.f, self.x, self.circular = f, _check_input(x, None), circular
         self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
@@ -222,7 +222,7 @@ class FieldJacobian:
 
     def dense(self, max_memory: int = 2**30) -> Optional[Tensor]:
         """The dense Jacobians (n VJPs, computed once), or None when they do not fit in max_memory."""
-        from edtool.ed import _exact_chunk, _exact_jacobian
+        from edtool.jacobian.ed import _exact_chunk, _exact_jacobian
 
         if self._dense is None:
             chunk = _exact_chunk(self.x, self._act_bytes, max_memory)
@@ -234,12 +234,12 @@ class FieldJacobian:
 
     def chunk(self, max_memory: int = 2**30) -> int:
         """Vectors per vmapped product within max_memory."""
-        from edtool.ed import _hutchinson_chunk
+        from edtool.jacobian.ed import _hutchinson_chunk
 
         return _hutchinson_chunk(self.x, self._act_bytes, max_memory)
 
     def products(self, V: Tensor) -> tuple:
-        from edtool.ed import _jvp_vjp_probes
+        from edtool.jacobian.ed import _jvp_vjp_probes
 
         with torch.no_grad():
             return _jvp_vjp_probes(self.f, self._vjp_fn, self.x, V.to(self.x.dtype))
@@ -269,7 +269,7 @@ def jacobian_operator(field, x: Tensor, circular: Optional[bool] = None) -> Oper
 
 class ClosedFormField:
     """A machine's score field with its closed-form Jacobian already built (`op`, band or dense):
-    `edtool.ed.exterior_derivative` takes the exact ED from it (`analytic_ed`) instead of building the
+    `edtool.jacobian.ed.exterior_derivative` takes the exact ED from it (`analytic_ed`) instead of building the
     Jacobian a second time, so --locality and --align cost the machines no extra pass."""
 
     def __init__(self, field, op: Union["BandJacobian", "DenseJacobian"]):
@@ -279,7 +279,7 @@ class ClosedFormField:
         return self.field(x)
 
     def analytic_ed(self, x: Tensor, curl_map: bool = False) -> dict:
-        from edtool.machines import band_ed, dense_ed
+        from edtool.els.machine import band_ed, dense_ed
 
         if isinstance(self.op, BandJacobian):
             return band_ed(self.op.band, self.op.padding, curl_map)
@@ -304,7 +304,7 @@ class LocalityResult:
 
 
 def _probe_seeds(seed, batch: int) -> list:
-    from edtool.ed import _per_sample_seeds
+    from edtool.jacobian.ed import _per_sample_seeds
 
     return _per_sample_seeds(seed, batch)
 
@@ -474,7 +474,7 @@ def alignment(op_a: Operator, op_b: Operator, method: str = "auto", probes: int 
     else:
         if probes < 2:
             raise ValueError(f"probes must be >= 2 (the standard error needs a spread), got {probes}")
-        from edtool.ed import _rademacher_probes
+        from edtool.jacobian.ed import _rademacher_probes
 
         dev, dtype = _device_dtype(op_a)
         x = torch.zeros(op_a.batch, *op_a.shape, dtype=dtype, device=dev)

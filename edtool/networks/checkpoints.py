@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import edtool
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, sha256_file, write_json
-from edtool.models import Network, build_network
+from edtool.networks.models import Network, build_network
 from edtool.paths import search_dirs
 
 FORMAT = "edtool-checkpoint"
@@ -63,7 +63,7 @@ def load(path, dataset: Optional[str] = None, image_shape=None, device="cpu", no
     `paper_import` and cached by content hash; `note` (a callable) receives one line saying so."""
     path = Path(path)
     if path.suffix == ".pt":
-        from edtool.paper_import import cached_import
+        from edtool.networks.paper_import import cached_import
 
         path, line = cached_import(path, dataset=dataset)
         if note is not None:
@@ -108,7 +108,7 @@ def _ours_in(directory: Path, dataset: str, arch: str, conditional: Optional[boo
 def _paper_in(directory: Path, dataset: str, arch: str, conditional: Optional[bool]) -> Optional[Path]:
     """A paper file backbone_<DATASET>_<UNet|ResNet>_<mode>[_conditional].pt for (dataset, arch) in one
     folder (zero padding and unconditional first, like the seed tool's defaults)."""
-    from edtool.paper_import import parse_paper_name
+    from edtool.networks.paper_import import parse_paper_name
 
     found = []
     for path in directory.glob("backbone_*.pt"):

@@ -11,7 +11,7 @@ from typing import Callable, List
 import numpy as np
 import torch
 
-from edtool.pipeline import ComputeConfig, Reporter, compute
+from edtool.study.compute import ComputeConfig, Reporter, compute
 
 DEFAULT_OUT = Path("results/exterior_derivative_demo")
 CHECK_TIMES = (0.9, 0.5, 0.1)
@@ -43,7 +43,7 @@ def yardstick_checks(images: torch.Tensor, seed: int = 0) -> dict:
     """asym, by the same Hutchinson probes the networks get, of two fields whose answer theory fixes:
     the ideal score of 100 digits (a gradient: 0) and a rotation x -> A x with A = -A^T (1)."""
     from edtool.diffusion import add_noise
-    from edtool.ed import exterior_derivative
+    from edtool.jacobian.ed import exterior_derivative
 
     g = torch.Generator().manual_seed(seed)
     t = 0.5  # the posterior over the 100 digits is spread out here, so J is far from -I / beta
@@ -64,10 +64,10 @@ def _nearest_steps(times: np.ndarray, wanted=CHECK_TIMES) -> List[int]:
 def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int = 10, seed: int = 0,
              device: str = "auto", reporter: Reporter = None, say: Callable[[str], None] = print) -> dict:
     """Explain, measure, and write the store, summary and figures under out_dir; returns the summary."""
-    from edtool.aggregate import aggregate_run, format_number as _fmt
+    from edtool.study.aggregate import aggregate_run, format_number as _fmt
     from edtool.data import load_dataset
-    from edtool.plots import plot_run
-    from edtool.store import open_run
+    from edtool.study.plots import plot_run
+    from edtool.store.run import open_run
 
     out_dir = Path(out_dir)
     say("[bold]edtool demo[/bold]: how far are diffusion score fields from being conservative?")

@@ -1,0 +1,1 @@
+"""Trained score networks: architectures, our checkpoint format, the paper's checkpoints, training."""

@@ -1,0 +1,1 @@
+"""A study: preparing fields and points, computing ED along trajectories, aggregating, plotting, the demo."""
