@@ -1,0 +1,98 @@
+"""Agreement with the ELS machine along training (issue 25): for each kept snapshot of a campaign network
+(and the network it started from, step 0), sample els-borders and the ideal score machine `is` from the same
+fixed seeds and record the per-seed r against the network; then draw median r with IQR against steps.
+
+    python checkpoints/training/agreement.py measure --net resnet [--seeds 10 --seed 200 --nsteps 20]
+    python checkpoints/training/agreement.py plot            # docs/agreement_vs_training.png
+
+`measure` runs `edtool sample` per snapshot into results/agreement/<net>/step_<N>/ (skipping finished ones;
+an interrupted one resumes) and keeps the r values in checkpoints/training/agreement.json, which is committed
+(results/ is not). The machines use the shipped calibration of the network the campaign started from
+(it stands in until the last snapshot is calibrated).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RECORD = HERE / "agreement.json"
+START = {"unet": "checkpoints/mnist5k_unet", "resnet": "checkpoints/mnist5k_resnet"}
+
+
+def snapshots(net: str) -> list:
+    """(step, weights path) of the network at step 0 and of every snapshot whose weights were kept."""
+    found = [(0, REPO / f"{START[net]}.safetensors")]
+    records = HERE / net / "snapshots.json"
+    if records.exists():
+        found += [(r["step"], HERE / net / r["weights"]) for r in json.loads(records.read_text()) if "weights" in r]
+    return found
+
+
+def measure(net: str, seeds: int, seed: int, nsteps: int, steps=None) -> None:
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    scales = REPO / f"{START[net]}_scales_els-borders.json"
+    for step, weights in snapshots(net):
+        key = f"{net}/{step}"
+        if (steps and step not in steps) or key in record:
+            continue
+        out = REPO / "results" / "agreement" / net / f"step_{step:08d}"
+        cmd = [sys.executable, "-m", "edtool", "sample", "--machine", "els-borders,is", "--checkpoint", str(weights),
+               "--scales", str(scales), "--seeds", str(seeds), "--seed", str(seed), "--nsteps", str(nsteps),
+               "--out", str(out), "--quiet"]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=REPO)
+        summary = json.loads((out / "r2_summary.json").read_text())
+        record[key] = {"net": net, "step": step, "weights": str(weights.relative_to(REPO)),
+                       "command": " ".join(["edtool", *cmd[3:]]),
+                       **{kind: summary["machines"][kind]["r"] for kind in ("els-borders", "is")}}
+        RECORD.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    record = json.loads(RECORD.read_text())
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for net, colour in (("unet", "tab:blue"), ("resnet", "tab:orange")):
+        rows = sorted((v for v in record.values() if v["net"] == net), key=lambda v: v["step"])
+        if not rows:
+            continue
+        steps = np.array([v["step"] for v in rows])
+        for kind, style in (("els-borders", "-o"), ("is", ":x")):
+            r = [np.array(list(v[kind].values()), dtype=float) for v in rows]
+            q = np.array([np.nanpercentile(x, [25, 50, 75]) for x in r])
+            ax.plot(steps, q[:, 1], style, color=colour, label=f"{net}: {'ELS' if kind != 'is' else 'IS'}")
+            if kind != "is":
+                ax.fill_between(steps, q[:, 0], q[:, 2], color=colour, alpha=0.2)
+    ax.set(xlabel="campaign training steps (0 = the shipped network it continues)",
+           ylabel="median r with the network (IQR shaded)", title="agreement with the ELS machine along training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--net", choices=sorted(START), required=True)
+    m.add_argument("--seeds", type=int, default=10)
+    m.add_argument("--seed", type=int, default=200)
+    m.add_argument("--nsteps", type=int, default=20)
+    m.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
+    p = sub.add_parser("plot")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "agreement_vs_training.png")
+    args = parser.parse_args()
+    if args.what == "measure":
+        measure(args.net, args.seeds, args.seed, args.nsteps, args.steps)
+    else:
+        plot(args.out)
