@@ -1,0 +1,75 @@
+"""The README and docs/ hold together: every relative link and image points at a file (and a heading,
+when it names one), and the README's two fresh-machine commands are there verbatim, the second being
+what CI runs."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+INSTALL_AND_ANALYZE = "pip install torch==2.13.0 && pip install -e . && edtool analyze"
+INSTALL_AND_TEST = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def prose(text: str) -> str:
+    """The text without fenced code blocks and inline code, where brackets are not links."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(page: Path) -> set:
+    """GitHub's anchors for the headings of a markdown page."""
+    heads = re.findall(r"^#+\s+(.*)$", prose(page.read_text()), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def relative_links(page: Path) -> list:
+    return [t for t in LINK.findall(prose(page.read_text())) if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    broken = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target} (no file {dest})")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target} (no heading #{anchor} in {dest.name})")
+    assert not broken, f"{page.name}: " + "; ".join(broken)
+
+
+def test_link_check_catches_a_broken_link(tmp_path):
+    """The checker itself: a missing file and a missing heading are found, code spans are ignored."""
+    (tmp_path / "a.md").write_text("# Title\n\n## Some part\n")
+    page = tmp_path / "p.md"
+    page.write_text("[ok](a.md#some-part) [gone](b.md) ![img](a.md) `[code](nope.md)` [web](https://x.org/y)\n")
+    assert relative_links(page) == ["a.md#some-part", "b.md", "a.md"]
+    assert anchors(tmp_path / "a.md") == {"title", "some-part"}
+
+
+def test_docs_index_links_every_page():
+    index = set(relative_links(ROOT / "docs" / "README.md"))
+    missing = [p.name for p in PAGES[1:] if p.name != "README.md" and p.name not in index]
+    assert not missing, f"docs/README.md does not link {missing}"
+
+
+def test_fresh_machine_commands_verbatim_near_the_top():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## On a fresh machine", 1)[1].split("\n## ", 1)[0]
+    assert f"```bash\n{INSTALL_AND_ANALYZE}\n```" in section
+    assert f"```bash\n{INSTALL_AND_TEST}\n```" in section
+    assert readme.index(INSTALL_AND_TEST) < len(readme) // 3
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run installs the same torch and extras, then runs the same test command."""
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert any("pip install" in c and "torch==2.13.0" in c for c in commands)
+    last = commands[-1]
+    assert 'pip install' in last and '-e ".[test]"' in last and last.endswith("&& python -m pytest"), last
