@@ -144,8 +144,11 @@ def test_batch_of_three_really_batched_matches_batch_one_with_each_rows_seed_lab
     assert max(n for n, _ in single) == 1
     np.testing.assert_array_equal(three.labels, drawn)
     np.testing.assert_array_equal(three.seeds, one.seeds)
-    for name in (*STEP_ARRAYS, "final"):
+    for name in STEP_ARRAYS:
         np.testing.assert_allclose(three.read(name), one.read(name), rtol=1e-4, atol=1e-6, err_msg=name)
+    # the image after 20 float32 steps: batched kernels' rounding grows to ~2e-4 of pixel values ~1 on some
+    # CPUs (AVX-512 MKL paths); another seed or label moves pixels by 1e-1 and more
+    np.testing.assert_allclose(three.read("final"), one.read("final"), rtol=1e-4, atol=5e-4, err_msg="final")
     assert probe_seed(0, 1, "resnet", 0) != probe_seed(0, 2, "resnet", 0)  # what makes row order matter
 
 
