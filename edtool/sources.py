@@ -234,9 +234,7 @@ def _scheduler_file(path: Path) -> Path:
 
 def load_diffusers(folder: Path, scheduler: Optional[Path], source: str, device="cpu") -> tuple:
     """A DiscreteVPModel from a diffusers folder, and the config entry (source, weights hash, schedule)."""
-    diffusers = _require_diffusers(source)
-    diffusers.utils.logging.set_verbosity_error()  # its advice on dtypes and loading is not for edtool's users
-    unet_dir, sched_file = diffusers_parts(Path(folder), scheduler, source)
+    unet_dir, sched_file = diffusers_parts(Path(folder), scheduler, source)  # refusals before the slow import
     config = _read_json(unet_dir / "config.json")
     kind = config.get("_class_name")
     if kind != "UNet2DModel":
@@ -252,6 +250,8 @@ def load_diffusers(folder: Path, scheduler: Optional[Path], source: str, device=
     if prediction not in PARAMETERISATIONS:
         raise EdtoolError(f"{source}: prediction_type {prediction!r} unknown; edtool converts "
                           f"{', '.join(PARAMETERISATIONS)}")
+    diffusers = _require_diffusers(source)
+    diffusers.utils.logging.set_verbosity_error()  # its advice on dtypes and loading is not for edtool's users
     scheduler_class = getattr(diffusers, str(sched_config.get("_class_name")), None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise EdtoolError(f"{sched_file}: scheduler {sched_config.get('_class_name')!r} is not a diffusers scheduler")
@@ -294,8 +294,10 @@ def differentiable(unet) -> None:
 def hub_folder(repo: str, source: str) -> Path:
     """The local snapshot of a hub repository (model_index, unet, scheduler only), downloaded and cached
     by huggingface_hub when the network allows."""
-    _require_diffusers(source)
-    from huggingface_hub import snapshot_download
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise EdtoolError(f"{source} is a hub model and huggingface_hub is not installed: {INSTALL_LINE}") from None
 
     try:
         index = Path(snapshot_download(repo, allow_patterns=["model_index.json"]))
@@ -340,8 +342,8 @@ def load_entry_point(source: str, image_shape: Optional[Callable] = None, device
         obj = getattr(obj, part, None)
         if obj is None:
             raise EdtoolError(f"{source}: {module_name} has no attribute {attr}")
-    if not callable(getattr(obj, "score", None)) and callable(obj):
-        obj = obj()
+    if inspect.isclass(obj) or (not callable(getattr(obj, "score", None)) and callable(obj)):
+        obj = obj()  # a class or factory: the model is what it returns
     if not callable(getattr(obj, "score", None)):
         raise EdtoolError(f"{source}: {attr} has no score(t, x, label=None) method (nor returns an object with one)")
     shape = getattr(obj, "image_shape", None)
