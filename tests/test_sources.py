@@ -303,3 +303,48 @@ def test_unknown_hub_id_offline_is_one_line(tmp_path):
 def test_bad_sources_are_one_line(tmp_path, capsys, monkeypatch, entry, expected):
     code, _, err = cli(capsys, monkeypatch, "compute", "--models", entry, "--run-dir", tmp_path / "run")
     assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+CONV_MODULE = """
+import torch
+
+K = torch.randn(1, 1, 3, 3, generator=torch.Generator().manual_seed(2))
+
+
+def make():
+    '''A factory: s(x) = -x + conv(x, K) on 1x32x32 images (the shape of the held-out MNIST points).'''
+    class Conv:
+        image_shape = (1, 32, 32)
+
+        def score(self, t, x, label=None):
+            return -x + torch.nn.functional.conv2d(x, K.to(x.dtype), padding=1)
+    return Conv()
+"""
+
+
+def test_py_source_on_noised_data_next_to_a_machine_then_aggregate_and_plot(tmp_path, monkeypatch):
+    """The QCSBM protocol on a py: model beside the `is` machine: both measured at the stored closed-form points;
+    aggregate and plot carry the label."""
+    from edtool.aggregate import aggregate_run
+    from edtool.diffusion import add_noise, initial_noise
+    from edtool.plots import plot_run
+    from test_data import small_mnist, write_idx_root
+
+    (tmp_path / "convmod.py").write_text(textwrap.dedent(CONV_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images, labels = small_mnist(6, seed=3)
+    write_idx_root(tmp_path / "data", images, labels, split="test")
+    cfg = ComputeConfig(models=["conv=py:convmod:make", "is"], nsteps=2, realizations=2, device="cpu", probes=4,
+                        points="noised-data", held_out="mnist", data_root=str(tmp_path / "data"), max_samples=20,
+                        run_dir=str(tmp_path / "run"), save_points=True)
+    compute(cfg)
+    run = open_run(tmp_path / "run")
+    assert run.done_mask().all() and run.models == ["conv", "is"]
+    assert np.array_equal(run.read("point", "conv"), run.read("point", "is"))
+    x0 = torch.from_numpy(run.read("final", "conv")[1]).float()[None]  # noised-data: final holds x_0
+    t = torch.full((1,), float(run.time[1]), dtype=torch.float64)
+    want = add_noise(x0, t, initial_noise(int(run.seeds[1]), (1, 1, 32, 32)))
+    assert np.allclose(run.read("point", "conv")[1, 1], want[0].numpy(), atol=1e-6)
+    summary = aggregate_run(str(tmp_path / "run"))
+    assert summary["models"] == ["conv", "is"] and np.isfinite(summary["conv"]["mean_asym"])
+    assert plot_run(str(tmp_path / "run"))
