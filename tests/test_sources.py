@@ -348,3 +348,16 @@ def test_py_source_on_noised_data_next_to_a_machine_then_aggregate_and_plot(tmp_
     summary = aggregate_run(str(tmp_path / "run"))
     assert summary["models"] == ["conv", "is"] and np.isfinite(summary["conv"]["mean_asym"])
     assert plot_run(str(tmp_path / "run"))
+
+
+def test_two_labels_of_one_source_align_perfectly_and_have_locality_profiles(linear_module, tmp_path):
+    """--align and --locality on py: models: the same field under two labels has Jacobian cosine 1, and the
+    cumulative locality share reaches 1 at the largest radius."""
+    cfg = ComputeConfig(models=["a=py:linmod:Linear", "b=py:linmod:Linear"], nsteps=2, device="cpu",
+                        run_dir=str(tmp_path / "run"), align="a", trajectory="shared", locality=True,
+                        locality_radius=6, estimator="exact")
+    compute(cfg)
+    run = open_run(tmp_path / "run")
+    assert run.read("align_jac", "b")[0] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert run.read("loc_jac", "b")[0, :, -1] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert np.array_equal(run.read("ed_fro", "a"), run.read("ed_fro", "b"))
