@@ -208,6 +208,7 @@ def diffusers_parts(folder: Path, scheduler: Optional[Path], source: str) -> Tup
     if index.is_file():
         _refuse_pipeline_parts(folder, source)
         unet = folder / "unet" if (folder / "unet").is_dir() else folder
+        _unet_config(unet, source)
         sched = folder / "scheduler" / "scheduler_config.json"
         sched = sched if sched.is_file() else folder / "scheduler_config.json"
         if scheduler is not None:
@@ -216,12 +217,30 @@ def diffusers_parts(folder: Path, scheduler: Optional[Path], source: str) -> Tup
             raise EdtoolError(f"{source}: no scheduler/scheduler_config.json in the pipeline folder; pass --scheduler")
         return unet, sched
     if (folder / "config.json").is_file():
+        _unet_config(folder, source)
         if scheduler is None:
             raise EdtoolError(f"{source} is a model folder without a scheduler: pass --scheduler FOLDER (holding "
                               "scheduler_config.json) so edtool knows the model's noise levels")
         return folder, _scheduler_file(scheduler)
     raise EdtoolError(f"{source} is neither a diffusers pipeline folder (model_index.json) nor a model folder "
                       "(config.json)")
+
+
+def _unet_config(unet_dir: Path, source: str) -> dict:
+    """The UNet's config.json, refusing models other than a discretely timed UNet2DModel in one line."""
+    if not (unet_dir / "config.json").is_file():
+        raise EdtoolError(f"{source}: no config.json in {unet_dir}; is it a diffusers UNet2DModel folder?")
+    config = _read_json(unet_dir / "config.json")
+    kind = config.get("_class_name")
+    if kind != "UNet2DModel":
+        why = ("needs cross-attention conditioning (encoder_hidden_states)" if "Condition" in str(kind) or
+               config.get("cross_attention_dim") else "is not a UNet2DModel")
+        raise EdtoolError(f"{source}: its model {kind} {why}; edtool loads diffusers UNet2DModel image models "
+                          "(other models come in through py:package.module:attr)")
+    if config.get("time_embedding_type", "positional") != "positional":
+        raise EdtoolError(f"{source}: time_embedding_type {config['time_embedding_type']!r} is not a discrete VP "
+                          "timestep; wrap the model with py:package.module:attr")
+    return config
 
 
 def _scheduler_file(path: Path) -> Path:
@@ -235,16 +254,7 @@ def _scheduler_file(path: Path) -> Path:
 def load_diffusers(folder: Path, scheduler: Optional[Path], source: str, device="cpu") -> tuple:
     """A DiscreteVPModel from a diffusers folder, and the config entry (source, weights hash, schedule)."""
     unet_dir, sched_file = diffusers_parts(Path(folder), scheduler, source)  # refusals before the slow import
-    config = _read_json(unet_dir / "config.json")
-    kind = config.get("_class_name")
-    if kind != "UNet2DModel":
-        why = ("needs cross-attention conditioning (encoder_hidden_states)" if "Condition" in str(kind) or
-               config.get("cross_attention_dim") else "is not a UNet2DModel")
-        raise EdtoolError(f"{source}: its model {kind} {why}; edtool loads diffusers UNet2DModel image models "
-                          "(other models come in through py:package.module:attr)")
-    if config.get("time_embedding_type", "positional") != "positional":
-        raise EdtoolError(f"{source}: time_embedding_type {config['time_embedding_type']!r} is not a discrete VP "
-                          "timestep; wrap the model with py:package.module:attr")
+    config = _unet_config(unet_dir, source)
     sched_config = _read_json(sched_file)
     prediction = sched_config.get("prediction_type", "epsilon")
     if prediction not in PARAMETERISATIONS:

@@ -361,3 +361,18 @@ def test_two_labels_of_one_source_align_perfectly_and_have_locality_profiles(lin
     assert run.read("align_jac", "b")[0] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert run.read("loc_jac", "b")[0, :, -1] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert np.array_equal(run.read("ed_fro", "a"), run.read("ed_fro", "b"))
+
+
+def test_text_and_cross_attention_models_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "sd"
+    (text / "unet").mkdir(parents=True)
+    (text / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"],
+                                                       "text_encoder": ["transformers", "CLIPTextModel"]}))
+    cross = tmp_path / "cross"
+    cross.mkdir()
+    (cross / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768}))
+    for source, expected in ((text, "needs text conditioning (text_encoder)"),
+                             (cross, "UNet2DConditionModel needs cross-attention conditioning")):
+        code, _, err = cli(capsys, monkeypatch, "compute", "--models", f"m={source}", "--scheduler", tmp_path,
+                           "--run-dir", tmp_path / "run")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
