@@ -430,7 +430,10 @@ def compute(
     dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     models: str = typer.Option("unet,resnet,els", help="Comma-separated: unet, resnet, els, els-borders, "
-                               "els-circular, ls, is."),
+                               "els-circular, ls, is, or LABEL=SOURCE with SOURCE a diffusers folder, "
+                               "hf:ORG/NAME, py:package.module:attr or a checkpoint (docs/models.md)."),
+    scheduler: Optional[Path] = typer.Option(None, help="Scheduler folder (scheduler_config.json) of a diffusers "
+                                             "UNet2DModel folder given in --models."),
     unet: Optional[Path] = typer.Option(None, "--unet", "--unet_path", "--unet-path",
                                         help="UNet checkpoint, ours or a paper backbone_*.pt (default: "
                                         "found in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
@@ -449,6 +452,8 @@ def compute(
     probes: int = typer.Option(16, help="Hutchinson probes per point (per round with --rtol)."),
     rtol: Optional[float] = typer.Option(None, help="Add probes until the relative standard error of ED is below this."),
     maps: bool = typer.Option(False, "--maps", help="Also store curl maps (where in the image the rotation lives)."),
+    save_points: bool = typer.Option(False, "--save-points", help="Also store the point x of every measurement "
+                                     "(array point), so any number can be recomputed independently."),
     trajectory: Optional[str] = typer.Option(None, help="own: each model follows its own DDIM path; shared: all "
                                              "measured on the reference model's path (default: own; shared with "
                                              "--align)."),
@@ -485,6 +490,7 @@ def compute(
                           scales=scales, patch_size=patch_size, max_samples=max_samples, nsteps=nsteps,
                           realizations=realizations, seed=seed,
                           label=label, estimator=estimator, probes=probes, rtol=rtol, maps=maps,
+                          scheduler=scheduler, save_points=save_points,
                           trajectory=trajectory or ("shared" if align and points == "trajectory" else "own"), reference=reference,
                           points=points, held_out=held_out, locality=locality, locality_radius=locality_radius,
                           locality_method=locality_method, locality_pixels=locality_pixels, align=align,

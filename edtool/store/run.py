@@ -52,7 +52,8 @@ LOCALITY_ARRAYS = {"loc_jac": ("step", "radius"), "loc_ed": ("step", "radius"), 
                    "loc_ed_stderr": ("step", "radius"), "r90_jac": ("step",), "r90_ed": ("step",)}
 ALIGN_ARRAYS = {"align_jac": ("step",), "align_ed": ("step",), "align_jac_stderr": ("step",),
                 "align_ed_stderr": ("step",)}
-EXTRA_ARRAYS = {**LOCALITY_ARRAYS, **ALIGN_ARRAYS}
+POINT_ARRAYS = {"point": ("step", "channel", "y", "x")}  # --save-points: the x at which each step was measured
+EXTRA_ARRAYS = {**LOCALITY_ARRAYS, **ALIGN_ARRAYS, **POINT_ARRAYS}
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,15 @@ class ComputeConfig:
     locality_method: str = "auto"  # auto (exact when the Jacobian fits in memory) | exact | probe
     locality_pixels: int = 64  # output pixels drawn by the probe estimator
     align: Optional[str] = None  # SPEC 12 alignment of every model's Jacobian with this model's (same points)
+    scheduler: Optional[str] = None  # SPEC 14: scheduler folder of a diffusers UNet2DModel folder source
+    save_points: bool = False  # store the point of every measurement (array `point`)
+    sources: dict = field(default_factory=dict)  # SPEC 14: {label: SOURCE} of --models LABEL=SOURCE entries
+
+    def __post_init__(self):  # --models LABEL=SOURCE: the label names the model, its source is kept here
+        from edtool.networks.sources import split_models
+
+        self.models, found = split_models(list(self.models), NETWORKS + MACHINE_NAMES)
+        self.sources = {**self.sources, **found}
 
 
 class Reporter:
@@ -88,8 +97,9 @@ def validate(cfg: ComputeConfig) -> None:
     if not cfg.models:
         raise EdtoolError("no models given; e.g. --models unet,resnet,els")
     for m in cfg.models:
-        if m not in NETWORKS + MACHINE_NAMES:
-            raise EdtoolError(f"unknown model {m!r}; choose from {', '.join(NETWORKS + MACHINE_NAMES)}")
+        if m not in NETWORKS + MACHINE_NAMES and m not in cfg.sources:
+            raise EdtoolError(f"unknown model {m!r}; choose from {', '.join(NETWORKS + MACHINE_NAMES)}, or "
+                              "LABEL=SOURCE (a diffusers folder, hf:ORG/NAME, py:module:attr, a checkpoint)")
     if len(set(cfg.models)) != len(cfg.models):
         raise EdtoolError(f"a model is listed twice in --models {','.join(cfg.models)}")
     if cfg.nsteps < 1:
@@ -104,7 +114,7 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError(f"--batch must be at least 1, got {cfg.batch}")
     if cfg.estimator not in ESTIMATORS:
         raise EdtoolError(f"unknown --estimator {cfg.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    if cfg.estimator == "analytic" and any(m in NETWORKS for m in cfg.models):
+    if cfg.estimator == "analytic" and any(m not in MACHINE_NAMES for m in cfg.models):
         raise EdtoolError("--estimator analytic applies to the ELS machines only; use auto (closed form for "
                           "machines, Hutchinson or exact for networks)")
     if cfg.probes < 1:
@@ -294,11 +304,16 @@ def prepare(cfg: ComputeConfig) -> Study:
         path = network_paths[arch]
         models[arch] = checkpoints.load(path, dataset=cfg.dataset, device=device, note=notes.append)
         config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
+    if cfg.sources:  # SPEC 14: models from elsewhere go wherever a network goes
+        from edtool.networks.sources import load_sources
+
+        load_sources(cfg, device, models, config_models, notes)
     paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
     if not paddings and "resnet" in network_paths:  # machines alone follow the ResNet their scales are for
         paddings = [_padding_of(network_paths["resnet"]) or "zeros"]
     padding = paddings[0] if paddings else "zeros"
-    padding_from = next(iter(network_paths.values()), None) if not models else network_paths[next(iter(models))]
+    padding_from = next(iter(network_paths.values()), None) if not models else \
+        network_paths.get(next(iter(models))) or cfg.sources.get(next(iter(models)))
     nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
     conditional = bool(nets_conditional) or cfg.label is not None
     n_classes = next((int(f.manifest["num_classes"]) for f in nets_conditional
@@ -320,7 +335,7 @@ def prepare(cfg: ComputeConfig) -> Study:
         raise EdtoolError(f"--label {cfg.label} is not a class of {cfg.dataset} (0..{n_classes - 1})")
 
     for name in cfg.models:
-        if name in NETWORKS:
+        if name in NETWORKS or name in cfg.sources:
             continue
         try:
             kind = resolve_machine_name(name, padding)
@@ -365,6 +380,8 @@ def prepare(cfg: ComputeConfig) -> Study:
         config["max_samples"] = cfg.max_samples
     if points is not None:  # trajectory runs keep the config they always had, so they resume as before
         config["points"] = points
+    if cfg.save_points:  # likewise absent when off
+        config["save_points"] = True
     config.update(jacobian_whole_config(cfg, image_shape, models))
     return Study(cfg, models, seeds, run_labels, image_shape, config, device, notes, held_out)
 
@@ -412,9 +429,10 @@ def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict) -> dict
 
 def _whole_dims(config: dict) -> dict:
     """The per-cell arrays of SPEC 12 a run with this config stores, with their trailing dimensions."""
-    from edtool.store.run import ALIGN_ARRAYS, LOCALITY_ARRAYS
+    from edtool.store.run import ALIGN_ARRAYS, LOCALITY_ARRAYS, POINT_ARRAYS
 
-    return {**(LOCALITY_ARRAYS if config.get("locality") else {}), **(ALIGN_ARRAYS if config.get("align") else {})}
+    return {**(LOCALITY_ARRAYS if config.get("locality") else {}), **(ALIGN_ARRAYS if config.get("align") else {}),
+            **(POINT_ARRAYS if config.get("save_points") else {})}
 
 
 def jacobian_whole_arrays(config: dict) -> list:
@@ -465,7 +483,8 @@ class Cell:
         """Every number NaN: a step that is never measured stays NaN (and a failed path has no points)."""
         n, (c, h, w) = study.cfg.nsteps, study.image_shape
         radii = (study.config.get("locality") or {}).get("radius", -1) + 1
-        whole = {name: np.full((B, n, radii) if "radius" in dims else (B, n), np.nan)
+        sizes = {"step": n, "radius": radii, "channel": c, "y": h, "x": w}
+        whole = {name: np.full((B, *(sizes[d] for d in dims)), np.nan)
                  for name, dims in _whole_dims(study.config).items()}
         return cls(*(np.full((B, n), np.nan) for _ in range(4)), final=np.full((B, c, h, w), np.nan),
                    curl_map=np.full((B, n, h, w), np.nan) if study.cfg.maps else None, whole=whole)
@@ -505,6 +524,8 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
 
     def on_step(j, t, x):
         out.points.append(x.detach())
+        if "point" in out.whole:  # --save-points: where step j was measured
+            out.whole["point"][:, j] = x.detach().double().cpu().numpy()
         t0 = time.perf_counter()
         tb = torch.full((B,), t, dtype=torch.float64, device=x.device)  # the grid's t: networks cast it
         f = _score_field(model, tb, label)
