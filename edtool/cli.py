@@ -135,14 +135,14 @@ def import_checkpoint(
 def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, max_samples: Optional[int], device: str):
     """The checkpoint's network (ours, or a paper .pt imported on the fly) and its training data (the
     first max_samples images, per class for a conditional network: the seed tool's ELS max_samples)."""
-    from edtool.networks import checkpoints
     from edtool.data import first_samples, load_dataset
+    from edtool.networks import discovery
     from edtool.study.compute import resolve_device
 
     dev = resolve_device(device)
     if max_samples is not None and max_samples < 1:
         raise EdtoolError(f"--max-samples must be at least 1, got {max_samples}")
-    net = checkpoints.load(checkpoint, dataset=dataset, device=dev, note=print)
+    net = discovery.load(checkpoint, dataset=dataset, device=dev, note=print)
     dataset = dataset or net.manifest.get("dataset") or "mnist5k"
     images, labels = load_dataset(dataset, root=data_root)
     shape = net.manifest.get("image_shape")
@@ -187,7 +187,8 @@ def calibrate(
     """Calibrate an ELS machine's patch size per step against a network (SPEC 5.2); writes a scales JSON."""
     from edtool.els.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
     from edtool.networks.checkpoints import file_hash
-    from edtool.els.schedule import local_scales_path, write_scales_json
+    from edtool.els.schedule import write_scales_json
+    from edtool.networks.discovery import local_scales_path
 
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
@@ -212,7 +213,8 @@ def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: b
     """calibrate --merge: one scales JSON from calibrations of disjoint sizes of this checkpoint."""
     from edtool.els.calibrate import calibration_meta, merge_calibrations
     from edtool.networks.checkpoints import file_hash
-    from edtool.els.schedule import local_scales_path, write_scales_json
+    from edtool.els.schedule import write_scales_json
+    from edtool.networks.discovery import local_scales_path
 
     if not weights.is_file():
         raise EdtoolError(f"checkpoint {weights} does not exist")
@@ -268,18 +270,15 @@ def sample(
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
     network (SPEC 5.4)."""
     from edtool.els.calibrate import agreement_report, machine_kind, sample as run_sample
-    from edtool.els.schedule import fallback_note, find_scales
+    from edtool.networks.discovery import schedule_for
 
     names = _models(machine)
     net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     schedule, sources, notes = {}, {}, []
     for name in names:
         kind = machine_kind(name, net)
-        if kind == "is":
-            continue
-        schedule[kind], sources[kind] = find_scales(kind, scales, [checkpoint], nsteps, notes)
-        if schedule[kind] is None:
-            notes.append(fallback_note(kind, patch_size))
+        if kind != "is":
+            schedule[kind], sources[kind] = schedule_for(kind, scales, [checkpoint], nsteps, patch_size, notes)
     for line in notes:
         print(f"note: {line}")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))

@@ -228,27 +228,11 @@ class Study:
 
 
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
-    """--unet/--resnet, else the first found in ./checkpoints, EDTOOL_CHECKPOINTS, shipped (SPEC 4)."""
-    from edtool.networks import checkpoints
+    """--unet/--resnet, else the first found in ./checkpoints, EDTOOL_CHECKPOINTS, shipped (docs/discovery)."""
+    from edtool.networks import discovery
 
     explicit = getattr(cfg, arch)
-    if explicit:
-        return Path(explicit)
-    return checkpoints.discover(cfg.dataset, arch)
-
-
-def _padding_of(path: Path) -> Optional[str]:
-    """A network file's padding, from our manifest or a paper file's name (without loading it)."""
-    from edtool.networks import checkpoints
-    from edtool.networks.paper_import import parse_paper_name
-
-    if path.suffix == ".pt":
-        info = parse_paper_name(path)
-        return info["mode"] if info else None
-    try:
-        return checkpoints.read_manifest(path).get("padding")
-    except EdtoolError:
-        return None
+    return Path(explicit) if explicit else discovery.discover(cfg.dataset, arch)
 
 
 def _image_shape(fields: dict) -> Optional[tuple]:
@@ -266,19 +250,18 @@ def _image_shape(fields: dict) -> Optional[tuple]:
 def prepare(cfg: ComputeConfig) -> Study:
     """Load networks, data (only for machines, SPEC 6) and machines; derive seeds, labels and the config
     that the store records (with the estimator each model uses on this device)."""
-    from edtool.networks import checkpoints
-    from edtool.els.calibrate import seed_labels
     from edtool.data import NUM_CLASSES, first_samples, load_dataset
+    from edtool.els.calibrate import seed_labels
+    from edtool.els.machine import build_machine, resolve_machine_name
     from edtool.jacobian.ed import auto_method
-    from edtool.els.machine import resolve_machine_name
-    from edtool.els.schedule import build_machine, fallback_note, find_scales, resampling_note
+    from edtool.networks import checkpoints, discovery
 
     validate(cfg)
     device = resolve_device(cfg.device)
     notes, models, config_models = [], {}, {}
     wants_machines = any(m in MACHINE_NAMES for m in cfg.models)
     if wants_machines and cfg.scales:  # checked before anything heavy is loaded
-        find_scales("els", cfg.scales, nsteps=cfg.nsteps)
+        discovery.find_scales("els", cfg.scales, nsteps=cfg.nsteps)
 
     network_paths = {}
     for arch in NETWORKS:
@@ -292,11 +275,11 @@ def prepare(cfg: ComputeConfig) -> Study:
         if arch not in cfg.models:
             continue
         path = network_paths[arch]
-        models[arch] = checkpoints.load(path, dataset=cfg.dataset, device=device, note=notes.append)
+        models[arch] = discovery.load(path, dataset=cfg.dataset, device=device, note=notes.append)
         config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
     paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
     if not paddings and "resnet" in network_paths:  # machines alone follow the ResNet their scales are for
-        paddings = [_padding_of(network_paths["resnet"]) or "zeros"]
+        paddings = [discovery.padding_of(network_paths["resnet"]) or "zeros"]
     padding = paddings[0] if paddings else "zeros"
     padding_from = next(iter(network_paths.values()), None) if not models else network_paths[next(iter(models))]
     nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
@@ -322,20 +305,10 @@ def prepare(cfg: ComputeConfig) -> Study:
     for name in cfg.models:
         if name in NETWORKS:
             continue
-        try:
-            kind = resolve_machine_name(name, padding)
-        except ValueError:  # els follows the networks' padding, and theirs is one no machine models
-            raise EdtoolError(f"{name} follows the network's padding, and {padding_from} has padding {padding!r}, "
-                              "which no ELS machine models (zeros, circular): name the machine instead, "
-                              "els-borders or els-circular") from None
-        scales, source = None, None
-        if kind != "is":  # --scales, else the calibration found for the ResNet (or UNet), SPEC 4's order
-            scales, source = find_scales(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")],
-                                         cfg.nsteps, notes)
-            if scales is None:
-                notes.append(fallback_note(name, cfg.patch_size))
-            elif resampling_note(name, scales, cfg.nsteps, source):
-                notes.append(resampling_note(name, scales, cfg.nsteps, source))
+        kind = resolve_machine_name(name, padding, padding_from)
+        # --scales, else the calibration found for the ResNet (or UNet), in discovery's order
+        scales, source = discovery.schedule_for(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")],
+                                                cfg.nsteps, cfg.patch_size, notes, name=name)
         machine, info = build_machine(kind, images.to(device), labels.to(device), scales=scales,
                                       patch_size=cfg.patch_size, source=source)
         models[name] = machine
