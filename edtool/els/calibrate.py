@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from edtool.config import NSTEPS, PATCH_SIZE
 from edtool.diffusion import ddim_sample, eps_to_score, initial_noise, timesteps
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, write_json
@@ -207,7 +208,7 @@ def calibrate(
     machine: str = "els-borders",
     sizes: Sequence[int] = DEFAULT_SIZES,
     seeds: Sequence[int] = (0, 1, 2, 3),
-    nsteps: int = 20,
+    nsteps: int = NSTEPS,
     metric: str = "cosine",
     batch: Optional[int] = None,
     label: Optional[int] = None,
@@ -383,11 +384,11 @@ def sample(
     images: Tensor,
     labels: Optional[Tensor],
     seeds: Sequence[int],
-    nsteps: int = 20,
+    nsteps: int = NSTEPS,
     scales=None,
     out_dir=None,
     label: Optional[int] = None,
-    patch_size: int = 5,
+    patch_size: int = PATCH_SIZE,
     batch: Optional[int] = None,
     device=None,
     scales_source=None,

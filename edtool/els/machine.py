@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from edtool.config import PATCH_SIZE
 from edtool.diffusion import alpha_bar, beta, score_to_eps
 from edtool.errors import EdtoolError
 from edtool.els.schedule import check_fits, check_patch_size, check_schedule, scale_index
@@ -859,7 +860,7 @@ def make_machine(
     return LocalMachine(name, images, labels, sizes, chunk_size, cache_bytes, paper_circular)
 
 
-def build_machine(kind: str, images, labels=None, scales: Optional[Sequence[int]] = None, patch_size: int = 5,
+def build_machine(kind: str, images, labels=None, scales: Optional[Sequence[int]] = None, patch_size: int = PATCH_SIZE,
                   source: Optional[str] = None):
     """The machine `kind` with its schedule: `is` takes none; the others `scales` when given, else
     the fixed `patch_size`. Returns (machine, info), info being what a run records about it."""

@@ -17,6 +17,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from edtool.config import MIN_PROBES, NSTEPS, PATCH_SIZE, PROBES
 from edtool.diffusion import ddim_sample, initial_noise, timesteps
 from edtool.jacobian.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
@@ -39,14 +40,14 @@ class ComputeConfig:
     unet: Optional[str] = None
     resnet: Optional[str] = None
     scales: Optional[str] = None
-    patch_size: int = 5  # ELS patch size when no calibrated scales are found
+    patch_size: int = PATCH_SIZE  # ELS patch size when no calibrated scales are found
     max_samples: Optional[int] = None  # the machines get the first N training images (per class if conditional)
-    nsteps: int = 20
+    nsteps: int = NSTEPS
     realizations: int = 1
     seed: int = 0
     label: Optional[int] = None
     estimator: str = "auto"
-    probes: int = 16
+    probes: int = PROBES
     rtol: Optional[float] = None
     maps: bool = False
     trajectory: str = "own"  # own | shared
@@ -107,8 +108,8 @@ def validate(cfg: ComputeConfig) -> None:
     if cfg.estimator == "analytic" and any(m in NETWORKS for m in cfg.models):
         raise EdtoolError("--estimator analytic applies to the ELS machines only; use auto (closed form for "
                           "machines, Hutchinson or exact for networks)")
-    if cfg.probes < 1:
-        raise EdtoolError(f"--probes must be at least 1, got {cfg.probes}")
+    if cfg.probes < MIN_PROBES:
+        raise EdtoolError(f"--probes must be at least {MIN_PROBES} (the standard error needs a spread), got {cfg.probes}")
     if cfg.rtol is not None and not 0 < cfg.rtol < 1:
         raise EdtoolError(f"--rtol must be between 0 and 1, got {cfg.rtol}")
     if cfg.trajectory not in ("own", "shared"):
@@ -584,14 +585,16 @@ def _is_out_of_memory(err: Exception) -> bool:
 
 
 def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
-    """measure(), but a failure inside one model becomes NaN for its cells plus a warning: (Cell, error or None).
+    """measure(), but a numeric failure inside one model (RuntimeError, FloatingPointError: out of memory, a
+    failed linear solve) becomes NaN for its cells plus a warning: (Cell, error or None).
 
     Out of memory with several realizations in the batch is not a failure of the model: it raises
     _OutOfMemory so that the batch is split; with one realization it is recorded as NaN like the rest.
     """
     try:
         return measure(job, name, batch, points), None
-    except (RuntimeError, ValueError, FloatingPointError) as err:  # incl. out of memory
+    except (RuntimeError, FloatingPointError) as err:  # numeric failures only (incl. out of memory): a
+        # ValueError is an input check that came too late, and a user error is never stored as NaN
         if _is_out_of_memory(err):
             if batch.x_T.is_cuda:
                 torch.cuda.empty_cache()
