@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from edtool.config import MIN_PROBES, NSTEPS, PATCH_SIZE, PROBES, TrainConfig, default
+from edtool.config import NSTEPS, PATCH_SIZE, PROBES, TrainConfig, default
 from edtool.errors import EdtoolError
 from edtool.fileio import refuse_existing
 
@@ -177,7 +177,7 @@ def calibrate(
     sizes: str = typer.Option("3,5,7,9,11,13,15", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
     seeds: int = typer.Option(4, help="Number of seeds (trajectories), scored together."),
     seed: int = typer.Option(0, help="First seed."),
-    nsteps: int = typer.Option(NSTEPS, min=1, help="DDIM steps (one scale per step)."),
+    nsteps: int = typer.Option(NSTEPS, help="DDIM steps (one scale per step)."),
     metric: str = typer.Option("cosine", help="cosine (default) or l2 (relative distance)."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machine (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
@@ -260,8 +260,8 @@ def sample(
     out: Path = typer.Option(..., help="Output folder (seeds/, els_outputs/, network_outputs/, r2_summary.json)."),
     scales: Optional[Path] = typer.Option(None, help="Scales JSON or paper scales_*.pt (default: the calibration "
                                           "JSON beside the checkpoint)."),
-    patch_size: int = typer.Option(PATCH_SIZE, min=1, help="Fixed patch size when no scales are found."),
-    nsteps: int = typer.Option(NSTEPS, min=1, help="DDIM steps."),
+    patch_size: int = typer.Option(PATCH_SIZE, help="Fixed patch size when no scales are found."),
+    nsteps: int = typer.Option(NSTEPS, help="DDIM steps."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machines (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
@@ -404,15 +404,15 @@ def compute(
                                           help="ResNet checkpoint, ours or a paper backbone_*.pt (default: "
                                           "found like --unet)."),
     scales: Optional[Path] = typer.Option(None, help="ELS scales: our calibration JSON or a paper scales_*.pt."),
-    patch_size: int = typer.Option(PATCH_SIZE, min=1, help="ELS patch size when no calibrated scales exist."),
+    patch_size: int = typer.Option(PATCH_SIZE, help="ELS patch size when no calibrated scales exist."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
                                               "training images (per class for conditional runs)."),
-    nsteps: int = typer.Option(NSTEPS, min=1, help="DDIM steps (the exterior derivative is measured at each)."),
+    nsteps: int = typer.Option(NSTEPS, help="DDIM steps (the exterior derivative is measured at each)."),
     realizations: int = typer.Option(1, help="Noise realizations (seeds seed, seed+1, ...)."),
     seed: int = typer.Option(0, help="Seed of the first realization."),
     label: Optional[int] = typer.Option(None, help="Class label for conditional models (default: random per realization)."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic (ELS machines)."),
-    probes: int = typer.Option(PROBES, min=MIN_PROBES, help="Hutchinson probes per point (per round with --rtol)."),
+    probes: int = typer.Option(PROBES, help="Hutchinson probes per point (per round with --rtol)."),
     rtol: Optional[float] = typer.Option(None, help="Add probes until the relative standard error of ED is below this."),
     maps: bool = typer.Option(False, "--maps", help="Also store curl maps (where in the image the rotation lives)."),
     trajectory: Optional[str] = typer.Option(None, help="own: each model follows its own DDIM path; shared: all "
@@ -536,7 +536,7 @@ def analyze(
     dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
     single: bool = typer.Option(False, "--single", help="One realization (the default)."),
     multiple: Optional[int] = typer.Option(None, "--multiple", help="N noise realizations."),
-    nsteps: int = typer.Option(NSTEPS, min=1, help="DDIM steps."),
+    nsteps: int = typer.Option(NSTEPS, help="DDIM steps."),
     output_dir: Path = typer.Option(Path("results/exterior_derivative"), "--output_dir", "--output-dir",
                                     help="Results folder; runs land in {output_dir}/{dataset}/..."),
     unet_path: Optional[Path] = typer.Option(None, "--unet_path", "--unet-path", "--unet",
@@ -552,7 +552,7 @@ def analyze(
                                               "training images (per class for conditional runs)."),
     seed: int = typer.Option(0, help="Seed of the first realization."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic."),
-    probes: int = typer.Option(PROBES, min=MIN_PROBES, help="Hutchinson probes per point."),
+    probes: int = typer.Option(PROBES, help="Hutchinson probes per point."),
     maps: bool = typer.Option(False, "--maps", help="Also store and draw curl maps."),
     points: str = typer.Option("trajectory", help="trajectory, or noised-data: forward-noised held-out images at "
                                "uniformly spaced t (QCSBM's protocol, see docs/protocols.md), in .../<layout>_noised_data/."),
