@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from edtool.config import TrainConfig, default
+from edtool.config import NSTEPS, PATCH_SIZE, PROBES, TrainConfig, default
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output
 
@@ -28,8 +28,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _print_version(value: bool):
+    if value:
+        from edtool import __version__
+
+        print(f"edtool {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
     """--debug is read by main() from sys.argv; declared here so that it shows in --help."""
 
 
@@ -180,14 +190,14 @@ def import_checkpoint(
 def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, max_samples: Optional[int], device: str):
     """The checkpoint's network (ours, or a paper .pt imported on the fly) and its training data (the
     first max_samples images, per class for a conditional network: the seed tool's ELS max_samples)."""
-    from edtool.networks import checkpoints
     from edtool.data import first_samples, load_dataset
+    from edtool.networks import discovery
     from edtool.study.compute import resolve_device
 
     dev = resolve_device(device)
     if max_samples is not None and max_samples < 1:
         raise EdtoolError(f"--max-samples must be at least 1, got {max_samples}")
-    net = checkpoints.load(checkpoint, dataset=dataset, device=dev, note=print)
+    net = discovery.load(checkpoint, dataset=dataset, device=dev, note=print)
     dataset = dataset or net.manifest.get("dataset") or "mnist5k"
     images, labels = load_dataset(dataset, root=data_root)
     shape = net.manifest.get("image_shape")
@@ -212,7 +222,7 @@ def calibrate(
     sizes: str = typer.Option("3,5,7,9,11,13,15", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
     seeds: int = typer.Option(4, help="Number of seeds (trajectories), scored together."),
     seed: int = typer.Option(0, help="First seed."),
-    nsteps: int = typer.Option(20, help="DDIM steps (one scale per step)."),
+    nsteps: int = typer.Option(NSTEPS, help="DDIM steps (one scale per step)."),
     metric: str = typer.Option("cosine", help="cosine (default) or l2 (relative distance)."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machine (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
@@ -229,10 +239,11 @@ def calibrate(
                                         "(same checkpoint, seeds, steps): write the schedule of all their sizes, "
                                         "computing nothing."),
 ):
-    """Calibrate an ELS machine's patch size per step against a network (SPEC 5.2); writes a scales JSON."""
+    """Calibrate an ELS machine's patch size per step against a network; writes a scales JSON (see docs/calibration.md)."""
     from edtool.els.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
     from edtool.networks.checkpoints import file_hash
-    from edtool.els.schedule import local_scales_path, write_scales_json
+    from edtool.els.schedule import write_scales_json
+    from edtool.networks.discovery import local_scales_path
 
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
@@ -256,7 +267,8 @@ def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: b
     """calibrate --merge: one scales JSON from calibrations of disjoint sizes of this checkpoint."""
     from edtool.els.calibrate import calibration_meta, merge_calibrations
     from edtool.networks.checkpoints import file_hash
-    from edtool.els.schedule import local_scales_path, write_scales_json
+    from edtool.els.schedule import write_scales_json
+    from edtool.networks.discovery import local_scales_path
 
     if not weights.is_file():
         raise EdtoolError(f"checkpoint {weights} does not exist")
@@ -291,8 +303,8 @@ def sample(
     out: Path = typer.Option(..., help="Output folder (seeds/, els_outputs/, network_outputs/, r2_summary.json)."),
     scales: Optional[Path] = typer.Option(None, help="Scales JSON or paper scales_*.pt (default: the calibration "
                                           "JSON beside the checkpoint)."),
-    patch_size: int = typer.Option(5, help="Fixed patch size when no scales are found."),
-    nsteps: int = typer.Option(20, help="DDIM steps."),
+    patch_size: int = typer.Option(PATCH_SIZE, help="Fixed patch size when no scales are found."),
+    nsteps: int = typer.Option(NSTEPS, help="DDIM steps."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machines (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
@@ -309,20 +321,17 @@ def sample(
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
-    network (SPEC 5.4)."""
+    network (see docs/calibration.md)."""
     from edtool.els.calibrate import agreement_report, machine_kind, sample as run_sample
-    from edtool.els.schedule import fallback_note, find_scales
+    from edtool.networks.discovery import schedule_for
 
     names = _models(machine)
     net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     schedule, sources, notes = {}, {}, []
     for name in names:
         kind = machine_kind(name, net)
-        if kind == "is":
-            continue
-        schedule[kind], sources[kind] = find_scales(kind, scales, [checkpoint], nsteps, notes)
-        if schedule[kind] is None:
-            notes.append(fallback_note(kind, patch_size))
+        if kind != "is":
+            schedule[kind], sources[kind] = schedule_for(kind, scales, [checkpoint], nsteps, patch_size, notes)
     for line in notes:
         print(f"note: {line}")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
@@ -441,15 +450,15 @@ def compute(
                                           help="ResNet checkpoint, ours or a paper backbone_*.pt (default: "
                                           "found like --unet)."),
     scales: Optional[Path] = typer.Option(None, help="ELS scales: our calibration JSON or a paper scales_*.pt."),
-    patch_size: int = typer.Option(5, help="ELS patch size when no calibrated scales exist."),
+    patch_size: int = typer.Option(PATCH_SIZE, help="ELS patch size when no calibrated scales exist."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
                                               "training images (per class for conditional runs)."),
-    nsteps: int = typer.Option(20, help="DDIM steps (the exterior derivative is measured at each)."),
+    nsteps: int = typer.Option(NSTEPS, help="DDIM steps (the exterior derivative is measured at each)."),
     realizations: int = typer.Option(1, help="Noise realizations (seeds seed, seed+1, ...)."),
     seed: int = typer.Option(0, help="Seed of the first realization."),
     label: Optional[int] = typer.Option(None, help="Class label for conditional models (default: random per realization)."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic (ELS machines)."),
-    probes: int = typer.Option(16, help="Hutchinson probes per point (per round with --rtol)."),
+    probes: int = typer.Option(PROBES, help="Hutchinson probes per point (per round with --rtol)."),
     rtol: Optional[float] = typer.Option(None, help="Add probes until the relative standard error of ED is below this."),
     maps: bool = typer.Option(False, "--maps", help="Also store curl maps (where in the image the rotation lives)."),
     save_points: bool = typer.Option(False, "--save-points", help="Also store the point x of every measurement "
@@ -459,10 +468,10 @@ def compute(
                                              "--align)."),
     reference: Optional[str] = typer.Option(None, help="Reference model for --trajectory shared (default: first)."),
     points: str = typer.Option("trajectory", help="trajectory: along DDIM paths; noised-data: at forward-noised "
-                               "held-out images at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, SPEC 13)."),
+                               "held-out images at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, see docs/protocols.md)."),
     held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
                                            "images (default: the training set's; mnist for mnist5k)."),
-    locality: bool = typer.Option(False, "--locality", help="Also store how local each score Jacobian is (SPEC 12): "
+    locality: bool = typer.Option(False, "--locality", help="Also store how local each score Jacobian is (see docs/locality.md): "
                                   "share of ||J||_F^2 within each pixel distance, and the radius r90 holding 90%."),
     locality_radius: Optional[int] = typer.Option(None, help="Largest pixel distance of the locality profile "
                                                   "(default: half the image size)."),
@@ -564,7 +573,7 @@ def plot(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace files of the figures' names that edtool "
                                    "did not write (e.g. the seed tool's)."),
 ):
-    """Render the figures of a run (SPEC 9) from its store alone."""
+    """Render the figures of a run from its store alone (see docs/store.md)."""
     from edtool.study.plots import plot_run
 
     for path in plot_run(_resolve_run(run), out_dir=out, fmt=fmt, overwrite=overwrite):
@@ -576,7 +585,7 @@ def analyze(
     dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
     single: bool = typer.Option(False, "--single", help="One realization (the default)."),
     multiple: Optional[int] = typer.Option(None, "--multiple", help="N noise realizations."),
-    nsteps: int = typer.Option(20, help="DDIM steps."),
+    nsteps: int = typer.Option(NSTEPS, help="DDIM steps."),
     output_dir: Path = typer.Option(Path("results/exterior_derivative"), "--output_dir", "--output-dir",
                                     help="Results folder; runs land in {output_dir}/{dataset}/..."),
     unet_path: Optional[Path] = typer.Option(None, "--unet_path", "--unet-path", "--unet",
@@ -592,10 +601,10 @@ def analyze(
                                               "training images (per class for conditional runs)."),
     seed: int = typer.Option(0, help="Seed of the first realization."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic."),
-    probes: int = typer.Option(16, help="Hutchinson probes per point."),
+    probes: int = typer.Option(PROBES, help="Hutchinson probes per point."),
     maps: bool = typer.Option(False, "--maps", help="Also store and draw curl maps."),
     points: str = typer.Option("trajectory", help="trajectory, or noised-data: forward-noised held-out images at "
-                               "uniformly spaced t (QCSBM's protocol, SPEC 13), in .../<layout>_noised_data/."),
+                               "uniformly spaced t (QCSBM's protocol, see docs/protocols.md), in .../<layout>_noised_data/."),
     held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
                                            "images (default: the training set's; mnist for mnist5k)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda."),
@@ -726,6 +735,13 @@ def verify(
                                                 if bad else ""))
     if bad:
         sys.exit(1)
+
+
+# The order a user meets the commands in (`edtool --help` lists them so): measuring first, then the
+# tools for machines and networks.
+COMMAND_ORDER = ("analyze", "demo", "compute", "aggregate", "plot", "status", "verify",
+                 "sample", "calibrate", "train", "import-checkpoint")
+app.registered_commands.sort(key=lambda c: COMMAND_ORDER.index(c.name or c.callback.__name__.replace("_", "-")))
 
 
 def _usage_error_types() -> tuple:

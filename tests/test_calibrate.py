@@ -25,7 +25,8 @@ from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
 from edtool.els.machine import make_machine
 from edtool.networks.models import build_network
-from edtool.els.schedule import read_scales, scales_path
+from edtool.els.schedule import read_scales
+from edtool.networks.discovery import scales_path
 
 
 def toy_images(n=24, size=8, seed=0):

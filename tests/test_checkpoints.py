@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from edtool.networks import checkpoints
+from edtool.networks import discovery
 from edtool.cli import main
 from edtool.errors import EdtoolError
 from edtool.networks.models import build_network
@@ -432,7 +433,7 @@ def test_load_refuses_mismatch_and_broken_files(tmp_path):
     with pytest.raises(EdtoolError, match=r"\[1, 16, 16\].*\[3, 32, 32\]"):
         checkpoints.load(path, image_shape=(3, 32, 32))
     with pytest.raises(EdtoolError, match="paper checkpoint.*does not exist"):
-        checkpoints.load(tmp_path / "backbone_MNIST_UNet_zeros.pt")
+        discovery.load(tmp_path / "backbone_MNIST_UNet_zeros.pt")
     with pytest.raises(EdtoolError, match="does not exist"):
         checkpoints.load(tmp_path / "nothere.safetensors")
     corrupt = tmp_path / "corrupt.safetensors"
@@ -454,14 +455,14 @@ def test_discover_reads_manifests_not_names(tmp_path):
     _, unet = _saved(tmp_path, "weights_a", MANIFEST)
     _, cond = _saved(tmp_path, "weights_b", dict(MANIFEST, conditional=True))
     (tmp_path / "notes.json").write_text("{not json")
-    assert checkpoints.discover("mnist5k", "unet", tmp_path, conditional=False) == unet
-    assert checkpoints.discover("mnist5k", "unet", tmp_path, conditional=True) == cond
-    assert checkpoints.discover("mnist5k", "resnet", tmp_path) == tmp_path / "mnist5k_unet.safetensors"
+    assert discovery.discover("mnist5k", "unet", tmp_path, conditional=False) == unet
+    assert discovery.discover("mnist5k", "unet", tmp_path, conditional=True) == cond
+    assert discovery.discover("mnist5k", "resnet", tmp_path) == tmp_path / "mnist5k_unet.safetensors"
     with pytest.raises(EdtoolError, match=r"edtool train --arch unet --dataset cifar10"):
-        checkpoints.discover("cifar10", "unet", tmp_path)
+        discovery.discover("cifar10", "unet", tmp_path)
     cond.unlink()  # a manifest without its weights is not a checkpoint
     with pytest.raises(EdtoolError, match="no unet checkpoint"):
-        checkpoints.discover("mnist5k", "unet", tmp_path, conditional=True)
+        discovery.discover("mnist5k", "unet", tmp_path, conditional=True)
 
 
 def test_a_damaged_cached_import_is_rebuilt_not_used(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ from edtool.jacobian.ed import exterior_derivative
 from edtool.els.machine import make_machine
 from edtool.networks.models import build_network
 from edtool.study.compute import compute, probe_seed
-from edtool.els.schedule import scales_path, write_scales_json
+from edtool.els.schedule import write_scales_json
+from edtool.networks.discovery import scales_path
 from edtool.store.run import STEP_ARRAYS, open_run
 from test_pipeline import _tiny_networks, config, tiny_checkpoints  # noqa: F401  (fixtures)
 

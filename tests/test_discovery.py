@@ -20,6 +20,7 @@ import torch
 
 from edtool import data
 from edtool.networks import checkpoints
+from edtool.networks import discovery
 from edtool.els.calibrate import seed_labels
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
@@ -167,24 +168,24 @@ def test_network_search_order(tmp_path, monkeypatch):
     cwd, env = tmp_path / "work", tmp_path / "env"
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EDTOOL_CHECKPOINTS", raising=False)
-    assert checkpoints.discover("mnist5k", "unet") == shipped_dir() / "mnist5k_unet.safetensors"
+    assert discovery.discover("mnist5k", "unet") == shipped_dir() / "mnist5k_unet.safetensors"
     env.mkdir()
     in_env = save_tiny(env / "env_unet", "unet")
     monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(env))
-    assert checkpoints.discover("mnist5k", "unet") == in_env
+    assert discovery.discover("mnist5k", "unet") == in_env
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     (cwd / "checkpoints").mkdir()
     here = save_tiny(cwd / "checkpoints" / "here_unet", "unet", seed=5)
     assert search_dirs()[:2] == [Path.cwd() / "checkpoints", env]
-    assert checkpoints.discover("mnist5k", "unet") == here
+    assert discovery.discover("mnist5k", "unet") == here
     # paper files are found by name; ours before them in one folder; mnist5k does not take MNIST files
     files = paper_pair(cwd / "checkpoints")
-    assert checkpoints.discover("mnist", "unet") == files["unet"]
+    assert discovery.discover("mnist", "unet") == files["unet"]
     with pytest.raises(EdtoolError, match="no resnet checkpoint for dataset 'mnist'"):
-        checkpoints.discover("mnist", "resnet", conditional=True)
+        discovery.discover("mnist", "resnet", conditional=True)
     with pytest.raises(EdtoolError, match="no resnet checkpoint for dataset 'cifar10'.*backbone_"):
-        checkpoints.discover("cifar10", "resnet")
+        discovery.discover("cifar10", "resnet")
     # inside the repository ./checkpoints is the shipped folder and keeps the shipped place, last
     monkeypatch.chdir(REPO)
     assert search_dirs() == [env, shipped_dir()]
@@ -194,7 +195,8 @@ def test_scales_search_order_and_steps(tmp_path, monkeypatch):
     """A calibration written to ./checkpoints (where `calibrate` writes) wins over EDTOOL_CHECKPOINTS,
     which wins over the shipped one beside the shipped ResNet; schedules that do not serve the steps
     are passed over with a note."""
-    from edtool.els.schedule import find_scales, read_scales, write_scales_json
+    from edtool.els.schedule import read_scales, write_scales_json
+    from edtool.networks.discovery import find_scales
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EDTOOL_CHECKPOINTS", raising=False)

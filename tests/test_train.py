@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from edtool.networks import checkpoints
+from edtool.networks import discovery
 from edtool.cli import app, main
 from edtool.config import default
 from edtool.errors import EdtoolError
@@ -80,7 +81,7 @@ def test_train_command_writes_to_the_working_directory_and_never_replaces(tmp_pa
     code, out, err = _main(monkeypatch, capsys, *args)
     assert code == 0, err
     path = tmp_path / "checkpoints" / "mnist5k_resnet.safetensors"
-    assert checkpoints.discover("mnist5k", "resnet", tmp_path / "checkpoints") == path
+    assert discovery.discover("mnist5k", "resnet", tmp_path / "checkpoints") == path
     before = path.read_bytes()
 
     code, out, err = _main(monkeypatch, capsys, *args[:4], "3", *args[5:])  # other settings, same name

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from edtool.config import NSTEPS, PATCH_SIZE
 from edtool.diffusion import ddim_sample, eps_to_score, initial_noise, timesteps
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, write_json
-from edtool.els.schedule import (build_machine, check_fits, check_patch_size, check_schedule, fallback_note,
-                           resampling_note)
+from edtool.els.machine import build_machine, make_machine, resolve_machine_name
+from edtool.els.schedule import check_fits, check_patch_size, check_schedule, schedule_note
 
 METRICS = ("cosine", "l2")
 DEFAULT_SIZES = (3, 5, 7, 9, 11, 13, 15)
@@ -166,13 +167,8 @@ def _batches(n: int, batch: Optional[int]):
 
 def machine_kind(machine: str, network) -> str:
     """The machine's full name next to this network (`els` follows the network's padding)."""
-    from edtool.els.machine import resolve_machine_name
-
-    padding = (getattr(network, "manifest", None) or {}).get("padding", "zeros")
-    try:
-        return resolve_machine_name(machine, padding)
-    except ValueError as e:
-        raise EdtoolError(str(e)) from None
+    return resolve_machine_name(machine, (getattr(network, "manifest", None) or {}).get("padding"),
+                                getattr(network, "name", None))
 
 
 def _check_images(images: Tensor, labels: Optional[Tensor]):
@@ -212,7 +208,7 @@ def calibrate(
     machine: str = "els-borders",
     sizes: Sequence[int] = DEFAULT_SIZES,
     seeds: Sequence[int] = (0, 1, 2, 3),
-    nsteps: int = 20,
+    nsteps: int = NSTEPS,
     metric: str = "cosine",
     batch: Optional[int] = None,
     label: Optional[int] = None,
@@ -225,8 +221,6 @@ def calibrate(
     entry), similarity (N x len(sizes), mean over seeds; cosine or relative L2), and the
     settings. `batch` bounds how many (step, seed) points one machine call scores.
     """
-    from edtool.els.machine import make_machine
-
     if metric not in METRICS:
         raise EdtoolError(f"unknown metric {metric!r}; choose cosine or l2")
     if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
@@ -390,11 +384,11 @@ def sample(
     images: Tensor,
     labels: Optional[Tensor],
     seeds: Sequence[int],
-    nsteps: int = 20,
+    nsteps: int = NSTEPS,
     scales=None,
     out_dir=None,
     label: Optional[int] = None,
-    patch_size: int = 5,
+    patch_size: int = PATCH_SIZE,
     batch: Optional[int] = None,
     device=None,
     scales_source=None,
@@ -481,11 +475,9 @@ def sample(
         t1 = time.perf_counter()
         m, info = build_machine(kind, images.to(device), None if labels is None else labels.to(device),
                                 scales=per_machine[kind], patch_size=patch_size, source=sources[kind])
-        if "patch_size" in info:
-            summary["notes"].append(fallback_note(kind, patch_size))
-        elif per_machine[kind] is not None and resampling_note(kind, per_machine[kind], nsteps, sources[kind]):
-            summary["notes"].append(resampling_note(kind, per_machine[kind], nsteps, sources[kind]))
-            log(f"note: {summary['notes'][-1]}")
+        note = schedule_note(kind, per_machine[kind], nsteps, patch_size, sources[kind]) if kind != "is" else None
+        if note:  # in the summary; the command line said it already (discovery.schedule_for)
+            summary["notes"].append(note)
         with torch.no_grad():
             final = machine_sample(m, x0, nsteps, lab, batch)
         folder = output_dir_name(kind)

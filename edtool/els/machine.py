@@ -27,8 +27,6 @@ delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output 
     res = m.field(0.5).analytic_ed(x, curl_map=True)
 """
 
-import bisect
-import functools
 import math
 from collections import OrderedDict, namedtuple
 from typing import Callable, Iterable, Optional, Sequence
@@ -37,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edtool.diffusion import alpha_bar, beta, score_to_eps, timesteps
-from edtool.els.schedule import check_fits, check_patch_size
+from edtool.config import PATCH_SIZE
+from edtool.diffusion import alpha_bar, beta, score_to_eps
+from edtool.errors import EdtoolError
+from edtool.els.schedule import check_fits, check_patch_size, check_schedule, scale_index
 
 MACHINES = ("is", "ls", "els-circular", "els-borders")
 ALIASES = {"els": "els-borders"}
@@ -53,29 +53,20 @@ DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls (mnist5k at
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_machine_name(name: str, padding: str = "zeros") -> str:
-    """The machine name to use next to a network with this padding: `els` means the circular
-    machine for a circular-padded network and `els-borders` for a zero-padded one (other names do not
-    depend on the padding)."""
-    if name == "els":
-        if padding not in PADDINGS:
-            raise ValueError(f"unknown padding {padding!r}; choose one of {', '.join(PADDINGS)}")
-        return "els-circular" if padding == "circular" else "els-borders"
-    if name not in MACHINES:
-        raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")
-    return name
-
-
-def scale_index(t: float, nscales: int) -> int:
-    """Entry j of a scale schedule that applies at time t: the first with t <= (j + 1) / N. The grid
-    times (diffusion.timesteps, float64, as DDIM hands them over) get their own entry exactly."""
-    return min(bisect.bisect_left(_schedule_times(nscales), t), nscales - 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _schedule_times(nscales: int) -> tuple:
-    """(1/N, 2/N, ..., 1): the times of the schedule's entries, the same float64 values as timesteps(N)."""
-    return tuple(timesteps(nscales)[:-1].flip(0).tolist())
+def resolve_machine_name(name: str, padding: Optional[str] = "zeros", where=None) -> str:
+    """The machine `name` means next to a network with this padding: `els` follows it (els-circular for a
+    circular-padded network, els-borders for a zero-padded one); other names do not depend on it. An
+    unknown name, or a padding no machine models, is an EdtoolError (naming the network `where`)."""
+    if name not in MACHINES + tuple(ALIASES):
+        raise EdtoolError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")
+    if name != "els":
+        return name
+    padding = padding or "zeros"
+    if padding not in PADDINGS:
+        raise EdtoolError(f"{name} follows the network's padding, and {where or 'the network'} has padding "
+                          f"{padding!r}, which no ELS machine models ({', '.join(PADDINGS)}): name the machine "
+                          "instead, els-borders or els-circular")
+    return "els-circular" if padding == "circular" else "els-borders"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,3 +858,16 @@ def make_machine(
     if name == "is":
         return IdealMachine(images, labels, chunk_size, cache_bytes)
     return LocalMachine(name, images, labels, sizes, chunk_size, cache_bytes, paper_circular)
+
+
+def build_machine(kind: str, images, labels=None, scales: Optional[Sequence[int]] = None, patch_size: int = PATCH_SIZE,
+                  source: Optional[str] = None):
+    """The machine `kind` with its schedule: `is` takes none; the others `scales` when given, else
+    the fixed `patch_size`. Returns (machine, info), info being what a run records about it."""
+    if kind == "is":
+        return make_machine("is", images, labels), {}
+    if scales is not None:
+        scales = check_schedule(scales, f"scales for {kind}")
+        return make_machine(kind, images, labels, scales=scales), {"scales": scales, "scales_file": source}
+    check_patch_size(patch_size, "patch_size")
+    return make_machine(kind, images, labels, patch_size=patch_size), {"patch_size": patch_size}

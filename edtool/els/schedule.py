@@ -1,22 +1,24 @@
 """Scale schedules: the per-step patch sizes of an ELS machine (SPEC 4, 5.1), in one place.
 
 A schedule is a list of odd patch sizes, entry j for t = (j + 1) / N. This module checks them,
-reads them (a paper `scales_*.pt`, read weights-only, or our calibration JSON), writes them,
-finds the calibration that belongs to a checkpoint, and builds a machine from "a schedule, or
-else a fixed patch size".
+reads them (a paper `scales_*.pt`, read weights-only, or our calibration JSON), writes them, says
+which entry a time uses, and words the note a user gets about them. Finding the calibration of a
+network is `networks.discovery.find_scales`; building a machine from one is `machine.build_machine`.
 
-    path = scales_path("checkpoints/mnist5k_resnet.safetensors", "els-borders")
     write_scales_json(path, [3, 5, 7], metric="cosine")
-    scales, source = find_scales("els-borders", checkpoints=["checkpoints/mnist5k_resnet.safetensors"])
-    machine, info = build_machine("els-borders", images, labels, scales=scales, source=source)
+    scales = read_scales(path)
+    scales[scale_index(t, len(scales))]
 """
 
+import bisect
+import functools
 import json
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from edtool.diffusion import timesteps
 from edtool.errors import EdtoolError
 from edtool.fileio import write_json
 
@@ -89,37 +91,21 @@ def write_scales_json(path, scales, **meta) -> Path:
     return write_json(path, {"scales": scales, **meta}, indent=1)
 
 
-# ------------------------------------------------------------------ discovery
-
-
-def scales_path(checkpoint, machine: str) -> Path:
-    """Where a calibration of `machine` against `checkpoint` lives: `<stem>_scales_<machine>.json` beside it."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(f"{checkpoint.stem}_scales_{machine}.json")
-
-
-def local_scales_path(checkpoint, machine: str) -> Path:
-    """Where `edtool calibrate` writes by default: ./checkpoints/<stem>_scales_<machine>.json in the working
-    directory (never beside a shipped checkpoint)."""
-    from edtool.paths import local_checkpoints_dir
-
-    return local_checkpoints_dir() / scales_path(checkpoint, machine).name
-
-
-def _calibrated_for(candidate: Path, checkpoint) -> bool:
-    """Whether the calibration file belongs to this checkpoint: one beside it does unless it records the
-    sha256 of other weights; one elsewhere (./checkpoints/) only when it records this checkpoint's."""
-    from edtool.networks.checkpoints import file_hash
-
-    beside = candidate.parent.resolve() == Path(checkpoint).parent.resolve()
-    try:
-        recorded = json.loads(candidate.read_text()).get("checkpoint_sha256")
-    except (OSError, ValueError, AttributeError):
-        return beside  # read_scales reports what is wrong with the file
-    weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
-    if recorded is None or not weights.is_file():
-        return beside
-    return recorded == file_hash(weights)
+def resampling_note(name: str, scales: Sequence[int], nsteps: int, source=None) -> Optional[str]:
+    """None when a schedule has one entry per DDIM step; else the line that says how it is used: the step
+    at time t takes entry j with t in ((j) / N, (j + 1) / N] (machines.scale_index), so a 20-entry paper
+    schedule with 10 steps uses every second entry, and a length that is no multiple of the steps lands
+    between the calibrated times."""
+    n = len(scales)
+    if n == nsteps:
+        return None
+    used = [scale_index((i + 1) / nsteps, n) + 1 for i in range(nsteps)]  # 1-based, ascending t
+    shown = ", ".join(map(str, used)) if len(used) <= 12 else ", ".join(map(str, used[:5] + ["..."] + used[-3:]))
+    aligned = n % nsteps == 0
+    return (f"{name}: {source or 'the scale schedule'} has {n} entries for {nsteps} steps; each step uses the "
+            f"entry for its time t (entries {shown} of 1..{n})"
+            + ("" if aligned else f"; {n} is no multiple of {nsteps}, so the steps fall between the calibrated "
+                                  f"times (calibrate with --nsteps {nsteps} for an exact schedule)"))
 
 
 def fits_steps(scales: list, nsteps: int) -> bool:
@@ -138,92 +124,16 @@ def check_steps(scales: list, nsteps: int, source) -> list:
     return scales
 
 
-def _names_for(machine: str, network: Path) -> tuple:
-    """What a schedule for `machine` next to this network is called: our `<stem>_scales_<machine>.json`,
-    and for a paper network (its .pt, or our import of one) with the machine of its padding, the
-    paper's scales_<DATASET>_<arch>_<mode>[_conditional].pt, as the key (dataset, arch, mode, conditional)."""
-    from edtool.networks import checkpoints
-    from edtool.networks.paper_import import parse_paper_name
-
-    paper = parse_paper_name(network)
-    if paper is None and network.suffix != ".pt" and checkpoints.manifest_path(network).exists():
-        try:
-            imported = checkpoints.read_manifest(network).get("imported_from") or {}
-            paper = parse_paper_name(imported.get("file", "x"))
-        except EdtoolError:
-            pass
-    key = None
-    if paper is not None and machine == ("els-circular" if paper["mode"] == "circular" else "els-borders"):
-        key = (paper["dataset"], paper["arch"], paper["mode"], paper["conditional"])
-    return scales_path(network, machine).name, key
+def scale_index(t: float, nscales: int) -> int:
+    """Entry j of a scale schedule that applies at time t: the first with t <= (j + 1) / N. The grid
+    times (diffusion.timesteps, float64, as DDIM hands them over) get their own entry exactly."""
+    return min(bisect.bisect_left(_schedule_times(nscales), t), nscales - 1)
 
 
-def _paper_scales_in(directory: Path, key: tuple) -> list:
-    """The paper's scales_*.pt in a folder whose name says (dataset, arch, mode, conditional) = key."""
-    from edtool.networks.paper_import import parse_paper_name
-
-    found = []
-    for path in sorted(directory.glob("scales_*.pt")):
-        info = parse_paper_name(path)
-        if info is not None and (info["dataset"], info["arch"], info["mode"], info["conditional"]) == key:
-            found.append(path)
-    return found
-
-
-def find_scales(machine: str, explicit=None, checkpoints: Iterable = (), nsteps: Optional[int] = None,
-                notes: Optional[list] = None):
-    """(schedule, source) for a machine, or (None, None).
-
-    The `explicit` file when given (refused if it does not serve `nsteps`). Else, for the networks
-    in `checkpoints` (most wanted first), their calibration `<stem>_scales_<machine>.json` or, for
-    paper networks, the paper's `scales_*.pt`, searched in SPEC 4's order: ./checkpoints,
-    EDTOOL_CHECKPOINTS, beside each network, the shipped folder. A schedule that does not serve
-    `nsteps`, or a calibration that records other weights than the network's, is passed over
-    (the first with a line in `notes`)."""
-    from edtool.paths import search_dirs
-
-    if explicit is not None:
-        scales = read_scales(explicit)
-        return (check_steps(scales, nsteps, explicit) if nsteps else scales), str(explicit)
-    networks = [Path(c) for c in checkpoints if c is not None]
-    names = [(n, *_names_for(machine, n)) for n in networks]
-    dirs = search_dirs()
-    for parent in dict.fromkeys(n.parent for n in networks):
-        if parent.is_dir() and not any(d.is_dir() and parent.resolve() == d.resolve() for d in dirs):
-            dirs.insert(len(dirs) - 1, parent)  # beside the networks, before the shipped folder
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        for network, json_name, paper_key in names:
-            for path in [d / json_name] + ([] if paper_key is None else _paper_scales_in(d, paper_key)):
-                if not path.is_file() or (path.suffix == ".json" and not _calibrated_for(path, network)):
-                    continue
-                scales = read_scales(path)
-                if not nsteps or fits_steps(scales, nsteps):
-                    return scales, str(path)
-                if notes is not None:
-                    notes.append(f"{machine}: passing over {path} ({len(scales)} patch sizes do not serve "
-                                 f"--nsteps {nsteps})")
-    return None, None
-
-
-def resampling_note(name: str, scales: Sequence[int], nsteps: int, source=None) -> Optional[str]:
-    """None when a schedule has one entry per DDIM step; else the line that says how it is used: the step
-    at time t takes entry j with t in ((j) / N, (j + 1) / N] (machines.scale_index), so a 20-entry paper
-    schedule with 10 steps uses every second entry, and a length that is no multiple of the steps lands
-    between the calibrated times."""
-    from edtool.els.machine import scale_index
-
-    n = len(scales)
-    if n == nsteps:
-        return None
-    used = [scale_index((i + 1) / nsteps, n) + 1 for i in range(nsteps)]  # 1-based, ascending t
-    shown = ", ".join(map(str, used)) if len(used) <= 12 else ", ".join(map(str, used[:5] + ["..."] + used[-3:]))
-    aligned = n % nsteps == 0
-    return (f"{name}: {source or 'the scale schedule'} has {n} entries for {nsteps} steps; each step uses the "
-            f"entry for its time t (entries {shown} of 1..{n})"
-            + ("" if aligned else f"; {n} is no multiple of {nsteps}, so the steps fall between the calibrated "
-                                  f"times (calibrate with --nsteps {nsteps} for an exact schedule)"))
+@functools.lru_cache(maxsize=None)
+def _schedule_times(nscales: int) -> tuple:
+    """(1/N, 2/N, ..., 1): the times of the schedule's entries, the same float64 values as timesteps(N)."""
+    return tuple(timesteps(nscales)[:-1].flip(0).tolist())
 
 
 def fallback_note(name: str, patch_size: int) -> str:
@@ -232,19 +142,9 @@ def fallback_note(name: str, patch_size: int) -> str:
             "(run `edtool calibrate` or pass --scales)")
 
 
-# ------------------------------------------------------------------ the machine
-
-
-def build_machine(kind: str, images, labels=None, scales: Optional[Sequence[int]] = None, patch_size: int = 5,
-                  source: Optional[str] = None):
-    """The machine `kind` with its schedule: `is` takes none; the others `scales` when given, else
-    the fixed `patch_size`. Returns (machine, info), info being what a run records about it."""
-    from edtool.els.machine import make_machine
-
-    if kind == "is":
-        return make_machine("is", images, labels), {}
-    if scales is not None:
-        scales = check_schedule(scales, f"scales for {kind}")
-        return make_machine(kind, images, labels, scales=scales), {"scales": scales, "scales_file": source}
-    check_patch_size(patch_size, "patch_size")
-    return make_machine(kind, images, labels, patch_size=patch_size), {"patch_size": patch_size}
+def schedule_note(name: str, scales: Optional[Sequence[int]], nsteps: int, patch_size: int, source=None) -> Optional[str]:
+    """The line a user needs about the schedule a machine runs with: the fixed patch size when there are
+    no scales, how a schedule of another length is used, or None when nothing needs saying."""
+    if scales is None:
+        return fallback_note(name, patch_size)
+    return resampling_note(name, scales, nsteps, source)

@@ -21,6 +21,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from edtool.config import MIN_PROBES, PROBES
 from torch.func import jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -224,8 +226,8 @@ def _hutchinson_chunk(x: Tensor, act_bytes: int, max_memory: int) -> int:
 def _hutchinson(f, vjp_fn, x, seeds, probes, rtol, max_probes, chunk, curl_map) -> tuple:
     """Hutchinson estimates; with rtol, add rounds of `probes` probes until every sample's
     relative standard error of ed_fro is below rtol or max_probes are used."""
-    if probes < 2:
-        raise ValueError(f"probes must be >= 2 (the standard error needs a spread), got {probes}")
+    if probes < MIN_PROBES:
+        raise ValueError(f"probes must be >= {MIN_PROBES} (the standard error needs a spread), got {probes}")
     if rtol is not None and not rtol > 0:
         raise ValueError(f"rtol must be positive, got {rtol}")
     max_probes = max(max_probes, probes)
@@ -297,7 +299,7 @@ def exterior_derivative(
     f: Field,
     x: Tensor,
     method: str = "auto",
-    probes: int = 16,
+    probes: int = PROBES,
     seed: Union[int, Sequence[int]] = 0,
     rtol: Optional[float] = None,
     max_probes: int = 1024,

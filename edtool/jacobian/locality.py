@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from edtool.config import PROBES
+
 LEVEL = 0.9  # r90: the radius holding this fraction of the squared Frobenius norm
 # An antisymmetric part below this fraction of ||J||_F is float rounding of a symmetric J (float32 eps
 # is 1.2e-7 per entry): its direction is noise, so an alignment with it is undefined (NaN), not 0.
@@ -445,7 +447,7 @@ def _device_dtype(op: Operator) -> tuple:
     return t.device, t.dtype
 
 
-def alignment(op_a: Operator, op_b: Operator, method: str = "auto", probes: int = 16, seed=0,
+def alignment(op_a: Operator, op_b: Operator, method: str = "auto", probes: int = PROBES, seed=0,
               max_memory: int = 2**30) -> AlignmentResult:
     """align_jac and align_ed of the Jacobians of op_a against op_b at the same points (SPEC 12).
 

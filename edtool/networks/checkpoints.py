@@ -1,4 +1,4 @@
-"""Our checkpoint format (safetensors weights + JSON manifest), loading and discovery (SPEC 4).
+"""Our checkpoint format (safetensors weights + JSON manifest), and loading it.
 
 A checkpoint is two files side by side: `NAME.safetensors` (the network's state dict) and
 `NAME.json` (the manifest: architecture and its arguments, dataset, image shape, conditional
@@ -16,7 +16,6 @@ import edtool
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, sha256_file, write_json
 from edtool.networks.models import Network, build_network
-from edtool.paths import search_dirs
 
 FORMAT = "edtool-checkpoint"
 
@@ -56,19 +55,14 @@ def file_hash(path) -> str:
     return sha256_file(path)
 
 
-def load(path, dataset: Optional[str] = None, image_shape=None, device="cpu", note=None) -> Network:
-    """Load a checkpoint as a Network; refuse one made for another dataset or image shape.
-
-    A paper checkpoint (`.pt`, a pickled DDIM) is imported on the fly through the allow-list of
-    `paper_import` and cached by content hash; `note` (a callable) receives one line saying so."""
+def load(path, dataset: Optional[str] = None, image_shape=None, device="cpu") -> Network:
+    """Load one of our checkpoints as a Network; refuse one made for another dataset or image shape.
+    (A paper `.pt` loads through `discovery.load`, which imports it first.)"""
     path = Path(path)
     if path.suffix == ".pt":
-        from edtool.networks.paper_import import cached_import
-
-        path, line = cached_import(path, dataset=dataset)
-        if note is not None:
-            note(line)
-    elif path.suffix != ".safetensors":
+        raise EdtoolError(f"{path} is a paper checkpoint: load it with edtool.networks.discovery.load, or convert "
+                          "it with `edtool import-checkpoint`")
+    if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     if not path.exists():
         raise EdtoolError(f"checkpoint {path} does not exist")
@@ -86,55 +80,3 @@ def load(path, dataset: Optional[str] = None, image_shape=None, device="cpu", no
     except Exception as e:  # corrupt file or manifest/weights mismatch
         raise EdtoolError(f"checkpoint {path} could not be loaded: {e}") from None
     return Network(net, manifest).to(device)
-
-
-def _ours_in(directory: Path, dataset: str, arch: str, conditional: Optional[bool]) -> Optional[Path]:
-    """Our checkpoint for (dataset, arch) in one folder, found by reading manifests, not names."""
-    for mpath in sorted(directory.glob("*.json")):
-        try:
-            m = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("dataset") != dataset \
-                or m.get("arch") != arch:
-            continue
-        if conditional is not None and bool(m.get("conditional")) != conditional:
-            continue
-        if mpath.with_suffix(".safetensors").exists():
-            return mpath.with_suffix(".safetensors")
-    return None
-
-
-def _paper_in(directory: Path, dataset: str, arch: str, conditional: Optional[bool]) -> Optional[Path]:
-    """A paper file backbone_<DATASET>_<UNet|ResNet>_<mode>[_conditional].pt for (dataset, arch) in one
-    folder (zero padding and unconditional first, like the seed tool's defaults)."""
-    from edtool.networks.paper_import import parse_paper_name
-
-    found = []
-    for path in directory.glob("backbone_*.pt"):
-        info = parse_paper_name(path)
-        if info is None or info["dataset"] != dataset or info["arch"] != arch:
-            continue
-        if conditional is not None and info["conditional"] != conditional:
-            continue
-        found.append((info["mode"] != "zeros", info["conditional"], path.name, path))
-    return min(found)[-1] if found else None
-
-
-def discover(dataset: str, arch: str, directory=None, conditional: Optional[bool] = None) -> Path:
-    """The checkpoint for (dataset, arch): in `directory`, else the first of `paths.search_dirs()`
-    (./checkpoints, EDTOOL_CHECKPOINTS, shipped) holding one of ours or a paper `.pt`."""
-    dirs = [Path(directory)] if directory is not None else search_dirs()
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        found = _ours_in(d, dataset, arch, conditional) or _paper_in(d, dataset, arch, conditional)
-        if found is not None:
-            return found
-    where = ", ".join(str(d) for d in dirs)
-    if directory is None and not dirs[-1].is_dir():  # an installation without its package data
-        where += f" (the shipped folder {dirs[-1]} is missing: reinstall edtool from a complete wheel)"
-    raise EdtoolError(f"no {arch} checkpoint for dataset {dataset!r} in {where}; train one with "
-                      f"`edtool train --arch {arch} --dataset {dataset}`, put the paper's backbone_*.pt in "
-                      f"./checkpoints, or pass its path")
-

@@ -17,6 +17,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from edtool.config import MIN_PROBES, NSTEPS, PATCH_SIZE, PROBES
 from edtool.diffusion import ddim_sample, initial_noise, timesteps
 from edtool.jacobian.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
@@ -39,14 +40,14 @@ class ComputeConfig:
     unet: Optional[str] = None
     resnet: Optional[str] = None
     scales: Optional[str] = None
-    patch_size: int = 5  # ELS patch size when no calibrated scales are found
+    patch_size: int = PATCH_SIZE  # ELS patch size when no calibrated scales are found
     max_samples: Optional[int] = None  # the machines get the first N training images (per class if conditional)
-    nsteps: int = 20
+    nsteps: int = NSTEPS
     realizations: int = 1
     seed: int = 0
     label: Optional[int] = None
     estimator: str = "auto"
-    probes: int = 16
+    probes: int = PROBES
     rtol: Optional[float] = None
     maps: bool = False
     trajectory: str = "own"  # own | shared
@@ -117,8 +118,8 @@ def validate(cfg: ComputeConfig) -> None:
     if cfg.estimator == "analytic" and any(m not in MACHINE_NAMES for m in cfg.models):
         raise EdtoolError("--estimator analytic applies to the ELS machines only; use auto (closed form for "
                           "machines, Hutchinson or exact for networks)")
-    if cfg.probes < 1:
-        raise EdtoolError(f"--probes must be at least 1, got {cfg.probes}")
+    if cfg.probes < MIN_PROBES:
+        raise EdtoolError(f"--probes must be at least {MIN_PROBES} (the standard error needs a spread), got {cfg.probes}")
     if cfg.rtol is not None and not 0 < cfg.rtol < 1:
         raise EdtoolError(f"--rtol must be between 0 and 1, got {cfg.rtol}")
     if cfg.trajectory not in ("own", "shared"):
@@ -238,27 +239,11 @@ class Study:
 
 
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
-    """--unet/--resnet, else the first found in ./checkpoints, EDTOOL_CHECKPOINTS, shipped (SPEC 4)."""
-    from edtool.networks import checkpoints
+    """--unet/--resnet, else the first found in ./checkpoints, EDTOOL_CHECKPOINTS, shipped (docs/discovery)."""
+    from edtool.networks import discovery
 
     explicit = getattr(cfg, arch)
-    if explicit:
-        return Path(explicit)
-    return checkpoints.discover(cfg.dataset, arch)
-
-
-def _padding_of(path: Path) -> Optional[str]:
-    """A network file's padding, from our manifest or a paper file's name (without loading it)."""
-    from edtool.networks import checkpoints
-    from edtool.networks.paper_import import parse_paper_name
-
-    if path.suffix == ".pt":
-        info = parse_paper_name(path)
-        return info["mode"] if info else None
-    try:
-        return checkpoints.read_manifest(path).get("padding")
-    except EdtoolError:
-        return None
+    return Path(explicit) if explicit else discovery.discover(cfg.dataset, arch)
 
 
 def _image_shape(fields: dict) -> Optional[tuple]:
@@ -276,19 +261,18 @@ def _image_shape(fields: dict) -> Optional[tuple]:
 def prepare(cfg: ComputeConfig) -> Study:
     """Load networks, data (only for machines, SPEC 6) and machines; derive seeds, labels and the config
     that the store records (with the estimator each model uses on this device)."""
-    from edtool.networks import checkpoints
-    from edtool.els.calibrate import seed_labels
     from edtool.data import NUM_CLASSES, first_samples, load_dataset
+    from edtool.els.calibrate import seed_labels
+    from edtool.els.machine import build_machine, resolve_machine_name
     from edtool.jacobian.ed import auto_method
-    from edtool.els.machine import resolve_machine_name
-    from edtool.els.schedule import build_machine, fallback_note, find_scales, resampling_note
+    from edtool.networks import checkpoints, discovery
 
     validate(cfg)
     device = resolve_device(cfg.device)
     notes, models, config_models = [], {}, {}
     wants_machines = any(m in MACHINE_NAMES for m in cfg.models)
     if wants_machines and cfg.scales:  # checked before anything heavy is loaded
-        find_scales("els", cfg.scales, nsteps=cfg.nsteps)
+        discovery.find_scales("els", cfg.scales, nsteps=cfg.nsteps)
 
     network_paths = {}
     for arch in NETWORKS:
@@ -302,7 +286,7 @@ def prepare(cfg: ComputeConfig) -> Study:
         if arch not in cfg.models:
             continue
         path = network_paths[arch]
-        models[arch] = checkpoints.load(path, dataset=cfg.dataset, device=device, note=notes.append)
+        models[arch] = discovery.load(path, dataset=cfg.dataset, device=device, note=notes.append)
         config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
     if cfg.sources:  # SPEC 14: models from elsewhere go wherever a network goes
         from edtool.networks.sources import load_sources
@@ -310,7 +294,7 @@ def prepare(cfg: ComputeConfig) -> Study:
         load_sources(cfg, device, models, config_models, notes)
     paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
     if not paddings and "resnet" in network_paths:  # machines alone follow the ResNet their scales are for
-        paddings = [_padding_of(network_paths["resnet"]) or "zeros"]
+        paddings = [discovery.padding_of(network_paths["resnet"]) or "zeros"]
     padding = paddings[0] if paddings else "zeros"
     padding_from = next(iter(network_paths.values()), None) if not models else \
         network_paths.get(next(iter(models))) or cfg.sources.get(next(iter(models)))
@@ -337,20 +321,10 @@ def prepare(cfg: ComputeConfig) -> Study:
     for name in cfg.models:
         if name in NETWORKS or name in cfg.sources:
             continue
-        try:
-            kind = resolve_machine_name(name, padding)
-        except ValueError:  # els follows the networks' padding, and theirs is one no machine models
-            raise EdtoolError(f"{name} follows the network's padding, and {padding_from} has padding {padding!r}, "
-                              "which no ELS machine models (zeros, circular): name the machine instead, "
-                              "els-borders or els-circular") from None
-        scales, source = None, None
-        if kind != "is":  # --scales, else the calibration found for the ResNet (or UNet), SPEC 4's order
-            scales, source = find_scales(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")],
-                                         cfg.nsteps, notes)
-            if scales is None:
-                notes.append(fallback_note(name, cfg.patch_size))
-            elif resampling_note(name, scales, cfg.nsteps, source):
-                notes.append(resampling_note(name, scales, cfg.nsteps, source))
+        kind = resolve_machine_name(name, padding, padding_from)
+        # --scales, else the calibration found for the ResNet (or UNet), in discovery's order
+        scales, source = discovery.schedule_for(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")],
+                                                cfg.nsteps, cfg.patch_size, notes, name=name)
         machine, info = build_machine(kind, images.to(device), labels.to(device), scales=scales,
                                       patch_size=cfg.patch_size, source=source)
         models[name] = machine
@@ -632,14 +606,16 @@ def _is_out_of_memory(err: Exception) -> bool:
 
 
 def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
-    """measure(), but a failure inside one model becomes NaN for its cells plus a warning: (Cell, error or None).
+    """measure(), but a numeric failure inside one model (RuntimeError, FloatingPointError: out of memory, a
+    failed linear solve) becomes NaN for its cells plus a warning: (Cell, error or None).
 
     Out of memory with several realizations in the batch is not a failure of the model: it raises
     _OutOfMemory so that the batch is split; with one realization it is recorded as NaN like the rest.
     """
     try:
         return measure(job, name, batch, points), None
-    except (RuntimeError, ValueError, FloatingPointError) as err:  # incl. out of memory
+    except (RuntimeError, FloatingPointError) as err:  # numeric failures only (incl. out of memory): a
+        # ValueError is an input check that came too late, and a user error is never stored as NaN
         if _is_out_of_memory(err):
             if batch.x_T.is_cuda:
                 torch.cuda.empty_cache()

@@ -227,10 +227,10 @@ def before_after(images, args, device, dtype):
 
 def calibration_row(images, ks, nsteps, device):
     """Wall time of calibrate() (one seed, these sizes) against the shipped ResNet, per scored point."""
-    from edtool.networks import checkpoints
+    from edtool.networks import checkpoints, discovery
     from edtool.els.calibrate import calibrate
 
-    net = checkpoints.load(checkpoints.discover("mnist5k", "resnet"), device=device)
+    net = checkpoints.load(discovery.discover("mnist5k", "resnet"), device=device)
     t0 = time.perf_counter()
     res = calibrate(net, images.to(device), None, sizes=ks, seeds=[0], nsteps=nsteps)
     total = time.perf_counter() - t0
