@@ -558,6 +558,7 @@ def analyze(
     """compute + aggregate + plot in one go, with the seed tool's flags and folder layout."""
     from edtool.aggregate import aggregate_run
     from edtool.plots import check_figure_folder, plot_run
+    from edtool.seed_files import check_seed_files_folder, export_seed_files
 
     if single and multiple:
         raise EdtoolError("use either --single or --multiple N, not both")
@@ -573,6 +574,7 @@ def analyze(
                           realizations=n, seed=seed, estimator=estimator, probes=probes, maps=maps, points=points,
                           held_out=held_out, device=device, run_dir=str(run_dir), overwrite=overwrite)
     check_figure_folder(run_dir, fmt, overwrite)  # before computing: the seed tool's figures have these names
+    check_seed_files_folder(run_dir, overwrite)  # and its numeric files
     summary = _run_compute(cfg, quiet)
     t0 = time.perf_counter()
     aggregate_run(str(run_dir))
@@ -580,6 +582,7 @@ def analyze(
     t0 = time.perf_counter()
     paths = plot_run(str(run_dir), fmt=fmt, overwrite=overwrite)
     t_plot = time.perf_counter() - t0
+    paths += export_seed_files(str(run_dir), overwrite=overwrite)  # the seed tool's .pt files, from the store
     if quiet:
         for f in summary["failures"] + summary["warnings"]:
             print(f"warning: {f}", file=sys.stderr)
