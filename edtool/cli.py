@@ -28,8 +28,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _print_version(value: bool):
+    """--version: the installed package's version (edtool.__version__ when run from a checkout)."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from edtool import __version__
+        try:
+            print(f"edtool {version('edtool')}")
+        except PackageNotFoundError:
+            print(f"edtool {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                        help="Show edtool's version and exit.")):
     """--debug is read by main() from sys.argv; declared here so that it shows in --help."""
 
 
