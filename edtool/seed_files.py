@@ -48,7 +48,7 @@ def seed_results(run) -> dict:
     about = {"field": FIELD, "definition": DEFINITION}
     r = _first_realization(done)
     ed = run.read("ed_fro", realizations=[r])[0].astype(np.float64)  # (model, step)
-    files = {SINGLE: {name: {"timesteps": timesteps.clone(), "ed_magnitudes": torch.from_numpy(ed[m]),
+    files = {SINGLE: {name: {"timesteps": timesteps.clone(), "ed_magnitudes": torch.from_numpy(ed[m].copy()),
                              "realization": r, "seed": int(run.seeds[r]), **about}
                       for m, name in enumerate(run.models) if done[r, m]}}
     if done.sum(axis=0).max() >= 2:
