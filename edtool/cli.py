@@ -616,6 +616,7 @@ def analyze(
     """compute + aggregate + plot in one go, with the seed tool's flags and folder layout."""
     from edtool.study.aggregate import aggregate_run
     from edtool.study.plots import check_figure_folder, plot_run
+    from edtool.study.seed_files import check_seed_files_folder, export_seed_files
 
     if single and multiple:
         raise EdtoolError("use either --single or --multiple N, not both")
@@ -631,6 +632,7 @@ def analyze(
                           realizations=n, seed=seed, estimator=estimator, probes=probes, maps=maps, points=points,
                           held_out=held_out, device=device, run_dir=str(run_dir), overwrite=overwrite)
     check_figure_folder(run_dir, fmt, overwrite)  # before computing: the seed tool's figures have these names
+    check_seed_files_folder(run_dir, overwrite)  # and its numeric files
     summary = _run_compute(cfg, quiet)
     t0 = time.perf_counter()
     aggregate_run(str(run_dir))
@@ -638,6 +640,7 @@ def analyze(
     t0 = time.perf_counter()
     paths = plot_run(str(run_dir), fmt=fmt, overwrite=overwrite)
     t_plot = time.perf_counter() - t0
+    paths += export_seed_files(str(run_dir), overwrite=overwrite)  # the seed tool's .pt files, from the store
     if quiet:
         for f in summary["failures"] + summary["warnings"]:
             print(f"warning: {f}", file=sys.stderr)

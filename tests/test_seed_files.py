@@ -1,0 +1,149 @@
+"""The seed tool's numeric files (issue 21 item 7): `analyze` writes ed_analysis_single.pt and
+ed_analysis_aggregated.pt beside its figures, exported from the run store. Checked by loading them as a
+seed user would (torch.load, weights_only=True) against the store read independently with zarr and
+xarray, and against closed forms on a hand-written store; foreign files of those names are refused."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from edtool.errors import EdtoolError
+from edtool.fileio import LEDGER
+from edtool.study.seed_files import AGGREGATED, SINGLE, export_seed_files, seed_results
+from edtool.store.run import create_run
+from test_bad_input import assert_refused
+from test_pipeline import _tiny_networks, cli, subprocess_env, tiny_checkpoints  # noqa: F401
+
+REPO = Path(__file__).resolve().parent.parent
+ANALYZE = ["analyze", "--models", "resnet,is", "--nsteps", "3", "--probes", "2", "--device", "cpu", "--quiet"]
+ABOUT = {"field", "definition"}
+
+
+def stored(folder: Path) -> dict:
+    """The run's models, times, done flags and ED read straight from the zarr store (not through edtool)."""
+    group = zarr.open_group(str(folder / "ed.zarr"), mode="r")
+    return {"models": list(group.attrs["models"]), "time": np.asarray(group["time"][:]),
+            "done": np.asarray(group["done"][:]).astype(bool), "ed": np.asarray(group["ed_fro"][:], np.float64)}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_analyze_multiple_writes_both_files_equal_to_the_store(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results"
+    code, _, err = cli(capsys, monkeypatch, *ANALYZE, "--output_dir", out, "--multiple", "2")
+    assert code == 0, err
+    folder = out / "mnist5k" / "multiple_realizations"
+    truth = stored(folder)
+    assert truth["done"].all() and truth["models"] == ["resnet", "is"]
+    np.testing.assert_allclose(truth["time"], [1, 2 / 3, 1 / 3])  # the seed's timesteps: 1 down towards 0
+
+    single = torch.load(folder / SINGLE, weights_only=True)
+    aggregated = torch.load(folder / AGGREGATED, weights_only=True)
+    assert set(single) == set(aggregated) == {"resnet", "is"}
+    import xarray as xr
+
+    agg = xr.open_zarr(folder / "ed.zarr", group="aggregate", consolidated=False)
+    for m, name in enumerate(truth["models"]):
+        one = single[name]
+        assert {"timesteps", "ed_magnitudes"} | ABOUT <= set(one) and one["field"] == "score"
+        assert torch.equal(one["timesteps"], torch.from_numpy(truth["time"]))
+        assert torch.equal(one["ed_magnitudes"], torch.from_numpy(truth["ed"][0, m]))  # realization 0, bit for bit
+
+        many = aggregated[name]
+        assert {"timesteps", "ed_magnitudes_mean", "ed_magnitudes_std", "ed_magnitudes_all",
+                "num_realizations"} | ABOUT <= set(many) and many["field"] == "score"
+        assert many["num_realizations"] == 2 and isinstance(many["num_realizations"], int)
+        values = truth["ed"][:, m]  # (realizations, steps)
+        assert torch.equal(many["ed_magnitudes_all"], torch.from_numpy(values))
+        np.testing.assert_allclose(many["ed_magnitudes_mean"].numpy(), values.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(many["ed_magnitudes_std"].numpy(), values.std(axis=0, ddof=0), rtol=1e-12)
+        assert many["ed_magnitudes_n"].tolist() == [2, 2, 2]
+        # the store's own aggregate (float32, ddof 1) says the same
+        np.testing.assert_allclose(many["ed_magnitudes_mean"].numpy(), agg["ed_fro_mean"].sel(model=name).values,
+                                   rtol=1e-6)
+        np.testing.assert_allclose(many["ed_magnitudes_std"].numpy() * np.sqrt(2),
+                                   agg["ed_fro_std"].sel(model=name).values, rtol=1e-5)
+
+    ledger = json.loads((folder / LEDGER).read_text())  # recorded like the figures
+    assert ledger[SINGLE] == sha256(folder / SINGLE) and ledger[AGGREGATED] == sha256(folder / AGGREGATED)
+    assert "ed_analysis_aggregated.png" in ledger
+
+
+def test_analyze_single_from_the_console_script(tmp_path):
+    """As a seed user runs it: `python -m edtool analyze --single`; one realization: no aggregated file."""
+    proc = subprocess.run([sys.executable, "-m", "edtool", *ANALYZE, "--output_dir", tmp_path / "r", "--single"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**subprocess_env(), "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "r" / "mnist5k" / "single_realization"
+    assert not (folder / AGGREGATED).exists()
+    truth = stored(folder)
+    single = torch.load(folder / SINGLE, weights_only=True)
+    for m, name in enumerate(truth["models"]):
+        assert torch.equal(single[name]["ed_magnitudes"], torch.from_numpy(truth["ed"][0, m]))
+        assert torch.isfinite(single[name]["ed_magnitudes"]).all()
+    assert (single["resnet"]["ed_magnitudes"] > 0).all() and (single["is"]["ed_magnitudes"] == 0).all()  # is: a gradient
+
+
+def test_the_seed_tools_own_files_are_never_replaced_silently(tmp_path, capsys, monkeypatch):
+    """A .pt of those names that edtool did not write is refused before anything is computed; edtool's
+    own are replaced on a rerun; --overwrite replaces the foreign one."""
+    folder = tmp_path / "out" / "mnist5k" / "single_realization"
+    folder.mkdir(parents=True)
+    theirs = folder / SINGLE
+    torch.save({"unet": {"timesteps": [1.0], "ed_magnitudes": [2.0]}}, theirs)
+    before = theirs.read_bytes()
+    args = ["analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--quiet", "--output_dir", tmp_path / "out"]
+    assert_refused(cli(capsys, monkeypatch, *args), f"{theirs} exists and edtool did not write it", "--overwrite")
+    assert theirs.read_bytes() == before and not (folder / "ed.zarr").exists()
+
+    code, _, err = cli(capsys, monkeypatch, *args, "--overwrite")
+    assert code == 0, err
+    assert set(torch.load(theirs, weights_only=True)) == {"is"}
+    code, _, err = cli(capsys, monkeypatch, *args)  # its own file: replaced without a word
+    assert code == 0, err
+    theirs.write_bytes(b"edited by hand")
+    assert_refused(cli(capsys, monkeypatch, *args), str(theirs))
+    assert theirs.read_bytes() == b"edited by hand"
+
+
+def test_failed_steps_and_unfinished_cells_on_a_hand_written_store(tmp_path):
+    """Closed forms: NaN steps stay NaN in the realization's row and are left out of mean, std (ddof 0)
+    and counted in n; a model without a finished cell in a realization is left out of that file."""
+    run = create_run(tmp_path / "r", {"estimator": "exact"}, ["unet", "els"], [7, 8, 9], [-1] * 3, 3, (1, 2, 2),
+                     maps=False)
+    rows = {(0, 0): [1.0, 2.0, np.nan], (1, 0): [3.0, 4.0, 5.0], (1, 1): [6.0, 6.0, 6.0]}
+    for (r, m), ed in rows.items():
+        ed = np.array(ed)
+        run.write_cell(r, m, ed, 2 * ed, np.full(3, 0.25), np.zeros(3), np.zeros((1, 2, 2)))
+    files = seed_results(run)
+    single, aggregated = files[SINGLE], files[AGGREGATED]
+    # realization 1 is the first with every model done: the one the single figure shows
+    assert set(single) == {"unet", "els"} and single["unet"]["realization"] == 1 and single["unet"]["seed"] == 8
+    assert single["unet"]["ed_magnitudes"].tolist() == [3.0, 4.0, 5.0]
+    unet = aggregated["unet"]
+    assert unet["num_realizations"] == 2 and unet["ed_magnitudes_n"].tolist() == [2, 2, 1]
+    assert unet["ed_magnitudes_mean"].tolist() == [2.0, 3.0, 5.0]
+    assert unet["ed_magnitudes_std"].tolist() == [1.0, 1.0, 0.0]
+    assert torch.isnan(unet["ed_magnitudes_all"][0, 2]) and unet["ed_magnitudes_all"].shape == (2, 3)
+    assert aggregated["els"]["num_realizations"] == 1 and aggregated["els"]["ed_magnitudes_std"].tolist() == [0.0] * 3
+
+    paths = export_seed_files(tmp_path / "r")  # into the run's folder
+    assert [p.name for p in paths] == [SINGLE, AGGREGATED]
+    again = torch.load(paths[1], weights_only=True)
+    assert torch.allclose(again["unet"]["ed_magnitudes_all"], unet["ed_magnitudes_all"], rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_run_with_nothing_done_has_nothing_to_export(tmp_path):
+    create_run(tmp_path / "r", {"estimator": "exact"}, ["unet"], [0], [-1], 2, (1, 2, 2), maps=False)
+    with pytest.raises(EdtoolError, match="no finished cells yet"):
+        seed_results(tmp_path / "r")
