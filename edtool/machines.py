@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from edtool import els_kernels
 from edtool.diffusion import alpha_bar, beta, score_to_eps, timesteps
 from edtool.scales import check_fits, check_patch_size
 
@@ -172,19 +173,30 @@ def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: 
     """
     grad = torch.is_grad_enabled()  # in-place ops are faster but autograd can't see through them
     shift, sums, buffer = None, None, None
+    # logits and exp fused pay only for narrow windows (k = 3 grey: 1.1x on the Jacobian; k >= 5: no gain)
+    lib = els_kernels.kernels() if els_kernels.usable(queries) and queries.shape[-1] <= 16 else None
     for keys in key_chunks:
         if shift is None:  # first chunk: start from its exact max
             shift = torch.bmm(queries.detach(), keys.detach()).amax(-1)
         q = torch.cat([-shift[..., None].to(queries.dtype), queries[..., 1:]], -1)
-        logw = torch.bmm(q, keys)  # log w - s
-        if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
-            floor = math.log(torch.finfo(logw.dtype).tiny) + 8
-            if not _above(q.detach(), keys.detach(), floor):
-                logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
-        if not grad and (buffer is None or buffer.numel() < logw.numel()):
-            buffer = torch.empty_like(logw).view(-1)
         values = values_of(keys)  # (G, V, M)
-        part = _weighted_sums(_exp(logw, buffer), values).double()
+        if lib is not None:  # logits, clamp and exp fused (the weighted sum is BLAS's)
+            if buffer is None or buffer.numel() < q.shape[0] * (q.shape[1] + els_kernels.ROWS) * keys.shape[-1]:
+                buffer = q.new_empty(q.shape[0] * (q.shape[1] + els_kernels.ROWS) * keys.shape[-1])
+            part = _weighted_sums(els_kernels.logits_exp(lib, q, keys, _clamp_floor(q.dtype), buffer), values).double()
+            if bool((part[..., 0] < 1e30).all()):
+                logw = None
+            else:  # rare: the torch path below redoes this chunk
+                lib, buffer = None, None
+        if lib is None:
+            logw = torch.bmm(q, keys)  # log w - s
+            if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
+                floor = _clamp_floor(logw.dtype)
+                if not _above(q.detach(), keys.detach(), floor):
+                    logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
+            if not grad and (buffer is None or buffer.numel() < logw.numel()):
+                buffer = torch.empty_like(logw).view(-1)
+            part = _weighted_sums(_exp(logw, buffer), values).double()
         if not bool((part[..., 0] < 1e30).all()):  # exp overflowed or nearly: lift those rows to the chunk max
             lift = logw.detach().amax(-1).clamp(min=0)
             part = _weighted_sums(_exp(logw - lift[..., None], buffer), values).double()
@@ -195,6 +207,12 @@ def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: 
         sums = sums * (-grow).exp()[..., None]
         shift = shift + grow.to(shift.dtype)
     return sums / sums[..., :1]
+
+
+def _clamp_floor(dtype) -> float:
+    """Logits (minus the shift) are clamped here on CPUs, which are ~4x slower on subnormal exp
+    results; those weigh < 1e-30 of the largest anyway."""
+    return math.log(torch.finfo(dtype).tiny) + 8
 
 
 def _above(q: Tensor, keys: Tensor, floor: float) -> bool:
@@ -693,7 +711,7 @@ class LocalMachine(Machine):
         the cache's budget, else every window gathered afresh from the padded images."""
         train = self._train(label, k // 2, x)
         groups = self._groups(k, x)
-        gathered = [lambda step, idx=idx: _gathered_keys(train, idx, step) for _, _, idx in groups]
+        gathered = [functools.partial(_gathered_keys, train, idx) for _, _, idx in groups]
         every = sum(idx.shape[0] * (idx.shape[2] + 3) * idx.shape[1] for _, _, idx in groups) * len(train) * train.element_size()
 
         def plan():
@@ -727,7 +745,7 @@ class LocalMachine(Machine):
         cached = self._keys.get((label, k, x.dtype, x.device), plan)
         if cached is None:
             return gathered
-        return [lambda step, keys=keys: _sliced_keys(keys, step) for keys in cached]
+        return [functools.partial(_sliced_keys, keys) for keys in cached]
 
     def _moments(self, x, a, b2, k, label, jacobian: bool) -> Tensor:
         """Posterior moments per pixel (B, H*W, V): V = [1, c] (score) or [1, c] x [1, P]
@@ -754,7 +772,13 @@ class LocalMachine(Machine):
             q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1), torch.ones_like(q[..., :1])], -1)
             q = q.transpose(0, 1).reshape(G, B * R, D + 3)  # rows [0, a x_p / b^2, -a^2 / (2 b^2), 1]
             step = _candidates_per_step(G, B * R, width, self.chunk_size)
-            m = posterior_moments(q, source(step), values_of)
+            fused = not jacobian and len(value_rows) <= 4 and els_kernels.usable(q)
+            lib = els_kernels.kernels() if fused else None
+            if lib is not None:  # the fused score kernel: chunks as large as the cache holds them (views)
+                chunks = source(source.args[0].shape[-1] if source.func is _sliced_keys else step)
+                m = els_kernels.score_moments(lib, q, chunks, value_rows, _clamp_floor(q.dtype))
+            else:
+                m = posterior_moments(q, source(step), values_of)
             pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
             pixels.append(pix.reshape(-1))
         order = torch.argsort(torch.cat(pixels))
