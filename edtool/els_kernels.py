@@ -105,14 +105,16 @@ def _padded(q: Tensor) -> Tensor:
     return torch.nn.functional.pad(q, (0, 0, 0, pad)).contiguous() if pad else q.contiguous()
 
 
-def score_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, floor: float) -> Tensor:
+def score_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, floor: float,
+                  block: Optional[int] = None) -> Tensor:
     """posterior_moments for the score, fused: E_w[keys[value_rows]] (G, R, V) float64, normalized,
     for queries (G, R, E) and chunks of keys (G, E, M), value_rows[0] = 0 (the ones row), 2 <= V <= 4."""
     G, R, E = queries.shape
     q = _padded(queries)
     shift = torch.full(q.shape[:2], -math.inf)
     sums = torch.zeros(*q.shape[:2], len(value_rows), dtype=torch.float64)
-    block = max(16, 16384 // E // 16 * 16)  # a block of keys (64 KiB) stays in L2 while every row passes over it
+    if block is None:  # candidates per block: its keys (64 KiB) stay in L2 while every row passes over them
+        block = max(16, 16384 // E // 16 * 16)
     rows = value_rows.to(torch.int64).contiguous()
     for keys in key_chunks:
         if keys.stride(-1) != 1:
