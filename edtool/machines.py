@@ -172,7 +172,7 @@ def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: 
     result is (G, R, V), normalized (its first column is 1).
     """
     grad = torch.is_grad_enabled()  # in-place ops are faster but autograd can't see through them
-    shift, sums, buffer = None, None, None
+    shift, sums, buffer, bounded = None, None, None, True
     # logits and exp fused pay only for narrow windows (k = 3 grey: 1.1x on the Jacobian; k >= 5: no gain)
     lib = els_kernels.kernels() if els_kernels.usable(queries) and queries.shape[-1] <= 16 else None
     for keys in key_chunks:
@@ -192,7 +192,8 @@ def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: 
             logw = torch.bmm(q, keys)  # log w - s
             if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
                 floor = _clamp_floor(logw.dtype)
-                if not _above(q.detach(), keys.detach(), floor):
+                bounded = bounded and _above(q.detach(), keys.detach(), floor)  # after one miss, stop trying
+                if not bounded:
                     logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
             if not grad and (buffer is None or buffer.numel() < logw.numel()):
                 buffer = torch.empty_like(logw).view(-1)
