@@ -147,7 +147,8 @@ def main():
                    help="issue 23's table: work, time and %% of the one-core ceiling, engine of --roofline-commit vs "
                         "now, score and Jacobian, then the 1- vs 2-thread ratio")
     p.add_argument("--roofline-commit", default="be2d4c5", help="the 'old' engine of --roofline (before issue 23)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="--roofline: thread counts compared")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="--roofline: thread counts compared (one count: no thread table)")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--root", default=None)
     args = p.parse_args()
@@ -320,6 +321,8 @@ def roofline(images, args, device, dtype):
               flush=True)
         machines[k] = (old, new, x)
         del old, new
+    if len(args.threads) < 2:
+        return
     print(f"\nthreads: wall time of one score, best of {rounds} interleaved rounds")
     print("| k | engine | " + " | ".join(f"{n} threads s" for n in args.threads) + f" | {args.threads[0]} -> {args.threads[-1]} |")
     print("|---|---|" + "---|" * (len(args.threads) + 1))
