@@ -12,6 +12,9 @@ set ("the windows centred at these positions, in every training image"). One str
 a chunk of candidates with one matrix product, keeps a running log-sum-exp, and accumulates
 the weighted sums (sum w, sum w c and, for the Jacobian, sum w P and sum w c P^T) in float64.
 
+On the CPU in float32 the score's loop (and at k = 3 the Jacobian's logits and exp) runs fused in a
+compiled kernel (`edtool.els_kernels`); this module's torch code is the fallback and the GPU path.
+
 Many candidate windows are identical (on mnist5k only 38 % of the k = 3 windows are distinct:
 the all-background window dominates). Each cell's distinct windows are kept once, with log of
 their count added to their logit (`merge_plan`, `merged_keys`): the same weights, sums and
