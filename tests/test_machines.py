@@ -639,8 +639,8 @@ def test_merged_windows_equal_every_window_on_mnist(rule, paper, k, t):
 
 
 def test_windows_are_merged_only_where_it_pays():
-    """k <= 9 (grey): distinct windows kept between calls; k = 11: gathered at every call (its windows
-    rarely repeat and the merge costs more than it saves), the same numbers either way."""
+    """k <= 9 (grey): distinct windows kept between calls; k = 11: every window kept, unmerged (its
+    windows rarely repeat and the merge costs more than it saves), the same numbers either way."""
     from edtool.els.machine import MERGE_MAX_ENTRIES
 
     images, _ = mnist_subset(8)
@@ -649,6 +649,8 @@ def test_windows_are_merged_only_where_it_pays():
         assert (k * k <= MERGE_MAX_ENTRIES) == merged
         m = make_machine("els-borders", images, patch_size=k)
         score = m.score(0.5, x)
-        assert (m._keys.nbytes() > 0) == merged
+        keys = m._keys.sets[(None, k, x.dtype, x.device)]
+        windows = [len(images) * idx.shape[1] for _, _, idx in m._groups(k, x)]  # every window of each group's cells
+        assert [K.shape[-1] < n for K, n in zip(keys, windows)] == [merged] * len(keys)
         every = make_machine("els-borders", images, patch_size=k, cache_bytes=0).score(0.5, x)
         assert rel(score, every) < 1e-6

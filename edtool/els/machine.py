@@ -12,6 +12,9 @@ set ("the windows centred at these positions, in every training image"). One str
 a chunk of candidates with one matrix product, keeps a running log-sum-exp, and accumulates
 the weighted sums (sum w, sum w c and, for the Jacobian, sum w P and sum w c P^T) in float64.
 
+On the CPU in float32 the score's loop (and at k = 3 the Jacobian's logits and exp) runs fused in a
+compiled kernel (`edtool.els.kernel`); this module's torch code is the fallback and the GPU path.
+
 Many candidate windows are identical (on mnist5k only 38 % of the k = 3 windows are distinct:
 the all-background window dominates). Each cell's distinct windows are kept once, with log of
 their count added to their logit (`merge_plan`, `merged_keys`): the same weights, sums and
@@ -27,6 +30,7 @@ delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output 
     res = m.field(0.5).analytic_ed(x, curl_map=True)
 """
 
+import functools
 import math
 from collections import OrderedDict, namedtuple
 from typing import Callable, Iterable, Optional, Sequence
@@ -39,6 +43,7 @@ from edtool.config import PATCH_SIZE
 from edtool.diffusion import alpha_bar, beta, score_to_eps
 from edtool.errors import EdtoolError
 from edtool.els.schedule import check_fits, check_patch_size, check_schedule, scale_index
+from edtool.els import kernel as els_kernels
 
 MACHINES = ("is", "ls", "els-circular", "els-borders")
 ALIASES = {"els": "els-borders"}
@@ -162,21 +167,35 @@ def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: 
     result is (G, R, V), normalized (its first column is 1).
     """
     grad = torch.is_grad_enabled()  # in-place ops are faster but autograd can't see through them
-    shift, sums, buffer = None, None, None
+    shift, sums, buffer, bounded = None, None, None, True
+    # logits and exp fused pay only for narrow windows (k = 3 grey: 1.1x on the Jacobian; k >= 5: no gain)
+    lib = els_kernels.kernels() if els_kernels.usable(queries) and queries.shape[-1] <= 16 else None
     for keys in key_chunks:
         if shift is None:  # first chunk: start from its exact max
             shift = torch.bmm(queries.detach(), keys.detach()).amax(-1)
-        logw = torch.bmm(torch.cat([-shift[..., None].to(queries.dtype), queries[..., 1:]], -1), keys)  # log w - s
-        if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
-            floor = math.log(torch.finfo(logw.dtype).tiny) + 8
-            logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
-        if not grad and (buffer is None or buffer.numel() < logw.numel()):
-            buffer = torch.empty_like(logw).view(-1)
-        values = values_of(keys).transpose(1, 2)
-        part = torch.bmm(_exp(logw, buffer), values).double()
+        q = torch.cat([-shift[..., None].to(queries.dtype), queries[..., 1:]], -1)
+        values = values_of(keys)  # (G, V, M)
+        if lib is not None:  # logits, clamp and exp fused (the weighted sum is BLAS's)
+            if buffer is None or buffer.numel() < q.shape[0] * (q.shape[1] + els_kernels.ROWS) * keys.shape[-1]:
+                buffer = q.new_empty(q.shape[0] * (q.shape[1] + els_kernels.ROWS) * keys.shape[-1])
+            part = _weighted_sums(els_kernels.logits_exp(lib, q, keys, _clamp_floor(q.dtype), buffer), values).double()
+            if bool((part[..., 0] < 1e30).all()):
+                logw = None
+            else:  # rare: the torch path below redoes this chunk
+                lib, buffer = None, None
+        if lib is None:
+            logw = torch.bmm(q, keys)  # log w - s
+            if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
+                floor = _clamp_floor(logw.dtype)
+                bounded = bounded and _above(q.detach(), keys.detach(), floor)  # after one miss, stop trying
+                if not bounded:
+                    logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
+            if not grad and (buffer is None or buffer.numel() < logw.numel()):
+                buffer = torch.empty_like(logw).view(-1)
+            part = _weighted_sums(_exp(logw, buffer), values).double()
         if not bool((part[..., 0] < 1e30).all()):  # exp overflowed or nearly: lift those rows to the chunk max
             lift = logw.detach().amax(-1).clamp(min=0)
-            part = torch.bmm(_exp(logw - lift[..., None], buffer), values).double()
+            part = _weighted_sums(_exp(logw - lift[..., None], buffer), values).double()
             sums = None if sums is None else sums * (-lift).double().exp()[..., None]
             shift = shift + lift
         sums = part if sums is None else sums + part
@@ -184,6 +203,32 @@ def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: 
         sums = sums * (-grow).exp()[..., None]
         shift = shift + grow.to(shift.dtype)
     return sums / sums[..., :1]
+
+
+def _clamp_floor(dtype) -> float:
+    """Logits (minus the shift) are clamped here on CPUs, which are ~4x slower on subnormal exp
+    results; those weigh < 1e-30 of the largest anyway."""
+    return math.log(torch.finfo(dtype).tiny) + 8
+
+
+def _above(q: Tensor, keys: Tensor, floor: float) -> bool:
+    """Whether every entry of q (G, R, E) @ keys (G, E, M) provably exceeds floor, from each key
+    row's range in this chunk (interval arithmetic, with a margin for rounding); then the clamp
+    would change nothing. Only tried for R >= 16 rows: the bound costs one pass over the keys."""
+    if q.shape[1] < 16:
+        return False
+    lo, hi = keys.aminmax(dim=-1)  # (G, E)
+    ends = torch.stack([q * lo[:, None], q * hi[:, None]])  # (2, G, R, E)
+    bound = ends.amin(0).sum(-1) - 1e-4 * ends.abs().amax(0).sum(-1)  # a lower bound, minus rounding slack
+    return bool((bound > floor + 1).all())
+
+
+def _weighted_sums(w: Tensor, values: Tensor) -> Tensor:
+    """w (G, R, M) @ values (G, V, M)^T -> (G, R, V). For V <= 3 (the score) MKL is 2-4x faster
+    at it as values @ w^T; for wider values (the Jacobian) the other way round."""
+    if values.shape[1] <= 3:
+        return torch.bmm(values, w.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(w, values.transpose(1, 2))
 
 
 def _exp(logw: Tensor, buffer: Optional[Tensor]) -> Tensor:
@@ -662,14 +707,16 @@ class LocalMachine(Machine):
         the cache's budget, else every window gathered afresh from the padded images."""
         train = self._train(label, k // 2, x)
         groups = self._groups(k, x)
-        gathered = [lambda step, idx=idx: _gathered_keys(train, idx, step) for _, _, idx in groups]
+        gathered = [functools.partial(_gathered_keys, train, idx) for _, _, idx in groups]
         every = sum(idx.shape[0] * (idx.shape[2] + 3) * idx.shape[1] for _, _, idx in groups) * len(train) * train.element_size()
 
         def plan():
             if every > 4 * self._keys.budget:  # merging would not bring it within the budget
                 return math.inf, None
-            if groups[0][2].shape[2] > MERGE_MAX_ENTRIES:  # large windows rarely repeat: merging does not pay
-                return math.inf, None
+            if groups[0][2].shape[2] > MERGE_MAX_ENTRIES:  # large windows rarely repeat: kept unmerged (k = 11: 1.2-1.3x)
+                shapes = [(idx.shape[0], idx.shape[2] + 3, len(train) * idx.shape[1]) for _, _, idx in groups]
+                return every, lambda: [_fill(train.new_empty(shape), lambda step, idx=idx: _gathered_keys(train, idx, step))
+                                       for shape, (_, _, idx) in zip(shapes, groups)]
             plans, need = [], 0
             for _, _, idx in groups:  # stop as soon as the distinct windows counted so far overflow the budget
                 column = idx.shape[0] * (idx.shape[2] + 3) * train.element_size()  # bytes per merged column
@@ -694,7 +741,7 @@ class LocalMachine(Machine):
         cached = self._keys.get((label, k, x.dtype, x.device), plan)
         if cached is None:
             return gathered
-        return [lambda step, keys=keys: _sliced_keys(keys, step) for keys in cached]
+        return [functools.partial(_sliced_keys, keys) for keys in cached]
 
     def _moments(self, x, a, b2, k, label, jacobian: bool) -> Tensor:
         """Posterior moments per pixel (B, H*W, V): V = [1, c] (score) or [1, c] x [1, P]
@@ -721,7 +768,13 @@ class LocalMachine(Machine):
             q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1), torch.ones_like(q[..., :1])], -1)
             q = q.transpose(0, 1).reshape(G, B * R, D + 3)  # rows [0, a x_p / b^2, -a^2 / (2 b^2), 1]
             step = _candidates_per_step(G, B * R, width, self.chunk_size)
-            m = posterior_moments(q, source(step), values_of)
+            fused = not jacobian and len(value_rows) <= 4 and els_kernels.usable(q)
+            lib = els_kernels.kernels() if fused else None
+            if lib is not None:  # the fused score kernel: chunks as large as the cache holds them (views)
+                chunks = source(source.args[0].shape[-1] if source.func is _sliced_keys else step)
+                m = els_kernels.score_moments(lib, q, chunks, value_rows, _clamp_floor(q.dtype))
+            else:
+                m = posterior_moments(q, source(step), values_of)
             pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
             pixels.append(pix.reshape(-1))
         order = torch.argsort(torch.cat(pixels))

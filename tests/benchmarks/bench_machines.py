@@ -12,7 +12,7 @@ Jacobian time / score time (target <= 3) and the exact ED from the band.
     python tests/benchmarks/bench_machines.py --before --ks 3 5 7 11 --batches 1     # before/after table
     python tests/benchmarks/bench_machines.py --before --dataset mnist --root /work/shared/data/mnist --ks 3 5
 
---before times the engine as it was before identical windows were merged (edtool/els/machine.py of
+--before times the engine as it was before identical windows were merged (edtool/machines.py of
 commit 2e567e5, read with `git show`; --before-commit picks another) and the current one on the
 same x, one after the other per row, and reports the speed-up and the relative difference of
 score and band (float32).
@@ -38,10 +38,14 @@ used for only a few calls at k >= 11 gains nothing yet.)
 """
 
 import argparse
+import math
 import os
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_ceiling, next to this file
 
 from edtool.diffusion import add_noise
 from edtool.els.machine import _candidates_per_step, candidate_cells, make_machine
@@ -138,13 +142,21 @@ def main():
                    help="also time edtool.els.calibrate on the shipped ResNet: sizes --ks, 1 seed, --calib-steps steps")
     p.add_argument("--calib-steps", type=int, default=2)
     p.add_argument("--before", action="store_true", help="before/after table against an earlier engine")
-    p.add_argument("--before-commit", default="2e567e5", help="commit whose edtool/els/machine.py is 'before'")
+    p.add_argument("--before-commit", default="2e567e5", help="commit whose edtool/machines.py is 'before'")
+    p.add_argument("--roofline", action="store_true",
+                   help="issue 23's table: work, time and %% of the one-core ceiling, engine of --roofline-commit vs "
+                        "now, score and Jacobian, then the 1- vs 2-thread ratio")
+    p.add_argument("--roofline-commit", default="be2d4c5", help="the 'old' engine of --roofline (before issue 23)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="--roofline: thread counts compared (one count: no thread table)")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--root", default=None)
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     images = load_images(args.dataset, args.root)[: args.n_images]
+    if args.roofline:
+        return roofline(images, args, device, dtype)
     if args.before:
         return before_after(images, args, device, dtype)
     square = 2048 if device.type == "cuda" else 1024
@@ -181,15 +193,7 @@ def main():
 
 def before_after(images, args, device, dtype):
     """One els-borders score and closed-form Jacobian per (k, B), old engine then new, same x."""
-    import pathlib
-    import subprocess
-    import types
-
-    repo = pathlib.Path(__file__).resolve().parents[2]
-    code = subprocess.run(["git", "show", f"{args.before_commit}:edtool/els/machine.py"], cwd=repo, check=True,
-                          capture_output=True, text=True).stdout
-    before = types.ModuleType("machines_before")
-    exec(compile(code, f"{args.before_commit}:edtool/els/machine.py", "exec"), before.__dict__)
+    before = engine_at(args.before_commit)
     print(f"{len(images)} images, t = {args.t}, {torch.get_num_threads()} threads, {dtype}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| k | B | distinct windows | build s | score before s | after s | speed-up | Jacobian before s | after s | speed-up | rel. diff score | band |")
@@ -222,6 +226,118 @@ def before_after(images, args, device, dtype):
                   f"{j_new:.2f} | {j_old / j_new:.2f} | {score:.1e} | {'-' if args.no_jacobian else f'{band:.1e}'} |", flush=True)
             t0 = time.perf_counter()
         del old, new
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+def engine_at(commit: str):
+    """edtool/machines.py as it was at `commit` (read with git show; before the package layout of issue 21),
+    as a module."""
+    import pathlib
+    import subprocess
+    import types
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    code = subprocess.run(["git", "show", f"{commit}:edtool/machines.py"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+    import sys
+
+    import edtool.els.schedule
+
+    sys.modules.setdefault("edtool.scales", edtool.els.schedule)  # its flat-layout import (before issue 21)
+    module = types.ModuleType(f"machines_{commit}")
+    exec(compile(code, f"{commit}:edtool/machines.py", "exec"), module.__dict__)
+    return module
+
+
+def engine_work(machine, k, x):
+    """(exps, score FLOPs, Jacobian FLOPs) of one call of the current engine: one exp per (query,
+    streamed candidate column), 2 (D + 3) FLOPs per logit and 2 V per weighted-sum term."""
+    B, C = x.shape[:2]
+    D = C * k * k
+    keys = machine._keys.sets.get((None, k, x.dtype, x.device))
+    exps = 0
+    for g, (_, query_index, key_index) in enumerate(machine._groups(k, x)):
+        G, R, _ = query_index.shape
+        columns = keys[g].shape[-1] if keys is not None else len(machine.images) * key_index.shape[1]
+        exps += G * B * R * columns
+    return exps, exps * 2 * (D + 3 + 1 + C), exps * 2 * (D + 3 + (1 + C) * (1 + D))
+
+
+def cpu_time(f):
+    """Process CPU time of f() and its result (a busy neighbour core's preemptions do not count)."""
+    t0 = time.process_time()
+    out = f()
+    return time.process_time() - t0, out
+
+
+def roofline(images, args, device, dtype):
+    """Issue 23's table: for each k, one els-borders score and Jacobian call of the old engine
+    (--roofline-commit) and of the current one (fused kernel when it loads), interleaved, the
+    minimum process CPU time of --repeat rounds on one thread; work and % of the one-core ceiling
+    (bench_ceiling.py, measured in the same run). Then wall time of the new engine's score on 1
+    and 2 threads."""
+    from bench_ceiling import ceiling
+
+    from edtool.els import kernel as els_kernels
+
+    old_engine = engine_at(args.roofline_commit)
+    torch.set_num_threads(1)
+    top = ceiling()
+    fused = els_kernels.kernels() is not None
+    print(f"{len(images)} images, t = {args.t}, B = 1, 1 thread, {dtype}, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores; old = {args.roofline_commit}, new = this tree ({'fused kernel' if fused else 'torch path'})")
+    print(f"one-core ceiling: {top['flops'] / 1e9:.1f} GFLOP/s sgemm, {top['exps'] / 1e9:.2f} G exp/s\n")
+    print("| k | exps (G) | score old s | new s | speed-up | % of ceiling old | new | Jacobian old s | new s | speed-up "
+          "| % of ceiling old | new | rel. diff score | band |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rounds = max(2, args.repeat)
+    machines = {}
+    for k in args.ks:
+        old = old_engine.make_machine("els-borders", images, patch_size=k)
+        new = make_machine("els-borders", images, patch_size=k)
+        g = torch.Generator().manual_seed(1)
+        x0 = images[torch.randint(len(images), (1,), generator=g)]
+        x = add_noise(x0, torch.tensor(args.t), torch.randn(x0.shape, generator=g)).to(device, dtype)
+        best = {}
+        with torch.no_grad():
+            old.score(args.t, x), new.score(args.t, x)  # build both key caches, untimed
+            for _ in range(rounds):
+                for name, m in (("old", old), ("new", new)):
+                    m._last = None  # a score right after a Jacobian would reuse its sums
+                    ts, score = cpu_time(lambda: m.score(args.t, x))
+                    tj, band = cpu_time(lambda: m.jacobian(args.t, x))
+                    prev = best.get(name, (math.inf, math.inf, None, None))
+                    best[name] = (min(prev[0], ts), min(prev[1], tj), score, band)
+        exps, f_score, f_jac = engine_work(new, k, x)
+        floor_s = f_score / top["flops"] + exps / top["exps"]
+        floor_j = f_jac / top["flops"] + exps / top["exps"]
+        (so, jo, score_o, band_o), (sn, jn, score_n, band_n) = best["old"], best["new"]
+        d_score = ((score_n - score_o).norm() / score_o.norm()).item()
+        d_band = ((band_n - band_o).norm() / band_o.norm()).item()
+        print(f"| {k} | {exps / 1e9:.2f} | {so:.2f} | {sn:.2f} | {so / sn:.2f} | {floor_s / so:.0%} | {floor_s / sn:.0%} | "
+              f"{jo:.2f} | {jn:.2f} | {jo / jn:.2f} | {floor_j / jo:.0%} | {floor_j / jn:.0%} | {d_score:.1e} | {d_band:.1e} |",
+              flush=True)
+        machines[k] = (old, new, x)
+        del old, new
+    if len(args.threads) < 2:
+        return
+    print(f"\nthreads: wall time of one score, best of {rounds} interleaved rounds")
+    print("| k | engine | " + " | ".join(f"{n} threads s" for n in args.threads) + f" | {args.threads[0]} -> {args.threads[-1]} |")
+    print("|---|---|" + "---|" * (len(args.threads) + 1))
+    for k, (old, new, x) in machines.items():
+        for name, m in (("old", old), ("new", new)):
+            times = {}
+            with torch.no_grad():
+                for _ in range(rounds):
+                    for n in args.threads:
+                        torch.set_num_threads(n)
+                        m._last = None
+                        t0 = time.perf_counter()
+                        m.score(args.t, x)
+                        times[n] = min(times.get(n, math.inf), time.perf_counter() - t0)
+            torch.set_num_threads(1)
+            print(f"| {k} | {name} | " + " | ".join(f"{times[n]:.2f}" for n in args.threads) +
+                  f" | {times[args.threads[0]] / times[args.threads[-1]]:.2f}x |", flush=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -1,0 +1,140 @@
+"""Fused CPU kernels for the ELS engine, compiled from kernel.cpp on first use (issue 23).
+
+The score's inner loop (logits, clamp, exp, weighted sum) is memory traffic over a block of
+logits when run as separate torch ops; fused, each logit stays in a register from product to sum.
+kernel.cpp is plain C++ (no torch headers) compiled with the system's g++ into a per-machine
+cache (~/.cache/edtool/kernels, or $EDTOOL_KERNEL_DIR) the first time it is needed (a second or
+two), and called through ctypes, which releases the GIL. When it cannot be built (no compiler,
+say) `kernels()` returns None after one warning and the engine runs its pure-torch path, which
+gives the same numbers. EDTOOL_ELS_KERNEL=torch forces the torch path.
+"""
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+SOURCE = pathlib.Path(__file__).with_name("kernel.cpp")
+ROWS = 6  # query rows per register tile (RB in the C++ source)
+ENV = "EDTOOL_ELS_KERNEL"  # "torch": never use the compiled kernels
+CXX = os.environ.get("CXX", "g++")
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels may be used at all (EDTOOL_ELS_KERNEL is not 'torch')."""
+    return os.environ.get(ENV, "").strip().lower() not in ("torch", "0", "off")
+
+
+def kernels():
+    """The compiled kernel library, or None (torch path) when disabled or when it cannot be built."""
+    return _load() if enabled() else None
+
+
+def _cpu_tag() -> str:
+    """A short hash of the source, this CPU's model and flags and the compiler: a binary built with
+    -march=native is only reused on the same kind of CPU (a shared home keeps one build per kind)."""
+    info = platform.machine() + CXX
+    try:
+        with open("/proc/cpuinfo") as f:
+            info += "".join(l for l in f if l.startswith(("model name", "flags")))[:4000]
+    except OSError:
+        pass
+    return hashlib.sha256(SOURCE.read_bytes() + info.encode()).hexdigest()[:12]
+
+
+def _build(target: pathlib.Path) -> None:
+    """Compile SOURCE into the shared library `target` (-march=native when the compiler takes it)."""
+    if shutil.which(CXX) is None:
+        raise RuntimeError(f"no C++ compiler {CXX!r} on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = ""
+    for arch in (["-march=native"], []):
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: concurrent builds are safe
+            out = pathlib.Path(tmp) / target.name
+            cmd = [CXX, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", *arch, str(SOURCE), "-o", str(out)]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode == 0:
+                os.replace(out, target)
+                return
+            errors = (run.stderr.strip().splitlines() or ["failed"])[-1]
+    raise RuntimeError(f"{CXX} failed: {errors}")
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    root = pathlib.Path(os.environ.get("EDTOOL_KERNEL_DIR") or pathlib.Path(
+        os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "edtool" / "kernels")
+    target = root / f"els_{_cpu_tag()}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except Exception as e:  # noqa: BLE001 - any build or load failure means: use the torch path
+        warnings.warn(f"edtool: the fused ELS kernel is unavailable ({e}); using the pure-torch engine (same "
+                      f"numbers, slower). Install g++ to enable it, or set {ENV}=torch to silence this.",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    i, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.score_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, ptr, ptr, f32, i64, i]
+    lib.logits_exp.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, f32, i]
+    lib.score_chunk.restype = lib.logits_exp.restype = None
+    return lib
+
+
+def usable(queries: Tensor) -> bool:
+    """Whether the fused kernels apply to these queries (G, R, E): float32 on the CPU, no autograd,
+    E <= 256 (windows of at most 253 entries)."""
+    return (queries.device.type == "cpu" and queries.dtype == torch.float32 and not torch.is_grad_enabled()
+            and queries.shape[-1] <= 256)
+
+
+def _padded(q: Tensor) -> Tensor:
+    """q (G, R, E) with rows padded to a multiple of ROWS (zeros), contiguous."""
+    pad = -q.shape[1] % ROWS
+    return torch.nn.functional.pad(q, (0, 0, 0, pad)).contiguous() if pad else q.contiguous()
+
+
+def score_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, floor: float,
+                  block: Optional[int] = None) -> Tensor:
+    """posterior_moments for the score, fused: E_w[keys[value_rows]] (G, R, V) float64, normalized,
+    for queries (G, R, E) and chunks of keys (G, E, M), value_rows[0] = 0 (the ones row), 2 <= V <= 4."""
+    G, R, E = queries.shape
+    q = _padded(queries)
+    shift = torch.full(q.shape[:2], -math.inf)
+    sums = torch.zeros(*q.shape[:2], len(value_rows), dtype=torch.float64)
+    if block is None:  # candidates per block: its keys (64 KiB) stay in L2 while every row passes over them
+        block = max(16, 16384 // E // 16 * 16)
+    rows = value_rows.to(torch.int64).contiguous()
+    for keys in key_chunks:
+        if keys.stride(-1) != 1:
+            keys = keys.contiguous()
+        G, E, M = keys.shape
+        lib.score_chunk(q.data_ptr(), G, q.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1), M,
+                        rows.data_ptr(), len(rows), shift.data_ptr(), sums.data_ptr(), floor, block,
+                        torch.get_num_threads())
+    return (sums / sums[..., :1])[:, :R]
+
+
+def logits_exp(lib, q: Tensor, keys: Tensor, floor: float, buffer: Optional[Tensor] = None) -> Tensor:
+    """exp(max(q @ keys, floor)) (G, R, M) float32, fused (q's column 0 multiplies the ones row)."""
+    G, R, E = q.shape
+    qp = _padded(q)
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    n = G * qp.shape[1] * keys.shape[-1]
+    out = buffer[:n].view(G, qp.shape[1], keys.shape[-1]) if buffer is not None and buffer.numel() >= n else \
+        torch.empty(G, qp.shape[1], keys.shape[-1])
+    lib.logits_exp(qp.data_ptr(), G, qp.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1),
+                   keys.shape[-1], out.data_ptr(), floor, torch.get_num_threads())
+    return out[:, :R]

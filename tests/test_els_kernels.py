@@ -1,0 +1,133 @@
+"""The fused ELS kernels (edtool/els/kernel.py) and the pure-torch fallback, both against the dense
+float64 truth: score, Jacobian band and ED to 1e-5 in float32; and the fallback chosen, with one
+warning, when the kernel cannot be built."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from edtool.els import kernel as els_kernels
+from edtool.els.machine import band_ed, make_machine, posterior_moments
+from test_machines import brute_force, data, mnist_subset, noisy, rel
+
+PATHS = ["fused", "torch"]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Run the test on the fused kernels or on the pure-torch engine (EDTOOL_ELS_KERNEL=torch)."""
+    if request.param == "fused":
+        monkeypatch.delenv(els_kernels.ENV, raising=False)
+        if els_kernels.kernels() is None:
+            pytest.skip("the fused kernel cannot be built here (no g++?)")
+    else:
+        monkeypatch.setenv(els_kernels.ENV, "torch")
+    return request.param
+
+
+def count_calls(monkeypatch, name):
+    """Count calls of els_kernels.<name> (so a test knows which path ran)."""
+    calls = []
+    original = getattr(els_kernels, name)
+    monkeypatch.setattr(els_kernels, name, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("rule,paper", [("ls", False), ("els-borders", False), ("els-circular", True)])
+@pytest.mark.parametrize("k,t", [(3, 0.05), (3, 0.5), (5, 0.5)])
+def test_float32_score_matches_float64_brute_force(path, rule, paper, k, t, monkeypatch):
+    calls = count_calls(monkeypatch, "score_moments")
+    images, _ = data(n=10)
+    x = noisy(images, t)
+    m = make_machine(rule, images.float(), patch_size=k, paper_circular=paper, chunk_size=300)
+    with torch.no_grad():
+        score = m.score(t, x.float())
+    assert rel(score, brute_force(rule, images, x, t, k, paper)) < 1e-5
+    assert bool(calls) == (path == "fused")
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("k,t", [(3, 0.5), (3, 0.9), (5, 0.5), (11, 0.9)])
+def test_mnist_score_band_and_ed_match_float64(path, k, t):
+    """Real digits (merged windows at k <= 5, every window cached at k = 11), B = 2, against the
+    float64 engine that scores every window (itself checked against brute force and autograd)."""
+    images, _ = mnist_subset(30)
+    x = noisy(images.double(), t, b=2, pure_noise=False)
+    truth = make_machine("els-borders", images.double(), patch_size=k, cache_bytes=0)
+    m = make_machine("els-borders", images, patch_size=k)
+    with torch.no_grad():
+        band64 = truth.jacobian(t, x)
+        ed64 = band_ed(band64, "zeros", curl_map=True)
+        assert rel(m.score(t, x.float()), truth.score(t, x)) < 1e-5
+        m._last = None  # the next score must not come from the Jacobian's sums
+        band = m.jacobian(t, x.float())
+        ed = band_ed(band, "zeros", curl_map=True)
+    assert rel(band, band64) < 1e-5
+    assert rel(ed["jac_fro"], ed64["jac_fro"]) < 1e-5
+    assert (ed["ed_fro"] - ed64["ed_fro"]).norm() / ed64["jac_fro"].norm() < 1e-5
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk,block", [(1700, None), (5000, 64)])
+def test_score_kernel_streams_overflow_and_slices_like_the_engine(threads, chunk, block):
+    """The kernel against posterior_moments in float64 on data built to exercise every branch: many
+    chunks and slices merged, and a later candidate far better than all before (the lift)."""
+    lib = els_kernels.kernels()
+    if lib is None:
+        pytest.skip("the fused kernel cannot be built here")
+    g = torch.Generator().manual_seed(0)
+    G, R, E, M = 3, 13, 7, 5000
+    q = torch.randn(G, R, E, generator=g)
+    q[..., 0], q[..., -1] = 0, 1  # the shift's slot; the log-count column
+    keys = torch.randn(G, E, M, generator=g)
+    keys[:, 0] = 1
+    keys[:, -1, 4000:] += 100  # a far better block late in the stream: exp overflows there, rows are lifted
+    rows = torch.tensor([0, 2, 5])
+    chunks = lambda K: [K[..., m : m + chunk] for m in range(0, M, chunk)]
+    truth = posterior_moments(q.double(), iter(chunks(keys.double())), lambda K: K[:, rows])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            floor = math.log(torch.finfo(torch.float32).tiny) + 8
+            fused = els_kernels.score_moments(lib, q, iter(chunks(keys)), rows, floor, block)
+    finally:
+        torch.set_num_threads(old)
+    assert fused.shape == (G, R, 3)
+    assert (fused - truth).abs().max() < 1e-5 * truth.abs().max()
+
+
+def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, tmp_path):
+    """No compiler: one warning naming the way out, then the pure-torch engine, same numbers."""
+    monkeypatch.delenv(els_kernels.ENV, raising=False)
+    monkeypatch.setenv("EDTOOL_KERNEL_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(els_kernels, "CXX", "no-such-compiler-xyz")
+    els_kernels._load.cache_clear()
+    try:
+        images, _ = data(n=10)
+        x = noisy(images, 0.5).float()
+        m = make_machine("els-borders", images.float(), patch_size=3)
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match="pure-torch engine") as caught:
+            first = m.score(0.5, x)
+        assert len([w for w in caught if "fused ELS kernel" in str(w.message)]) == 1
+        assert "g++" in str(caught[0].message) and els_kernels.ENV in str(caught[0].message)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # one note per process, not one per call
+            again = make_machine("els-borders", images.float(), patch_size=5).score(0.5, x)
+        assert els_kernels.kernels() is None
+        assert rel(first, brute_force("els-borders", images, noisy(images, 0.5), 0.5, 3)) < 1e-5
+        assert rel(again, brute_force("els-borders", images, noisy(images, 0.5), 0.5, 5)) < 1e-5
+    finally:
+        els_kernels._load.cache_clear()  # later tests load the real kernel again
+
+
+def test_env_var_forces_the_torch_path(monkeypatch):
+    monkeypatch.setenv(els_kernels.ENV, "torch")
+    calls = count_calls(monkeypatch, "score_moments")
+    images, _ = data(n=10)
+    with torch.no_grad():
+        make_machine("els-borders", images.float(), patch_size=3).score(0.5, noisy(images, 0.5).float())
+    assert els_kernels.kernels() is None and not calls
