@@ -23,6 +23,7 @@ import warnings
 from typing import Iterable, Optional
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch import Tensor
 
 SOURCE = pathlib.Path(__file__).with_name("kernel.cpp")
@@ -96,6 +97,7 @@ def usable(queries: Tensor) -> bool:
     """Whether the fused kernels apply to these queries (G, R, E): float32 on the CPU, no autograd,
     E <= 256 (windows of at most 253 entries)."""
     return (queries.device.type == "cpu" and queries.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not is_functorch_wrapped_tensor(queries)  # torch.func's jvp/vmap (Hutchinson probes)
             and queries.shape[-1] <= 256)
 
 

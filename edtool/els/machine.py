@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from edtool.config import PATCH_SIZE
 from edtool.diffusion import alpha_bar, beta, score_to_eps
@@ -232,8 +233,9 @@ def _weighted_sums(w: Tensor, values: Tensor) -> Tensor:
 
 
 def _exp(logw: Tensor, buffer: Optional[Tensor]) -> Tensor:
-    """exp(logw), written into a reused buffer when one is given (no autograd)."""
-    if buffer is None:
+    """exp(logw), written into a reused buffer when one is given (no autograd; forward-mode AD, as
+    Hutchinson's probes use, has no rule for out= and gets a new tensor)."""
+    if buffer is None or is_functorch_wrapped_tensor(logw):
         return logw.exp()
     return torch.exp(logw, out=buffer[: logw.numel()].view_as(logw))
 
