@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from edtool.config import TrainConfig, default
-from edtool.errors import EdtoolError
+from edtool.errors import EdtoolError, disk_error_line
 from edtool.fileio import check_output
 
 app = typer.Typer(
@@ -772,6 +772,10 @@ def main():
     except Exception as e:
         if debug:
             raise
+        line = disk_error_line(e)
+        if line:  # disk full, permissions, read-only, not a folder: the user's to fix, one line
+            print(f"edtool: error: {line}", file=sys.stderr)
+            sys.exit(2)
         print(f"edtool: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
               "and please report it)", file=sys.stderr)
         sys.exit(1)

@@ -800,6 +800,20 @@ def _read_lock(path: Path) -> Optional[dict]:
         return None
 
 
+def _not_a_record(info: Optional[dict]) -> bool:
+    """A lock file that reads whole but is not what run_lock writes (an integer pid and a host): no
+    live edtool holds it (a lock being written does not read as JSON), so it is stale."""
+    return info is not None and not (isinstance(info, dict) and type(info.get("pid")) is int
+                                     and isinstance(info.get("host"), str))
+
+
+def _refuse_odd_lock(path: Path):
+    """A lock name taken by a folder (or anything but a file) is not edtool's: never moved or deleted."""
+    if path.exists() and not path.is_file():
+        raise EdtoolError(f"{path} is a folder (or not a file), not edtool's lock file; move it away or rename "
+                          "it, then run the command again")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -812,6 +826,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _is_stale(info: Optional[dict], path: Path) -> bool:
     """A lock is stale when its holder ran on this host and is gone (or it is unreadable and old)."""
+    if _not_a_record(info):
+        return True
     if info is None:
         try:
             return datetime.datetime.now().timestamp() - path.stat().st_mtime > 10
@@ -821,7 +837,7 @@ def _is_stale(info: Optional[dict], path: Path) -> bool:
 
 
 def _refuse(run_dir, path: Path, info: Optional[dict]):
-    if info is None:
+    if info is None or _not_a_record(info):
         raise EdtoolError(f"run {run_dir} has a lock being written ({path}); try again in a few seconds")
     what = f" (shard {info['shard']})" if info.get("shard") else ""
     raise EdtoolError(f"run {run_dir} is being computed{what} by pid {info.get('pid')} on host {info.get('host')} "
@@ -836,8 +852,9 @@ def lock_holders(run_dir) -> list:
         return []
     holders = []
     for path in sorted(base.glob("lock*")):
-        if _LOCK_NAME.fullmatch(path.name):
-            info = _read_lock(path) or {}
+        if _LOCK_NAME.fullmatch(path.name) and path.is_file():
+            info = _read_lock(path)
+            info = info if isinstance(info, dict) and not _not_a_record(info) else {}
             holders.append({"pid": info.get("pid"), "host": info.get("host"), "started": info.get("started"),
                             "shard": info.get("shard"), "path": str(path), "stale": _is_stale(info or None, path)})
     return holders
@@ -866,7 +883,7 @@ def run_lock(run_dir, shard: Optional[tuple] = None):
     _acquire(base, path, me)
     try:
         for other in sorted(base.glob("lock*")):
-            if _LOCK_NAME.fullmatch(other.name) and _conflicts(name, other.name):
+            if _LOCK_NAME.fullmatch(other.name) and _conflicts(name, other.name) and other.is_file():
                 info = _read_lock(other)
                 if other.exists() and not _is_stale(info, other):
                     _refuse(run_dir, other, info)
@@ -882,6 +899,7 @@ def _acquire(base: Path, path: Path, me: dict):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            _refuse_odd_lock(path)
             info = _read_lock(path)
             if attempt or not _is_stale(info, path):
                 _refuse(base, path, info)
@@ -903,14 +921,14 @@ def _take_over(base: Path, path: Path, stale: Optional[dict]):
     except FileNotFoundError:
         return  # someone else removed it; the next O_EXCL attempt decides
     now = _read_lock(moved)
-    if stale is not None and (now or {}).get("token") != stale.get("token"):
+    if stale is not None and now != stale:  # (a record's token tells it from any other)
         try:  # we moved a fresh lock: put it back and give way
             os.link(moved, path)
         finally:
             moved.unlink(missing_ok=True)
         _refuse(base, path, now)
     moved.unlink(missing_ok=True)
-    holder = "an unreadable lock" if stale is None else (
+    holder = "an unreadable lock" if stale is None or _not_a_record(stale) else (
         f"the stale lock of pid {stale.get('pid')} on {stale.get('host')} (since {stale.get('started')}; "
         "that process is gone)")
     warnings.warn(f"run {base}: taking over {holder}; finished cells are kept, the rest are recomputed")
