@@ -688,6 +688,8 @@ def status(
     for s in rows:
         for line in s.get("shards", []):
             print(f"  {s['location']}: {line}")
+        for line in s.get("leftovers", []):
+            print(f"  {s['location']}: leftover {line}")
         if s.get("legacy"):
             print(f"  {s['location']}: made before edtool kept digests (moved chunks, edited attributes, time, seed "
                   "and label are not checked)")

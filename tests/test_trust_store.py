@@ -304,3 +304,36 @@ def test_a_store_made_before_digests_opens_resumes_and_aggregates(tmp_path, caps
     assert legacy.damaged() == {}
     assert aggregate_run(tmp_path / "r")["unet"] == aggregate_run(tmp_path / "truth")["unet"]
     assert "cell_digest" not in open_run(tmp_path / "r").group
+
+
+# ------------------------------------------------------------------ leftovers of kills (issue 22, item 9)
+
+
+def test_what_a_killed_overwrite_leaves_is_reported_and_cleaned_by_the_next_compute(tmp_path, is_run):
+    """A real process SIGKILLed while --overwrite deletes the old store leaves `.ed.zarr.deleting-*`
+    (a whole old store): status reports it as stale, the next compute removes it with a warning
+    and finishes the run. A leftover of a live process (this test's) is reported and kept."""
+    import os
+    import socket
+
+    run = copy_run(is_run, tmp_path / "r")
+    script = textwrap.dedent(f"""
+        import os, shutil, signal
+        from edtool.store.run import create_run
+        shutil.rmtree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        create_run({str(run)!r}, {{}}, ["is"], [0], [-1], 2, (1, 4, 4), maps=False, overwrite=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    (killed,) = run.glob(".ed.zarr.deleting-*")
+    assert (killed / "zarr.json").is_file() and not (run / "ed.zarr").exists()
+    live = run / f".ed.zarr.partial-{os.getpid()}@{socket.gethostname()}-0123abcd"
+    live.mkdir()
+    code, out, err = edtool("status", run)
+    assert code == 0 and f"leftover {killed.name}: an old store being deleted (--overwrite)" in out, (out, err)
+    assert "stale: the next compute or aggregate on this run removes it" in out
+    assert f"leftover {live.name}: a store being built by pid {os.getpid()}" in out and "kept" in out
+    code, out, err = edtool("compute", *IS_ARGS, "--run-dir", run)
+    assert code == 0 and "removed what killed commands left" in err and killed.name in err, err
+    assert not killed.exists() and live.is_dir()
+    assert open_run(run).done_mask().all()

@@ -39,6 +39,7 @@ import zarr
 from edtool import __version__
 from edtool.errors import EdtoolError
 from edtool.fileio import read_ledger, record_entry, record_written, refuse_foreign, write_text
+from edtool.store.leftovers import clean_leftovers, leftover_name
 from edtool.store.integrity import (DIGEST_ARRAY, FIXED_ARRAYS, INTEGRITY_ATTR, MISMATCH, array_digest,
                                     cell_digest, make_record, reason, record_problem)
 
@@ -500,6 +501,8 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
     """
     location = _run_location(location)
     settings = _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays, radius)
+    if local_dir(location) is not None:
+        clean_leftovers(local_dir(location))  # what killed commands left, when provably stale
     if overwrite:
         _check_deletable(location)  # refuse before touching anything (the lock file included)
         with access_lock(location, exclusive=True, doing="replacing it (--overwrite)", create=True):
@@ -528,7 +531,7 @@ def _create(location: str, settings: dict) -> RunStore:
     if base.exists() and not base.is_dir():
         raise EdtoolError(f"run location {base} is a file, not a directory: choose another --run")
     _make_dir(base)
-    partial = base / f".{STORE_NAME}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = base / leftover_name(f".{STORE_NAME}.partial")
     try:
         _build(zarr.open_group(str(partial), mode="w-", zarr_format=3), settings)
         os.rename(partial, base / STORE_NAME)  # atomic: others see no store or a whole one
@@ -560,6 +563,8 @@ def open_run(location, mode: str = "r") -> RunStore:
     if mode not in ("r", "r+"):
         raise ValueError(f"open_run mode must be 'r' or 'r+', got {mode!r} (create_run makes new runs)")
     location = _run_location(location)
+    if mode == "r+" and local_dir(location) is not None:
+        clean_leftovers(local_dir(location))  # what killed commands left, when provably stale
     run = _open_existing(location, mode)
     if run is None:
         raise EdtoolError(f"no edtool run at {location} (no {STORE_NAME} there): run `edtool compute` "
@@ -783,7 +788,7 @@ def _delete_run(location: str):
     _check_deletable(location)
     store = base / STORE_NAME
     if store.exists():
-        doomed = base / f".{STORE_NAME}.deleting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        doomed = base / leftover_name(f".{STORE_NAME}.deleting")
         os.rename(store, doomed)
         shutil.rmtree(doomed)
     summary = base / SUMMARY_NAME
@@ -1012,7 +1017,7 @@ def _acquire(base: Path, path: Path, me: dict):
 
 def _take_over(base: Path, path: Path, stale: Optional[dict]):
     """Remove a stale lock, making sure it is still the stale one (not a fresh lock of a racing process)."""
-    moved = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    moved = path.with_name(leftover_name(f"{path.name}.stale"))
     try:
         os.rename(path, moved)
     except FileNotFoundError:

@@ -10,6 +10,7 @@ import numpy as np
 from edtool.errors import EdtoolError
 from edtool.paths import cache_dir
 from edtool.store.integrity import aggregate_damage
+from edtool.store.leftovers import describe, find_leftovers
 from edtool.store.run import (STORE_NAME, BrokenRunError, access_lock, describe_fixed, local_dir, lock_holders,
                               open_run, shard_realizations)
 
@@ -44,11 +45,13 @@ def run_status(location: str) -> dict:
     A run that cannot be read is reported as such (state "broken: why" or "unreadable: why"),
     never raised, so one damaged folder does not hide every other run from `edtool status`.
     """
+    base = local_dir(location)
+    leftovers = [describe(item) for item in find_leftovers(base)] if base is not None else []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a run busy for a moment is reported as such, not warned about
             with access_lock(location, wait=STATUS_WAIT):
-                return _run_status(location)
+                return {**_run_status(location), "leftovers": leftovers}
     except BrokenRunError as err:
         state = f"broken: {err}"
     except EdtoolError as err:
@@ -57,7 +60,7 @@ def run_status(location: str) -> dict:
         state = f"unreadable: {type(err).__name__}: {err}"
     return {"location": str(location), "models": [], "nsteps": None, "realizations": None, "done": 0,
             "total": 0, "per_model": {}, "estimator": None, "dataset": None, "state": state, "shards": [],
-            "damaged": None}
+            "damaged": None, "leftovers": leftovers}
 
 
 def _run_status(location: str) -> dict:
