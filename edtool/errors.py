@@ -28,6 +28,7 @@ def disk_error_line(err: BaseException):
         if code in _DISK_ERRORS:
             why, fix = _DISK_ERRORS[code]
             where = err.filename if err.filename is not None else "a file"
-            return f"cannot write {where}: {why}; {fix} (finished work is kept)"
+            verb = "write" if code in ("ENOSPC", "EDQUOT", "EROFS") else "access"
+            return f"cannot {verb} {where}: {why}; {fix} (finished work is kept)"
         err = err.__cause__ or err.__context__
     return None

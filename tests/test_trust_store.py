@@ -23,15 +23,16 @@ from test_pipeline import REPO, assert_same_arrays, config, dead_pid, snapshot, 
 from test_run_integrity import MODELS, edtool, filled, one_line  # noqa: F401
 
 
-def edtool_disk_full(after: int, *args, env=None):
-    """The console entry point in a real process whose disk fills up after `after` store writes."""
+def edtool_disk_full(where: str, *args, env=None):
+    """The console entry point in a real process whose disk is full when it writes a store key
+    containing `where` (and from then on)."""
     script = textwrap.dedent(f"""
         import errno, os, sys
         import zarr.storage._local as local
-        real, count = local._put, [0]
+        real, full = local._put, []
         def put(path, value, exclusive=False):
-            count[0] += 1
-            if count[0] > {after}:
+            if full or {where!r} in str(path):
+                full.append(path)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             return real(path, value, exclusive)
         local._put = put
@@ -50,12 +51,11 @@ def edtool_disk_full(after: int, *args, env=None):
 def test_disk_full_during_compute_is_one_line_and_the_rerun_completes_it(tmp_path):
     cfg = dict(models=["is"], nsteps=2, realizations=2, probes=2)
     compute(config(tmp_path / "truth", **cfg))
-    code, _, err = edtool_disk_full(30, "compute", "--models", "is", "--nsteps", 2, "--realizations", 2,
-                                    "--probes", 2, "--device", "cpu", "--quiet", "--run-dir", tmp_path / "r")
-    assert code == 2 and one_line(err), err
-    assert f"cannot write {tmp_path / 'r' / 'ed.zarr'}" in err and "no space left" in err, err
+    code, _, err = edtool_disk_full("jac_fro/c/1/", "compute", *IS_ARGS, "--run-dir", tmp_path / "r")
+    assert code == 2 and one_line(err), err  # realization 1's second array: its cell is half written
+    assert f"cannot write {tmp_path / 'r' / 'ed.zarr' / 'jac_fro' / 'c' / '1'}" in err and "no space left" in err, err
     run = open_run(tmp_path / "r")
-    assert run.damaged() == {} and 0 < len(run.pending()) <= 2  # nothing half done reads as done
+    assert run.damaged() == {} and run.pending() == [(1, 0)]  # nothing half done reads as done
     assert not list((tmp_path / "r").glob("lock*"))  # its lock is released
     compute(config(tmp_path / "r", **cfg))
     assert_same_arrays(tmp_path / "r", tmp_path / "truth", names=("done", *open_run(tmp_path / "r").cell_arrays))
@@ -65,11 +65,15 @@ def test_disk_full_during_aggregate_is_one_line_and_the_store_stays_whole(tmp_pa
     filled(tmp_path / "truth")
     filled(tmp_path / "r")
     truth = aggregate_run(tmp_path / "truth")
-    code, _, err = edtool_disk_full(5, "aggregate", tmp_path / "r")
+    aggregate_run(tmp_path / "r")  # an aggregate there already, being replaced when the disk fills
+    code, _, err = edtool_disk_full("aggregate/ed_fro_std", "aggregate", tmp_path / "r")
     assert code == 2 and one_line(err) and "no space left on the device" in err, err
-    assert str(tmp_path / "r") in err
+    assert f"cannot write {tmp_path / 'r' / 'ed.zarr' / 'aggregate' / 'ed_fro_std'}" in err
     code, out, err = edtool("verify", tmp_path / "r")
-    assert code == 0 and "0 damaged cell(s)" in out, (out, err)
+    assert code == 0 and "0 damaged cell(s)" in out and "damaged:" not in out, (out, err)
+    from edtool.study.aggregate import read_aggregate
+
+    assert read_aggregate(open_run(tmp_path / "r")) is None  # half replaced: never read as current
     assert aggregate_run(tmp_path / "r")["unet"] == truth["unet"]
 
 
@@ -95,14 +99,22 @@ def copy_run(source, target):
     return target
 
 
-@pytest.mark.parametrize("content", ['{"pid": "abc", "host": "HOST"}', "[1, 2]"])
-def test_a_lock_file_edtool_never_writes_is_stale(tmp_path, is_run, content):
+def test_a_lock_file_edtool_never_writes_is_stale(tmp_path, is_run):
     """A lock that reads as whole JSON but is no record run_lock writes: no live edtool holds it, so
     status lists the run and compute takes the lock over (a warning says so) and finishes."""
     import socket
 
+    from edtool.store.run import run_lock
+
+    for content in ("[1, 2]", '"text"', '{"pid": 1.5, "host": "h"}', '{"host": "h"}'):
+        (tmp_path / "api").mkdir(exist_ok=True)
+        (tmp_path / "api" / "lock").write_text(content)
+        with pytest.warns(UserWarning, match="taking over an unreadable lock"):
+            with run_lock(tmp_path / "api"):
+                pass
+        assert not (tmp_path / "api" / "lock").exists()
     run = copy_run(is_run, tmp_path / "r")
-    (run / "lock").write_text(content.replace("HOST", socket.gethostname()))
+    (run / "lock").write_text('{"pid": "abc", "host": "%s"}' % socket.gethostname())
     code, out, err = edtool("status", run, "--json")
     assert code == 0 and json.loads(out)[0]["state"] == "complete", (out, err)
     code, out, err = edtool("compute", *IS_ARGS, "--run-dir", run)
@@ -131,7 +143,7 @@ def flip(path):
     path.write_bytes(bytes(data))
 
 
-def test_damaged_time_seed_label_are_found_refused_and_rewritten_by_compute(tmp_path, is_run):
+def test_damaged_time_seed_label_are_found_refused_and_rewritten_by_compute(tmp_path, is_run, capsys, monkeypatch):
     """time deleted, seed deleted, label bit-flipped: verify names each (never seeds read as 0),
     aggregate and plot refuse in one line, status says damaged; the same compute rewrites them
     from its settings, equal bit for bit to the run before the damage."""
@@ -140,16 +152,19 @@ def test_damaged_time_seed_label_are_found_refused_and_rewritten_by_compute(tmp_
     (store / "time" / "c" / "0").unlink()
     (store / "seed" / "c" / "0").unlink()
     flip(store / "label" / "c" / "0")
+    from test_pipeline import cli
+
     code, out, err = edtool("verify", run)
     assert code == 1 and "Traceback" not in err, (out, err)
     for line in ("damaged: array time: missing", "damaged: array seed: missing",
                  "damaged: array label: unreadable (checksum mismatch)"):
         assert line in out, out
     for command in ("aggregate", "plot"):
-        code, _, err = edtool(command, run)
+        code, _, err = (edtool if command == "aggregate" else cli)(*((capsys, monkeypatch) if command == "plot"
+                                                                    else ()), command, run)
         assert code == 2 and one_line(err) and "is damaged: array time (missing), array seed (missing)" in err, err
     assert not (run / "summary_stats.json").exists()
-    code, out, err = edtool("status", run, "--json")
+    code, out, err = cli(capsys, monkeypatch, "status", run, "--json")
     assert code == 0 and json.loads(out)[0]["state"].startswith("damaged: array time"), out
     code, out, err = edtool("compute", *IS_ARGS, "--run-dir", run)
     assert code == 0 and "rewrote its damaged array time (missing), array seed (missing), array label" in err, err
