@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from edtool.config import NSTEPS, PATCH_SIZE, PROBES, TrainConfig, default
-from edtool.errors import EdtoolError
+from edtool.errors import EdtoolError, disk_error_line
 from edtool.fileio import check_output
 
 app = typer.Typer(
@@ -706,6 +706,11 @@ def status(
     for s in rows:
         for line in s.get("shards", []):
             print(f"  {s['location']}: {line}")
+        for line in s.get("leftovers", []):
+            print(f"  {s['location']}: leftover {line}")
+        if s.get("legacy"):
+            print(f"  {s['location']}: made before edtool kept digests (moved chunks, edited attributes, time, seed "
+                  "and label are not checked)")
 
 
 @app.command()
@@ -724,19 +729,29 @@ def verify(
 
     report = verify_run(_resolve_run(run))
     bad = report["damaged"]
+    arrays = report["damaged_arrays"] + report["damaged_aggregate"]
     if as_json:
         print(_json.dumps(report, indent=2))
     else:
+        for item in report["damaged_arrays"]:
+            print(f"damaged: array {item['array']}: {item['reason']}; rerun the `edtool compute` that made the run "
+                  "to rewrite it")
+        for item in report["damaged_aggregate"]:
+            print(f"damaged: {item['array']}: {item['reason']}; rerun `edtool aggregate`")
         for cell in bad:
             print(f"damaged: realization {cell['realization']} {cell['model']}: {cell['reason']}")
+        if report["legacy"]:
+            print("note: this run was made before edtool kept digests: chunks moved or copied between cells, "
+                  "edited attributes and the time, seed and label arrays are not checked (compute it again with "
+                  "--overwrite to have them checked)")
         if report["unchecksummed"]:
             print(f"note: {', '.join(report['unchecksummed'])} carry no chunk checksums (a run made before "
                   "edtool checksummed chunks): missing chunks are found, flipped bits are not")
         whole = report["done"] - len(bad)
         print(f"run {report['location']}: {len(bad)} damaged cell(s), {whole} whole of {report['done']} done "
               f"({report['total']} in all)" + ("; rerun the `edtool compute` that made it to recompute them"
-                                                if bad else ""))
-    if bad:
+                                                if bad else "") + (f"; {len(arrays)} damaged array(s)" if arrays else ""))
+    if bad or arrays:
         sys.exit(1)
 
 
@@ -797,6 +812,10 @@ def main():
     except Exception as e:
         if debug:
             raise
+        line = disk_error_line(e)
+        if line:  # disk full, permissions, read-only, not a folder: the user's to fix, one line
+            print(f"edtool: error: {line}", file=sys.stderr)
+            sys.exit(2)
         print(f"edtool: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
               "and please report it)", file=sys.stderr)
         sys.exit(1)

@@ -39,6 +39,9 @@ import zarr
 from edtool import __version__
 from edtool.errors import EdtoolError
 from edtool.fileio import read_ledger, record_entry, record_written, refuse_foreign, write_text
+from edtool.store.leftovers import clean_leftovers, leftover_name
+from edtool.store.integrity import (DIGEST_ARRAY, FIXED_ARRAYS, INTEGRITY_ATTR, MISMATCH, array_digest,
+                                    cell_digest, make_record, reason, record_problem)
 
 SCHEMA_VERSION = 1
 STORE_NAME = "ed.zarr"
@@ -91,10 +94,11 @@ def chunk_codecs() -> list:
 def new_array(group: zarr.Group, name: str, shape, dims, dtype="float32", fill=np.nan, chunks=None,
               overwrite: bool = False) -> zarr.Array:
     """Create an array in a run store (the one place edtool creates arrays): checksummed chunks
-    and `dimension_names` for xarray; `chunks` defaults to one chunk."""
+    and `dimension_names` for xarray; `chunks` defaults to one chunk. Every chunk is written, even
+    one equal to the fill value (seeds all 0), so a missing chunk is always damage."""
     return group.create_array(name, shape=tuple(shape), chunks=tuple(chunks or shape), dtype=dtype,
                               fill_value=fill, dimension_names=tuple(dims), compressors=chunk_codecs(),
-                              overwrite=overwrite)
+                              overwrite=overwrite, config={"write_empty_chunks": True})
 
 
 # ---------------------------------------------------------------- locations
@@ -134,23 +138,51 @@ class RunStore:
         self.group = group
         self.location = location
         self._arrays = {}
-        members = set(group.array_keys())
+        try:
+            members = set(group.array_keys())
+        except Exception as err:  # noqa: BLE001 (an array's zarr.json edited: data type, codecs)
+            raise BrokenRunError(f"run {location} is broken: array metadata does not read ({type(err).__name__}: "
+                                 f"{str(err)[:80]}); recompute it with `edtool compute` and --overwrite") from err
         problem = _layout_problem(group, members)
         if problem:
             raise BrokenRunError(f"run {location} is broken: {problem}; recompute it with `edtool compute` "
                                  "and --overwrite (or move it away)")
         self.config = dict(group.attrs["config"])
         self.models = list(group.attrs["models"])
-        self.time = np.asarray(self.array("time")[:])
-        self.seeds = np.asarray(self.array("seed")[:])
-        self.labels = np.asarray(self.array("label")[:])
+        self.cell_arrays = [name for name in CELL_ARRAYS if name in members]  # what a whole cell holds
+        problem = record_problem(group.attrs.asdict(), members, self.cell_arrays,
+                                 {n: tuple(group[n].shape) for n in ("done", DIGEST_ARRAY) if n in members})
+        if problem:
+            raise BrokenRunError(f"run {location} is broken: {problem}; recompute it with `edtool compute` "
+                                 "and --overwrite (or move it away)")
+        self.integrity = group.attrs.get(INTEGRITY_ATTR)  # None: a legacy run, made before digests
+        self.fixed_damage = {}  # {array: why} for the arrays fixed at creation (time, seed, label, radius)
+        self.time = self._read_fixed("time")
+        self.seeds = self._read_fixed("seed")
+        self.labels = self._read_fixed("label")
         self.nsteps = len(self.time)
         self.n_realizations = len(self.seeds)
         self.image_shape = tuple(self.array("final").shape[2:])
-        self.cell_arrays = [name for name in CELL_ARRAYS if name in members]  # what a whole cell holds
         self.has_maps = "curl_map" in self.cell_arrays
         self.extra_arrays = [name for name in EXTRA_ARRAYS if name in members]  # SPEC 12 arrays of this run
-        self.radius = np.asarray(self.array("radius")[:]) if "radius" in members else None
+        self.radius = self._read_fixed("radius") if "radius" in members else None
+
+    def _read_fixed(self, name: str) -> np.ndarray:
+        """An array fixed at creation, checked: a chunk that is missing, does not decode or does not
+        match its digest is noted in `fixed_damage` (read as the fill value, never used: every
+        reader refuses a run with fixed_damage, and compute rewrites it from its settings)."""
+        array = self.array(name)
+        try:
+            values = np.asarray(array[:])
+        except Exception as err:  # noqa: BLE001 (checksum, length, codec)
+            self.fixed_damage[name] = f"unreadable ({reason(err)})"
+            return np.full(array.shape, array.fill_value, dtype=array.dtype)
+        present = self._present(name, [0])
+        if present is not None and not present[0] and (self.integrity or name == "time"):
+            self.fixed_damage[name] = "missing"  # (a legacy run's seeds or labels may be all fill, unwritten)
+        elif self.integrity and array_digest(name, values) != self.integrity["arrays"].get(name):
+            self.fixed_damage[name] = MISMATCH
+        return values
 
     def __repr__(self):
         return (f"RunStore({self.location!r}, models={self.models}, realizations={self.n_realizations}, "
@@ -211,6 +243,9 @@ class RunStore:
             done[r, m] = False
         for name, value in values.items():
             self.array(name)[r, m] = value
+        if self.integrity:  # bound to the cell's position: a moved or copied chunk does not match
+            self.array(DIGEST_ARRAY)[r, m] = np.array([cell_digest(name, r, m, values[name])
+                                                       for name in self.integrity["cell_arrays"]], dtype=np.uint64)
         self._set_done(r, m)
 
     def _set_done(self, r: int, m: int):
@@ -266,12 +301,22 @@ class RunStore:
             for r, why in bad.items():
                 found.setdefault(r, {})["done"] = why
             live = set(part[done.any(axis=1)].tolist())
-            for name in self.cell_arrays:
-                _, bad, absent = self._read_rows(name, part)
+            digests = None
+            for name in ([DIGEST_ARRAY] if self.integrity else []) + self.cell_arrays:
+                values, bad, absent = self._read_rows(name, part)
                 absent = self._missing_chunks(name, sorted(live)) if absent is None else absent
                 for r in absent:
                     if r in live:
                         bad.setdefault(r, "missing")
+                if name == DIGEST_ARRAY:
+                    digests, unsure = values, set(bad) | set(absent)
+                elif digests is not None:  # each done cell against the digest written with it
+                    k = self.integrity["cell_arrays"].index(name)
+                    for i, r in enumerate(part.tolist()):
+                        if r not in bad and r not in unsure and any(
+                                done[i, m] and cell_digest(name, r, m, values[i, m]) != digests[i, m, k]
+                                for m in range(len(self.models))):
+                            bad[r] = MISMATCH
                 for r, why in bad.items():
                     found.setdefault(r, {})[name] = why
         return found
@@ -336,9 +381,7 @@ class RunStore:
                 try:
                     out[i] = array[int(rows[i])]
                 except Exception as err:  # noqa: BLE001
-                    text = str(err).lower()
-                    why = "checksum mismatch" if "checksum" in text else f"{type(err).__name__}: {str(err)[:60]}"
-                    bad[int(rows[i])] = f"unreadable ({why})"
+                    bad[int(rows[i])] = f"unreadable ({reason(err)})"
         return out, bad, (None if present is None else [int(r) for r in rows[~present]])
 
     def _chunk_key(self, name: str, r: int) -> str:
@@ -374,8 +417,17 @@ def describe_cells(run: RunStore, cells: dict, limit: int = 4) -> str:
     return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def describe_fixed(run: RunStore) -> str:
+    """The damaged fixed arrays (time, seed, label, radius) for a one-line message."""
+    return ", ".join(f"array {name} ({why})" for name, why in run.fixed_damage.items())
+
+
 def require_whole(run: RunStore):
-    """Refuse (EdtoolError) a run with damaged cells, naming them: its numbers are not what was computed."""
+    """Refuse (EdtoolError) a run with damaged cells or fixed arrays, naming them: its numbers are not
+    what was computed."""
+    if run.fixed_damage:
+        raise EdtoolError(f"run {run.location} is damaged: {describe_fixed(run)}; rerun the `edtool compute` "
+                          "that made it (same settings) to rewrite it")
     cells = run.damaged()
     if cells:
         raise EdtoolError(f"run {run.location} has {len(cells)} damaged cell(s): {describe_cells(run, cells)}; "
@@ -414,6 +466,11 @@ def _layout_problem(group: zarr.Group, members: set) -> Optional[str]:
     for name, shape in expected.items():
         if shapes[name] != shape:
             return f"array {name} has shape {shapes[name]}, expected {shape}"
+    dtypes = {"time": "float64", "seed": "int64", "label": "int64", "done": "bool", "radius": "int64",
+              DIGEST_ARRAY: "uint64", **{name: a.dtype for name, a in CELL_ARRAYS.items()}}
+    for name, dtype in dtypes.items():
+        if name in members and np.dtype(group[name].dtype) != np.dtype(dtype):
+            return f"array {name} has data type {group[name].dtype}, expected {dtype}"
     return None
 
 
@@ -445,6 +502,8 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
     """
     location = _run_location(location)
     settings = _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays, radius)
+    if local_dir(location) is not None:
+        clean_leftovers(local_dir(location))  # what killed commands left, when provably stale
     if overwrite:
         _check_deletable(location)  # refuse before touching anything (the lock file included)
         with access_lock(location, exclusive=True, doing="replacing it (--overwrite)", create=True):
@@ -452,6 +511,8 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
             return _create(location, settings)
     existing = _open_existing(location, "r")
     if existing is not None:
+        if existing.fixed_damage:
+            return _repair_fixed(location, existing, settings)
         _require_same(location, _stored_settings(existing), settings)
         return _open_existing(location, "r+")
     return _create(location, settings)
@@ -471,7 +532,7 @@ def _create(location: str, settings: dict) -> RunStore:
     if base.exists() and not base.is_dir():
         raise EdtoolError(f"run location {base} is a file, not a directory: choose another --run")
     _make_dir(base)
-    partial = base / f".{STORE_NAME}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = base / leftover_name(f".{STORE_NAME}.partial")
     try:
         _build(zarr.open_group(str(partial), mode="w-", zarr_format=3), settings)
         os.rename(partial, base / STORE_NAME)  # atomic: others see no store or a whole one
@@ -503,6 +564,8 @@ def open_run(location, mode: str = "r") -> RunStore:
     if mode not in ("r", "r+"):
         raise ValueError(f"open_run mode must be 'r' or 'r+', got {mode!r} (create_run makes new runs)")
     location = _run_location(location)
+    if mode == "r+" and local_dir(location) is not None:
+        clean_leftovers(local_dir(location))  # what killed commands left, when provably stale
     run = _open_existing(location, mode)
     if run is None:
         raise EdtoolError(f"no edtool run at {location} (no {STORE_NAME} there): run `edtool compute` "
@@ -632,19 +695,19 @@ def _short(value, limit: int = 40) -> str:
 
 
 def _build(group: zarr.Group, s: dict):
-    """Create every array of a fresh run (NaN / False filled) and, last, the group attributes."""
-    from edtool.diffusion import timesteps
-
+    """Create every array of a fresh run (NaN / False filled) and, last, the group attributes with
+    the digests of what the run's numbers depend on (store/integrity.py)."""
     r, m, n = len(s["seeds"]), len(s["models"]), s["nsteps"]
     c, h, w = s["image_shape"]
     sizes = {"step": n, "channel": c, "y": h, "x": w}
 
+    fixed = _fixed_arrays(s)
     if "radius" in s:
-        new_array(group, "radius", (s["radius"] + 1,), ("radius",), "int64", 0)[:] = np.arange(s["radius"] + 1)
+        new_array(group, "radius", (s["radius"] + 1,), ("radius",), "int64", 0)[:] = fixed["radius"]
         sizes["radius"] = s["radius"] + 1
-    new_array(group, "time", (n,), ("step",), "float64")[:] = timesteps(n)[:-1].numpy()  # t_j of step j
-    new_array(group, "seed", (r,), ("realization",), "int64", 0)[:] = np.asarray(s["seeds"], dtype=np.int64)
-    new_array(group, "label", (r,), ("realization",), "int64", -1)[:] = np.asarray(s["labels"], dtype=np.int64)
+    new_array(group, "time", (n,), ("step",), "float64")[:] = fixed["time"]  # t_j of step j
+    new_array(group, "seed", (r,), ("realization",), "int64", 0)[:] = fixed["seed"]
+    new_array(group, "label", (r,), ("realization",), "int64", -1)[:] = fixed["label"]
     new_array(group, "model", (m,), ("model",), str, None)[:] = np.array(s["models"])
     new_array(group, "done", (r, m), ("realization", "model"), "bool", False, chunks=(1, m))
     wanted = set(s.get("extra_arrays", ())) | ({"curl_map"} if s["maps"] else set())
@@ -653,9 +716,48 @@ def _build(group: zarr.Group, s: dict):
             shape = (m, *(sizes[d] for d in a.dims))
             new_array(group, name, (r, *shape), ("realization", "model", *a.dims), a.dtype, np.nan,
                       chunks=(1, *shape))
+    cell_arrays = [name for name in CELL_ARRAYS if name in group.array_keys()]
+    new_array(group, DIGEST_ARRAY, (r, m, len(cell_arrays)), ("realization", "model", "cell_array"), "uint64", 0,
+              chunks=(1, m, len(cell_arrays)))
+    record = make_record(s["config"], s["models"], SCHEMA_VERSION, fixed, cell_arrays)
     group.attrs.update({"config": s["config"], "models": s["models"], "schema_version": SCHEMA_VERSION,
-                        "edtool_version": __version__})
+                        "edtool_version": __version__, INTEGRITY_ATTR: record})
     consolidate(group.store)
+
+
+def _fixed_arrays(s: dict) -> dict:
+    """The arrays a run's settings fix when it is made: {name: values} (radius only when measured)."""
+    from edtool.diffusion import timesteps
+
+    out = {"time": timesteps(s["nsteps"])[:-1].numpy().astype(np.float64),
+           "seed": np.asarray(s["seeds"], dtype=np.int64), "label": np.asarray(s["labels"], dtype=np.int64)}
+    if "radius" in s:
+        out["radius"] = np.arange(s["radius"] + 1, dtype=np.int64)
+    return out
+
+
+def _repair_fixed(location: str, run: RunStore, settings: dict) -> RunStore:
+    """Rewrite a run's damaged fixed arrays (time, seed, label, radius) from the settings of the compute
+    that continues it, when those settings reproduce them: the same settings otherwise (checked
+    first, so nothing is written for a different run) and, for a run with digests, the digest
+    recorded when it was made. Returns the reopened run; EdtoolError when it cannot be repaired."""
+    expected = _fixed_arrays(settings)
+    stored = _stored_settings(run)
+    for name, key in (("seed", "seeds"), ("label", "labels")):
+        if name in run.fixed_damage:  # its stored values are unknown: the rest must match
+            stored[key] = settings[key]
+    _require_same(location, stored, settings)
+    for name in run.fixed_damage:
+        if run.integrity and array_digest(name, expected[name]) != run.integrity["arrays"].get(name):
+            raise EdtoolError(f"run {location} is damaged: {describe_fixed(run)}, and the settings you gave do not "
+                              f"reproduce its {name} array (recorded digest): rerun the exact `edtool compute` that "
+                              "made it, or recompute it with --overwrite")
+    fixed = _open_existing(location, "r+")
+    for name in run.fixed_damage:
+        fixed.array(name)[:] = expected[name]
+    warnings.warn(f"run {location}: rewrote its damaged {describe_fixed(run)} from this command's settings "
+                  "(they reproduce what the run was made with)")
+    return _open_existing(location, "r+")
 
 
 def consolidate(store):
@@ -687,7 +789,7 @@ def _delete_run(location: str):
     _check_deletable(location)
     store = base / STORE_NAME
     if store.exists():
-        doomed = base / f".{STORE_NAME}.deleting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        doomed = base / leftover_name(f".{STORE_NAME}.deleting")
         os.rename(store, doomed)
         shutil.rmtree(doomed)
     summary = base / SUMMARY_NAME
@@ -801,6 +903,20 @@ def _read_lock(path: Path) -> Optional[dict]:
         return None
 
 
+def _not_a_record(info: Optional[dict]) -> bool:
+    """A lock file that reads whole but is not what run_lock writes (an integer pid and a host): no
+    live edtool holds it (a lock being written does not read as JSON), so it is stale."""
+    return info is not None and not (isinstance(info, dict) and type(info.get("pid")) is int
+                                     and isinstance(info.get("host"), str))
+
+
+def _refuse_odd_lock(path: Path):
+    """A lock name taken by a folder (or anything but a file) is not edtool's: never moved or deleted."""
+    if path.exists() and not path.is_file():
+        raise EdtoolError(f"{path} is a folder (or not a file), not edtool's lock file; move it away or rename "
+                          "it, then run the command again")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -813,6 +929,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _is_stale(info: Optional[dict], path: Path) -> bool:
     """A lock is stale when its holder ran on this host and is gone (or it is unreadable and old)."""
+    if _not_a_record(info):
+        return True
     if info is None:
         try:
             return datetime.datetime.now().timestamp() - path.stat().st_mtime > 10
@@ -822,7 +940,7 @@ def _is_stale(info: Optional[dict], path: Path) -> bool:
 
 
 def _refuse(run_dir, path: Path, info: Optional[dict]):
-    if info is None:
+    if info is None or _not_a_record(info):
         raise EdtoolError(f"run {run_dir} has a lock being written ({path}); try again in a few seconds")
     what = f" (shard {info['shard']})" if info.get("shard") else ""
     raise EdtoolError(f"run {run_dir} is being computed{what} by pid {info.get('pid')} on host {info.get('host')} "
@@ -837,8 +955,9 @@ def lock_holders(run_dir) -> list:
         return []
     holders = []
     for path in sorted(base.glob("lock*")):
-        if _LOCK_NAME.fullmatch(path.name):
-            info = _read_lock(path) or {}
+        if _LOCK_NAME.fullmatch(path.name) and path.is_file():
+            info = _read_lock(path)
+            info = info if isinstance(info, dict) and not _not_a_record(info) else {}
             holders.append({"pid": info.get("pid"), "host": info.get("host"), "started": info.get("started"),
                             "shard": info.get("shard"), "path": str(path), "stale": _is_stale(info or None, path)})
     return holders
@@ -867,7 +986,7 @@ def run_lock(run_dir, shard: Optional[tuple] = None):
     _acquire(base, path, me)
     try:
         for other in sorted(base.glob("lock*")):
-            if _LOCK_NAME.fullmatch(other.name) and _conflicts(name, other.name):
+            if _LOCK_NAME.fullmatch(other.name) and _conflicts(name, other.name) and other.is_file():
                 info = _read_lock(other)
                 if other.exists() and not _is_stale(info, other):
                     _refuse(run_dir, other, info)
@@ -883,6 +1002,7 @@ def _acquire(base: Path, path: Path, me: dict):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            _refuse_odd_lock(path)
             info = _read_lock(path)
             if attempt or not _is_stale(info, path):
                 _refuse(base, path, info)
@@ -898,20 +1018,20 @@ def _acquire(base: Path, path: Path, me: dict):
 
 def _take_over(base: Path, path: Path, stale: Optional[dict]):
     """Remove a stale lock, making sure it is still the stale one (not a fresh lock of a racing process)."""
-    moved = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    moved = path.with_name(leftover_name(f"{path.name}.stale"))
     try:
         os.rename(path, moved)
     except FileNotFoundError:
         return  # someone else removed it; the next O_EXCL attempt decides
     now = _read_lock(moved)
-    if stale is not None and (now or {}).get("token") != stale.get("token"):
+    if stale is not None and now != stale:  # (a record's token tells it from any other)
         try:  # we moved a fresh lock: put it back and give way
             os.link(moved, path)
         finally:
             moved.unlink(missing_ok=True)
         _refuse(base, path, now)
     moved.unlink(missing_ok=True)
-    holder = "an unreadable lock" if stale is None else (
+    holder = "an unreadable lock" if stale is None or _not_a_record(stale) else (
         f"the stale lock of pid {stale.get('pid')} on {stale.get('host')} (since {stale.get('started')}; "
         "that process is gone)")
     warnings.warn(f"run {base}: taking over {holder}; finished cells are kept, the rest are recomputed")

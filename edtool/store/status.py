@@ -9,8 +9,10 @@ import numpy as np
 
 from edtool.errors import EdtoolError
 from edtool.paths import cache_dir
-from edtool.store.run import (STORE_NAME, BrokenRunError, access_lock, local_dir, lock_holders, open_run,
-                          shard_realizations)
+from edtool.store.integrity import aggregate_damage
+from edtool.store.leftovers import describe, find_leftovers
+from edtool.store.run import (STORE_NAME, BrokenRunError, access_lock, describe_fixed, local_dir, lock_holders,
+                              open_run, shard_realizations)
 
 STATUS_WAIT = 2.0  # seconds status waits for a run being replaced before reporting it busy
 
@@ -43,11 +45,13 @@ def run_status(location: str) -> dict:
     A run that cannot be read is reported as such (state "broken: why" or "unreadable: why"),
     never raised, so one damaged folder does not hide every other run from `edtool status`.
     """
+    base = local_dir(location)
+    leftovers = [describe(item) for item in find_leftovers(base)] if base is not None else []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a run busy for a moment is reported as such, not warned about
             with access_lock(location, wait=STATUS_WAIT):
-                return _run_status(location)
+                return {**_run_status(location), "leftovers": leftovers}
     except BrokenRunError as err:
         state = f"broken: {err}"
     except EdtoolError as err:
@@ -56,7 +60,7 @@ def run_status(location: str) -> dict:
         state = f"unreadable: {type(err).__name__}: {err}"
     return {"location": str(location), "models": [], "nsteps": None, "realizations": None, "done": 0,
             "total": 0, "per_model": {}, "estimator": None, "dataset": None, "state": state, "shards": [],
-            "damaged": None}
+            "damaged": None, "leftovers": leftovers}
 
 
 def _run_status(location: str) -> dict:
@@ -73,6 +77,8 @@ def _run_status(location: str) -> dict:
         state = "running: " + "; ".join(holders)
     if damaged:
         state = f"damaged: {len(damaged)} cell(s), `edtool verify {location}` names them ({state})"
+    if run.fixed_damage:
+        state = f"damaged: {describe_fixed(run)}; rerun its compute to rewrite it ({state})"
     shards = []
     if base is not None and (base / SHARDS_DIR).is_dir():
         for marker in sorted((base / SHARDS_DIR).iterdir()):
@@ -87,21 +93,26 @@ def _run_status(location: str) -> dict:
     return {"location": str(location), "models": run.models, "nsteps": run.nsteps,
             "realizations": run.n_realizations, "done": progress["done"], "total": progress["total"],
             "per_model": progress["per_model"], "estimator": cfg.get("estimator"), "dataset": cfg.get("dataset"),
-            "state": state, "shards": shards, "damaged": len(damaged)}
+            "state": state, "shards": shards, "damaged": len(damaged), "legacy": run.integrity is None}
 
 
 def verify_run(location: str) -> dict:
     """Check every chunk of a run: which done cells are damaged (chunk missing, checksum or length
-    wrong) and which arrays carry no checksum (runs made before edtool checksummed chunks)."""
+    wrong, not matching the digest written with it), which arrays fixed at creation (time, seed,
+    label) and which aggregate arrays are damaged, and which arrays carry no checksum (runs made
+    before edtool checksummed chunks). `legacy`: made before edtool kept digests (not checked by them)."""
     with access_lock(location):
         run = open_run(location)
         cells = run.damaged()
         progress = run.progress()
         unchecked = [name for name in ("done", *run.cell_arrays) if not _checksummed(run.array(name))]
+        aggregate = aggregate_damage(run.group)
     return {"location": str(run.location), "done": progress["done"], "total": progress["total"],
             "damaged": [{"realization": r, "model": run.models[m], "reason": why}
                         for (r, m), why in sorted(cells.items())],
-            "unchecksummed": unchecked}
+            "damaged_arrays": [{"array": name, "reason": why} for name, why in run.fixed_damage.items()],
+            "damaged_aggregate": [{"array": f"aggregate/{name}", "reason": why} for name, why in aggregate.items()],
+            "unchecksummed": unchecked, "legacy": run.integrity is None}
 
 
 def _checksummed(array) -> bool:

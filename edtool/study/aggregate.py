@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 
 from edtool import __version__
+from edtool.store.integrity import AGGREGATE_DIGESTS, array_digest
 from edtool.store.run import RunStore, access_lock, consolidate, local_dir, new_array, open_run, require_whole, write_summary
 
 QUANTITIES = ("ed_fro", "asym", "jac_fro")
@@ -294,23 +295,30 @@ def format_number(value) -> str:
 
 
 def write_aggregate(run: RunStore, arrays: dict, summary: dict):
-    """Write `aggregate/*` into the store (replacing earlier ones) with dimension names for xarray."""
+    """Write `aggregate/*` into the store (replacing earlier ones) with dimension names for xarray, and
+    last the digest of each array (store/integrity.py); until then the aggregate reads as absent."""
     group = run.group.require_group("aggregate")
+    group.attrs.put({})  # an interrupted write leaves no aggregate that claims to be current
+    digests = {}
     for name, value in arrays.items():
         dims = ("model", "step", "radius")[:value.ndim] if value.ndim > 1 else ("model",)
         dtype = "int64" if name.split("_timeavg")[0].endswith("_n") else "float32"
         fill = 0 if dtype == "int64" else np.nan
         new_array(group, name, value.shape, dims, dtype, fill, overwrite=True)[:] = value.astype(dtype)
+        digests[name] = array_digest(name, value.astype(dtype))
     new_array(group, "model", (len(run.models),), ("model",), str, None, overwrite=True)[:] = np.array(run.models)
     new_array(group, "time", (run.nsteps,), ("step",), "float64", overwrite=True)[:] = run.time
+    digests.update(model=array_digest("model", np.array(run.models)), time=array_digest("time", run.time))
     group.attrs.update({"cells_done": summary["cells_done"], "realizations_used": summary["realizations_used"],
                         "written": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                        "ddof": 1})
+                        "ddof": 1, AGGREGATE_DIGESTS: digests})
     consolidate(run.group.store)
 
 
 def read_aggregate(run: RunStore):
-    """The stored aggregate arrays if they are up to date with the run's done cells, else None."""
+    """The stored aggregate arrays if they are up to date with the run's done cells and match their
+    digests, else None (the caller computes them afresh). An aggregate without digests is read only
+    in a run made before edtool kept them."""
     if "aggregate" not in run.group:
         return None
     group = run.group["aggregate"]
@@ -318,6 +326,13 @@ def read_aggregate(run: RunStore):
         return None
     names = [f"{q}_{s}{suffix}" for q in QUANTITIES for s in STATS for suffix in ("", "_timeavg")]
     names += [f"{q}_{s}" for q in WHOLE_QUANTITIES if q in run.group for s in WHOLE_STATS]
-    if not all(name in group for name in names):
+    digests = group.attrs.get(AGGREGATE_DIGESTS)
+    if not all(name in group for name in names) or (run.integrity and not isinstance(digests, dict)):
         return None
-    return {name: np.asarray(group[name][:]) for name in names}
+    try:
+        arrays = {name: np.asarray(group[name][:]) for name in names}
+    except Exception:  # noqa: BLE001 (a damaged chunk or edited metadata: computed afresh)
+        return None
+    if isinstance(digests, dict) and any(array_digest(n, v) != digests.get(n) for n, v in arrays.items()):
+        return None
+    return arrays
