@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 
 from edtool.config import TrainConfig, default
+from edtool.config import MAX_NSTEPS, MAX_SEED, MAX_SEEDS
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output
 
@@ -127,6 +128,11 @@ def train(
         check_output([out, out.with_suffix(".json"), out.with_name(out.stem + "_loss.png"),
                       out.with_name(out.stem + "_samples.png")], force)
     images, labels = load_dataset(cfg.dataset, root=data_root)
+    levels = 2 ** (len(cfg.fsizes) - 1)  # each UNet level halves the image: the sides must divide evenly
+    if cfg.arch == "unet" and any(side % levels for side in images.shape[-2:]):
+        raise EdtoolError(f"--fsizes with {len(cfg.fsizes)} levels halves the image {len(cfg.fsizes) - 1} times; "
+                          f"{cfg.dataset}'s {images.shape[-2]}x{images.shape[-1]} images do not divide by {levels}: "
+                          "give fewer widths")
     held_out = None
     if snapshot_every:
         if state is None:
@@ -201,6 +207,8 @@ def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, max_s
 def _seed_list(seeds: int, seed: int) -> List[int]:
     if seeds < 1:
         raise EdtoolError(f"--seeds must be at least 1, got {seeds}")
+    if seed + seeds - 1 > MAX_SEED:
+        raise EdtoolError(f"--seed {seed} with --seeds {seeds}: seeds go from 0 to {MAX_SEED}")
     return list(range(seed, seed + seeds))
 
 
@@ -210,16 +218,16 @@ def calibrate(
     checkpoint: Path = typer.Option(..., help="Network checkpoint (.safetensors) to calibrate against."),
     machine: str = typer.Option("els-borders", help="els-borders, els (follows the padding), els-circular or ls."),
     sizes: str = typer.Option("3,5,7,9,11,13,15", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
-    seeds: int = typer.Option(4, help="Number of seeds (trajectories), scored together."),
-    seed: int = typer.Option(0, help="First seed."),
-    nsteps: int = typer.Option(20, help="DDIM steps (one scale per step)."),
+    seeds: int = typer.Option(4, max=MAX_SEEDS, help="Number of seeds (trajectories), scored together."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="First seed."),
+    nsteps: int = typer.Option(20, max=MAX_NSTEPS, help="DDIM steps (one scale per step)."),
     metric: str = typer.Option("cosine", help="cosine (default) or l2 (relative distance)."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machine (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
                                               "first N training images (per class for a conditional network)."),
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
-    batch: Optional[int] = typer.Option(None, help="At most this many (step, seed) points per machine call."),
+    batch: Optional[int] = typer.Option(None, min=1, help="At most this many (step, seed) points per machine call."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     out: Optional[Path] = typer.Option(None, help="Scales JSON (default: ./checkpoints/<checkpoint stem>_scales_"
                                        "<machine>.json in the working directory, where compute finds it first)."),
@@ -286,19 +294,19 @@ def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: b
 def sample(
     machine: str = typer.Option("els-borders", help="Comma-separated machines: els-borders, els, els-circular, ls, is."),
     checkpoint: Path = typer.Option(..., help="Network checkpoint whose samples the machines are compared with."),
-    seeds: int = typer.Option(20, help="Number of seeds."),
-    seed: int = typer.Option(0, help="First seed."),
+    seeds: int = typer.Option(20, max=MAX_SEEDS, help="Number of seeds."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="First seed."),
     out: Path = typer.Option(..., help="Output folder (seeds/, els_outputs/, network_outputs/, r2_summary.json)."),
     scales: Optional[Path] = typer.Option(None, help="Scales JSON or paper scales_*.pt (default: the calibration "
                                           "JSON beside the checkpoint)."),
     patch_size: int = typer.Option(5, help="Fixed patch size when no scales are found."),
-    nsteps: int = typer.Option(20, help="DDIM steps."),
+    nsteps: int = typer.Option(20, max=MAX_NSTEPS, help="DDIM steps."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machines (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
                                               "first N training images (per class for a conditional network)."),
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
-    batch: Optional[int] = typer.Option(None, help="Seeds sampled together (default: all)."),
+    batch: Optional[int] = typer.Option(None, min=1, help="Seeds sampled together (default: all)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     layout: str = typer.Option("edtool", help="Per-seed files: edtool (seed_<s>.npy) or paper (0000.pt ...: "
                                "plain tensors, as the paper's scripts write them)."),
@@ -441,9 +449,10 @@ def compute(
     patch_size: int = typer.Option(5, help="ELS patch size when no calibrated scales exist."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
                                               "training images (per class for conditional runs)."),
-    nsteps: int = typer.Option(20, help="DDIM steps (the exterior derivative is measured at each)."),
+    nsteps: int = typer.Option(20, max=MAX_NSTEPS, help="DDIM steps (the exterior derivative is measured at "
+                               "each)."),
     realizations: int = typer.Option(1, help="Noise realizations (seeds seed, seed+1, ...)."),
-    seed: int = typer.Option(0, help="Seed of the first realization."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the first realization."),
     label: Optional[int] = typer.Option(None, help="Class label for conditional models (default: random per realization)."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic (ELS machines)."),
     probes: int = typer.Option(16, help="Hutchinson probes per point (per round with --rtol)."),
@@ -570,7 +579,7 @@ def analyze(
     dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
     single: bool = typer.Option(False, "--single", help="One realization (the default)."),
     multiple: Optional[int] = typer.Option(None, "--multiple", help="N noise realizations."),
-    nsteps: int = typer.Option(20, help="DDIM steps."),
+    nsteps: int = typer.Option(20, max=MAX_NSTEPS, help="DDIM steps."),
     output_dir: Path = typer.Option(Path("results/exterior_derivative"), "--output_dir", "--output-dir",
                                     help="Results folder; runs land in {output_dir}/{dataset}/..."),
     unet_path: Optional[Path] = typer.Option(None, "--unet_path", "--unet-path", "--unet",
@@ -584,7 +593,7 @@ def analyze(
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
                                               "training images (per class for conditional runs)."),
-    seed: int = typer.Option(0, help="Seed of the first realization."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the first realization."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic."),
     probes: int = typer.Option(16, help="Hutchinson probes per point."),
     maps: bool = typer.Option(False, "--maps", help="Also store and draw curl maps."),
@@ -641,8 +650,8 @@ def demo(
     out: Path = typer.Option(Path("results/exterior_derivative_demo"), "--out", "--output_dir",
                              help="Folder for the demo's run store, summary and figures."),
     models: str = typer.Option("unet,resnet,els", help="Models to compare (the shipped checkpoints and ELS)."),
-    nsteps: int = typer.Option(10, help="DDIM steps (fewer = quicker tour)."),
-    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    nsteps: int = typer.Option(10, max=MAX_NSTEPS, help="DDIM steps (fewer = quicker tour)."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the initial noise."),
     device: str = typer.Option("auto", help="auto, cpu, cuda."),
 ):
     """A short guided tour on the bundled data and checkpoints that explains each number as it appears."""

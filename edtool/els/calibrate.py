@@ -141,6 +141,9 @@ def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[
     like `edtool compute` does); None for an unconditional one. The classes are 0..n_classes-1
     (from the network's manifest), else those of the training labels."""
     if not conditional:
+        if label is not None:  # never a label recorded beside samples that did not use it
+            raise EdtoolError(f"--label {label}: the network is unconditional (it takes no class label); drop "
+                              "--label, or give a class-conditional checkpoint")
         return None
     if n_classes is None:
         if labels is None:
@@ -152,6 +155,12 @@ def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[
         return torch.full((len(seeds),), int(label), dtype=torch.int64)
     return torch.tensor([int(torch.randint(0, n_classes, (1,), generator=torch.Generator().manual_seed(s)))
                          for s in seeds], dtype=torch.int64)
+
+
+def _num_classes(network) -> Optional[int]:
+    """A conditional network's number of classes, from its manifest (None: not recorded)."""
+    n = (getattr(network, "manifest", None) or {}).get("num_classes")
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def initial_noises(seeds: Sequence[int], shape, device="cpu") -> Tensor:
@@ -238,7 +247,7 @@ def calibrate(
         raise EdtoolError("the 'is' machine has no patch size to calibrate; choose els-borders, els-circular or ls")
     device = torch.device(device) if device is not None else images.device
     conditional = bool(getattr(network, "conditional", False))
-    run_labels = seed_labels(seeds, labels, label, conditional)
+    run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
     log = log or (lambda msg: None)
 
     t0 = time.perf_counter()
@@ -443,7 +452,7 @@ def sample(
     out = Path(out_dir)
     log = log or (lambda msg: None)
     conditional = bool(getattr(network, "conditional", False))
-    run_labels = seed_labels(seeds, labels, label, conditional)
+    run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
     lab = None if run_labels is None else run_labels.to(device)
     record = {"network": _digest(network), "images": _digest(images), "labels_sha256": _digest(labels),
               "nsteps": nsteps, "seeds": seeds, "labels": None if run_labels is None else run_labels.tolist(),

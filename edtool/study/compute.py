@@ -17,6 +17,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from edtool.config import MAX_NSTEPS, MAX_SEED
 from edtool.diffusion import ddim_sample, initial_noise, timesteps
 from edtool.jacobian.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
@@ -94,8 +95,12 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError(f"a model is listed twice in --models {','.join(cfg.models)}")
     if cfg.nsteps < 1:
         raise EdtoolError(f"--nsteps must be at least 1, got {cfg.nsteps}")
+    if cfg.nsteps > MAX_NSTEPS:
+        raise EdtoolError(f"--nsteps {cfg.nsteps} is more than edtool takes (at most {MAX_NSTEPS})")
     if cfg.realizations < 1:
         raise EdtoolError(f"--realizations must be at least 1, got {cfg.realizations}")
+    if not 0 <= cfg.seed <= MAX_SEED - cfg.realizations + 1:
+        raise EdtoolError(f"--seed {cfg.seed} with --realizations {cfg.realizations}: seeds go from 0 to {MAX_SEED}")
     if cfg.realizations > MAX_REALIZATIONS:
         raise EdtoolError(f"--realizations {cfg.realizations} is more than one run holds (at most "
                           f"{MAX_REALIZATIONS}: one chunk file per realization and array); split the work over "
@@ -293,6 +298,9 @@ def prepare(cfg: ComputeConfig) -> Study:
             continue
         path = network_paths[arch]
         models[arch] = checkpoints.load(path, dataset=cfg.dataset, device=device, note=notes.append)
+        if models[arch].manifest.get("arch") != arch:  # never measure one network and file it as another
+            raise EdtoolError(f"--{arch} {path} holds a {models[arch].manifest.get('arch')}, not a {arch}; give a "
+                              f"{arch} checkpoint to --{arch}")
         config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
     paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
     if not paddings and "resnet" in network_paths:  # machines alone follow the ResNet their scales are for
@@ -301,6 +309,10 @@ def prepare(cfg: ComputeConfig) -> Study:
     padding_from = next(iter(network_paths.values()), None) if not models else network_paths[next(iter(models))]
     nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
     conditional = bool(nets_conditional) or cfg.label is not None
+    unconditional = [name for name, f in models.items() if not getattr(f, "conditional", False)]
+    if cfg.label is not None and unconditional:
+        raise EdtoolError(f"--label {cfg.label}: the {' and '.join(unconditional)} network is unconditional (it "
+                          "takes no class label); drop --label, or give a class-conditional checkpoint")
     n_classes = next((int(f.manifest["num_classes"]) for f in nets_conditional
                       if f.manifest.get("num_classes")), None)
 
