@@ -129,3 +129,60 @@ def test_import_refuses_a_dataset_the_network_was_not_made_for(name, dataset, wo
     code, _, err = cli(capsys, monkeypatch, "import-checkpoint", src, "--dataset", "mnist5k", "--out",
                        tmp_path / "out" / "i")
     assert code == 0 and checkpoints.read_manifest(tmp_path / "out" / "i.json")["dataset"] == "mnist5k", err
+
+
+# ------------------------------------------------------------------ item 14: a malformed --merge part
+
+
+def _part(ckpt: Path, sizes, table) -> dict:
+    """A calibration JSON as `edtool calibrate` writes it (the fields --merge reads), 2 steps, 1 seed."""
+    return {"machine": "els-borders", "metric": "cosine", "seeds": [0], "labels": None, "nsteps": 2,
+            "n_images": 20, "dataset": "mnist5k", "checkpoint_sha256": checkpoints.file_hash(ckpt),
+            "sizes": sizes, "t": [0.5, 1.0], "seconds": {"total": 1.0}, "similarity_per_seed": table,
+            "scales": [sizes[0]] * 2}
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("similarity_per_seed", "x", "its similarity_per_seed is not a table of numbers"),
+    ("similarity_per_seed", [[[0.5]], [["a"]]], "its similarity_per_seed is not a table of numbers"),
+    ("similarity_per_seed", [[[0.5, 0.1]], [[0.5, 0.1]]], "not a table of nsteps x seeds x sizes = 2 x 1 x 1"),
+    ("sizes", "5", "its sizes is not a list of patch sizes"),
+    ("seconds", {"total": "soon"}, "its seconds or t is not what calibrate writes")])
+def test_a_malformed_merge_part_is_one_line(field, value, words, tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    ckpt = tiny_checkpoints / "tiny_resnet.safetensors"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_part(ckpt, [3], [[[0.9]], [[0.8]]])))
+    b.write_text(json.dumps(_part(ckpt, [5], [[[0.7]], [[0.95]]])))
+    merge = ["calibrate", "--checkpoint", ckpt, "--merge", f"{a},{b}"]
+    code, out, err = cli(capsys, monkeypatch, *merge, "--out", tmp_path / "good.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "good.json").read_text())["scales"] == [3, 5]  # the better size at each step
+    b.write_text(json.dumps({**_part(ckpt, [5], [[[0.7]], [[0.95]]]), field: value}))
+    assert_refused(cli(capsys, monkeypatch, *merge, "--out", tmp_path / "bad.json"), f"{b}: ", words)
+    assert not (tmp_path / "bad.json").exists()
+
+
+# ------------------------------------------------------------------ item 15: ranks that never meet
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank,words", [("3", "RANK=3 with WORLD_SIZE=2: ranks go from 0 to 1"),
+                                        ("x", "RANK='x' is not a rank number"),
+                                        ("1", "rank 1 of 2: the other ranks did not join at 127.0.0.1:"),
+                                        ("0", "rank 0 of 2: the other ranks did not join at 127.0.0.1:")])
+def test_a_rank_without_its_peers_stops_with_one_line(rank, words, tmp_path):
+    """A real process: it used to wait forever. Alone, rank 0 waits for rank 1 and rank 1 for rank 0's
+    store; both stop after EDTOOL_RENDEZVOUS_TIMEOUT with one line and no torch C++ log lines."""
+    env = {**subprocess_env(), "RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "EDTOOL_RENDEZVOUS_TIMEOUT": "2"}
+    proc = subprocess.run([sys.executable, "-m", "edtool", "compute", "--models", "is", *SMALL, "--run-dir",
+                           tmp_path / "r"], env=env, capture_output=True, text=True, timeout=120)
+    assert_refused((proc.returncode, proc.stdout, proc.stderr), words)
+    assert not (tmp_path / "r" / "ed.zarr").exists()

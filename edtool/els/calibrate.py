@@ -322,11 +322,12 @@ def merge_calibrations(parts: Sequence[dict], names: Optional[Sequence[str]] = N
             if part.get(key) != first.get(key):
                 raise EdtoolError(f"{name} was calibrated with {key} {part.get(key)!r}, {names[0]} with "
                                   f"{first.get(key)!r}: only runs on the same trajectories merge")
+    tables = [_part_table(part, name) for part, name in zip(parts, names)]
     sizes = [k for part in parts for k in part["sizes"]]
     if len(set(sizes)) != len(sizes):
         twice = sorted({k for k in sizes if sizes.count(k) > 1})
         raise EdtoolError(f"size {twice[0]} was scored by more than one of {', '.join(names)}: give disjoint --sizes")
-    table = torch.cat([torch.tensor(part["similarity_per_seed"], dtype=torch.float64) for part in parts], -1)
+    table = torch.cat(tables, -1)
     order = sorted(range(len(sizes)), key=sizes.__getitem__)
     sizes = [sizes[c] for c in order]
     seconds = {"total": sum(part["seconds"]["total"] for part in parts)}
@@ -337,6 +338,34 @@ def merge_calibrations(parts: Sequence[dict], names: Optional[Sequence[str]] = N
         **schedule_from_table(table[..., order], sizes, first["seeds"], first["metric"]), **merged,
         "sizes": sizes, "t": first["t"], "seconds": seconds, "merged_from": names,
     }
+
+
+def _part_table(part: dict, name: str) -> Tensor:
+    """A part's similarity table (nsteps, seeds, sizes), after checking the fields a merge reads; an
+    EdtoolError naming the part and the field for a file edited or damaged by hand."""
+    def bad(field: str, want: str):
+        return EdtoolError(f"{name}: its {field} is not {want} (the file was edited or damaged); "
+                           "calibrate those sizes again")
+
+    sizes, seeds, nsteps = part.get("sizes"), part.get("seeds"), part.get("nsteps")
+    if not isinstance(sizes, list) or not sizes or not all(isinstance(k, int) and not isinstance(k, bool)
+                                                           for k in sizes):
+        raise bad("sizes", "a list of patch sizes")
+    if not isinstance(seeds, list) or not seeds or not isinstance(nsteps, int) or isinstance(nsteps, bool) \
+            or nsteps < 1:
+        raise bad("seeds or nsteps", "a list of seeds and a number of steps")
+    if not isinstance(part.get("seconds"), dict) or not all(isinstance(v, (int, float))
+                                                            for v in part["seconds"].values()) \
+            or "total" not in part["seconds"] or not isinstance(part.get("t"), list):
+        raise bad("seconds or t", "what calibrate writes")
+    try:
+        table = torch.tensor(part["similarity_per_seed"], dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad("similarity_per_seed", "a table of numbers") from None
+    if tuple(table.shape) != (nsteps, len(seeds), len(sizes)):
+        raise bad("similarity_per_seed", f"a table of nsteps x seeds x sizes = {nsteps} x {len(seeds)} x "
+                                         f"{len(sizes)} numbers")
+    return table
 
 
 def calibration_meta(result: dict, **extra) -> dict:
