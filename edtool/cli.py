@@ -19,6 +19,7 @@ from edtool.config import TrainConfig, default
 from edtool.config import MAX_NSTEPS, MAX_SEED, MAX_SEEDS
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output
+from edtool.store.urls import check_location
 
 app = typer.Typer(
     name="edtool",
@@ -422,6 +423,8 @@ def _compute_config(**kw):
     from edtool.study.compute import ComputeConfig
 
     _refuse_memory_url(kw.get("run_dir"))
+    if kw.get("run_dir") is not None:
+        check_location(kw["run_dir"], writing=True)
     return ComputeConfig(**kw)
 
 
@@ -550,6 +553,7 @@ def _resolve_run(run: str) -> str:
     from edtool.paths import cache_dir
 
     _refuse_memory_url(run)
+    check_location(run, writing=False)
     if "://" in run or Path(run).exists():
         return run
     candidate = cache_dir() / run

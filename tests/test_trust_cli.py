@@ -186,3 +186,32 @@ def test_a_rank_without_its_peers_stops_with_one_line(rank, words, tmp_path):
                            tmp_path / "r"], env=env, capture_output=True, text=True, timeout=120)
     assert_refused((proc.returncode, proc.stdout, proc.stderr), words)
     assert not (tmp_path / "r" / "ed.zarr").exists()
+
+
+# ------------------------------------------------------------------ item 13: messages
+
+
+@pytest.mark.parametrize("url,words", [
+    ("foo://x", "the URL scheme foo:// is not one edtool can use"),
+    ("zip://x", "zip:// is read-only"),
+    ("http://example.invalid/r", "the URL scheme http:// is not usable here"),
+    ("s3://bucket/r", "the URL scheme s3:// is not usable here: Install s3fs")])
+def test_unusable_url_schemes_say_so_in_one_line(url, words, tmp_path, capsys, monkeypatch):
+    """Unknown, not installed here, or read-only: never 'exists but is not an edtool run store' (and
+    no warning about locks before it)."""
+    import fsspec
+
+    scheme = url.split(":")[0]
+    if scheme in ("http", "s3"):
+        try:
+            fsspec.get_filesystem_class(scheme)
+            pytest.skip(f"the package for {scheme}:// is installed here")
+        except ImportError:
+            pass
+    for command in (["compute", "--models", "is", "--nsteps", "2", "--device", "cpu", "--run-dir", url],
+                    ["status", url], ["verify", url], ["plot", url, "--out", tmp_path / "f"]):
+        reading = command[0] != "compute"
+        code, out, err = cli(capsys, monkeypatch, *command)
+        assert_refused((code, out, err), url, "names a path inside an archive" if reading and scheme == "zip"
+                       else words)
+    assert not (tmp_path / "f").exists()
