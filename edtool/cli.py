@@ -513,8 +513,7 @@ def compute(
         print(f"time: total {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
               f"store {t['store']:.2f}s); run stored in {summary['location']}")
     if not as_json:  # on stderr even with --quiet: these say a number is not what was asked for
-        for f in summary["failures"] + summary["warnings"]:
-            print(f"warning: {f}", file=sys.stderr)
+        _print_warnings(summary["failures"] + summary["warnings"])
 
 
 @app.command()
@@ -637,16 +636,14 @@ def analyze(
     paths = plot_run(str(run_dir), fmt=fmt, overwrite=overwrite)
     t_plot = time.perf_counter() - t0
     if quiet:
-        for f in summary["failures"] + summary["warnings"]:
-            print(f"warning: {f}", file=sys.stderr)
+        _print_warnings(summary["failures"] + summary["warnings"])
         return
     _print_results_table(str(run_dir))
     t = summary["timings"]
     print(f"time: compute {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
           f"store {t['store']:.2f}s), aggregate {t_agg:.2f}s, plot {t_plot:.1f}s")
     print(f"results in {run_dir}: ed.zarr, summary_stats.json, " + ", ".join(p.name for p in paths))
-    for f in summary["failures"] + summary["warnings"]:
-        print(f"warning: {f}", file=sys.stderr)
+    _print_warnings(summary["failures"] + summary["warnings"])
 
 
 @app.command()
@@ -735,6 +732,28 @@ def verify(
         sys.exit(1)
 
 
+_shown_warnings: List[str] = []  # what this process has said as `edtool: warning: ...` so far
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A Python warning as one line, `edtool: warning: ...` (no source file and line: that is for
+    --debug); remembered so that a run's closing summary does not say it a second time."""
+    text = " ".join(str(message).split())
+    _shown_warnings.append(text)
+    try:
+        print(f"edtool: warning: {text}", file=file or sys.stderr)
+    except OSError:  # like warnings' own: a closed stderr does not turn a warning into an error
+        pass
+
+
+def _print_warnings(lines: List[str]) -> None:
+    """The failures and warnings of a run, on stderr (even with --quiet: they say a number is not what
+    was asked for), each once: those already shown while it ran are not repeated."""
+    for text in lines:
+        if not any(text in shown for shown in _shown_warnings):
+            _show_warning(text, UserWarning, "", 0)
+
+
 def _usage_error_types() -> tuple:
     """What Typer raises for a bad command line: its own exception base (Typer >= 0.2x vendors a copy of
     click), and click's where an older Typer still runs on click. click itself is not a dependency."""
@@ -759,6 +778,11 @@ def main():
     stderr and exit code 2, never a traceback (unless --debug); EdtoolError (bad input found by a
     command) likewise."""
     debug = "--debug" in sys.argv
+    _shown_warnings.clear()
+    if not debug:
+        import warnings
+
+        warnings.showwarning = _show_warning
     try:
         code = app(standalone_mode=False, prog_name="edtool")  # an Exit (e.g. --help, typer.Exit(n)) comes back as its code
     except EdtoolError as e:

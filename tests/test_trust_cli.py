@@ -215,3 +215,47 @@ def test_unusable_url_schemes_say_so_in_one_line(url, words, tmp_path, capsys, m
         assert_refused((code, out, err), url, "names a path inside an archive" if reading and scheme == "zip"
                        else words)
     assert not (tmp_path / "f").exists()
+
+
+def _nan_network(path: Path) -> Path:
+    """A UNet whose output bias is NaN: every score it gives is non-finite."""
+    from safetensors.torch import load_file, save_file
+
+    save_tiny(path, "unet")
+    weights = load_file(str(path.with_suffix(".safetensors")))
+    weights["output_conv.bias"][:] = float("nan")
+    save_file(weights, str(path.with_suffix(".safetensors")))
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    manifest.pop("weights_sha256", None)
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+    return path.with_suffix(".safetensors")
+
+
+def test_a_warning_is_one_line_said_once(tmp_path):
+    """A real process: Python's warnings print their source line unless edtool formats them; the
+    non-finite warning used to appear during the run and again in the closing summary."""
+    net = _nan_network(tmp_path / "nan_unet")
+    proc = subprocess.run([sys.executable, "-m", "edtool", "compute", "--models", "unet", "--unet", net, *SMALL,
+                           "--run-dir", tmp_path / "r"], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["edtool: warning: unet: non-finite values on realization(s) [0] -> NaN"]
+
+
+def test_changing_only_the_layout_names_only_the_layout(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    sample = ["sample", "--checkpoint", tiny_checkpoints / "tiny_unet.safetensors", "--machine", "is", "--seeds",
+              "2", "--max-samples", "20", "--out", tmp_path / "s", *SMALL]
+    for first, second in ((["--layout", "paper"], []), ([], ["--layout", "paper"])):
+        code, _, err = cli(capsys, monkeypatch, *sample, *first, "--overwrite")
+        assert code == 0, err
+        assert_refused(cli(capsys, monkeypatch, *sample, *second), "(layout differ, recorded in")
+
+
+def test_demo_with_other_settings_suggests_what_demo_has(tmp_path, capsys, monkeypatch):
+    demo = ["demo", "--models", "is", "--device", "cpu", "--out", tmp_path / "d"]
+    code, _, err = cli(capsys, monkeypatch, *demo, "--nsteps", "2")
+    assert code == 0, err
+    code, out, err = cli(capsys, monkeypatch, *demo, "--nsteps", "3")
+    assert_refused((code, out, err), "was made with nsteps=2; you asked for nsteps=3: give the demo another --out",
+                   f"or delete {tmp_path / 'd' / 'run'}")
+    assert "--run" not in err.replace(f"{tmp_path / 'd' / 'run'}", "") and "--overwrite" not in err

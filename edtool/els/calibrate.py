@@ -592,7 +592,7 @@ def _claim_sample_dir(out: Path, record: dict, overwrite: bool) -> None:
     except (OSError, ValueError):
         old = {}
     if old is not None and old != record and not overwrite:
-        changed = [k for k in record if old.get(k) != record.get(k)] or sorted(old)
+        changed = [k for k in sorted({*record, *old}) if old.get(k) != record.get(k)]
         raise EdtoolError(f"{out} holds samples made with other settings ({', '.join(changed)} differ, recorded in "
                           f"{settings}); use another --out, the same settings to redo them, or --overwrite")
     ours_by_name = [p for p in _sample_files(out, record)[:-1] if p.exists()]
