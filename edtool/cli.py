@@ -322,6 +322,9 @@ def sample(
     from edtool.els.calibrate import agreement_report, machine_kind, sample as run_sample
     from edtool.els.schedule import fallback_note, find_scales
 
+    from edtool.els.calibrate import SETTINGS_NAME
+
+    check_output([out / SETTINGS_NAME], force=True)  # before any work: --out takes files (a folder, writable)
     names = _models(machine)
     net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     schedule, sources, notes = {}, {}, []

@@ -259,3 +259,71 @@ def test_demo_with_other_settings_suggests_what_demo_has(tmp_path, capsys, monke
     assert_refused((code, out, err), "was made with nsteps=2; you asked for nsteps=3: give the demo another --out",
                    f"or delete {tmp_path / 'd' / 'run'}")
     assert "--run" not in err.replace(f"{tmp_path / 'd' / 'run'}", "") and "--overwrite" not in err
+
+
+# ------------------------------------------------------------------ item 6: sample never replaces another's file
+
+
+def _sample_args(ckpt: Path, out: Path, *more):
+    return ["sample", "--checkpoint", ckpt, "--machine", "is", "--max-samples", "20", "--out", out, *SMALL, *more]
+
+
+def test_a_rerun_of_sample_keeps_an_edited_summary(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    args = _sample_args(tiny_checkpoints / "tiny_unet.safetensors", tmp_path / "s", "--seeds", "2")
+    assert cli(capsys, monkeypatch, *args)[0] == 0
+    assert cli(capsys, monkeypatch, *args)[0] == 0  # the same sample again: edtool's own files are redone
+    summary = tmp_path / "s" / "r2_summary.json"
+    summary.write_text(summary.read_text().replace('"nsteps": 2', '"nsteps": 2, "my_note": "keep"'))
+    edited = summary.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert_refused(cli(capsys, monkeypatch, *args, *extra), f"{summary} exists and edtool did not write it",
+                       "move it away or use another --out")
+        assert summary.read_bytes() == edited
+
+
+def test_sample_overwrite_never_replaces_a_file_edtool_did_not_write(tiny_checkpoints, tmp_path, capsys,
+                                                                     monkeypatch):
+    ckpt = tiny_checkpoints / "tiny_unet.safetensors"
+    out = tmp_path / "s"
+    assert cli(capsys, monkeypatch, *_sample_args(ckpt, out, "--seeds", "2"))[0] == 0
+    mine = out / "seeds" / "seed_2.npy"
+    mine.write_bytes(b"my own file")
+    for extra, words in (([], "holds samples made with other settings (seeds differ"),  # seeds 0..2
+                         (["--overwrite"], f"{mine} exists and edtool did not write it")):
+        assert_refused(cli(capsys, monkeypatch, *_sample_args(ckpt, out, "--seeds", "3", *extra)), words)
+        assert mine.read_bytes() == b"my own file"
+    assert (out / "seeds" / "seed_1.npy").exists()  # nothing of the earlier samples was deleted either
+    mine.unlink()
+    code, _, err = cli(capsys, monkeypatch, *_sample_args(ckpt, out, "--seeds", "3", "--overwrite"))
+    assert code == 0, err
+    assert json.loads((out / "r2_summary.json").read_text())["seeds"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
+def test_sample_out_that_takes_no_files_is_refused_before_sampling(where, tiny_checkpoints, tmp_path, capsys,
+                                                                   monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" if where == "is_a_file" else tmp_path / "afile" / "s"
+    assert_refused(cli(capsys, monkeypatch, *_sample_args(tiny_checkpoints / "tiny_unet.safetensors", out)),
+                   f"{tmp_path / 'afile'} is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_sample_out_in_a_folder_that_takes_no_files(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    """A read-only folder is refused before any work. Simulated: root writes through permission bits, so
+    the probe check_output makes (a temporary file in the folder) is refused here as the OS would."""
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def read_only(*a, dir=None, **kw):
+        if dir is not None and Path(dir) == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **kw)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert_refused(cli(capsys, monkeypatch, *_sample_args(tiny_checkpoints / "tiny_unet.safetensors",
+                                                          tmp_path / "ro" / "s")),
+                   f"{tmp_path / 'ro'} does not take files (Permission denied)")
+    assert list((tmp_path / "ro").iterdir()) == []

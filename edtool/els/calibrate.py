@@ -30,7 +30,7 @@ from torch import Tensor
 
 from edtool.diffusion import ddim_sample, eps_to_score, initial_noise, timesteps
 from edtool.errors import EdtoolError
-from edtool.fileio import atomic_path, write_json
+from edtool.fileio import check_output, recorded_paths, refuse_foreign
 from edtool.els.schedule import (build_machine, check_fits, check_patch_size, check_schedule, fallback_note,
                            resampling_note)
 
@@ -389,18 +389,17 @@ def output_dir_name(machine: str) -> str:
 LAYOUTS = ("edtool", "paper")
 
 
-def _save_each(folder: Path, seeds, arrays, layout: str = "edtool") -> None:
+def _save_each(folder: Path, seeds, arrays, layout: str = "edtool", root=None) -> None:
     """One file per seed: `seed_<s>.npy` (edtool), or, as the paper's scripts write them, `<i:04d>.pt`
     holding a plain tensor with a batch axis of one (images (1, C, H, W), labels (1,)), i = the seed's
     position in the list; readable with torch.load(..., weights_only=True)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (s, a) in enumerate(zip(seeds, arrays)):
-        if layout == "paper":
-            with atomic_path(folder / f"{i:04d}.pt") as tmp:
+    names = [f"{i:04d}.pt" if layout == "paper" else f"seed_{s}.npy" for i, s in enumerate(seeds)]
+    with recorded_paths([folder / name for name in names], root) as tmps:  # recorded as edtool's in root's ledger
+        for tmp, a in zip(tmps, arrays):
+            if layout == "paper":
                 torch.save(torch.as_tensor(a).detach().cpu().clone().unsqueeze(0), tmp)
-            continue
-        with atomic_path(folder / f"seed_{s}.npy") as tmp:
-            np.save(tmp, a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
+            else:
+                np.save(tmp, a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
 
 
 def machine_sample(machine, x0: Tensor, nsteps: int, label: Optional[Tensor] = None, batch=None) -> Tensor:
@@ -489,16 +488,17 @@ def sample(
                                {} if k == "is" else {"patch_size": patch_size}) for k in kinds}}
     if layout != "edtool":  # absent for edtool's layout, so earlier sample folders keep their record
         record["layout"] = layout
+    check_output([out / SETTINGS_NAME], force=True)  # a folder that takes files, or one line naming it
     _claim_sample_dir(out, record, overwrite)
 
     x0 = initial_noises(seeds, images.shape[1:], device)
-    _save_each(out / "seeds", seeds, x0, layout)
+    _save_each(out / "seeds", seeds, x0, layout, root=out)
     if run_labels is not None:
-        _save_each(out / "labels", seeds, run_labels, layout)
+        _save_each(out / "labels", seeds, run_labels, layout, root=out)
     t0 = time.perf_counter()
     with torch.no_grad():
         _, _, net_final = network_trajectory(network, x0, nsteps, lab, batch)
-    _save_each(out / "network_outputs", seeds, net_final, layout)
+    _save_each(out / "network_outputs", seeds, net_final, layout, root=out)
     log(f"network: {len(seeds)} samples in {time.perf_counter() - t0:.1f}s")
 
     summary = {
@@ -527,7 +527,7 @@ def sample(
         with torch.no_grad():
             final = machine_sample(m, x0, nsteps, lab, batch)
         folder = output_dir_name(kind)
-        _save_each(out / folder, seeds, final, layout)
+        _save_each(out / folder, seeds, final, layout, root=out)
         values = [pearson_r(a, b) for a, b in zip(final, net_final)]
         summary["machines"][kind] = {
             "dir": folder, **info, **({"baseline": True} if kind == "is" and added_baseline else {}),
@@ -547,8 +547,10 @@ def sample(
                 res["beats_is"] = agreement_stats(list(res["r"].values()), ideal)["beats_is"]
 
     ncol = min(len(seeds), 10)
-    save_grid(torch.cat([r[:ncol] for r in rows]), out / "samples_grid.png", nrow=ncol)
-    write_json(out / SUMMARY_NAME, summary, indent=1, allow_nan=True)  # last: its presence means "complete"
+    with recorded_paths([out / "samples_grid.png"]) as (tmp,):
+        save_grid(torch.cat([r[:ncol] for r in rows]), tmp, nrow=ncol)
+    with recorded_paths([out / SUMMARY_NAME]) as (tmp,):  # last: its presence means "complete"
+        tmp.write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
     return summary
 
 
@@ -599,11 +601,16 @@ def _claim_sample_dir(out: Path, record: dict, overwrite: bool) -> None:
     if old is None and ours_by_name and not overwrite:
         raise EdtoolError(f"{out} holds {ours_by_name[-1].name} and other sample files that edtool did not record "
                           f"(no {SETTINGS_NAME}); use another --out, or --overwrite to replace them")
-    if old and overwrite and old != record:
-        for path in _sample_files(out, old) if {"seeds", "machines"} <= set(old) else []:
-            path.unlink(missing_ok=True)
+    doomed = _sample_files(out, old) if old and overwrite and old != record and {"seeds", "machines"} <= set(old) \
+        else []
+    # nothing edtool did not write (or that changed since) is replaced or deleted, --overwrite or not
+    refuse_foreign(dict.fromkeys(doomed + _sample_files(out, record)), "move it away or use another --out (edtool "
+                   "replaces only the files it wrote, --overwrite or not)", root=out)
+    for path in doomed:
+        path.unlink(missing_ok=True)
     (out / SUMMARY_NAME).unlink(missing_ok=True)
-    write_json(settings, record, indent=1)
+    with recorded_paths([settings]) as (tmp,):
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def agreement_report(summary: dict) -> str:
