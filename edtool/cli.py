@@ -248,6 +248,8 @@ def calibrate(
     if merge is not None:
         _merge_calibrations(merge, weights, out, force, command)
         return
+    if out is not None:  # before the network and data are loaded (the default path needs the network)
+        check_output([out], force)
     size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
     net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     out = out or local_scales_path(checkpoint, machine_kind(machine, net))

@@ -124,16 +124,25 @@ def _entry(path: Path, root) -> tuple:
     return (path.parent, path.name) if root is None else (Path(root), path.relative_to(root).as_posix())
 
 
+def written_by_edtool(path, root=None) -> bool:
+    """Whether `path` is a plain file that edtool wrote and nobody changed since (its folder's ledger,
+    or `root`'s, records this content)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    folder, name = _entry(path, root)
+    recorded = _ledger(folder).get(name)
+    accepted = recorded if isinstance(recorded, list) else [recorded]  # a list: old or new (recorded_paths)
+    return sha256_file(path) in accepted
+
+
 def refuse_foreign(paths, how: str = "pass --overwrite to replace it, or write to another folder", root=None) -> None:
     """EdtoolError for the first of `paths` that exists but is not a file edtool wrote there (by the
     folder's ledger, or `root`'s, content included): another tool's file of the same name, or one edited
     since."""
     for path in map(Path, paths):
         if path.exists() or path.is_symlink():
-            folder, name = _entry(path, root)
-            recorded = _ledger(folder).get(name)
-            accepted = recorded if isinstance(recorded, list) else [recorded]  # a list: old or new (recorded_paths)
-            if path.is_symlink() or not path.is_file() or sha256_file(path) not in accepted:
+            if not written_by_edtool(path, root):
                 raise EdtoolError(f"{path} exists and edtool did not write it (or it changed since; the seed tool "
                                   f"writes files of the same names); not replacing it: {how}")
 

@@ -327,3 +327,65 @@ def test_sample_out_in_a_folder_that_takes_no_files(tiny_checkpoints, tmp_path, 
                                                           tmp_path / "ro" / "s")),
                    f"{tmp_path / 'ro'} does not take files (Permission denied)")
     assert list((tmp_path / "ro").iterdir()) == []
+
+
+# ------------------------------------------------------------------ items 8, 10: figures and outputs
+
+
+def _compute_is(tmp_path, capsys, monkeypatch, name: str, realizations: int) -> Path:
+    code, _, err = cli(capsys, monkeypatch, "compute", "--models", "is", *SMALL, "--realizations", realizations,
+                       "--run-dir", tmp_path / name)
+    assert code == 0, err
+    return tmp_path / name
+
+
+def test_one_folder_never_mixes_the_figures_of_two_runs(tmp_path, capsys, monkeypatch):
+    """plot A --out F then plot B --out F: refused unless --overwrite, which removes A's figures (those
+    edtool wrote) so that F holds B's alone; a file edtool did not write stays."""
+    a = _compute_is(tmp_path, capsys, monkeypatch, "a", 2)  # two realizations: an aggregated figure too
+    b = _compute_is(tmp_path, capsys, monkeypatch, "b", 1)
+    figures = tmp_path / "F"
+    assert cli(capsys, monkeypatch, "plot", a, "--out", figures)[0] == 0
+    assert cli(capsys, monkeypatch, "plot", a, "--out", figures, "--format", "svg")[0] == 0
+    (figures / "notes.txt").write_text("mine")
+    assert (figures / "ed_analysis_aggregated.png").exists()
+    assert_refused(cli(capsys, monkeypatch, "plot", b, "--out", figures), f"{figures} holds figures of another run",
+                   "--overwrite")
+    code, out, err = cli(capsys, monkeypatch, "plot", b, "--out", figures, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in figures.iterdir() if not p.name.startswith(".")) == [
+        "asym_vs_time.png", "ed_analysis_single.png", "notes.txt"]
+    assert cli(capsys, monkeypatch, "plot", b, "--out", figures)[0] == 0  # the same run again: fine
+
+
+def test_a_run_plotted_into_its_own_folder_drops_figures_it_no_longer_makes(tmp_path, capsys, monkeypatch):
+    run = _compute_is(tmp_path, capsys, monkeypatch, "r", 2)
+    assert cli(capsys, monkeypatch, "plot", run)[0] == 0
+    assert (run / "ed_analysis_aggregated.png").exists()
+    code, _, err = cli(capsys, monkeypatch, "compute", "--models", "is", *SMALL, "--realizations", "1",
+                       "--run-dir", run, "--overwrite")  # recomputed with one realization
+    assert code == 0, err
+    assert cli(capsys, monkeypatch, "plot", run)[0] == 0
+    assert not (run / "ed_analysis_aggregated.png").exists() and (run / "ed_analysis_single.png").exists()
+
+
+@pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
+def test_plot_into_a_target_that_takes_no_files(where, tmp_path, capsys, monkeypatch):
+    run = _compute_is(tmp_path, capsys, monkeypatch, "r", 1)
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" if where == "is_a_file" else tmp_path / "afile" / "figs"
+    assert_refused(cli(capsys, monkeypatch, "plot", run, "--out", out), f"{tmp_path / 'afile'} is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_analyze_refuses_a_format_before_computing(tmp_path, capsys, monkeypatch):
+    assert_refused(cli(capsys, monkeypatch, "analyze", "--models", "is", "--nsteps", "2", "--device", "cpu",
+                       "--format", "tiff", "--output-dir", tmp_path / "a"), "figure format 'tiff' is not supported")
+    assert not (tmp_path / "a").exists()
+
+
+def test_calibrate_out_a_folder_is_refused_before_loading(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    (tmp_path / "d").mkdir()
+    monkeypatch.setattr("edtool.cli._network_and_data", lambda *a: pytest.fail("loaded before the check"))
+    assert_refused(cli(capsys, monkeypatch, "calibrate", "--checkpoint", tiny_checkpoints / "tiny_resnet.safetensors",
+                       "--out", tmp_path / "d", "--force"), f"{tmp_path / 'd'} is a folder")
