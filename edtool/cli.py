@@ -782,14 +782,15 @@ def main():
     """Console entry point. Every way a command line can be wrong ends here: help or one line on
     stderr and exit code 2, never a traceback (unless --debug); EdtoolError (bad input found by a
     command) likewise."""
+    import warnings
+
     debug = "--debug" in sys.argv
     _shown_warnings.clear()
-    if not debug:
-        import warnings
-
-        warnings.showwarning = _show_warning
     try:
-        code = app(standalone_mode=False, prog_name="edtool")  # an Exit (e.g. --help, typer.Exit(n)) comes back as its code
+        with warnings.catch_warnings():  # restored on return: main() called from Python leaves no trace
+            if not debug:
+                warnings.showwarning = _show_warning
+            code = app(standalone_mode=False, prog_name="edtool")  # an Exit (e.g. --help) comes back as its code
     except EdtoolError as e:
         if debug:
             raise
