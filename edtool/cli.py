@@ -15,9 +15,10 @@ from typing import List, Optional
 
 import typer
 
-from edtool.config import NSTEPS, PATCH_SIZE, PROBES, TrainConfig, default
+from edtool.config import MAX_NSTEPS, MAX_SEED, MAX_SEEDS, NSTEPS, PATCH_SIZE, PROBES, TrainConfig, default
 from edtool.errors import EdtoolError, disk_error_line
 from edtool.fileio import check_output
+from edtool.store.urls import check_location
 
 app = typer.Typer(
     name="edtool",
@@ -137,6 +138,11 @@ def train(
         check_output([out, out.with_suffix(".json"), out.with_name(out.stem + "_loss.png"),
                       out.with_name(out.stem + "_samples.png")], force)
     images, labels = load_dataset(cfg.dataset, root=data_root)
+    levels = 2 ** (len(cfg.fsizes) - 1)  # each UNet level halves the image: the sides must divide evenly
+    if cfg.arch == "unet" and any(side % levels for side in images.shape[-2:]):
+        raise EdtoolError(f"--fsizes with {len(cfg.fsizes)} levels halves the image {len(cfg.fsizes) - 1} times; "
+                          f"{cfg.dataset}'s {images.shape[-2]}x{images.shape[-1]} images do not divide by {levels}: "
+                          "give fewer widths")
     held_out = None
     if snapshot_every:
         if state is None:
@@ -211,6 +217,8 @@ def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, max_s
 def _seed_list(seeds: int, seed: int) -> List[int]:
     if seeds < 1:
         raise EdtoolError(f"--seeds must be at least 1, got {seeds}")
+    if seed + seeds - 1 > MAX_SEED:
+        raise EdtoolError(f"--seed {seed} with --seeds {seeds}: seeds go from 0 to {MAX_SEED}")
     return list(range(seed, seed + seeds))
 
 
@@ -220,16 +228,16 @@ def calibrate(
     checkpoint: Path = typer.Option(..., help="Network checkpoint (.safetensors) to calibrate against."),
     machine: str = typer.Option("els-borders", help="els-borders, els (follows the padding), els-circular or ls."),
     sizes: str = typer.Option("3,5,7,9,11,13,15", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
-    seeds: int = typer.Option(4, help="Number of seeds (trajectories), scored together."),
-    seed: int = typer.Option(0, help="First seed."),
-    nsteps: int = typer.Option(NSTEPS, help="DDIM steps (one scale per step)."),
+    seeds: int = typer.Option(4, max=MAX_SEEDS, help="Number of seeds (trajectories), scored together."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="First seed."),
+    nsteps: int = typer.Option(NSTEPS, max=MAX_NSTEPS, help="DDIM steps (one scale per step)."),
     metric: str = typer.Option("cosine", help="cosine (default) or l2 (relative distance)."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machine (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
                                               "first N training images (per class for a conditional network)."),
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
-    batch: Optional[int] = typer.Option(None, help="At most this many (step, seed) points per machine call."),
+    batch: Optional[int] = typer.Option(None, min=1, help="At most this many (step, seed) points per machine call."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     out: Optional[Path] = typer.Option(None, help="Scales JSON (default: ./checkpoints/<checkpoint stem>_scales_"
                                        "<machine>.json in the working directory, where compute finds it first)."),
@@ -239,7 +247,7 @@ def calibrate(
                                         "(same checkpoint, seeds, steps): write the schedule of all their sizes, "
                                         "computing nothing."),
 ):
-    """Calibrate an ELS machine's patch size per step against a network; writes a scales JSON (see docs/calibration.md)."""
+    """Calibrate an ELS machine's patch size per step against a network; writes a scales JSON (see docs/els.md)."""
     from edtool.els.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
     from edtool.networks.checkpoints import file_hash
     from edtool.els.schedule import write_scales_json
@@ -250,6 +258,8 @@ def calibrate(
     if merge is not None:
         _merge_calibrations(merge, weights, out, force, command)
         return
+    if out is not None:  # before the network and data are loaded (the default path needs the network)
+        check_output([out], force)
     size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
     net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     out = out or local_scales_path(checkpoint, machine_kind(machine, net))
@@ -298,19 +308,19 @@ def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: b
 def sample(
     machine: str = typer.Option("els-borders", help="Comma-separated machines: els-borders, els, els-circular, ls, is."),
     checkpoint: Path = typer.Option(..., help="Network checkpoint whose samples the machines are compared with."),
-    seeds: int = typer.Option(20, help="Number of seeds."),
-    seed: int = typer.Option(0, help="First seed."),
+    seeds: int = typer.Option(20, max=MAX_SEEDS, help="Number of seeds."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="First seed."),
     out: Path = typer.Option(..., help="Output folder (seeds/, els_outputs/, network_outputs/, r2_summary.json)."),
     scales: Optional[Path] = typer.Option(None, help="Scales JSON or paper scales_*.pt (default: the calibration "
                                           "JSON beside the checkpoint)."),
     patch_size: int = typer.Option(PATCH_SIZE, help="Fixed patch size when no scales are found."),
-    nsteps: int = typer.Option(NSTEPS, help="DDIM steps."),
+    nsteps: int = typer.Option(NSTEPS, max=MAX_NSTEPS, help="DDIM steps."),
     dataset: Optional[str] = typer.Option(None, help="Training data of the machines (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
                                               "first N training images (per class for a conditional network)."),
     label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
-    batch: Optional[int] = typer.Option(None, help="Seeds sampled together (default: all)."),
+    batch: Optional[int] = typer.Option(None, min=1, help="Seeds sampled together (default: all)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     layout: str = typer.Option("edtool", help="Per-seed files: edtool (seed_<s>.npy) or paper (0000.pt ...: "
                                "plain tensors, as the paper's scripts write them)."),
@@ -321,10 +331,13 @@ def sample(
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
-    network (see docs/calibration.md)."""
+    network (see docs/els.md)."""
     from edtool.els.calibrate import agreement_report, machine_kind, sample as run_sample
     from edtool.networks.discovery import schedule_for
 
+    from edtool.els.calibrate import SETTINGS_NAME
+
+    check_output([out / SETTINGS_NAME], force=True)  # before any work: --out takes files (a folder, writable)
     names = _models(machine)
     net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
     schedule, sources, notes = {}, {}, []
@@ -423,6 +436,8 @@ def _compute_config(**kw):
     from edtool.study.compute import ComputeConfig
 
     _refuse_memory_url(kw.get("run_dir"))
+    if kw.get("run_dir") is not None:
+        check_location(kw["run_dir"], writing=True)
     return ComputeConfig(**kw)
 
 
@@ -453,9 +468,10 @@ def compute(
     patch_size: int = typer.Option(PATCH_SIZE, help="ELS patch size when no calibrated scales exist."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
                                               "training images (per class for conditional runs)."),
-    nsteps: int = typer.Option(NSTEPS, help="DDIM steps (the exterior derivative is measured at each)."),
+    nsteps: int = typer.Option(NSTEPS, max=MAX_NSTEPS, help="DDIM steps (the exterior derivative is measured at "
+                               "each)."),
     realizations: int = typer.Option(1, help="Noise realizations (seeds seed, seed+1, ...)."),
-    seed: int = typer.Option(0, help="Seed of the first realization."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the first realization."),
     label: Optional[int] = typer.Option(None, help="Class label for conditional models (default: random per realization)."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic (ELS machines)."),
     probes: int = typer.Option(PROBES, help="Hutchinson probes per point (per round with --rtol)."),
@@ -468,7 +484,7 @@ def compute(
                                              "--align)."),
     reference: Optional[str] = typer.Option(None, help="Reference model for --trajectory shared (default: first)."),
     points: str = typer.Option("trajectory", help="trajectory: along DDIM paths; noised-data: at forward-noised "
-                               "held-out images at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, see docs/protocols.md)."),
+                               "held-out images at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, see docs/measurements.md)."),
     held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
                                            "images (default: the training set's; mnist for mnist5k)."),
     locality: bool = typer.Option(False, "--locality", help="Also store how local each score Jacobian is (see docs/locality.md): "
@@ -516,8 +532,7 @@ def compute(
         print(f"time: total {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
               f"store {t['store']:.2f}s); run stored in {summary['location']}")
     if not as_json:  # on stderr even with --quiet: these say a number is not what was asked for
-        for f in summary["failures"] + summary["warnings"]:
-            print(f"warning: {f}", file=sys.stderr)
+        _print_warnings(summary["failures"] + summary["warnings"])
 
 
 @app.command()
@@ -556,6 +571,7 @@ def _resolve_run(run: str) -> str:
     from edtool.paths import cache_dir
 
     _refuse_memory_url(run)
+    check_location(run, writing=False)
     if "://" in run or Path(run).exists():
         return run
     candidate = cache_dir() / run
@@ -585,7 +601,7 @@ def analyze(
     dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
     single: bool = typer.Option(False, "--single", help="One realization (the default)."),
     multiple: Optional[int] = typer.Option(None, "--multiple", help="N noise realizations."),
-    nsteps: int = typer.Option(NSTEPS, help="DDIM steps."),
+    nsteps: int = typer.Option(NSTEPS, max=MAX_NSTEPS, help="DDIM steps."),
     output_dir: Path = typer.Option(Path("results/exterior_derivative"), "--output_dir", "--output-dir",
                                     help="Results folder; runs land in {output_dir}/{dataset}/..."),
     unet_path: Optional[Path] = typer.Option(None, "--unet_path", "--unet-path", "--unet",
@@ -599,12 +615,12 @@ def analyze(
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
                                               "training images (per class for conditional runs)."),
-    seed: int = typer.Option(0, help="Seed of the first realization."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the first realization."),
     estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic."),
     probes: int = typer.Option(PROBES, help="Hutchinson probes per point."),
     maps: bool = typer.Option(False, "--maps", help="Also store and draw curl maps."),
     points: str = typer.Option("trajectory", help="trajectory, or noised-data: forward-noised held-out images at "
-                               "uniformly spaced t (QCSBM's protocol, see docs/protocols.md), in .../<layout>_noised_data/."),
+                               "uniformly spaced t (QCSBM's protocol, see docs/measurements.md), in .../<layout>_noised_data/."),
     held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
                                            "images (default: the training set's; mnist for mnist5k)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda."),
@@ -642,16 +658,14 @@ def analyze(
     t_plot = time.perf_counter() - t0
     paths += export_seed_files(str(run_dir), overwrite=overwrite)  # the seed tool's .pt files, from the store
     if quiet:
-        for f in summary["failures"] + summary["warnings"]:
-            print(f"warning: {f}", file=sys.stderr)
+        _print_warnings(summary["failures"] + summary["warnings"])
         return
     _print_results_table(str(run_dir))
     t = summary["timings"]
     print(f"time: compute {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
           f"store {t['store']:.2f}s), aggregate {t_agg:.2f}s, plot {t_plot:.1f}s")
     print(f"results in {run_dir}: ed.zarr, summary_stats.json, " + ", ".join(p.name for p in paths))
-    for f in summary["failures"] + summary["warnings"]:
-        print(f"warning: {f}", file=sys.stderr)
+    _print_warnings(summary["failures"] + summary["warnings"])
 
 
 @app.command()
@@ -659,8 +673,8 @@ def demo(
     out: Path = typer.Option(Path("results/exterior_derivative_demo"), "--out", "--output_dir",
                              help="Folder for the demo's run store, summary and figures."),
     models: str = typer.Option("unet,resnet,els", help="Models to compare (the shipped checkpoints and ELS)."),
-    nsteps: int = typer.Option(10, help="DDIM steps (fewer = quicker tour)."),
-    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    nsteps: int = typer.Option(10, max=MAX_NSTEPS, help="DDIM steps (fewer = quicker tour)."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the initial noise."),
     device: str = typer.Option("auto", help="auto, cpu, cuda."),
 ):
     """A short guided tour on the bundled data and checkpoints that explains each number as it appears."""
@@ -762,6 +776,28 @@ COMMAND_ORDER = ("analyze", "demo", "compute", "aggregate", "plot", "status", "v
 app.registered_commands.sort(key=lambda c: COMMAND_ORDER.index(c.name or c.callback.__name__.replace("_", "-")))
 
 
+_shown_warnings: List[str] = []  # what this process has said as `edtool: warning: ...` so far
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A Python warning as one line, `edtool: warning: ...` (no source file and line: that is for
+    --debug); remembered so that a run's closing summary does not say it a second time."""
+    text = " ".join(str(message).split())
+    _shown_warnings.append(text)
+    try:
+        print(f"edtool: warning: {text}", file=file or sys.stderr)
+    except OSError:  # like warnings' own: a closed stderr does not turn a warning into an error
+        pass
+
+
+def _print_warnings(lines: List[str]) -> None:
+    """The failures and warnings of a run, on stderr (even with --quiet: they say a number is not what
+    was asked for), each once: those already shown while it ran are not repeated."""
+    for text in lines:
+        if not any(text in shown for shown in _shown_warnings):
+            _show_warning(text, UserWarning, "", 0)
+
+
 def _usage_error_types() -> tuple:
     """What Typer raises for a bad command line: its own exception base (Typer >= 0.2x vendors a copy of
     click), and click's where an older Typer still runs on click. click itself is not a dependency."""
@@ -785,9 +821,15 @@ def main():
     """Console entry point. Every way a command line can be wrong ends here: help or one line on
     stderr and exit code 2, never a traceback (unless --debug); EdtoolError (bad input found by a
     command) likewise."""
+    import warnings
+
     debug = "--debug" in sys.argv
+    _shown_warnings.clear()
     try:
-        code = app(standalone_mode=False, prog_name="edtool")  # an Exit (e.g. --help, typer.Exit(n)) comes back as its code
+        with warnings.catch_warnings():  # restored on return: main() called from Python leaves no trace
+            if not debug:
+                warnings.showwarning = _show_warning
+            code = app(standalone_mode=False, prog_name="edtool")  # an Exit (e.g. --help) comes back as its code
     except EdtoolError as e:
         if debug:
             raise

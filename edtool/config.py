@@ -66,6 +66,15 @@ class TrainConfig:
         if self.arch == "resnet" and (self.width % 8 or self.width < 16):
             raise EdtoolError(f"--width must be a multiple of 8 and at least 16 (GroupNorm with 8 groups needs "
                               f"2 or more channels per group), got {self.width}")
+        if self.arch == "unet":
+            if len(self.fsizes) < 2 or min(self.fsizes) < 1:
+                raise EdtoolError(f"--fsizes needs two or more channel widths of at least 1 (one per UNet level, "
+                                  f"e.g. 32,64,128), got {','.join(map(str, self.fsizes))}")
+            if self.emb_dim < 4 or self.emb_dim % 2:
+                raise EdtoolError(f"--emb-dim must be even and at least 4 (sines and cosines of the time, two or "
+                                  f"more each), got {self.emb_dim}")
+        if self.layers < 0:
+            raise EdtoolError(f"--layers must be 0 or more, got {self.layers}")
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise EdtoolError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -77,3 +86,9 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise EdtoolError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         return self
+
+
+# Ranges of the numbers every command takes (Typer refuses others as a usage error, before any work)
+MAX_SEED = 2**63 - 1  # seeds are 0..MAX_SEED: stored as int64 (a negative one would alias a large one in torch)
+MAX_NSTEPS = 100_000  # DDIM steps (the paper's runs use 20 to 1000)
+MAX_SEEDS = 1_000_000  # seeds of one calibrate or sample (like a run's MAX_REALIZATIONS)

@@ -118,12 +118,31 @@ def _ledger(folder: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def refuse_foreign(paths, how: str = "pass --overwrite to replace it, or write to another folder") -> None:
+def _entry(path: Path, root) -> tuple:
+    """(folder whose ledger records `path`, the name it is recorded under): its own folder's, or with
+    `root` the ledger of that folder above it, by relative path (no ledger files among the files)."""
+    return (path.parent, path.name) if root is None else (Path(root), path.relative_to(root).as_posix())
+
+
+def written_by_edtool(path, root=None) -> bool:
+    """Whether `path` is a plain file that edtool wrote and nobody changed since (its folder's ledger,
+    or `root`'s, records this content)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    folder, name = _entry(path, root)
+    recorded = _ledger(folder).get(name)
+    accepted = recorded if isinstance(recorded, list) else [recorded]  # a list: old or new (recorded_paths)
+    return sha256_file(path) in accepted
+
+
+def refuse_foreign(paths, how: str = "pass --overwrite to replace it, or write to another folder", root=None) -> None:
     """EdtoolError for the first of `paths` that exists but is not a file edtool wrote there (by the
-    folder's ledger, content included): another tool's file of the same name, or one edited since."""
+    folder's ledger, or `root`'s, content included): another tool's file of the same name, or one edited
+    since."""
     for path in map(Path, paths):
         if path.exists() or path.is_symlink():
-            if path.is_symlink() or not path.is_file() or _ledger(path.parent).get(path.name) != sha256_file(path):
+            if not written_by_edtool(path, root):
                 raise EdtoolError(f"{path} exists and edtool did not write it (or it changed since; the seed tool "
                                   f"writes files of the same names); not replacing it: {how}")
 
@@ -137,3 +156,40 @@ def record_written(paths) -> None:
         ledger = _ledger(folder)
         ledger.update({p.name: sha256_file(p) for p in files})
         write_json(folder / LEDGER, ledger)
+
+
+@contextmanager
+def recorded_paths(paths, root=None):
+    """atomic_path for several files of one folder, each recorded in the folder's ledger: yields their
+    temporary names; on success all are renamed into place. The ledger accepts the old and the new
+    content while the files are renamed, so a kill at any moment leaves every file whole and still
+    recognised as edtool's (a rerun replaces it; refuse_foreign does not mistake it for another's).
+    With `root`, the files are recorded in the ledger of that folder above them."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        yield []
+        return
+    assert len({p.parent for p in paths}) == 1, "recorded_paths takes files of one folder"
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    folder = _entry(paths[0], root)[0]
+    names = [_entry(p, root)[1] for p in paths]
+    tmps = [p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}") for p in paths]
+    try:
+        yield tmps
+        new = {}
+        for name, tmp in zip(names, tmps):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            new[name] = sha256_file(tmp)
+        ledger = _ledger(folder)
+        for name, digest in new.items():
+            old = ledger.get(name)
+            ledger[name] = [old, digest] if isinstance(old, str) and old != digest else digest
+        write_json(folder / LEDGER, ledger)
+        for p, tmp in zip(paths, tmps):
+            os.replace(tmp, p)
+        ledger.update(new)
+        write_json(folder / LEDGER, ledger)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)

@@ -262,7 +262,12 @@ def test_sample_into_an_existing_folder_checks_its_settings(tmp_path):
     with pytest.raises(EdtoolError, match="did not record"):
         sample(["els-borders"], net, images, labels, seeds=[0], nsteps=3, out_dir=foreign, patch_size=3)
     assert (foreign / "r2_summary.json").read_text() == "{}"
-    sample(["els-borders"], net, images, labels, seeds=[0], nsteps=3, out_dir=foreign, patch_size=3, overwrite=True)
+    with pytest.raises(EdtoolError, match="edtool did not write it"):  # --overwrite replaces only edtool's files
+        sample(["els-borders"], net, images, labels, seeds=[0], nsteps=3, out_dir=foreign, patch_size=3,
+               overwrite=True)
+    assert (foreign / "r2_summary.json").read_text() == "{}"
+    (foreign / "r2_summary.json").unlink()
+    sample(["els-borders"], net, images, labels, seeds=[0], nsteps=3, out_dir=foreign, patch_size=3)
     assert json.loads((foreign / "r2_summary.json").read_text())["seeds"] == [0]
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from edtool.config import NSTEPS, PATCH_SIZE
 from edtool.diffusion import ddim_sample, eps_to_score, initial_noise, timesteps
 from edtool.errors import EdtoolError
-from edtool.fileio import atomic_path, write_json
+from edtool.fileio import check_output, recorded_paths, refuse_foreign
 from edtool.els.machine import build_machine, make_machine, resolve_machine_name
 from edtool.els.schedule import check_fits, check_patch_size, check_schedule, schedule_note
 
@@ -142,6 +142,9 @@ def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[
     like `edtool compute` does); None for an unconditional one. The classes are 0..n_classes-1
     (from the network's manifest), else those of the training labels."""
     if not conditional:
+        if label is not None:  # never a label recorded beside samples that did not use it
+            raise EdtoolError(f"--label {label}: the network is unconditional (it takes no class label); drop "
+                              "--label, or give a class-conditional checkpoint")
         return None
     if n_classes is None:
         if labels is None:
@@ -153,6 +156,12 @@ def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[
         return torch.full((len(seeds),), int(label), dtype=torch.int64)
     return torch.tensor([int(torch.randint(0, n_classes, (1,), generator=torch.Generator().manual_seed(s)))
                          for s in seeds], dtype=torch.int64)
+
+
+def _num_classes(network) -> Optional[int]:
+    """A conditional network's number of classes, from its manifest (None: not recorded)."""
+    n = (getattr(network, "manifest", None) or {}).get("num_classes")
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def initial_noises(seeds: Sequence[int], shape, device="cpu") -> Tensor:
@@ -232,7 +241,7 @@ def calibrate(
         raise EdtoolError("the 'is' machine has no patch size to calibrate; choose els-borders, els-circular or ls")
     device = torch.device(device) if device is not None else images.device
     conditional = bool(getattr(network, "conditional", False))
-    run_labels = seed_labels(seeds, labels, label, conditional)
+    run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
     log = log or (lambda msg: None)
 
     t0 = time.perf_counter()
@@ -307,11 +316,12 @@ def merge_calibrations(parts: Sequence[dict], names: Optional[Sequence[str]] = N
             if part.get(key) != first.get(key):
                 raise EdtoolError(f"{name} was calibrated with {key} {part.get(key)!r}, {names[0]} with "
                                   f"{first.get(key)!r}: only runs on the same trajectories merge")
+    tables = [_part_table(part, name) for part, name in zip(parts, names)]
     sizes = [k for part in parts for k in part["sizes"]]
     if len(set(sizes)) != len(sizes):
         twice = sorted({k for k in sizes if sizes.count(k) > 1})
         raise EdtoolError(f"size {twice[0]} was scored by more than one of {', '.join(names)}: give disjoint --sizes")
-    table = torch.cat([torch.tensor(part["similarity_per_seed"], dtype=torch.float64) for part in parts], -1)
+    table = torch.cat(tables, -1)
     order = sorted(range(len(sizes)), key=sizes.__getitem__)
     sizes = [sizes[c] for c in order]
     seconds = {"total": sum(part["seconds"]["total"] for part in parts)}
@@ -322,6 +332,34 @@ def merge_calibrations(parts: Sequence[dict], names: Optional[Sequence[str]] = N
         **schedule_from_table(table[..., order], sizes, first["seeds"], first["metric"]), **merged,
         "sizes": sizes, "t": first["t"], "seconds": seconds, "merged_from": names,
     }
+
+
+def _part_table(part: dict, name: str) -> Tensor:
+    """A part's similarity table (nsteps, seeds, sizes), after checking the fields a merge reads; an
+    EdtoolError naming the part and the field for a file edited or damaged by hand."""
+    def bad(field: str, want: str):
+        return EdtoolError(f"{name}: its {field} is not {want} (the file was edited or damaged); "
+                           "calibrate those sizes again")
+
+    sizes, seeds, nsteps = part.get("sizes"), part.get("seeds"), part.get("nsteps")
+    if not isinstance(sizes, list) or not sizes or not all(isinstance(k, int) and not isinstance(k, bool)
+                                                           for k in sizes):
+        raise bad("sizes", "a list of patch sizes")
+    if not isinstance(seeds, list) or not seeds or not isinstance(nsteps, int) or isinstance(nsteps, bool) \
+            or nsteps < 1:
+        raise bad("seeds or nsteps", "a list of seeds and a number of steps")
+    if not isinstance(part.get("seconds"), dict) or not all(isinstance(v, (int, float))
+                                                            for v in part["seconds"].values()) \
+            or "total" not in part["seconds"] or not isinstance(part.get("t"), list):
+        raise bad("seconds or t", "what calibrate writes")
+    try:
+        table = torch.tensor(part["similarity_per_seed"], dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad("similarity_per_seed", "a table of numbers") from None
+    if tuple(table.shape) != (nsteps, len(seeds), len(sizes)):
+        raise bad("similarity_per_seed", f"a table of nsteps x seeds x sizes = {nsteps} x {len(seeds)} x "
+                                         f"{len(sizes)} numbers")
+    return table
 
 
 def calibration_meta(result: dict, **extra) -> dict:
@@ -345,18 +383,17 @@ def output_dir_name(machine: str) -> str:
 LAYOUTS = ("edtool", "paper")
 
 
-def _save_each(folder: Path, seeds, arrays, layout: str = "edtool") -> None:
+def _save_each(folder: Path, seeds, arrays, layout: str = "edtool", root=None) -> None:
     """One file per seed: `seed_<s>.npy` (edtool), or, as the paper's scripts write them, `<i:04d>.pt`
     holding a plain tensor with a batch axis of one (images (1, C, H, W), labels (1,)), i = the seed's
     position in the list; readable with torch.load(..., weights_only=True)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (s, a) in enumerate(zip(seeds, arrays)):
-        if layout == "paper":
-            with atomic_path(folder / f"{i:04d}.pt") as tmp:
+    names = [f"{i:04d}.pt" if layout == "paper" else f"seed_{s}.npy" for i, s in enumerate(seeds)]
+    with recorded_paths([folder / name for name in names], root) as tmps:  # recorded as edtool's in root's ledger
+        for tmp, a in zip(tmps, arrays):
+            if layout == "paper":
                 torch.save(torch.as_tensor(a).detach().cpu().clone().unsqueeze(0), tmp)
-            continue
-        with atomic_path(folder / f"seed_{s}.npy") as tmp:
-            np.save(tmp, a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
+            else:
+                np.save(tmp, a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
 
 
 def machine_sample(machine, x0: Tensor, nsteps: int, label: Optional[Tensor] = None, batch=None) -> Tensor:
@@ -437,7 +474,7 @@ def sample(
     out = Path(out_dir)
     log = log or (lambda msg: None)
     conditional = bool(getattr(network, "conditional", False))
-    run_labels = seed_labels(seeds, labels, label, conditional)
+    run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
     lab = None if run_labels is None else run_labels.to(device)
     record = {"network": _digest(network), "images": _digest(images), "labels_sha256": _digest(labels),
               "nsteps": nsteps, "seeds": seeds, "labels": None if run_labels is None else run_labels.tolist(),
@@ -445,16 +482,17 @@ def sample(
                                {} if k == "is" else {"patch_size": patch_size}) for k in kinds}}
     if layout != "edtool":  # absent for edtool's layout, so earlier sample folders keep their record
         record["layout"] = layout
+    check_output([out / SETTINGS_NAME], force=True)  # a folder that takes files, or one line naming it
     _claim_sample_dir(out, record, overwrite)
 
     x0 = initial_noises(seeds, images.shape[1:], device)
-    _save_each(out / "seeds", seeds, x0, layout)
+    _save_each(out / "seeds", seeds, x0, layout, root=out)
     if run_labels is not None:
-        _save_each(out / "labels", seeds, run_labels, layout)
+        _save_each(out / "labels", seeds, run_labels, layout, root=out)
     t0 = time.perf_counter()
     with torch.no_grad():
         _, _, net_final = network_trajectory(network, x0, nsteps, lab, batch)
-    _save_each(out / "network_outputs", seeds, net_final, layout)
+    _save_each(out / "network_outputs", seeds, net_final, layout, root=out)
     log(f"network: {len(seeds)} samples in {time.perf_counter() - t0:.1f}s")
 
     summary = {
@@ -481,7 +519,7 @@ def sample(
         with torch.no_grad():
             final = machine_sample(m, x0, nsteps, lab, batch)
         folder = output_dir_name(kind)
-        _save_each(out / folder, seeds, final, layout)
+        _save_each(out / folder, seeds, final, layout, root=out)
         values = [pearson_r(a, b) for a, b in zip(final, net_final)]
         summary["machines"][kind] = {
             "dir": folder, **info, **({"baseline": True} if kind == "is" and added_baseline else {}),
@@ -501,8 +539,10 @@ def sample(
                 res["beats_is"] = agreement_stats(list(res["r"].values()), ideal)["beats_is"]
 
     ncol = min(len(seeds), 10)
-    save_grid(torch.cat([r[:ncol] for r in rows]), out / "samples_grid.png", nrow=ncol)
-    write_json(out / SUMMARY_NAME, summary, indent=1, allow_nan=True)  # last: its presence means "complete"
+    with recorded_paths([out / "samples_grid.png"]) as (tmp,):
+        save_grid(torch.cat([r[:ncol] for r in rows]), tmp, nrow=ncol)
+    with recorded_paths([out / SUMMARY_NAME]) as (tmp,):  # last: its presence means "complete"
+        tmp.write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
     return summary
 
 
@@ -546,18 +586,23 @@ def _claim_sample_dir(out: Path, record: dict, overwrite: bool) -> None:
     except (OSError, ValueError):
         old = {}
     if old is not None and old != record and not overwrite:
-        changed = [k for k in record if old.get(k) != record.get(k)] or sorted(old)
+        changed = [k for k in sorted({*record, *old}) if old.get(k) != record.get(k)]
         raise EdtoolError(f"{out} holds samples made with other settings ({', '.join(changed)} differ, recorded in "
                           f"{settings}); use another --out, the same settings to redo them, or --overwrite")
     ours_by_name = [p for p in _sample_files(out, record)[:-1] if p.exists()]
     if old is None and ours_by_name and not overwrite:
         raise EdtoolError(f"{out} holds {ours_by_name[-1].name} and other sample files that edtool did not record "
                           f"(no {SETTINGS_NAME}); use another --out, or --overwrite to replace them")
-    if old and overwrite and old != record:
-        for path in _sample_files(out, old) if {"seeds", "machines"} <= set(old) else []:
-            path.unlink(missing_ok=True)
+    doomed = _sample_files(out, old) if old and overwrite and old != record and {"seeds", "machines"} <= set(old) \
+        else []
+    # nothing edtool did not write (or that changed since) is replaced or deleted, --overwrite or not
+    refuse_foreign(dict.fromkeys(doomed + _sample_files(out, record)), "move it away or use another --out (edtool "
+                   "replaces only the files it wrote, --overwrite or not)", root=out)
+    for path in doomed:
+        path.unlink(missing_ok=True)
     (out / SUMMARY_NAME).unlink(missing_ok=True)
-    write_json(settings, record, indent=1)
+    with recorded_paths([settings]) as (tmp,):
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def agreement_report(summary: dict) -> str:

@@ -76,7 +76,23 @@ def load(path, dataset: Optional[str] = None, image_shape=None, device="cpu") ->
     try:
         net = build_network(manifest["arch"], **manifest.get("arch_kwargs", {}))
         state = load_file(str(path))
-        net.load_state_dict(state)
-    except Exception as e:  # corrupt file or manifest/weights mismatch
-        raise EdtoolError(f"checkpoint {path} could not be loaded: {e}") from None
+    except Exception as e:  # corrupt file or a manifest no network can be built from
+        raise EdtoolError(f"checkpoint {path} could not be loaded: {' '.join(str(e).split())[:300]}") from None
+    mismatch = _weights_mismatch(net.state_dict(), state)
+    if mismatch:
+        raise EdtoolError(f"checkpoint {path} does not hold the weights of the {manifest['arch']} its manifest "
+                          f"{manifest_path(path).name} describes ({mismatch}); keep each .safetensors beside its "
+                          "own .json")
+    net.load_state_dict(state)
     return Network(net, manifest).to(device)
+
+
+def _weights_mismatch(expected: dict, found: dict) -> str:
+    """'' when `found` has exactly the names and shapes of `expected`; else a short account (counts and
+    the first name of each kind, never whole key lists)."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(names)} {what}, e.g. {names[0]!r}" for names, what in
+             ((missing, "weights missing"), (extra, "unexpected weights"), (shapes, "of other shapes")) if names]
+    return "; ".join(parts)

@@ -310,6 +310,22 @@ def default_import_path(dataset: str, arch: str, padding: str, conditional: bool
     return local_checkpoints_dir() / f"{name}_paper.safetensors"
 
 
+CHANNELS = {"mnist5k": 1, "mnist": 1, "fashionmnist": 1, "cifar10": 3, "celeba": 3}  # image channels per dataset
+
+
+def _check_dataset(dataset: str, named: Optional[str], channels: int, path: Path) -> None:
+    """--dataset must be one edtool knows, agree with the file's name (MNIST serves mnist and its mnist5k
+    subset) and have as many image channels as the network."""
+    if dataset not in CHANNELS:
+        raise EdtoolError(f"unknown --dataset {dataset!r}; choose one of {', '.join(CHANNELS)}")
+    if named is not None and dataset != named and not (named, dataset) == ("mnist", "mnist5k"):
+        raise EdtoolError(f"--dataset {dataset}: {path.name} is a network for {named}; drop --dataset (the file "
+                          "name says it)")
+    if CHANNELS[dataset] != channels:
+        raise EdtoolError(f"--dataset {dataset} has {CHANNELS[dataset]}-channel images, {path.name} takes "
+                          f"{channels}-channel ones; give the dataset it was trained on")
+
+
 def import_checkpoint(path, out=None, dataset: Optional[str] = None, force: bool = False) -> Path:
     """Convert a paper checkpoint into our format (safetensors + manifest); returns the weights path.
     An existing output is replaced only with `force`."""
@@ -321,6 +337,7 @@ def import_checkpoint(path, out=None, dataset: Optional[str] = None, force: bool
     paper = read_paper_pickle(path)
     net = paper_network(paper, path)
     s = paper.settings
+    _check_dataset(dataset, dataset_from_name(path), s["in_channels"], path)
     size = paper.image_size or 32  # the paper resizes MNIST/FashionMNIST to 32x32 (SPEC 2)
     manifest = {
         "arch": paper.arch, "arch_kwargs": s, "dataset": dataset, "image_shape": [s["in_channels"], size, size],

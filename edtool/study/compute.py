@@ -10,6 +10,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +18,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from edtool.config import MIN_PROBES, NSTEPS, PATCH_SIZE, PROBES
+from edtool.config import MAX_NSTEPS, MAX_SEED, MIN_PROBES, NSTEPS, PATCH_SIZE, PROBES
 from edtool.diffusion import ddim_sample, initial_noise, timesteps
 from edtool.jacobian.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
@@ -105,8 +106,12 @@ def validate(cfg: ComputeConfig) -> None:
         raise EdtoolError(f"a model is listed twice in --models {','.join(cfg.models)}")
     if cfg.nsteps < 1:
         raise EdtoolError(f"--nsteps must be at least 1, got {cfg.nsteps}")
+    if cfg.nsteps > MAX_NSTEPS:
+        raise EdtoolError(f"--nsteps {cfg.nsteps} is more than edtool takes (at most {MAX_NSTEPS})")
     if cfg.realizations < 1:
         raise EdtoolError(f"--realizations must be at least 1, got {cfg.realizations}")
+    if not 0 <= cfg.seed <= MAX_SEED - cfg.realizations + 1:
+        raise EdtoolError(f"--seed {cfg.seed} with --realizations {cfg.realizations}: seeds go from 0 to {MAX_SEED}")
     if cfg.realizations > MAX_REALIZATIONS:
         raise EdtoolError(f"--realizations {cfg.realizations} is more than one run holds (at most "
                           f"{MAX_REALIZATIONS}: one chunk file per realization and array); split the work over "
@@ -287,6 +292,9 @@ def prepare(cfg: ComputeConfig) -> Study:
             continue
         path = network_paths[arch]
         models[arch] = discovery.load(path, dataset=cfg.dataset, device=device, note=notes.append)
+        if models[arch].manifest.get("arch") != arch:  # never measure one network and file it as another
+            raise EdtoolError(f"--{arch} {path} holds a {models[arch].manifest.get('arch')}, not a {arch}; give a "
+                              f"{arch} checkpoint to --{arch}")
         config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
     if cfg.sources:  # SPEC 14: models from elsewhere go wherever a network goes
         from edtool.networks.sources import load_sources
@@ -300,6 +308,10 @@ def prepare(cfg: ComputeConfig) -> Study:
         network_paths.get(next(iter(models))) or cfg.sources.get(next(iter(models)))
     nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
     conditional = bool(nets_conditional) or cfg.label is not None
+    unconditional = [name for name, f in models.items() if not getattr(f, "conditional", False)]
+    if cfg.label is not None and unconditional:
+        raise EdtoolError(f"--label {cfg.label}: the {' and '.join(unconditional)} network is unconditional (it "
+                          "takes no class label); drop --label, or give a class-conditional checkpoint")
     n_classes = next((int(f.manifest["num_classes"]) for f in nets_conditional
                       if f.manifest.get("num_classes")), None)
 
@@ -645,12 +657,67 @@ def _distributed_shard(cfg: ComputeConfig):
         raise EdtoolError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                           f"not: start the ranks with torchrun (torchrun --nproc-per-node {world} -m edtool compute "
                           "...), or unset WORLD_SIZE to run one process")
+    try:
+        rank = int(os.environ["RANK"])
+    except ValueError:
+        raise EdtoolError(f"RANK={os.environ['RANK']!r} is not a rank number; start the ranks with torchrun") from None
+    if not 0 <= rank < world:
+        raise EdtoolError(f"RANK={rank} with WORLD_SIZE={world}: ranks go from 0 to {world - 1}; start the ranks "
+                          "with torchrun, or fix RANK/WORLD_SIZE")
     import torch.distributed as dist
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
-        dist.init_process_group(backend=backend)
+        _join(dist, backend, rank, world)
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextmanager
+def _stderr_kept_unless_failed():
+    """Hold what the process writes to its stderr (file descriptor 2, where C++ logs go) meanwhile; pass it
+    on if the block succeeds, drop it if it raises (the error then says what happened, in one line)."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)  # reached only without an error
+        sys.stderr.write(held.read().decode(errors="replace"))
+
+
+RENDEZVOUS_TIMEOUT = 300  # seconds the ranks wait for each other at start (EDTOOL_RENDEZVOUS_TIMEOUT overrides)
+
+
+def _join(dist, backend: str, rank: int, world: int) -> None:
+    """init_process_group, but a rank that waits in vain for the others stops with one line after
+    EDTOOL_RENDEZVOUS_TIMEOUT seconds instead of hanging; collectives keep torch's default timeout."""
+    from datetime import timedelta
+
+    text = os.environ.get("EDTOOL_RENDEZVOUS_TIMEOUT", str(RENDEZVOUS_TIMEOUT))
+    try:
+        seconds = float(text)
+        assert 0 < seconds < 1e7
+    except (ValueError, AssertionError):
+        raise EdtoolError(f"EDTOOL_RENDEZVOUS_TIMEOUT={text!r} is not a number of seconds (e.g. 300)") from None
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        with _stderr_kept_unless_failed():  # torch's C++ logs each connection retry with a stack trace
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=seconds), rank=rank, world_size=world)
+    except Exception as e:  # DistStoreError, RuntimeError: torch names no common type for "the others never came"
+        raise EdtoolError(f"rank {rank} of {world}: the other ranks did not join at {where} within {seconds:g}s "
+                          f"({' '.join(str(e).split())[:160]}); start every rank (torchrun does), check "
+                          "MASTER_ADDR/MASTER_PORT, or raise EDTOOL_RENDEZVOUS_TIMEOUT") from None
+    from torch.distributed import distributed_c10d as c10d
+
+    if hasattr(c10d, "_set_pg_timeout"):  # a late rank's whole shard may run before the final barrier
+        c10d._set_pg_timeout(c10d.default_pg_timeout)
 
 
 def _barrier():

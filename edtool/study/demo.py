@@ -11,6 +11,7 @@ from typing import Callable, List
 import numpy as np
 import torch
 
+from edtool.errors import EdtoolError
 from edtool.study.compute import ComputeConfig, Reporter, compute
 
 DEFAULT_OUT = Path("results/exterior_derivative_demo")
@@ -92,7 +93,13 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
     run_dir = out_dir / "run"
     cfg = ComputeConfig(models=list(models), nsteps=nsteps, realizations=1, seed=seed, device=device,
                         run_dir=str(run_dir), maps=True)
-    summary = compute(cfg, reporter)
+    try:
+        summary = compute(cfg, reporter)
+    except EdtoolError as e:  # the store's advice names compute's --run and --overwrite, which demo has not
+        if "you asked for" not in str(e):
+            raise
+        raise EdtoolError(f"{str(e).split(': use the same settings')[0]}: give the demo another --out, or delete "
+                          f"{run_dir} to run it there again") from None
     for note in summary["notes"]:
         say(f"   note: {note}")
 

@@ -14,6 +14,8 @@ Figures are built with matplotlib's object API (no pyplot, no global backend swi
 works headless and never disturbs a notebook's backend. Every model keeps one color everywhere.
 """
 
+import hashlib
+import json
 import warnings
 import zlib
 from pathlib import Path
@@ -27,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 
 from edtool.study.aggregate import compute_aggregate, read_aggregate
 from edtool.errors import EdtoolError
-from edtool.fileio import atomic_path, record_written, refuse_foreign
+from edtool.fileio import check_output, read_ledger, record_entry, recorded_paths, refuse_foreign, written_by_edtool
 from edtool.store.run import RunStore, access_lock, local_dir, open_run, require_whole
 
 FORMATS = ("png", "pdf", "svg")
@@ -50,12 +52,42 @@ FIGURES = ("ed_analysis_single", "ed_analysis_aggregated", "asym_vs_time", "curl
            "locality_profile", "alignment_vs_time")  # every figure name plot_run may write
 
 
-def check_figure_folder(out_dir, fmt: str = "png", overwrite: bool = False) -> None:
-    """Refuse (EdtoolError) when `out_dir` holds a file of a figure's name that edtool did not write
-    there (the seed tool's figures have the same names), unless `overwrite`."""
+FIGURES_OF = "figures of run (edtool plot)"  # the ledger entry naming the run whose figures a folder holds
+
+
+def check_figure_folder(out_dir, fmt: str = "png", overwrite: bool = False) -> str:
+    """Before any work: the format is one we write, `out_dir` is a folder that takes files, and it holds
+    no file of a figure's name that edtool did not write there (the seed tool's figures have the same
+    names) unless `overwrite`. Returns the format, normalised; EdtoolError otherwise."""
+    fmt = str(fmt).lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise EdtoolError(f"figure format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
+    check_output([Path(out_dir) / f"{FIGURES[0]}.{fmt}"], force=True)
     if not overwrite:
-        refuse_foreign([Path(out_dir) / f"{name}.{str(fmt).lower().lstrip('.')}" for name in FIGURES],
+        refuse_foreign([Path(out_dir) / f"{name}.{fmt}" for name in FIGURES],
                        "pass --overwrite to replace it, or write the figures to another folder")
+    return fmt
+
+
+def _figures_key(run: RunStore) -> str:
+    """What makes two runs' figures the same: their settings (two stores of equal settings hold equal numbers)."""
+    return hashlib.sha256(json.dumps([run.config, run.models], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stale_figures(out_dir: Path, run: RunStore, own_folder: bool, fmt: str, names, overwrite: bool) -> list:
+    """The figures edtool wrote in `out_dir` that this plot will not replace and that would otherwise
+    stay beside its own as if they were of this run: those of another run (all formats; in a folder
+    other than the run's own only with `overwrite`, else refused), or of this run a figure it no longer
+    makes (a run recomputed with fewer realizations has no aggregated figure)."""
+    ours = [out_dir / f"{n}.{f}" for n in FIGURES for f in FORMATS if written_by_edtool(out_dir / f"{n}.{f}")]
+    previous = read_ledger(out_dir).get(FIGURES_OF)
+    if ours and previous not in (None, _figures_key(run)):
+        if not (own_folder or overwrite):
+            shown = ", ".join(p.name for p in ours[:2]) + (", ..." if len(ours) > 2 else "")
+            raise EdtoolError(f"{out_dir} holds figures of another run ({shown}); pass --overwrite to replace them, "
+                              "or --out another folder, so that one folder never mixes runs")
+        return [p for p in ours if not (p.suffix == f".{fmt}" and p.stem in names)]
+    return [p for p in ours if p.suffix == f".{fmt}" and p.stem not in names]
 
 
 def plot_run(location, out_dir=None, fmt: str = "png", overwrite: bool = False) -> list:
@@ -67,7 +99,7 @@ def plot_run(location, out_dir=None, fmt: str = "png", overwrite: bool = False) 
     rename) and recorded in the folder's ledger.
     """
     fmt = str(fmt).lower().lstrip(".")
-    if fmt not in FORMATS:
+    if fmt not in FORMATS:  # checked again with the folder (check_figure_folder), here before opening the run
         raise EdtoolError(f"figure format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
     with access_lock(location):  # shared: no aggregate rewrites, no --overwrite deletes the run meanwhile
         return _plot_run(location, out_dir, fmt, overwrite)
@@ -75,21 +107,26 @@ def plot_run(location, out_dir=None, fmt: str = "png", overwrite: bool = False) 
 
 def _plot_run(location, out_dir, fmt: str, overwrite: bool) -> list:
     run = open_run(location)
+    own = local_dir(run.location)
     if out_dir is None:
-        out_dir = local_dir(run.location)
+        out_dir = own
         if out_dir is None:
             raise EdtoolError(f"run {run.location} is not on a local disk: give an output directory for the figures")
     out_dir = Path(out_dir)
+    own_folder = own is not None and out_dir.resolve() == Path(own).resolve()
     check_figure_folder(out_dir, fmt, overwrite)
     figures = run_figures(run)
+    stale = _stale_figures(out_dir, run, own_folder, fmt, figures, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fig in figures.items():
         path = out_dir / f"{name}.{fmt}"
-        with atomic_path(path) as tmp:  # a kill mid-write never leaves a truncated figure in place of a good one
+        with recorded_paths([path]) as (tmp,):  # a kill mid-write never leaves a truncated figure for a good one
             fig.savefig(tmp, format=fmt, dpi=150)
         paths.append(path)
-        record_written([path])
+    record_entry(out_dir, FIGURES_OF, _figures_key(run))
+    for path in stale:  # after the new figures are in place: a kill before leaves the old ones, not none
+        path.unlink(missing_ok=True)
     return paths
 
 
