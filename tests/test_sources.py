@@ -376,3 +376,20 @@ def test_text_and_cross_attention_models_are_refused_in_one_line(tmp_path, capsy
         code, _, err = cli(capsys, monkeypatch, "compute", "--models", f"m={source}", "--scheduler", tmp_path,
                            "--run-dir", tmp_path / "run")
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_py_source_in_shards_equals_one_process(linear_module, tmp_path):
+    """Job-array shards (--shard i/K) with a py: source fill one run that equals a one-process run and
+    aggregates; each shard loads the source itself, as each torchrun rank does."""
+    env = {"PYTHONPATH": f"{linear_module}:{REPO}"}
+    common = ["compute", "--models", "lin=py:linmod:Linear", "--nsteps", "2", "--realizations", "4",
+              "--estimator", "hutchinson", "--probes", "4", "--device", "cpu", "--quiet"]
+    for i in (0, 1):
+        proc = edtool(*common, "--run-dir", tmp_path / "sharded", "--shard", f"{i}/2", env=env)
+        assert proc.returncode == 0, proc.stderr
+    proc = edtool(*common, "--run-dir", tmp_path / "one", env=env)
+    assert proc.returncode == 0, proc.stderr
+    sharded, one = open_run(tmp_path / "sharded"), open_run(tmp_path / "one")
+    for name in ("ed_fro", "jac_fro", "asym", "final"):
+        np.testing.assert_array_equal(sharded.read(name), one.read(name), err_msg=name)
+    assert edtool("aggregate", tmp_path / "sharded", env=env).returncode == 0
