@@ -422,6 +422,17 @@ def describe_fixed(run: RunStore) -> str:
     return ", ".join(f"array {name} ({why})" for name, why in run.fixed_damage.items())
 
 
+def open_finished(run, what: str) -> "RunStore":
+    """`run` (a location or an open RunStore) opened, with at least one finished cell and nothing damaged;
+    EdtoolError saying there is nothing to `what` otherwise."""
+    run = run if isinstance(run, RunStore) else open_run(run)
+    if not run.done_mask().any():
+        raise EdtoolError(f"run {run.location} has no finished cells yet: nothing to {what} "
+                          "(`edtool status` shows its progress)")
+    require_whole(run)
+    return run
+
+
 def require_whole(run: RunStore):
     """Refuse (EdtoolError) a run with damaged cells or fixed arrays, naming them: its numbers are not
     what was computed."""

@@ -30,7 +30,7 @@ from matplotlib.ticker import MaxNLocator
 from edtool.study.aggregate import compute_aggregate, read_aggregate
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output, read_ledger, record_entry, recorded_paths, refuse_foreign, written_by_edtool
-from edtool.store.run import RunStore, access_lock, local_dir, open_run, require_whole
+from edtool.store.run import RunStore, access_lock, local_dir, open_finished, open_run
 
 FORMATS = ("png", "pdf", "svg")
 MODEL_COLORS = {"unet": "#1f77b4", "resnet": "#ff7f0e", "els": "#2ca02c", "els-borders": "#8c564b",
@@ -134,14 +134,10 @@ def run_figures(run) -> dict:
     """The figures a run supports, by file name (SPEC 9): ed_analysis_single, asym_vs_time, and with
     two or more realizations ed_analysis_aggregated; curl_maps, locality_* and alignment_vs_time when
     the run stores them. `run` is a location or an open RunStore; nothing is written."""
-    run = run if isinstance(run, RunStore) else open_run(run)
+    run = open_finished(run, "plot")
     done = run.done_mask()
-    if not done.any():
-        raise EdtoolError(f"run {run.location} has no finished cells yet: nothing to plot "
-                          "(`edtool status` shows its progress)")
-    require_whole(run)
     agg = read_aggregate(run) or compute_aggregate(run)[0]
-    r0 = _first_realization(done)
+    r0 = first_realization(done)
 
     figures = {"ed_analysis_single": _single_figure(run, done, r0)}
     if agg["ed_fro_n"].max() >= 2:
@@ -157,7 +153,7 @@ def run_figures(run) -> dict:
     return figures
 
 
-def _first_realization(done: np.ndarray) -> int:
+def first_realization(done: np.ndarray) -> int:
     """The first realization with every model done, else the first with any model done."""
     complete = np.flatnonzero(done.all(axis=1))
     return int(complete[0] if complete.size else np.flatnonzero(done.any(axis=1))[0])

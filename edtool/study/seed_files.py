@@ -19,8 +19,8 @@ import torch
 
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, record_written, refuse_foreign
-from edtool.study.plots import _first_realization
-from edtool.store.run import RunStore, access_lock, local_dir, open_run, require_whole
+from edtool.study.plots import first_realization
+from edtool.store.run import access_lock, local_dir, open_finished, open_run
 
 SINGLE, AGGREGATED = "ed_analysis_single.pt", "ed_analysis_aggregated.pt"
 FIELD = "score"
@@ -38,15 +38,11 @@ def check_seed_files_folder(out_dir, overwrite: bool = False) -> None:
 
 def seed_results(run) -> dict:
     """{file name: dict to save} for a run (a location or an open RunStore); nothing is written."""
-    run = run if isinstance(run, RunStore) else open_run(run)
+    run = open_finished(run, "export")
     done = run.done_mask()
-    if not done.any():
-        raise EdtoolError(f"run {run.location} has no finished cells yet: nothing to export "
-                          "(`edtool status` shows its progress)")
-    require_whole(run)
     timesteps = torch.from_numpy(run.time.astype(np.float64))
     about = {"field": FIELD, "definition": DEFINITION}
-    r = _first_realization(done)
+    r = first_realization(done)
     ed = run.read("ed_fro", realizations=[r])[0].astype(np.float64)  # (model, step)
     files = {SINGLE: {name: {"timesteps": timesteps.clone(), "ed_magnitudes": torch.from_numpy(ed[m].copy()),
                              "realization": r, "seed": int(run.seeds[r]), **about}
