@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.func import grad, vjp, vmap
 
-from edtool.jacobian.ed import EXACT_MAX_N, _exact_jacobian, exterior_derivative
+from edtool.jacobian.ed import EXACT_MAX_N, exterior_derivative
+from edtool.jacobian.operators import exact_jacobian
 from edtool.networks.models import MinimalResNet, Network
 
 f64 = torch.float64
@@ -84,7 +85,7 @@ def test_exact_linear_image_curl_map():
 def test_exact_jacobian_any_chunk_is_the_matrix(chunk):
     A = random_matrix(24, seed=2)
     x = torch.randn(3, 2, 3, 4, dtype=f64)
-    J = _exact_jacobian(vjp(linear_field(A), x)[1], x, chunk)
+    J = exact_jacobian(vjp(linear_field(A), x)[1], x, chunk)
     torch.testing.assert_close(J, A.expand(3, 24, 24), rtol=0, atol=1e-14)
 
 

@@ -8,9 +8,9 @@ distance d(p, q) = max(|p_y - q_y|, |p_x - q_x|) (on the torus for circular padd
   the same for D = J - J^T. r90 = the smallest r with loc[r] >= 0.9.
 - Alignment: `align_jac` = <J_a, J_b>_F / (||J_a||_F ||J_b||_F), `align_ed` the same for D_a, D_b.
 
-Every measurement takes a *Jacobian operator* (one per batch of samples): a dense matrix
-(`DenseJacobian`), the ELS machines' closed-form band (`BandJacobian`) or a field at a point
-(`FieldJacobian`, products by autograd, the dense matrix from chunked VJPs as in `edtool.jacobian.ed`).
+Every measurement takes a *Jacobian operator* (`edtool.jacobian.operators`, one per batch of samples):
+a dense matrix (`DenseJacobian`), the ELS machines' closed-form band (`BandJacobian`) or a field at a
+point (`FieldJacobian`, products by autograd, the dense matrix from chunked VJPs).
 Exact numbers come from the dense matrix or the band; without them:
 - locality by *masked probes*: for m output pixels p drawn without replacement, the probes e_(c,p)
   give row (c, p) of J (one VJP) and of J^T (one JVP); masking those rows by distance shell gives
@@ -26,13 +26,22 @@ Exact numbers come from the dense matrix or the band; without them:
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from edtool.config import PROBES
+from edtool.jacobian.operators import BandJacobian, FieldJacobian, Operator, per_sample_seeds, rademacher_probes
+
+# the operators lived here before operators.py; callers that import them from here keep working
+from edtool.jacobian.operators import ClosedFormField, DenseJacobian, band_matvec, jacobian_operator
+
+__all__ = ["locality", "alignment", "locality_probes", "locality_dense", "locality_band", "exact_profiles",
+           "LocalityResult", "AlignmentResult", "default_radius", "pixel_distances", "profile", "r90",
+           "LOCALITY_METHODS", "ALIGNMENT_METHODS", "LEVEL", "SYMMETRIC_RTOL", "Operator", "BandJacobian",
+           "DenseJacobian", "FieldJacobian", "ClosedFormField", "band_matvec", "jacobian_operator"]
 
 LEVEL = 0.9  # r90: the radius holding this fraction of the squared Frobenius norm
 # An antisymmetric part below this fraction of ||J||_F is float rounding of a symmetric J (float32 eps
@@ -138,154 +147,13 @@ def locality_band(band: Tensor, padding: str, radius: Optional[int] = None) -> d
     return {"loc_jac": profile(e_jac), "loc_ed": profile(e_ed)}
 
 
-def band_matvec(band: Tensor, V: Tensor, padding: str) -> Tensor:
-    """J v for a band (B, C, H, W, C, k, k) and vectors V (P, B, C, H, W), without forming J."""
-    from edtool.els.machine import pad_images
-
-    B, C, H, W, _, k, _ = band.shape
-    r = k // 2
-    P = V.shape[0]
-    padded = pad_images(V.reshape(P * B, C, H, W), r, padding == "circular").view(P, B, C, H + 2 * r, W + 2 * r)
-    out = V.new_zeros(P, B, C, H, W)
-    for dy in range(k):
-        for dx in range(k):
-            shifted = padded[..., dy:dy + H, dx:dx + W]  # v at (y + dy - r, x + dx - r)
-            out += torch.einsum("bcyxd,pbdyx->pbcyx", band[..., dy, dx].to(V.dtype), shifted)
-    return out
-
-
-# ----------------------------------------------------------------------------- Jacobian operators
-
-
-class DenseJacobian:
-    """Per-sample Jacobians J (B, n, n) of images `shape` (C, H, W)."""
-
-    def __init__(self, J: Tensor, shape: Sequence[int], circular: bool = False):
-        self.J, self.shape, self.circular = J, tuple(shape), circular
-        self.batch = J.shape[0]
-
-    def dense(self, max_memory: int = 2**30) -> Tensor:
-        return self.J
-
-    def products(self, V: Tensor) -> tuple:
-        """(J v, J^T v) for vectors V (P, B, C, H, W)."""
-        flat = V.flatten(2).to(self.J.dtype)
-        u = torch.einsum("bij,pbj->pbi", self.J, flat)
-        w = torch.einsum("bji,pbj->pbi", self.J, flat)
-        return u.view_as(V).to(V.dtype), w.view_as(V).to(V.dtype)
-
-    def locality(self, radius: int) -> dict:
-        return locality_dense(self.J, self.shape, radius, self.circular)
-
-
-class BandJacobian:
-    """The closed-form band (B, C, H, W, C, k, k) of an ELS machine (`Machine.jacobian`)."""
-
-    def __init__(self, band: Tensor, padding: str):
-        self.band, self.padding = band, padding
-        self.circular = padding == "circular"
-        self.batch, self.shape = band.shape[0], tuple(band.shape[1:4])
-        self._dense = None
-
-    def _dense_bytes(self) -> int:
-        n = math.prod(self.shape)
-        return self.batch * n * n * self.band.element_size()
-
-    def dense(self, max_memory: int = 2**30) -> Optional[Tensor]:
-        """The dense Jacobians, or None when they do not fit in max_memory bytes."""
-        from edtool.els.machine import dense_jacobian
-
-        if self._dense is None and self._dense_bytes() <= max_memory:
-            self._dense = dense_jacobian(self.band, self.padding)
-        return self._dense
-
-    def products(self, V: Tensor) -> tuple:
-        from edtool.els.machine import band_transpose
-
-        return band_matvec(self.band, V, self.padding), band_matvec(band_transpose(self.band, self.circular), V,
-                                                                   self.padding)
-
-    def locality(self, radius: int) -> dict:
-        return locality_band(self.band, self.padding, radius)
-
-
-class FieldJacobian:
-    """The Jacobian of a field f (x (B, C, H, W) -> same shape, sample by sample) at x, by autograd:
-    products by forward (J v) and reverse mode (J^T v), the dense matrix from chunked VJPs (`edtool.jacobian.ed`)."""
-
-    def __init__(self, f, x: Tensor, circular: bool = False):
-        from edtool.jacobian.ed import _check_input, _linearize
-
-        self.f, self.x, self.circular = f, _check_input(x, None), circular
-        self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
-        with torch.no_grad():
-            self._vjp_fn, self.finite, self._act_bytes = _linearize(f, self.x)
-        self._dense = None
-
-    def dense(self, max_memory: int = 2**30) -> Optional[Tensor]:
-        """The dense Jacobians (n VJPs, computed once), or None when they do not fit in max_memory."""
-        from edtool.jacobian.ed import _exact_chunk, _exact_jacobian
-
-        if self._dense is None:
-            chunk = _exact_chunk(self.x, self._act_bytes, max_memory)
-            if chunk == 0:
-                return None
-            with torch.no_grad():
-                self._dense = _exact_jacobian(self._vjp_fn, self.x, chunk)
-        return self._dense
-
-    def chunk(self, max_memory: int = 2**30) -> int:
-        """Vectors per vmapped product within max_memory."""
-        from edtool.jacobian.ed import _hutchinson_chunk
-
-        return _hutchinson_chunk(self.x, self._act_bytes, max_memory)
-
-    def products(self, V: Tensor) -> tuple:
-        from edtool.jacobian.ed import _jvp_vjp_probes
-
-        with torch.no_grad():
-            return _jvp_vjp_probes(self.f, self._vjp_fn, self.x, V.to(self.x.dtype))
-
-    def locality(self, radius: int) -> Optional[dict]:
-        J = self.dense()
-        return None if J is None else locality_dense(J, self.shape, radius, self.circular)
-
-
-Operator = Union[DenseJacobian, BandJacobian, FieldJacobian]
-
-
-def jacobian_operator(field, x: Tensor, circular: Optional[bool] = None) -> Operator:
-    """The Jacobian operator of a score field at x: the closed form for a `MachineField` (band, or the
-    dense matrix of the `is` machine), autograd for anything else. `circular` (distances on the torus)
-    defaults to the machine's padding, and to False for other fields."""
-    machine = getattr(field, "machine", None)
-    if machine is not None and callable(getattr(machine, "jacobian", None)):
-        padding = machine.padding
-        with torch.no_grad():
-            J = machine.jacobian(field.t, x, field.label)
-        if J.dim() == 3:
-            return DenseJacobian(J, x.shape[1:], padding == "circular" if circular is None else circular)
-        return BandJacobian(J, padding)
-    return FieldJacobian(field, x, bool(circular))
-
-
-class ClosedFormField:
-    """A machine's score field with its closed-form Jacobian already built (`op`, band or dense):
-    `edtool.jacobian.ed.exterior_derivative` takes the exact ED from it (`analytic_ed`) instead of building the
-    Jacobian a second time, so --locality and --align cost the machines no extra pass."""
-
-    def __init__(self, field, op: Union["BandJacobian", "DenseJacobian"]):
-        self.field, self.op = field, op
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.field(x)
-
-    def analytic_ed(self, x: Tensor, curl_map: bool = False) -> dict:
-        from edtool.els.machine import band_ed, dense_ed
-
-        if isinstance(self.op, BandJacobian):
-            return band_ed(self.op.band, self.op.padding, curl_map)
-        return dense_ed(self.op.J, self.op.shape, curl_map)
+def exact_profiles(op: Operator, radius: int, max_memory: int = 2**30) -> Optional[dict]:
+    """Exact loc_jac, loc_ed of an operator: from its band, or from its dense Jacobians when they fit in
+    max_memory bytes (None when they do not)."""
+    if isinstance(op, BandJacobian):
+        return locality_band(op.band, op.padding, radius)
+    J = op.dense(max_memory)
+    return None if J is None else locality_dense(J, op.shape, radius, op.circular)
 
 
 # ----------------------------------------------------------------------------- locality
@@ -303,12 +171,6 @@ class LocalityResult:
     r90_ed: Tensor
     method: str
     pixels: int  # output pixels probed; all of them for exact
-
-
-def _probe_seeds(seed, batch: int) -> list:
-    from edtool.jacobian.ed import _per_sample_seeds
-
-    return _per_sample_seeds(seed, batch)
 
 
 def _ratio(a: Tensor, t: Tensor, population: int) -> tuple:
@@ -334,7 +196,7 @@ def locality_probes(op: Operator, radius: int, pixels: int = 64, seed=0, max_mem
     m = min(int(pixels), N)
     if m < 2:
         raise ValueError(f"the probe estimator needs at least 2 pixels (for an error bar), got {pixels}")
-    gens = [torch.Generator().manual_seed(s) for s in _probe_seeds(seed, B)]
+    gens = [torch.Generator().manual_seed(s) for s in per_sample_seeds(seed, B)]
     drawn = torch.stack([torch.randperm(N, generator=g)[:m] for g in gens], 1)  # (m, B) flat pixel indices
     dev, dtype = _device_dtype(op)
     chunk = max(1, (op.chunk(max_memory) if isinstance(op, FieldJacobian) else 64) // C)
@@ -376,8 +238,7 @@ def locality(op: Operator, radius: Optional[int] = None, method: str = "auto", p
         raise ValueError(f"radius must be >= 0, got {radius}")
     res = None
     if method in ("auto", "exact"):
-        res = op.locality(R) if not isinstance(op, FieldJacobian) else (
-            None if op.dense(max_memory) is None else op.locality(R))
+        res = exact_profiles(op, R, max_memory)
         if res is None and method == "exact":
             n = math.prod(op.shape)
             raise ValueError(f"the exact Jacobians of {op.batch} samples with {n} numbers do not fit in "
@@ -476,15 +337,13 @@ def alignment(op_a: Operator, op_b: Operator, method: str = "auto", probes: int 
     else:
         if probes < 2:
             raise ValueError(f"probes must be >= 2 (the standard error needs a spread), got {probes}")
-        from edtool.jacobian.ed import _rademacher_probes
-
         dev, dtype = _device_dtype(op_a)
         x = torch.zeros(op_a.batch, *op_a.shape, dtype=dtype, device=dev)
-        gens = [torch.Generator().manual_seed(s) for s in _probe_seeds(seed, op_a.batch)]
+        gens = [torch.Generator().manual_seed(s) for s in per_sample_seeds(seed, op_a.batch)]
         chunk = min(op.chunk(max_memory) if isinstance(op, FieldJacobian) else probes for op in (op_a, op_b))
         terms = []
         for start in range(0, probes, chunk):
-            V = _rademacher_probes(gens, min(chunk, probes - start), x)
+            V = rademacher_probes(gens, min(chunk, probes - start), x)
             (ua, wa), (ub, wb) = op_a.products(V), op_b.products(V.to(_device_dtype(op_b)[1]))
             ub, wb = ub.to(ua), wb.to(ua)
             va, vb = (ua - wa).flatten(2).double(), (ub - wb).flatten(2).double()
