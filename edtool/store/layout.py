@@ -65,7 +65,7 @@ def new_array(group: zarr.Group, name: str, shape, dims, dtype="float32", fill=n
                               overwrite=overwrite, config={"write_empty_chunks": True})
 
 
-def _layout_problem(group: zarr.Group, members: set) -> Optional[str]:
+def layout_problem(group: zarr.Group, members: set) -> Optional[str]:
     """Why a store's attributes and arrays do not form a run edtool can read, or None."""
     attrs = group.attrs.asdict()
     config, models = attrs.get("config"), attrs.get("models")

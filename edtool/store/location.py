@@ -22,13 +22,13 @@ def store_url(location) -> str:
     return str(base / STORE_NAME) if base is not None else str(location).rstrip("/") + "/" + STORE_NAME
 
 
-def _run_location(location) -> str:
+def run_location(location) -> str:
     """Accept the run directory or its ed.zarr path; return the run directory."""
     text = str(location).rstrip("/")
     return text[: -len(STORE_NAME) - 1] if text.endswith("/" + STORE_NAME) else text
 
 
-def _make_dir(base: Path):
+def make_dir(base: Path):
     """Create a local run directory, or refuse an unwritable location in one clear line."""
     try:
         base.mkdir(parents=True, exist_ok=True)

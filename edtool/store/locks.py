@@ -16,7 +16,7 @@ from typing import Optional
 
 from edtool.errors import EdtoolError
 from edtool.store.leftovers import leftover_name
-from edtool.store.location import STORE_NAME, _make_dir, _run_location, local_dir
+from edtool.store.location import STORE_NAME, local_dir, make_dir, run_location
 
 ACCESS_LOCK_NAME = ".edtool-access.lock"  # readers shared, replacing/aggregating exclusive (flock)
 
@@ -110,7 +110,7 @@ def _refuse(run_dir, path: Path, info: Optional[dict]):
 
 def lock_holders(run_dir) -> list:
     """Who holds locks on a run: one dict per lock file (pid, host, started, shard, path, stale)."""
-    base = local_dir(_run_location(run_dir))
+    base = local_dir(run_location(run_dir))
     if base is None or not base.is_dir():
         return []
     holders = []
@@ -131,13 +131,13 @@ def run_lock(run_dir, shard: Optional[tuple] = None):
     over with a warning. Shards of one split (same K) lock independently; an unsharded lock
     excludes every shard. Non-local URLs are not locked (a warning says so). Yields the lock path.
     """
-    base = local_dir(_run_location(run_dir))
+    base = local_dir(run_location(run_dir))
     if base is None:
         warnings.warn(f"run {run_dir} is not on a local file system: no lock is taken; make sure only "
                       "one process computes each realization")
         yield None
         return
-    _make_dir(base)
+    make_dir(base)
     name = _lock_name(shard)
     path = base / name
     me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex,
@@ -214,12 +214,12 @@ def access_lock(location, exclusive: bool = False, doing: str = "", wait: Option
     warning once that it waits. Non-local runs, run directories a reader cannot write, and (unless
     `create`, which makes the directory) folders that hold no run are not locked.
     """
-    base = local_dir(_run_location(location))
+    base = local_dir(run_location(location))
     if base is None or not (create or (base / ACCESS_LOCK_NAME).exists() or (base / STORE_NAME).exists()):
         yield  # not a run (yet): nothing to protect, and no lock file left in somebody's folder
         return
     if create:
-        _make_dir(base)
+        make_dir(base)
     path = base / ACCESS_LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -18,7 +18,7 @@ SUMMARY_NAME = "summary_stats.json"
 STORE_ENTRY = "edtool run store"  # the ledger's (fileio) record that edtool made a folder's ed.zarr
 
 
-def _delete_run(location: str):
+def delete_run(location: str):
     """Remove what edtool wrote of a run: its store and its summary (figures are simply re-rendered).
 
     Refuses (EdtoolError) to delete a store edtool cannot tell it wrote, or a symbolic link (its
@@ -33,7 +33,7 @@ def _delete_run(location: str):
         if fs.exists(path):
             fs.rm(path, recursive=True)
         return
-    _check_deletable(location)
+    check_deletable(location)
     store = base / STORE_NAME
     if store.exists():
         doomed = base / leftover_name(f".{STORE_NAME}.deleting")
@@ -48,7 +48,7 @@ def _delete_run(location: str):
                           "describe the new run")
 
 
-def _check_deletable(location: str):
+def check_deletable(location: str):
     """Refuse (EdtoolError) to delete a run store that is a symbolic link or that edtool cannot tell it wrote."""
     base = local_dir(location)
     if base is None:

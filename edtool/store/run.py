@@ -12,6 +12,10 @@ decode. Readers take `access_lock` shared; replacing a run (and writing its aggr
 it exclusively. `.edtool-run.json` in the run directory records what edtool wrote there, so
 `--overwrite` deletes only that.
 
+This module makes and opens runs and decides whether a rerun continues one; the store's other
+concerns have their own modules: layout (the arrays), runstore (RunStore: cells, damage), locks
+(shards, run and access locks), ownership (deleting what edtool wrote), location.
+
     run = create_run("cache/demo", config, ["unet", "els"], seeds=[0, 1], labels=[-1, -1],
                      nsteps=20, image_shape=(1, 32, 32), maps=False)
     for r, m in run.pending():
@@ -35,9 +39,9 @@ from edtool.store.integrity import DIGEST_ARRAY, INTEGRITY_ATTR, array_digest, m
 from edtool.store.leftovers import clean_leftovers, leftover_name
 from edtool.store.layout import (CELL_ARRAYS, EXTRA_ARRAYS, MAX_REALIZATIONS, SCHEMA_VERSION, BrokenRunError,
                                  consolidate, new_array)
-from edtool.store.location import STORE_NAME, _make_dir, _run_location, local_dir, store_url
+from edtool.store.location import STORE_NAME, local_dir, make_dir, run_location, store_url
 from edtool.store.locks import access_lock
-from edtool.store.ownership import STORE_ENTRY, _check_deletable, _delete_run
+from edtool.store.ownership import STORE_ENTRY, check_deletable, delete_run
 from edtool.store.runstore import RunStore, describe_fixed
 
 # edtool.store.run was once the whole store: the names callers import from it stay importable here
@@ -78,14 +82,14 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
     `extra_arrays` names optional per-cell arrays (EXTRA_ARRAYS); those with a radius dimension
     hold radii 0..`radius`.
     """
-    location = _run_location(location)
+    location = run_location(location)
     settings = _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays, radius)
     if local_dir(location) is not None:
         clean_leftovers(local_dir(location))  # what killed commands left, when provably stale
     if overwrite:
-        _check_deletable(location)  # refuse before touching anything (the lock file included)
+        check_deletable(location)  # refuse before touching anything (the lock file included)
         with access_lock(location, exclusive=True, doing="replacing it (--overwrite)", create=True):
-            _delete_run(location)
+            delete_run(location)
             return _create(location, settings)
     existing = _open_existing(location, "r")
     if existing is not None:
@@ -109,7 +113,7 @@ def _create(location: str, settings: dict) -> RunStore:
         return open_run(location, mode="r+")
     if base.exists() and not base.is_dir():
         raise EdtoolError(f"run location {base} is a file, not a directory: choose another --run")
-    _make_dir(base)
+    make_dir(base)
     partial = base / leftover_name(f".{STORE_NAME}.partial")
     try:
         _build(zarr.open_group(str(partial), mode="w-", zarr_format=3), settings)
@@ -132,7 +136,7 @@ def open_run(location, mode: str = "r") -> RunStore:
     """Open an existing run for reading ("r") or for filling and aggregating ("r+")."""
     if mode not in ("r", "r+"):
         raise ValueError(f"open_run mode must be 'r' or 'r+', got {mode!r} (create_run makes new runs)")
-    location = _run_location(location)
+    location = run_location(location)
     if mode == "r+" and local_dir(location) is not None:
         clean_leftovers(local_dir(location))  # what killed commands left, when provably stale
     run = _open_existing(location, mode)

@@ -10,7 +10,7 @@ import zarr
 from edtool.errors import EdtoolError
 from edtool.store.integrity import (DIGEST_ARRAY, INTEGRITY_ATTR, MISMATCH, array_digest, cell_digest, reason,
                                     record_problem)
-from edtool.store.layout import CELL_ARRAYS, EXTRA_ARRAYS, BrokenRunError, _layout_problem
+from edtool.store.layout import CELL_ARRAYS, EXTRA_ARRAYS, BrokenRunError, layout_problem
 
 
 class RunStore:
@@ -29,7 +29,7 @@ class RunStore:
         except Exception as err:  # noqa: BLE001 (an array's zarr.json edited: data type, codecs)
             raise BrokenRunError(f"run {location} is broken: array metadata does not read ({type(err).__name__}: "
                                  f"{str(err)[:80]}); recompute it with `edtool compute` and --overwrite") from err
-        problem = _layout_problem(group, members)
+        problem = layout_problem(group, members)
         if problem:
             raise BrokenRunError(f"run {location} is broken: {problem}; recompute it with `edtool compute` "
                                  "and --overwrite (or move it away)")

@@ -11,8 +11,11 @@ from edtool.errors import EdtoolError
 from edtool.paths import cache_dir
 from edtool.store.integrity import aggregate_damage
 from edtool.store.leftovers import describe, find_leftovers
-from edtool.store.run import (STORE_NAME, BrokenRunError, access_lock, describe_fixed, local_dir, lock_holders,
-                              open_run, shard_realizations)
+from edtool.store.layout import BrokenRunError
+from edtool.store.location import STORE_NAME, local_dir
+from edtool.store.locks import access_lock, lock_holders, shard_realizations
+from edtool.store.run import open_run
+from edtool.store.runstore import describe_fixed
 
 STATUS_WAIT = 2.0  # seconds status waits for a run being replaced before reporting it busy
 

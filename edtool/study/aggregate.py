@@ -22,7 +22,12 @@ import numpy as np
 
 from edtool import __version__
 from edtool.store.integrity import AGGREGATE_DIGESTS, array_digest
-from edtool.store.run import RunStore, access_lock, consolidate, local_dir, new_array, open_run, require_whole, write_summary
+from edtool.store.layout import consolidate, new_array
+from edtool.store.location import local_dir
+from edtool.store.locks import access_lock
+from edtool.store.ownership import write_summary
+from edtool.store.run import open_run
+from edtool.store.runstore import RunStore, require_whole
 
 QUANTITIES = ("ed_fro", "asym", "jac_fro")
 STATS = ("mean", "std", "cv", "median", "q05", "q95", "n")

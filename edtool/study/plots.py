@@ -30,7 +30,10 @@ from matplotlib.ticker import MaxNLocator
 from edtool.study.aggregate import compute_aggregate, read_aggregate
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output, read_ledger, record_entry, recorded_paths, refuse_foreign, written_by_edtool
-from edtool.store.run import RunStore, access_lock, local_dir, open_finished, open_run
+from edtool.store.location import local_dir
+from edtool.store.locks import access_lock
+from edtool.store.run import open_finished, open_run
+from edtool.store.runstore import RunStore
 
 FORMATS = ("png", "pdf", "svg")
 MODEL_COLORS = {"unet": "#1f77b4", "resnet": "#ff7f0e", "els": "#2ca02c", "els-borders": "#8c564b",

@@ -20,7 +20,9 @@ import torch
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, record_written, refuse_foreign
 from edtool.study.plots import first_realization
-from edtool.store.run import access_lock, local_dir, open_finished, open_run
+from edtool.store.location import local_dir
+from edtool.store.locks import access_lock
+from edtool.store.run import open_finished, open_run
 
 SINGLE, AGGREGATED = "ed_analysis_single.pt", "ed_analysis_aggregated.pt"
 FIELD = "score"
