@@ -110,9 +110,9 @@ def test_cifar_conditional_colour_end_to_end(tmp_path, capsys, monkeypatch, cifa
     assert code == 0, err
     assert (run / "ed_analysis_single.png").exists()
 
-    from edtool.study.plots import _single_figure
+    from edtool.study.figures import single_figure
 
-    fig = _single_figure(store, store.done_mask(), 0)
+    fig = single_figure(store, store.done_mask(), 0)
     shown = [im.get_array() for ax in fig.axes for im in ax.get_images()]
     assert len(shown) == 3 and all(a.shape == (32, 32, 3) for a in shown)  # RGB, not a gray channel
     # the drawn els image is the stored one, channels in R, G, B order

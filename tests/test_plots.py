@@ -94,7 +94,7 @@ def test_uses_fresh_stored_aggregate_and_recomputes_stale_one(tmp_path, monkeypa
     calls = []
     real = plots.compute_aggregate
     monkeypatch.setattr(plots, "compute_aggregate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for name in ("_single_figure", "_aggregated_figure", "_asym_figure"):  # rendering is tested elsewhere
+    for name in ("single_figure", "aggregated_figure", "asym_figure"):  # rendering is tested elsewhere
         monkeypatch.setattr(plots, name, lambda *a: Figure(figsize=(1, 1)))
     plot_run(tmp_path / "r")
     assert calls == []  # read from the store

@@ -78,7 +78,7 @@ def _log_scale_if_possible(ax, values) -> bool:
 # ------------------------------------------------------------------ single realization
 
 
-def _single_figure(run: RunStore, done: np.ndarray, r: int) -> Figure:
+def single_figure(run: RunStore, done: np.ndarray, r: int) -> Figure:
     """ED vs time (linear and log), mean ED per model as bars, and the final image of each model."""
     models = [m for m in range(len(run.models)) if done[r, m]]
     ed = run.read("ed_fro", realizations=[r])[0]  # (M, N)
@@ -141,7 +141,7 @@ def _show_image(ax, image: np.ndarray):
 # ------------------------------------------------------------------ many realizations
 
 
-def _aggregated_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
+def aggregated_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
     """Mean +- std over realizations, CV, summary bars, and one heatmap (realizations x steps) per model."""
     fig = Figure(figsize=(16, 10), layout="constrained")
     grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.1])
@@ -228,7 +228,7 @@ def _shared_norm(values: np.ndarray):
 # ------------------------------------------------------------------ asym and curl maps
 
 
-def _asym_figure(run: RunStore, done: np.ndarray, agg: dict, r: int) -> Figure:
+def asym_figure(run: RunStore, done: np.ndarray, agg: dict, r: int) -> Figure:
     """asym over time: mean with a ±1 std band over realizations (a single line for one realization)."""
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.add_subplot()
@@ -251,7 +251,7 @@ def _asym_figure(run: RunStore, done: np.ndarray, agg: dict, r: int) -> Figure:
     return fig
 
 
-def _curl_figure(run: RunStore, done: np.ndarray, r: int, max_steps: int = 6) -> Figure:
+def curl_figure(run: RunStore, done: np.ndarray, r: int, max_steps: int = 6) -> Figure:
     """Curl maps of one realization: rows = models, columns = a few steps from noise to data.
 
     Each panel is divided by its own maximum (printed above it): the magnitude changes by orders
@@ -304,7 +304,7 @@ def _step_line(ax, time, values, **kw):
     ax.stairs(values, edges, baseline=None, **kw)
 
 
-def _r90_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
+def r90_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
     """r90 of J and of J - J^T vs t per model (median over realizations, 5-95 % band), with each ELS
     machine's calibrated patch half-width (k - 1)/2 as a step line."""
     R = int(run.radius[-1])
@@ -344,7 +344,7 @@ def _r90_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
     return fig
 
 
-def _profile_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
+def profile_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
     """The mean locality profile as a heatmap (t x radius) per model, for J and J - J^T; white line:
     where 90 % is reached; dashed: the machine's patch half-width."""
     models = [m for m in range(len(run.models)) if done[:, m].any()]
@@ -382,7 +382,7 @@ def _profile_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
     return fig
 
 
-def _alignment_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
+def alignment_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
     """align_jac and align_ed vs t per model (mean, ±1 std band over realizations)."""
     ref = run.config["align"]["reference"]
     fig = Figure(figsize=(14, 5.5), layout="constrained")

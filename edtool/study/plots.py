@@ -27,8 +27,8 @@ from edtool.store.location import local_dir
 from edtool.store.locks import access_lock
 from edtool.store.run import open_finished, open_run
 from edtool.store.runstore import RunStore
-from edtool.study.figures import (_aggregated_figure, _alignment_figure, _asym_figure, _curl_figure, _profile_figure,
-                                  _r90_figure, _single_figure)
+from edtool.study.figures import (aggregated_figure, alignment_figure, asym_figure, curl_figure, profile_figure,
+                                  r90_figure, single_figure)
 
 FORMATS = ("png", "pdf", "svg")
 
@@ -124,17 +124,17 @@ def run_figures(run) -> dict:
     agg = read_aggregate(run) or compute_aggregate(run)[0]
     r0 = first_realization(done)
 
-    figures = {"ed_analysis_single": _single_figure(run, done, r0)}
+    figures = {"ed_analysis_single": single_figure(run, done, r0)}
     if agg["ed_fro_n"].max() >= 2:
-        figures["ed_analysis_aggregated"] = _aggregated_figure(run, done, agg)
-    figures["asym_vs_time"] = _asym_figure(run, done, agg, r0)
+        figures["ed_analysis_aggregated"] = aggregated_figure(run, done, agg)
+    figures["asym_vs_time"] = asym_figure(run, done, agg, r0)
     if run.has_maps:
-        figures["curl_maps"] = _curl_figure(run, done, r0)
+        figures["curl_maps"] = curl_figure(run, done, r0)
     if "loc_jac" in run.extra_arrays:
-        figures["locality_r90"] = _r90_figure(run, done, agg)
-        figures["locality_profile"] = _profile_figure(run, done, agg)
+        figures["locality_r90"] = r90_figure(run, done, agg)
+        figures["locality_profile"] = profile_figure(run, done, agg)
     if "align_jac" in run.extra_arrays:
-        figures["alignment_vs_time"] = _alignment_figure(run, done, agg)
+        figures["alignment_vs_time"] = alignment_figure(run, done, agg)
     return figures
 
 
