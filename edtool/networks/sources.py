@@ -406,7 +406,8 @@ def clamp_note(label: str, model, grid: TimeGrid) -> Optional[str]:
 
 def load_sources(cfg, device, models: dict, config_models: dict, notes: list, grid: TimeGrid) -> None:
     """Load every LABEL=SOURCE model of a ComputeConfig into `models` and its config entry into
-    `config_models` (in --models order), with a note and the clamped steps of the run's grid where levels are clamped."""
+    `config_models` (in --models order), with a note and the clamped steps (of the run's grid) where levels
+    are clamped."""
     def dataset_shape():  # a py: object without image_shape measures images of the data set's shape
         from edtool.data import load_dataset
 

@@ -749,7 +749,8 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
 
     names = list(cfg.models)
     create = dict(config=study.config, models=names, seeds=study.seeds, labels=study.labels,
-                  nsteps=cfg.nsteps, times=study.grid.step_times.tolist(), image_shape=study.image_shape, maps=cfg.maps,
+                  nsteps=cfg.nsteps, image_shape=study.image_shape, maps=cfg.maps,
+                  times=study.grid.step_times.tolist(),  # the grid this run measures on, recorded as `time`
                   extra_arrays=jacobian_whole_arrays(study.config),
                   radius=(study.config.get("locality") or {}).get("radius"))
     mine = shard_realizations(cfg.realizations, shard)
