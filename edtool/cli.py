@@ -219,7 +219,9 @@ def _seed_list(seeds: int, seed: int) -> List[int]:
         raise EdtoolError(f"--seeds must be at least 1, got {seeds}")
     if seed + seeds - 1 > MAX_SEED:
         raise EdtoolError(f"--seed {seed} with --seeds {seeds}: seeds go from 0 to {MAX_SEED}")
-    return list(range(seed, seed + seeds))
+    from edtool.diffusion import realization_seeds
+
+    return realization_seeds(seed, seeds)
 
 
 @app.command(context_settings={"allow_extra_args": True})

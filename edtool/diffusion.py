@@ -2,10 +2,19 @@
 
 Time t runs in [0, 1]; beta(t) is the noise variance and alpha_bar(t) = 1 - beta(t) the
 signal power, so x_t = sqrt(alpha_bar) x_0 + sqrt(beta) eps.
+
+Two things every stage must agree on live here and nowhere else: the time grid (`TimeGrid`,
+built once per run and passed down, as k-diffusion passes `sigmas`) and what a realization's
+seed fixes (`realization_seeds`, `initial_noise(s)`, `drawn_labels`).
+
+    grid = TimeGrid(20)
+    x_T = initial_noises(realization_seeds(0, 4), (1, 32, 32))
+    x_0 = ddim_sample(eps_fn, x_T, grid)
 """
 
 import math
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -43,12 +52,54 @@ def score_to_eps(score: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return -score * _bcast(beta(t), score).sqrt()
 
 
+@dataclass(frozen=True)
+class TimeGrid:
+    """The DDIM time grid of N steps, float64, in its two index orders (the only place they meet):
+
+    - step j = 0..N-1, the sampler's and the store's order: the model is evaluated at
+      t_j = (N - j) / N and moves to t_{j+1}. `times` holds the N + 1 points from 1 down to 0
+      (like k-diffusion's sigmas, ending at 0), `step_times` the N evaluation points.
+    - entry i = 0..N-1, a scale schedule's and a calibration's order: entry i is for
+      t = (i + 1) / N, ascending (`entry_times`); entry i is step N - 1 - i (`as_entries`).
+    """
+
+    nsteps: int
+
+    def __post_init__(self):
+        n = self.nsteps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"nsteps must be a positive int, got {n!r}")
+
+    @property
+    def times(self) -> torch.Tensor:
+        """(N + 1,) t_j = (N - j) / N for j = 0..N: 1 down to 0 (a fresh tensor on every call)."""
+        return torch.arange(self.nsteps, -1, -1, dtype=torch.float64) / self.nsteps
+
+    @property
+    def step_times(self) -> torch.Tensor:
+        """(N,) the times the model is evaluated at, step j at t_j: what a run store records as `time`."""
+        return self.times[:-1]
+
+    @property
+    def entry_times(self) -> tuple:
+        """(1/N, 2/N, ..., 1): the time of each schedule entry, the same float64 values as step_times."""
+        return tuple(self.as_entries(self.step_times).tolist())
+
+    def as_entries(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows in step order (first axis, t decreasing) put in entry order (t ascending)."""
+        if rows.shape[0] != self.nsteps:
+            raise ValueError(f"{rows.shape[0]} rows for a grid of {self.nsteps} steps")
+        return rows.flip(0)
+
+
+def as_grid(grid: Union[TimeGrid, int]) -> TimeGrid:
+    """A TimeGrid as given, or an int N as short for TimeGrid(N) (for scripts and tests)."""
+    return grid if isinstance(grid, TimeGrid) else TimeGrid(grid)
+
+
 def timesteps(nsteps: int) -> torch.Tensor:
-    """The DDIM time grid, float64: t_j = (N - j) / N for j = 0..N, from t_0 = 1 down to t_N = 0.
-    Step j evaluates the model at t_j and moves to t_{j+1} (like k-diffusion's sigmas, ending at 0)."""
-    if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
-        raise ValueError(f"nsteps must be a positive int, got {nsteps!r}")
-    return torch.arange(nsteps, -1, -1, dtype=torch.float64) / nsteps
+    """TimeGrid(nsteps).times: t_j = (N - j) / N for j = 0..N, float64, from 1 down to 0."""
+    return TimeGrid(nsteps).times
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
@@ -68,13 +119,15 @@ def ddim_sample(
 ) -> torch.Tensor:
     """Deterministic DDIM from x at times[0] (pure noise at t = 1) to times[-1]; returns the last x.
 
-    `times` is a decreasing grid such as timesteps(N) (an int N is short for it). eps_fn gets the
+    `times` is a TimeGrid (an int N is short for TimeGrid(N)) or any decreasing 1-D grid. eps_fn gets the
     times as float64 (B,) tensors, exactly the grid's values (a network casts them to its dtype;
     an ELS machine picks its scale entry from them), and its output is cast to x's dtype.
     `on_step(j, t_j, x)` is called at every evaluation point before its update, which is where
     the pipeline measures the exterior derivative.
     """
-    times = timesteps(times) if isinstance(times, int) else torch.as_tensor(times, dtype=torch.float64).cpu()
+    if isinstance(times, (TimeGrid, int)):
+        times = as_grid(times).times
+    times = torch.as_tensor(times, dtype=torch.float64).cpu()
     if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
         raise ValueError("times must be a decreasing 1-D grid of at least 2 points, e.g. timesteps(20)")
     grid = times.tolist()
@@ -88,7 +141,27 @@ def ddim_sample(
     return x
 
 
+# ------------------------------------------------------------------ what a realization's seed fixes
+
+
+def realization_seeds(seed: int, n: int) -> List[int]:
+    """The seeds of n realizations from a run seed: realization r has seed + r."""
+    return [int(seed) + r for r in range(int(n))]
+
+
 def initial_noise(seed: int, shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """The initial noise x_T for one realization: reproducible from its seed alone."""
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def initial_noises(seeds: Sequence[int], shape, device="cpu") -> torch.Tensor:
+    """x_T of each seed, stacked: (len(seeds), *shape), float32, each initial_noise(s, (1, *shape))."""
+    return torch.cat([initial_noise(s, (1, *shape), device=device) for s in seeds])
+
+
+def drawn_labels(seeds: Sequence[int], n_classes: int) -> torch.Tensor:
+    """The class label of each seed for a conditional network when none is given: one draw from
+    0..n_classes-1 with a generator seeded by the seed (a generator of its own, not x_T's). (len(seeds),) int64."""
+    return torch.tensor([int(torch.randint(0, n_classes, (1,), generator=torch.Generator().manual_seed(int(s))))
+                         for s in seeds], dtype=torch.int64)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from edtool.config import NSTEPS, PATCH_SIZE
-from edtool.diffusion import ddim_sample, eps_to_score, initial_noise, timesteps
+from edtool.diffusion import TimeGrid, as_grid, ddim_sample, drawn_labels, eps_to_score, initial_noises
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output, recorded_paths, refuse_foreign
 from edtool.els.machine import build_machine, make_machine, resolve_machine_name
@@ -154,19 +154,13 @@ def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[
         if not 0 <= int(label) < n_classes:
             raise EdtoolError(f"label {label} is not a class of the data (0..{n_classes - 1})")
         return torch.full((len(seeds),), int(label), dtype=torch.int64)
-    return torch.tensor([int(torch.randint(0, n_classes, (1,), generator=torch.Generator().manual_seed(s)))
-                         for s in seeds], dtype=torch.int64)
+    return drawn_labels(seeds, n_classes)
 
 
 def _num_classes(network) -> Optional[int]:
     """A conditional network's number of classes, from its manifest (None: not recorded)."""
     n = (getattr(network, "manifest", None) or {}).get("num_classes")
     return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-
-
-def initial_noises(seeds: Sequence[int], shape, device="cpu") -> Tensor:
-    """x_T for each seed, stacked: (len(seeds), C, H, W)."""
-    return torch.cat([initial_noise(s, (1, *shape), device=device) for s in seeds])
 
 
 def _batches(n: int, batch: Optional[int]):
@@ -190,9 +184,10 @@ def _check_images(images: Tensor, labels: Optional[Tensor]):
 # ------------------------------------------------------------------ calibration (SPEC 5.2)
 
 
-def network_trajectory(network, x: Tensor, nsteps: int, label: Optional[Tensor] = None, batch=None):
-    """The network's DDIM path from x: points (N, B, C, H, W) and its scores there, step j at
-    t = (N - j) / N, plus the final images."""
+def network_trajectory(network, x: Tensor, grid: TimeGrid, label: Optional[Tensor] = None, batch=None):
+    """The network's DDIM path from x along the grid (an int N is short for TimeGrid(N)): points
+    (N, B, C, H, W) and its scores there in step order (step j at grid.step_times[j]), plus the final images."""
+    grid = as_grid(grid)
     points, scores, finals = [], [], []
     for sl in _batches(len(x), batch):
         lab = None if label is None else label[sl]
@@ -204,7 +199,7 @@ def network_trajectory(network, x: Tensor, nsteps: int, label: Optional[Tensor] 
             ss.append(eps_to_score(eps, tb))
             return eps
 
-        finals.append(ddim_sample(eps_fn, x[sl], timesteps(nsteps)))
+        finals.append(ddim_sample(eps_fn, x[sl], grid))
         points.append(torch.stack(xs))
         scores.append(torch.stack(ss))
     return torch.cat(points, 1), torch.cat(scores, 1), torch.cat(finals)
@@ -243,16 +238,17 @@ def calibrate(
     conditional = bool(getattr(network, "conditional", False))
     run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
     log = log or (lambda msg: None)
+    grid = TimeGrid(nsteps)
 
     t0 = time.perf_counter()
     x0 = initial_noises(seeds, images.shape[1:], device)
     lab = None if run_labels is None else run_labels.to(device)
     with torch.no_grad():
-        points, net_scores, _ = network_trajectory(network, x0, nsteps, lab, batch)
+        points, net_scores, _ = network_trajectory(network, x0, grid, lab, batch)
     N, S = nsteps, len(seeds)
     # every (step, seed) point at once: index = j * S + s
     xs = points.reshape(N * S, *points.shape[2:])
-    ts = timesteps(N)[:-1].repeat_interleave(S).to(device)  # the times the network was evaluated at
+    ts = grid.step_times.repeat_interleave(S).to(device)  # the times the network was evaluated at
     labs = None if lab is None else lab.repeat(N)
     log(f"network trajectory: {N} steps x {S} seeds in {time.perf_counter() - t0:.1f}s")
 
@@ -272,14 +268,14 @@ def calibrate(
         log(f"k={k}: {N * S} scores in {timings[k]:.1f}s, mean {metric} {table[:, :, c].nanmean():.4f}")
 
     return {
-        **schedule_from_table(table.flip(0), sizes, seeds, metric),
+        **schedule_from_table(grid.as_entries(table), sizes, seeds, metric),
         "machine": kind,
         "metric": metric,
         "sizes": sizes,
         "seeds": seeds,
         "labels": None if run_labels is None else run_labels.tolist(),
         "nsteps": N,
-        "t": [(i + 1) / N for i in range(N)],
+        "t": list(grid.entry_times),
         "n_images": len(images),
         "seconds": {"total": time.perf_counter() - t0, **{f"k={k}": v for k, v in timings.items()}},
     }
@@ -396,12 +392,14 @@ def _save_each(folder: Path, seeds, arrays, layout: str = "edtool", root=None) -
                 np.save(tmp, a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
 
 
-def machine_sample(machine, x0: Tensor, nsteps: int, label: Optional[Tensor] = None, batch=None) -> Tensor:
-    """A machine's deterministic DDIM samples from x0 (its schedule entry per step: machines.scale_index)."""
+def machine_sample(machine, x0: Tensor, grid: TimeGrid, label: Optional[Tensor] = None, batch=None) -> Tensor:
+    """A machine's deterministic DDIM samples from x0 along the grid (an int N is short for TimeGrid(N));
+    its schedule entry per step: schedule.scale_index."""
+    grid = as_grid(grid)
     out = []
     for sl in _batches(len(x0), batch):
         lab = None if label is None else label[sl]
-        out.append(ddim_sample(lambda tb, x, lab=lab: machine.eps(tb, x, lab), x0[sl], timesteps(nsteps)))
+        out.append(ddim_sample(lambda tb, x, lab=lab: machine.eps(tb, x, lab), x0[sl], grid))
     return torch.cat(out)
 
 
@@ -484,6 +482,7 @@ def sample(
         record["layout"] = layout
     check_output([out / SETTINGS_NAME], force=True)  # a folder that takes files, or one line naming it
     _claim_sample_dir(out, record, overwrite)
+    grid = TimeGrid(nsteps)
 
     x0 = initial_noises(seeds, images.shape[1:], device)
     _save_each(out / "seeds", seeds, x0, layout, root=out)
@@ -491,7 +490,7 @@ def sample(
         _save_each(out / "labels", seeds, run_labels, layout, root=out)
     t0 = time.perf_counter()
     with torch.no_grad():
-        _, _, net_final = network_trajectory(network, x0, nsteps, lab, batch)
+        _, _, net_final = network_trajectory(network, x0, grid, lab, batch)
     _save_each(out / "network_outputs", seeds, net_final, layout, root=out)
     log(f"network: {len(seeds)} samples in {time.perf_counter() - t0:.1f}s")
 
@@ -517,7 +516,7 @@ def sample(
         if note:  # in the summary; the command line said it already (discovery.schedule_for)
             summary["notes"].append(note)
         with torch.no_grad():
-            final = machine_sample(m, x0, nsteps, lab, batch)
+            final = machine_sample(m, x0, grid, lab, batch)
         folder = output_dir_name(kind)
         _save_each(out / folder, seeds, final, layout, root=out)
         values = [pearson_r(a, b) for a, b in zip(final, net_final)]

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from edtool.diffusion import timesteps
+from edtool.diffusion import TimeGrid
 from edtool.errors import EdtoolError
 from edtool.fileio import write_json
 
@@ -99,7 +99,7 @@ def resampling_note(name: str, scales: Sequence[int], nsteps: int, source=None) 
     n = len(scales)
     if n == nsteps:
         return None
-    used = [scale_index((i + 1) / nsteps, n) + 1 for i in range(nsteps)]  # 1-based, ascending t
+    used = [scale_index(t, n) + 1 for t in TimeGrid(nsteps).entry_times]  # 1-based, ascending t
     shown = ", ".join(map(str, used)) if len(used) <= 12 else ", ".join(map(str, used[:5] + ["..."] + used[-3:]))
     aligned = n % nsteps == 0
     return (f"{name}: {source or 'the scale schedule'} has {n} entries for {nsteps} steps; each step uses the "
@@ -126,14 +126,14 @@ def check_steps(scales: list, nsteps: int, source) -> list:
 
 def scale_index(t: float, nscales: int) -> int:
     """Entry j of a scale schedule that applies at time t: the first with t <= (j + 1) / N. The grid
-    times (diffusion.timesteps, float64, as DDIM hands them over) get their own entry exactly."""
+    times (diffusion.TimeGrid, float64, as DDIM hands them over) get their own entry exactly."""
     return min(bisect.bisect_left(_schedule_times(nscales), t), nscales - 1)
 
 
 @functools.lru_cache(maxsize=None)
 def _schedule_times(nscales: int) -> tuple:
-    """(1/N, 2/N, ..., 1): the times of the schedule's entries, the same float64 values as timesteps(N)."""
-    return tuple(timesteps(nscales)[:-1].flip(0).tolist())
+    """(1/N, 2/N, ..., 1): the times of the schedule's entries, the grid's own float64 values."""
+    return TimeGrid(nscales).entry_times
 
 
 def fallback_note(name: str, patch_size: int) -> str:

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from edtool.diffusion import alpha_bar, beta, eps_to_score, score_to_eps, timesteps
+from edtool.diffusion import TimeGrid, alpha_bar, as_grid, beta, eps_to_score, score_to_eps
 from edtool.errors import EdtoolError
 
 INSTALL_LINE = 'pip install "edtool[diffusers]"'
@@ -86,9 +86,10 @@ def fractional_timestep(log_sigma: Tensor, log_sigmas: Tensor) -> Tensor:
     return low.to(log_sigma.dtype) + w
 
 
-def clamped_steps(log_sigmas: Tensor, nsteps: int) -> List[int]:
-    """The steps j of edtool's grid whose noise level lies outside the model's [sigma_0, sigma_{T-1}]."""
-    ls = edtool_log_sigma(timesteps(nsteps)[:-1])
+def clamped_steps(log_sigmas: Tensor, grid: TimeGrid) -> List[int]:
+    """The steps j of the run's grid (an int N: TimeGrid(N)) whose noise level lies outside the model's
+    [sigma_0, sigma_{T-1}]."""
+    ls = edtool_log_sigma(as_grid(grid).step_times)
     out = (ls < log_sigmas[0]) | (ls > log_sigmas[-1])
     return out.nonzero().flatten().tolist()
 
@@ -390,12 +391,12 @@ def load_source(source: str, scheduler=None, dataset: Optional[str] = None, devi
                       "hf:ORG/NAME, py:package.module:attr or a checkpoint (.safetensors, paper .pt)")
 
 
-def clamp_note(label: str, model, nsteps: int) -> Optional[str]:
+def clamp_note(label: str, model, grid: TimeGrid) -> Optional[str]:
     """One line when some of edtool's noise levels lie outside a discrete model's range (None otherwise)."""
     log_sigmas = getattr(model, "log_sigmas", None)
     if log_sigmas is None:
         return None
-    steps = clamped_steps(log_sigmas, nsteps)
+    steps = clamped_steps(log_sigmas, grid)
     if not steps:
         return None
     lo, hi = math.exp(float(log_sigmas[0])), math.exp(float(log_sigmas[-1]))
@@ -403,9 +404,10 @@ def clamp_note(label: str, model, nsteps: int) -> Optional[str]:
             f"sigma {lo:.4g}..{hi:.4g}: evaluated at its nearest timestep (clamped; recorded in the run config)")
 
 
-def load_sources(cfg, device, models: dict, config_models: dict, notes: list) -> None:
+def load_sources(cfg, device, models: dict, config_models: dict, notes: list, grid: TimeGrid) -> None:
     """Load every LABEL=SOURCE model of a ComputeConfig into `models` and its config entry into
-    `config_models` (in --models order), with a note and the clamped steps where levels are clamped."""
+    `config_models` (in --models order), with a note and the clamped steps (of the run's grid) where levels
+    are clamped."""
     def dataset_shape():  # a py: object without image_shape measures images of the data set's shape
         from edtool.data import load_dataset
 
@@ -417,8 +419,8 @@ def load_sources(cfg, device, models: dict, config_models: dict, notes: list) ->
         model, entry = load_source(cfg.sources[label], scheduler=cfg.scheduler, dataset=cfg.dataset, device=device,
                                    note=notes.append, image_shape=dataset_shape)
         if getattr(model, "log_sigmas", None) is not None:
-            steps = clamped_steps(model.log_sigmas, cfg.nsteps)
+            steps = clamped_steps(model.log_sigmas, grid)
             if steps:
                 entry["clamped_steps"] = steps
-                notes.append(clamp_note(label, model, cfg.nsteps))
+                notes.append(clamp_note(label, model, grid))
         models[label], config_models[label] = model, entry

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from edtool.networks import checkpoints, train_state
 from edtool.config import TrainConfig
-from edtool.diffusion import add_noise, ddim_sample
+from edtool.diffusion import TimeGrid, add_noise, ddim_sample, initial_noise
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, write_json
 from edtool.imageio import save_grid
@@ -254,8 +254,8 @@ def sample_grid(network: Network, path: Path, seed: int = 0, labels=None, n: int
     """A grid of n DDIM samples from fixed noise (seed + 1): the same draws for every network."""
     was_training = network.net.training
     network.net.eval()
-    x = torch.randn((n, *network.manifest["image_shape"]), generator=torch.Generator().manual_seed(seed + 1))
+    x = initial_noise(seed + 1, (n, *network.manifest["image_shape"]))  # one draw of n noises from one seed
     lab = None if labels is None else torch.arange(n) % (int(labels.max()) + 1)
-    samples = ddim_sample(lambda t, xx: network.eps(t, xx, lab), x, nsteps)
+    samples = ddim_sample(lambda t, xx: network.eps(t, xx, lab), x, TimeGrid(nsteps))
     network.net.train(was_training)
     return save_grid(samples, path)

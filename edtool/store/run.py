@@ -73,8 +73,12 @@ def open_finished(run, what: str) -> "RunStore":
 
 def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[int], labels: Sequence[int],
                nsteps: int, image_shape, maps: bool, overwrite: bool = False, extra_arrays: Sequence[str] = (),
-               radius: Optional[int] = None) -> RunStore:
+               radius: Optional[int] = None, times: Optional[Sequence[float]] = None) -> RunStore:
     """Create the run at `location` (a directory or fsspec URL), or reopen it if its settings match.
+
+    `times` are the nsteps times of the run's time grid at which step j is measured (what compute
+    passes: diffusion.TimeGrid.step_times), recorded as the `time` array; without them the uniform
+    DDIM grid t_j = (N - j) / N is recorded. A reopened run keeps the times it recorded.
 
     A store with different settings is refused with a message naming them, unless `overwrite`,
     which deletes what edtool wrote there (the store, and summary_stats.json if edtool wrote it)
@@ -83,7 +87,7 @@ def create_run(location, config: dict, models: Sequence[str], seeds: Sequence[in
     hold radii 0..`radius`.
     """
     location = run_location(location)
-    settings = _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays, radius)
+    settings = _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays, radius, times)
     if local_dir(location) is not None:
         clean_leftovers(local_dir(location))  # what killed commands left, when provably stale
     if overwrite:
@@ -178,7 +182,8 @@ def _open_existing(location: str, mode: str) -> Optional[RunStore]:
     return RunStore(group, location)
 
 
-def _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays=(), radius=None) -> dict:
+def _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_arrays=(), radius=None,
+              times=None) -> dict:
     """Everything that must match for a rerun to continue a run, validated and JSON-normalized."""
     models = [str(m) for m in models]
     if not models or len(set(models)) != len(models):
@@ -193,6 +198,11 @@ def _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_ar
     shape = [int(v) for v in image_shape]
     if len(shape) != 3 or min(shape) < 1 or int(nsteps) < 1:
         raise EdtoolError(f"image_shape must be (C, H, W) and nsteps >= 1, got {tuple(image_shape)}, {nsteps}")
+    n = int(nsteps)
+    # the caller's grid; else the uniform one, (N - j) / N as float64 (what diffusion.TimeGrid(N).step_times holds)
+    times = np.arange(n, 0, -1, dtype=np.float64) / n if times is None else np.asarray(times, dtype=np.float64)
+    if times.shape != (n,) or not np.isfinite(times).all():
+        raise EdtoolError(f"times must be {n} finite numbers, one per step, got shape {list(times.shape)}")
     try:
         config = json.loads(json.dumps(config))
     except (TypeError, ValueError) as err:
@@ -205,7 +215,7 @@ def _settings(config, models, seeds, labels, nsteps, image_shape, maps, extra_ar
     if radial and (radius is None or int(radius) < 0):
         raise EdtoolError(f"arrays with a radius dimension need radius >= 0, got {radius}")
     out = {"config": config, "models": models, "seeds": seeds, "labels": labels, "nsteps": int(nsteps),
-           "image_shape": shape, "maps": bool(maps)}
+           "image_shape": shape, "maps": bool(maps), "time": times.tolist()}
     if extra:  # absent when there are none, so runs made before extra arrays existed still match
         out["extra_arrays"] = extra
     if radial:
@@ -217,7 +227,7 @@ def _stored_settings(run: RunStore) -> dict:
     """The settings a stored run was made with, in the form `_settings` returns."""
     out = {"config": run.config, "models": run.models, "seeds": run.seeds.tolist(),
            "labels": run.labels.tolist(), "nsteps": run.nsteps, "image_shape": list(run.image_shape),
-           "maps": run.has_maps}
+           "maps": run.has_maps, "time": run.time.tolist()}
     if run.extra_arrays:
         out["extra_arrays"] = run.extra_arrays
     if run.radius is not None:
@@ -242,8 +252,8 @@ def _require_same(location, old: dict, new: dict):
             out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
         return out
 
-    def layout(s):
-        return {k: v for k, v in s.items() if k != "config"}
+    def layout(s):  # the times are named only when the step counts agree (else nsteps says it)
+        return {k: v for k, v in s.items() if k != "config" and (k != "time" or old["nsteps"] == new["nsteps"])}
 
     def compared(config):  # what only describes the process (the device kind) may differ between shards
         return {k: v for k, v in config.items() if k not in PROCESS_ONLY}
@@ -300,9 +310,7 @@ def _build(group: zarr.Group, s: dict):
 
 def _fixed_arrays(s: dict) -> dict:
     """The arrays a run's settings fix when it is made: {name: values} (radius only when measured)."""
-    from edtool.diffusion import timesteps
-
-    out = {"time": timesteps(s["nsteps"])[:-1].numpy().astype(np.float64),
+    out = {"time": np.asarray(s["time"], dtype=np.float64),
            "seed": np.asarray(s["seeds"], dtype=np.int64), "label": np.asarray(s["labels"], dtype=np.int64)}
     if "radius" in s:
         out["radius"] = np.arange(s["radius"] + 1, dtype=np.int64)
@@ -316,7 +324,7 @@ def _repair_fixed(location: str, run: RunStore, settings: dict) -> RunStore:
     recorded when it was made. Returns the reopened run; EdtoolError when it cannot be repaired."""
     expected = _fixed_arrays(settings)
     stored = _stored_settings(run)
-    for name, key in (("seed", "seeds"), ("label", "labels")):
+    for name, key in (("time", "time"), ("seed", "seeds"), ("label", "labels")):
         if name in run.fixed_damage:  # its stored values are unknown: the rest must match
             stored[key] = settings[key]
     _require_same(location, stored, settings)

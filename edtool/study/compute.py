@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edtool.config import MAX_NSTEPS, MAX_SEED, MIN_PROBES, NSTEPS, PATCH_SIZE, PROBES
-from edtool.diffusion import ddim_sample, initial_noise, timesteps
+from edtool.diffusion import TimeGrid, ddim_sample, initial_noises, realization_seeds
 from edtool.jacobian.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
 from edtool.els.machine import ALIASES, MACHINES
@@ -241,6 +241,10 @@ class Study:
     notes: List[str]
     held_out: Optional[torch.Tensor] = None  # (realizations, C, H, W): x_0 of each realization with --points noised-data
     rtol_missed: list = field(default_factory=list)  # (realization, model, step, ed_stderr / ed_fro) above --rtol
+    grid: Optional[TimeGrid] = None  # the run's time grid, built once by prepare (else from cfg.nsteps)
+
+    def __post_init__(self):
+        self.grid = self.grid or TimeGrid(self.cfg.nsteps)
 
 
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
@@ -274,6 +278,7 @@ def prepare(cfg: ComputeConfig) -> Study:
 
     validate(cfg)
     device = resolve_device(cfg.device)
+    grid = TimeGrid(cfg.nsteps)  # the run's time grid: everything below takes it from here
     notes, models, config_models = [], {}, {}
     wants_machines = any(m in MACHINE_NAMES for m in cfg.models)
     if wants_machines and cfg.scales:  # checked before anything heavy is loaded
@@ -299,7 +304,7 @@ def prepare(cfg: ComputeConfig) -> Study:
     if cfg.sources:  # SPEC 14: models from elsewhere go wherever a network goes
         from edtool.networks.sources import load_sources
 
-        load_sources(cfg, device, models, config_models, notes)
+        load_sources(cfg, device, models, config_models, notes, grid)
     paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
     if not paddings and "resnet" in network_paths:  # machines alone follow the ResNet their scales are for
         paddings = [discovery.padding_of(network_paths["resnet"]) or "zeros"]
@@ -347,7 +352,7 @@ def prepare(cfg: ComputeConfig) -> Study:
         entry["estimator"] = ("analytic" if machine else auto_method(n, device.type)) \
             if cfg.estimator == "auto" else cfg.estimator
 
-    seeds = [cfg.seed + r for r in range(cfg.realizations)]
+    seeds = realization_seeds(cfg.seed, cfg.realizations)
     held_out, points = None, None
     if cfg.points == "noised-data":
         held_out, run_labels, points = _held_out_points(cfg, image_shape, conditional)
@@ -368,8 +373,8 @@ def prepare(cfg: ComputeConfig) -> Study:
         config["points"] = points
     if cfg.save_points:  # likewise absent when off
         config["save_points"] = True
-    config.update(jacobian_whole_config(cfg, image_shape, models))
-    return Study(cfg, models, seeds, run_labels, image_shape, config, device, notes, held_out)
+    config.update(jacobian_whole_config(cfg, image_shape, models, grid))
+    return Study(cfg, models, seeds, run_labels, image_shape, config, device, notes, held_out, grid=grid)
 
 
 def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
@@ -395,15 +400,16 @@ def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
     return images[indices], run_labels, entry
 
 
-def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict) -> dict:
+def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict, grid: Optional[TimeGrid] = None) -> dict:
     """The SPEC 12 settings a run records (absent when off, so runs made without them still resume), with
-    each ELS machine's patch half-width (k - 1)/2 at every step, which the locality figures draw."""
+    each ELS machine's patch half-width (k - 1)/2 at every step of the run's grid (else TimeGrid(cfg.nsteps)),
+    which the locality figures draw."""
     from edtool.jacobian.locality import default_radius
 
     out = {}
     if cfg.locality:
         radius = default_radius(image_shape) if cfg.locality_radius is None else cfg.locality_radius
-        times = timesteps(cfg.nsteps)[:-1].tolist()  # t_j of step j
+        times = (grid or TimeGrid(cfg.nsteps)).step_times.tolist()  # t_j of step j
         half = {name: [(f.patch_size_at(t) - 1) / 2 for t in times] for name, f in fields.items()
                 if getattr(f, "patch_sizes", None)}
         out["locality"] = {"radius": radius, "method": cfg.locality_method, "pixels": cfg.locality_pixels,
@@ -503,7 +509,7 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
     from edtool.jacobian.locality import ClosedFormField
 
     cfg, nsteps, model = job.study.cfg, job.study.cfg.nsteps, job.study.models[name]
-    times = timesteps(nsteps).tolist()
+    times = job.study.grid.times.tolist()
     B, label, rows = batch.x_T.shape[0], batch.label, batch.rows
     out = Cell.nan(B, job.study)
     method = job.study.config["models"][name]["estimator"]  # `auto` resolved once, as the config records it
@@ -744,6 +750,7 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     names = list(cfg.models)
     create = dict(config=study.config, models=names, seeds=study.seeds, labels=study.labels,
                   nsteps=cfg.nsteps, image_shape=study.image_shape, maps=cfg.maps,
+                  times=study.grid.step_times.tolist(),  # the grid this run measures on, recorded as `time`
                   extra_arrays=jacobian_whole_arrays(study.config),
                   radius=(study.config.get("locality") or {}).get("radius"))
     mine = shard_realizations(cfg.realizations, shard)
@@ -811,7 +818,7 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
     for r, m in redo:
         if r in done:
             done[r][m] = False
-    x_T = torch.cat([initial_noise(study.seeds[r], (1, *study.image_shape)) for r in rows]).to(device)
+    x_T = initial_noises([study.seeds[r] for r in rows], study.image_shape).to(device)
     lab = [study.labels[r] for r in rows]
     batch = Batch(rows, x_T, None if lab[0] < 0 else torch.tensor(lab, device=device))
     job.reference_ops.clear()  # the reference's Jacobians at the previous batch's points
@@ -822,12 +829,12 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
         from edtool.study.points import noised_points
 
         x_0 = study.held_out[rows].to(device)
-        points, reference_final = noised_points(x_0, x_T, cfg.nsteps), x_0.double().cpu().numpy()
+        points, reference_final = noised_points(x_0, x_T, study.grid), x_0.double().cpu().numpy()
     elif cfg.trajectory == "shared":
         ref = study.config["reference"]
         if all(done[r][names.index(ref)] for r in rows):
             # its cell is done: the path is recomputed, cheaply (no Jacobians)
-            points, reference_final = _reference_path(study.models[ref], batch, cfg.nsteps)
+            points, reference_final = _reference_path(study.models[ref], batch, study.grid)
         else:
             ref_out, err = _measure_safely(job, ref, batch)
             points, reference_final = ref_out.points, ref_out.final
@@ -845,10 +852,10 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
         _write(job, m, name, batch, out, err)
 
 
-def _reference_path(model, batch: Batch, nsteps: int):
+def _reference_path(model, batch: Batch, grid: TimeGrid):
     """The points a model's DDIM path visits and its end (float64 numpy), without measuring anything."""
     visited = []
-    final = ddim_sample(_eps_fn(model, batch.label), batch.x_T, timesteps(nsteps),
+    final = ddim_sample(_eps_fn(model, batch.label), batch.x_T, grid,
                         on_step=lambda j, t, x: visited.append(x.detach()))
     return visited, final.detach().double().cpu().numpy()
 

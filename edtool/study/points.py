@@ -14,11 +14,11 @@ from). So every t of a realization sees the same image and the same noise direct
     points = noised_points(images[idx[:1]], initial_noise(0, (1, 1, 32, 32)), nsteps=10)
 """
 
-from typing import List
+from typing import List, Union
 
 import torch
 
-from edtool.diffusion import add_noise, timesteps
+from edtool.diffusion import TimeGrid, add_noise, as_grid
 from edtool.errors import EdtoolError
 
 POINT_SOURCES = ("trajectory", "noised-data")
@@ -41,10 +41,10 @@ def held_out_indices(n_held_out: int, seed: int, realizations: int) -> List[int]
     return perm[:realizations].tolist()
 
 
-def noised_points(x0: torch.Tensor, eps: torch.Tensor, nsteps: int) -> List[torch.Tensor]:
-    """x_t = sqrt(alpha_bar(t)) x_0 + sqrt(beta(t)) eps for t = (N - j) / N, j = 0..N-1: one (B, C, H, W)
-    tensor per step, in the order the store keeps steps (j = 0 is t = 1)."""
+def noised_points(x0: torch.Tensor, eps: torch.Tensor, nsteps: Union[TimeGrid, int]) -> List[torch.Tensor]:
+    """x_t = sqrt(alpha_bar(t)) x_0 + sqrt(beta(t)) eps at each step time of the run's grid (an int N is
+    short for TimeGrid(N)): one (B, C, H, W) tensor per step, in the order the store keeps steps (j = 0 is t = 1)."""
     if x0.shape != eps.shape:
         raise ValueError(f"noised_points: x0 {tuple(x0.shape)} and eps {tuple(eps.shape)} differ")
     return [add_noise(x0, torch.full((x0.shape[0],), t, dtype=torch.float64), eps)
-            for t in timesteps(nsteps)[:-1].tolist()]
+            for t in as_grid(nsteps).step_times.tolist()]
