@@ -389,3 +389,13 @@ def test_calibrate_out_a_folder_is_refused_before_loading(tiny_checkpoints, tmp_
     monkeypatch.setattr("edtool.cli._network_and_data", lambda *a: pytest.fail("loaded before the check"))
     assert_refused(cli(capsys, monkeypatch, "calibrate", "--checkpoint", tiny_checkpoints / "tiny_resnet.safetensors",
                        "--out", tmp_path / "d", "--force"), f"{tmp_path / 'd'} is a folder")
+
+
+def test_a_run_dir_that_is_a_file_is_refused_by_name(tmp_path, capsys, monkeypatch):
+    """--run-dir pointing at a file (or below one) says so, and the file is left as it was."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    for run_dir in (blocker, blocker / "sub"):
+        assert_refused(cli(capsys, monkeypatch, "compute", "--models", "els", *SMALL, "--max-samples", "2",
+                           "--run-dir", run_dir), f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "mine"

@@ -29,7 +29,11 @@ def run_location(location) -> str:
 
 
 def make_dir(base: Path):
-    """Create a local run directory, or refuse an unwritable location in one clear line."""
+    """Create a local run directory, or refuse an unwritable location (or a file in its place) in one clear line."""
+    for part in (base, *base.parents):
+        if part.exists() and not part.is_dir():
+            raise EdtoolError(f"the run directory {base} cannot be made: {part} is a file, not a folder; "
+                              "choose another --run-dir")
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as err:
