@@ -22,7 +22,7 @@ from edtool.diffusion import ddim_sample, initial_noise, timesteps
 from edtool.study.distributed import _barrier, _distributed_shard
 from edtool.study.prepare import (  # noqa: F401 (re-exported: edtool.study.compute is the Python API's home)
     MACHINE_NAMES, NETWORKS, ComputeConfig, Study, jacobian_whole_arrays, jacobian_whole_config, prepare,
-    resolve_device, run_location, validate, _whole_dims)
+    resolve_device, run_location, _whole_dims)
 
 RTOL_MAX_PROBES = 1024  # --rtol adds probes up to this many per point
 
@@ -263,7 +263,7 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     from edtool.store.run import create_run, describe_cells, run_lock, shard_realizations
 
     reporter = reporter or Reporter()
-    validate(cfg)
+    cfg.validate()
     dist_shard = _distributed_shard(cfg)
     shard = dist_shard or cfg.shard
     location = run_location(cfg)

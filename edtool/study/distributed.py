@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from edtool.errors import EdtoolError
-from edtool.study.prepare import ComputeConfig
+from edtool.config import ComputeConfig
 
 
 def _distributed_shard(cfg: ComputeConfig):

@@ -1,5 +1,6 @@
-"""What `edtool compute` needs before it measures anything: the settings, checked; the device; the
-networks, machines and data loaded once; seeds, labels and the config the run store records (SPEC 6, 7).
+"""What `edtool compute` needs before it measures anything: the device; the networks, machines and data
+loaded once; seeds, labels and the config the run store records (SPEC 6, 7). The settings and their checks
+are edtool.config.ComputeConfig.
 
     study = prepare(ComputeConfig(models=["unet", "els"]))   # -> Study: models by name, seeds, labels, config
 """
@@ -12,146 +13,13 @@ from typing import List, Optional
 
 import torch
 
-from edtool.config import MAX_NSTEPS, MAX_SEED, MIN_PROBES, NSTEPS, PATCH_SIZE, PROBES
+from edtool.config import NETWORKS, ComputeConfig
 from edtool.diffusion import timesteps
-from edtool.jacobian.ed import METHODS as ESTIMATORS
 from edtool.errors import EdtoolError
 from edtool.els.machine import ALIASES, MACHINES
-from edtool.els.schedule import check_fits, check_patch_size
-from edtool.store.run import MAX_REALIZATIONS
+from edtool.els.schedule import check_fits
 
-NETWORKS = ("unet", "resnet")
-MACHINE_NAMES = tuple(ALIASES) + MACHINES  # what --models accepts: `els` follows the networks' padding
-
-
-@dataclass
-class ComputeConfig:
-    """Every option of `edtool compute`; those that change a number go into the store's config."""
-
-    dataset: str = "mnist5k"
-    data_root: Optional[str] = None
-    models: List[str] = field(default_factory=lambda: ["unet", "resnet", "els"])
-    unet: Optional[str] = None
-    resnet: Optional[str] = None
-    scales: Optional[str] = None
-    patch_size: int = PATCH_SIZE  # ELS patch size when no calibrated scales are found
-    max_samples: Optional[int] = None  # the machines get the first N training images (per class if conditional)
-    nsteps: int = NSTEPS
-    realizations: int = 1
-    seed: int = 0
-    label: Optional[int] = None
-    estimator: str = "auto"
-    probes: int = PROBES
-    rtol: Optional[float] = None
-    maps: bool = False
-    trajectory: str = "own"  # own | shared
-    points: str = "trajectory"  # trajectory | noised-data (SPEC 13: forward-noised held-out images)
-    held_out: Optional[str] = None  # data set of the noised-data points, test split (default: points.default_held_out)
-    reference: Optional[str] = None  # the model whose path is shared (default: the first)
-    device: str = "auto"
-    batch: int = 1
-    run: Optional[str] = None
-    run_dir: Optional[str] = None
-    overwrite: bool = False
-    retry_failed: bool = False  # recompute finished cells that hold NaN (e.g. out of memory on another device)
-    shard: Optional[tuple] = None  # (i, K)
-    locality: bool = False  # SPEC 12 locality profiles loc_jac, loc_ed per radius, and r90
-    locality_radius: Optional[int] = None  # R: radii 0..R (default half the image size)
-    locality_method: str = "auto"  # auto (exact when the Jacobian fits in memory) | exact | probe
-    locality_pixels: int = 64  # output pixels drawn by the probe estimator
-    align: Optional[str] = None  # SPEC 12 alignment of every model's Jacobian with this model's (same points)
-    scheduler: Optional[str] = None  # SPEC 14: scheduler folder of a diffusers UNet2DModel folder source
-    save_points: bool = False  # store the point of every measurement (array `point`)
-    sources: dict = field(default_factory=dict)  # SPEC 14: {label: SOURCE} of --models LABEL=SOURCE entries
-
-    def __post_init__(self):  # --models LABEL=SOURCE: the label names the model, its source is kept here
-        from edtool.networks.sources import split_models
-
-        self.models, found = split_models(list(self.models), NETWORKS + MACHINE_NAMES)
-        self.sources = {**self.sources, **found}
-
-
-
-def validate(cfg: ComputeConfig) -> None:
-    """Refuse bad settings before anything is loaded or written."""
-    from edtool.data import DATASETS
-
-    if cfg.dataset not in DATASETS:
-        raise EdtoolError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
-    if not cfg.models:
-        raise EdtoolError("no models given; e.g. --models unet,resnet,els")
-    for m in cfg.models:
-        if m not in NETWORKS + MACHINE_NAMES and m not in cfg.sources:
-            raise EdtoolError(f"unknown model {m!r}; choose from {', '.join(NETWORKS + MACHINE_NAMES)}, or "
-                              "LABEL=SOURCE (a diffusers folder, hf:ORG/NAME, py:module:attr, a checkpoint)")
-    if len(set(cfg.models)) != len(cfg.models):
-        raise EdtoolError(f"a model is listed twice in --models {','.join(cfg.models)}")
-    if cfg.nsteps < 1:
-        raise EdtoolError(f"--nsteps must be at least 1, got {cfg.nsteps}")
-    if cfg.nsteps > MAX_NSTEPS:
-        raise EdtoolError(f"--nsteps {cfg.nsteps} is more than edtool takes (at most {MAX_NSTEPS})")
-    if cfg.realizations < 1:
-        raise EdtoolError(f"--realizations must be at least 1, got {cfg.realizations}")
-    if not 0 <= cfg.seed <= MAX_SEED - cfg.realizations + 1:
-        raise EdtoolError(f"--seed {cfg.seed} with --realizations {cfg.realizations}: seeds go from 0 to {MAX_SEED}")
-    if cfg.realizations > MAX_REALIZATIONS:
-        raise EdtoolError(f"--realizations {cfg.realizations} is more than one run holds (at most "
-                          f"{MAX_REALIZATIONS}: one chunk file per realization and array); split the work over "
-                          "runs with different --seed")
-    if cfg.batch < 1:
-        raise EdtoolError(f"--batch must be at least 1, got {cfg.batch}")
-    if cfg.estimator not in ESTIMATORS:
-        raise EdtoolError(f"unknown --estimator {cfg.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    if cfg.estimator == "analytic" and any(m not in MACHINE_NAMES for m in cfg.models):
-        raise EdtoolError("--estimator analytic applies to the ELS machines only; use auto (closed form for "
-                          "machines, Hutchinson or exact for networks)")
-    if cfg.probes < MIN_PROBES:
-        raise EdtoolError(f"--probes must be at least {MIN_PROBES} (the standard error needs a spread), got {cfg.probes}")
-    if cfg.rtol is not None and not 0 < cfg.rtol < 1:
-        raise EdtoolError(f"--rtol must be between 0 and 1, got {cfg.rtol}")
-    if cfg.trajectory not in ("own", "shared"):
-        raise EdtoolError(f"--trajectory must be own or shared, got {cfg.trajectory!r}")
-    if cfg.reference is not None and cfg.reference not in cfg.models:
-        raise EdtoolError(f"--reference {cfg.reference!r} is not among --models")
-    from edtool.study.points import POINT_SOURCES
-
-    if cfg.points not in POINT_SOURCES:
-        raise EdtoolError(f"--points must be one of {', '.join(POINT_SOURCES)}, got {cfg.points!r}")
-    if cfg.points == "noised-data" and cfg.trajectory == "shared":
-        raise EdtoolError("--points noised-data measures every model at the same noised held-out images already; "
-                          "drop --trajectory shared")
-    if cfg.held_out is not None and cfg.points != "noised-data":
-        raise EdtoolError("--held-out chooses the images of --points noised-data; add --points noised-data")
-    if cfg.held_out is not None and cfg.held_out not in DATASETS:
-        raise EdtoolError(f"unknown --held-out {cfg.held_out!r}; choose one of {', '.join(DATASETS)}")
-    if cfg.overwrite and cfg.shard is not None:
-        raise EdtoolError("--overwrite with --shard would delete what the other shards computed: delete the "
-                          "run directory once before starting the shards, and run them without --overwrite")
-    check_patch_size(cfg.patch_size, "--patch-size")
-    if cfg.max_samples is not None and (isinstance(cfg.max_samples, bool) or not isinstance(cfg.max_samples, int)
-                                        or cfg.max_samples < 1):
-        raise EdtoolError(f"--max-samples must be at least 1, got {cfg.max_samples}")
-    _validate_jacobian_whole(cfg)
-
-
-def _validate_jacobian_whole(cfg: ComputeConfig) -> None:
-    """--locality and --align settings (SPEC 12)."""
-    from edtool.jacobian.locality import LOCALITY_METHODS
-
-    if cfg.locality_method not in LOCALITY_METHODS:
-        raise EdtoolError(f"unknown --locality-method {cfg.locality_method!r}; choose one of "
-                          f"{', '.join(LOCALITY_METHODS)}")
-    if cfg.locality_radius is not None and cfg.locality_radius < 0:
-        raise EdtoolError(f"--locality-radius must be 0 or more, got {cfg.locality_radius}")
-    if cfg.locality_pixels < 2:
-        raise EdtoolError(f"--locality-pixels must be at least 2 (an error bar needs a spread), "
-                          f"got {cfg.locality_pixels}")
-    if cfg.align is not None:
-        if cfg.align not in cfg.models:
-            raise EdtoolError(f"--align {cfg.align!r} is not among --models {','.join(cfg.models)}; add it")
-        if cfg.trajectory != "shared" and cfg.points == "trajectory":
-            raise EdtoolError("--align compares Jacobians at the same points: it needs --trajectory shared "
-                              "(or --points noised-data)")
+MACHINE_NAMES = tuple(ALIASES) + MACHINES  # the machines --models accepts: `els` follows the networks' padding
 
 
 def resolve_device(name: str) -> torch.device:
@@ -248,7 +116,7 @@ def prepare(cfg: ComputeConfig) -> Study:
     from edtool.jacobian.ed import auto_method
     from edtool.networks import checkpoints, discovery
 
-    validate(cfg)
+    cfg.validate()
     device = resolve_device(cfg.device)
     notes, models, config_models = [], {}, {}
     wants_machines = any(m in MACHINE_NAMES for m in cfg.models)
