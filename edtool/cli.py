@@ -1,7 +1,8 @@
 """The `edtool` command line: a thin Typer layer over functions a notebook can call (SPEC 7).
 
-Bad input raises EdtoolError; `main` prints it as one line on stderr and exits 2 (no traceback
-unless --debug).
+Each command's options take their defaults and ranges from its settings dataclass (edtool.config), build
+it, check it, and call the library. Bad input raises EdtoolError; `main` (edtool.console) prints it as
+one line on stderr and exits 2 (no traceback unless --debug).
 """
 
 import json
@@ -9,7 +10,6 @@ import os
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +17,9 @@ import typer
 
 from edtool.config import (RANGES, CalibrateConfig, ComputeConfig, SampleConfig, TrainConfig, default,
                            seed_range)
-from edtool.errors import EdtoolError, disk_error_line
+from edtool.console import (print_aggregate, print_results_table, print_status, print_verify, print_warnings,
+                            progress_bar, reporter, run_command_line, run_compute)
+from edtool.errors import EdtoolError
 from edtool.fileio import check_output
 from edtool.store.urls import check_location
 
@@ -43,16 +45,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
           version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")):
     """--debug is read by main() from sys.argv; declared here so that it shows in --help."""
-
-
-def _progress(quiet: bool = False):
-    """A rich progress display on a terminal; None (plain log lines) otherwise."""
-    if quiet or not sys.stdout.isatty():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
 
 def _int_list(text: str, what: str) -> List[int]:
@@ -165,7 +157,7 @@ def train(
         held_out = load_dataset(name, root=held_out_root or data_root, split="test", download=False)
     work = state if state is not None else cache_dir() / "train" / work_dir_name(out, cfg)
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    progress = _progress(quiet)
+    progress = progress_bar(quiet)
     steps = cfg.steps
     every = max(1, steps // 100)
     kw = dict(ckpt_every=ckpt_every, command=command, init_weights=init, held_out=held_out,
@@ -394,64 +386,6 @@ def _shard(text: Optional[str]):
     return (i, k)
 
 
-def _reporter(quiet: bool, as_json: bool):
-    from edtool.study.progress import JsonReporter, PlainReporter, QuietReporter, RichReporter
-
-    if as_json:
-        return JsonReporter()
-    if quiet:
-        return QuietReporter()
-    return RichReporter() if sys.stdout.isatty() else PlainReporter()
-
-
-def _run_compute(cfg, quiet: bool = False, as_json: bool = False) -> dict:
-    """compute() with a progress display and a clean message on Ctrl-C."""
-    from edtool.study.compute import compute
-
-    reporter = _reporter(quiet, as_json)
-    try:
-        with (reporter if hasattr(reporter, "__enter__") else nullcontext()):
-            summary = compute(cfg, reporter)
-    except KeyboardInterrupt:
-        print("edtool: interrupted; finished cells are saved. Run the same command again to resume.",
-              file=sys.stderr)
-        sys.exit(130)
-    return summary
-
-
-def _print_results_table(location: str, as_json: bool = False):
-    """Final table: per model, mean ED and mean asym over the finished cells."""
-    import numpy as np
-
-    from edtool.store.run import open_run
-
-    run = open_run(location)
-    done = run.done_mask()
-    rows = []
-    for m, name in enumerate(run.models):
-        ed, asym = run.read("ed_fro", m)[done[:, m]], run.read("asym", m)[done[:, m]]
-        finite = np.isfinite(ed)
-        rows.append({"model": name, "realizations": int(done[:, m].sum()),
-                     "mean_ed_fro": float(np.nanmean(ed)) if finite.any() else None,
-                     "mean_asym": float(np.nanmean(asym)) if np.isfinite(asym).any() else None,
-                     "failed_steps": int((~finite).sum())})
-    if as_json:
-        return rows
-    from rich.console import Console
-    from rich.table import Table
-
-    from edtool.study.aggregate import format_number as fmt
-
-    table = Table(title=f"run {location}")
-    for col in ("model", "realizations", "mean ||J-J^T||_F", "mean asym", "failed steps"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for r in rows:
-        table.add_row(r["model"], str(r["realizations"]), fmt(r["mean_ed_fro"]), fmt(r["mean_asym"]),
-                      str(r["failed_steps"]))
-    Console().print(table)
-    return rows
-
-
 def _compute_config(params: dict, **given):
     """ComputeConfig from a command's parameters, checked; a --run-dir that cannot be written is refused too."""
     cfg = _settings(ComputeConfig, params, **given)
@@ -528,22 +462,20 @@ def compute(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable progress and summary."),
 ):
     """Run trajectories for realizations x models and stream the measurements into the run store (resumable)."""
-    import json as _json
-
     cfg = _compute_config(ctx.params, models=_models(models), shard=_shard(shard),
                           trajectory=trajectory or ("shared" if align and points == "trajectory" else "own"))
-    summary = _run_compute(cfg, quiet, as_json)
+    summary = run_compute(cfg, quiet, as_json)
     if summary.get("shard") and summary["shard"][0] != 0 and "RANK" in os.environ:
         return  # under torchrun, rank 0 reports
     if as_json:
-        print(_json.dumps({"event": "done", **summary, "results": _print_results_table(summary["location"], True)}))
+        print(json.dumps({"event": "done", **summary, "results": print_results_table(summary["location"], True)}))
     elif not quiet:
-        _print_results_table(summary["location"])
+        print_results_table(summary["location"])
         t = summary["timings"]
         print(f"time: total {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
               f"store {t['store']:.2f}s); run stored in {summary['location']}")
     if not as_json:  # on stderr even with --quiet: these say a number is not what was asked for
-        _print_warnings(summary["failures"] + summary["warnings"])
+        print_warnings(summary["failures"] + summary["warnings"])
 
 
 @app.command()
@@ -552,29 +484,13 @@ def aggregate(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Reduce a run over its finished realizations into aggregate/* and summary_stats.json."""
-    import json as _json
-
-    from edtool.study.aggregate import aggregate_run, format_number as fmt
+    from edtool.study.aggregate import aggregate_run
 
     summary = aggregate_run(_resolve_run(run))
     if as_json:
-        print(_json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
         return
-    used = summary.get("realizations_used", "?")
-    print(f"aggregated {used} of {summary.get('realizations_total', '?')} realizations of {_resolve_run(run)}")
-    for name in summary["models"]:
-        s = summary[name]
-        print(f"  {name:<14} mean ED {fmt(s['mean_ed_magnitude'])}  std {fmt(s['std_ed_magnitude'])}  "
-              f"mean asym {fmt(s['mean_asym'])}  (n={s['num_used']}"
-              + (f"; {s['num_failed']} of {s['num_realizations']} with failed steps)" if s["num_failed"] else ")"))
-    points = summary.get("points", {}).get("source", "trajectory")
-    where = ("at forward-noised held-out images, QCSBM's protocol: comparable with their Table 2"
-             if points == "noised-data" else "along DDIM paths: not QCSBM's protocol (use --points noised-data)")
-    print(f"NAsym = ||J-J^T||_F^2 / (4 ||J||_F^2) = asym^2, points {points} ({where}):")
-    for name in summary["models"]:
-        s = summary[name]
-        print(f"  {name:<14} mean of ratios (QCSBM's) {fmt(s['nasym_mean_of_ratios'])}  "
-              f"ratio of means {fmt(s['nasym_ratio_of_means'])}")
+    print_aggregate(summary, _resolve_run(run))
 
 
 def _resolve_run(run: str) -> str:
@@ -653,7 +569,7 @@ def analyze(
     cfg = _compute_config(ctx.params, models=_models(models), realizations=multiple or 1, run_dir=str(run_dir))
     check_figure_folder(run_dir, fmt, overwrite)  # before computing: the seed tool's figures have these names
     check_seed_files_folder(run_dir, overwrite)  # and its numeric files
-    summary = _run_compute(cfg, quiet)
+    summary = run_compute(cfg, quiet)
     t0 = time.perf_counter()
     aggregate_run(str(run_dir))
     t_agg = time.perf_counter() - t0
@@ -662,14 +578,14 @@ def analyze(
     t_plot = time.perf_counter() - t0
     paths += export_seed_files(str(run_dir), overwrite=overwrite)  # the seed tool's .pt files, from the store
     if quiet:
-        _print_warnings(summary["failures"] + summary["warnings"])
+        print_warnings(summary["failures"] + summary["warnings"])
         return
-    _print_results_table(str(run_dir))
+    print_results_table(str(run_dir))
     t = summary["timings"]
     print(f"time: compute {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
           f"store {t['store']:.2f}s), aggregate {t_agg:.2f}s, plot {t_plot:.1f}s")
     print(f"results in {run_dir}: ed.zarr, summary_stats.json, " + ", ".join(p.name for p in paths))
-    _print_warnings(summary["failures"] + summary["warnings"])
+    print_warnings(summary["failures"] + summary["warnings"])
 
 
 @app.command()
@@ -688,7 +604,7 @@ def demo(
 
     console = Console()
     run_demo(out, models=_models(models), nsteps=nsteps, seed=seed, device=device,
-             reporter=_reporter(False, False), say=console.print)
+             reporter=reporter(False, False), say=console.print)
 
 
 @app.command()
@@ -697,38 +613,14 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List runs and how complete each is (per model, and per shard)."""
-    import json as _json
-
     from edtool.store.status import run_status, find_runs
 
     locations = [_resolve_run(run)] if run else find_runs()
     rows = [run_status(loc) for loc in locations]
     if as_json:
-        print(_json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2))
         return
-    if not rows:
-        from edtool.paths import cache_dir
-
-        print(f"no runs under {cache_dir()}")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="edtool runs")
-    for col in ("run", "models", "steps", "cells done", "per model", "estimator", "state"):
-        table.add_column(col)
-    for s in rows:
-        table.add_row(s["location"], ",".join(s["models"]), str(s["nsteps"]), f"{s['done']}/{s['total']}",
-                      " ".join(f"{k}:{v}" for k, v in s["per_model"].items()), str(s["estimator"]), s["state"])
-    Console().print(table)
-    for s in rows:
-        for line in s.get("shards", []):
-            print(f"  {s['location']}: {line}")
-        for line in s.get("leftovers", []):
-            print(f"  {s['location']}: leftover {line}")
-        if s.get("legacy"):
-            print(f"  {s['location']}: made before edtool kept digests (moved chunks, edited attributes, time, seed "
-                  "and label are not checked)")
+    print_status(rows)
 
 
 @app.command()
@@ -741,35 +633,12 @@ def verify(
     Damaged cells are recomputed by rerunning the `edtool compute` that made the run (same settings);
     aggregate and plot refuse a run with damaged cells.
     """
-    import json as _json
-
     from edtool.store.status import verify_run
 
     report = verify_run(_resolve_run(run))
-    bad = report["damaged"]
-    arrays = report["damaged_arrays"] + report["damaged_aggregate"]
     if as_json:
-        print(_json.dumps(report, indent=2))
-    else:
-        for item in report["damaged_arrays"]:
-            print(f"damaged: array {item['array']}: {item['reason']}; rerun the `edtool compute` that made the run "
-                  "to rewrite it")
-        for item in report["damaged_aggregate"]:
-            print(f"damaged: {item['array']}: {item['reason']}; rerun `edtool aggregate`")
-        for cell in bad:
-            print(f"damaged: realization {cell['realization']} {cell['model']}: {cell['reason']}")
-        if report["legacy"]:
-            print("note: this run was made before edtool kept digests: chunks moved or copied between cells, "
-                  "edited attributes and the time, seed and label arrays are not checked (compute it again with "
-                  "--overwrite to have them checked)")
-        if report["unchecksummed"]:
-            print(f"note: {', '.join(report['unchecksummed'])} carry no chunk checksums (a run made before "
-                  "edtool checksummed chunks): missing chunks are found, flipped bits are not")
-        whole = report["done"] - len(bad)
-        print(f"run {report['location']}: {len(bad)} damaged cell(s), {whole} whole of {report['done']} done "
-              f"({report['total']} in all)" + ("; rerun the `edtool compute` that made it to recompute them"
-                                                if bad else "") + (f"; {len(arrays)} damaged array(s)" if arrays else ""))
-    if bad or arrays:
+        print(json.dumps(report, indent=2))
+    if not print_verify(report, quiet=as_json):
         sys.exit(1)
 
 
@@ -780,92 +649,6 @@ COMMAND_ORDER = ("analyze", "demo", "compute", "aggregate", "plot", "status", "v
 app.registered_commands.sort(key=lambda c: COMMAND_ORDER.index(c.name or c.callback.__name__.replace("_", "-")))
 
 
-_shown_warnings: List[str] = []  # what this process has said as `edtool: warning: ...` so far
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """A Python warning as one line, `edtool: warning: ...` (no source file and line: that is for
-    --debug); remembered so that a run's closing summary does not say it a second time."""
-    text = " ".join(str(message).split())
-    _shown_warnings.append(text)
-    try:
-        print(f"edtool: warning: {text}", file=file or sys.stderr)
-    except OSError:  # like warnings' own: a closed stderr does not turn a warning into an error
-        pass
-
-
-def _print_warnings(lines: List[str]) -> None:
-    """The failures and warnings of a run, on stderr (even with --quiet: they say a number is not what
-    was asked for), each once: those already shown while it ran are not repeated."""
-    for text in lines:
-        if not any(text in shown for shown in _shown_warnings):
-            _show_warning(text, UserWarning, "", 0)
-
-
-def _usage_error_types() -> tuple:
-    """What Typer raises for a bad command line: its own exception base (Typer >= 0.2x vendors a copy of
-    click), and click's where an older Typer still runs on click. click itself is not a dependency."""
-    types = tuple(t for t in (getattr(typer, "TyperException", None),) if t is not None)
-    try:
-        import click
-    except ImportError:
-        return types
-    return types + (click.ClickException,)
-
-
-def _usage_line(e: Exception) -> str:
-    """One line for a usage error: what is wrong, and where the help is."""
-    text = " ".join(e.format_message().split()) if hasattr(e, "format_message") else str(e)
-    ctx = getattr(e, "ctx", None)
-    path = getattr(ctx, "command_path", None) or "edtool"
-    return f"edtool: error: {text} (see '{path} --help')"
-
-
 def main():
-    """Console entry point. Every way a command line can be wrong ends here: help or one line on
-    stderr and exit code 2, never a traceback (unless --debug); EdtoolError (bad input found by a
-    command) likewise."""
-    import warnings
-
-    debug = "--debug" in sys.argv
-    _shown_warnings.clear()
-    try:
-        with warnings.catch_warnings():  # restored on return: main() called from Python leaves no trace
-            if not debug:
-                warnings.showwarning = _show_warning
-            code = app(standalone_mode=False, prog_name="edtool")  # an Exit (e.g. --help) comes back as its code
-    except EdtoolError as e:
-        if debug:
-            raise
-        print(f"edtool: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("edtool: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except typer.Abort:
-        print("edtool: aborted", file=sys.stderr)
-        sys.exit(130)
-    except _usage_error_types() as e:
-        if debug:
-            raise
-        if type(e).__name__ == "NoArgsIsHelpError":  # `edtool` alone: the help (printed by rich already, or here)
-            text = e.format_message()
-            if text.strip():
-                print(text, file=sys.stderr)
-        else:
-            print(_usage_line(e), file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:
-        if debug:
-            raise
-        line = disk_error_line(e)
-        if line:  # disk full, permissions, read-only, not a folder: the user's to fix, one line
-            print(f"edtool: error: {line}", file=sys.stderr)
-            sys.exit(2)
-        print(f"edtool: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
-              "and please report it)", file=sys.stderr)
-        sys.exit(1)
-    if isinstance(code, int) and not isinstance(code, bool) and code:
-        if code == 130:
-            print("edtool: interrupted", file=sys.stderr)
-        sys.exit(code)
+    """Console entry point: every error ends as one line (see edtool.console.run_command_line)."""
+    run_command_line(app)
