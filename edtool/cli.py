@@ -276,7 +276,7 @@ def calibrate(
     check_output([out], force)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     res = run_calibration(net, images, labels, machine=cfg.machine, sizes=cfg.sizes,
-                          seeds=seed_range(cfg.seed, cfg.seeds), nsteps=cfg.nsteps, metric=cfg.metric,
+                          seeds=list(seed_range(cfg.seed, cfg.seeds)), nsteps=cfg.nsteps, metric=cfg.metric,
                           batch=cfg.batch, label=cfg.label, log=log)
     path = write_scales_json(out, res["scales"], **calibration_meta(
         res, checkpoint=weights.name, checkpoint_sha256=file_hash(weights), dataset=dataset, command=command))
@@ -359,7 +359,7 @@ def sample(
     for line in notes:
         print(f"note: {line}")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    summary = run_sample(cfg.machine, net, images, labels, seed_range(cfg.seed, cfg.seeds), nsteps=cfg.nsteps,
+    summary = run_sample(cfg.machine, net, images, labels, list(seed_range(cfg.seed, cfg.seeds)), nsteps=cfg.nsteps,
                          scales=schedule, out_dir=out, label=cfg.label, patch_size=cfg.patch_size, batch=cfg.batch,
                          scales_source=sources, log=log, baseline=cfg.baseline, overwrite=cfg.overwrite,
                          layout=cfg.layout)

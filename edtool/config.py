@@ -125,13 +125,14 @@ def check_range(name: str, value, why: str = ""):
     return value
 
 
-def seed_range(seed: int, count: int, name: str = "seeds") -> list:
-    """The seeds seed, seed+1, ..., seed+count-1 (count from --seeds or --realizations), all in 0..MAX_SEED."""
+def seed_range(seed: int, count: int, name: str = "seeds") -> range:
+    """The seeds seed, seed+1, ..., seed+count-1 (count from --seeds or --realizations), all in 0..MAX_SEED;
+    a range, so that checking an absurd count costs nothing."""
     check_range("seed", seed)
     check_range(name, count)
     if seed + count - 1 > MAX_SEED:
         raise EdtoolError(f"--seed {seed} with --{name} {count}: seeds go from 0 to {MAX_SEED}")
-    return list(range(seed, seed + count))
+    return range(seed, seed + count)
 
 
 def _model_names() -> tuple:
@@ -212,7 +213,7 @@ class ComputeConfig:
             raise EdtoolError(f"a model is listed twice in --models {','.join(self.models)}")
         check_range("nsteps", self.nsteps)
         seed_range(self.seed, self.realizations, "realizations")
-        if self.realizations > MAX_REALIZATIONS:
+        if self.realizations > MAX_REALIZATIONS:  # before anything is sized by it
             raise EdtoolError(f"--realizations {self.realizations} is more than one run holds (at most "
                               f"{MAX_REALIZATIONS}: one chunk file per realization and array); split the work over "
                               "runs with different --seed")

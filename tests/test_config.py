@@ -122,6 +122,7 @@ def test_the_library_refuses_what_the_command_line_refuses():
              (dict(probes=1), "--probes must be at least 2 (the standard error needs a spread), got 1"),
              (dict(seed=-1), "--seed must be 0 or more, got -1"),
              (dict(seed=config.MAX_SEED, realizations=2), "--seed 9223372036854775807 with --realizations 2: seeds"),
+             (dict(realizations=10**12), "--realizations 1000000000000 is more than one run holds"),  # no list made
              (dict(patch_size=4), "--patch-size is 4; patch sizes must be odd"),
              (dict(locality_pixels=1), "--locality-pixels must be at least 2"),
              (dict(locality_radius=-1), "--locality-radius must be 0 or more, got -1")]
@@ -133,7 +134,8 @@ def test_the_library_refuses_what_the_command_line_refuses():
     for settings, kw, message in [
             (SampleConfig, dict(patch_size=4), "--patch-size is 4"), (SampleConfig, dict(nsteps=0), "--nsteps must"),
             (SampleConfig, dict(seeds=0), "--seeds must be at least 1"), (SampleConfig, dict(layout="x"), "--layout"),
-            (CalibrateConfig, dict(sizes=[3, 4]), "candidate size is 4"), (CalibrateConfig, dict(metric="l1"), "--metric"),
+            (CalibrateConfig, dict(sizes=[3, 4]), "candidate size is 4"),
+            (CalibrateConfig, dict(metric="l1"), "--metric"),
             (CalibrateConfig, dict(max_samples=0), "--max-samples must be at least 1, got 0"),
             (CalibrateConfig, dict(batch=0), "--batch must be at least 1, got 0"),
             (CalibrateConfig, dict(seed=config.MAX_SEED, seeds=2), "--seed 9223372036854775807 with --seeds 2")]:
