@@ -1,7 +1,8 @@
 """The `edtool` command line: a thin Typer layer over functions a notebook can call (SPEC 7).
 
-Bad input raises EdtoolError; `main` prints it as one line on stderr and exits 2 (no traceback
-unless --debug).
+Each command's options take their defaults and ranges from its settings dataclass (edtool.config), build
+it, check it, and call the library. Bad input raises EdtoolError; `main` (edtool.console) prints it as
+one line on stderr and exits 2 (no traceback unless --debug).
 """
 
 import json
@@ -9,14 +10,15 @@ import os
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from edtool.config import MAX_NSTEPS, MAX_SEED, MAX_SEEDS, NSTEPS, PATCH_SIZE, PROBES, TrainConfig, default
-from edtool.errors import EdtoolError, disk_error_line
+from edtool.config import RANGES, CalibrateConfig, ComputeConfig, SampleConfig, TrainConfig, default
+from edtool.console import (print_aggregate, print_results_table, print_status, print_verify, print_warnings,
+                            progress_bar, reporter, run_command_line, run_compute)
+from edtool.errors import EdtoolError
 from edtool.fileio import check_output
 from edtool.store.urls import check_location
 
@@ -44,16 +46,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     """--debug is read by main() from sys.argv; declared here so that it shows in --help."""
 
 
-def _progress(quiet: bool = False):
-    """A rich progress display on a terminal; None (plain log lines) otherwise."""
-    if quiet or not sys.stdout.isatty():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-
-
 def _int_list(text: str, what: str) -> List[int]:
     try:
         return [int(v) for v in text.replace(",", " ").split()]
@@ -61,9 +53,23 @@ def _int_list(text: str, what: str) -> List[int]:
         raise EdtoolError(f"{what} must be integers separated by commas, e.g. 32,64,128 (got {text!r})") from None
 
 
-def _T(name: str):
-    """The default of a training setting: TrainConfig's, so the command and the library agree."""
-    return default(TrainConfig, name)
+def _opt(settings, name: str, *flags, **kw):
+    """An option whose default is the settings dataclass's (a list shown as 3,5,7) and whose range is
+    edtool.config.RANGES' (Typer refuses a number outside as a usage error, before any work), so the
+    command and the library agree (`default=` overrides the default, as demo's shorter tour does)."""
+    value = kw.pop("default") if "default" in kw else default(settings, name)
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    least, most = RANGES.get(name, (None, None))
+    return typer.Option(value, *flags, **{"min": least, "max": most, **kw})
+
+
+def _T(name: str, *flags, **kw):
+    return _opt(TrainConfig, name, *flags, **kw)
+
+
+def _C(name: str, *flags, **kw):
+    return _opt(ComputeConfig, name, *flags, **kw)
 
 
 @app.command()
@@ -71,25 +77,24 @@ def train(
     ctx: typer.Context,
     arch: Optional[str] = typer.Option(None, help="Network architecture: unet or resnet (required unless --state "
                                        "holds a run)."),
-    dataset: str = typer.Option(_T("dataset"), help="Training data: mnist5k, mnist, fashionmnist, cifar10."),
+    dataset: str = _T("dataset", help="Training data: mnist5k, mnist, fashionmnist, cifar10."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout (not needed for mnist5k)."),
-    conditional: bool = typer.Option(_T("conditional"), "--conditional", help="Class-conditional network."),
-    padding: str = typer.Option(_T("padding"), help="Convolution padding: zeros or circular."),
-    steps: int = typer.Option(_T("steps"), min=1, max=10**9, help="Optimizer steps (in all, counting those done)."),
-    batch: int = typer.Option(_T("batch"), min=1, max=1 << 20, help="Images per step."),
-    lr: float = typer.Option(_T("lr"), help="Initial AdamW learning rate."),
-    lr_final_factor: float = typer.Option(_T("lr_final_factor"), help="Learning rate at the last step as a "
-                                          "fraction of --lr."),
+    conditional: bool = _T("conditional", "--conditional", help="Class-conditional network."),
+    padding: str = _T("padding", help="Convolution padding: zeros or circular."),
+    steps: int = _T("steps", min=1, max=10**9, help="Optimizer steps (in all, counting those done)."),
+    batch: int = _T("batch", max=1 << 20, help="Images per step."),
+    lr: float = _T("lr", help="Initial AdamW learning rate."),
+    lr_final_factor: float = _T("lr_final_factor", help="Learning rate at the last step as a fraction of --lr."),
     lr_gamma: Optional[float] = typer.Option(None, help="Per-step learning-rate factor instead of "
                                              "--lr-final-factor (the paper: 0.999965); such a run can be continued "
                                              "to more --steps."),
-    ema_decay: float = typer.Option(_T("ema_decay"), help="Ship the exponential moving average of the weights "
-                                    "with this decay (0: the raw weights)."),
-    seed: int = typer.Option(_T("seed"), min=0, max=2**63 - 1, help="Seed of every random choice in training."),
-    fsizes: str = typer.Option(",".join(map(str, _T("fsizes"))), help="UNet channel widths per level."),
-    emb_dim: int = typer.Option(_T("emb_dim"), help="UNet time-embedding size."),
-    width: int = typer.Option(_T("width"), help="ResNet width (a multiple of 8, at least 16)."),
-    layers: int = typer.Option(_T("layers"), help="ResNet residual layers."),
+    ema_decay: float = _T("ema_decay", help="Ship the exponential moving average of the weights with this decay "
+                          "(0: the raw weights)."),
+    seed: int = _T("seed", help="Seed of every random choice in training."),
+    fsizes: str = _T("fsizes", help="UNet channel widths per level."),
+    emb_dim: int = _T("emb_dim", help="UNet time-embedding size."),
+    width: int = _T("width", help="ResNet width (a multiple of 8, at least 16)."),
+    layers: int = _T("layers", help="ResNet residual layers."),
     init_from: Optional[Path] = typer.Option(None, help="Start from this edtool checkpoint's weights (same "
                                              "architecture) instead of random ones."),
     state: Optional[Path] = typer.Option(None, help="Keep the complete resumable state (safetensors + JSON) and "
@@ -151,7 +156,7 @@ def train(
         held_out = load_dataset(name, root=held_out_root or data_root, split="test", download=False)
     work = state if state is not None else cache_dir() / "train" / work_dir_name(out, cfg)
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    progress = _progress(quiet)
+    progress = progress_bar(quiet)
     steps = cfg.steps
     every = max(1, steps // 100)
     kw = dict(ckpt_every=ckpt_every, command=command, init_weights=init, held_out=held_out,
@@ -193,54 +198,55 @@ def import_checkpoint(
 # ------------------------------------------------------------------ calibrate and sample (edtool.els.calibrate)
 
 
-def _network_and_data(checkpoint: Path, dataset: Optional[str], data_root, max_samples: Optional[int], device: str):
+def _network_and_data(cfg):
     """The checkpoint's network (ours, or a paper .pt imported on the fly) and its training data (the
     first max_samples images, per class for a conditional network: the seed tool's ELS max_samples)."""
     from edtool.data import first_samples, load_dataset
     from edtool.networks import discovery
-    from edtool.study.compute import resolve_device
+    from edtool.study.prepare import resolve_device
 
-    dev = resolve_device(device)
-    if max_samples is not None and max_samples < 1:
-        raise EdtoolError(f"--max-samples must be at least 1, got {max_samples}")
-    net = discovery.load(checkpoint, dataset=dataset, device=dev, note=print)
-    dataset = dataset or net.manifest.get("dataset") or "mnist5k"
-    images, labels = load_dataset(dataset, root=data_root)
+    dev = resolve_device(cfg.device)
+    net = discovery.load(cfg.checkpoint, dataset=cfg.dataset, device=dev, note=print)
+    dataset = cfg.dataset or net.manifest.get("dataset") or "mnist5k"
+    images, labels = load_dataset(dataset, root=cfg.data_root)
     shape = net.manifest.get("image_shape")
     if shape is not None and list(shape) != list(images.shape[1:]):
-        raise EdtoolError(f"checkpoint {checkpoint} expects images of shape {list(shape)}, {dataset} has "
+        raise EdtoolError(f"checkpoint {cfg.checkpoint} expects images of shape {list(shape)}, {dataset} has "
                           f"{list(images.shape[1:])}")
-    images, labels = first_samples(images, labels, max_samples, per_class=net.conditional)
+    images, labels = first_samples(images, labels, cfg.max_samples, per_class=net.conditional)
     return net, images.to(dev), labels.to(dev), dataset
 
 
-def _seed_list(seeds: int, seed: int) -> List[int]:
-    if seeds < 1:
-        raise EdtoolError(f"--seeds must be at least 1, got {seeds}")
-    if seed + seeds - 1 > MAX_SEED:
-        raise EdtoolError(f"--seed {seed} with --seeds {seeds}: seeds go from 0 to {MAX_SEED}")
-    from edtool.diffusion import realization_seeds
+def _K(name: str, *flags, **kw):
+    return _opt(CalibrateConfig, name, *flags, **kw)
 
-    return realization_seeds(seed, seeds)
+
+def _S(name: str, *flags, **kw):
+    return _opt(SampleConfig, name, *flags, **kw)
+
+
+def _settings(settings, params: dict, **given):
+    """The settings dataclass from a command's parameters of the same names (and `given`), checked."""
+    return settings(**{**{k: v for k, v in params.items() if k in settings.__dataclass_fields__}, **given}).validate()
 
 
 @app.command(context_settings={"allow_extra_args": True})
 def calibrate(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., help="Network checkpoint (.safetensors) to calibrate against."),
-    machine: str = typer.Option("els-borders", help="els-borders, els (follows the padding), els-circular or ls."),
-    sizes: str = typer.Option("3,5,7,9,11,13,15", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
-    seeds: int = typer.Option(4, max=MAX_SEEDS, help="Number of seeds (trajectories), scored together."),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="First seed."),
-    nsteps: int = typer.Option(NSTEPS, max=MAX_NSTEPS, help="DDIM steps (one scale per step)."),
-    metric: str = typer.Option("cosine", help="cosine (default) or l2 (relative distance)."),
-    dataset: Optional[str] = typer.Option(None, help="Training data of the machine (default: the checkpoint's)."),
-    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
-                                              "first N training images (per class for a conditional network)."),
-    label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
-    batch: Optional[int] = typer.Option(None, min=1, help="At most this many (step, seed) points per machine call."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    machine: str = _K("machine", help="els-borders, els (follows the padding), els-circular or ls."),
+    sizes: str = _K("sizes", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
+    seeds: int = _K("seeds", help="Number of seeds (trajectories), scored together."),
+    seed: int = _K("seed", help="First seed."),
+    nsteps: int = _K("nsteps", help="DDIM steps (one scale per step)."),
+    metric: str = _K("metric", help="cosine (default) or l2 (relative distance)."),
+    dataset: Optional[str] = _K("dataset", help="Training data of the machine (default: the checkpoint's)."),
+    data_root: Optional[Path] = _K("data_root", help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = _K("max_samples", "--max-samples", "--n-images", help="Give the machines only the "
+                                    "first N training images (per class for a conditional network)."),
+    label: Optional[int] = _K("label", help="Class label for a conditional network (default: per seed)."),
+    batch: Optional[int] = _K("batch", help="At most this many (step, seed) points per machine call."),
+    device: str = _K("device", help="auto, cpu, cuda, cuda:N."),
     out: Optional[Path] = typer.Option(None, help="Scales JSON (default: ./checkpoints/<checkpoint stem>_scales_"
                                        "<machine>.json in the working directory, where compute finds it first)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing scales file at the output path."),
@@ -250,6 +256,7 @@ def calibrate(
                                         "computing nothing."),
 ):
     """Calibrate an ELS machine's patch size per step against a network; writes a scales JSON (see docs/els.md)."""
+    from edtool.diffusion import realization_seeds
     from edtool.els.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
     from edtool.networks.checkpoints import file_hash
     from edtool.els.schedule import write_scales_json
@@ -260,15 +267,17 @@ def calibrate(
     if merge is not None:
         _merge_calibrations(merge, weights, out, force, command)
         return
+    # --sizes 3 5 7: the rest arrive as extra args
+    cfg = _settings(CalibrateConfig, ctx.params, sizes=_int_list(" ".join([sizes, *ctx.args]), "--sizes"))
     if out is not None:  # before the network and data are loaded (the default path needs the network)
         check_output([out], force)
-    size_list = _int_list(" ".join([sizes, *ctx.args]), "--sizes")  # --sizes 3 5 7: the rest arrive as extra args
-    net, images, labels, dataset = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
+    net, images, labels, dataset = _network_and_data(cfg)
     out = out or local_scales_path(checkpoint, machine_kind(machine, net))
     check_output([out], force)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    res = run_calibration(net, images, labels, machine=machine, sizes=size_list, seeds=_seed_list(seeds, seed),
-                          nsteps=nsteps, metric=metric, batch=batch, label=label, log=log)
+    res = run_calibration(net, images, labels, machine=cfg.machine, sizes=cfg.sizes,
+                          seeds=realization_seeds(cfg.seed, cfg.seeds), nsteps=cfg.nsteps, metric=cfg.metric,
+                          batch=cfg.batch, label=cfg.label, log=log)
     path = write_scales_json(out, res["scales"], **calibration_meta(
         res, checkpoint=weights.name, checkpoint_sha256=file_hash(weights), dataset=dataset, command=command))
     print(f"schedule ({res['machine']}, t = 1/{nsteps} .. 1): {' '.join(map(str, res['scales']))}")
@@ -308,51 +317,53 @@ def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: b
 
 @app.command()
 def sample(
-    machine: str = typer.Option("els-borders", help="Comma-separated machines: els-borders, els, els-circular, ls, is."),
+    ctx: typer.Context,
+    machine: str = _S("machine", help="Comma-separated machines: els-borders, els, els-circular, ls, is."),
     checkpoint: Path = typer.Option(..., help="Network checkpoint whose samples the machines are compared with."),
-    seeds: int = typer.Option(20, max=MAX_SEEDS, help="Number of seeds."),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="First seed."),
+    seeds: int = _S("seeds", help="Number of seeds."),
+    seed: int = _S("seed", help="First seed."),
     out: Path = typer.Option(..., help="Output folder (seeds/, els_outputs/, network_outputs/, r2_summary.json)."),
-    scales: Optional[Path] = typer.Option(None, help="Scales JSON or paper scales_*.pt (default: the calibration "
-                                          "JSON beside the checkpoint)."),
-    patch_size: int = typer.Option(PATCH_SIZE, help="Fixed patch size when no scales are found."),
-    nsteps: int = typer.Option(NSTEPS, max=MAX_NSTEPS, help="DDIM steps."),
-    dataset: Optional[str] = typer.Option(None, help="Training data of the machines (default: the checkpoint's)."),
-    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--n-images", help="Give the machines only the "
-                                              "first N training images (per class for a conditional network)."),
-    label: Optional[int] = typer.Option(None, help="Class label for a conditional network (default: per seed)."),
-    batch: Optional[int] = typer.Option(None, min=1, help="Seeds sampled together (default: all)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    layout: str = typer.Option("edtool", help="Per-seed files: edtool (seed_<s>.npy) or paper (0000.pt ...: "
-                               "plain tensors, as the paper's scripts write them)."),
-    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
-                                  help="Also sample the ideal score machine (is) when not asked for, to report on how "
-                                       "many seeds each machine beats it (the paper's comparison)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace samples of other settings in --out."),
+    scales: Optional[Path] = _S("scales", help="Scales JSON or paper scales_*.pt (default: the calibration JSON "
+                                "beside the checkpoint)."),
+    patch_size: int = _S("patch_size", help="Fixed patch size when no scales are found."),
+    nsteps: int = _S("nsteps", help="DDIM steps."),
+    dataset: Optional[str] = _S("dataset", help="Training data of the machines (default: the checkpoint's)."),
+    data_root: Optional[Path] = _S("data_root", help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = _S("max_samples", "--max-samples", "--n-images", help="Give the machines only the "
+                                    "first N training images (per class for a conditional network)."),
+    label: Optional[int] = _S("label", help="Class label for a conditional network (default: per seed)."),
+    batch: Optional[int] = _S("batch", help="Seeds sampled together (default: all)."),
+    device: str = _S("device", help="auto, cpu, cuda, cuda:N."),
+    layout: str = _S("layout", help="Per-seed files: edtool (seed_<s>.npy) or paper (0000.pt ...: plain tensors, "
+                     "as the paper's scripts write them)."),
+    baseline: bool = _S("baseline", "--baseline/--no-baseline", help="Also sample the ideal score machine (is) "
+                        "when not asked for, to report on how many seeds each machine beats it (the paper's "
+                        "comparison)."),
+    overwrite: bool = _S("overwrite", "--overwrite", help="Replace samples of other settings in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
     network (see docs/els.md)."""
-    from edtool.els.calibrate import agreement_report, machine_kind, sample as run_sample
+    from edtool.diffusion import realization_seeds
+    from edtool.els.calibrate import SETTINGS_NAME, agreement_report, machine_kind, sample as run_sample
     from edtool.networks.discovery import schedule_for
 
-    from edtool.els.calibrate import SETTINGS_NAME
-
+    cfg = _settings(SampleConfig, ctx.params, machine=_models(machine))
     check_output([out / SETTINGS_NAME], force=True)  # before any work: --out takes files (a folder, writable)
-    names = _models(machine)
-    net, images, labels, _ = _network_and_data(checkpoint, dataset, data_root, max_samples, device)
+    net, images, labels, _ = _network_and_data(cfg)
     schedule, sources, notes = {}, {}, []
-    for name in names:
+    for name in cfg.machine:
         kind = machine_kind(name, net)
         if kind != "is":
-            schedule[kind], sources[kind] = schedule_for(kind, scales, [checkpoint], nsteps, patch_size, notes)
+            schedule[kind], sources[kind] = schedule_for(kind, scales, [checkpoint], cfg.nsteps, cfg.patch_size,
+                                                         notes)
     for line in notes:
         print(f"note: {line}")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    summary = run_sample(names, net, images, labels, _seed_list(seeds, seed), nsteps=nsteps, scales=schedule,
-                         out_dir=out, label=label, patch_size=patch_size, batch=batch, scales_source=sources, log=log,
-                         baseline=baseline, overwrite=overwrite, layout=layout)
+    summary = run_sample(cfg.machine, net, images, labels, realization_seeds(cfg.seed, cfg.seeds), nsteps=cfg.nsteps,
+                         scales=schedule, out_dir=out, label=cfg.label, patch_size=cfg.patch_size, batch=cfg.batch,
+                         scales_source=sources, log=log, baseline=cfg.baseline, overwrite=cfg.overwrite,
+                         layout=cfg.layout)
     print(agreement_report(summary))
     print(f"wrote {out}/ (r2_summary.json, samples_grid.png)")
 
@@ -376,71 +387,13 @@ def _shard(text: Optional[str]):
     return (i, k)
 
 
-def _reporter(quiet: bool, as_json: bool):
-    from edtool.study.progress import JsonReporter, PlainReporter, QuietReporter, RichReporter
-
-    if as_json:
-        return JsonReporter()
-    if quiet:
-        return QuietReporter()
-    return RichReporter() if sys.stdout.isatty() else PlainReporter()
-
-
-def _run_compute(cfg, quiet: bool = False, as_json: bool = False) -> dict:
-    """compute() with a progress display and a clean message on Ctrl-C."""
-    from edtool.study.compute import compute
-
-    reporter = _reporter(quiet, as_json)
-    try:
-        with (reporter if hasattr(reporter, "__enter__") else nullcontext()):
-            summary = compute(cfg, reporter)
-    except KeyboardInterrupt:
-        print("edtool: interrupted; finished cells are saved. Run the same command again to resume.",
-              file=sys.stderr)
-        sys.exit(130)
-    return summary
-
-
-def _print_results_table(location: str, as_json: bool = False):
-    """Final table: per model, mean ED and mean asym over the finished cells."""
-    import numpy as np
-
-    from edtool.store.run import open_run
-
-    run = open_run(location)
-    done = run.done_mask()
-    rows = []
-    for m, name in enumerate(run.models):
-        ed, asym = run.read("ed_fro", m)[done[:, m]], run.read("asym", m)[done[:, m]]
-        finite = np.isfinite(ed)
-        rows.append({"model": name, "realizations": int(done[:, m].sum()),
-                     "mean_ed_fro": float(np.nanmean(ed)) if finite.any() else None,
-                     "mean_asym": float(np.nanmean(asym)) if np.isfinite(asym).any() else None,
-                     "failed_steps": int((~finite).sum())})
-    if as_json:
-        return rows
-    from rich.console import Console
-    from rich.table import Table
-
-    from edtool.study.aggregate import format_number as fmt
-
-    table = Table(title=f"run {location}")
-    for col in ("model", "realizations", "mean ||J-J^T||_F", "mean asym", "failed steps"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for r in rows:
-        table.add_row(r["model"], str(r["realizations"]), fmt(r["mean_ed_fro"]), fmt(r["mean_asym"]),
-                      str(r["failed_steps"]))
-    Console().print(table)
-    return rows
-
-
-def _compute_config(**kw):
-    from edtool.study.compute import ComputeConfig
-
-    _refuse_memory_url(kw.get("run_dir"))
-    if kw.get("run_dir") is not None:
-        check_location(kw["run_dir"], writing=True)
-    return ComputeConfig(**kw)
+def _compute_config(params: dict, **given):
+    """ComputeConfig from a command's parameters, checked; a --run-dir that cannot be written is refused too."""
+    cfg = _settings(ComputeConfig, params, **given)
+    _refuse_memory_url(cfg.run_dir)
+    if cfg.run_dir is not None:
+        check_location(cfg.run_dir, writing=True)
+    return cfg
 
 
 def _refuse_memory_url(location):
@@ -453,88 +406,77 @@ def _refuse_memory_url(location):
 
 @app.command()
 def compute(
-    dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
-    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
-    models: str = typer.Option("unet,resnet,els", help="Comma-separated: unet, resnet, els, els-borders, "
-                               "els-circular, ls, is, or LABEL=SOURCE with SOURCE a diffusers folder, "
-                               "hf:ORG/NAME, py:package.module:attr or a checkpoint (docs/models.md)."),
-    scheduler: Optional[Path] = typer.Option(None, help="Scheduler folder (scheduler_config.json) of a diffusers "
-                                             "UNet2DModel folder given in --models."),
-    unet: Optional[Path] = typer.Option(None, "--unet", "--unet_path", "--unet-path",
-                                        help="UNet checkpoint, ours or a paper backbone_*.pt (default: "
-                                        "found in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
-    resnet: Optional[Path] = typer.Option(None, "--resnet", "--resnet_path", "--resnet-path",
-                                          help="ResNet checkpoint, ours or a paper backbone_*.pt (default: "
-                                          "found like --unet)."),
-    scales: Optional[Path] = typer.Option(None, help="ELS scales: our calibration JSON or a paper scales_*.pt."),
-    patch_size: int = typer.Option(PATCH_SIZE, help="ELS patch size when no calibrated scales exist."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
-                                              "training images (per class for conditional runs)."),
-    nsteps: int = typer.Option(NSTEPS, max=MAX_NSTEPS, help="DDIM steps (the exterior derivative is measured at "
-                               "each)."),
-    realizations: int = typer.Option(1, help="Noise realizations (seeds seed, seed+1, ...)."),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the first realization."),
-    label: Optional[int] = typer.Option(None, help="Class label for conditional models (default: random per realization)."),
-    estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic (ELS machines)."),
-    probes: int = typer.Option(PROBES, help="Hutchinson probes per point (per round with --rtol)."),
-    rtol: Optional[float] = typer.Option(None, help="Add probes until the relative standard error of ED is below this."),
-    maps: bool = typer.Option(False, "--maps", help="Also store curl maps (where in the image the rotation lives)."),
-    save_points: bool = typer.Option(False, "--save-points", help="Also store the point x of every measurement "
-                                     "(array point), so any number can be recomputed independently."),
+    ctx: typer.Context,
+    dataset: str = _C("dataset", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
+    data_root: Optional[Path] = _C("data_root", help="Data root in torchvision's layout."),
+    models: str = _C("models", help="Comma-separated: unet, resnet, els, els-borders, els-circular, ls, is, or "
+                     "LABEL=SOURCE with SOURCE a diffusers folder, hf:ORG/NAME, py:package.module:attr or a "
+                     "checkpoint (docs/models.md)."),
+    scheduler: Optional[Path] = _C("scheduler", help="Scheduler folder (scheduler_config.json) of a diffusers "
+                                   "UNet2DModel folder given in --models."),
+    unet: Optional[Path] = _C("unet", "--unet", "--unet_path", "--unet-path", help="UNet checkpoint, ours or a "
+                              "paper backbone_*.pt (default: found in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
+    resnet: Optional[Path] = _C("resnet", "--resnet", "--resnet_path", "--resnet-path", help="ResNet checkpoint, "
+                                "ours or a paper backbone_*.pt (default: found like --unet)."),
+    scales: Optional[Path] = _C("scales", help="ELS scales: our calibration JSON or a paper scales_*.pt."),
+    patch_size: int = _C("patch_size", help="ELS patch size when no calibrated scales exist."),
+    max_samples: Optional[int] = _C("max_samples", "--max-samples", help="Give the machines only the first N "
+                                    "training images (per class for conditional runs)."),
+    nsteps: int = _C("nsteps", help="DDIM steps (the exterior derivative is measured at each)."),
+    realizations: int = _C("realizations", help="Noise realizations (seeds seed, seed+1, ...)."),
+    seed: int = _C("seed", help="Seed of the first realization."),
+    label: Optional[int] = _C("label", help="Class label for conditional models (default: random per realization)."),
+    estimator: str = _C("estimator", help="auto, exact, hutchinson or analytic (ELS machines)."),
+    probes: int = _C("probes", help="Hutchinson probes per point (per round with --rtol)."),
+    rtol: Optional[float] = _C("rtol", help="Add probes until the relative standard error of ED is below this."),
+    maps: bool = _C("maps", "--maps", help="Also store curl maps (where in the image the rotation lives)."),
+    save_points: bool = _C("save_points", "--save-points", help="Also store the point x of every measurement "
+                           "(array point), so any number can be recomputed independently."),
     trajectory: Optional[str] = typer.Option(None, help="own: each model follows its own DDIM path; shared: all "
                                              "measured on the reference model's path (default: own; shared with "
                                              "--align)."),
-    reference: Optional[str] = typer.Option(None, help="Reference model for --trajectory shared (default: first)."),
-    points: str = typer.Option("trajectory", help="trajectory: along DDIM paths; noised-data: at forward-noised "
-                               "held-out images at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, see docs/measurements.md)."),
-    held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
-                                           "images (default: the training set's; mnist for mnist5k)."),
-    locality: bool = typer.Option(False, "--locality", help="Also store how local each score Jacobian is (see docs/locality.md): "
-                                  "share of ||J||_F^2 within each pixel distance, and the radius r90 holding 90%."),
-    locality_radius: Optional[int] = typer.Option(None, help="Largest pixel distance of the locality profile "
-                                                  "(default: half the image size)."),
-    locality_method: str = typer.Option("auto", help="auto (exact Jacobian when it fits in memory, else probes), "
-                                        "exact or probe."),
-    locality_pixels: int = typer.Option(64, help="Output pixels drawn by the locality probe estimator."),
-    align: Optional[str] = typer.Option(None, help="Also store the cosine between every model's score Jacobian "
-                                        "and this model's at the same points, e.g. --align els (implies "
-                                        "--trajectory shared unless --points noised-data)."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N."),
-    batch: int = typer.Option(1, help="Realizations processed together."),
-    run: Optional[str] = typer.Option(None, help="Run name under cache/ (default derived from the settings)."),
-    run_dir: Optional[str] = typer.Option(None, help="Run directory or fsspec URL (overrides --run)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run with other settings."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute finished cells that hold NaN "
-                                      "(a failure, e.g. out of memory); other cells are kept."),
+    reference: Optional[str] = _C("reference", help="Reference model for --trajectory shared (default: first)."),
+    points: str = _C("points", help="trajectory: along DDIM paths; noised-data: at forward-noised held-out images "
+                     "at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, see docs/measurements.md)."),
+    held_out: Optional[str] = _C("held_out", help="Data set whose test split gives --points noised-data its images "
+                                 "(default: the training set's; mnist for mnist5k)."),
+    locality: bool = _C("locality", "--locality", help="Also store how local each score Jacobian is (see "
+                        "docs/locality.md): share of ||J||_F^2 within each pixel distance, and the radius r90 "
+                        "holding 90%."),
+    locality_radius: Optional[int] = _C("locality_radius", help="Largest pixel distance of the locality profile "
+                                        "(default: half the image size)."),
+    locality_method: str = _C("locality_method", help="auto (exact Jacobian when it fits in memory, else probes), "
+                              "exact or probe."),
+    locality_pixels: int = _C("locality_pixels", help="Output pixels drawn by the locality probe estimator."),
+    align: Optional[str] = _C("align", help="Also store the cosine between every model's score Jacobian and this "
+                              "model's at the same points, e.g. --align els (implies --trajectory shared unless "
+                              "--points noised-data)."),
+    device: str = _C("device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+    batch: int = _C("batch", help="Realizations processed together."),
+    run: Optional[str] = _C("run", help="Run name under cache/ (default derived from the settings)."),
+    run_dir: Optional[str] = _C("run_dir", help="Run directory or fsspec URL (overrides --run)."),
+    overwrite: bool = _C("overwrite", "--overwrite", help="Discard an existing run with other settings."),
+    retry_failed: bool = _C("retry_failed", "--retry-failed", help="Recompute finished cells that hold NaN (a "
+                            "failure, e.g. out of memory); other cells are kept."),
     shard: Optional[str] = typer.Option(None, help="i/K: compute only realizations r with r % K == i (job arrays)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable progress and summary."),
 ):
     """Run trajectories for realizations x models and stream the measurements into the run store (resumable)."""
-    import json as _json
-
-    cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet, resnet=resnet,
-                          scales=scales, patch_size=patch_size, max_samples=max_samples, nsteps=nsteps,
-                          realizations=realizations, seed=seed,
-                          label=label, estimator=estimator, probes=probes, rtol=rtol, maps=maps,
-                          scheduler=scheduler, save_points=save_points,
-                          trajectory=trajectory or ("shared" if align and points == "trajectory" else "own"), reference=reference,
-                          points=points, held_out=held_out, locality=locality, locality_radius=locality_radius,
-                          locality_method=locality_method, locality_pixels=locality_pixels, align=align,
-                          device=device, batch=batch, run=run,
-                          run_dir=run_dir, overwrite=overwrite, retry_failed=retry_failed, shard=_shard(shard))
-    summary = _run_compute(cfg, quiet, as_json)
+    cfg = _compute_config(ctx.params, models=_models(models), shard=_shard(shard),
+                          trajectory=trajectory or ("shared" if align and points == "trajectory" else "own"))
+    summary = run_compute(cfg, quiet, as_json)
     if summary.get("shard") and summary["shard"][0] != 0 and "RANK" in os.environ:
         return  # under torchrun, rank 0 reports
     if as_json:
-        print(_json.dumps({"event": "done", **summary, "results": _print_results_table(summary["location"], True)}))
+        print(json.dumps({"event": "done", **summary, "results": print_results_table(summary["location"], True)}))
     elif not quiet:
-        _print_results_table(summary["location"])
+        print_results_table(summary["location"])
         t = summary["timings"]
         print(f"time: total {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
               f"store {t['store']:.2f}s); run stored in {summary['location']}")
     if not as_json:  # on stderr even with --quiet: these say a number is not what was asked for
-        _print_warnings(summary["failures"] + summary["warnings"])
+        print_warnings(summary["failures"] + summary["warnings"])
 
 
 @app.command()
@@ -543,29 +485,13 @@ def aggregate(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Reduce a run over its finished realizations into aggregate/* and summary_stats.json."""
-    import json as _json
-
-    from edtool.study.aggregate import aggregate_run, format_number as fmt
+    from edtool.study.aggregate import aggregate_run
 
     summary = aggregate_run(_resolve_run(run))
     if as_json:
-        print(_json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
         return
-    used = summary.get("realizations_used", "?")
-    print(f"aggregated {used} of {summary.get('realizations_total', '?')} realizations of {_resolve_run(run)}")
-    for name in summary["models"]:
-        s = summary[name]
-        print(f"  {name:<14} mean ED {fmt(s['mean_ed_magnitude'])}  std {fmt(s['std_ed_magnitude'])}  "
-              f"mean asym {fmt(s['mean_asym'])}  (n={s['num_used']}"
-              + (f"; {s['num_failed']} of {s['num_realizations']} with failed steps)" if s["num_failed"] else ")"))
-    points = summary.get("points", {}).get("source", "trajectory")
-    where = ("at forward-noised held-out images, QCSBM's protocol: comparable with their Table 2"
-             if points == "noised-data" else "along DDIM paths: not QCSBM's protocol (use --points noised-data)")
-    print(f"NAsym = ||J-J^T||_F^2 / (4 ||J||_F^2) = asym^2, points {points} ({where}):")
-    for name in summary["models"]:
-        s = summary[name]
-        print(f"  {name:<14} mean of ratios (QCSBM's) {fmt(s['nasym_mean_of_ratios'])}  "
-              f"ratio of means {fmt(s['nasym_ratio_of_means'])}")
+    print_aggregate(summary, _resolve_run(run))
 
 
 def _resolve_run(run: str) -> str:
@@ -600,34 +526,33 @@ def plot(
 
 @app.command()
 def analyze(
-    dataset: str = typer.Option("mnist5k", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
+    ctx: typer.Context,
+    dataset: str = _C("dataset", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
     single: bool = typer.Option(False, "--single", help="One realization (the default)."),
-    multiple: Optional[int] = typer.Option(None, "--multiple", help="N noise realizations."),
-    nsteps: int = typer.Option(NSTEPS, max=MAX_NSTEPS, help="DDIM steps."),
+    multiple: Optional[int] = typer.Option(None, "--multiple", min=1, help="N noise realizations."),
+    nsteps: int = _C("nsteps", help="DDIM steps."),
     output_dir: Path = typer.Option(Path("results/exterior_derivative"), "--output_dir", "--output-dir",
                                     help="Results folder; runs land in {output_dir}/{dataset}/..."),
-    unet_path: Optional[Path] = typer.Option(None, "--unet_path", "--unet-path", "--unet",
-                                             help="UNet checkpoint, ours or a paper backbone_*.pt (default: found "
-                                             "in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
-    resnet_path: Optional[Path] = typer.Option(None, "--resnet_path", "--resnet-path", "--resnet",
-                                               help="ResNet checkpoint, ours or a paper backbone_*.pt."),
-    scales_path: Optional[Path] = typer.Option(None, "--scales_path", "--scales-path", "--scales",
-                                               help="ELS scales file."),
-    models: str = typer.Option("unet,resnet,els", help="Models to compare."),
-    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Give the machines only the first N "
-                                              "training images (per class for conditional runs)."),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the first realization."),
-    estimator: str = typer.Option("auto", help="auto, exact, hutchinson or analytic."),
-    probes: int = typer.Option(PROBES, help="Hutchinson probes per point."),
-    maps: bool = typer.Option(False, "--maps", help="Also store and draw curl maps."),
-    points: str = typer.Option("trajectory", help="trajectory, or noised-data: forward-noised held-out images at "
-                               "uniformly spaced t (QCSBM's protocol, see docs/measurements.md), in .../<layout>_noised_data/."),
-    held_out: Optional[str] = typer.Option(None, help="Data set whose test split gives --points noised-data its "
-                                           "images (default: the training set's; mnist for mnist5k)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run with other settings, and "
-                                   "replace files of the figures' names that edtool did not write."),
+    unet: Optional[Path] = _C("unet", "--unet_path", "--unet-path", "--unet", help="UNet checkpoint, ours or a "
+                              "paper backbone_*.pt (default: found in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
+    resnet: Optional[Path] = _C("resnet", "--resnet_path", "--resnet-path", "--resnet", help="ResNet checkpoint, "
+                                "ours or a paper backbone_*.pt."),
+    scales: Optional[Path] = _C("scales", "--scales_path", "--scales-path", "--scales", help="ELS scales file."),
+    models: str = _C("models", help="Models to compare."),
+    data_root: Optional[Path] = _C("data_root", help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = _C("max_samples", "--max-samples", help="Give the machines only the first N "
+                                    "training images (per class for conditional runs)."),
+    seed: int = _C("seed", help="Seed of the first realization."),
+    estimator: str = _C("estimator", help="auto, exact, hutchinson or analytic."),
+    probes: int = _C("probes", help="Hutchinson probes per point."),
+    maps: bool = _C("maps", "--maps", help="Also store and draw curl maps."),
+    points: str = _C("points", help="trajectory, or noised-data: forward-noised held-out images at uniformly "
+                     "spaced t (QCSBM's protocol, see docs/measurements.md), in .../<layout>_noised_data/."),
+    held_out: Optional[str] = _C("held_out", help="Data set whose test split gives --points noised-data its images "
+                                 "(default: the training set's; mnist for mnist5k)."),
+    device: str = _C("device", help="auto, cpu, cuda."),
+    overwrite: bool = _C("overwrite", "--overwrite", help="Discard an existing run with other settings, and "
+                         "replace files of the figures' names that edtool did not write."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, pdf or svg."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
@@ -638,20 +563,14 @@ def analyze(
 
     if single and multiple:
         raise EdtoolError("use either --single or --multiple N, not both")
-    n = multiple if multiple is not None else 1
-    if n < 1:
-        raise EdtoolError(f"--multiple must be at least 1, got {n}")
     layout = "multiple_realizations" if multiple is not None else "single_realization"
     if points == "noised-data":  # never the trajectory study's folder: a different run, not a changed setting
         layout += "_noised_data"
     run_dir = output_dir / dataset / layout
-    cfg = _compute_config(dataset=dataset, data_root=data_root, models=_models(models), unet=unet_path,
-                          resnet=resnet_path, scales=scales_path, max_samples=max_samples, nsteps=nsteps,
-                          realizations=n, seed=seed, estimator=estimator, probes=probes, maps=maps, points=points,
-                          held_out=held_out, device=device, run_dir=str(run_dir), overwrite=overwrite)
+    cfg = _compute_config(ctx.params, models=_models(models), realizations=multiple or 1, run_dir=str(run_dir))
     check_figure_folder(run_dir, fmt, overwrite)  # before computing: the seed tool's figures have these names
     check_seed_files_folder(run_dir, overwrite)  # and its numeric files
-    summary = _run_compute(cfg, quiet)
+    summary = run_compute(cfg, quiet)
     t0 = time.perf_counter()
     aggregate_run(str(run_dir))
     t_agg = time.perf_counter() - t0
@@ -660,24 +579,24 @@ def analyze(
     t_plot = time.perf_counter() - t0
     paths += export_seed_files(str(run_dir), overwrite=overwrite)  # the seed tool's .pt files, from the store
     if quiet:
-        _print_warnings(summary["failures"] + summary["warnings"])
+        print_warnings(summary["failures"] + summary["warnings"])
         return
-    _print_results_table(str(run_dir))
+    print_results_table(str(run_dir))
     t = summary["timings"]
     print(f"time: compute {t['total']:.1f}s (sampling {t['sampling']:.1f}s, jacobian {t['jacobian']:.1f}s, "
           f"store {t['store']:.2f}s), aggregate {t_agg:.2f}s, plot {t_plot:.1f}s")
     print(f"results in {run_dir}: ed.zarr, summary_stats.json, " + ", ".join(p.name for p in paths))
-    _print_warnings(summary["failures"] + summary["warnings"])
+    print_warnings(summary["failures"] + summary["warnings"])
 
 
 @app.command()
 def demo(
     out: Path = typer.Option(Path("results/exterior_derivative_demo"), "--out", "--output_dir",
                              help="Folder for the demo's run store, summary and figures."),
-    models: str = typer.Option("unet,resnet,els", help="Models to compare (the shipped checkpoints and ELS)."),
-    nsteps: int = typer.Option(10, max=MAX_NSTEPS, help="DDIM steps (fewer = quicker tour)."),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the initial noise."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda."),
+    models: str = _C("models", help="Models to compare (the shipped checkpoints and ELS)."),
+    nsteps: int = _C("nsteps", default=10, help="DDIM steps (fewer = quicker tour)."),
+    seed: int = _C("seed", help="Seed of the initial noise."),
+    device: str = _C("device", help="auto, cpu, cuda."),
 ):
     """A short guided tour on the bundled data and checkpoints that explains each number as it appears."""
     from rich.console import Console
@@ -686,7 +605,7 @@ def demo(
 
     console = Console()
     run_demo(out, models=_models(models), nsteps=nsteps, seed=seed, device=device,
-             reporter=_reporter(False, False), say=console.print)
+             reporter=reporter(False, False), say=console.print)
 
 
 @app.command()
@@ -695,38 +614,14 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List runs and how complete each is (per model, and per shard)."""
-    import json as _json
-
     from edtool.store.status import run_status, find_runs
 
     locations = [_resolve_run(run)] if run else find_runs()
     rows = [run_status(loc) for loc in locations]
     if as_json:
-        print(_json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2))
         return
-    if not rows:
-        from edtool.paths import cache_dir
-
-        print(f"no runs under {cache_dir()}")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="edtool runs")
-    for col in ("run", "models", "steps", "cells done", "per model", "estimator", "state"):
-        table.add_column(col)
-    for s in rows:
-        table.add_row(s["location"], ",".join(s["models"]), str(s["nsteps"]), f"{s['done']}/{s['total']}",
-                      " ".join(f"{k}:{v}" for k, v in s["per_model"].items()), str(s["estimator"]), s["state"])
-    Console().print(table)
-    for s in rows:
-        for line in s.get("shards", []):
-            print(f"  {s['location']}: {line}")
-        for line in s.get("leftovers", []):
-            print(f"  {s['location']}: leftover {line}")
-        if s.get("legacy"):
-            print(f"  {s['location']}: made before edtool kept digests (moved chunks, edited attributes, time, seed "
-                  "and label are not checked)")
+    print_status(rows)
 
 
 @app.command()
@@ -739,35 +634,12 @@ def verify(
     Damaged cells are recomputed by rerunning the `edtool compute` that made the run (same settings);
     aggregate and plot refuse a run with damaged cells.
     """
-    import json as _json
-
     from edtool.store.status import verify_run
 
     report = verify_run(_resolve_run(run))
-    bad = report["damaged"]
-    arrays = report["damaged_arrays"] + report["damaged_aggregate"]
     if as_json:
-        print(_json.dumps(report, indent=2))
-    else:
-        for item in report["damaged_arrays"]:
-            print(f"damaged: array {item['array']}: {item['reason']}; rerun the `edtool compute` that made the run "
-                  "to rewrite it")
-        for item in report["damaged_aggregate"]:
-            print(f"damaged: {item['array']}: {item['reason']}; rerun `edtool aggregate`")
-        for cell in bad:
-            print(f"damaged: realization {cell['realization']} {cell['model']}: {cell['reason']}")
-        if report["legacy"]:
-            print("note: this run was made before edtool kept digests: chunks moved or copied between cells, "
-                  "edited attributes and the time, seed and label arrays are not checked (compute it again with "
-                  "--overwrite to have them checked)")
-        if report["unchecksummed"]:
-            print(f"note: {', '.join(report['unchecksummed'])} carry no chunk checksums (a run made before "
-                  "edtool checksummed chunks): missing chunks are found, flipped bits are not")
-        whole = report["done"] - len(bad)
-        print(f"run {report['location']}: {len(bad)} damaged cell(s), {whole} whole of {report['done']} done "
-              f"({report['total']} in all)" + ("; rerun the `edtool compute` that made it to recompute them"
-                                                if bad else "") + (f"; {len(arrays)} damaged array(s)" if arrays else ""))
-    if bad or arrays:
+        print(json.dumps(report, indent=2))
+    if not print_verify(report, quiet=as_json):
         sys.exit(1)
 
 
@@ -778,92 +650,6 @@ COMMAND_ORDER = ("analyze", "demo", "compute", "aggregate", "plot", "status", "v
 app.registered_commands.sort(key=lambda c: COMMAND_ORDER.index(c.name or c.callback.__name__.replace("_", "-")))
 
 
-_shown_warnings: List[str] = []  # what this process has said as `edtool: warning: ...` so far
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """A Python warning as one line, `edtool: warning: ...` (no source file and line: that is for
-    --debug); remembered so that a run's closing summary does not say it a second time."""
-    text = " ".join(str(message).split())
-    _shown_warnings.append(text)
-    try:
-        print(f"edtool: warning: {text}", file=file or sys.stderr)
-    except OSError:  # like warnings' own: a closed stderr does not turn a warning into an error
-        pass
-
-
-def _print_warnings(lines: List[str]) -> None:
-    """The failures and warnings of a run, on stderr (even with --quiet: they say a number is not what
-    was asked for), each once: those already shown while it ran are not repeated."""
-    for text in lines:
-        if not any(text in shown for shown in _shown_warnings):
-            _show_warning(text, UserWarning, "", 0)
-
-
-def _usage_error_types() -> tuple:
-    """What Typer raises for a bad command line: its own exception base (Typer >= 0.2x vendors a copy of
-    click), and click's where an older Typer still runs on click. click itself is not a dependency."""
-    types = tuple(t for t in (getattr(typer, "TyperException", None),) if t is not None)
-    try:
-        import click
-    except ImportError:
-        return types
-    return types + (click.ClickException,)
-
-
-def _usage_line(e: Exception) -> str:
-    """One line for a usage error: what is wrong, and where the help is."""
-    text = " ".join(e.format_message().split()) if hasattr(e, "format_message") else str(e)
-    ctx = getattr(e, "ctx", None)
-    path = getattr(ctx, "command_path", None) or "edtool"
-    return f"edtool: error: {text} (see '{path} --help')"
-
-
 def main():
-    """Console entry point. Every way a command line can be wrong ends here: help or one line on
-    stderr and exit code 2, never a traceback (unless --debug); EdtoolError (bad input found by a
-    command) likewise."""
-    import warnings
-
-    debug = "--debug" in sys.argv
-    _shown_warnings.clear()
-    try:
-        with warnings.catch_warnings():  # restored on return: main() called from Python leaves no trace
-            if not debug:
-                warnings.showwarning = _show_warning
-            code = app(standalone_mode=False, prog_name="edtool")  # an Exit (e.g. --help) comes back as its code
-    except EdtoolError as e:
-        if debug:
-            raise
-        print(f"edtool: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("edtool: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except typer.Abort:
-        print("edtool: aborted", file=sys.stderr)
-        sys.exit(130)
-    except _usage_error_types() as e:
-        if debug:
-            raise
-        if type(e).__name__ == "NoArgsIsHelpError":  # `edtool` alone: the help (printed by rich already, or here)
-            text = e.format_message()
-            if text.strip():
-                print(text, file=sys.stderr)
-        else:
-            print(_usage_line(e), file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:
-        if debug:
-            raise
-        line = disk_error_line(e)
-        if line:  # disk full, permissions, read-only, not a folder: the user's to fix, one line
-            print(f"edtool: error: {line}", file=sys.stderr)
-            sys.exit(2)
-        print(f"edtool: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
-              "and please report it)", file=sys.stderr)
-        sys.exit(1)
-    if isinstance(code, int) and not isinstance(code, bool) and code:
-        if code == 130:
-            print("edtool: interrupted", file=sys.stderr)
-        sys.exit(code)
+    """Console entry point: every error ends as one line (see edtool.console.run_command_line)."""
+    run_command_line(app)

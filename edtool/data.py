@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edtool.config import check_range
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path
 from edtool.paths import cache_dir
@@ -389,10 +390,8 @@ NUM_CLASSES = 10  # every data set edtool reads has ten classes
 def first_samples(images: torch.Tensor, labels: torch.Tensor, max_samples, per_class: bool = False):
     """The first `max_samples` training images (SPEC 6, the seed tool's ELS `max_samples`), or the first
     `max_samples` of every class when `per_class` (class-conditional machines), in their original order."""
-    if max_samples is None:
+    if check_range("max_samples", max_samples) is None:
         return images, labels
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-        raise EdtoolError(f"--max-samples must be a positive integer, got {max_samples!r}")
     if not per_class:
         keep = torch.arange(min(max_samples, len(images)))
     else:  # rank of each image within its class, kept while below max_samples

@@ -297,7 +297,7 @@ def test_calibrate_and_sample_commands(tmp_path, monkeypatch, capsys):
     assert "schedule (els-borders" in capsys.readouterr().out
     before = found.read_bytes()
     with pytest.raises(SystemExit) as e:  # an existing calibration is replaced only with --force
-        run_cli(monkeypatch, *calibrate[:-3], 8, "--quiet")
+        run_cli(monkeypatch, *calibrate[:-2], 8, "--quiet")  # --n-images 8
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and str(found) in err and "--force" in err
     assert found.read_bytes() == before

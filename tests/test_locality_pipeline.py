@@ -118,8 +118,8 @@ def test_locality_alone_on_own_paths_and_the_probe_method(tmp_path):
     (["--align", "els"], "--align 'els' is not among --models"),
     (["--align", "resnet", "--trajectory", "own"], "--align compares Jacobians at the same points"),
     (["--locality", "--locality-method", "fast"], "unknown --locality-method 'fast'"),
-    (["--locality", "--locality-pixels", "1"], "--locality-pixels must be at least 2"),
-    (["--locality", "--locality-radius", "-1"], "--locality-radius must be 0 or more"),
+    (["--locality", "--locality-pixels", "1"], "Invalid value for '--locality-pixels'"),
+    (["--locality", "--locality-radius", "-1"], "Invalid value for '--locality-radius'"),
 ])
 def test_bad_settings_are_one_line_exit_2(tmp_path, capsys, monkeypatch, args, message):
     code, out, err = cli(capsys, monkeypatch, "compute", "--models", "resnet,is", "--nsteps", 1,

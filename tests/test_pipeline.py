@@ -388,8 +388,8 @@ def test_other_settings_are_refused_naming_them_and_overwrite_starts_fresh(tmp_p
 @pytest.mark.parametrize("args, words", [
     (["--dataset", "mnist6k"], "unknown dataset 'mnist6k'"),
     (["--models", "resnet,bogus"], "unknown model 'bogus'"),
-    (["--nsteps", "0"], "--nsteps must be at least 1"),
-    (["--realizations", "0"], "--realizations must be at least 1"),
+    (["--nsteps", "0"], "Invalid value for '--nsteps'"),
+    (["--realizations", "0"], "Invalid value for '--realizations'"),
     (["--resnet", "/nonexistent/net.safetensors"], "does not exist"),
     (["--shard", "2/2"], "need 0 <= i < K"),
     (["--shard", "0/2", "--overwrite"], "--overwrite with --shard"),

@@ -3,79 +3,29 @@ into the run store (SPEC 7, 8). Resumable: only cells whose `done` flag is unset
 
     cfg = ComputeConfig(models=["unet", "els"], realizations=4, nsteps=20)
     summary = compute(cfg)          # -> dict with the run location, timings, failures
+
+Measuring a cell and the run loop live here; the settings (ComputeConfig) in edtool.config, loading in
+edtool.study.prepare, the process group of torchrun in edtool.study.distributed (their public names are
+importable from here too).
 """
 
 import hashlib
 import math
-import os
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 import torch
 
-from edtool.config import MAX_NSTEPS, MAX_SEED, MIN_PROBES, NSTEPS, PATCH_SIZE, PROBES
-from edtool.diffusion import TimeGrid, ddim_sample, initial_noises, realization_seeds
-from edtool.jacobian.ed import METHODS as ESTIMATORS
-from edtool.errors import EdtoolError
-from edtool.els.machine import ALIASES, MACHINES
-from edtool.els.schedule import check_fits, check_patch_size
-from edtool.store.run import MAX_REALIZATIONS
+from edtool.diffusion import TimeGrid, ddim_sample, initial_noises
+from edtool.study.distributed import barrier, distributed_shard
+from edtool.study.prepare import (  # noqa: F401 (re-exported: edtool.study.compute is the Python API's home)
+    MACHINE_NAMES, NETWORKS, ComputeConfig, Study, jacobian_whole_arrays, jacobian_whole_config, prepare,
+    resolve_device, run_location, whole_dims)
 
-NETWORKS = ("unet", "resnet")
-MACHINE_NAMES = tuple(ALIASES) + MACHINES  # what --models accepts: `els` follows the networks' padding
 RTOL_MAX_PROBES = 1024  # --rtol adds probes up to this many per point
-
-
-@dataclass
-class ComputeConfig:
-    """Every option of `edtool compute`; those that change a number go into the store's config."""
-
-    dataset: str = "mnist5k"
-    data_root: Optional[str] = None
-    models: List[str] = field(default_factory=lambda: ["unet", "resnet", "els"])
-    unet: Optional[str] = None
-    resnet: Optional[str] = None
-    scales: Optional[str] = None
-    patch_size: int = PATCH_SIZE  # ELS patch size when no calibrated scales are found
-    max_samples: Optional[int] = None  # the machines get the first N training images (per class if conditional)
-    nsteps: int = NSTEPS
-    realizations: int = 1
-    seed: int = 0
-    label: Optional[int] = None
-    estimator: str = "auto"
-    probes: int = PROBES
-    rtol: Optional[float] = None
-    maps: bool = False
-    trajectory: str = "own"  # own | shared
-    points: str = "trajectory"  # trajectory | noised-data (SPEC 13: forward-noised held-out images)
-    held_out: Optional[str] = None  # data set of the noised-data points, test split (default: points.default_held_out)
-    reference: Optional[str] = None  # the model whose path is shared (default: the first)
-    device: str = "auto"
-    batch: int = 1
-    run: Optional[str] = None
-    run_dir: Optional[str] = None
-    overwrite: bool = False
-    retry_failed: bool = False  # recompute finished cells that hold NaN (e.g. out of memory on another device)
-    shard: Optional[tuple] = None  # (i, K)
-    locality: bool = False  # SPEC 12 locality profiles loc_jac, loc_ed per radius, and r90
-    locality_radius: Optional[int] = None  # R: radii 0..R (default half the image size)
-    locality_method: str = "auto"  # auto (exact when the Jacobian fits in memory) | exact | probe
-    locality_pixels: int = 64  # output pixels drawn by the probe estimator
-    align: Optional[str] = None  # SPEC 12 alignment of every model's Jacobian with this model's (same points)
-    scheduler: Optional[str] = None  # SPEC 14: scheduler folder of a diffusers UNet2DModel folder source
-    save_points: bool = False  # store the point of every measurement (array `point`)
-    sources: dict = field(default_factory=dict)  # SPEC 14: {label: SOURCE} of --models LABEL=SOURCE entries
-
-    def __post_init__(self):  # --models LABEL=SOURCE: the label names the model, its source is kept here
-        from edtool.networks.sources import split_models
-
-        self.models, found = split_models(list(self.models), NETWORKS + MACHINE_NAMES)
-        self.sources = {**self.sources, **found}
 
 
 class Reporter:
@@ -87,349 +37,10 @@ class Reporter:
     def note(self, message: str): ...
 
 
-# ------------------------------------------------------------------ setup
-
-
-def validate(cfg: ComputeConfig) -> None:
-    """Refuse bad settings before anything is loaded or written."""
-    from edtool.data import DATASETS
-
-    if cfg.dataset not in DATASETS:
-        raise EdtoolError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
-    if not cfg.models:
-        raise EdtoolError("no models given; e.g. --models unet,resnet,els")
-    for m in cfg.models:
-        if m not in NETWORKS + MACHINE_NAMES and m not in cfg.sources:
-            raise EdtoolError(f"unknown model {m!r}; choose from {', '.join(NETWORKS + MACHINE_NAMES)}, or "
-                              "LABEL=SOURCE (a diffusers folder, hf:ORG/NAME, py:module:attr, a checkpoint)")
-    if len(set(cfg.models)) != len(cfg.models):
-        raise EdtoolError(f"a model is listed twice in --models {','.join(cfg.models)}")
-    if cfg.nsteps < 1:
-        raise EdtoolError(f"--nsteps must be at least 1, got {cfg.nsteps}")
-    if cfg.nsteps > MAX_NSTEPS:
-        raise EdtoolError(f"--nsteps {cfg.nsteps} is more than edtool takes (at most {MAX_NSTEPS})")
-    if cfg.realizations < 1:
-        raise EdtoolError(f"--realizations must be at least 1, got {cfg.realizations}")
-    if not 0 <= cfg.seed <= MAX_SEED - cfg.realizations + 1:
-        raise EdtoolError(f"--seed {cfg.seed} with --realizations {cfg.realizations}: seeds go from 0 to {MAX_SEED}")
-    if cfg.realizations > MAX_REALIZATIONS:
-        raise EdtoolError(f"--realizations {cfg.realizations} is more than one run holds (at most "
-                          f"{MAX_REALIZATIONS}: one chunk file per realization and array); split the work over "
-                          "runs with different --seed")
-    if cfg.batch < 1:
-        raise EdtoolError(f"--batch must be at least 1, got {cfg.batch}")
-    if cfg.estimator not in ESTIMATORS:
-        raise EdtoolError(f"unknown --estimator {cfg.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    if cfg.estimator == "analytic" and any(m not in MACHINE_NAMES for m in cfg.models):
-        raise EdtoolError("--estimator analytic applies to the ELS machines only; use auto (closed form for "
-                          "machines, Hutchinson or exact for networks)")
-    if cfg.probes < MIN_PROBES:
-        raise EdtoolError(f"--probes must be at least {MIN_PROBES} (the standard error needs a spread), got {cfg.probes}")
-    if cfg.rtol is not None and not 0 < cfg.rtol < 1:
-        raise EdtoolError(f"--rtol must be between 0 and 1, got {cfg.rtol}")
-    if cfg.trajectory not in ("own", "shared"):
-        raise EdtoolError(f"--trajectory must be own or shared, got {cfg.trajectory!r}")
-    if cfg.reference is not None and cfg.reference not in cfg.models:
-        raise EdtoolError(f"--reference {cfg.reference!r} is not among --models")
-    from edtool.study.points import POINT_SOURCES
-
-    if cfg.points not in POINT_SOURCES:
-        raise EdtoolError(f"--points must be one of {', '.join(POINT_SOURCES)}, got {cfg.points!r}")
-    if cfg.points == "noised-data" and cfg.trajectory == "shared":
-        raise EdtoolError("--points noised-data measures every model at the same noised held-out images already; "
-                          "drop --trajectory shared")
-    if cfg.held_out is not None and cfg.points != "noised-data":
-        raise EdtoolError("--held-out chooses the images of --points noised-data; add --points noised-data")
-    if cfg.held_out is not None and cfg.held_out not in DATASETS:
-        raise EdtoolError(f"unknown --held-out {cfg.held_out!r}; choose one of {', '.join(DATASETS)}")
-    if cfg.overwrite and cfg.shard is not None:
-        raise EdtoolError("--overwrite with --shard would delete what the other shards computed: delete the "
-                          "run directory once before starting the shards, and run them without --overwrite")
-    check_patch_size(cfg.patch_size, "--patch-size")
-    if cfg.max_samples is not None and (isinstance(cfg.max_samples, bool) or not isinstance(cfg.max_samples, int)
-                                        or cfg.max_samples < 1):
-        raise EdtoolError(f"--max-samples must be at least 1, got {cfg.max_samples}")
-    _validate_jacobian_whole(cfg)
-
-
-def _validate_jacobian_whole(cfg: ComputeConfig) -> None:
-    """--locality and --align settings (SPEC 12)."""
-    from edtool.jacobian.locality import LOCALITY_METHODS
-
-    if cfg.locality_method not in LOCALITY_METHODS:
-        raise EdtoolError(f"unknown --locality-method {cfg.locality_method!r}; choose one of "
-                          f"{', '.join(LOCALITY_METHODS)}")
-    if cfg.locality_radius is not None and cfg.locality_radius < 0:
-        raise EdtoolError(f"--locality-radius must be 0 or more, got {cfg.locality_radius}")
-    if cfg.locality_pixels < 2:
-        raise EdtoolError(f"--locality-pixels must be at least 2 (an error bar needs a spread), "
-                          f"got {cfg.locality_pixels}")
-    if cfg.align is not None:
-        if cfg.align not in cfg.models:
-            raise EdtoolError(f"--align {cfg.align!r} is not among --models {','.join(cfg.models)}; add it")
-        if cfg.trajectory != "shared" and cfg.points == "trajectory":
-            raise EdtoolError("--align compares Jacobians at the same points: it needs --trajectory shared "
-                              "(or --points noised-data)")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present (each torchrun rank its own GPU)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EdtoolError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "meta":
-        raise EdtoolError("--device meta holds shapes but no numbers: nothing can be measured on it; use auto, cpu "
-                          "or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EdtoolError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EdtoolError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
-                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    elif device.type != "cpu" and not _backend_available(device.type):
-        raise EdtoolError(f"--device {name} is not available in this PyTorch build or on this machine; use auto, "
-                          "cpu or cuda")
-    return device
-
-
-def _backend_available(kind: str) -> bool:
-    """Whether torch can run on a device type other than cpu/cuda (mps, xpu, ...)."""
-    if kind == "mps":
-        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    module = getattr(torch, kind, None)
-    try:
-        return bool(module is not None and module.is_available())
-    except Exception:  # a backend stub that cannot even answer
-        return False
-
-
-def run_location(cfg: ComputeConfig) -> str:
-    """--run-dir wins; else cache/<--run>; else cache/<dataset>-<models>-<nsteps>-r<realizations>-s<seed>."""
-    from edtool.paths import cache_dir
-
-    if cfg.run_dir:
-        return str(cfg.run_dir)
-    name = cfg.run or f"{cfg.dataset}-{'-'.join(cfg.models)}-n{cfg.nsteps}-r{cfg.realizations}-s{cfg.seed}"
-    if "/" in name or name in ("", ".", ".."):
-        raise EdtoolError(f"--run must be a plain name (got {name!r}); use --run-dir for a path")
-    return str(cache_dir() / name)
-
-
 def probe_seed(run_seed: int, realization: int, model: str, step: int) -> int:
     """Seed of the Hutchinson probes for one (realization, model, step): stable across reruns and ranks."""
     digest = hashlib.sha256(f"{run_seed}/{realization}/{model}/{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@dataclass
-class Study:
-    """Everything compute needs, loaded once: the models (networks and machines) by name, seeds,
-    labels, store config."""
-
-    cfg: ComputeConfig
-    models: dict
-    seeds: List[int]
-    labels: List[int]
-    image_shape: tuple
-    config: dict
-    device: torch.device
-    notes: List[str]
-    held_out: Optional[torch.Tensor] = None  # (realizations, C, H, W): x_0 of each realization with --points noised-data
-    rtol_missed: list = field(default_factory=list)  # (realization, model, step, ed_stderr / ed_fro) above --rtol
-    grid: Optional[TimeGrid] = None  # the run's time grid, built once by prepare (else from cfg.nsteps)
-
-    def __post_init__(self):
-        self.grid = self.grid or TimeGrid(self.cfg.nsteps)
-
-
-def _network_path(cfg: ComputeConfig, arch: str) -> Path:
-    """--unet/--resnet, else the first found in ./checkpoints, EDTOOL_CHECKPOINTS, shipped (docs/discovery)."""
-    from edtool.networks import discovery
-
-    explicit = getattr(cfg, arch)
-    return Path(explicit) if explicit else discovery.discover(cfg.dataset, arch)
-
-
-def _image_shape(fields: dict) -> Optional[tuple]:
-    """The image shape the measured networks agree on (from their manifests), None without networks."""
-    shapes = {name: tuple(f.manifest.get("image_shape") or ()) for name, f in fields.items()}
-    if len(set(shapes.values())) > 1:
-        raise EdtoolError(f"the networks expect different image shapes ({shapes}); pass checkpoints made "
-                          f"for the same data")
-    shape = next(iter(shapes.values()), None)
-    if shape is not None and len(shape) != 3:
-        raise EdtoolError(f"checkpoint manifest of {next(iter(fields))} has no image_shape (C, H, W)")
-    return shape
-
-
-def prepare(cfg: ComputeConfig) -> Study:
-    """Load networks, data (only for machines, SPEC 6) and machines; derive seeds, labels and the config
-    that the store records (with the estimator each model uses on this device)."""
-    from edtool.data import NUM_CLASSES, first_samples, load_dataset
-    from edtool.els.calibrate import seed_labels
-    from edtool.els.machine import build_machine, resolve_machine_name
-    from edtool.jacobian.ed import auto_method
-    from edtool.networks import checkpoints, discovery
-
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    grid = TimeGrid(cfg.nsteps)  # the run's time grid: everything below takes it from here
-    notes, models, config_models = [], {}, {}
-    wants_machines = any(m in MACHINE_NAMES for m in cfg.models)
-    if wants_machines and cfg.scales:  # checked before anything heavy is loaded
-        discovery.find_scales("els", cfg.scales, nsteps=cfg.nsteps)
-
-    network_paths = {}
-    for arch in NETWORKS:
-        if arch in cfg.models or (arch == "resnet" and wants_machines):
-            try:
-                network_paths[arch] = _network_path(cfg, arch)
-            except EdtoolError:
-                if arch in cfg.models:
-                    raise
-    for arch in NETWORKS:
-        if arch not in cfg.models:
-            continue
-        path = network_paths[arch]
-        models[arch] = discovery.load(path, dataset=cfg.dataset, device=device, note=notes.append)
-        if models[arch].manifest.get("arch") != arch:  # never measure one network and file it as another
-            raise EdtoolError(f"--{arch} {path} holds a {models[arch].manifest.get('arch')}, not a {arch}; give a "
-                              f"{arch} checkpoint to --{arch}")
-        config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
-    if cfg.sources:  # SPEC 14: models from elsewhere go wherever a network goes
-        from edtool.networks.sources import load_sources
-
-        load_sources(cfg, device, models, config_models, notes, grid)
-    paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
-    if not paddings and "resnet" in network_paths:  # machines alone follow the ResNet their scales are for
-        paddings = [discovery.padding_of(network_paths["resnet"]) or "zeros"]
-    padding = paddings[0] if paddings else "zeros"
-    padding_from = next(iter(network_paths.values()), None) if not models else \
-        network_paths.get(next(iter(models))) or cfg.sources.get(next(iter(models)))
-    nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
-    conditional = bool(nets_conditional) or cfg.label is not None
-    unconditional = [name for name, f in models.items() if not getattr(f, "conditional", False)]
-    if cfg.label is not None and unconditional:
-        raise EdtoolError(f"--label {cfg.label}: the {' and '.join(unconditional)} network is unconditional (it "
-                          "takes no class label); drop --label, or give a class-conditional checkpoint")
-    n_classes = next((int(f.manifest["num_classes"]) for f in nets_conditional
-                      if f.manifest.get("num_classes")), None)
-
-    image_shape = _image_shape(models)
-    images = labels = None
-    if wants_machines:  # only the machines need the training images
-        images, labels = load_dataset(cfg.dataset, root=cfg.data_root)
-        if image_shape is not None and tuple(images.shape[1:]) != image_shape:
-            raise EdtoolError(f"the networks expect images of shape {list(image_shape)}, {cfg.dataset} has "
-                              f"{list(images.shape[1:])}")
-        image_shape = tuple(images.shape[1:])
-        check_fits([cfg.patch_size], image_shape, "--patch-size")
-        n_classes = n_classes or int(labels.max()) + 1
-        images, labels = first_samples(images, labels, cfg.max_samples, per_class=conditional)
-    n_classes = n_classes or NUM_CLASSES
-    if cfg.label is not None and not 0 <= cfg.label < n_classes:
-        raise EdtoolError(f"--label {cfg.label} is not a class of {cfg.dataset} (0..{n_classes - 1})")
-
-    for name in cfg.models:
-        if name in NETWORKS or name in cfg.sources:
-            continue
-        kind = resolve_machine_name(name, padding, padding_from)
-        # --scales, else the calibration found for the ResNet (or UNet), in discovery's order
-        scales, source = discovery.schedule_for(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")],
-                                                cfg.nsteps, cfg.patch_size, notes, name=name)
-        machine, info = build_machine(kind, images.to(device), labels.to(device), scales=scales,
-                                      patch_size=cfg.patch_size, source=source)
-        models[name] = machine
-        config_models[name] = {"machine": kind, **info}
-    n = math.prod(image_shape)
-    for name, entry in config_models.items():  # what `auto` means here, recorded: CPU and CUDA differ
-        machine = name in MACHINE_NAMES
-        entry["estimator"] = ("analytic" if machine else auto_method(n, device.type)) \
-            if cfg.estimator == "auto" else cfg.estimator
-
-    seeds = realization_seeds(cfg.seed, cfg.realizations)
-    held_out, points = None, None
-    if cfg.points == "noised-data":
-        held_out, run_labels, points = _held_out_points(cfg, image_shape, conditional)
-    else:
-        drawn = seed_labels(seeds, labels, cfg.label, conditional, n_classes=n_classes)
-        run_labels = [-1] * cfg.realizations if drawn is None else drawn.tolist()
-    reference = cfg.reference or cfg.models[0]
-    config = {
-        "dataset": cfg.dataset, "models": config_models, "nsteps": cfg.nsteps, "realizations": cfg.realizations,
-        "seed": cfg.seed, "label": cfg.label, "estimator": cfg.estimator, "probes": cfg.probes,
-        "rtol": cfg.rtol, "maps": cfg.maps, "trajectory": cfg.trajectory,
-        "reference": reference if cfg.trajectory == "shared" else None, "dtype": "float32",
-        "device": device.type,
-    }
-    if wants_machines and cfg.max_samples is not None:  # absent otherwise, so older runs resume as before
-        config["max_samples"] = cfg.max_samples
-    if points is not None:  # trajectory runs keep the config they always had, so they resume as before
-        config["points"] = points
-    if cfg.save_points:  # likewise absent when off
-        config["save_points"] = True
-    config.update(jacobian_whole_config(cfg, image_shape, models, grid))
-    return Study(cfg, models, seeds, run_labels, image_shape, config, device, notes, held_out, grid=grid)
-
-
-def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
-    """x_0 per realization for --points noised-data, their labels (-1 if unconditional) and the config
-    entry that records the point source (SPEC 13)."""
-    from edtool.data import load_dataset
-    from edtool.study.points import default_held_out, held_out_indices
-
-    name, split = (cfg.held_out, "test") if cfg.held_out else default_held_out(cfg.dataset)
-    images, labels = load_dataset(name, root=cfg.data_root, split=split)
-    if tuple(images.shape[1:]) != image_shape:
-        raise EdtoolError(f"held-out images of {name} ({split}) are {tuple(images.shape[1:])}, the models' "
-                          f"{image_shape}; choose a held-out set like the training data with --held-out")
-    pool = torch.arange(len(images))
-    if cfg.label is not None:
-        pool = pool[labels == cfg.label]
-    indices = pool[held_out_indices(len(pool), cfg.seed, cfg.realizations)]
-    run_labels = labels[indices].tolist() if conditional else [-1] * cfg.realizations
-    entry = {"source": "noised-data", "held_out": {"dataset": name, "split": split, "size": len(images)},
-             "indices": indices.tolist(),
-             "definition": "realization r: x_t = sqrt(alpha_bar(t)) x_0 + sqrt(beta(t)) eps at t = (N - j) / N, "
-                           "x_0 = held-out image indices[r], eps = initial_noise(seed + r); final holds x_0"}
-    return images[indices], run_labels, entry
-
-
-def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict, grid: Optional[TimeGrid] = None) -> dict:
-    """The SPEC 12 settings a run records (absent when off, so runs made without them still resume), with
-    each ELS machine's patch half-width (k - 1)/2 at every step of the run's grid (else TimeGrid(cfg.nsteps)),
-    which the locality figures draw."""
-    from edtool.jacobian.locality import default_radius
-
-    out = {}
-    if cfg.locality:
-        radius = default_radius(image_shape) if cfg.locality_radius is None else cfg.locality_radius
-        times = (grid or TimeGrid(cfg.nsteps)).step_times.tolist()  # t_j of step j
-        half = {name: [(f.patch_size_at(t) - 1) / 2 for t in times] for name, f in fields.items()
-                if getattr(f, "patch_sizes", None)}
-        out["locality"] = {"radius": radius, "method": cfg.locality_method, "pixels": cfg.locality_pixels,
-                           "patch_half_width": half}
-    if cfg.align is not None:
-        out["align"] = {"reference": cfg.align, "probes": cfg.probes}
-    return out
-
-
-def _whole_dims(config: dict) -> dict:
-    """The per-cell arrays of SPEC 12 a run with this config stores, with their trailing dimensions."""
-    from edtool.store.run import ALIGN_ARRAYS, LOCALITY_ARRAYS, POINT_ARRAYS
-
-    return {**(LOCALITY_ARRAYS if config.get("locality") else {}), **(ALIGN_ARRAYS if config.get("align") else {}),
-            **(POINT_ARRAYS if config.get("save_points") else {})}
-
-
-def jacobian_whole_arrays(config: dict) -> list:
-    """The names of the per-cell arrays of SPEC 12 a run with this config stores."""
-    return list(_whole_dims(config))
 
 
 # ------------------------------------------------------------------ measuring
@@ -477,7 +88,7 @@ class Cell:
         radii = (study.config.get("locality") or {}).get("radius", -1) + 1
         sizes = {"step": n, "radius": radii, "channel": c, "y": h, "x": w}
         whole = {name: np.full((B, *(sizes[d] for d in dims)), np.nan)
-                 for name, dims in _whole_dims(study.config).items()}
+                 for name, dims in whole_dims(study.config).items()}
         return cls(*(np.full((B, n), np.nan) for _ in range(4)), final=np.full((B, c, h, w), np.nan),
                    curl_map=np.full((B, n, h, w), np.nan) if study.cfg.maps else None, whole=whole)
 
@@ -647,100 +258,14 @@ def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
 # ------------------------------------------------------------------ the stage
 
 
-def _distributed_shard(cfg: ComputeConfig):
-    """Under torchrun/srun (WORLD_SIZE > 1) join the process group; return (rank, world) or None."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise EdtoolError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes; unset it to "
-                          "run one process, or start the ranks with torchrun") from None
-    if world <= 1:
-        return None
-    if cfg.shard is not None:
-        raise EdtoolError("--shard and torchrun split the realizations each on their own: use one of them")
-    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise EdtoolError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                          f"not: start the ranks with torchrun (torchrun --nproc-per-node {world} -m edtool compute "
-                          "...), or unset WORLD_SIZE to run one process")
-    try:
-        rank = int(os.environ["RANK"])
-    except ValueError:
-        raise EdtoolError(f"RANK={os.environ['RANK']!r} is not a rank number; start the ranks with torchrun") from None
-    if not 0 <= rank < world:
-        raise EdtoolError(f"RANK={rank} with WORLD_SIZE={world}: ranks go from 0 to {world - 1}; start the ranks "
-                          "with torchrun, or fix RANK/WORLD_SIZE")
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
-        _join(dist, backend, rank, world)
-    return dist.get_rank(), dist.get_world_size()
-
-
-@contextmanager
-def _stderr_kept_unless_failed():
-    """Hold what the process writes to its stderr (file descriptor 2, where C++ logs go) meanwhile; pass it
-    on if the block succeeds, drop it if it raises (the error then says what happened, in one line)."""
-    import sys
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        held.seek(0)  # reached only without an error
-        sys.stderr.write(held.read().decode(errors="replace"))
-
-
-RENDEZVOUS_TIMEOUT = 300  # seconds the ranks wait for each other at start (EDTOOL_RENDEZVOUS_TIMEOUT overrides)
-
-
-def _join(dist, backend: str, rank: int, world: int) -> None:
-    """init_process_group, but a rank that waits in vain for the others stops with one line after
-    EDTOOL_RENDEZVOUS_TIMEOUT seconds instead of hanging; collectives keep torch's default timeout."""
-    from datetime import timedelta
-
-    text = os.environ.get("EDTOOL_RENDEZVOUS_TIMEOUT", str(RENDEZVOUS_TIMEOUT))
-    try:
-        seconds = float(text)
-        assert 0 < seconds < 1e7
-    except (ValueError, AssertionError):
-        raise EdtoolError(f"EDTOOL_RENDEZVOUS_TIMEOUT={text!r} is not a number of seconds (e.g. 300)") from None
-    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    try:
-        with _stderr_kept_unless_failed():  # torch's C++ logs each connection retry with a stack trace
-            dist.init_process_group(backend=backend, timeout=timedelta(seconds=seconds), rank=rank, world_size=world)
-    except Exception as e:  # DistStoreError, RuntimeError: torch names no common type for "the others never came"
-        raise EdtoolError(f"rank {rank} of {world}: the other ranks did not join at {where} within {seconds:g}s "
-                          f"({' '.join(str(e).split())[:160]}); start every rank (torchrun does), check "
-                          "MASTER_ADDR/MASTER_PORT, or raise EDTOOL_RENDEZVOUS_TIMEOUT") from None
-    from torch.distributed import distributed_c10d as c10d
-
-    if hasattr(c10d, "_set_pg_timeout"):  # a late rank's whole shard may run before the final barrier
-        c10d._set_pg_timeout(c10d.default_pg_timeout)
-
-
-def _barrier():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     """Fill the run store for cfg, resuming where it stopped; returns a summary dict."""
     from edtool.store.status import record_shard
     from edtool.store.run import create_run, describe_cells, run_lock, shard_realizations
 
     reporter = reporter or Reporter()
-    validate(cfg)
-    dist_shard = _distributed_shard(cfg)
+    cfg.validate()
+    dist_shard = distributed_shard(cfg)
     shard = dist_shard or cfg.shard
     location = run_location(cfg)
     study = prepare(cfg)
@@ -757,14 +282,14 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     # the lock comes first: --overwrite must not delete a run that a live process is filling
     with run_lock(location, shard=shard):
         if dist_shard is not None and dist_shard[0] != 0:
-            _barrier()  # rank 0 creates the store first
+            barrier()  # rank 0 creates the store first
             run = create_run(location, **create)
         else:
             try:
                 run = create_run(location, overwrite=cfg.overwrite, **create)
             finally:  # on a refusal the other ranks meet it themselves rather than wait forever
                 if dist_shard is not None:
-                    _barrier()
+                    barrier()
         record_shard(location, shard)
         job = _Job(study, run, reporter)
         started = time.perf_counter()
@@ -789,7 +314,7 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
                 continue
             todo = todo[len(rows):]
     if dist_shard is not None:
-        _barrier()
+        barrier()
     total = time.perf_counter() - started
     warned = [rtol_warning(study.rtol_missed, cfg.rtol)] if study.rtol_missed else []
     return {"location": location, "progress": run.progress(), "failures": job.failures, "warnings": warned,
