@@ -88,8 +88,9 @@ def _load():
         return None
     i, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.score_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, ptr, ptr, f32, i64, i]
+    lib.moments_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, i, ptr, ptr, f32, i64, i]
     lib.logits_exp.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, f32, i]
-    lib.score_chunk.restype = lib.logits_exp.restype = None
+    lib.score_chunk.restype = lib.moments_chunk.restype = lib.logits_exp.restype = None
     return lib
 
 
@@ -125,6 +126,29 @@ def score_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows
         lib.score_chunk(q.data_ptr(), G, q.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1), M,
                         rows.data_ptr(), len(rows), shift.data_ptr(), sums.data_ptr(), floor, block,
                         torch.get_num_threads())
+    return (sums / sums[..., :1])[:, :R]
+
+
+def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, J: int, floor: float,
+                     block: Optional[int] = None) -> Tensor:
+    """posterior_moments for the Jacobian, fused: E_w[c_v P_j] (G, R, V * J) float64, normalized, for
+    c = keys[value_rows] (value_rows[0] = 0, the ones row) and P = keys[:J] (row 0 the ones row), v-major:
+    the moments of the outer product [1, c] x [1, P] that the closed-form band needs."""
+    G, R, E = queries.shape
+    q = _padded(queries)
+    V = len(value_rows)
+    shift = torch.full(q.shape[:2], -math.inf)
+    sums = torch.zeros(*q.shape[:2], V * J, dtype=torch.float64)
+    if block is None:  # candidates per block: its weights (V x ROWS rows) stay in L1 while they meet the keys
+        block = max(64, 4096 // (V * ROWS) // 16 * 16)
+    rows = value_rows.to(torch.int64).contiguous()
+    for keys in key_chunks:
+        if keys.stride(-1) != 1:
+            keys = keys.contiguous()
+        G, E, M = keys.shape
+        lib.moments_chunk(q.data_ptr(), G, q.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1), M,
+                          rows.data_ptr(), V, J, shift.data_ptr(), sums.data_ptr(), floor, block,
+                          torch.get_num_threads())
     return (sums / sums[..., :1])[:, :R]
 
 

@@ -368,11 +368,14 @@ class LocalMachine(Machine):
             q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1), torch.ones_like(q[..., :1])], -1)
             q = q.transpose(0, 1).reshape(G, B * R, D + 3)  # rows [0, a x_p / b^2, -a^2 / (2 b^2), 1]
             step = _candidates_per_step(G, B * R, width, self.chunk_size)
-            fused = not jacobian and len(value_rows) <= 4 and els_kernels.usable(q)
+            fused = len(value_rows) <= 4 and els_kernels.usable(q)
             lib = els_kernels.kernels() if fused else None
-            if lib is not None:  # the fused score kernel: chunks as large as the cache holds them (views)
+            if lib is not None:  # the fused kernels: chunks as large as the cache holds them (views)
                 chunks = source(source.args[0].shape[-1] if source.func is _sliced_keys else step)
-                m = els_kernels.score_moments(lib, q, chunks, value_rows, _clamp_floor(q.dtype))
+                if jacobian:
+                    m = els_kernels.jacobian_moments(lib, q, chunks, value_rows, D + 1, _clamp_floor(q.dtype))
+                else:
+                    m = els_kernels.score_moments(lib, q, chunks, value_rows, _clamp_floor(q.dtype))
             else:
                 m = posterior_moments(q, source(step), values_of)
             pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
