@@ -9,8 +9,6 @@ import torch
 from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from edtool.els import kernel as els_kernels
-
 
 
 def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: Callable[[Tensor], Tensor]) -> Tensor:
@@ -27,31 +25,20 @@ def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: 
     """
     grad = torch.is_grad_enabled()  # in-place ops are faster but autograd can't see through them
     shift, sums, buffer, bounded = None, None, None, True
-    # logits and exp fused pay only for narrow windows (k = 3 grey: 1.1x on the Jacobian; k >= 5: no gain)
-    lib = els_kernels.kernels() if els_kernels.usable(queries) and queries.shape[-1] <= 16 else None
     for keys in key_chunks:
         if shift is None:  # first chunk: start from its exact max
             shift = torch.bmm(queries.detach(), keys.detach()).amax(-1)
         q = torch.cat([-shift[..., None].to(queries.dtype), queries[..., 1:]], -1)
         values = values_of(keys)  # (G, V, M)
-        if lib is not None:  # logits, clamp and exp fused (the weighted sum is BLAS's)
-            if buffer is None or buffer.numel() < q.shape[0] * (q.shape[1] + els_kernels.ROWS) * keys.shape[-1]:
-                buffer = q.new_empty(q.shape[0] * (q.shape[1] + els_kernels.ROWS) * keys.shape[-1])
-            part = _weighted_sums(els_kernels.logits_exp(lib, q, keys, _clamp_floor(q.dtype), buffer), values).double()
-            if bool((part[..., 0] < 1e30).all()):
-                logw = None
-            else:  # rare: the torch path below redoes this chunk
-                lib, buffer = None, None
-        if lib is None:
-            logw = torch.bmm(q, keys)  # log w - s
-            if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
-                floor = _clamp_floor(logw.dtype)
-                bounded = bounded and _above(q.detach(), keys.detach(), floor)  # after one miss, stop trying
-                if not bounded:
-                    logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
-            if not grad and (buffer is None or buffer.numel() < logw.numel()):
-                buffer = torch.empty_like(logw).view(-1)
-            part = _weighted_sums(_exp(logw, buffer), values).double()
+        logw = torch.bmm(q, keys)  # log w - s
+        if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
+            floor = _clamp_floor(logw.dtype)
+            bounded = bounded and _above(q.detach(), keys.detach(), floor)  # after one miss, stop trying
+            if not bounded:
+                logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
+        if not grad and (buffer is None or buffer.numel() < logw.numel()):
+            buffer = torch.empty_like(logw).view(-1)
+        part = _weighted_sums(_exp(logw, buffer), values).double()
         if not bool((part[..., 0] < 1e30).all()):  # exp overflowed or nearly: lift those rows to the chunk max
             lift = logw.detach().amax(-1).clamp(min=0)
             part = _weighted_sums(_exp(logw - lift[..., None], buffer), values).double()

@@ -9,8 +9,8 @@
 // shift grows by log(sum) whenever the running sum exceeds 1. The chunk's result is merged into
 // the running state (shift (G, R) float32, sums (G, R, V) float64) passed in.
 //
-// logits_exp: exp(max(q . keys, floor)) (G, R, M) in float32, q's column 0 multiplying the keys'
-// row of ones (the engine's shift), for the Jacobian's wide weighted sums done by BLAS.
+// moments_chunk: the same for the Jacobian's moments, sums of w c_v P_j over the outer product of the
+// value rows [1, c] and the key rows [1, P], in one pass (the band needs nothing else).
 //
 // Plain C ABI (no torch headers: it builds in about a second), called through ctypes, which
 // releases the GIL; the work is spread over `threads` std::threads taking tasks from a counter.
@@ -359,45 +359,3 @@ extern "C" void moments_chunk(const float* qp, int G, int Rp, int E, const float
     };
   });
 }
-
-// exp(max(q . keys, floor)) into out (G, Rp, M) float32; q (G, Rp, E) contiguous with Rp a
-// multiple of RB, keys (G, E, M) with unit stride along M.
-extern "C" void logits_exp(const float* qp, int G, int Rp, int E, const float* kp, int64_t kg, int64_t ks, int64_t M,
-                           float* op, float floor, int threads) {
-  const int64_t block = std::max<int64_t>(VL, 8192 / E / VL * VL);  // a block of keys stays in L1
-  const int64_t blocks = (M + block - 1) / block;
-  parallel(G * blocks, threads, [&](int64_t task) {
-    const int64_t g = task / blocks, m0 = task % blocks * block, m1 = std::min(M, m0 + block);
-    const float* kgp = kp + g * kg;
-    float tail[256 * VL];
-    for (int r0 = 0; r0 < Rp; r0 += RB) {
-      // column 0 of q is the engine's -shift times the keys' row of ones
-      float negshift[RB];
-      for (int r = 0; r < RB; ++r) negshift[r] = -qp[(g * Rp + r0 + r) * E];
-      const float* qt = qp + (g * Rp + r0) * E;
-      for (int64_t m = m0; m < m1; m += VL) {
-        const float* c = kgp + m;
-        int64_t stride = ks;
-        int n = std::min<int64_t>(VL, m1 - m);
-        if (n < VL) {
-          std::memset(tail, 0, sizeof(float) * E * VL);
-          for (int e = 0; e < E; ++e)
-            for (int j = 0; j < n; ++j) tail[e * VL + j] = kgp[e * ks + m + j];
-          c = tail;
-          stride = VL;
-        }
-        vf l[RB];
-        logits(qt, E, c, stride, negshift, l);
-        for (int r = 0; r < RB; ++r) {
-          vf w = vexp(clamp(l[r], floor, 88.0f));
-          float* dst = op + (g * Rp + r0 + r) * M + m;
-          if (n == VL)
-            std::memcpy(dst, &w, sizeof w);
-          else
-            for (int j = 0; j < n; ++j) dst[j] = w[j];
-        }
-      }
-    }
-  });
-}
-

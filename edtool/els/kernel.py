@@ -2,6 +2,8 @@
 
 The score's inner loop (logits, clamp, exp, weighted sum) is memory traffic over a block of
 logits when run as separate torch ops; fused, each logit stays in a register from product to sum.
+The Jacobian's moments (the same weights against the outer product [1, c] x [1, P]) are fused too,
+their weights kept in L1 between the exp and the sums.
 kernel.cpp is plain C++ (no torch headers) compiled with the system's g++ into a per-machine
 cache (~/.cache/edtool/kernels, or $EDTOOL_KERNEL_DIR) the first time it is needed (a second or
 two), and called through ctypes, which releases the GIL. When it cannot be built (no compiler,
@@ -89,8 +91,7 @@ def _load():
     i, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.score_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, ptr, ptr, f32, i64, i]
     lib.moments_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, i, ptr, ptr, f32, i64, i]
-    lib.logits_exp.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, f32, i]
-    lib.score_chunk.restype = lib.moments_chunk.restype = lib.logits_exp.restype = None
+    lib.score_chunk.restype = lib.moments_chunk.restype = None
     return lib
 
 
@@ -139,8 +140,8 @@ def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_r
     V = len(value_rows)
     shift = torch.full(q.shape[:2], -math.inf)
     sums = torch.zeros(*q.shape[:2], V * J, dtype=torch.float64)
-    if block is None:  # candidates per block: its weights (V x ROWS rows) stay in L1 while they meet the keys
-        block = max(64, 4096 // (V * ROWS) // 16 * 16)
+    if block is None:  # candidates per float64 flush (the kernel streams them in L1-sized sub-blocks)
+        block = 1024
     rows = value_rows.to(torch.int64).contiguous()
     for keys in key_chunks:
         if keys.stride(-1) != 1:
@@ -150,17 +151,3 @@ def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_r
                           rows.data_ptr(), V, J, shift.data_ptr(), sums.data_ptr(), floor, block,
                           torch.get_num_threads())
     return (sums / sums[..., :1])[:, :R]
-
-
-def logits_exp(lib, q: Tensor, keys: Tensor, floor: float, buffer: Optional[Tensor] = None) -> Tensor:
-    """exp(max(q @ keys, floor)) (G, R, M) float32, fused (q's column 0 multiplies the ones row)."""
-    G, R, E = q.shape
-    qp = _padded(q)
-    if keys.stride(-1) != 1:
-        keys = keys.contiguous()
-    n = G * qp.shape[1] * keys.shape[-1]
-    out = buffer[:n].view(G, qp.shape[1], keys.shape[-1]) if buffer is not None and buffer.numel() >= n else \
-        torch.empty(G, qp.shape[1], keys.shape[-1])
-    lib.logits_exp(qp.data_ptr(), G, qp.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1),
-                   keys.shape[-1], out.data_ptr(), floor, torch.get_num_threads())
-    return out[:, :R]

@@ -12,8 +12,8 @@ set ("the windows centred at these positions, in every training image"). One str
 a chunk of candidates with one matrix product, keeps a running log-sum-exp, and accumulates
 the weighted sums (sum w, sum w c and, for the Jacobian, sum w P and sum w c P^T) in float64.
 
-On the CPU in float32 the score's loop (and at k = 3 the Jacobian's logits and exp) runs fused in a
-compiled kernel (`edtool.els.kernel`); this module's torch code is the fallback and the GPU path.
+On the CPU in float32 the score's and the Jacobian's loops run fused in a compiled kernel
+(`edtool.els.kernel`); `posterior_moments` (edtool.els.engine) is the fallback and the GPU path.
 
 Many candidate windows are identical (on mnist5k only 38 % of the k = 3 windows are distinct:
 the all-background window dominates). Each cell's distinct windows are kept once, with log of
