@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edtool.els import kernel as els_kernels
-from edtool.els.machine import band_ed, make_machine, posterior_moments
+from edtool.els.machine import band_ed, dense_ed, dense_jacobian, make_machine, posterior_moments
 from test_machines import brute_force, data, mnist_subset, noisy, rel
 
 PATHS = ["fused", "torch"]
@@ -97,6 +97,74 @@ def test_score_kernel_streams_overflow_and_slices_like_the_engine(threads, chunk
     finally:
         torch.set_num_threads(old)
     assert fused.shape == (G, R, 3)
+    assert (fused - truth).abs().max() < 1e-5 * truth.abs().max()
+
+
+@pytest.mark.parametrize("rule,paper", [("ls", False), ("els-borders", False), ("els-circular", False),
+                                        ("els-circular", True)])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_jacobian_band_and_ed_fused_torch_and_dense_float64_agree(rule, paper, k, monkeypatch):
+    """The fused Jacobian kernel and the pure-torch engine (float32) against the float64 engine's band
+    (itself checked against autograd in test_machines) and against the ED of the dense float64
+    Jacobian, on random images (every window distinct) and both paddings, at k = 3, 5, 7."""
+    if els_kernels.kernels() is None:
+        pytest.skip("the fused kernel cannot be built here (no g++?)")
+    calls = count_calls(monkeypatch, "jacobian_moments")
+    images, _ = data(n=10, shape=(1, 8, 8))
+    t = 0.4
+    x = noisy(images, t)
+    padding = "circular" if rule == "els-circular" else "zeros"
+    with torch.no_grad():
+        band64 = make_machine(rule, images, patch_size=k, paper_circular=paper, cache_bytes=0).jacobian(t, x)
+        dense = dense_ed(dense_jacobian(band64, padding), x.shape[1:], curl_map=True)
+        bands = {}
+        for path in ("fused", "torch"):
+            if path == "torch":
+                monkeypatch.setenv(els_kernels.ENV, "torch")
+            else:
+                monkeypatch.delenv(els_kernels.ENV, raising=False)
+            m = make_machine(rule, images.float(), patch_size=k, paper_circular=paper, chunk_size=500)
+            bands[path] = m.jacobian(t, x.float())
+            assert bool(calls) == (path == "fused")
+            calls.clear()
+    for path, band in bands.items():
+        ed = band_ed(band, padding, curl_map=True)
+        assert rel(band, band64) < 1e-5, path
+        assert rel(ed["jac_fro"], dense["jac_fro"]) < 1e-5, path
+        assert (ed["ed_fro"] - dense["ed_fro"]).norm() / dense["jac_fro"].norm() < 1e-5, path
+        assert rel(ed["curl_map"], dense["curl_map"]) < 1e-4, path
+    assert rel(bands["fused"], bands["torch"]) < 1e-5
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("C1,J,block", [(2, 10, None), (4, 28, 64), (3, 5, 48)])
+def test_jacobian_kernel_streams_overflow_and_slices_like_the_engine(threads, C1, J, block):
+    """jacobian_moments against posterior_moments in float64 with the outer-product values [1, c] x [1, P]:
+    several chunks and slices, a partial last vector, and a late candidate far better than all before."""
+    lib = els_kernels.kernels()
+    if lib is None:
+        pytest.skip("the fused kernel cannot be built here")
+    g = torch.Generator().manual_seed(1)
+    G, R, E, M = 2, 9, J + 2, 3001
+    # multiples of 1/8 and 1/4: float32 logits are exact, so the test sees the kernel's sums, not rounded inputs
+    q = (torch.randn(G, R, E, generator=g) * 4).round() / 8
+    q[..., 0], q[..., -1] = 0, 1
+    keys = (torch.randn(G, E, M, generator=g) * 4).round() / 4
+    keys[:, 0] = 1
+    keys[:, -1, 2500:] += 100  # the lift
+    rows = torch.tensor([0, 3, 1, 4][:C1])
+    chunks = lambda K: [K[..., m : m + 1100] for m in range(0, M, 1100)]
+    values = lambda K: (K[:, rows][:, :, None] * K[:, None, :J]).flatten(1, 2)
+    truth = posterior_moments(q.double(), iter(chunks(keys.double())), values)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            floor = math.log(torch.finfo(torch.float32).tiny) + 8
+            fused = els_kernels.jacobian_moments(lib, q, iter(chunks(keys)), rows, J, floor, block)
+    finally:
+        torch.set_num_threads(old)
+    assert fused.shape == (G, R, C1 * J)
     assert (fused - truth).abs().max() < 1e-5 * truth.abs().max()
 
 

@@ -165,8 +165,8 @@ def test_ideal_machine_gives_a_dense_operator():
 def test_band_products_equal_dense_products(padding, k):
     band = rand(2, 2, 5, 6, 2, k, k, seed=4)
     if padding == "zeros":  # entries reaching outside the image are zero in a machine's band
-        from edtool.els.machine import _band_valid
-        band = band * _band_valid(5, 6, k, "cpu")[None, None, :, :, None]
+        from edtool.els.machine import band_valid
+        band = band * band_valid(5, 6, k, "cpu")[None, None, :, :, None]
     V = rand(3, 2, 2, 5, 6, seed=5)
     u, w = BandJacobian(band, padding).products(V)
     uu, ww = DenseJacobian(dense_jacobian(band, padding), (2, 5, 6)).products(V)

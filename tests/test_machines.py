@@ -578,12 +578,12 @@ def test_distinct_windows_beyond_the_budget_are_never_merged(monkeypatch):
 
 
 def test_hash_collisions_never_merge_different_windows(monkeypatch):
-    from edtool.els import machine as machines
+    from edtool.els import merging
 
     images, _ = mnist_subset(12)
     x = noisy(images, 0.3)
     every = make_machine("els-borders", images, patch_size=3, cache_bytes=0).score(0.3, x)
-    monkeypatch.setattr(machines, "_row_hash", lambda rows, out=None: torch.zeros(len(rows), dtype=torch.int64, out=out))
+    monkeypatch.setattr(merging, "_row_hash", lambda rows, out=None: torch.zeros(len(rows), dtype=torch.int64, out=out))
     m = make_machine("els-borders", images, patch_size=3)
     torch.testing.assert_close(m.score(0.3, x), every, rtol=1e-5, atol=1e-5 * every.abs().max().item())
     assert m._keys.nbytes() > 0  # the merged keys were built and used

@@ -40,9 +40,10 @@ def measure(net: str, seeds: int, seed: int, nsteps: int, steps=None) -> None:
         if (steps and step not in steps) or key in record:
             continue
         out = REPO / "results" / "agreement" / net / f"step_{step:08d}"
-        cmd = [sys.executable, "-m", "edtool", "sample", "--machine", "els-borders,is", "--checkpoint", str(weights),
-               "--scales", str(scales), "--seeds", str(seeds), "--seed", str(seed), "--nsteps", str(nsteps),
-               "--out", str(out), "--quiet"]
+        rel = lambda p: str(p.relative_to(REPO))  # noqa: E731 (run from the repository root: the record travels)
+        cmd = [sys.executable, "-m", "edtool", "sample", "--machine", "els-borders,is", "--checkpoint", rel(weights),
+               "--scales", rel(scales), "--seeds", str(seeds), "--seed", str(seed), "--nsteps", str(nsteps),
+               "--out", rel(out), "--quiet"]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=REPO)
         summary = json.loads((out / "r2_summary.json").read_text())

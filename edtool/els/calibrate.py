@@ -16,11 +16,9 @@ seeds on which each machine beats the ideal score machine `is`.
     sample(["els-borders", "is"], net, images, labels, seeds=range(20), scales=res["scales"], out_dir="out")
 """
 
-import hashlib
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -31,69 +29,19 @@ from torch import Tensor
 from edtool.config import NSTEPS, PATCH_SIZE
 from edtool.diffusion import TimeGrid, as_grid, ddim_sample, drawn_labels, eps_to_score, initial_noises
 from edtool.errors import EdtoolError
-from edtool.fileio import check_output, recorded_paths, refuse_foreign
+from edtool.fileio import check_output, recorded_paths
 from edtool.els.machine import build_machine, make_machine, resolve_machine_name
 from edtool.els.schedule import check_fits, check_patch_size, check_schedule, schedule_note
+# sample's agreement measures and its folder, each in its module; the names stay importable from here
+from edtool.els.agreement import AGREEMENT_DEFINITIONS, agreement_report, agreement_stats, pearson_r, r2  # noqa: F401
+from edtool.els.sample_folder import (  # noqa: F401
+    LAYOUTS, SETTINGS_NAME, SUMMARY_NAME, claim_sample_dir, content_digest, save_each, output_dir_name)
 
 METRICS = ("cosine", "l2")
 DEFAULT_SIZES = (3, 5, 7, 9, 11, 13, 15)
 
 
 # ------------------------------------------------------------------ small pure helpers
-
-
-def pearson_r(a, b) -> float:
-    """Pearson correlation r of two images (each flattened and mean-subtracted): the cosine of the
-    two centred images, what the paper's evaluation script computes (SPEC 5.4). NaN with a warning
-    when either is constant."""
-    a = np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64).ravel()
-    b = np.asarray(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=np.float64).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"pearson_r: images differ in size ({a.size} vs {b.size})")
-    a, b = a - a.mean(), b - b.mean()
-    den = float((a @ a) * (b @ b))
-    if not den > 0:
-        warnings.warn("the correlation with a constant image is undefined; NaN")
-        return float("nan")
-    return float(np.clip((a @ b) / math.sqrt(den), -1.0, 1.0))
-
-
-def r2(a, b) -> float:
-    """r^2, the squared Pearson correlation of two images (the coefficient of determination); NaN
-    with a warning when either is constant."""
-    return pearson_r(a, b) ** 2
-
-
-AGREEMENT_DEFINITIONS = {
-    "r": "Pearson correlation of the machine's and the network's final images, each flattened and mean-subtracted "
-         "(the cosine of the centred images). The paper's evaluation script computes this number and its figures and "
-         "abstract call it r^2: its median 0.94 for the best MNIST pairing is a value of r.",
-    "r2": "r squared, the usual coefficient of determination (0.94 as r is 0.88 as r2)",
-    "median_r, median_r2": "medians over the seeds with a finite value",
-    "iqr_r, iqr_r2": "interquartile range over the same seeds: [25th, 75th percentile]",
-    "beats_is": "seeds on which the machine's r is larger than the ideal score machine's (is) r for the same seed: "
-                "wins, seeds compared, fraction = wins / seeds (by_r2: the same with r2, which differs only where r < 0)",
-}
-
-
-def agreement_stats(r_values: Sequence[float], baseline_r: Optional[Sequence[float]] = None) -> dict:
-    """Median and interquartile range of per-seed r and r2 = r^2 (NaN seeds left out), and, given the
-    baseline machine's r for the same seeds, on how many the machine beats it (SPEC 5.4)."""
-    r = np.asarray(r_values, dtype=np.float64)
-    out = {}
-    for name, v in (("r", r), ("r2", r ** 2)):
-        v = v[np.isfinite(v)]
-        q25, q50, q75 = np.percentile(v, [25, 50, 75]) if v.size else (math.nan,) * 3
-        out[f"median_{name}"], out[f"iqr_{name}"] = float(q50), [float(q25), float(q75)]
-    out["n_seeds"] = int(np.isfinite(r).sum())
-    if baseline_r is not None:
-        b = np.asarray(baseline_r, dtype=np.float64)
-        both = np.isfinite(r) & np.isfinite(b)
-        n = int(both.sum())
-        wins, wins2 = int((r[both] > b[both]).sum()), int((r[both] ** 2 > b[both] ** 2).sum())
-        out["beats_is"] = {"wins": wins, "seeds": n, "fraction": wins / n if n else math.nan,
-                           "by_r2": {"wins": wins2, "fraction": wins2 / n if n else math.nan}}
-    return out
 
 
 def similarity(reference: Tensor, other: Tensor, metric: str) -> Tensor:
@@ -371,27 +319,6 @@ def calibration_meta(result: dict, **extra) -> dict:
 # ------------------------------------------------------------------ sampling and agreement (SPEC 5.4)
 
 
-def output_dir_name(machine: str) -> str:
-    """Folder of a machine's samples: `els_outputs` for the paper's els(-borders), else `<machine>_outputs`."""
-    return "els_outputs" if machine in ("els", "els-borders") else f"{machine}_outputs"
-
-
-LAYOUTS = ("edtool", "paper")
-
-
-def _save_each(folder: Path, seeds, arrays, layout: str = "edtool", root=None) -> None:
-    """One file per seed: `seed_<s>.npy` (edtool), or, as the paper's scripts write them, `<i:04d>.pt`
-    holding a plain tensor with a batch axis of one (images (1, C, H, W), labels (1,)), i = the seed's
-    position in the list; readable with torch.load(..., weights_only=True)."""
-    names = [f"{i:04d}.pt" if layout == "paper" else f"seed_{s}.npy" for i, s in enumerate(seeds)]
-    with recorded_paths([folder / name for name in names], root) as tmps:  # recorded as edtool's in root's ledger
-        for tmp, a in zip(tmps, arrays):
-            if layout == "paper":
-                torch.save(torch.as_tensor(a).detach().cpu().clone().unsqueeze(0), tmp)
-            else:
-                np.save(tmp, a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a))
-
-
 def machine_sample(machine, x0: Tensor, grid: TimeGrid, label: Optional[Tensor] = None, batch=None) -> Tensor:
     """A machine's deterministic DDIM samples from x0 along the grid (an int N is short for TimeGrid(N));
     its schedule entry per step: schedule.scale_index."""
@@ -474,24 +401,24 @@ def sample(
     conditional = bool(getattr(network, "conditional", False))
     run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
     lab = None if run_labels is None else run_labels.to(device)
-    record = {"network": _digest(network), "images": _digest(images), "labels_sha256": _digest(labels),
+    record = {"network": content_digest(network), "images": content_digest(images), "labels_sha256": content_digest(labels),
               "nsteps": nsteps, "seeds": seeds, "labels": None if run_labels is None else run_labels.tolist(),
               "machines": {k: ({"scales": per_machine[k]} if per_machine[k] is not None else
                                {} if k == "is" else {"patch_size": patch_size}) for k in kinds}}
     if layout != "edtool":  # absent for edtool's layout, so earlier sample folders keep their record
         record["layout"] = layout
     check_output([out / SETTINGS_NAME], force=True)  # a folder that takes files, or one line naming it
-    _claim_sample_dir(out, record, overwrite)
+    claim_sample_dir(out, record, overwrite)
     grid = TimeGrid(nsteps)
 
     x0 = initial_noises(seeds, images.shape[1:], device)
-    _save_each(out / "seeds", seeds, x0, layout, root=out)
+    save_each(out / "seeds", seeds, x0, layout, root=out)
     if run_labels is not None:
-        _save_each(out / "labels", seeds, run_labels, layout, root=out)
+        save_each(out / "labels", seeds, run_labels, layout, root=out)
     t0 = time.perf_counter()
     with torch.no_grad():
         _, _, net_final = network_trajectory(network, x0, grid, lab, batch)
-    _save_each(out / "network_outputs", seeds, net_final, layout, root=out)
+    save_each(out / "network_outputs", seeds, net_final, layout, root=out)
     log(f"network: {len(seeds)} samples in {time.perf_counter() - t0:.1f}s")
 
     summary = {
@@ -518,7 +445,7 @@ def sample(
         with torch.no_grad():
             final = machine_sample(m, x0, grid, lab, batch)
         folder = output_dir_name(kind)
-        _save_each(out / folder, seeds, final, layout, root=out)
+        save_each(out / folder, seeds, final, layout, root=out)
         values = [pearson_r(a, b) for a, b in zip(final, net_final)]
         summary["machines"][kind] = {
             "dir": folder, **info, **({"baseline": True} if kind == "is" and added_baseline else {}),
@@ -543,80 +470,3 @@ def sample(
     with recorded_paths([out / SUMMARY_NAME]) as (tmp,):  # last: its presence means "complete"
         tmp.write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
     return summary
-
-
-SETTINGS_NAME, SUMMARY_NAME = "sample_settings.json", "r2_summary.json"
-
-
-def _digest(obj) -> Optional[str]:
-    """sha256 of a tensor's bytes or a network's weights (None for neither): what the samples came from."""
-    module = getattr(obj, "net", obj)
-    if isinstance(obj, Tensor):
-        tensors = [("", obj)]
-    elif hasattr(module, "state_dict"):
-        tensors = sorted(module.state_dict().items())
-    else:
-        return getattr(obj, "name", None) if obj is not None else None
-    h = hashlib.sha256()
-    for name, t in tensors:
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _sample_files(out: Path, record: dict) -> list:
-    """Every file a sample run with these settings writes under `out`."""
-    folders = ["seeds", "network_outputs"] + [output_dir_name(k) for k in record["machines"]]
-    folders += ["labels"] if record.get("labels") is not None else []
-    names = ([f"{i:04d}.pt" for i in range(len(record["seeds"]))] if record.get("layout") == "paper"
-             else [f"seed_{s}.npy" for s in record["seeds"]])
-    return ([out / f / name for f in folders for name in names]
-            + [out / "samples_grid.png", out / SUMMARY_NAME, out / SETTINGS_NAME])
-
-
-def _claim_sample_dir(out: Path, record: dict, overwrite: bool) -> None:
-    """Make `out` ours for these settings before anything is sampled: a folder with samples of other
-    settings (or of no recorded settings) is refused unless `overwrite`, which first deletes the files
-    the earlier run recorded. The settings are written first and the summary removed, so that a kill
-    never leaves r2_summary.json beside images it does not describe."""
-    settings = out / SETTINGS_NAME
-    try:
-        old = json.loads(settings.read_text()) if settings.exists() else None
-    except (OSError, ValueError):
-        old = {}
-    if old is not None and old != record and not overwrite:
-        changed = [k for k in sorted({*record, *old}) if old.get(k) != record.get(k)]
-        raise EdtoolError(f"{out} holds samples made with other settings ({', '.join(changed)} differ, recorded in "
-                          f"{settings}); use another --out, the same settings to redo them, or --overwrite")
-    ours_by_name = [p for p in _sample_files(out, record)[:-1] if p.exists()]
-    if old is None and ours_by_name and not overwrite:
-        raise EdtoolError(f"{out} holds {ours_by_name[-1].name} and other sample files that edtool did not record "
-                          f"(no {SETTINGS_NAME}); use another --out, or --overwrite to replace them")
-    doomed = _sample_files(out, old) if old and overwrite and old != record and {"seeds", "machines"} <= set(old) \
-        else []
-    # nothing edtool did not write (or that changed since) is replaced or deleted, --overwrite or not
-    refuse_foreign(dict.fromkeys(doomed + _sample_files(out, record)), "move it away or use another --out (edtool "
-                   "replaces only the files it wrote, --overwrite or not)", root=out)
-    for path in doomed:
-        path.unlink(missing_ok=True)
-    (out / SUMMARY_NAME).unlink(missing_ok=True)
-    with recorded_paths([settings]) as (tmp,):
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-
-
-def agreement_report(summary: dict) -> str:
-    """The lines `sample` prints: per machine the median r (the number the paper calls r^2) with its IQR,
-    r2 = r^2, and the seeds on which it beats is."""
-    lines = [f"agreement with {summary['network']} over {len(summary['seeds'])} seeds: r = Pearson correlation of the "
-             "final images, the number the paper calls r^2 (its best MNIST pairing: median 0.94); r2 = r squared"]
-    for kind, res in summary["machines"].items():
-        lo, hi = res["iqr_r"]
-        line = (f"  {kind:<13} median r {res['median_r']:.3f} (IQR {lo:.3f}-{hi:.3f})   "
-                f"median r2 {res['median_r2']:.3f}")
-        if "beats_is" in res:
-            b = res["beats_is"]
-            line += f"   beats is on {b['wins']}/{b['seeds']} seeds"
-        if res.get("baseline"):
-            line += "   (baseline)"
-        lines.append(line)
-    return "\n".join(lines)

@@ -9,8 +9,8 @@
 // shift grows by log(sum) whenever the running sum exceeds 1. The chunk's result is merged into
 // the running state (shift (G, R) float32, sums (G, R, V) float64) passed in.
 //
-// logits_exp: exp(max(q . keys, floor)) (G, R, M) in float32, q's column 0 multiplying the keys'
-// row of ones (the engine's shift), for the Jacobian's wide weighted sums done by BLAS.
+// moments_chunk: the same for the Jacobian's moments, sums of w c_v P_j over the outer product of the
+// value rows [1, c] and the key rows [1, P], in one pass (the band needs nothing else).
 //
 // Plain C ABI (no torch headers: it builds in about a second), called through ctypes, which
 // releases the GIL; the work is spread over `threads` std::threads taking tasks from a counter.
@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -38,7 +39,7 @@ inline vf load(const float* p) {
   return v;
 }
 
-inline vf splat(float s) { return vf{} + s; }
+inline vf splat(float s) { return s - vf{}; }  // s - 0 = s for every s (0 + s is not: -0), so it folds to a broadcast
 
 // exp(x) for x in [floor, 88] (callers clamp): 2^n * p(r), n = round(x / ln 2), |r| <= ln 2 / 2.
 inline vf vexp(vf x) {
@@ -138,12 +139,102 @@ void tile_max(const float* q, int E, const float* keys, int64_t ks, int64_t m0, 
   }
 }
 
-// One task: RB-row tiles x candidates [m0, m1) of one group; state shift (Rp,), sums (Rp, V).
-template <int V>
-void run_task(const float* q, int Rp, int E, const float* keys, int64_t ks, const int64_t* vrows, int64_t m0,
-              int64_t m1, int64_t block, float floor, float* shift, double* sums) {
+// Weighted moments of RB rows over candidates [m0, m1) for the Jacobian: part[r][v][j] =
+// sum_m w_rm c_vm key_jm (j < J = D + 1, c_0 = 1, c_v = keys[vrows[v]]), w = exp(clamp(logit - shift)).
+// Sub-block by sub-block (SUB candidates, so their weights and keys stay in L1): the weights (C1 x RB
+// rows: w and w c_v) go into wbuf, then meet the key rows in register tiles of RB rows x 4 key rows,
+// dot products along the candidates in vector accumulators kept in acc between sub-blocks; their lanes
+// are summed in float64 once per block.
+constexpr int SUB = 256;
+
+template <int NJ>
+void tile_dot(const float* w, const float* k, int64_t ks, int64_t nv, vf* acc) {
+  vf a[RB][NJ];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NJ; ++j) a[r][j] = acc[r * 4 + j];
+  for (int64_t m = 0; m < nv * VL; m += VL) {
+    vf kv[NJ];
+    for (int j = 0; j < NJ; ++j) kv[j] = load(k + j * ks + m);
+    for (int r = 0; r < RB; ++r) {
+      vf wv = load(w + r * SUB + m);
+      for (int j = 0; j < NJ; ++j) a[r][j] += wv * kv[j];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NJ; ++j) acc[r * 4 + j] = a[r][j];
+}
+
+void tile_moments(const float* q, int E, const float* keys, int64_t ks, const int64_t* vrows, int C1, int J,
+                  int64_t m0, int64_t m1, const float* shift, float floor, float* wbuf, vf* acc, double* part) {
+  const int JT = (J + 3) / 4;  // tiles of 4 key rows
+  std::fill(acc, acc + C1 * JT * RB * 4, vf{});
+  float tail[256 * VL];  // the last partial vector of keys, zero-padded
+  for (int64_t s0 = m0; s0 < m1; s0 += SUB) {
+    const int64_t s1 = std::min(m1, s0 + SUB), nv = (s1 - s0 + VL - 1) / VL;
+    bool partial = false;
+    for (int64_t m = s0; m < s1; m += VL) {
+      const float* kp = keys + m;
+      int64_t stride = ks;
+      vf live = splat(1.0f);
+      if (m + VL > s1) {
+        std::memset(tail, 0, sizeof(float) * E * VL);
+        for (int e = 0; e < E; ++e)
+          for (int j = 0; j < s1 - m; ++j) tail[e * VL + j] = keys[e * ks + m + j];
+        for (int j = s1 - m; j < VL; ++j) live[j] = 0.0f;
+        kp = tail;
+        stride = VL;
+        partial = true;
+      }
+      vf l[RB];
+      logits(q, E, kp, stride, shift, l);
+      for (int r = 0; r < RB; ++r) {
+        vf w = vexp(clamp(l[r], floor, 88.0f)) * live;
+        std::memcpy(wbuf + r * SUB + (m - s0), &w, sizeof w);
+        for (int v = 1; v < C1; ++v) {
+          vf wc = w * load(kp + vrows[v] * stride);
+          std::memcpy(wbuf + (v * RB + r) * SUB + (m - s0), &wc, sizeof wc);
+        }
+      }
+    }
+    const int64_t full = partial ? nv - 1 : nv;
+    for (int v = 0; v < C1; ++v)
+      for (int t = 0; t < JT; ++t) {
+        const float* w = wbuf + v * RB * SUB;
+        vf* a = acc + (v * JT + t) * RB * 4;
+        const int nj = std::min(4, J - 4 * t);
+        const float* k = keys + 4 * t * ks + s0;
+        for (int pass = 0; pass < (partial ? 2 : 1); ++pass) {  // whole vectors from keys, then the tail
+          const float* kk = pass ? tail + 4 * t * VL : k;
+          const float* ww = pass ? w + full * VL : w;
+          const int64_t n = pass ? 1 : full, st = pass ? VL : ks;
+          switch (nj) {
+            case 4: tile_dot<4>(ww, kk, st, n, a); break;
+            case 3: tile_dot<3>(ww, kk, st, n, a); break;
+            case 2: tile_dot<2>(ww, kk, st, n, a); break;
+            default: tile_dot<1>(ww, kk, st, n, a); break;
+          }
+        }
+      }
+  }
+  const int64_t V = (int64_t)C1 * J;
+  for (int v = 0; v < C1; ++v)
+    for (int j = 0; j < J; ++j)
+      for (int r = 0; r < RB; ++r) {
+        const vf& a = acc[((v * JT + j / 4) * RB + r) * 4 + j % 4];
+        double s = 0;
+        for (int l = 0; l < VL; ++l) s += a[l];
+        part[r * V + v * J + j] = s;
+      }
+}
+
+// One task: RB-row tiles x candidates [m0, m1) of one group; state shift (Rp,), sums (Rp, V);
+// tile(q rows, b0, b1, shift, part (RB, V)) gives one block's weighted sums, column 0 the sum of w.
+template <class Tile>
+void run_task(const float* q, int Rp, int E, const float* keys, int64_t ks, int64_t m0, int64_t m1, int64_t block,
+              int V, float* shift, double* sums, Tile tile) {
   for (int r0 = 0; r0 < Rp; r0 += RB) tile_max(q + r0 * E, E, keys, ks, m0, std::min(m0 + block, m1), shift + r0);
-  double part[RB * V];
+  std::vector<double> partv(RB * V);
+  double* part = partv.data();
   float lifted[RB], top[RB];
   for (int64_t b0 = m0; b0 < m1; b0 += block) {
     int64_t b1 = std::min(b0 + block, m1);
@@ -151,7 +242,7 @@ void run_task(const float* q, int Rp, int E, const float* keys, int64_t ks, cons
       const float* qt = q + r0 * E;
       float* sh = shift + r0;
       double* st = sums + r0 * V;
-      tile_sums<V>(qt, E, keys, ks, vrows, b0, b1, sh, floor, part);
+      tile(qt, b0, b1, sh, part);
       bool over = false;
       for (int r = 0; r < RB; ++r) over |= !(part[r * V] < 1e30);
       if (over) {  // a candidate far better than any before: lift those rows to this block's max
@@ -162,7 +253,7 @@ void run_task(const float* q, int Rp, int E, const float* keys, int64_t ks, cons
           for (int v = 0; v < V; ++v) st[r * V + v] *= std::exp(-lift);
         }
         std::memcpy(sh, lifted, sizeof lifted);
-        tile_sums<V>(qt, E, keys, ks, vrows, b0, b1, sh, floor, part);
+        tile(qt, b0, b1, sh, part);
       }
       for (int r = 0; r < RB; ++r) {
         for (int v = 0; v < V; ++v) st[r * V + v] += part[r * V + v];
@@ -190,13 +281,13 @@ void parallel(int64_t n, int threads, F body) {
   for (auto& th : pool) th.join();
 }
 
-}  // namespace
 
-// q (G, Rp, E) float32 contiguous, Rp a multiple of RB; keys (G, E, M) float32 with unit stride
-// along M; vrows (V,) int64, vrows[0] = 0 (the ones row); shift (G, Rp) float32 and sums
-// (G, Rp, V) float64, the running state, updated in place (start: -inf and 0).
-extern "C" void score_chunk(const float* qp, int G, int Rp, int E, const float* kp, int64_t kg, int64_t ks, int64_t M,
-                            const int64_t* vr, int V, float* S, double* T, float floor, int64_t block, int threads) {
+// One chunk of keys for every group: tasks are (group, slice of the candidates), each run by
+// run_task with the tile that make_tile(group) returns; the slices' states are then merged into the
+// running state (shift S (G, Rp) float32, sums T (G, Rp, V) float64).
+template <class MakeTile>
+void chunk(const float* qp, int G, int Rp, int E, const float* kp, int64_t kg, int64_t ks, int64_t M, int V, float* S,
+           double* T, int64_t block, int threads, MakeTile make_tile) {
   const int64_t blocks = (M + block - 1) / block;
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(blocks, (4 * threads + G - 1) / G));
   const int64_t per = (blocks + slices - 1) / slices * block;  // candidates per slice
@@ -211,13 +302,7 @@ extern "C" void score_chunk(const float* qp, int G, int Rp, int E, const float* 
       std::fill(sh, sh + Rp, -INFINITY);
       return;
     }
-    const float* qg = qp + g * Rp * E;
-    const float* kgp = kp + g * kg;
-    switch (V) {
-      case 2: run_task<2>(qg, Rp, E, kgp, ks, vr, m0, m1, block, (float)floor, sh, st); break;
-      case 3: run_task<3>(qg, Rp, E, kgp, ks, vr, m0, m1, block, (float)floor, sh, st); break;
-      default: run_task<4>(qg, Rp, E, kgp, ks, vr, m0, m1, block, (float)floor, sh, st); break;
-    }
+    run_task(qp + g * Rp * E, Rp, E, kp + g * kg, ks, m0, m1, block, V, sh, st, make_tile(kp + g * kg));
   });
   // merge the slices into the running state: each part scaled to the largest shift of its row
   for (int64_t g = 0; g < G; ++g)
@@ -238,44 +323,39 @@ extern "C" void score_chunk(const float* qp, int G, int Rp, int E, const float* 
     }
 }
 
-// exp(max(q . keys, floor)) into out (G, Rp, M) float32; q (G, Rp, E) contiguous with Rp a
-// multiple of RB, keys (G, E, M) with unit stride along M.
-extern "C" void logits_exp(const float* qp, int G, int Rp, int E, const float* kp, int64_t kg, int64_t ks, int64_t M,
-                           float* op, float floor, int threads) {
-  const int64_t block = std::max<int64_t>(VL, 8192 / E / VL * VL);  // a block of keys stays in L1
-  const int64_t blocks = (M + block - 1) / block;
-  parallel(G * blocks, threads, [&](int64_t task) {
-    const int64_t g = task / blocks, m0 = task % blocks * block, m1 = std::min(M, m0 + block);
-    const float* kgp = kp + g * kg;
-    float tail[256 * VL];
-    for (int r0 = 0; r0 < Rp; r0 += RB) {
-      // column 0 of q is the engine's -shift times the keys' row of ones
-      float negshift[RB];
-      for (int r = 0; r < RB; ++r) negshift[r] = -qp[(g * Rp + r0 + r) * E];
-      const float* qt = qp + (g * Rp + r0) * E;
-      for (int64_t m = m0; m < m1; m += VL) {
-        const float* c = kgp + m;
-        int64_t stride = ks;
-        int n = std::min<int64_t>(VL, m1 - m);
-        if (n < VL) {
-          std::memset(tail, 0, sizeof(float) * E * VL);
-          for (int e = 0; e < E; ++e)
-            for (int j = 0; j < n; ++j) tail[e * VL + j] = kgp[e * ks + m + j];
-          c = tail;
-          stride = VL;
-        }
-        vf l[RB];
-        logits(qt, E, c, stride, negshift, l);
-        for (int r = 0; r < RB; ++r) {
-          vf w = vexp(clamp(l[r], floor, 88.0f));
-          float* dst = op + (g * Rp + r0 + r) * M + m;
-          if (n == VL)
-            std::memcpy(dst, &w, sizeof w);
-          else
-            for (int j = 0; j < n; ++j) dst[j] = w[j];
-        }
+}  // namespace
+
+// q (G, Rp, E) float32 contiguous, Rp a multiple of RB; keys (G, E, M) float32 with unit stride
+// along M; vrows (V,) int64, vrows[0] = 0 (the ones row); shift (G, Rp) float32 and sums
+// (G, Rp, V) float64, the running state, updated in place (start: -inf and 0).
+extern "C" void score_chunk(const float* qp, int G, int Rp, int E, const float* kp, int64_t kg, int64_t ks, int64_t M,
+                            const int64_t* vr, int V, float* S, double* T, float floor, int64_t block, int threads) {
+  chunk(qp, G, Rp, E, kp, kg, ks, M, V, S, T, block, threads, [&](const float* keys) {
+    return [=](const float* qt, int64_t b0, int64_t b1, const float* sh, double* part) {
+      switch (V) {
+        case 2: tile_sums<2>(qt, E, keys, ks, vr, b0, b1, sh, floor, part); break;
+        case 3: tile_sums<3>(qt, E, keys, ks, vr, b0, b1, sh, floor, part); break;
+        default: tile_sums<4>(qt, E, keys, ks, vr, b0, b1, sh, floor, part); break;
       }
-    }
+    };
   });
 }
 
+// The Jacobian's moments: as score_chunk, with sums (G, Rp, C1 * J) holding for each row
+// sum_m w_m keys[vrows[v]][m] keys[j][m], v < C1 (vrows[0] = 0: the ones row), j < J.
+extern "C" void moments_chunk(const float* qp, int G, int Rp, int E, const float* kp, int64_t kg, int64_t ks, int64_t M,
+                              const int64_t* vr, int C1, int J, float* S, double* T, float floor, int64_t block,
+                              int threads) {
+  chunk(qp, G, Rp, E, kp, kg, ks, M, C1 * J, S, T, block, threads, [&](const float* keys) {
+    struct Buffers {  // one task's scratch: a sub-block's weights, the vector accumulators
+      std::vector<float> w;
+      std::vector<vf> acc;
+    };
+    auto buf = std::make_shared<Buffers>();
+    buf->w.resize(C1 * RB * SUB);
+    buf->acc.resize(C1 * ((J + 3) / 4) * RB * 4);
+    return [=](const float* qt, int64_t b0, int64_t b1, const float* sh, double* part) {
+      tile_moments(qt, E, keys, ks, vr, C1, J, b0, b1, sh, floor, buf->w.data(), buf->acc.data(), part);
+    };
+  });
+}

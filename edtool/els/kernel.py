@@ -2,6 +2,8 @@
 
 The score's inner loop (logits, clamp, exp, weighted sum) is memory traffic over a block of
 logits when run as separate torch ops; fused, each logit stays in a register from product to sum.
+The Jacobian's moments (the same weights against the outer product [1, c] x [1, P]) are fused too,
+their weights kept in L1 between the exp and the sums.
 kernel.cpp is plain C++ (no torch headers) compiled with the system's g++ into a per-machine
 cache (~/.cache/edtool/kernels, or $EDTOOL_KERNEL_DIR) the first time it is needed (a second or
 two), and called through ctypes, which releases the GIL. When it cannot be built (no compiler,
@@ -88,8 +90,8 @@ def _load():
         return None
     i, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.score_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, ptr, ptr, f32, i64, i]
-    lib.logits_exp.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, f32, i]
-    lib.score_chunk.restype = lib.logits_exp.restype = None
+    lib.moments_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, i, ptr, ptr, f32, i64, i]
+    lib.score_chunk.restype = lib.moments_chunk.restype = None
     return lib
 
 
@@ -128,15 +130,24 @@ def score_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows
     return (sums / sums[..., :1])[:, :R]
 
 
-def logits_exp(lib, q: Tensor, keys: Tensor, floor: float, buffer: Optional[Tensor] = None) -> Tensor:
-    """exp(max(q @ keys, floor)) (G, R, M) float32, fused (q's column 0 multiplies the ones row)."""
-    G, R, E = q.shape
-    qp = _padded(q)
-    if keys.stride(-1) != 1:
-        keys = keys.contiguous()
-    n = G * qp.shape[1] * keys.shape[-1]
-    out = buffer[:n].view(G, qp.shape[1], keys.shape[-1]) if buffer is not None and buffer.numel() >= n else \
-        torch.empty(G, qp.shape[1], keys.shape[-1])
-    lib.logits_exp(qp.data_ptr(), G, qp.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1),
-                   keys.shape[-1], out.data_ptr(), floor, torch.get_num_threads())
-    return out[:, :R]
+def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, J: int, floor: float,
+                     block: Optional[int] = None) -> Tensor:
+    """posterior_moments for the Jacobian, fused: E_w[c_v P_j] (G, R, V * J) float64, normalized, for
+    c = keys[value_rows] (value_rows[0] = 0, the ones row) and P = keys[:J] (row 0 the ones row), v-major:
+    the moments of the outer product [1, c] x [1, P] that the closed-form band needs."""
+    G, R, E = queries.shape
+    q = _padded(queries)
+    V = len(value_rows)
+    shift = torch.full(q.shape[:2], -math.inf)
+    sums = torch.zeros(*q.shape[:2], V * J, dtype=torch.float64)
+    if block is None:  # candidates per float64 flush (the kernel streams them in L1-sized sub-blocks)
+        block = 1024
+    rows = value_rows.to(torch.int64).contiguous()
+    for keys in key_chunks:
+        if keys.stride(-1) != 1:
+            keys = keys.contiguous()
+        G, E, M = keys.shape
+        lib.moments_chunk(q.data_ptr(), G, q.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1), M,
+                          rows.data_ptr(), V, J, shift.data_ptr(), sums.data_ptr(), floor, block,
+                          torch.get_num_threads())
+    return (sums / sums[..., :1])[:, :R]

@@ -12,8 +12,8 @@ set ("the windows centred at these positions, in every training image"). One str
 a chunk of candidates with one matrix product, keeps a running log-sum-exp, and accumulates
 the weighted sums (sum w, sum w c and, for the Jacobian, sum w P and sum w c P^T) in float64.
 
-On the CPU in float32 the score's loop (and at k = 3 the Jacobian's logits and exp) runs fused in a
-compiled kernel (`edtool.els.kernel`); this module's torch code is the fallback and the GPU path.
+On the CPU in float32 the score's and the Jacobian's loops run fused in a compiled kernel
+(`edtool.els.kernel`); `posterior_moments` (edtool.els.engine) is the fallback and the GPU path.
 
 Many candidate windows are identical (on mnist5k only 38 % of the k = 3 windows are distinct:
 the all-background window dominates). Each cell's distinct windows are kept once, with log of
@@ -32,23 +32,27 @@ delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output 
 
 import functools
 import math
-from collections import OrderedDict, namedtuple
-from typing import Callable, Iterable, Optional, Sequence
+from collections import namedtuple
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor
 
 from edtool.config import PATCH_SIZE
 from edtool.diffusion import alpha_bar, beta, score_to_eps
 from edtool.errors import EdtoolError
 from edtool.els.schedule import check_fits, check_patch_size, check_schedule, scale_index
 from edtool.els import kernel as els_kernels
+# the machines' parts, each in its module; the names stay importable from here
+from edtool.els.windows import PADDINGS, stack_cells, candidate_cells, pad_images, window_index  # noqa: F401
+from edtool.els.engine import (  # noqa: F401
+    candidates_per_step, clamp_floor, fill_from, gathered_keys, image_keys, sliced_keys, posterior_moments)
+from edtool.els.merging import (  # noqa: F401
+    MERGE_BLOCK, MERGE_MAX_ENTRIES, KeyCache, cell_windows, merge_plan, merged_keys)
+from edtool.els.band import band_valid, band_ed, band_transpose, dense_ed, dense_jacobian  # noqa: F401
 
 MACHINES = ("is", "ls", "els-circular", "els-borders")
 ALIASES = {"els": "els-borders"}
-PADDINGS = ("zeros", "circular")
 DEFAULT_CHUNK_SIZE = 2**20  # elements per streamed block (logits, keys or values): 4 MiB in float32, cache-sized
 # (mnist5k, k = 3: 10 % faster than 2**22; 2**18 is slower again, per-block overhead)
 DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls (mnist5k at k = 11: 2.5 GB)
@@ -76,417 +80,11 @@ def resolve_machine_name(name: str, padding: Optional[str] = "zeros", where=None
 
 
 # ---------------------------------------------------------------------------------------------
-# Candidate rules (SPEC 5.1) and window geometry
-# ---------------------------------------------------------------------------------------------
-
-
-def candidate_cells(rule: str, H: int, W: int, k: int, paper_circular: bool = False):
-    """Split the H*W pixels into cells [(pixels, centers)] (flat indices y*W + x).
-
-    Every pixel of a cell has the same candidates: the windows centred at `centers` in every
-    training image. This function is the whole difference between the local machines.
-    """
-    r = k // 2
-    every = list(range(H * W))
-    inside = [y * W + x for y in range(r, H - r) for x in range(r, W - r)]
-    if rule == "ls":
-        return [([p], [p]) for p in every]
-    if rule == "els-circular":
-        if not paper_circular:
-            return [(every, every)]
-        if not inside:
-            raise ValueError(f"the paper's circular machine needs patch size <= image size, got k={k} for {H}x{W}")
-        return [(every, inside)]
-    if rule == "els-borders":
-        cells = {}
-        for y in range(H):
-            for x in range(W):
-                near = {"top": y, "bottom": H - 1 - y, "left": x, "right": W - 1 - x}
-                near = {edge: depth for edge, depth in near.items() if depth < r}
-                if not near:
-                    key = ("interior",)  # every fully-inside window
-                elif len(near) == 1:
-                    key = next(iter(near.items()))  # same depth from that edge, anywhere along it
-                else:
-                    key = ("corner", y, x)  # exactly the same position
-                cells.setdefault(key, []).append(y * W + x)
-        return [(pix, pix) for pix in cells.values()]
-    raise ValueError(f"no candidate rule for machine {rule!r}")
-
-
-def pad_images(x: Tensor, r: int, circular: bool) -> Tensor:
-    """Pad (N, C, H, W) by r on every side: zeros, or a circular wrap (any r, even r > H)."""
-    if r == 0:
-        return x
-    if not circular:
-        return F.pad(x, (r, r, r, r))
-    H, W = x.shape[-2:]
-    iy = torch.arange(-r, H + r, device=x.device) % H
-    ix = torch.arange(-r, W + r, device=x.device) % W
-    return x[:, :, iy][:, :, :, ix]
-
-
-def window_index(centers: Tensor, C: int, H: int, W: int, k: int) -> Tensor:
-    """Offsets (..., C*k*k) into a flattened padded image (C, H+2r, W+2r) of the k x k windows
-    centred at `centers` (flat y*W + x); entries ordered (channel, dy, dx) like F.unfold."""
-    Hp, Wp = H + k - 1, W + k - 1
-    y, x = centers // W, centers % W
-    c, dy, dx = torch.meshgrid(torch.arange(C), torch.arange(k), torch.arange(k), indexing="ij")
-    offsets = (c * Hp * Wp + dy * Wp + dx).reshape(-1).to(centers.device)
-    return (y * Wp + x)[..., None] + offsets
-
-
-def _stack_cells(cells, C: int, H: int, W: int, k: int, device) -> list:
-    """Cells of equal shape stacked into groups for batched matrix products:
-    [(pixels (G, R), query windows (G, R, D), candidate windows (G, L, D))]."""
-    buckets = {}
-    for pixels, centers in cells:
-        buckets.setdefault((len(pixels), len(centers)), []).append((pixels, centers))
-    groups = []
-    for same in buckets.values():
-        pixels = torch.tensor([p for p, _ in same], device=device)
-        centers = torch.tensor([c for _, c in same], device=device)
-        groups.append((pixels, window_index(pixels, C, H, W, k), window_index(centers, C, H, W, k)))
-    return groups
-
-
-# ---------------------------------------------------------------------------------------------
-# The streaming engine
-# ---------------------------------------------------------------------------------------------
-
-
-def posterior_moments(queries: Tensor, key_chunks: Iterable[Tensor], values_of: Callable[[Tensor], Tensor]) -> Tensor:
-    """Posterior means E_w[values] for every query row, streamed over chunks of candidates.
-
-    Keys come as (G, D+2, M) columns [1; P; |P|^2] and queries (G, R, D+2) as rows
-    [0, a x_p / b^2, -a^2 / (2 b^2)], so queries @ keys = -||x_p - a P||^2 / (2 b^2) up to a
-    per-row constant: one matrix product per chunk. A running shift s (G, R), kept at or just
-    above the largest log weight seen, is folded into that product through the ones row, so a
-    chunk costs one product, one exp and one product with values_of(keys) (G, V, M), whose
-    first row must be ones (it carries sum w). Where a chunk would overflow (a candidate far
-    better than any before) its rows are shifted up to its own max. Sums are float64; the
-    result is (G, R, V), normalized (its first column is 1).
-    """
-    grad = torch.is_grad_enabled()  # in-place ops are faster but autograd can't see through them
-    shift, sums, buffer, bounded = None, None, None, True
-    # logits and exp fused pay only for narrow windows (k = 3 grey: 1.1x on the Jacobian; k >= 5: no gain)
-    lib = els_kernels.kernels() if els_kernels.usable(queries) and queries.shape[-1] <= 16 else None
-    for keys in key_chunks:
-        if shift is None:  # first chunk: start from its exact max
-            shift = torch.bmm(queries.detach(), keys.detach()).amax(-1)
-        q = torch.cat([-shift[..., None].to(queries.dtype), queries[..., 1:]], -1)
-        values = values_of(keys)  # (G, V, M)
-        if lib is not None:  # logits, clamp and exp fused (the weighted sum is BLAS's)
-            if buffer is None or buffer.numel() < q.shape[0] * (q.shape[1] + els_kernels.ROWS) * keys.shape[-1]:
-                buffer = q.new_empty(q.shape[0] * (q.shape[1] + els_kernels.ROWS) * keys.shape[-1])
-            part = _weighted_sums(els_kernels.logits_exp(lib, q, keys, _clamp_floor(q.dtype), buffer), values).double()
-            if bool((part[..., 0] < 1e30).all()):
-                logw = None
-            else:  # rare: the torch path below redoes this chunk
-                lib, buffer = None, None
-        if lib is None:
-            logw = torch.bmm(q, keys)  # log w - s
-            if logw.device.type == "cpu":  # CPUs are ~4x slower on subnormal exp results, which weigh < 1e-30 anyway
-                floor = _clamp_floor(logw.dtype)
-                bounded = bounded and _above(q.detach(), keys.detach(), floor)  # after one miss, stop trying
-                if not bounded:
-                    logw = logw.clamp(min=floor) if grad else logw.clamp_(min=floor)
-            if not grad and (buffer is None or buffer.numel() < logw.numel()):
-                buffer = torch.empty_like(logw).view(-1)
-            part = _weighted_sums(_exp(logw, buffer), values).double()
-        if not bool((part[..., 0] < 1e30).all()):  # exp overflowed or nearly: lift those rows to the chunk max
-            lift = logw.detach().amax(-1).clamp(min=0)
-            part = _weighted_sums(_exp(logw - lift[..., None], buffer), values).double()
-            sums = None if sums is None else sums * (-lift).double().exp()[..., None]
-            shift = shift + lift
-        sums = part if sums is None else sums + part
-        grow = part[..., 0].detach().log().clamp(min=0)  # keep the shift >= every log weight seen
-        sums = sums * (-grow).exp()[..., None]
-        shift = shift + grow.to(shift.dtype)
-    return sums / sums[..., :1]
-
-
-def _clamp_floor(dtype) -> float:
-    """Logits (minus the shift) are clamped here on CPUs, which are ~4x slower on subnormal exp
-    results; those weigh < 1e-30 of the largest anyway."""
-    return math.log(torch.finfo(dtype).tiny) + 8
-
-
-def _above(q: Tensor, keys: Tensor, floor: float) -> bool:
-    """Whether every entry of q (G, R, E) @ keys (G, E, M) provably exceeds floor, from each key
-    row's range in this chunk (interval arithmetic, with a margin for rounding); then the clamp
-    would change nothing. Only tried for R >= 16 rows: the bound costs one pass over the keys."""
-    if q.shape[1] < 16:
-        return False
-    lo, hi = keys.aminmax(dim=-1)  # (G, E)
-    ends = torch.stack([q * lo[:, None], q * hi[:, None]])  # (2, G, R, E)
-    bound = ends.amin(0).sum(-1) - 1e-4 * ends.abs().amax(0).sum(-1)  # a lower bound, minus rounding slack
-    return bool((bound > floor + 1).all())
-
-
-def _weighted_sums(w: Tensor, values: Tensor) -> Tensor:
-    """w (G, R, M) @ values (G, V, M)^T -> (G, R, V). For V <= 3 (the score) MKL is 2-4x faster
-    at it as values @ w^T; for wider values (the Jacobian) the other way round."""
-    if values.shape[1] <= 3:
-        return torch.bmm(values, w.transpose(1, 2)).transpose(1, 2)
-    return torch.bmm(w, values.transpose(1, 2))
-
-
-def _exp(logw: Tensor, buffer: Optional[Tensor]) -> Tensor:
-    """exp(logw), written into a reused buffer when one is given (no autograd; forward-mode AD, as
-    Hutchinson's probes use, has no rule for out= and gets a new tensor)."""
-    if buffer is None or is_functorch_wrapped_tensor(logw):
-        return logw.exp()
-    return torch.exp(logw, out=buffer[: logw.numel()].view_as(logw))
-
-
-def _candidates_per_step(G: int, rows: int, width: int, chunk_size: int) -> int:
-    """How many candidates one step may take so no block (G x rows x M logits, G x width x M
-    keys/values) exceeds chunk_size elements."""
-    return max(1, chunk_size // (G * max(rows, width)))
-
-
-def _gathered_keys(train_flat: Tensor, key_index: Tensor, step: int):
-    """Yield candidate keys (G, D+3, M) = [1; P; |P|^2; log count = 0], M <= step, gathered from
-    the flat padded training images for the window offsets key_index (G, L, D): every image,
-    every position, one column per window (nothing merged)."""
-    N = train_flat.shape[0]
-    G, L, D = key_index.shape
-    positions = min(step, L)
-    images = max(1, step // L)
-    for i in range(0, N, images):
-        block = train_flat[i : i + images]
-        for l in range(0, L, positions):
-            idx = key_index[:, l : l + positions]
-            P = block.index_select(1, idx.reshape(-1)).view(len(block), *idx.shape)  # (n, G, l, D)
-            P = P.permute(1, 3, 0, 2).reshape(G, D, -1)
-            yield torch.cat([torch.ones_like(P[:, :1]), P, P.square().sum(1, keepdim=True), torch.zeros_like(P[:, :1])], 1)
-
-
-def _image_keys(train_flat: Tensor, step: int):
-    """Yield whole-image keys (1, n+2, M) = [1; y; |y|^2], M <= step (the `is` machine)."""
-    for i in range(0, len(train_flat), step):
-        y = train_flat[i : i + step].T
-        yield torch.cat([torch.ones_like(y[:1]), y, y.square().sum(0, keepdim=True)])[None]
-
-
-def _sliced_keys(keys: Tensor, step: int):
-    """Yield consecutive slices (G, rows, <= step) of cached keys."""
-    for m in range(0, keys.shape[-1], step):
-        yield keys[..., m : m + step]
-
-
-def _fill(out: Tensor, source) -> Tensor:
-    """Concatenate a key source's chunks along candidates into the preallocated `out`."""
-    m = 0
-    for keys in source(2**22 // out.shape[1] + 1):
-        out[..., m : m + keys.shape[-1]] = keys
-        m += keys.shape[-1]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Identical candidate windows, merged (exact: a window met n times is one column with log n
-# added to its logit, so w and every weighted sum are unchanged)
-# ---------------------------------------------------------------------------------------------
-
-MERGE_BLOCK = 2**22  # window entries hashed or compared per block while merging (32 MiB of int64)
-# Windows of more entries (C k^2) are not merged: on mnist5k at k = 11, 73 % of them are distinct and
-# the one-off merge costs ~3 scores while a merged score is no faster (k = 9: pays after ~5 calls;
-# k <= 7: after 1-2). Measured by tests/benchmarks/bench_merge_threshold.py.
-MERGE_MAX_ENTRIES = 81
-
-
-def _row_hash(rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """A 64-bit hash (M,) of the bit patterns of each row of rows (M, D): equal rows, equal hashes
-    (written into `out` when given)."""
-    if rows.element_size() not in (4, 8):
-        rows = rows.float()
-    bits = rows.contiguous().view(torch.int32 if rows.element_size() == 4 else torch.int64).long()
-    g = torch.Generator().manual_seed(20292)
-    mult = torch.randint(-(2**62), 2**62, (rows.shape[1],), generator=g).to(rows.device) * 2 + 1
-    return torch.sum(bits * mult, -1, out=out)  # wraps modulo 2^64
-
-
-def cell_windows(train_flat: Tensor, cell_index: Tensor, m: Tensor) -> Tensor:
-    """Windows (len(m), D) number m = i*L + l (image i of train_flat (N, F), position l of the
-    cell's window offsets cell_index (L, D)); callers pass blocks of m to bound the copy."""
-    L = cell_index.shape[0]
-    return train_flat.view(-1)[(m // L * train_flat.shape[1])[:, None] + cell_index[m % L]]
-
-
-def merge_plan(train_flat: Tensor, cell_index: Tensor, limit: Optional[int] = None):
-    """The distinct candidate windows of one cell (window offsets cell_index (L, D) in every
-    training image), as (first, count): the number i*L + l (image i, position l) of each one's
-    first occurrence, ascending, and how often it occurs, both (U,) int64; None when there are
-    more than `limit`. `cell_windows` copies the windows themselves, and `merged_keys` copies
-    them straight into the keys, so a plan costs 16 bytes per distinct window.
-    Windows are grouped by a hash of their bits, then every window is compared with its group's
-    first entry by entry: a hash collision only leaves windows unmerged (count 1), it never
-    merges different ones. Transient memory: about seven int64 per window of the cell (hashes,
-    sort, inverse, first occurrence; full MNIST at k = 3: ~3 GB), freed on return. Per-block
-    results go into tensors allocated up front: small results kept between the blocks' large
-    temporaries fragmented glibc's heap to ~16 GB (full MNIST, k = 7)."""
-    N = train_flat.shape[0]
-    L, D = cell_index.shape
-    M = N * L
-    n = max(1, MERGE_BLOCK // (L * D))  # images per block
-    block = lambda i: train_flat[i : i + n].index_select(1, cell_index.reshape(-1)).view(-1, D)  # windows i*L .. (i+n)*L - 1
-    hashes = torch.empty(M, dtype=torch.int64, device=train_flat.device)
-    for i in range(0, N, n):
-        _row_hash(block(i), out=hashes[i * L : (i + n) * L])
-    _, inverse, count = torch.unique(hashes, return_inverse=True, return_counts=True)
-    del hashes
-    if limit is not None and len(count) > limit:
-        return None
-    first = torch.full_like(count, M).scatter_reduce_(0, inverse, torch.arange(M, device=count.device), "amin")
-    differs = torch.empty(M, dtype=torch.bool, device=train_flat.device)  # differs from its hash group's first window
-    for i in range(0, N, n):
-        group_first = cell_windows(train_flat, cell_index, first[inverse[i * L : (i + n) * L]])
-        torch.any(block(i) != group_first, 1, out=differs[i * L : (i + n) * L])
-    bad = torch.nonzero(differs)[:, 0]
-    del differs, group_first
-    if len(bad):  # equal hashes, different windows: those stand alone
-        count = count.index_add(0, inverse[bad], -torch.ones_like(bad))
-        first, count = torch.cat([first, bad]), torch.cat([count, torch.ones_like(bad)])
-    order = first.argsort()
-    return first[order], count[order]
-
-
-def merged_keys(train_flat: Tensor, key_index: Tensor, plans: Sequence) -> Tensor:
-    """Keys (G, D+3, U) = [1; P; |P|^2; log count] of each cell's distinct windows (plans from
-    merge_plan), copied block by block from train_flat; cells with fewer than U are padded with
-    columns of weight 0 (log count -inf)."""
-    G, L, D = key_index.shape
-    U = max(len(first) for first, _ in plans)
-    dtype = train_flat.dtype
-    keys = train_flat.new_zeros(G, D + 3, U)
-    keys[:, 0] = 1
-    keys[:, D + 2] = torch.finfo(dtype).min / 4  # exp of it is 0 (or the CPU floor, < 1e-34)
-    rows = max(1, MERGE_BLOCK // D)
-    for g, (first, count) in enumerate(plans):
-        for s in range(0, len(first), rows):
-            P = cell_windows(train_flat, key_index[g], first[s : s + rows]).T  # (D, <= rows)
-            keys[g, 1 : D + 1, s : s + P.shape[1]] = P
-            keys[g, D + 1, s : s + P.shape[1]] = P.square().sum(0)
-        keys[g, D + 2, : len(first)] = count.to(dtype).log()
-    return keys
-
-
-# ---------------------------------------------------------------------------------------------
-# Jacobian bands: dense form and the exterior derivative
-# ---------------------------------------------------------------------------------------------
-
-
-def _band_valid(H: int, W: int, k: int, device) -> Tensor:
-    """valid[y, x, dy, dx]: window entry (dy, dx) of pixel (y, x) lies inside the image."""
-    r = k // 2
-    qy = torch.arange(H, device=device)[:, None] + torch.arange(k, device=device)[None] - r  # (H, k)
-    qx = torch.arange(W, device=device)[:, None] + torch.arange(k, device=device)[None] - r  # (W, k)
-    vy, vx = (qy >= 0) & (qy < H), (qx >= 0) & (qx < W)
-    return vy[:, None, :, None] & vx[None, :, None, :]
-
-
-def dense_jacobian(band: Tensor, padding: str) -> Tensor:
-    """The (B, n, n) Jacobian of a band (B, C, H, W, C, k, k); circular wraps add up."""
-    B, C, H, W, _, k, _ = band.shape
-    r, n = k // 2, C * H * W
-    dev = band.device
-    i, y, x, j, dy, dx = torch.meshgrid(
-        *(torch.arange(s, device=dev) for s in (C, H, W, C, k, k)), indexing="ij"
-    )
-    qy, qx = y + dy - r, x + dx - r
-    if padding == "circular":
-        valid = torch.ones_like(qy, dtype=torch.bool)
-        qy, qx = qy % H, qx % W
-    elif padding == "zeros":
-        valid = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
-    else:
-        raise ValueError(f"unknown padding {padding!r}; choose one of {', '.join(PADDINGS)}")
-    flat = ((i * H + y) * W + x) * n + (j * H + qy) * W + qx
-    dense = band.new_zeros(B, n * n)
-    dense.index_add_(1, flat[valid], band.reshape(B, -1)[:, valid.reshape(-1)])
-    return dense.view(B, n, n)
-
-
-def dense_ed(jac: Tensor, shape: Sequence[int], curl_map: bool = False) -> dict:
-    """ed_fro, jac_fro (B,) and optionally the curl map (B, H, W) of dense Jacobians (B, n, n)."""
-    C, H, W = shape
-    asym = jac - jac.transpose(1, 2)
-    row = asym.square().sum(-1).sqrt().view(-1, C, H, W)
-    return {
-        "ed_fro": asym.square().sum((1, 2)).sqrt(),
-        "jac_fro": jac.square().sum((1, 2)).sqrt(),
-        "curl_map": row.sum(1) if curl_map else None,
-    }
-
-
-def band_transpose(band: Tensor, circular: bool) -> Tensor:
-    """The band of J^T: entry [b, i, p, j, d] = J[(j, p + d - r), (i, p)] (windows are symmetric)."""
-    B, C, H, W, _, k, _ = band.shape
-    r = k // 2
-    mirrored = band.flip(-2, -1).transpose(1, 4)  # [b, i, q, j, d] = J[(j, q), (i, q + r - d)]
-    shifted = torch.stack(
-        [torch.roll(mirrored[..., dy, dx], shifts=(r - dy, r - dx), dims=(2, 3)) for dy in range(k) for dx in range(k)],
-        dim=-1,
-    ).view_as(band)
-    if circular:
-        return shifted
-    return shifted * _band_valid(H, W, k, band.device)[None, None, :, :, None]
-
-
-def band_ed(band: Tensor, padding: str, curl_map: bool = False) -> dict:
-    """ed_fro = ||J - J^T||_F, jac_fro = ||J||_F (B,) and optionally the curl map (B, H, W),
-    r_p = sum over channels of ||(J - J^T)[(c, p), :]||_2, exactly from the band."""
-    B, C, H, W, _, k, _ = band.shape
-    circular = padding == "circular"
-    if circular and (k > H or k > W):  # a window meets the same pixel twice: fold through dense J
-        return dense_ed(dense_jacobian(band, padding), (C, H, W), curl_map)
-    asym = band - band_transpose(band, circular)
-    row = asym.square().sum((4, 5, 6))  # (B, C, H, W)
-    return {
-        "ed_fro": row.sum((1, 2, 3)).sqrt(),
-        "jac_fro": band.square().sum((1, 2, 3, 4, 5, 6)).sqrt(),
-        "curl_map": row.sqrt().sum(1) if curl_map else None,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # The machines
 # ---------------------------------------------------------------------------------------------
 
 
 LastScore = namedtuple("LastScore", "x t k label score")  # a Jacobian's inputs and the score it also gave
-
-
-class KeyCache:
-    """Candidate key sets kept between calls, per (label, k, dtype, device), within `budget`
-    bytes: the least recently used sets make room; a set that alone exceeds the budget is
-    refused (and remembered as such) and its keys are gathered afresh at every call."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.sets = OrderedDict()
-        self.refused = set()
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for keys in self.sets.values() for t in keys)
-
-    def get(self, key, plan: Callable[[], tuple]) -> Optional[list]:
-        """The key tensors under `key`, or None when they do not fit. On first use plan() returns
-        (bytes needed, make), and make() builds them once the older sets have made room."""
-        if key in self.refused:
-            return None
-        if key not in self.sets:
-            need, make = plan()
-            if need > self.budget:
-                self.refused.add(key)
-                return None
-            while self.sets and need + self.nbytes() > self.budget:
-                self.sets.popitem(last=False)
-            self.sets[key] = make()
-        self.sets.move_to_end(key)
-        return self.sets[key]
 
 
 class Machine:
@@ -626,11 +224,11 @@ class IdealMachine(Machine):
         """A function step -> chunks (1, n+2, <= step) of the whole-image keys [1; y; |y|^2]."""
         train = self._train(label, 0, x)
         shape = (1, train.shape[1] + 2, len(train))
-        make = lambda: [_fill(train.new_empty(shape), lambda step: _image_keys(train, step))]
+        make = lambda: [fill_from(train.new_empty(shape), lambda step: image_keys(train, step))]
         cached = self._keys.get((label, None, x.dtype, x.device), lambda: (math.prod(shape) * train.element_size(), make))
         if cached is None:
-            return lambda step: _image_keys(train, step)
-        return lambda step: _sliced_keys(cached[0], step)
+            return lambda step: image_keys(train, step)
+        return lambda step: sliced_keys(cached[0], step)
 
     def _queries(self, x, a, b2) -> Tensor:
         """Rows [0, a x / b^2, -a^2 / (2 b^2)] (1, B, n+2) for whole-image candidates."""
@@ -641,7 +239,7 @@ class IdealMachine(Machine):
         """-(x - a E_w[y]) / b^2 over whole training images y, for samples sharing a label."""
         a, b2 = self._coefficients(t, x)
         n = x[0].numel()
-        step = _candidates_per_step(1, x.shape[0], n + 2, self.chunk_size)
+        step = candidates_per_step(1, x.shape[0], n + 2, self.chunk_size)
         moments = posterior_moments(self._queries(x, a, b2), self._source(label, x)(step), lambda keys: keys[:, : n + 1])
         mean = moments[0, :, 1:].view_as(x)
         ab = a.view(-1, 1, 1, 1)
@@ -654,7 +252,7 @@ class IdealMachine(Machine):
         train = self._train(label, 0, x)  # (N, n)
         B, n = x.shape[0], train.shape[1]
         q = self._queries(x, a, b2)
-        step = _candidates_per_step(1, B, n + 2, self.chunk_size)
+        step = candidates_per_step(1, B, n + 2, self.chunk_size)
         w = torch.softmax(torch.cat([torch.bmm(q, keys)[0] for keys in self._source(label, x)(step)], -1).double(), -1)
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
         tiny = torch.finfo(x.dtype).eps ** 2
@@ -700,7 +298,7 @@ class LocalMachine(Machine):
         if key not in self._cache:
             C, H, W = x.shape[1:]
             cells = candidate_cells(self.name, H, W, k, self.paper_circular)
-            self._cache[key] = _stack_cells(cells, C, H, W, k, x.device)
+            self._cache[key] = stack_cells(cells, C, H, W, k, x.device)
         return self._cache[key]
 
     def _sources(self, label, k, x: Tensor) -> list:
@@ -709,7 +307,7 @@ class LocalMachine(Machine):
         the cache's budget, else every window gathered afresh from the padded images."""
         train = self._train(label, k // 2, x)
         groups = self._groups(k, x)
-        gathered = [functools.partial(_gathered_keys, train, idx) for _, _, idx in groups]
+        gathered = [functools.partial(gathered_keys, train, idx) for _, _, idx in groups]
         every = sum(idx.shape[0] * (idx.shape[2] + 3) * idx.shape[1] for _, _, idx in groups) * len(train) * train.element_size()
 
         def plan():
@@ -717,7 +315,7 @@ class LocalMachine(Machine):
                 return math.inf, None
             if groups[0][2].shape[2] > MERGE_MAX_ENTRIES:  # large windows rarely repeat: kept unmerged (k = 11: 1.2-1.3x)
                 shapes = [(idx.shape[0], idx.shape[2] + 3, len(train) * idx.shape[1]) for _, _, idx in groups]
-                return every, lambda: [_fill(train.new_empty(shape), lambda step, idx=idx: _gathered_keys(train, idx, step))
+                return every, lambda: [fill_from(train.new_empty(shape), lambda step, idx=idx: gathered_keys(train, idx, step))
                                        for shape, (_, _, idx) in zip(shapes, groups)]
             plans, need = [], 0
             for _, _, idx in groups:  # stop as soon as the distinct windows counted so far overflow the budget
@@ -743,7 +341,7 @@ class LocalMachine(Machine):
         cached = self._keys.get((label, k, x.dtype, x.device), plan)
         if cached is None:
             return gathered
-        return [functools.partial(_sliced_keys, keys) for keys in cached]
+        return [functools.partial(sliced_keys, keys) for keys in cached]
 
     def _moments(self, x, a, b2, k, label, jacobian: bool) -> Tensor:
         """Posterior moments per pixel (B, H*W, V): V = [1, c] (score) or [1, c] x [1, P]
@@ -769,12 +367,15 @@ class LocalMachine(Machine):
             q = xflat.index_select(1, query_index.reshape(-1)).view(B, G, R, D)
             q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1), torch.ones_like(q[..., :1])], -1)
             q = q.transpose(0, 1).reshape(G, B * R, D + 3)  # rows [0, a x_p / b^2, -a^2 / (2 b^2), 1]
-            step = _candidates_per_step(G, B * R, width, self.chunk_size)
-            fused = not jacobian and len(value_rows) <= 4 and els_kernels.usable(q)
+            step = candidates_per_step(G, B * R, width, self.chunk_size)
+            fused = len(value_rows) <= 4 and els_kernels.usable(q)
             lib = els_kernels.kernels() if fused else None
-            if lib is not None:  # the fused score kernel: chunks as large as the cache holds them (views)
-                chunks = source(source.args[0].shape[-1] if source.func is _sliced_keys else step)
-                m = els_kernels.score_moments(lib, q, chunks, value_rows, _clamp_floor(q.dtype))
+            if lib is not None:  # the fused kernels: chunks as large as the cache holds them (views)
+                chunks = source(source.args[0].shape[-1] if source.func is sliced_keys else step)
+                if jacobian:
+                    m = els_kernels.jacobian_moments(lib, q, chunks, value_rows, D + 1, clamp_floor(q.dtype))
+                else:
+                    m = els_kernels.score_moments(lib, q, chunks, value_rows, clamp_floor(q.dtype))
             else:
                 m = posterior_moments(q, source(step), values_of)
             pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
@@ -821,7 +422,7 @@ class LocalMachine(Machine):
         band = (a64**2 / b64**2) * cov - delta / b64
         band = band.view(B, H, W, C, C, k, k).permute(0, 3, 1, 2, 4, 5, 6).to(x.dtype)
         if self.padding == "zeros":
-            band = band * _band_valid(H, W, k, x.device)[None, None, :, :, None]
+            band = band * band_valid(H, W, k, x.device)[None, None, :, :, None]
         mean = m[..., 1:, 0].transpose(1, 2).reshape(B, C, H, W)  # E_w[c], the score's posterior mean
         score = -(x - a.view(B, 1, 1, 1) * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
         self._last = LastScore(x.detach().clone(), t.detach().clone(), k,

@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_ceiling, next to this file
 
 from edtool.diffusion import add_noise
-from edtool.els.machine import _candidates_per_step, candidate_cells, make_machine
+from edtool.els.machine import candidates_per_step, candidate_cells, make_machine
 
 
 def load_images(dataset: str, root) -> torch.Tensor:
@@ -110,7 +110,7 @@ def distance_work(machine, k, x):
         G, R, D = query_index.shape
         L = key_index.shape[1]
         flops += 2 * G * B * R * N * L * (D + 2)
-        step = min(_candidates_per_step(G, B * R, D + 2, machine.chunk_size), N * L)
+        step = min(candidates_per_step(G, B * R, D + 2, machine.chunk_size), N * L)
         if biggest is None or G * R * L > biggest[0]:
             biggest = (G * R * L, (G, B * R, D + 2, step))
     return flops, biggest[1]
@@ -274,7 +274,7 @@ def roofline(images, args, device, dtype):
     """Issue 23's table: for each k, one els-borders score and Jacobian call of the old engine
     (--roofline-commit) and of the current one (fused kernel when it loads), interleaved, the
     minimum process CPU time of --repeat rounds on one thread; work and % of the one-core ceiling
-    (bench_ceiling.py, measured in the same run). Then wall time of the new engine's score on 1
+    (bench_ceiling.py, measured in the same run). Then wall time of each engine's score and Jacobian on 1
     and 2 threads."""
     from bench_ceiling import ceiling
 
@@ -288,8 +288,8 @@ def roofline(images, args, device, dtype):
           f"{os.cpu_count()} cores; old = {args.roofline_commit}, new = this tree ({'fused kernel' if fused else 'torch path'})")
     print(f"one-core ceiling: {top['flops'] / 1e9:.1f} GFLOP/s sgemm, {top['exps'] / 1e9:.2f} G exp/s\n")
     print("| k | exps (G) | score old s | new s | speed-up | % of ceiling old | new | Jacobian old s | new s | speed-up "
-          "| % of ceiling old | new | rel. diff score | band |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| % of ceiling old | new | score + Jacobian speed-up | rel. diff score | band |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rounds = max(2, args.repeat)
     machines = {}
     for k in args.ks:
@@ -315,15 +315,19 @@ def roofline(images, args, device, dtype):
         d_score = ((score_n - score_o).norm() / score_o.norm()).item()
         d_band = ((band_n - band_o).norm() / band_o.norm()).item()
         print(f"| {k} | {exps / 1e9:.2f} | {so:.2f} | {sn:.2f} | {so / sn:.2f} | {floor_s / so:.0%} | {floor_s / sn:.0%} | "
-              f"{jo:.2f} | {jn:.2f} | {jo / jn:.2f} | {floor_j / jo:.0%} | {floor_j / jn:.0%} | {d_score:.1e} | {d_band:.1e} |",
+              f"{jo:.2f} | {jn:.2f} | {jo / jn:.2f} | {floor_j / jo:.0%} | {floor_j / jn:.0%} | {(so + jo) / (sn + jn):.2f} | "
+              f"{d_score:.1e} | {d_band:.1e} |",
               flush=True)
         machines[k] = (old, new, x)
         del old, new
     if len(args.threads) < 2:
         return
-    print(f"\nthreads: wall time of one score, best of {rounds} interleaved rounds")
-    print("| k | engine | " + " | ".join(f"{n} threads s" for n in args.threads) + f" | {args.threads[0]} -> {args.threads[-1]} |")
-    print("|---|---|" + "---|" * (len(args.threads) + 1))
+    print(f"\nthreads: wall time of one score and one Jacobian, best of {rounds} interleaved rounds, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    lo, hi = args.threads[0], args.threads[-1]
+    print("| k | engine | " + " | ".join(f"score {n} threads s" for n in args.threads) + f" | {lo} -> {hi} | "
+          + " | ".join(f"Jacobian {n} threads s" for n in args.threads) + f" | {lo} -> {hi} |")
+    print("|---|---|" + "---|" * (2 * len(args.threads) + 2))
     for k, (old, new, x) in machines.items():
         for name, m in (("old", old), ("new", new)):
             times = {}
@@ -331,13 +335,15 @@ def roofline(images, args, device, dtype):
                 for _ in range(rounds):
                     for n in args.threads:
                         torch.set_num_threads(n)
-                        m._last = None
-                        t0 = time.perf_counter()
-                        m.score(args.t, x)
-                        times[n] = min(times.get(n, math.inf), time.perf_counter() - t0)
+                        for what, f in (("score", m.score), ("jacobian", m.jacobian)):
+                            m._last = None
+                            t0 = time.perf_counter()
+                            f(args.t, x)
+                            times[what, n] = min(times.get((what, n), math.inf), time.perf_counter() - t0)
             torch.set_num_threads(1)
-            print(f"| {k} | {name} | " + " | ".join(f"{times[n]:.2f}" for n in args.threads) +
-                  f" | {times[args.threads[0]] / times[args.threads[-1]]:.2f}x |", flush=True)
+            cols = [" | ".join(f"{times[what, n]:.2f}" for n in args.threads) +
+                    f" | {times[what, lo] / times[what, hi]:.2f}x" for what in ("score", "jacobian")]
+            print(f"| {k} | {name} | " + " | ".join(cols) + " |", flush=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
