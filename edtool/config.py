@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from edtool.errors import EdtoolError
 
@@ -13,6 +13,52 @@ PROBES = 16  # Hutchinson probes per point: a relative standard error of ED of a
 MIN_PROBES = 2  # the standard error of a Hutchinson estimate needs a spread, so at least two probes
 PATCH_SIZE = 5  # ELS patch size when no calibrated schedule is found (the paper's median MNIST size)
 NETWORKS = ("unet", "resnet")  # the architectures edtool trains and finds by name (--unet, --resnet)
+
+
+# ------------------------------------------------------------------ what each option accepts
+# Defined here once; the modules that act on them import these (so checking a setting never loads them).
+DATASETS = ("mnist5k", "mnist", "fashionmnist", "cifar10")  # --dataset, --held-out (edtool.data loads them)
+MACHINES = ("is", "ls", "els-circular", "els-borders")  # the score machines (edtool.els.machine)
+ALIASES = {"els": "els-borders"}  # `els` follows the networks' padding (resolve_machine_name)
+ESTIMATORS = ("auto", "exact", "hutchinson", "analytic")  # --estimator (edtool.jacobian.ed)
+POINT_SOURCES = ("trajectory", "noised-data")  # --points (edtool.study.points)
+LOCALITY_METHODS = ("auto", "exact", "probe")  # --locality-method (edtool.jacobian.locality)
+METRICS = ("cosine", "l2")  # calibrate --metric (edtool.els.calibrate)
+LAYOUTS = ("edtool", "paper")  # sample --layout (edtool.els.sample_folder)
+MAX_REALIZATIONS = 1_000_000  # one chunk file per realization and array; more is a job for several runs
+
+
+def check_patch_size(k, what: str = "patch size") -> int:
+    """An odd int >= 1, else EdtoolError (a ValueError) naming `what`."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise EdtoolError(f"{what} is {k!r}; patch sizes must be odd integers >= 1 (3, 5, 7, ...)")
+    return k
+
+
+def check_sizes(sizes) -> list:
+    """Candidate patch sizes: distinct odd ints >= 1, sorted; else EdtoolError."""
+    sizes = list(sizes)
+    if not sizes:
+        raise EdtoolError("give at least one candidate patch size (e.g. --sizes 3 5 7)")
+    return sorted({check_patch_size(k, "candidate size") for k in sizes})
+
+
+def split_models(entries: List[str], reserved=()) -> Tuple[List[str], dict]:
+    """--models entries -> (the model names in order, {label: SOURCE} of the LABEL=SOURCE ones)."""
+    names, sources = [], {}
+    for entry in entries:
+        if "=" not in entry:
+            names.append(entry)
+            continue
+        label, source = (part.strip() for part in entry.split("=", 1))
+        if not label or not source:
+            raise EdtoolError(f"--models entry {entry!r}: write LABEL=SOURCE, e.g. ddpm=path/to/pipeline")
+        if "/" in label or label in reserved:
+            raise EdtoolError(f"--models label {label!r} " + ("contains '/'" if "/" in label else
+                              "is a built-in model name") + ": choose another, e.g. mymodel=" + source)
+        names.append(label)
+        sources[label] = source
+    return names, sources
 
 
 def default(cls, name: str):
@@ -137,8 +183,6 @@ def seed_range(seed: int, count: int, name: str = "seeds") -> range:
 
 def _model_names() -> tuple:
     """What --models accepts by name: the networks, and the machines (`els` follows the networks' padding)."""
-    from edtool.els.machine import ALIASES, MACHINES
-
     return NETWORKS + tuple(ALIASES) + MACHINES
 
 
@@ -187,18 +231,11 @@ class ComputeConfig:
     shard: Optional[tuple] = None  # (i, K): only realizations r with r % K == i (job arrays)
 
     def __post_init__(self):  # --models LABEL=SOURCE: the label names the model, its source is kept here
-        from edtool.networks.sources import split_models
-
         self.models, found = split_models(list(self.models), _model_names())
         self.sources = {**self.sources, **found}
 
     def validate(self) -> "ComputeConfig":
         """Refuse bad settings before anything is loaded or written (EdtoolError naming the option)."""
-        from edtool.data import DATASETS
-        from edtool.els.schedule import check_patch_size
-        from edtool.jacobian.ed import METHODS as ESTIMATORS
-        from edtool.store.run import MAX_REALIZATIONS
-        from edtool.study.points import POINT_SOURCES
 
         known, machines = _model_names(), _model_names()[len(NETWORKS):]
         if self.dataset not in DATASETS:
@@ -249,8 +286,6 @@ class ComputeConfig:
 
     def _validate_jacobian_whole(self) -> None:
         """--locality and --align settings (SPEC 12)."""
-        from edtool.jacobian.locality import LOCALITY_METHODS
-
         if self.locality_method not in LOCALITY_METHODS:
             raise EdtoolError(f"unknown --locality-method {self.locality_method!r}; choose one of "
                               f"{', '.join(LOCALITY_METHODS)}")
@@ -301,8 +336,6 @@ class CalibrateConfig(MachineDataConfig):
     metric: str = "cosine"  # cosine or l2 (relative distance)
 
     def validate(self) -> "CalibrateConfig":
-        from edtool.els.calibrate import METRICS, check_sizes
-
         super().validate()
         if self.metric not in METRICS:
             raise EdtoolError(f"unknown --metric {self.metric!r}; choose {' or '.join(METRICS)}")
@@ -324,8 +357,6 @@ class SampleConfig(MachineDataConfig):
     overwrite: bool = False  # replace samples of other settings in the output folder
 
     def validate(self) -> "SampleConfig":
-        from edtool.els.calibrate import LAYOUTS
-        from edtool.els.schedule import check_patch_size
 
         super().validate()
         if not self.machine:

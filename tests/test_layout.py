@@ -1,6 +1,6 @@
 """The package's layout (issue 21), computed from the source by tools/layout.py: no import circles among
-edtool's modules and no module taking another's underscore names. Module sizes are only reported
-(`python tools/layout.py`), not asserted."""
+edtool's modules (function-level imports included), at most one import back up a layer, and no module
+taking another's underscore names. Module sizes are only reported (`python tools/layout.py`)."""
 
 import importlib.util
 from pathlib import Path
@@ -29,13 +29,17 @@ def test_the_scan_sees_the_package(edtool_modules):
 def test_no_import_circles(edtool_modules):
     found = layout.circles(layout.edges(edtool_modules, module_level_only=True))
     assert found == [], f"module-level import circles: {found} (python tools/layout.py shows the graph)"
+    found = layout.circles(layout.edges(edtool_modules, module_level_only=False))
+    assert found == [], f"import circles through function-level imports: {found}"
 
 
 def test_no_module_level_import_runs_back_up_a_layer(edtool_modules):
     """Layers (tools/layout.py LAYERS): utilities < jacobian, els, networks, store < study < cli. A module
-    never imports a higher layer when it is loaded; function-level ones are counted by the report."""
+    never imports a higher layer when it is loaded, and at most one function-level import does."""
     found = [f"{i.source}:{i.line} -> {i.target}" for i in layout.upward(edtool_modules, "edtool") if i.module_level]
     assert found == [], f"module-level imports that run back up a layer: {found}"
+    found = [f"{i.source}:{i.line} -> {i.target}" for i in layout.upward(edtool_modules, "edtool")]
+    assert len(found) <= 1, f"at most one import may run back up a layer (issue 21), found: {found}"
 
 
 def test_no_module_takes_another_modules_underscore_names(edtool_modules):

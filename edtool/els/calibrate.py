@@ -26,18 +26,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edtool.config import NSTEPS, PATCH_SIZE
+from edtool.config import METRICS, NSTEPS, PATCH_SIZE, check_sizes
 from edtool.diffusion import TimeGrid, as_grid, ddim_sample, drawn_labels, eps_to_score, initial_noises
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output, recorded_paths
 from edtool.els.machine import build_machine, make_machine, resolve_machine_name
-from edtool.els.schedule import check_fits, check_patch_size, check_schedule, schedule_note
+from edtool.config import check_patch_size
+from edtool.els.schedule import check_fits, check_schedule, schedule_note
 # sample's agreement measures and its folder, each in its module; the names stay importable from here
 from edtool.els.agreement import AGREEMENT_DEFINITIONS, agreement_report, agreement_stats, pearson_r, r2  # noqa: F401
 from edtool.els.sample_folder import (  # noqa: F401
     LAYOUTS, SETTINGS_NAME, SUMMARY_NAME, claim_sample_dir, content_digest, save_each, output_dir_name)
 
-METRICS = ("cosine", "l2")
 DEFAULT_SIZES = (3, 5, 7, 9, 11, 13, 15)
 
 
@@ -64,14 +64,6 @@ def median_size(choices: Sequence[int], sizes: Sequence[int]) -> int:
     """The median of per-seed choices, rounded to the nearest candidate size (ties: the smaller)."""
     med = float(np.median(np.asarray(choices, dtype=np.float64)))
     return min(sorted(sizes), key=lambda k: (abs(k - med), k))
-
-
-def check_sizes(sizes) -> list:
-    """Candidate patch sizes: distinct odd ints >= 1, sorted; else EdtoolError."""
-    sizes = list(sizes)
-    if not sizes:
-        raise EdtoolError("give at least one candidate patch size (e.g. --sizes 3 5 7)")
-    return sorted({check_patch_size(k, "candidate size") for k in sizes})
 
 
 def check_seeds(seeds) -> list:

@@ -38,10 +38,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from edtool.config import PATCH_SIZE
+from edtool.config import ALIASES, MACHINES, PATCH_SIZE
 from edtool.diffusion import alpha_bar, beta, score_to_eps
 from edtool.errors import EdtoolError
-from edtool.els.schedule import check_fits, check_patch_size, check_schedule, scale_index
+from edtool.config import check_patch_size
+from edtool.els.schedule import check_fits, check_schedule, scale_index
 from edtool.els import kernel as els_kernels
 # the machines' parts, each in its module; the names stay importable from here
 from edtool.els.windows import PADDINGS, stack_cells, candidate_cells, pad_images, window_index  # noqa: F401
@@ -51,8 +52,6 @@ from edtool.els.merging import (  # noqa: F401
     MERGE_BLOCK, MERGE_MAX_ENTRIES, KeyCache, cell_windows, merge_plan, merged_keys)
 from edtool.els.band import band_valid, band_ed, band_transpose, dense_ed, dense_jacobian  # noqa: F401
 
-MACHINES = ("is", "ls", "els-circular", "els-borders")
-ALIASES = {"els": "els-borders"}
 DEFAULT_CHUNK_SIZE = 2**20  # elements per streamed block (logits, keys or values): 4 MiB in float32, cache-sized
 # (mnist5k, k = 3: 10 % faster than 2**22; 2**18 is slower again, per-block overhead)
 DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls (mnist5k at k = 11: 2.5 GB)

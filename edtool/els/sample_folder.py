@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from edtool.config import LAYOUTS  # noqa: F401 (importable from here too)
 from edtool.errors import EdtoolError
 from edtool.fileio import recorded_paths, refuse_foreign
 
@@ -18,7 +19,6 @@ def output_dir_name(machine: str) -> str:
     return "els_outputs" if machine in ("els", "els-borders") else f"{machine}_outputs"
 
 
-LAYOUTS = ("edtool", "paper")
 
 
 def save_each(folder: Path, seeds, arrays, layout: str = "edtool", root=None) -> None:

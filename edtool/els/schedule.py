@@ -18,16 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from edtool.config import check_patch_size  # noqa: F401 (importable from here too)
 from edtool.diffusion import TimeGrid
 from edtool.errors import EdtoolError
 from edtool.fileio import write_json
-
-
-def check_patch_size(k, what: str = "patch size") -> int:
-    """An odd int >= 1, else EdtoolError (a ValueError) naming `what`."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-        raise EdtoolError(f"{what} is {k!r}; patch sizes must be odd integers >= 1 (3, 5, 7, ...)")
-    return k
 
 
 def check_fits(sizes: Sequence[int], image_shape, what: str = "patch size", whole: bool = False) -> list:

@@ -23,11 +23,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from edtool.config import MIN_PROBES, PROBES
+from edtool.config import ESTIMATORS as METHODS, MIN_PROBES, PROBES
 from edtool.jacobian.operators import (Field, check_input, exact_jacobian, jacobian_rows_per_chunk, jvp_vjp_probes,
                                        linearize, per_sample_seeds, probes_per_chunk, rademacher_probes)
 
-METHODS = ("auto", "exact", "hutchinson", "analytic")
 # `auto` uses the exact Jacobian up to this many numbers per sample (n = prod(S)), per device type.
 EXACT_MAX_N = {"cpu": 256, "cuda": 4096}
 

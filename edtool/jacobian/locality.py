@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edtool.config import PROBES
+from edtool.config import LOCALITY_METHODS, PROBES
 from edtool.jacobian.operators import BandJacobian, FieldJacobian, Operator, per_sample_seeds, rademacher_probes
 
 # the operators lived here before operators.py; callers that import them from here keep working
@@ -47,7 +47,6 @@ LEVEL = 0.9  # r90: the radius holding this fraction of the squared Frobenius no
 # An antisymmetric part below this fraction of ||J||_F is float rounding of a symmetric J (float32 eps
 # is 1.2e-7 per entry): its direction is noise, so an alignment with it is undefined (NaN), not 0.
 SYMMETRIC_RTOL = 1e-5
-LOCALITY_METHODS = ("auto", "exact", "probe")
 ALIGNMENT_METHODS = ("auto", "exact", "hutchinson")
 
 

@@ -23,6 +23,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from edtool.config import split_models  # noqa: F401 (importable from here too)
 from edtool.diffusion import TimeGrid, alpha_bar, as_grid, beta, eps_to_score, score_to_eps
 from edtool.errors import EdtoolError
 
@@ -35,24 +36,6 @@ HUB_FILES = ["model_index.json", "config.json", "scheduler_config.json", "*.safe
 
 
 # ------------------------------------------------------------------ --models LABEL=SOURCE
-
-
-def split_models(entries: List[str], reserved=()) -> Tuple[List[str], dict]:
-    """--models entries -> (the model names in order, {label: SOURCE} of the LABEL=SOURCE ones)."""
-    names, sources = [], {}
-    for entry in entries:
-        if "=" not in entry:
-            names.append(entry)
-            continue
-        label, source = (part.strip() for part in entry.split("=", 1))
-        if not label or not source:
-            raise EdtoolError(f"--models entry {entry!r}: write LABEL=SOURCE, e.g. ddpm=path/to/pipeline")
-        if "/" in label or label in reserved:
-            raise EdtoolError(f"--models label {label!r} " + ("contains '/'" if "/" in label else
-                              "is a built-in model name") + ": choose another, e.g. mymodel=" + source)
-        names.append(label)
-        sources[label] = source
-    return names, sources
 
 
 # ------------------------------------------------------------------ the time mapping (SPEC 14)

@@ -8,11 +8,11 @@ from typing import Optional
 import numpy as np
 import zarr
 
+from edtool.config import MAX_REALIZATIONS  # noqa: F401 (importable from here too)
 from edtool.errors import EdtoolError
 from edtool.store.integrity import DIGEST_ARRAY
 
 SCHEMA_VERSION = 1
-MAX_REALIZATIONS = 1_000_000  # one chunk file per realization and array; more is a job for several runs
 STEP_ARRAYS = ("ed_fro", "jac_fro", "asym", "ed_stderr")  # (realization, model, step)
 # SPEC 12, stored only in runs made with them (create_run's extra_arrays): trailing dims of each cell
 LOCALITY_ARRAYS = {"loc_jac": ("step", "radius"), "loc_ed": ("step", "radius"), "loc_jac_stderr": ("step", "radius"),

@@ -18,10 +18,10 @@ from typing import List, Union
 
 import torch
 
+from edtool.config import POINT_SOURCES
 from edtool.diffusion import TimeGrid, add_noise, as_grid
 from edtool.errors import EdtoolError
 
-POINT_SOURCES = ("trajectory", "noised-data")
 
 
 def default_held_out(dataset: str) -> tuple:
