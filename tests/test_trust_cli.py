@@ -386,7 +386,7 @@ def test_analyze_refuses_a_format_before_computing(tmp_path, capsys, monkeypatch
 
 def test_calibrate_out_a_folder_is_refused_before_loading(tiny_checkpoints, tmp_path, capsys, monkeypatch):
     (tmp_path / "d").mkdir()
-    monkeypatch.setattr("edtool.cli._network_and_data", lambda *a: pytest.fail("loaded before the check"))
+    monkeypatch.setattr("edtool.cli_networks._network_and_data", lambda *a: pytest.fail("loaded before the check"))
     assert_refused(cli(capsys, monkeypatch, "calibrate", "--checkpoint", tiny_checkpoints / "tiny_resnet.safetensors",
                        "--out", tmp_path / "d", "--force"), f"{tmp_path / 'd'} is a folder")
 

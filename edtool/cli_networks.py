@@ -1,0 +1,338 @@
+"""The commands that make networks and run the ELS machines against them: train, import-checkpoint,
+calibrate, sample (registered on the app by edtool.cli), and the option helpers every command uses:
+each option takes its default and range from its settings dataclass (edtool.config)."""
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from edtool.config import RANGES, CalibrateConfig, SampleConfig, TrainConfig, default
+from edtool.console import progress_bar
+from edtool.errors import EdtoolError
+from edtool.fileio import check_output
+
+
+def int_list(text: str, what: str) -> List[int]:
+    try:
+        return [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise EdtoolError(f"{what} must be integers separated by commas, e.g. 32,64,128 (got {text!r})") from None
+
+
+def name_list(text: str) -> List[str]:
+    """--models unet,els / --machine els-borders,is -> the names, in order."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def option(settings, name: str, *flags, **kw):
+    """An option whose default is the settings dataclass's (a list shown as 3,5,7) and whose range is
+    edtool.config.RANGES' (Typer refuses a number outside as a usage error, before any work), so the
+    command and the library agree (`default=` overrides the default, as demo's shorter tour does)."""
+    value = kw.pop("default") if "default" in kw else default(settings, name)
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    least, most = RANGES.get(name, (None, None))
+    return typer.Option(value, *flags, **{"min": least, "max": most, **kw})
+
+
+def _T(name: str, *flags, **kw):
+    return option(TrainConfig, name, *flags, **kw)
+
+
+def train(
+    ctx: typer.Context,
+    arch: Optional[str] = typer.Option(None, help="Network architecture: unet or resnet (required unless --state "
+                                       "holds a run)."),
+    dataset: str = _T("dataset", help="Training data: mnist5k, mnist, fashionmnist, cifar10."),
+    data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout (not needed for mnist5k)."),
+    conditional: bool = _T("conditional", "--conditional", help="Class-conditional network."),
+    padding: str = _T("padding", help="Convolution padding: zeros or circular."),
+    steps: int = _T("steps", min=1, max=10**9, help="Optimizer steps (in all, counting those done)."),
+    batch: int = _T("batch", max=1 << 20, help="Images per step."),
+    lr: float = _T("lr", help="Initial AdamW learning rate."),
+    lr_final_factor: float = _T("lr_final_factor", help="Learning rate at the last step as a fraction of --lr."),
+    lr_gamma: Optional[float] = typer.Option(None, help="Per-step learning-rate factor instead of "
+                                             "--lr-final-factor (the paper: 0.999965); such a run can be continued "
+                                             "to more --steps."),
+    ema_decay: float = _T("ema_decay", help="Ship the exponential moving average of the weights with this decay "
+                          "(0: the raw weights)."),
+    seed: int = _T("seed", help="Seed of every random choice in training."),
+    fsizes: str = _T("fsizes", help="UNet channel widths per level."),
+    emb_dim: int = _T("emb_dim", help="UNet time-embedding size."),
+    width: int = _T("width", help="ResNet width (a multiple of 8, at least 16)."),
+    layers: int = _T("layers", help="ResNet residual layers."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this edtool checkpoint's weights (same "
+                                             "architecture) instead of random ones."),
+    state: Optional[Path] = typer.Option(None, help="Keep the complete resumable state (safetensors + JSON) and "
+                                         "the snapshots in this folder; if it holds a run, continue it (settings "
+                                         "not given come from it): edtool train --state DIR --steps N."),
+    snapshot_every: int = typer.Option(0, min=0, help="Every N steps record the moving average's loss on "
+                                       "held-out digits and a sample grid in --state (0: never)."),
+    held_out_root: Optional[Path] = typer.Option(None, help="Data root holding the test split for the snapshots' "
+                                                 "held-out loss (mnist5k: MNIST t10k; default: --data-root)."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint path (default ./checkpoints/<dataset>_<arch>... in the "
+                                       "working directory; with --state: none unless given)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
+    ckpt_every: int = typer.Option(250, min=1, help="Save resumable training state every N steps."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
+):
+    """Train a UNet or ResNet noise predictor with the paper's recipe; resumes if interrupted."""
+    from edtool.networks import checkpoints, train_state
+    from edtool.data import load_dataset
+    from edtool.paths import cache_dir, local_checkpoints_dir
+    from edtool.networks.train import default_name, train as run_training, work_dir_name
+
+    given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
+    settings = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__}
+    settings["fsizes"] = int_list(fsizes, "--fsizes")
+    init = None
+    if init_from is not None:
+        net = checkpoints.load(init_from)
+        init = net.net.state_dict()
+        settings["init_from"] = checkpoints.file_hash(init_from.with_suffix(".safetensors"))
+    previous = train_state.read(state) if state is not None else None
+    if previous is not None:  # continue it: settings not given on the command line come from the state
+        settings = {**settings, **previous["config"],
+                    **{k: settings[k] for k in given if k in settings}}
+        settings["steps"] = steps if "steps" in given else previous["config"].get("steps", previous["step"])
+        if "init_from" not in given:
+            init = None  # the state holds the weights
+    if settings["arch"] is None:
+        raise EdtoolError("--arch is required (unet or resnet), unless --state names a folder holding a run")
+    cfg = TrainConfig(**settings).validate()  # before the data is loaded (train() checks it again)
+    if init is not None and checkpoints.read_manifest(init_from.with_suffix(".safetensors"))["arch"] != cfg.arch:
+        raise EdtoolError(f"--init-from {init_from} is not a {cfg.arch}; give a checkpoint of the same architecture")
+    if out is None and state is None:
+        out = local_checkpoints_dir() / default_name(cfg)
+    if out is not None:
+        out = Path(out).with_suffix(".safetensors")
+        check_output([out, out.with_suffix(".json"), out.with_name(out.stem + "_loss.png"),
+                      out.with_name(out.stem + "_samples.png")], force)
+    images, labels = load_dataset(cfg.dataset, root=data_root)
+    levels = 2 ** (len(cfg.fsizes) - 1)  # each UNet level halves the image: the sides must divide evenly
+    if cfg.arch == "unet" and any(side % levels for side in images.shape[-2:]):
+        raise EdtoolError(f"--fsizes with {len(cfg.fsizes)} levels halves the image {len(cfg.fsizes) - 1} times; "
+                          f"{cfg.dataset}'s {images.shape[-2]}x{images.shape[-1]} images do not divide by {levels}: "
+                          "give fewer widths")
+    held_out = None
+    if snapshot_every:
+        if state is None:
+            raise EdtoolError("--snapshot-every needs --state DIR (the snapshots are kept there)")
+        name = "mnist" if cfg.dataset == "mnist5k" else cfg.dataset
+        held_out = load_dataset(name, root=held_out_root or data_root, split="test", download=False)
+    work = state if state is not None else cache_dir() / "train" / work_dir_name(out, cfg)
+    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    progress = progress_bar(quiet)
+    steps = cfg.steps
+    every = max(1, steps // 100)
+    kw = dict(ckpt_every=ckpt_every, command=command, init_weights=init, held_out=held_out,
+              snapshot_every=snapshot_every)
+
+    if progress is None:
+        def log(step, loss, lr_now):
+            if step % every == 0 or step == steps:
+                print(f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.2e}", flush=True)
+        path = run_training(cfg, images, labels, out, work, log=log, **kw)
+    else:
+        with progress:
+            task = progress.add_task(f"train {cfg.arch}", total=steps, info="")
+
+            def log(step, loss, lr_now):
+                progress.update(task, completed=step, info=f"loss {loss:.4f} lr {lr_now:.1e}")
+            path = run_training(cfg, images, labels, out, work, log=log, **kw)
+    if path is not None:
+        print(f"wrote {path} (+ .json manifest, _loss.png, _samples.png)")
+    if state is not None:
+        print(f"training state at step {steps} in {state}; continue with: edtool train --state {state} --steps N")
+
+
+def import_checkpoint(
+    file: Path = typer.Argument(..., help="A paper checkpoint backbone_<DATASET>_<UNet|ResNet>_<mode>[_conditional].pt."),
+    out: Optional[Path] = typer.Option(None, help="Output path (default ./checkpoints/<dataset>_<arch>..._paper."
+                                       "safetensors in the working directory)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset name for the manifest (default: read from the file name)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
+):
+    """Convert a paper checkpoint (a pickled DDIM) into edtool's format, unpickling only known classes."""
+    from edtool.networks.paper_import import import_checkpoint as run_import
+
+    path = run_import(file, out=out, dataset=dataset, force=force)
+    print(f"wrote {path} (+ .json manifest)")
+
+
+# ------------------------------------------------------------------ calibrate and sample (edtool.els.calibrate)
+
+
+def _network_and_data(cfg):
+    """The checkpoint's network (ours, or a paper .pt imported on the fly) and its training data (the
+    first max_samples images, per class for a conditional network: the seed tool's ELS max_samples)."""
+    from edtool.data import first_samples, load_dataset
+    from edtool.networks import discovery
+    from edtool.study.prepare import resolve_device
+
+    dev = resolve_device(cfg.device)
+    net = discovery.load(cfg.checkpoint, dataset=cfg.dataset, device=dev, note=print)
+    dataset = cfg.dataset or net.manifest.get("dataset") or "mnist5k"
+    images, labels = load_dataset(dataset, root=cfg.data_root)
+    shape = net.manifest.get("image_shape")
+    if shape is not None and list(shape) != list(images.shape[1:]):
+        raise EdtoolError(f"checkpoint {cfg.checkpoint} expects images of shape {list(shape)}, {dataset} has "
+                          f"{list(images.shape[1:])}")
+    images, labels = first_samples(images, labels, cfg.max_samples, per_class=net.conditional)
+    return net, images.to(dev), labels.to(dev), dataset
+
+
+def _K(name: str, *flags, **kw):
+    return option(CalibrateConfig, name, *flags, **kw)
+
+
+def _S(name: str, *flags, **kw):
+    return option(SampleConfig, name, *flags, **kw)
+
+
+def settings_from(settings, params: dict, **given):
+    """The settings dataclass from a command's parameters of the same names (and `given`), checked."""
+    return settings(**{**{k: v for k, v in params.items() if k in settings.__dataclass_fields__}, **given}).validate()
+
+
+def calibrate(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(..., help="Network checkpoint (.safetensors) to calibrate against."),
+    machine: str = _K("machine", help="els-borders, els (follows the padding), els-circular or ls."),
+    sizes: str = _K("sizes", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
+    seeds: int = _K("seeds", help="Number of seeds (trajectories), scored together."),
+    seed: int = _K("seed", help="First seed."),
+    nsteps: int = _K("nsteps", help="DDIM steps (one scale per step)."),
+    metric: str = _K("metric", help="cosine (default) or l2 (relative distance)."),
+    dataset: Optional[str] = _K("dataset", help="Training data of the machine (default: the checkpoint's)."),
+    data_root: Optional[Path] = _K("data_root", help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = _K("max_samples", "--max-samples", "--n-images", help="Give the machines only the "
+                                    "first N training images (per class for a conditional network)."),
+    label: Optional[int] = _K("label", help="Class label for a conditional network (default: per seed)."),
+    batch: Optional[int] = _K("batch", help="At most this many (step, seed) points per machine call."),
+    device: str = _K("device", help="auto, cpu, cuda, cuda:N."),
+    out: Optional[Path] = typer.Option(None, help="Scales JSON (default: ./checkpoints/<checkpoint stem>_scales_"
+                                       "<machine>.json in the working directory, where compute finds it first)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing scales file at the output path."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+    merge: Optional[str] = typer.Option(None, help="Comma-separated scales JSONs of runs with disjoint --sizes "
+                                        "(same checkpoint, seeds, steps): write the schedule of all their sizes, "
+                                        "computing nothing."),
+):
+    """Calibrate an ELS machine's patch size per step against a network; writes a scales JSON (see docs/els.md)."""
+    from edtool.diffusion import realization_seeds
+    from edtool.els.calibrate import calibrate as run_calibration, calibration_meta, machine_kind
+    from edtool.networks.checkpoints import file_hash
+    from edtool.els.schedule import write_scales_json
+    from edtool.networks.discovery import local_scales_path
+
+    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
+    if merge is not None:
+        _merge_calibrations(merge, weights, out, force, command)
+        return
+    # --sizes 3 5 7: the rest arrive as extra args
+    cfg = settings_from(CalibrateConfig, ctx.params, sizes=int_list(" ".join([sizes, *ctx.args]), "--sizes"))
+    if out is not None:  # before the network and data are loaded (the default path needs the network)
+        check_output([out], force)
+    net, images, labels, dataset = _network_and_data(cfg)
+    out = out or local_scales_path(checkpoint, machine_kind(machine, net))
+    check_output([out], force)
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    res = run_calibration(net, images, labels, machine=cfg.machine, sizes=cfg.sizes,
+                          seeds=realization_seeds(cfg.seed, cfg.seeds), nsteps=cfg.nsteps, metric=cfg.metric,
+                          batch=cfg.batch, label=cfg.label, log=log)
+    path = write_scales_json(out, res["scales"], **calibration_meta(
+        res, checkpoint=weights.name, checkpoint_sha256=file_hash(weights), dataset=dataset, command=command))
+    print(f"schedule ({res['machine']}, t = 1/{nsteps} .. 1): {' '.join(map(str, res['scales']))}")
+    print(f"wrote {path} ({res['seconds']['total']:.0f}s)")
+
+
+def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: bool, command: str) -> None:
+    """calibrate --merge: one scales JSON from calibrations of disjoint sizes of this checkpoint."""
+    from edtool.els.calibrate import calibration_meta, merge_calibrations
+    from edtool.networks.checkpoints import file_hash
+    from edtool.els.schedule import write_scales_json
+    from edtool.networks.discovery import local_scales_path
+
+    if not weights.is_file():
+        raise EdtoolError(f"checkpoint {weights} does not exist")
+    sha = file_hash(weights)
+    parts, names = [], [p.strip() for p in merge.split(",") if p.strip()]
+    for name in names:
+        try:
+            part = json.loads(Path(name).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EdtoolError(f"--merge {name}: cannot read it as a calibration JSON ({e})") from None
+        if not isinstance(part, dict) or "sizes" not in part or "seconds" not in part:
+            raise EdtoolError(f"--merge {name} is not a calibration written by edtool calibrate")
+        if part.get("checkpoint_sha256") != sha:
+            raise EdtoolError(f"--merge {name} was calibrated for other weights than {weights} (sha256 differs)")
+        parts.append(part)
+    res = merge_calibrations(parts, names)
+    out = out or local_scales_path(weights, res["machine"])
+    check_output([out], force)
+    meta = calibration_meta(res, checkpoint=weights.name, command=command,
+                            part_commands=[part.get("command") for part in parts])
+    path = write_scales_json(out, res["scales"], **meta)
+    print(f"schedule ({res['machine']}, sizes {' '.join(map(str, res['sizes']))}): {' '.join(map(str, res['scales']))}")
+    print(f"wrote {path}")
+
+
+def sample(
+    ctx: typer.Context,
+    machine: str = _S("machine", help="Comma-separated machines: els-borders, els, els-circular, ls, is."),
+    checkpoint: Path = typer.Option(..., help="Network checkpoint whose samples the machines are compared with."),
+    seeds: int = _S("seeds", help="Number of seeds."),
+    seed: int = _S("seed", help="First seed."),
+    out: Path = typer.Option(..., help="Output folder (seeds/, els_outputs/, network_outputs/, r2_summary.json)."),
+    scales: Optional[Path] = _S("scales", help="Scales JSON or paper scales_*.pt (default: the calibration JSON "
+                                "beside the checkpoint)."),
+    patch_size: int = _S("patch_size", help="Fixed patch size when no scales are found."),
+    nsteps: int = _S("nsteps", help="DDIM steps."),
+    dataset: Optional[str] = _S("dataset", help="Training data of the machines (default: the checkpoint's)."),
+    data_root: Optional[Path] = _S("data_root", help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = _S("max_samples", "--max-samples", "--n-images", help="Give the machines only the "
+                                    "first N training images (per class for a conditional network)."),
+    label: Optional[int] = _S("label", help="Class label for a conditional network (default: per seed)."),
+    batch: Optional[int] = _S("batch", help="Seeds sampled together (default: all)."),
+    device: str = _S("device", help="auto, cpu, cuda, cuda:N."),
+    layout: str = _S("layout", help="Per-seed files: edtool (seed_<s>.npy) or paper (0000.pt ...: plain tensors, "
+                     "as the paper's scripts write them)."),
+    baseline: bool = _S("baseline", "--baseline/--no-baseline", help="Also sample the ideal score machine (is) "
+                        "when not asked for, to report on how many seeds each machine beats it (the paper's "
+                        "comparison)."),
+    overwrite: bool = _S("overwrite", "--overwrite", help="Replace samples of other settings in --out."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+):
+    """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
+    network (see docs/els.md)."""
+    from edtool.diffusion import realization_seeds
+    from edtool.els.calibrate import SETTINGS_NAME, agreement_report, machine_kind, sample as run_sample
+    from edtool.networks.discovery import schedule_for
+
+    cfg = settings_from(SampleConfig, ctx.params, machine=name_list(machine))
+    check_output([out / SETTINGS_NAME], force=True)  # before any work: --out takes files (a folder, writable)
+    net, images, labels, _ = _network_and_data(cfg)
+    schedule, sources, notes = {}, {}, []
+    for name in cfg.machine:
+        kind = machine_kind(name, net)
+        if kind != "is":
+            schedule[kind], sources[kind] = schedule_for(kind, scales, [checkpoint], cfg.nsteps, cfg.patch_size,
+                                                         notes)
+    for line in notes:
+        print(f"note: {line}")
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    summary = run_sample(cfg.machine, net, images, labels, realization_seeds(cfg.seed, cfg.seeds), nsteps=cfg.nsteps,
+                         scales=schedule, out_dir=out, label=cfg.label, patch_size=cfg.patch_size, batch=cfg.batch,
+                         scales_source=sources, log=log, baseline=cfg.baseline, overwrite=cfg.overwrite,
+                         layout=cfg.layout)
+    print(agreement_report(summary))
+    print(f"wrote {out}/ (r2_summary.json, samples_grid.png)")
+
+
+# ------------------------------------------------------------------ the pipeline commands
