@@ -192,6 +192,39 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, tmp_path):
         els_kernels._load.cache_clear()  # later tests load the real kernel again
 
 
+@pytest.mark.parametrize("damage", [b"", b"not a shared library", "stale"])
+def test_a_damaged_or_stale_cached_kernel_is_built_again(damage, monkeypatch, tmp_path):
+    """A file under the kernel's cache name that does not load (truncated, garbage) or lacks a kernel (a
+    build of other source) is rebuilt once, silently, and then gives the engine's numbers."""
+    import shutil
+
+    if shutil.which(els_kernels.CXX) is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.delenv(els_kernels.ENV, raising=False)
+    monkeypatch.setenv("EDTOOL_KERNEL_DIR", str(tmp_path))
+    target = tmp_path / f"els_{els_kernels._cpu_tag()}.so"
+    if damage == "stale":  # a real library without this source's kernels
+        stale = tmp_path / "stale.cpp"
+        stale.write_text('extern "C" void something_else() {}\n')
+        import subprocess
+
+        subprocess.run([els_kernels.CXX, "-shared", "-fPIC", str(stale), "-o", str(target)], check=True)
+    else:
+        target.write_bytes(damage)
+    els_kernels._load.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # rebuilt without a warning
+            lib = els_kernels.kernels()
+        assert lib is not None and hasattr(lib, "score_chunk") and hasattr(lib, "moments_chunk")
+        images, _ = data(n=10)
+        with torch.no_grad():
+            got = make_machine("els-borders", images.float(), patch_size=3).score(0.5, noisy(images, 0.5).float())
+        assert rel(got, brute_force("els-borders", images, noisy(images, 0.5), 0.5, 3)) < 1e-5
+    finally:
+        els_kernels._load.cache_clear()
+
+
 def test_env_var_forces_the_torch_path(monkeypatch):
     monkeypatch.setenv(els_kernels.ENV, "torch")
     calls = count_calls(monkeypatch, "score_moments")

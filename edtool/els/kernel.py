@@ -82,12 +82,22 @@ def _load():
     try:
         if not target.exists():
             _build(target)
-        lib = ctypes.CDLL(str(target))
+        try:
+            return _bind(ctypes.CDLL(str(target)))
+        except (OSError, AttributeError):  # a damaged or foreign file under our name: build it again, once
+            _build(target)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # a new name: dlopen would reuse the old
+                fresh = shutil.copy(target, pathlib.Path(tmp) / target.name)
+                return _bind(ctypes.CDLL(str(fresh)))  # (a loaded library may be unlinked)
     except Exception as e:  # noqa: BLE001 - any build or load failure means: use the torch path
         warnings.warn(f"edtool: the fused ELS kernel is unavailable ({e}); using the pure-torch engine (same "
                       f"numbers, slower). Install g++ to enable it, or set {ENV}=torch to silence this.",
                       RuntimeWarning, stacklevel=2)
         return None
+
+
+def _bind(lib):
+    """Declare the kernels' C signatures on the loaded library (AttributeError if one is missing)."""
     i, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.score_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, ptr, ptr, f32, i64, i]
     lib.moments_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, i, ptr, ptr, f32, i64, i]
