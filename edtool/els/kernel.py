@@ -119,25 +119,32 @@ def _padded(q: Tensor) -> Tensor:
     return torch.nn.functional.pad(q, (0, 0, 0, pad)).contiguous() if pad else q.contiguous()
 
 
-def score_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, floor: float,
-                  block: Optional[int] = None) -> Tensor:
-    """posterior_moments for the score, fused: E_w[keys[value_rows]] (G, R, V) float64, normalized,
-    for queries (G, R, E) and chunks of keys (G, E, M), value_rows[0] = 0 (the ones row), 2 <= V <= 4."""
+def _stream(kernel, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, width: int, counts: tuple,
+            floor: float, block: int) -> Tensor:
+    """Run a fused kernel over the key chunks into `width` float64 sums per query row (with the running
+    shift of the logits), and normalize by the first (the weights' total): (G, R, width)."""
     G, R, E = queries.shape
     q = _padded(queries)
     shift = torch.full(q.shape[:2], -math.inf)
-    sums = torch.zeros(*q.shape[:2], len(value_rows), dtype=torch.float64)
-    if block is None:  # candidates per block: its keys (64 KiB) stay in L2 while every row passes over them
-        block = max(16, 16384 // E // 16 * 16)
+    sums = torch.zeros(*q.shape[:2], width, dtype=torch.float64)
     rows = value_rows.to(torch.int64).contiguous()
     for keys in key_chunks:
         if keys.stride(-1) != 1:
             keys = keys.contiguous()
         G, E, M = keys.shape
-        lib.score_chunk(q.data_ptr(), G, q.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1), M,
-                        rows.data_ptr(), len(rows), shift.data_ptr(), sums.data_ptr(), floor, block,
-                        torch.get_num_threads())
+        kernel(q.data_ptr(), G, q.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1), M, rows.data_ptr(),
+               *counts, shift.data_ptr(), sums.data_ptr(), floor, block, torch.get_num_threads())
     return (sums / sums[..., :1])[:, :R]
+
+
+def score_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, floor: float,
+                  block: Optional[int] = None) -> Tensor:
+    """posterior_moments for the score, fused: E_w[keys[value_rows]] (G, R, V) float64, normalized,
+    for queries (G, R, E) and chunks of keys (G, E, M), value_rows[0] = 0 (the ones row), 2 <= V <= 4."""
+    if block is None:  # candidates per block: its keys (64 KiB) stay in L2 while every row passes over them
+        block = max(16, 16384 // queries.shape[-1] // 16 * 16)
+    V = len(value_rows)
+    return _stream(lib.score_chunk, queries, key_chunks, value_rows, V, (V,), floor, block)
 
 
 def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_rows: Tensor, J: int, floor: float,
@@ -145,19 +152,7 @@ def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_r
     """posterior_moments for the Jacobian, fused: E_w[c_v P_j] (G, R, V * J) float64, normalized, for
     c = keys[value_rows] (value_rows[0] = 0, the ones row) and P = keys[:J] (row 0 the ones row), v-major:
     the moments of the outer product [1, c] x [1, P] that the closed-form band needs."""
-    G, R, E = queries.shape
-    q = _padded(queries)
-    V = len(value_rows)
-    shift = torch.full(q.shape[:2], -math.inf)
-    sums = torch.zeros(*q.shape[:2], V * J, dtype=torch.float64)
     if block is None:  # candidates per float64 flush (the kernel streams them in L1-sized sub-blocks)
         block = 1024
-    rows = value_rows.to(torch.int64).contiguous()
-    for keys in key_chunks:
-        if keys.stride(-1) != 1:
-            keys = keys.contiguous()
-        G, E, M = keys.shape
-        lib.moments_chunk(q.data_ptr(), G, q.shape[1], E, keys.data_ptr(), keys.stride(0), keys.stride(1), M,
-                          rows.data_ptr(), V, J, shift.data_ptr(), sums.data_ptr(), floor, block,
-                          torch.get_num_threads())
-    return (sums / sums[..., :1])[:, :R]
+    V = len(value_rows)
+    return _stream(lib.moments_chunk, queries, key_chunks, value_rows, V * J, (V, J), floor, block)
