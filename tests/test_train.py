@@ -188,16 +188,16 @@ def test_a_damaged_state_is_refused_not_trained_on(tmp_path):
         train(_cfg(steps=4), images, labels, None, tmp_path / "s")
 
 
-def test_snapshots_record_held_out_loss_grid_and_geometric_weights(tmp_path):
+def test_snapshots_record_held_out_loss_grid_and_first_four_then_geometric_weights(tmp_path):
     from edtool.networks.train import eval_loss, read_snapshots
 
     images, labels = _tiny_data()
     held_images, held_labels = _tiny_data(12)
     cfg = _cfg(steps=8, lr_gamma=0.99)
-    train(cfg, images, labels, None, tmp_path / "s", held_out=(held_images, held_labels), snapshot_every=2)
+    train(cfg, images, labels, None, tmp_path / "s", held_out=(held_images, held_labels), snapshot_every=1)
     records = read_snapshots(tmp_path / "s")
-    assert [r["step"] for r in records] == [2, 4, 6, 8]
-    assert [("weights" in r) for r in records] == [True, True, False, True]  # steps 2 * 2**j
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [("weights" in r) for r in records] == [True] * 4 + [False, False, False, True]  # 1..4, then 2**j
     for r in records:
         assert (tmp_path / "s" / r["samples"]).stat().st_size > 500
     last = checkpoints.load(tmp_path / "s" / records[-1]["weights"], dataset="tiny", image_shape=[1, 8, 8])

@@ -162,8 +162,9 @@ def manifest(cfg: TrainConfig, images, num_classes, command: str, elapsed: float
 def snapshot(work_dir: Path, step: int, every: int, cfg: TrainConfig, net, ema: dict, images, labels, held_out,
              num_classes) -> dict:
     """Evaluate the moving-average weights after `step` steps: loss on fixed held-out and training draws,
-    a 64-sample grid; the weights themselves are kept at steps every * 2**j (geometric: a long campaign
-    keeps a handful). Appends one record to work_dir/snapshots.json."""
+    a 64-sample grid; the weights themselves are kept at the first four snapshots and then at steps
+    every * 2**j (an agreement curve gets 4 points early; a long campaign keeps a handful). Appends one
+    record to work_dir/snapshots.json."""
     import copy
 
     folder = work_dir / "snapshots"
@@ -179,7 +180,7 @@ def snapshot(work_dir: Path, step: int, every: int, cfg: TrainConfig, net, ema: 
                           labels=labels if cfg.conditional else None)
     record["samples"] = str(samples.relative_to(work_dir))
     k = step // every
-    if k & (k - 1) == 0:  # step = every * 2**j
+    if k <= 4 or k & (k - 1) == 0:  # step = every * (1, 2, 3, 4), then every * 2**j
         record["weights"] = str(checkpoints.save(folder / name, avg, {**man, "held_out_loss": record.get(
             "held_out_loss"), "train_draws_loss": record["train_draws_loss"]}).relative_to(work_dir))
     write_json(work_dir / "snapshots.json", records + [record])
