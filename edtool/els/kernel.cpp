@@ -73,6 +73,20 @@ inline void logits(const float* q, int E, const float* kp, int64_t ks, const flo
   }
 }
 
+// The same for 2 VL candidates: each broadcast query entry meets two key vectors, so a register tile of
+// RB x 2 vectors does 2 FMAs per load (the one-vector tile is bound by its loads at large E).
+inline void logits2(const float* q, int E, const float* kp, int64_t ks, const float* shift, vf* l0, vf* l1) {
+  for (int r = 0; r < RB; ++r) l0[r] = l1[r] = splat(-shift[r]);
+  for (int e = 1; e < E; ++e) {
+    vf k0 = load(kp + e * ks), k1 = load(kp + e * ks + VL);
+    for (int r = 0; r < RB; ++r) {
+      vf qe = splat(q[r * E + e]);
+      l0[r] += qe * k0;
+      l1[r] += qe * k1;
+    }
+  }
+}
+
 // Sums of exp(clamp(logit - shift)) * value over candidates [m0, m1) for RB rows, in float64.
 template <int V>
 void tile_sums(const float* q, int E, const float* keys, int64_t ks, const int64_t* vrows, int64_t m0, int64_t m1,
@@ -80,8 +94,19 @@ void tile_sums(const float* q, int E, const float* keys, int64_t ks, const int64
   vf acc[RB][V];
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = vf{};
+  int64_t m = m0;
+  for (; m + 2 * VL <= m1; m += 2 * VL) {  // pairs of whole vectors
+    vf l0[RB], l1[RB], v0[V], v1[V];
+    logits2(q, E, keys + m, ks, shift, l0, l1);
+    for (int v = 1; v < V; ++v) v0[v] = load(keys + vrows[v] * ks + m), v1[v] = load(keys + vrows[v] * ks + m + VL);
+    for (int r = 0; r < RB; ++r) {
+      vf w0 = vexp(clamp(l0[r], floor, 88.0f)), w1 = vexp(clamp(l1[r], floor, 88.0f));
+      acc[r][0] += w0 + w1;
+      for (int v = 1; v < V; ++v) acc[r][v] += w0 * v0[v] + w1 * v1[v];
+    }
+  }
   float tail[256 * VL];  // the last partial vector, zero-padded (E <= 256 is checked by the caller)
-  for (int64_t m = m0; m < m1; m += VL) {
+  for (; m < m1; m += VL) {
     const float* kp = keys + m;
     int64_t stride = ks;
     bool partial = m + VL > m1;
@@ -119,8 +144,14 @@ void tile_max(const float* q, int E, const float* keys, int64_t ks, int64_t m0, 
   const float zero[RB] = {};
   vf top[RB];
   for (int r = 0; r < RB; ++r) top[r] = splat(-INFINITY);
+  int64_t m = m0;
+  for (; m + 2 * VL <= m1; m += 2 * VL) {
+    vf l0[RB], l1[RB];
+    logits2(q, E, keys + m, ks, zero, l0, l1);
+    for (int r = 0; r < RB; ++r) top[r] = top[r] > l0[r] ? top[r] : l0[r], top[r] = top[r] > l1[r] ? top[r] : l1[r];
+  }
   float tail[256 * VL];
-  for (int64_t m = m0; m < m1; m += VL) {
+  for (; m < m1; m += VL) {
     const float* kp = keys + m;
     int64_t stride = ks;
     if (m + VL > m1) {  // pad the last partial vector with copies of its first candidate
@@ -172,7 +203,22 @@ void tile_moments(const float* q, int E, const float* keys, int64_t ks, const in
   for (int64_t s0 = m0; s0 < m1; s0 += SUB) {
     const int64_t s1 = std::min(m1, s0 + SUB), nv = (s1 - s0 + VL - 1) / VL;
     bool partial = false;
-    for (int64_t m = s0; m < s1; m += VL) {
+    int64_t m = s0;
+    for (; m + 2 * VL <= s1; m += 2 * VL) {  // pairs of whole vectors
+      vf l0[RB], l1[RB];
+      logits2(q, E, keys + m, ks, shift, l0, l1);
+      for (int r = 0; r < RB; ++r) {
+        vf w0 = vexp(clamp(l0[r], floor, 88.0f)), w1 = vexp(clamp(l1[r], floor, 88.0f));
+        std::memcpy(wbuf + r * SUB + (m - s0), &w0, sizeof w0);
+        std::memcpy(wbuf + r * SUB + (m - s0) + VL, &w1, sizeof w1);
+        for (int v = 1; v < C1; ++v) {
+          vf wc0 = w0 * load(keys + vrows[v] * ks + m), wc1 = w1 * load(keys + vrows[v] * ks + m + VL);
+          std::memcpy(wbuf + (v * RB + r) * SUB + (m - s0), &wc0, sizeof wc0);
+          std::memcpy(wbuf + (v * RB + r) * SUB + (m - s0) + VL, &wc1, sizeof wc1);
+        }
+      }
+    }
+    for (; m < s1; m += VL) {
       const float* kp = keys + m;
       int64_t stride = ks;
       vf live = splat(1.0f);
