@@ -232,3 +232,64 @@ def test_env_var_forces_the_torch_path(monkeypatch):
     with torch.no_grad():
         make_machine("els-borders", images.float(), patch_size=3).score(0.5, noisy(images, 0.5).float())
     assert els_kernels.kernels() is None and not calls
+
+
+def _cells(images, k, rule="els-borders"):
+    """Zero-padded flat images and the stacked candidate cells of `rule` at patch size k."""
+    from edtool.els.machine import candidate_cells, pad_images, stack_cells
+
+    train = pad_images(images, k // 2, False).flatten(1).contiguous()
+    return train, stack_cells(candidate_cells(rule, 32, 32, k), 1, 32, 32, k, train.device)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_compiled_merge_equals_the_torch_merge_and_counts_every_window(k):
+    """merge_windows (one pass, hash table) = merge_plan_torch (hash, sort, compare) for every cell:
+    same first occurrences, same counts; also when every hash collides (hash_bits=0: only the entry
+    by entry comparison tells windows apart) and at the limit."""
+    from edtool.els.merging import merge_plan_torch
+
+    lib = els_kernels.kernels()
+    if lib is None:
+        pytest.skip("the fused kernel cannot be built here (no g++?)")
+    images, _ = mnist_subset(12)
+    train, groups = _cells(images, k)
+    for _, _, idx in groups:
+        for cell in idx:
+            first, count = els_kernels.merge_windows(lib, train, cell, None)
+            want_first, want_count = merge_plan_torch(train, cell)
+            assert torch.equal(first, want_first) and torch.equal(count, want_count)
+            assert int(count.sum()) == len(train) * cell.shape[0]
+    cell = groups[0][2][0] if groups[0][2].shape[1] > 100 else max((i for _, _, g in groups for i in g), key=len)
+    first, count = els_kernels.merge_windows(lib, train, cell, None)
+    collided = els_kernels.merge_windows(lib, train, cell, None, hash_bits=0)
+    assert torch.equal(collided[0], first) and torch.equal(collided[1], count)
+    assert els_kernels.merge_windows(lib, train, cell, len(first) - 1) is None
+    at_limit = els_kernels.merge_windows(lib, train, cell, len(first))
+    assert torch.equal(at_limit[0], first) and torch.equal(at_limit[1], count)
+
+
+def test_compiled_window_keys_equal_the_gathered_keys(monkeypatch):
+    """window_keys (every window, and chosen ones) = the torch path's gathered keys [1; P; |P|^2]:
+    P exactly, |P|^2 to float32 rounding; every_window_keys on both paths alike."""
+    from edtool.els.engine import gathered_keys
+    from edtool.els.merging import every_window_keys
+
+    lib = els_kernels.kernels()
+    if lib is None:
+        pytest.skip("the fused kernel cannot be built here (no g++?)")
+    images, _ = mnist_subset(7)
+    train, groups = _cells(images, 5)
+    _, _, idx = max(groups, key=lambda g: g[2].shape[1])
+    want = torch.cat(list(gathered_keys(train, idx[:1], 10**9)), -1)[0]  # (D + 3, N * L)
+    got = els_kernels.window_keys(lib, train, idx[0], torch.full_like(want, 7.0))
+    assert torch.equal(got[: 26], want[: 26]) and bool((got[-1] == 7).all())  # row D + 2 untouched
+    torch.testing.assert_close(got[26], want[26], rtol=1e-6, atol=1e-6)
+    pick = torch.tensor([5, 0, len(want[0]) - 1, 17])
+    some = els_kernels.window_keys(lib, train, idx[0], torch.zeros(28, 4), pick)
+    assert torch.equal(some[:26], want[:26, pick])
+    fused = every_window_keys(train, idx)
+    monkeypatch.setenv(els_kernels.ENV, "torch")
+    plain = every_window_keys(train, idx)
+    assert torch.equal(fused[:, :26], plain[:, :26]) and bool((fused[:, 27] == 0).all())
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)

@@ -405,3 +405,93 @@ extern "C" void moments_chunk(const float* qp, int G, int Rp, int E, const float
     };
   });
 }
+
+// ---- Building the candidate keys (the one-off cost of a machine's first call at each patch size) ----
+//
+// A window is number m = i * L + l: image i of train (N, F) at the offsets cell[l] (L, D). Windows are
+// compared by the bit patterns of their D floats, as the torch path does.
+
+namespace {
+
+inline uint64_t window_hash(const float* image, const int64_t* offsets, int D) {
+  uint64_t h[4] = {0x243F6A8885A308D3ull, 0x13198A2E03707344ull, 0xA4093822299F31D0ull, 0x082EFA98EC4E6C89ull};
+  for (int d = 0; d < D; ++d) {  // four independent chains (entry d feeds chain d % 4): no long dependency
+    uint32_t bits;
+    std::memcpy(&bits, image + offsets[d], 4);
+    h[d & 3] = (h[d & 3] ^ bits) * 0x9E3779B97F4A7C15ull;
+  }
+  uint64_t out = 0;
+  for (int c = 0; c < 4; ++c) out = (out ^ (h[c] ^ (h[c] >> 29))) * 0xBF58476D1CE4E5B9ull;
+  return out ^ (out >> 32);
+}
+
+inline bool same_window(const float* a, const int64_t* oa, const float* b, const int64_t* ob, int D) {
+  for (int d = 0; d < D; ++d)
+    if (std::memcmp(a + oa[d], b + ob[d], 4) != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+// The distinct windows of one cell, in order of first occurrence: first[u] (the number of its first
+// occurrence) and count[u]; returns U, or -1 as soon as there are more than `limit` (first and count
+// hold room for min(M, limit + 1)). An open-addressing table keyed by a 64-bit hash (the low
+// `hash_bits` bits of it: tests pass 0 to make every window collide) and compared entry by entry, so
+// equal hashes never merge different windows.
+extern "C" int64_t merge_windows(const float* train, int64_t N, int64_t F, const int64_t* cell, int64_t L, int D,
+                                 int64_t limit, int hash_bits, int64_t* first, int64_t* count) {
+  const int64_t M = N * L, room = std::min(M, limit + 1);
+  int64_t size = 16;
+  while (size < 2 * room) size *= 2;
+  const uint64_t keep = hash_bits >= 64 ? ~0ull : (1ull << hash_bits) - 1;
+  std::vector<uint64_t> hashes(size);
+  std::vector<int64_t> slots(size, -1);  // index u into first, or -1
+  int64_t U = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const float* image = train + i * F;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t* off = cell + l * D;
+      const uint64_t h = window_hash(image, off, D) & keep;
+      int64_t s = (int64_t)((h * 0x9E3779B97F4A7C15ull) >> 20) & (size - 1);
+      for (;; s = (s + 1) & (size - 1)) {
+        const int64_t u = slots[s];
+        if (u < 0) {  // a new window
+          if (U == limit) return -1;
+          slots[s] = U;
+          hashes[s] = h;
+          first[U] = i * L + l;
+          count[U++] = 1;
+          break;
+        }
+        const int64_t f = first[u];
+        if (hashes[s] == h && same_window(image, off, train + f / L * F, cell + f % L * D, D)) {
+          ++count[u];
+          break;
+        }
+      }
+    }
+  }
+  return U;
+}
+
+// Keys [1; P; |P|^2] of windows idx[0..n) (all windows 0..n-1 when idx is null) into rows 0..D+1 of
+// out (row stride os, one column per window); row D+2 (log count) is the caller's.
+extern "C" void window_keys(const float* train, int64_t F, const int64_t* cell, int64_t L, int D, const int64_t* idx,
+                            int64_t n, float* out, int64_t os, int threads) {
+  const int64_t per = 4096;
+  parallel((n + per - 1) / per, threads, [&](int64_t task) {
+    for (int64_t j = task * per, end = std::min(n, j + per); j < end; ++j) {
+      const int64_t m = idx ? idx[j] : j;
+      const float* image = train + m / L * F;
+      const int64_t* off = cell + m % L * D;
+      out[j] = 1.0f;
+      double sq = 0;
+      for (int d = 0; d < D; ++d) {
+        const float p = image[off[d]];
+        out[(d + 1) * os + j] = p;
+        sq += (double)p * p;
+      }
+      out[(D + 1) * os + j] = (float)sq;
+    }
+  });
+}

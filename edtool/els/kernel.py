@@ -3,7 +3,8 @@
 The score's inner loop (logits, clamp, exp, weighted sum) is memory traffic over a block of
 logits when run as separate torch ops; fused, each logit stays in a register from product to sum.
 The Jacobian's moments (the same weights against the outer product [1, c] x [1, P]) are fused too,
-their weights kept in L1 between the exp and the sums.
+their weights kept in L1 between the exp and the sums. Building the candidate keys (finding the
+distinct windows, copying them into key columns) is here too: one pass instead of many torch ops.
 kernel.cpp is plain C++ (no torch headers) compiled with the system's g++ into a per-machine
 cache (~/.cache/edtool/kernels, or $EDTOOL_KERNEL_DIR) the first time it is needed (a second or
 two), and called through ctypes, which releases the GIL. When it cannot be built (no compiler,
@@ -101,7 +102,10 @@ def _bind(lib):
     i, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.score_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, ptr, ptr, f32, i64, i]
     lib.moments_chunk.argtypes = [ptr, i, i, i, ptr, i64, i64, i64, ptr, i, i, ptr, ptr, f32, i64, i]
-    lib.score_chunk.restype = lib.moments_chunk.restype = None
+    lib.merge_windows.argtypes = [ptr, i64, i64, ptr, i64, i, i64, i, ptr, ptr]
+    lib.merge_windows.restype = i64
+    lib.window_keys.argtypes = [ptr, i64, ptr, i64, i, ptr, i64, ptr, i64, i]
+    lib.score_chunk.restype = lib.moments_chunk.restype = lib.window_keys.restype = None
     return lib
 
 
@@ -156,3 +160,37 @@ def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_r
         block = 1024
     V = len(value_rows)
     return _stream(lib.moments_chunk, queries, key_chunks, value_rows, V * J, (V, J), floor, block)
+
+
+def usable_for_keys(train_flat: Tensor) -> bool:
+    """Whether the key builders (merge_windows, window_keys) apply: float32 contiguous CPU images,
+    not a torch.func wrapper (keys first built inside Hutchinson's jvp)."""
+    return (train_flat.device.type == "cpu" and train_flat.dtype == torch.float32 and train_flat.is_contiguous()
+            and not is_functorch_wrapped_tensor(train_flat))
+
+
+def merge_windows(lib, train_flat: Tensor, cell_index: Tensor, limit: Optional[int], hash_bits: int = 64):
+    """merge_plan's (first, count) by one pass over the windows with a hash table (exact compare on
+    equal hashes), or None when there are more than `limit` distinct windows."""
+    N, F = train_flat.shape
+    L, D = cell_index.shape
+    M = N * L
+    room = M if limit is None else min(M, limit + 1)
+    first, count = torch.empty(room, dtype=torch.int64), torch.empty(room, dtype=torch.int64)
+    cell = cell_index.to(torch.int64).contiguous()
+    U = lib.merge_windows(train_flat.data_ptr(), N, F, cell.data_ptr(), L, D, M if limit is None else limit,
+                          hash_bits, first.data_ptr(), count.data_ptr())
+    return None if U < 0 else (first[:U].clone(), count[:U].clone())
+
+
+def window_keys(lib, train_flat: Tensor, cell_index: Tensor, out: Tensor, windows: Optional[Tensor] = None) -> Tensor:
+    """Fill rows 0..D+1 of out (D+3, n) with keys [1; P; |P|^2] of the given window numbers (all
+    N * L windows, in order, when None); row D+2 is left as it is."""
+    L, D = cell_index.shape
+    n = out.shape[-1]
+    assert out.stride(-1) == 1 and out.dtype == torch.float32
+    cell = cell_index.to(torch.int64).contiguous()
+    idx = None if windows is None else windows.to(torch.int64).contiguous()
+    lib.window_keys(train_flat.data_ptr(), train_flat.shape[1], cell.data_ptr(), L, D,
+                    None if idx is None else idx.data_ptr(), n, out.data_ptr(), out.stride(-2), torch.get_num_threads())
+    return out

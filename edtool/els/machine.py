@@ -49,7 +49,7 @@ from edtool.els.windows import PADDINGS, stack_cells, candidate_cells, pad_image
 from edtool.els.engine import (  # noqa: F401
     candidates_per_step, clamp_floor, fill_from, gathered_keys, image_keys, sliced_keys, posterior_moments)
 from edtool.els.merging import (  # noqa: F401
-    MERGE_BLOCK, MERGE_MAX_ENTRIES, KeyCache, cell_windows, merge_plan, merged_keys)
+    MERGE_BLOCK, MERGE_MAX_ENTRIES, KeyCache, cell_windows, every_window_keys, merge_plan, merged_keys)
 from edtool.els.band import band_valid, band_ed, band_transpose, dense_ed, dense_jacobian  # noqa: F401
 
 DEFAULT_CHUNK_SIZE = 2**20  # elements per streamed block (logits, keys or values): 4 MiB in float32, cache-sized
@@ -313,9 +313,7 @@ class LocalMachine(Machine):
             if every > 4 * self._keys.budget:  # merging would not bring it within the budget
                 return math.inf, None
             if groups[0][2].shape[2] > MERGE_MAX_ENTRIES:  # large windows rarely repeat: kept unmerged (k = 11: 1.2-1.3x)
-                shapes = [(idx.shape[0], idx.shape[2] + 3, len(train) * idx.shape[1]) for _, _, idx in groups]
-                return every, lambda: [fill_from(train.new_empty(shape), lambda step, idx=idx: gathered_keys(train, idx, step))
-                                       for shape, (_, _, idx) in zip(shapes, groups)]
+                return every, lambda: [every_window_keys(train, idx) for _, _, idx in groups]
             plans, need = [], 0
             for _, _, idx in groups:  # stop as soon as the distinct windows counted so far overflow the budget
                 column = idx.shape[0] * (idx.shape[2] + 3) * train.element_size()  # bytes per merged column
