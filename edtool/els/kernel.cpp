@@ -444,8 +444,8 @@ extern "C" int64_t merge_windows(const float* train, int64_t N, int64_t F, const
   int64_t size = 16;
   while (size < 2 * room) size *= 2;
   const uint64_t keep = hash_bits >= 64 ? ~0ull : (1ull << hash_bits) - 1;
-  std::vector<uint64_t> hashes(size);
-  std::vector<int64_t> slots(size, -1);  // index u into first, or -1
+  std::vector<uint32_t> tags(size);      // the hash's upper half, compared before the windows
+  std::vector<uint32_t> slots(size, 0);  // u + 1 (the caller keeps U < 2^32 - 1), or 0: empty
   int64_t U = 0;
   for (int64_t i = 0; i < N; ++i) {
     const float* image = train + i * F;
@@ -453,18 +453,18 @@ extern "C" int64_t merge_windows(const float* train, int64_t N, int64_t F, const
       const int64_t* off = cell + l * D;
       const uint64_t h = window_hash(image, off, D) & keep;
       int64_t s = (int64_t)((h * 0x9E3779B97F4A7C15ull) >> 20) & (size - 1);
+      const uint32_t tag = (uint32_t)(h >> 32);
       for (;; s = (s + 1) & (size - 1)) {
-        const int64_t u = slots[s];
-        if (u < 0) {  // a new window
+        if (slots[s] == 0) {  // a new window
           if (U == limit) return -1;
-          slots[s] = U;
-          hashes[s] = h;
+          slots[s] = (uint32_t)(U + 1);
+          tags[s] = tag;
           first[U] = i * L + l;
           count[U++] = 1;
           break;
         }
-        const int64_t f = first[u];
-        if (hashes[s] == h && same_window(image, off, train + f / L * F, cell + f % L * D, D)) {
+        const int64_t u = slots[s] - 1, f = first[u];
+        if (tags[s] == tag && same_window(image, off, train + f / L * F, cell + f % L * D, D)) {
           ++count[u];
           break;
         }

@@ -45,7 +45,7 @@ def merge_plan(train_flat: Tensor, cell_index: Tensor, limit: Optional[int] = No
     kernel does it in one pass (a hash table, windows compared entry by entry on equal hashes:
     mnist5k, k = 7: ~15x faster); `merge_plan_torch` is the path without it."""
     lib = els_kernels.kernels() if els_kernels.usable_for_keys(train_flat) else None
-    if lib is not None:
+    if lib is not None and len(train_flat) * cell_index.shape[0] < 2**32 - 1:  # its table holds 32-bit indices
         return els_kernels.merge_windows(lib, train_flat, cell_index, limit)
     return merge_plan_torch(train_flat, cell_index, limit)
 
