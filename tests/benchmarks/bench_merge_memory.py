@@ -17,6 +17,11 @@ refused after counting):
     | + per-block results written into tensors allocated up front       | 9.1   | 9.1   |
     | + plans hold first-occurrence numbers, windows copied once (keys) | 4.6   | 6.4   |
 
+Since the keys are built in the compiled kernel (merge_windows' hash table, 2026-12-02, training and
+sampling on the other core; the schedule now runs k = 3, 5, 7 in order): peak 2.01 GiB after k = 3
+(42.6 s), 5.42 GiB after k = 5 (74.0 s; 3.82 GiB of keys cached for k = 3 and 5), 5.66 GiB after k = 7
+(refused after counting).
+
 The 20 GiB came from glibc's heap: each hashing block left a small result between its large
 freed temporaries, and the heap grew by tens of MB per block (476 blocks at k = 7). It does not
 happen on every run (a run with a sampling thread attached stayed at 3.7 GiB); with
