@@ -162,11 +162,13 @@ def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_r
     return _stream(lib.moments_chunk, queries, key_chunks, value_rows, V * J, (V, J), floor, block)
 
 
-def usable_for_keys(train_flat: Tensor) -> bool:
-    """Whether the key builders (merge_windows, window_keys) apply: float32 contiguous CPU images,
-    not a torch.func wrapper (keys first built inside Hutchinson's jvp)."""
-    return (train_flat.device.type == "cpu" and train_flat.dtype == torch.float32 and train_flat.is_contiguous()
-            and not is_functorch_wrapped_tensor(train_flat))
+def key_kernels(train_flat: Tensor):
+    """The compiled library when its key builders (merge_windows, window_keys) apply to these images,
+    else None: float32 contiguous CPU images, not a torch.func wrapper (keys first built inside
+    Hutchinson's jvp), and the kernels enabled and built."""
+    usable = (train_flat.device.type == "cpu" and train_flat.dtype == torch.float32 and train_flat.is_contiguous()
+              and not is_functorch_wrapped_tensor(train_flat))
+    return kernels() if usable else None
 
 
 def merge_windows(lib, train_flat: Tensor, cell_index: Tensor, limit: Optional[int], hash_bits: int = 64):

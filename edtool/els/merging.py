@@ -44,7 +44,7 @@ def merge_plan(train_flat: Tensor, cell_index: Tensor, limit: Optional[int] = No
     them straight into the keys, so a plan costs 16 bytes per distinct window. The compiled
     kernel does it in one pass (a hash table, windows compared entry by entry on equal hashes:
     mnist5k, k = 7: ~15x faster); `merge_plan_torch` is the path without it."""
-    lib = els_kernels.kernels() if els_kernels.usable_for_keys(train_flat) else None
+    lib = els_kernels.key_kernels(train_flat)
     if lib is not None and len(train_flat) * cell_index.shape[0] < 2**32 - 1:  # its table holds 32-bit indices
         return els_kernels.merge_windows(lib, train_flat, cell_index, limit)
     return merge_plan_torch(train_flat, cell_index, limit)
@@ -90,19 +90,20 @@ def merged_keys(train_flat: Tensor, key_index: Tensor, plans: Sequence) -> Tenso
     G, L, D = key_index.shape
     U = max(len(first) for first, _ in plans)
     dtype = train_flat.dtype
-    lib = els_kernels.kernels() if els_kernels.usable_for_keys(train_flat) else None
-    keys = train_flat.new_zeros(G, D + 3, U) if lib is None else train_flat.new_empty(G, D + 3, U)
+    lib = els_kernels.key_kernels(train_flat)
+    keys = train_flat.new_empty(G, D + 3, U)  # (zeroing all of it took ~1 s at k = 7: only the padding is)
     keys[:, 0] = 1
     keys[:, D + 2] = torch.finfo(dtype).min / 4  # exp of it is 0 (or the CPU floor, < 1e-34)
     rows = max(1, MERGE_BLOCK // D)
     for g, (first, count) in enumerate(plans):
-        if lib is not None:
-            keys[g, 1 : D + 2, len(first) :] = 0  # the padding columns (the rest is written below)
+        keys[g, 1 : D + 2, len(first) :] = 0  # padding columns
+        if lib is not None:  # rows 0 .. D+1 of the distinct windows' columns, in one pass
             els_kernels.window_keys(lib, train_flat, key_index[g], keys[g, :, : len(first)], first)
-        for s in range(0, len(first) if lib is None else 0, rows):
-            P = cell_windows(train_flat, key_index[g], first[s : s + rows]).T  # (D, <= rows)
-            keys[g, 1 : D + 1, s : s + P.shape[1]] = P
-            keys[g, D + 1, s : s + P.shape[1]] = P.square().sum(0)
+        else:
+            for s in range(0, len(first), rows):
+                P = cell_windows(train_flat, key_index[g], first[s : s + rows]).T  # (D, <= rows)
+                keys[g, 1 : D + 1, s : s + P.shape[1]] = P
+                keys[g, D + 1, s : s + P.shape[1]] = P.square().sum(0)
         keys[g, D + 2, : len(first)] = count.to(dtype).log()
     return keys
 
@@ -142,7 +143,7 @@ def every_window_keys(train_flat: Tensor, key_index: Tensor) -> Tensor:
     merged: large windows rarely repeat), columns in window order i * L + l."""
     G, L, D = key_index.shape
     keys = train_flat.new_empty(G, D + 3, len(train_flat) * L)
-    lib = els_kernels.kernels() if els_kernels.usable_for_keys(train_flat) else None
+    lib = els_kernels.key_kernels(train_flat)
     for g in range(G):
         if lib is None:
             fill_from(keys[g : g + 1], lambda step: gathered_keys(train_flat, key_index[g : g + 1], step))
