@@ -194,7 +194,8 @@ def test_snapshots_record_held_out_loss_grid_and_first_four_then_geometric_weigh
     images, labels = _tiny_data()
     held_images, held_labels = _tiny_data(12)
     cfg = _cfg(steps=8, lr_gamma=0.99)
-    train(cfg, images, labels, None, tmp_path / "s", held_out=(held_images, held_labels), snapshot_every=1)
+    train(cfg, images, labels, None, tmp_path / "s", held_out=(held_images, held_labels), snapshot_every=1,
+          command="edtool train --state s")
     records = read_snapshots(tmp_path / "s")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [("weights" in r) for r in records] == [True] * 4 + [False, False, False, True]  # 1..4, then 2**j
@@ -204,6 +205,7 @@ def test_snapshots_record_held_out_loss_grid_and_first_four_then_geometric_weigh
     ema = {k[4:]: v for k, v in _state_tensors(tmp_path / "s").items() if k.startswith("ema.")}
     assert all(torch.equal(last.net.state_dict()[k], v) for k, v in ema.items())  # the snapshot is the average
     assert records[-1]["held_out_loss"] == pytest.approx(eval_loss(last.net, held_images, held_labels, cfg))
+    assert checkpoints.read_manifest(tmp_path / "s" / records[-1]["weights"])["training"]["command"] == "edtool train --state s"
 
 
 def test_init_from_starts_at_the_given_weights(tmp_path):

@@ -125,7 +125,8 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
         if log is not None:
             log(step, losses[-1], lr_at(cfg, step - 1))
         if snapshot_every and step % snapshot_every == 0:
-            snapshot(work_dir, step, snapshot_every, cfg, net, ema, images, labels, held_out, num_classes)
+            snapshot(work_dir, step, snapshot_every, cfg, net, ema, images, labels, held_out, num_classes, command,
+                     elapsed)
         if step % ckpt_every == 0 or step == cfg.steps:
             save_state()
         if stop_after is not None and step >= stop_after and step < cfg.steps:
@@ -160,7 +161,7 @@ def manifest(cfg: TrainConfig, images, num_classes, command: str, elapsed: float
 
 
 def snapshot(work_dir: Path, step: int, every: int, cfg: TrainConfig, net, ema: dict, images, labels, held_out,
-             num_classes) -> dict:
+             num_classes, command: str = "", elapsed: float = 0.0) -> dict:
     """Evaluate the moving-average weights after `step` steps: loss on fixed held-out and training draws,
     a 64-sample grid; the weights themselves are kept at the first four snapshots and then at steps
     every * 2**j (an agreement curve gets 4 points early; a long campaign keeps a handful). Appends one
@@ -175,7 +176,7 @@ def snapshot(work_dir: Path, step: int, every: int, cfg: TrainConfig, net, ema: 
         record["held_out_loss"] = eval_loss(avg, held_out[0], held_out[1], cfg)
     records = [r for r in read_snapshots(work_dir) if r["step"] < step]
     name = f"step_{step:08d}"
-    man = manifest(cfg, images, num_classes, "", 0.0, step)
+    man = manifest(cfg, images, num_classes, command, elapsed, step)  # the command that made it, as the final one
     samples = sample_grid(Network(avg, man), folder / f"{name}_samples.png", seed=cfg.seed,
                           labels=labels if cfg.conditional else None)
     record["samples"] = str(samples.relative_to(work_dir))
