@@ -14,7 +14,7 @@
 //
 // Plain C ABI (no torch headers: it builds in about a second), called through ctypes, which
 // releases the GIL; the work is spread over `threads` std::threads taking tasks from a counter.
-// Vectors are GCC vector extensions (16 floats: one AVX-512 register, two AVX2 ones, four SSE);
+// Vectors are GCC vector extensions of VL floats (below: the width of the CPU's registers);
 // exp is a Cephes-style polynomial (relative error ~2e-7) valid on [floor, 88].
 
 #include <algorithm>
@@ -28,8 +28,15 @@
 
 namespace {
 
-constexpr int VL = 16;  // floats per vector
-constexpr int RB = 6;   // query rows per register tile
+// The register tiles below must fit the CPU's vector registers, or they spill to memory (measured on
+// an AVX2 CPU with 16-float vectors, two registers each: 5-7x slower). VL: floats per vector; KT: key
+// rows per tile of the Jacobian's dot products (RB x KT accumulators, plus KT + 1 loads).
+#ifdef __AVX512F__
+constexpr int VL = 16, KT = 4;  // one of 32 AVX-512 registers per vector
+#else
+constexpr int VL = 8, KT = 2;  // one of 16 AVX2 registers (two SSE or NEON ones)
+#endif
+constexpr int RB = 6;  // query rows per register tile
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int vi __attribute__((vector_size(VL * 4)));
 
@@ -173,7 +180,7 @@ void tile_max(const float* q, int E, const float* keys, int64_t ks, int64_t m0, 
 // Weighted moments of RB rows over candidates [m0, m1) for the Jacobian: part[r][v][j] =
 // sum_m w_rm c_vm key_jm (j < J = D + 1, c_0 = 1, c_v = keys[vrows[v]]), w = exp(clamp(logit - shift)).
 // Sub-block by sub-block (SUB candidates, so their weights and keys stay in L1): the weights (C1 x RB
-// rows: w and w c_v) go into wbuf, then meet the key rows in register tiles of RB rows x 4 key rows,
+// rows: w and w c_v) go into wbuf, then meet the key rows in register tiles of RB rows x KT key rows,
 // dot products along the candidates in vector accumulators kept in acc between sub-blocks; their lanes
 // are summed in float64 once per block.
 constexpr int SUB = 256;
@@ -182,7 +189,7 @@ template <int NJ>
 void tile_dot(const float* w, const float* k, int64_t ks, int64_t nv, vf* acc) {
   vf a[RB][NJ];
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NJ; ++j) a[r][j] = acc[r * 4 + j];
+    for (int j = 0; j < NJ; ++j) a[r][j] = acc[r * KT + j];
   for (int64_t m = 0; m < nv * VL; m += VL) {
     vf kv[NJ];
     for (int j = 0; j < NJ; ++j) kv[j] = load(k + j * ks + m);
@@ -192,13 +199,13 @@ void tile_dot(const float* w, const float* k, int64_t ks, int64_t nv, vf* acc) {
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NJ; ++j) acc[r * 4 + j] = a[r][j];
+    for (int j = 0; j < NJ; ++j) acc[r * KT + j] = a[r][j];
 }
 
 void tile_moments(const float* q, int E, const float* keys, int64_t ks, const int64_t* vrows, int C1, int J,
                   int64_t m0, int64_t m1, const float* shift, float floor, float* wbuf, vf* acc, double* part) {
-  const int JT = (J + 3) / 4;  // tiles of 4 key rows
-  std::fill(acc, acc + C1 * JT * RB * 4, vf{});
+  const int JT = (J + KT - 1) / KT;
+  std::fill(acc, acc + C1 * JT * RB * KT, vf{});
   float tail[256 * VL];  // the last partial vector of keys, zero-padded
   for (int64_t s0 = m0; s0 < m1; s0 += SUB) {
     const int64_t s1 = std::min(m1, s0 + SUB), nv = (s1 - s0 + VL - 1) / VL;
@@ -246,11 +253,11 @@ void tile_moments(const float* q, int E, const float* keys, int64_t ks, const in
     for (int v = 0; v < C1; ++v)
       for (int t = 0; t < JT; ++t) {
         const float* w = wbuf + v * RB * SUB;
-        vf* a = acc + (v * JT + t) * RB * 4;
-        const int nj = std::min(4, J - 4 * t);
-        const float* k = keys + 4 * t * ks + s0;
+        vf* a = acc + (v * JT + t) * RB * KT;
+        const int nj = std::min(KT, J - KT * t);
+        const float* k = keys + KT * t * ks + s0;
         for (int pass = 0; pass < (partial ? 2 : 1); ++pass) {  // whole vectors from keys, then the tail
-          const float* kk = pass ? tail + 4 * t * VL : k;
+          const float* kk = pass ? tail + KT * t * VL : k;
           const float* ww = pass ? w + full * VL : w;
           const int64_t n = pass ? 1 : full, st = pass ? VL : ks;
           switch (nj) {
@@ -266,7 +273,7 @@ void tile_moments(const float* q, int E, const float* keys, int64_t ks, const in
   for (int v = 0; v < C1; ++v)
     for (int j = 0; j < J; ++j)
       for (int r = 0; r < RB; ++r) {
-        const vf& a = acc[((v * JT + j / 4) * RB + r) * 4 + j % 4];
+        const vf& a = acc[((v * JT + j / KT) * RB + r) * KT + j % KT];
         double s = 0;
         for (int l = 0; l < VL; ++l) s += a[l];
         part[r * V + v * J + j] = s;
@@ -399,7 +406,7 @@ extern "C" void moments_chunk(const float* qp, int G, int Rp, int E, const float
     };
     auto buf = std::make_shared<Buffers>();
     buf->w.resize(C1 * RB * SUB);
-    buf->acc.resize(C1 * ((J + 3) / 4) * RB * 4);
+    buf->acc.resize(C1 * ((J + KT - 1) / KT) * RB * KT);
     return [=](const float* qt, int64_t b0, int64_t b1, const float* sh, double* part) {
       tile_moments(qt, E, keys, ks, vr, C1, J, b0, b1, sh, floor, buf->w.data(), buf->acc.data(), part);
     };
