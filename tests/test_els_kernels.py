@@ -168,6 +168,21 @@ def test_jacobian_kernel_streams_overflow_and_slices_like_the_engine(threads, C1
     assert (fused - truth).abs().max() < 1e-5 * truth.abs().max()
 
 
+@pytest.mark.parametrize("arch", ["-mavx512f", "-mavx2", "-mno-avx"])
+def test_the_kernel_source_builds_for_every_vector_width(arch, tmp_path):
+    """kernel.cpp picks its vector width and tiles by the CPU's registers (#ifdef __AVX512F__): each
+    branch compiles, not only the one this machine's -march=native takes."""
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which(els_kernels.CXX) is None:
+        pytest.skip("needs g++ on x86-64")
+    run = subprocess.run([els_kernels.CXX, "-O1", "-std=c++17", "-fPIC", "-c", arch, str(els_kernels.SOURCE),
+                          "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, tmp_path):
     """No compiler: one warning naming the way out, then the pure-torch engine, same numbers."""
     monkeypatch.delenv(els_kernels.ENV, raising=False)
