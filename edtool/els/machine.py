@@ -367,8 +367,9 @@ class LocalMachine(Machine):
             step = candidates_per_step(G, B * R, width, self.chunk_size)
             fused = len(value_rows) <= 4 and els_kernels.usable(q)
             lib = els_kernels.kernels() if fused else None
-            if lib is not None:  # the fused kernels: chunks as large as the cache holds them (views)
-                chunks = source(source.args[0].shape[-1] if source.func is sliced_keys else step)
+            if lib is not None:  # the fused kernels keep no logits: chunks bounded by their keys alone
+                chunks = source(source.args[0].shape[-1] if source.func is sliced_keys
+                                else candidates_per_step(G, 0, D + 3, self.chunk_size))
                 if jacobian:
                     m = els_kernels.jacobian_moments(lib, q, chunks, value_rows, D + 1, clamp_floor(q.dtype))
                 else:
