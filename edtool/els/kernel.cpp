@@ -46,6 +46,16 @@ inline vf load(const float* p) {
   return v;
 }
 
+// Keep v in a register: GCC would otherwise fold its load into each multiply-add that uses it (a memory
+// operand apiece), and the Jacobian's dot tile would be bound by loads (measured on AVX2: 1.13-1.33x).
+inline void in_register(vf& v) {
+#if defined(__AVX__)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 inline vf splat(float s) { return s - vf{}; }  // s - 0 = s for every s (0 + s is not: -0), so it folds to a broadcast
 
 // exp(x) for x in [floor, 88] (callers clamp): 2^n * p(r), n = round(x / ln 2), |r| <= ln 2 / 2.
@@ -195,6 +205,7 @@ void tile_dot(const float* w, const float* k, int64_t ks, int64_t nv, vf* acc) {
     for (int j = 0; j < NJ; ++j) kv[j] = load(k + j * ks + m);
     for (int r = 0; r < RB; ++r) {
       vf wv = load(w + r * SUB + m);
+      in_register(wv);
       for (int j = 0; j < NJ; ++j) a[r][j] += wv * kv[j];
     }
   }
