@@ -364,7 +364,6 @@ class LocalMachine(Machine):
             q = xflat.index_select(1, query_index.reshape(-1)).view(B, G, R, D)
             q = torch.cat([torch.zeros_like(q[..., :1]), q * scale, bias.expand(B, G, R, 1), torch.ones_like(q[..., :1])], -1)
             q = q.transpose(0, 1).reshape(G, B * R, D + 3)  # rows [0, a x_p / b^2, -a^2 / (2 b^2), 1]
-            step = candidates_per_step(G, B * R, width, self.chunk_size)
             fused = len(value_rows) <= 4 and els_kernels.usable(q)
             lib = els_kernels.kernels() if fused else None
             if lib is not None:  # the fused kernels keep no logits: chunks bounded by their keys alone
@@ -374,8 +373,8 @@ class LocalMachine(Machine):
                     m = els_kernels.jacobian_moments(lib, q, chunks, value_rows, D + 1, clamp_floor(q.dtype))
                 else:
                     m = els_kernels.score_moments(lib, q, chunks, value_rows, clamp_floor(q.dtype))
-            else:
-                m = posterior_moments(q, source(step), values_of)
+            else:  # the torch path holds a block of logits too: rows x candidates count
+                m = posterior_moments(q, source(candidates_per_step(G, B * R, width, self.chunk_size)), values_of)
             pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
             pixels.append(pix.reshape(-1))
         order = torch.argsort(torch.cat(pixels))

@@ -36,13 +36,14 @@ extern "C" void exp_loop(const float* x, float* y, int64_t n, int reps) {
 
 def kernel_exp_loop():
     """exp_loop(x, y, n, reps) compiled from the kernel's source with -march=native, or None without g++."""
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "exp_loop.cpp").write_text(EXP_LOOP % els_kernels.SOURCE)
-    run = subprocess.run([els_kernels.CXX, "-O3", "-std=c++17", "-shared", "-fPIC", "-march=native",
-                          str(tmp / "exp_loop.cpp"), "-o", str(tmp / "exp_loop.so")], capture_output=True)
-    if run.returncode != 0:
-        return None
-    lib = ctypes.CDLL(str(tmp / "exp_loop.so"))
+    with tempfile.TemporaryDirectory() as tmp:  # a loaded library outlives its unlinked file
+        src, so = Path(tmp) / "exp_loop.cpp", Path(tmp) / "exp_loop.so"
+        src.write_text(EXP_LOOP % els_kernels.SOURCE)
+        run = subprocess.run([els_kernels.CXX, "-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", str(src),
+                              "-o", str(so)], capture_output=True)
+        if run.returncode != 0:
+            return None
+        lib = ctypes.CDLL(str(so))
     lib.exp_loop.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib.exp_loop
 
