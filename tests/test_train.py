@@ -208,6 +208,22 @@ def test_snapshots_record_held_out_loss_grid_and_first_four_then_geometric_weigh
     assert checkpoints.read_manifest(tmp_path / "s" / records[-1]["weights"])["training"]["command"] == "edtool train --state s"
 
 
+def test_checkpoint_written_from_a_state_is_its_last_snapshot_with_held_out_loss(tmp_path):
+    """Shipping a campaign network (`edtool train --state S --steps N --out X` at step N) writes the snapshot's
+    weights byte for byte, and the manifest keeps the held-out loss the snapshot recorded."""
+    from edtool.networks.train import read_snapshots
+
+    images, labels = _tiny_data()
+    held = _tiny_data(12)
+    cfg = _cfg(steps=4, lr_gamma=0.99)
+    train(cfg, images, labels, None, tmp_path / "s", held_out=held, snapshot_every=2)
+    path = train(cfg, images, labels, tmp_path / "out" / "m", tmp_path / "s", held_out=held, snapshot_every=2)
+    last = read_snapshots(tmp_path / "s")[-1]
+    assert last["step"] == 4
+    assert checkpoints.file_hash(path) == checkpoints.file_hash(tmp_path / "s" / last["weights"])
+    assert checkpoints.read_manifest(path)["held_out_loss"] == pytest.approx(last["held_out_loss"], rel=1e-6)
+
+
 def test_init_from_starts_at_the_given_weights(tmp_path):
     images, labels = _tiny_data()
     first = train(_cfg(steps=2), images, labels, tmp_path / "a", tmp_path / "wa")

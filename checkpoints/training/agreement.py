@@ -5,6 +5,9 @@ fixed seeds and record the per-seed r against the network; then draw median r wi
     python checkpoints/training/agreement.py measure --net resnet [--seeds 10 --seed 200 --nsteps 20]
     python checkpoints/training/agreement.py plot            # docs/agreement_vs_training.png
 
+Each record also keeps the network's loss on held-out MNIST t10k (the snapshot's manifest value, or measured with
+the same function and draws for the starting network), so the figure can show agreement next to learning.
+
 `measure` runs `edtool sample` per snapshot into results/agreement/<net>/step_<N>/ (skipping finished ones;
 an interrupted one resumes) and keeps the r values in checkpoints/training/agreement.json, which is committed
 (results/ is not). The machines use the shipped calibration of the network the campaign started from
@@ -21,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RECORD = HERE / "agreement.json"
 START = {"unet": "checkpoints/mnist5k_unet", "resnet": "checkpoints/mnist5k_resnet"}
+HELD_OUT = REPO.parent / "shared" / "data" / "mnist"  # MNIST t10k in torchvision's layout (campaign.sh's default)
 
 
 def snapshots(net: str) -> list:
@@ -32,8 +36,28 @@ def snapshots(net: str) -> list:
     return found
 
 
-def measure(net: str, seeds: int, seed: int, nsteps: int, steps=None) -> None:
+def held_out_loss(weights: Path, root: Path) -> float:
+    """The EMA weights' loss on held-out t10k: the manifest's value for a snapshot, else measured exactly as the
+    snapshots are (edtool.networks.train.eval_loss, 2,048 fixed draws)."""
+    from edtool.data import load_dataset
+    from edtool.networks import checkpoints
+    from edtool.config import TrainConfig
+    from edtool.networks.train import eval_loss
+
+    manifest = checkpoints.read_manifest(weights)
+    if manifest.get("held_out_loss") is not None:
+        return float(manifest["held_out_loss"])
+    images, labels = load_dataset("mnist", root=root, split="test", download=False)
+    network = checkpoints.load(weights)
+    return eval_loss(network.net, images, labels, TrainConfig(conditional=network.conditional))
+
+
+def measure(net: str, seeds: int, seed: int, nsteps: int, steps=None, held_out: Path = HELD_OUT) -> None:
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    for key, entry in record.items():  # records made before the loss was kept
+        if entry["net"] == net and "held_out_loss" not in entry:
+            entry["held_out_loss"] = held_out_loss(REPO / entry["weights"], held_out)
+            RECORD.write_text(json.dumps(record, indent=1) + "\n")
     scales = REPO / f"{START[net]}_scales_els-borders.json"
     for step, weights in snapshots(net):
         key = f"{net}/{step}"
@@ -48,7 +72,7 @@ def measure(net: str, seeds: int, seed: int, nsteps: int, steps=None) -> None:
         subprocess.run(cmd, check=True, cwd=REPO)
         summary = json.loads((out / "r2_summary.json").read_text())
         record[key] = {"net": net, "step": step, "weights": str(weights.relative_to(REPO)),
-                       "command": " ".join(["edtool", *cmd[3:]]),
+                       "command": " ".join(["edtool", *cmd[3:]]), "held_out_loss": held_out_loss(weights, held_out),
                        **{kind: summary["machines"][kind]["r"] for kind in ("els-borders", "is")}}
         RECORD.write_text(json.dumps(record, indent=1) + "\n")
 
@@ -61,7 +85,7 @@ def plot(out: Path) -> None:
     import numpy as np
 
     record = json.loads(RECORD.read_text())
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax, lax) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True, height_ratios=(2, 1))
     for net, colour in (("unet", "tab:blue"), ("resnet", "tab:orange")):
         rows = sorted((v for v in record.values() if v["net"] == net), key=lambda v: v["step"])
         if not rows:
@@ -73,9 +97,14 @@ def plot(out: Path) -> None:
             ax.plot(steps, q[:, 1], style, color=colour, label=f"{net}: {'ELS' if kind != 'is' else 'IS'}")
             if kind != "is":
                 ax.fill_between(steps, q[:, 0], q[:, 2], color=colour, alpha=0.2)
-    ax.set(xlabel="campaign training steps (0 = the shipped network it continues)",
-           ylabel="median r with the network (IQR shaded)", title="agreement with the ELS machine along training")
+        lossy = [(v["step"], v["held_out_loss"]) for v in rows if v.get("held_out_loss") is not None]
+        if lossy:
+            lax.plot(*zip(*lossy), "-o", color=colour, label=net)
+    ax.set(ylabel="median r with the network (IQR shaded)", title="agreement with the ELS machine along training")
     ax.legend(fontsize=8)
+    lax.set(xlabel="campaign training steps (0 = the shipped network it continues)",
+            ylabel="held-out loss (t10k)")
+    lax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
@@ -90,10 +119,11 @@ if __name__ == "__main__":
     m.add_argument("--seed", type=int, default=200)
     m.add_argument("--nsteps", type=int, default=20)
     m.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
+    m.add_argument("--held-out", type=Path, default=HELD_OUT, help="MNIST root holding t10k (torchvision's layout)")
     p = sub.add_parser("plot")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "agreement_vs_training.png")
     args = parser.parse_args()
     if args.what == "measure":
-        measure(args.net, args.seeds, args.seed, args.nsteps, args.steps)
+        measure(args.net, args.seeds, args.seed, args.nsteps, args.steps, args.held_out)
     else:
         plot(args.out)

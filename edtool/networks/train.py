@@ -141,6 +141,8 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
     man = manifest(cfg, images, num_classes, command, elapsed, step)
     man["final_loss"] = float(torch.tensor(losses[-100:]).mean())  # raw weights, mean of the last 100 steps
     man["eval_loss"] = held  # fixed noise draws over 2048 training images: raw vs shipped (EMA) weights
+    if held_out is not None:  # the shipped weights on held-out digits, as the snapshots record it
+        man["held_out_loss"] = eval_loss(net, held_out[0], held_out[1], cfg)
     path = checkpoints.save(Path(out).with_suffix(".safetensors"), net, man)
     write_training_figures(Network(net, man), losses, path, seed=cfg.seed,
                            labels=labels if cfg.conditional else None)
