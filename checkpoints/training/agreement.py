@@ -101,7 +101,7 @@ def plot(out: Path) -> None:
         if lossy:
             lax.plot(*zip(*lossy), "-o", color=colour, label=net)
     ax.set(ylabel="median r with the network (IQR shaded)", title="agreement with the ELS machine along training")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="center", bbox_to_anchor=(0.5, 0.28))  # between the ELS and IS curves
     lax.set(xlabel="campaign training steps (0 = the shipped network it continues)",
             ylabel="held-out loss (t10k)")
     lax.legend(fontsize=8)
