@@ -10,8 +10,8 @@ the same function and draws for the starting network), so the figure can show ag
 
 `measure` runs `edtool sample` per snapshot into results/agreement/<net>/step_<N>/ (skipping finished ones;
 an interrupted one resumes) and keeps the r values in checkpoints/training/agreement.json, which is committed
-(results/ is not). The machines use the shipped calibration of the network the campaign started from
-(it stands in until the last snapshot is calibrated).
+(results/ is not). The machines use the calibration of the network the campaign started from (START; it
+stands in until the last snapshot is calibrated).
 """
 
 import argparse
@@ -30,11 +30,10 @@ HELD_OUT = REPO.parent / "shared" / "data" / "mnist"  # MNIST t10k in torchvisio
 
 def snapshots(net: str) -> list:
     """(step, weights path) of the network at step 0 and of every snapshot whose weights were kept."""
-    found = [(0, REPO / f"{START[net]}.safetensors")]
-    records = HERE / net / "snapshots.json"
-    if records.exists():
-        found += [(r["step"], HERE / net / r["weights"]) for r in json.loads(records.read_text()) if "weights" in r]
-    return found
+    from edtool.networks.train import read_snapshots
+
+    return [(0, REPO / f"{START[net]}.safetensors")] + \
+        [(r["step"], HERE / net / r["weights"]) for r in read_snapshots(HERE / net) if "weights" in r]
 
 
 def held_out_loss(weights: Path, root: Path) -> float:
@@ -55,10 +54,11 @@ def held_out_loss(weights: Path, root: Path) -> float:
 
 def measure(net: str, seeds: int, seed: int, nsteps: int, steps=None, held_out: Path = HELD_OUT) -> None:
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
-    for key, entry in record.items():  # records made before the loss was kept
-        if entry["net"] == net and "held_out_loss" not in entry:
-            entry["held_out_loss"] = held_out_loss(REPO / entry["weights"], held_out)
-            RECORD.write_text(json.dumps(record, indent=1) + "\n")
+    missing = [e for e in record.values() if e["net"] == net and "held_out_loss" not in e]  # recorded before it was kept
+    for entry in missing:
+        entry["held_out_loss"] = held_out_loss(REPO / entry["weights"], held_out)
+    if missing:
+        RECORD.write_text(json.dumps(record, indent=1) + "\n")
     scales = REPO / f"{START[net]}_scales_els-borders.json"
     for step, weights in snapshots(net):
         key = f"{net}/{step}"

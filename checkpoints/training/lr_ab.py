@@ -10,7 +10,6 @@ small. Arm B's state lives in `lr_ab/` (resumable; snapshot with held-out loss a
     python checkpoints/training/lr_ab.py compare    # paired per-step losses, held-out losses at 2,000 steps
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -33,10 +32,12 @@ def run(held_out: str) -> None:
 
 
 def losses(folder: Path):
+    """The per-step training losses a state holds (its tensors checked by hash first)."""
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / "state.json").read_text())
-    return load_file(str(folder / meta["tensors"]))["losses"]
+    from edtool.networks import train_state
+
+    return load_file(str(folder / train_state.read(folder)["tensors"]))["losses"]
 
 
 def compare() -> None:
@@ -48,16 +49,19 @@ def compare() -> None:
             d = b[lo:hi] - a[lo:hi]
             print(f"  steps {lo:>4}-{hi:<4} paper {a[lo:hi].mean():.5f}  shipped recipe {b[lo:hi].mean():.5f}  "
                   f"difference {d.mean():+.5f} +- {d.std() / len(d) ** 0.5:.5f}")
+    from edtool.networks.train import read_snapshots
+
     for name, folder in (("paper", ARM_A), ("shipped recipe", ARM_B)):
-        records = [r for r in json.loads((folder / "snapshots.json").read_text()) if r["step"] == STEPS] \
-            if (folder / "snapshots.json").exists() else []
-        if records:
-            print(f"  held-out t10k loss of the moving average at {STEPS}: {name} {records[0]['held_out_loss']:.5f}")
+        for r in read_snapshots(folder):
+            if r["step"] == STEPS:
+                print(f"  held-out t10k loss of the moving average at {STEPS}: {name} {r['held_out_loss']:.5f}")
 
 
 if __name__ == "__main__":
-    what = sys.argv[1] if len(sys.argv) > 1 else "compare"
-    if what == "run":
+    what = sys.argv[1:] or ["compare"]
+    if what == ["run"]:
         run(os.environ.get("EDTOOL_HELD_OUT", "../shared/data/mnist"))
-    else:
+    elif what == ["compare"]:
         compare()
+    else:
+        sys.exit("usage: python checkpoints/training/lr_ab.py [run | compare]")
