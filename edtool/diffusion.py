@@ -141,6 +141,42 @@ def ddim_sample(
     return x
 
 
+def ddpm_step(x: torch.Tensor, eps: torch.Tensor, t: float, t_next: float, z: torch.Tensor,
+              clip_x0: Optional[float] = None) -> torch.Tensor:
+    """One ancestral (DDPM) update: a draw from q(x_t_next | x_t, x0_hat), x0_hat from eps, optionally clipped.
+
+    The posterior of the forward process between t and t_next < t: with a = alpha_bar(t) / alpha_bar(t_next),
+    mean = sqrt(ab_next) (1 - a) / (1 - ab) x0_hat + sqrt(a) (1 - ab_next) / (1 - ab) x, variance
+    (1 - a) (1 - ab_next) / (1 - ab); at t_next = 0 the variance is 0 and the step lands on x0_hat.
+    """
+    tt = torch.tensor([t, t_next], dtype=torch.float64)
+    ab, ab_next = alpha_bar(tt).tolist()
+    a = ab / ab_next
+    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+    mean = (math.sqrt(ab_next) * (1 - a) / (1 - ab)) * x0 + (math.sqrt(a) * (1 - ab_next) / (1 - ab)) * x
+    return mean + math.sqrt((1 - a) * (1 - ab_next) / (1 - ab)) * z
+
+
+def ddpm_sample(eps_fn: EpsFn, x: torch.Tensor, times, seed: int = 0, clip_x0: Optional[float] = None) -> torch.Tensor:
+    """Stochastic ancestral sampling (Ho et al. 2020) over a TimeGrid (or int N), fresh noise from `seed` each step.
+
+    Not what the pipeline measures (that is deterministic DDIM, SPEC 2); it is how a DDPM's sample quality
+    is usually judged, since the injected noise corrects the score's errors instead of compounding them.
+    `clip_x0=1` clips the denoised estimate to the data range [-1, 1] as DDPM implementations do.
+    """
+    grid = as_grid(times).times.tolist()
+    g = torch.Generator().manual_seed(int(seed))
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        tb = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+        with torch.no_grad():
+            eps = eps_fn(tb, x).to(x.dtype)
+        z = torch.randn(x.shape, generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+        x = ddpm_step(x, eps, t, t_next, z, clip_x0)
+    return x
+
+
 # ------------------------------------------------------------------ what a realization's seed fixes
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from edtool.diffusion import (add_noise, alpha_bar, beta, ddim_sample, eps_to_score, initial_noise, score_to_eps,
-                              timesteps)
+from edtool.diffusion import (add_noise, alpha_bar, beta, ddim_sample, ddpm_sample, eps_to_score, initial_noise,
+                              score_to_eps, timesteps)
 
 
 def test_schedule_matches_the_paper_formula():
@@ -57,6 +57,27 @@ def test_gaussian_data_statistics_are_reproduced():
     out = ddim_sample(gaussian_eps, x, timesteps(100))
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.std().item() == pytest.approx(s, rel=0.03)
+    # ancestral sampling reaches the same law by another road (fresh noise each step), from pure noise
+    noise = torch.randn(20000, 1, 1, 1, generator=g, dtype=torch.float64)
+    out = ddpm_sample(gaussian_eps, noise, 200, seed=1)
+    assert out.mean().item() == pytest.approx(mu, abs=0.01)
+    assert out.std().item() == pytest.approx(s, rel=0.03)
+    assert torch.equal(ddpm_sample(gaussian_eps, noise, 200, seed=1), out)  # the seed fixes the draw
+
+
+def test_ancestral_sampling_lands_on_a_single_training_image_and_clips():
+    """With the exact denoiser of a delta distribution every ancestral step's x0_hat is the image itself."""
+    y = torch.rand(1, 1, 8, 8, dtype=torch.float64) * 2 - 1
+
+    def ideal_eps(t, x):
+        ab, b = alpha_bar(t).view(-1, 1, 1, 1), beta(t).view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * y) / b.sqrt()
+
+    x = initial_noise(3, (4, 1, 8, 8), dtype=torch.float64)
+    assert torch.allclose(ddpm_sample(ideal_eps, x, 7, seed=5), y.expand(4, -1, -1, -1), atol=1e-10)
+    # a denoiser that overshoots the data range is clipped back into [-clip, clip]
+    far = ddpm_sample(lambda t, x: -3 * x, x, 5, clip_x0=1.0)
+    assert far.abs().max().item() <= 1.0 + 1e-12
 
 
 def test_on_step_sees_every_point_before_its_update():
