@@ -23,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RECORD = HERE / "agreement.json"
+QUALITY = HERE / "recognizable.json"  # recognizable.py measure
 # the networks each campaign started from, with their calibrations (the ResNet's was shipped until 2026-12-02)
 START = {"unet": "checkpoints/mnist5k_unet", "resnet": "checkpoints/training/resnet/start/mnist5k_resnet"}
 HELD_OUT = REPO.parent / "shared" / "data" / "mnist"  # MNIST t10k in torchvision's layout (campaign.sh's default)
@@ -86,7 +87,11 @@ def plot(out: Path) -> None:
     import numpy as np
 
     record = json.loads(RECORD.read_text())
-    fig, (ax, lax) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True, height_ratios=(2, 1))
+    quality = json.loads(QUALITY.read_text()) if QUALITY.exists() else {}
+    panels = 3 if quality.get("unet") else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(6.5, 3 + 1.8 * (panels - 1)), sharex=True,
+                             height_ratios=(2, 1, 1)[:panels])
+    ax, lax = axes[0], axes[1]
     for net, colour in (("unet", "tab:blue"), ("resnet", "tab:orange")):
         rows = sorted((v for v in record.values() if v["net"] == net), key=lambda v: v["step"])
         if not rows:
@@ -103,9 +108,19 @@ def plot(out: Path) -> None:
             lax.plot(*zip(*lossy), "-o", color=colour, label=net)
     ax.set(ylabel="median r with the network (IQR shaded)", title="agreement with the ELS machine along training")
     ax.legend(fontsize=8, ncol=2, loc="center", bbox_to_anchor=(0.5, 0.28))  # between the ELS and IS curves
-    lax.set(xlabel="campaign training steps (0 = the shipped network it continues)",
-            ylabel="held-out loss (t10k)")
+    lax.set(ylabel="held-out loss (t10k)")
     lax.legend(fontsize=8)
+    if panels == 3:  # recognizable.py: the UNet's samples a digit classifier is sure of, by sampler
+        qax = axes[2]
+        for sampler, style in (("ddim20", "-o"), ("ddim200", "-.^"), ("ddpm250", "--s")):
+            pts = sorted((int(k.split("/")[0]), v) for k, v in quality["unet"].items() if k.endswith("/" + sampler))
+            if pts:
+                qax.plot(*zip(*pts), style, color="tab:blue", label=f"unet, {sampler.replace('ddim', 'DDIM ').replace('ddpm', 'DDPM ')} steps")
+        qax.axhline(quality["reference"]["t10k"], color="grey", ls=":", label="real t10k digits")
+        qax.axhline(0.75, color="tab:red", lw=0.8, ls="-.", label="target 3 in 4")
+        qax.set(ylabel="recognizable digits", ylim=(0, 1.02))
+        qax.legend(fontsize=6.5, ncol=3, loc="lower center")  # below the curves (all above 0.3)
+    axes[-1].set(xlabel="campaign training steps (0 = the shipped network it continues)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")

@@ -5,10 +5,12 @@ digits cut into 8x8 patches and shuffled, or collages of crops of them: strokes 
 globally wrong, the failure a local score makes), judges each sample: it counts as recognizable when one digit gets probability >= 0.9. Reference rows say what the number means:
 real held-out t10k digits (the ceiling), Gaussian noise and the ResNet's patch mosaics (what must score low).
 Samples come from the grid's sampler (deterministic DDIM, 20 steps, as `edtool train` draws its grids and the
-pipeline measures) and from ancestral DDPM (250 steps, x0 clipped to [-1, 1]: how a DDPM's quality is usually judged).
+pipeline measures), from DDIM with 200 steps, and from ancestral DDPM (250 steps, x0 clipped to [-1, 1]: how a
+DDPM's quality is usually judged).
 
     python checkpoints/training/recognizable.py train              # digit_classifier.safetensors (+ .json)
     python checkpoints/training/recognizable.py measure --net unet # recognizable.json, one row per kept snapshot
+    python checkpoints/training/recognizable.py table              # it as a markdown table
     python checkpoints/training/recognizable.py grid WEIGHTS OUT.png  # a 64-sample DDIM-20 grid, unrecognized ones dimmed
 """
 
@@ -29,7 +31,7 @@ from agreement import HELD_OUT, snapshots  # noqa: E402  (the same data root and
 CLASSIFIER = HERE / "digit_classifier.safetensors"
 RECORD = HERE / "recognizable.json"
 THRESHOLD = 0.9
-SAMPLERS = {"ddim20": 20, "ddpm250": 250}
+SAMPLERS = {"ddim20": 20, "ddim200": 200, "ddpm250": 250}
 
 
 def classifier() -> torch.nn.Sequential:
@@ -132,8 +134,8 @@ def draw(weights: Path, sampler: str, n: int, seed: int) -> torch.Tensor:
     network.net.eval()
     x = initial_noise(seed, (n, *network.manifest["image_shape"]))
     eps = lambda t, xx: network.eps(t, xx, None)  # noqa: E731
-    if sampler == "ddim20":
-        return ddim_sample(eps, x, TimeGrid(20))
+    if sampler.startswith("ddim"):
+        return ddim_sample(eps, x, TimeGrid(SAMPLERS[sampler]))
     return ddpm_sample(eps, x, TimeGrid(SAMPLERS[sampler]), seed=seed, clip_x0=1.0)
 
 
@@ -162,6 +164,18 @@ def measure(net: str, n: int, seed: int) -> None:
             print(net, key, rows[key], flush=True)
 
 
+def table(net: str = "unet") -> str:
+    """recognizable.json as a markdown table: one row per snapshot, one column per sampler."""
+    rows = json.loads(RECORD.read_text())[net]
+    steps = sorted({int(k.split("/")[0]) for k in rows})
+    names = {"ddim20": "DDIM, 20 steps (the grid's)", "ddim200": "DDIM, 200 steps", "ddpm250": "ancestral, 250 steps"}
+    lines = ["| campaign step | " + " | ".join(names[s] for s in SAMPLERS) + " |", "|---" * (len(SAMPLERS) + 1) + "|"]
+    for step in steps:
+        cells = [f"{rows[f'{step}/{s}']:.0%}" if f"{step}/{s}" in rows else "" for s in SAMPLERS]
+        lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def grid(weights: Path, out: Path, sampler: str = "ddim20", seed: int = 1) -> None:
     """The 64-sample grid edtool train draws (same noise), with the samples judged unrecognizable dimmed."""
     from edtool.imageio import save_grid
@@ -180,6 +194,7 @@ def main(argv=None) -> None:
     m.add_argument("--net", choices=["unet", "resnet"], required=True)
     m.add_argument("--n", type=int, default=256)
     m.add_argument("--seed", type=int, default=1)
+    sub.add_parser("table")
     gr = sub.add_parser("grid")
     gr.add_argument("weights", type=Path)
     gr.add_argument("out", type=Path)
@@ -189,6 +204,8 @@ def main(argv=None) -> None:
         train()
     elif a.cmd == "measure":
         measure(a.net, a.n, a.seed)
+    elif a.cmd == "table":
+        print(table())
     else:
         grid(a.weights, a.out, a.sampler)
 
