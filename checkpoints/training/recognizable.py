@@ -189,7 +189,7 @@ def grid(weights: Path, out: Path, sampler: str = "ddim20", seed: int = 1) -> No
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("train")
+    sub.add_parser("train").add_argument("--force", action="store_true", help="replace the committed classifier")
     m = sub.add_parser("measure")
     m.add_argument("--net", choices=["unet", "resnet"], required=True)
     m.add_argument("--n", type=int, default=256)
@@ -201,6 +201,8 @@ def main(argv=None) -> None:
     gr.add_argument("--sampler", choices=list(SAMPLERS), default="ddim20")
     a = p.parse_args(argv)
     if a.cmd == "train":
+        if CLASSIFIER.exists() and not a.force:  # every recognizable.json number was judged by it
+            sys.exit(f"{CLASSIFIER.name} exists and judged recognizable.json; pass --force to replace it")
         train()
     elif a.cmd == "measure":
         measure(a.net, a.n, a.seed)
