@@ -2,8 +2,9 @@
 
 A small classifier trained on the 60,000 real MNIST training digits, plus an eleventh class "no digit" (the same
 digits cut into 8x8 patches and shuffled, or collages of crops of them: strokes that are locally right and
-globally wrong, the failure a local score makes), judges each sample: it counts as recognizable when one digit gets probability >= 0.9. Reference rows say what the number means:
-real held-out t10k digits (the ceiling), Gaussian noise and the ResNet's patch mosaics (what must score low).
+globally wrong, the failure a local score makes), judges each sample: it counts as recognizable when one digit
+gets probability >= 0.9. Reference rows say what the number means: real held-out t10k digits (the ceiling),
+Gaussian noise and the ResNet's patch mosaics (what must score low).
 Samples come from the grid's sampler (deterministic DDIM, 20 steps, as `edtool train` draws its grids and the
 pipeline measures), from DDIM with 200 steps, and from ancestral DDPM (250 steps, x0 clipped to [-1, 1]: how a
 DDPM's quality is usually judged).
@@ -15,6 +16,7 @@ DDPM's quality is usually judged).
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -31,6 +33,7 @@ from agreement import HELD_OUT, snapshots  # noqa: E402  (the same data root and
 CLASSIFIER = HERE / "digit_classifier.safetensors"
 RECORD = HERE / "recognizable.json"
 THRESHOLD = 0.9
+NO_DIGIT = 10  # the classifier's eleventh class, after the digits 0-9
 SAMPLERS = {"ddim20": 20, "ddim200": 200, "ddpm250": 250}
 
 
@@ -39,7 +42,7 @@ def classifier() -> torch.nn.Sequential:
     def block(cin, cout):
         return [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
     return torch.nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), torch.nn.Flatten(),
-                               torch.nn.Dropout(0.3), torch.nn.Linear(128 * 4 * 4, 11))
+                               torch.nn.Dropout(0.3), torch.nn.Linear(128 * 4 * 4, NO_DIGIT + 1))
 
 
 def shifted(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
@@ -72,9 +75,6 @@ def collage(x: torch.Tensor, g: torch.Generator, pieces: int = 3, size: int = 12
             region = out[i, :, dy[i]:dy[i] + size, dx[i]:dx[i] + size]
             out[i, :, dy[i]:dy[i] + size, dx[i]:dx[i] + size] = torch.maximum(region, crop)
     return out
-
-
-NO_DIGIT = 10
 
 
 def train(epochs: int = 3, batch: int = 128, seed: int = 0) -> None:
@@ -112,12 +112,18 @@ def accuracy(net, x, y) -> float:
     return float(torch.cat([net(b)[:, :NO_DIGIT].argmax(1) for b in x.split(1000)]).eq(y).float().mean())
 
 
+@functools.lru_cache(maxsize=1)
+def committed_classifier() -> torch.nn.Sequential:
+    """The committed classifier, read once per process (measure judges every snapshot with it)."""
+    net = classifier()
+    net.load_state_dict(load_file(str(CLASSIFIER)))
+    return net.eval()
+
+
 @torch.no_grad()
 def judge(images: torch.Tensor) -> torch.Tensor:
     """(N,) the classifier's top digit probability for each image in [-1, 1] (clipped into that range first)."""
-    net = classifier()
-    net.load_state_dict(load_file(str(CLASSIFIER)))
-    net.eval()
+    net = committed_classifier()
     return torch.cat([F.softmax(net(b.clamp(-1, 1)), 1)[:, :NO_DIGIT].max(1).values for b in images.split(500)])
 
 
