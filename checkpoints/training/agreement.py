@@ -24,8 +24,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RECORD = HERE / "agreement.json"
 QUALITY = HERE / "recognizable.json"  # recognizable.py measure
-# the networks each campaign started from, with their calibrations (the ResNet's was shipped until 2026-12-02)
-START = {"unet": "checkpoints/mnist5k_unet", "resnet": "checkpoints/training/resnet/start/mnist5k_resnet"}
+# the networks each campaign started from, with their calibrations (both shipped until 2026-12-02)
+START = {"unet": "checkpoints/training/unet/start/mnist5k_unet",
+         "resnet": "checkpoints/training/resnet/start/mnist5k_resnet"}
 HELD_OUT = REPO.parent / "shared" / "data" / "mnist"  # MNIST t10k in torchvision's layout (campaign.sh's default)
 
 

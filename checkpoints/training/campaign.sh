@@ -4,7 +4,8 @@
 # committed states in this folder. Stop it at any moment (kill); rerun this script to continue exactly.
 #   nohup bash checkpoints/training/campaign.sh > cache/campaign.log 2>&1 &
 # Held-out losses use MNIST t10k (EDTOOL_HELD_OUT, default ../shared/data/mnist). EDTOOL_CAMPAIGN_NETS names the
-# networks still in training (default: unet; the ResNet finished at 8,000 steps and was shipped on 2026-12-02).
+# networks still in training (default: unet; the ResNet finished at 8,000 steps and was shipped on 2026-12-02, the
+# UNet's 16,000-step snapshot too). A fresh state starts from the networks shipped before, kept in <net>/start/.
 set -u
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -19,10 +20,10 @@ for target in $(seq 2000 2000 200000); do
     if [ -f "$dir/state.json" ]; then
       edtool train --state "$dir" --steps "$target" "${common[@]}" || exit 1
     elif [ "$net" = unet ]; then
-      edtool train --arch unet --fsizes 32,64,128 --emb-dim 256 --init-from checkpoints/mnist5k_unet.safetensors \
+      edtool train --arch unet --fsizes 32,64,128 --emb-dim 256 --init-from checkpoints/training/unet/start/mnist5k_unet.safetensors \
         --state "$dir" --steps "$target" "${common[@]}" || exit 1
     else
-      edtool train --arch resnet --width 64 --layers 4 --init-from checkpoints/mnist5k_resnet.safetensors \
+      edtool train --arch resnet --width 64 --layers 4 --init-from checkpoints/training/resnet/start/mnist5k_resnet.safetensors \
         --state "$dir" --steps "$target" "${common[@]}" || exit 1
     fi
   done
