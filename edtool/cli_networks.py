@@ -78,6 +78,10 @@ def train(
                                        "working directory; with --state: none unless given)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
     ckpt_every: int = typer.Option(250, min=1, help="Save resumable training state every N steps."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N; the random draws are "
+                               "the same on every device."),
+    time_limit: Optional[float] = typer.Option(None, min=0, help="Stop after this many seconds, saving the state at "
+                                               "the step reached (for jobs with a wall-clock limit); rerun to go on."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ):
     """Train a UNet or ResNet noise predictor with the paper's recipe; resumes if interrupted."""
@@ -85,6 +89,7 @@ def train(
     from edtool.data import load_dataset
     from edtool.paths import cache_dir, local_checkpoints_dir
     from edtool.networks.train import default_name, train as run_training, work_dir_name
+    from edtool.study.prepare import resolve_device
 
     given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
     settings = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__}
@@ -104,6 +109,7 @@ def train(
     if settings["arch"] is None:
         raise EdtoolError("--arch is required (unet or resnet), unless --state names a folder holding a run")
     cfg = TrainConfig(**settings).validate()  # before the data is loaded (train() checks it again)
+    device = resolve_device(device)
     if init is not None and checkpoints.read_manifest(init_from.with_suffix(".safetensors"))["arch"] != cfg.arch:
         raise EdtoolError(f"--init-from {init_from} is not a {cfg.arch}; give a checkpoint of the same architecture")
     if out is None and state is None:
@@ -130,7 +136,7 @@ def train(
     steps = cfg.steps
     every = max(1, steps // 100)
     kw = dict(ckpt_every=ckpt_every, command=command, init_weights=init, held_out=held_out,
-              snapshot_every=snapshot_every)
+              snapshot_every=snapshot_every, device=device, time_limit_s=time_limit)
 
     if progress is None:
         def log(step, loss, lr_now):
@@ -146,7 +152,11 @@ def train(
             path = run_training(cfg, images, labels, out, work, log=log, **kw)
     if path is not None:
         print(f"wrote {path} (+ .json manifest, _loss.png, _samples.png)")
-    if state is not None:
+    reached = train_state.read(work)["step"]
+    if reached < steps:
+        print(f"stopped at the time limit at step {reached} of {steps}; the state is saved: rerun the same command "
+              "to go on")
+    elif state is not None:
         print(f"training state at step {steps} in {state}; continue with: edtool train --state {state} --steps N")
 
 

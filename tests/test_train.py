@@ -176,6 +176,45 @@ def test_a_saved_state_continues_bit_for_bit(tmp_path, gamma):
     assert len(a["losses"]) == 6 and [p.suffix for p in (tmp_path / "b").iterdir()] .count(".safetensors") == 1
 
 
+def test_a_time_limited_run_saves_where_it_stopped_and_continues_bit_for_bit(tmp_path):
+    """--time-limit 0 stops after one step (a job that hits its wall-clock limit), saving the state there even
+    between checkpoints; rerunning it until done ends with the uninterrupted run's state, bit for bit."""
+    images, labels = _tiny_data()
+    cfg = _cfg(lr_gamma=0.99)
+    train(cfg, images, labels, None, tmp_path / "a", ckpt_every=100)
+    reached = []
+    for _ in range(10):
+        train(cfg, images, labels, None, tmp_path / "b", ckpt_every=100, time_limit_s=0)
+        reached.append(json.loads((tmp_path / "b" / "state.json").read_text())["step"])
+        if reached[-1] == cfg.steps:
+            break
+    assert reached == [1, 2, 3, 4, 5, 6]
+    a, b = _state_tensors(tmp_path / "a"), _state_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_command_time_limit_and_device(tmp_path, monkeypatch, capsys):
+    """`--time-limit 0` says where it stopped and how to go on; --device cpu is the CPU run; a device this
+    machine lacks is one line and exit 2, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--arch", "resnet", "--batch", "2", "--width", "16", "--layers", "1", "--quiet",
+            "--lr-gamma", "0.99", "--state", "st", "--steps", "3"]
+    code, out, err = _main(monkeypatch, capsys, *base, "--time-limit", "0", "--device", "cpu")
+    assert code == 0, err
+    assert "stopped at the time limit at step 1 of 3" in out
+    assert json.loads((tmp_path / "st" / "state.json").read_text())["step"] == 1
+    code, out, err = _main(monkeypatch, capsys, *base)
+    assert code == 0 and "training state at step 3" in out, err
+    for device in (["cuda:7"] if torch.cuda.device_count() < 8 else []) + ["meta", "gpu"]:
+        code, out, err = _main(monkeypatch, capsys, *base[:-4], "--state", "other", "--device", device)
+        assert code == 2 and "--device" in err and len(err.strip().splitlines()) == 1, (device, err)
+        assert not (tmp_path / "other").exists()
+    code, out, err = _main(monkeypatch, capsys, *base, "--time-limit", "-1")
+    assert code == 2 and "--time-limit" in err
+
+
 def test_a_damaged_state_is_refused_not_trained_on(tmp_path):
     images, labels = _tiny_data()
     train(_cfg(steps=2), images, labels, None, tmp_path / "s", ckpt_every=1)

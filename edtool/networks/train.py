@@ -61,7 +61,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path], work_dir: Path,
           ckpt_every: int = 250, command: str = "", log: Optional[Callable[[int, float, float], None]] = None,
           stop_after: Optional[int] = None, init_weights: Optional[dict] = None, held_out=None,
-          snapshot_every: int = 0) -> Optional[Path]:
+          snapshot_every: int = 0, device="cpu", time_limit_s: Optional[float] = None) -> Optional[Path]:
     """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs and return
     the weights' path (None when `out` is None: a campaign stretch that only advances its state).
 
@@ -70,6 +70,9 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
     `init_weights` (a state dict, cfg.init_from its checkpoint's sha256) starts the weights and their
     moving average from a trained network. Every `snapshot_every` steps the moving-average weights are
     evaluated (loss on `held_out` = (images, labels), fixed draws) and sampled into work_dir/snapshots.
+    `device` runs the steps there; every random draw still comes from the one CPU generator, so the
+    data, times and noise are the same on any device. After `time_limit_s` seconds (of this call) the
+    run saves its state at the step it reached and returns None (a job with a wall-clock limit).
     """
     cfg.validate()
     work_dir = Path(work_dir)
@@ -79,6 +82,8 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
     net = build_network(cfg.arch, **arch_kwargs(cfg, images.shape[1], num_classes))
     if init_weights is not None:
         net.load_state_dict(init_weights)
+    device = torch.device(device)
+    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -92,7 +97,9 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
             raise EdtoolError(f"{work_dir} holds a training run with other settings ({', '.join(changed)}); "
                               "delete that folder or use another work folder")
         ema, losses = train_state.restore(work_dir, meta, net=net, opt=opt, gen=gen)
+        ema = {k: v.to(device) for k, v in ema.items()}
         step, elapsed = meta["step"], meta["elapsed_s"]
+    on_device = images.to(device), labels.to(device)
 
     def save_state():
         if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
@@ -103,13 +110,14 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
 
     net.train()
     t0 = time.time() - elapsed
+    deadline = None if time_limit_s is None else time.time() + time_limit_s
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        idx = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen)
-        x0, y = images[idx], labels[idx]
-        t = torch.randint(0, 1000, (cfg.batch,), generator=gen).float() / 1000
-        eps = torch.randn(x0.shape, generator=gen)
+        idx = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen).to(device)
+        x0, y = on_device[0][idx], on_device[1][idx]
+        t = (torch.randint(0, 1000, (cfg.batch,), generator=gen).float() / 1000).to(device)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
         loss = F.mse_loss(net(add_noise(x0, t, eps), t, y if cfg.conditional else None), eps)
         if not torch.isfinite(loss):
             raise EdtoolError(f"training diverged at step {step + 1} (loss {loss.item()}); nothing was written "
@@ -131,8 +139,14 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
             save_state()
         if stop_after is not None and step >= stop_after and step < cfg.steps:
             return None
+        if deadline is not None and time.time() > deadline and step < cfg.steps:
+            if step % ckpt_every:
+                save_state()
+            return None
     if out is None:
         return None
+    net.to("cpu")  # the final evaluation, checkpoint and figures on CPU, as on a machine without a GPU
+    ema = {k: v.cpu() for k, v in ema.items()}
 
     held = {"raw": eval_loss(net, images, labels, cfg)}
     if cfg.ema_decay > 0:
@@ -213,11 +227,14 @@ def update_ema(ema: dict, net: torch.nn.Module, decay: float) -> None:
 
 @torch.no_grad()
 def eval_loss(net: torch.nn.Module, images, labels, cfg: TrainConfig, n: int = 2048, seed: int = 12345) -> float:
-    """The training loss on fixed draws (same images, times and noise for every call): compares weights."""
+    """The training loss on fixed draws (same images, times and noise for every call): compares weights.
+    The draws are made on CPU and moved to the network's device."""
+    device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, images.shape[0], (n,), generator=gen)
-    t = torch.randint(0, 1000, (n,), generator=gen).float() / 1000
-    eps = torch.randn((n, *images.shape[1:]), generator=gen)
+    t = (torch.randint(0, 1000, (n,), generator=gen).float() / 1000).to(device)
+    eps = torch.randn((n, *images.shape[1:]), generator=gen).to(device)
+    images, labels, idx = images.to(device), labels.to(device), idx.to(device)
     was_training = net.training
     net.eval()
     total = 0.0
@@ -255,11 +272,13 @@ def write_training_figures(network: Network, losses, path: Path, seed: int = 0, 
 
 @torch.no_grad()
 def sample_grid(network: Network, path: Path, seed: int = 0, labels=None, n: int = 64, nsteps: int = 20) -> Path:
-    """A grid of n DDIM samples from fixed noise (seed + 1): the same draws for every network."""
+    """A grid of n DDIM samples from fixed noise (seed + 1): the same draws for every network, on the
+    network's device."""
+    device = next(network.net.parameters()).device
     was_training = network.net.training
     network.net.eval()
-    x = initial_noise(seed + 1, (n, *network.manifest["image_shape"]))  # one draw of n noises from one seed
-    lab = None if labels is None else torch.arange(n) % (int(labels.max()) + 1)
+    x = initial_noise(seed + 1, (n, *network.manifest["image_shape"]), device=device)  # n noises, one seed
+    lab = None if labels is None else (torch.arange(n) % (int(labels.max()) + 1)).to(device)
     samples = ddim_sample(lambda t, xx: network.eps(t, xx, lab), x, TimeGrid(nsteps))
     network.net.train(was_training)
-    return save_grid(samples, path)
+    return save_grid(samples.cpu(), path)
