@@ -1,0 +1,77 @@
+"""checkpoints/training/gpu_campaign.sh, the script a GPU lease runs (issue 25, item 5), run here on CPU the way
+the lease runs it: a time-limited stretch of a state packed into $OUT/<net>.tar, then unpacked into the
+committed state only when it is a complete state further on."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from edtool.networks import train_state
+from edtool.paths import REPO_ROOT
+from test_data import write_idx_root
+
+SCRIPT = REPO_ROOT / "checkpoints" / "training" / "gpu_campaign.sh"
+
+
+def _script(*args, **env):
+    """bash gpu_campaign.sh ARGS with this interpreter as python3; returns the finished process."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": path, "EDTOOL_DEVICE": "cpu", "EDTOOL_CAMPAIGN_NETS": "tiny",
+                               "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in env.items()}})
+
+
+def _step(folder: Path) -> int:
+    return train_state.read(folder)["step"]
+
+
+def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
+    lease, committed = tmp_path / "lease", tmp_path / "committed"
+    lease.mkdir()
+    subprocess.run([sys.executable, "-m", "edtool", "train", "--arch", "resnet", "--width", "16", "--layers", "1",
+                    "--batch", "2", "--lr-gamma", "0.99", "--steps", "2", "--state", str(lease / "tiny"),
+                    "--device", "cpu", "--quiet"], check=True, capture_output=True, cwd=tmp_path)
+    shutil.copytree(lease, committed)  # what git holds, while the lease's copy trains
+    shutil.copytree(lease / "tiny", tmp_path / "first")
+    rng = np.random.default_rng(0)
+    write_idx_root(tmp_path / "held", rng.integers(0, 256, (8, 28, 28)), rng.integers(0, 10, 8), split="test")
+
+    done = _script("run", 2, 0, EDTOOL_TRAINING_DIR=lease, EDTOOL_HELD_OUT=tmp_path / "held", OUT=tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "out" / "train_tiny.log").read_text()
+    assert "stopped at the time limit" in log, log
+    reached = _step(lease / "tiny")
+    assert reached > 2
+    with tarfile.open(tmp_path / "out" / "tiny.tar") as tar:
+        names = set(tar.getnames())
+    assert "tiny/state.json" in names and f"tiny/state_step{reached:08d}.safetensors" in names
+    assert (tmp_path / "out" / "tiny_snapshots.tar").exists()  # empty here: no snapshot in 2 seconds
+
+    done = _script("unpack", tmp_path / "out", EDTOOL_TRAINING_DIR=committed)
+    assert done.returncode == 0 and f"step 2 -> {reached}" in done.stdout, done.stderr
+    assert _step(committed / "tiny") == reached
+    assert sorted(p.name for p in (committed / "tiny").glob("state_step*")) == [f"state_step{reached:08d}.safetensors"]
+    assert [p.name for p in committed.iterdir()] == ["tiny"]  # no work folder left behind
+
+    done = _script("unpack", tmp_path / "out", EDTOOL_TRAINING_DIR=committed)  # the same stretch again
+    assert done.returncode != 0 and "nothing replaced" in done.stderr
+
+    def flipped(b: bytes) -> bytes:  # 64 bytes inside the state's tensors, the tar itself intact
+        m = len(b) // 2
+        return b[:m] + bytes(x ^ 0xFF for x in b[m:m + 64]) + b[m + 64:]
+
+    tar_bytes = (tmp_path / "out" / "tiny.tar").read_bytes()
+    for damage in (lambda b: b[:-20000], flipped):  # a transfer broken off; bytes changed on the way
+        (tmp_path / "out" / "tiny.tar").write_bytes(damage(tar_bytes))
+        shutil.rmtree(committed / "tiny")
+        shutil.copytree(tmp_path / "first", committed / "tiny")  # the committed state before the stretch
+        before = {p.name: p.read_bytes() for p in (committed / "tiny").iterdir() if p.is_file()}
+        done = _script("unpack", tmp_path / "out", EDTOOL_TRAINING_DIR=committed)
+        assert done.returncode != 0 and "nothing replaced" in done.stderr and "Traceback" not in done.stderr
+        assert {p.name: p.read_bytes() for p in (committed / "tiny").iterdir() if p.is_file()} == before
+        assert [p.name for p in committed.iterdir()] == ["tiny"]
