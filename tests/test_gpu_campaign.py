@@ -58,6 +58,8 @@ def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
     assert sorted(p.name for p in (committed / "tiny").glob("state_step*")) == [f"state_step{reached:08d}.safetensors"]
     assert [p.name for p in committed.iterdir()] == ["tiny"]  # no work folder left behind
 
+    done = _script("unpack", tmp_path / "nothing", EDTOOL_TRAINING_DIR=committed)
+    assert done.returncode != 0 and "nothing unpacked" in done.stderr
     done = _script("unpack", tmp_path / "out", EDTOOL_TRAINING_DIR=committed)  # the same stretch again
     assert done.returncode != 0 and "nothing replaced" in done.stderr
 

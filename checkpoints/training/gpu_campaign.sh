@@ -62,17 +62,17 @@ run() {
 }
 
 unpack() {
-  local from=${1:?name the folder holding <net>.tar}
+  local from=${1:?name the folder holding <net>.tar} found=0 failed=0
   for net in $nets; do
     [ -f "$from/$net.tar" ] || { echo "no $from/$net.tar: $net left as it is"; continue; }
     local dir=$training/$net new=$training/.unpack-$net
     rm -rf "$new" && cp -a "$dir" "$new" && rm -f "$new"/state_step*.safetensors
-    local t
+    local ok=1 t
     for t in "$from/$net.tar" "$from/${net}_snapshots.tar"; do
       [ -f "$t" ] || continue
-      tar -xf "$t" -C "$new" --strip-components=1 || { rm -rf "$new"; echo "$t is damaged; nothing replaced" >&2; exit 1; }
+      tar -xf "$t" -C "$new" --strip-components=1 || { echo "$t is damaged; nothing replaced" >&2; ok=0; }
     done
-    python3 - "$dir" "$new" <<'EOF' || { rm -rf "$new"; exit 1; }
+    if [ "$ok" = 1 ] && python3 - "$dir" "$new" <<'EOF'
 import sys
 from edtool.errors import EdtoolError
 from edtool.networks import train_state
@@ -84,8 +84,16 @@ if new is None or (old is not None and new["step"] <= old["step"]):
     sys.exit(f"{sys.argv[2]}: no state further on than the committed one; nothing replaced")
 print(f"{sys.argv[1]}: step {old['step'] if old else 0} -> {new['step']}")
 EOF
-    rm -rf "$dir.old" && mv "$dir" "$dir.old" && mv "$new" "$dir" && rm -rf "$dir.old"
+    then
+      rm -rf "$dir.old" && mv "$dir" "$dir.old" && mv "$new" "$dir" && rm -rf "$dir.old"
+      found=$((found + 1))
+    else
+      rm -rf "$new"
+      failed=1
+    fi
   done
+  [ "$found" -gt 0 ] || [ "$failed" -gt 0 ] || { echo "no <net>.tar in $from for $nets: nothing unpacked" >&2; exit 1; }
+  [ "$failed" -eq 0 ] || exit 1
 }
 
 case ${1:-} in
