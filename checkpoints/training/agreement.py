@@ -121,7 +121,7 @@ def plot(out: Path) -> None:
         qax.axhline(0.75, color="tab:red", lw=0.8, ls="-.", label="target 3 in 4")
         qax.set(ylabel="recognizable digits", ylim=(0, 1.02))
         qax.legend(fontsize=6.5, ncol=3, loc="lower center")  # below the curves (all above 0.3)
-    axes[-1].set(xlabel="campaign training steps (0 = the shipped network it continues)")
+    axes[-1].set(xlabel="campaign training steps (0 = the network the campaign started from)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
