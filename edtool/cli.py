@@ -29,6 +29,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: wraps to the terminal (or 80 columns in a pipe) and never truncates a flag's name,
+    # which rich's option table does at 80 columns
+    rich_markup_mode=None,
 )
 
 def _print_version(value: bool):
@@ -325,11 +328,26 @@ def verify(
         sys.exit(1)
 
 
-# The order a user meets the commands in (`edtool --help` lists them so): measuring first, then the
-# tools for machines and networks.
-COMMAND_ORDER = ("analyze", "demo", "compute", "aggregate", "plot", "status", "verify",
-                 "sample", "calibrate", "train", "import-checkpoint")
-app.registered_commands.sort(key=lambda c: COMMAND_ORDER.index(c.name or c.callback.__name__.replace("_", "-")))
+# The commands in the order a user meets them (`edtool --help` lists them so: measuring first, then the
+# tools for machines and networks), each with the line that list shows (click would cut the first sentence
+# of the docstring at 80 columns).
+COMMANDS = {
+    "analyze": "compute + aggregate + plot, with the seed tool's flags",
+    "demo": "a short guided tour on the bundled data and checkpoints",
+    "compute": "measure along trajectories into a run store (resumable)",
+    "aggregate": "reduce a run over realizations: summary_stats.json",
+    "plot": "the figures of a run, from its store alone",
+    "status": "runs, their settings, completion and damage",
+    "verify": "read every chunk of a run; name damaged cells",
+    "sample": "ELS / LS / IS samples, their agreement r with a network",
+    "calibrate": "per-step ELS patch sizes against a trained network",
+    "train": "train a UNet or ResNet, the paper's recipe (resumable)",
+    "import-checkpoint": "convert a paper checkpoint without running code from it",
+}
+for _command in app.registered_commands:
+    _command.name = _command.name or _command.callback.__name__.replace("_", "-")
+    _command.short_help = COMMANDS[_command.name]
+app.registered_commands.sort(key=lambda c: list(COMMANDS).index(c.name))
 
 
 def main():

@@ -2,9 +2,12 @@
 fix, never a traceback unless --debug), progress displays, and the tables the commands print. The commands
 themselves, and their settings, are in edtool.cli and edtool.config."""
 
+import re
 import sys
+import textwrap
 from contextlib import nullcontext
-from typing import List
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
@@ -102,30 +105,49 @@ def print_aggregate(summary: dict, location: str) -> None:
 
 
 def print_status(rows: list) -> None:
-    """What `edtool status` prints: a table of the runs, then each run's shards, leftovers and notes."""
+    """What `edtool status` prints: each run as a block of lines that fit 80 columns, named by its whole
+    folder (relative to the working directory when inside it) so that runs are told apart."""
     if not rows:
         from edtool.paths import cache_dir
 
         print(f"no runs under {cache_dir()}")
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="edtool runs")
-    for col in ("run", "models", "steps", "cells done", "per model", "estimator", "state"):
-        table.add_column(col)
+    print(f"{len(rows)} run(s); `edtool status RUN --json` gives every field")
     for s in rows:
-        table.add_row(s["location"], ",".join(s["models"]), str(s["nsteps"]), f"{s['done']}/{s['total']}",
-                      " ".join(f"{k}:{v}" for k, v in s["per_model"].items()), str(s["estimator"]), s["state"])
-    Console().print(table)
-    for s in rows:
-        for line in s.get("shards", []):
-            print(f"  {s['location']}: {line}")
-        for line in s.get("leftovers", []):
-            print(f"  {s['location']}: leftover {line}")
+        print(f"\n{shown_location(s['location'])}")
+        lines = [f"state: {s['state']}"]
+        if s["models"]:
+            lines.append(f"models {', '.join(s['models'])} on {s['dataset']}; {s['nsteps']} steps; "
+                         f"estimator {s['estimator']}")
+            lines.append(f"cells done {s['done']}/{s['total']}: "
+                         + ", ".join(f"{name} {n}/{s['realizations']}" for name, n in s["per_model"].items()))
+        lines += s.get("shards", []) + [f"leftover {line}" for line in s.get("leftovers", [])]
         if s.get("legacy"):
-            print(f"  {s['location']}: made before edtool kept digests (moved chunks, edited attributes, time, seed "
-                  "and label are not checked)")
+            lines.append("made before edtool kept digests (moved chunks, edited attributes, time, seed and label "
+                         "are not checked)")
+        for line in lines:
+            print(paragraph(line, indent=2, hang=4))
+
+
+def paragraph(text: str, indent: int = 0, hang: Optional[int] = None) -> str:
+    """TEXT wrapped to 80 columns (a terminal's usual width, and rich's in a pipe) between words, never
+    inside a path or a `quoted phrase`; continuation lines indented by `hang` (default: `indent`). A word
+    longer than a line stays whole."""
+    whole = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\u00a0"), text)  # textwrap keeps NBSP
+    lines = textwrap.fill(whole, 80, initial_indent=" " * indent, subsequent_indent=" " * (indent if hang is None else hang),
+                          break_long_words=False, break_on_hyphens=False)
+    return lines.replace("\u00a0", " ")
+
+
+def shown_location(location: str) -> str:
+    """A run's location as the user can type it: relative to the working directory when inside it."""
+    path = Path(location)
+    if "://" in location or not path.is_absolute():
+        return location
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return location
 
 
 def print_verify(report: dict, quiet: bool = False) -> bool:

@@ -128,10 +128,8 @@ def test_version_and_command_order(tmp_path):
     proc = edtool("--version", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == f"edtool {__version__}"
     proc = edtool("--help", cwd=tmp_path, env={"COLUMNS": "200"})
-    listed = [line.split()[1] for line in proc.stdout.splitlines()
-              if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in
-              ("analyze", "demo", "compute", "aggregate", "plot", "status", "verify", "sample", "calibrate", "train",
-               "import-checkpoint")]
+    listed = [line.split()[0] for line in proc.stdout.split("\nCommands:\n", 1)[1].splitlines()
+              if line.startswith("  ") and not line.startswith("   ")]
     assert listed == ["analyze", "demo", "compute", "aggregate", "plot", "status", "verify", "sample", "calibrate",
                       "train", "import-checkpoint"]
     assert "SPEC" not in proc.stdout

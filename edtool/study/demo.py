@@ -11,6 +11,7 @@ from typing import Callable, List
 import numpy as np
 import torch
 
+from edtool.console import paragraph
 from edtool.errors import EdtoolError
 from edtool.study.compute import ComputeConfig, Reporter, compute
 
@@ -72,24 +73,26 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
 
     out_dir = Path(out_dir)
     say("[bold]edtool demo[/bold]: how far are diffusion score fields from being conservative?")
-    say("A score field s(t, x) that is the gradient of a log-density has a symmetric Jacobian J = ds/dx. "
-        "Trained networks are not forced to be gradients; edtool measures the antisymmetric part of J "
-        "(the exterior derivative) along the reverse-diffusion path.\n")
+    say(paragraph("A score field s(t, x) that is the gradient of a log-density has a symmetric Jacobian "
+                  "J = ds/dx. Trained networks are not forced to be gradients; edtool measures the antisymmetric "
+                  "part of J (the exterior derivative) along the reverse-diffusion path.") + "\n")
 
     images, labels = load_dataset("mnist5k")
-    say(f"[bold]1. Data[/bold]: mnist5k, {len(images)} real MNIST digits shipped with edtool, "
-        f"{tuple(images.shape[1:])} (channels, height, width), values in [-1, 1]; n = {images[0].numel()} "
-        "numbers per image, so J is n x n.\n")
+    say("[bold]1. Data[/bold]")
+    say(paragraph(f"mnist5k, {len(images)} real MNIST digits shipped with edtool, "
+                  f"{'x'.join(map(str, images.shape[1:]))} (channels x height x width), values in [-1, 1]; "
+                  f"n = {images[0].numel()} numbers per image, so J is n-by-n.", indent=3) + "\n")
 
     say("[bold]2. The yardstick on fields whose answer is known[/bold]")
     checks = yardstick_checks(images)
-    say(f"   exact score of 100 noised digits, t = 0.5:   asym = {checks['ideal_score_asym']:.1e}"
-        "  -> a true gradient field: conservative up to float rounding")
-    say(f"   a pure rotation x -> A x (A = -A^T):            asym = {checks['rotation_asym']:.3f}"
-        "  -> as rotational as a field can be\n")
+    say(f"   exact score of 100 noised digits, t = 0.5:  asym = {checks['ideal_score_asym']:.1e}\n"
+        "      a true gradient field: conservative up to float rounding")
+    say(f"   a pure rotation x -> A x (A = -A^T):        asym = {checks['rotation_asym']:.3f}\n"
+        "      as rotational as a field can be\n")
 
-    say(f"[bold]3. One reverse-diffusion path per model[/bold] ({nsteps} DDIM steps from seed {seed}; "
-        "each model follows its own path from the same noise)")
+    say("[bold]3. One reverse-diffusion path per model[/bold]")
+    say(paragraph(f"{nsteps} DDIM steps from seed {seed}; each model follows its own path from the same noise",
+                  indent=3))
     run_dir = out_dir / "run"
     cfg = ComputeConfig(models=list(models), nsteps=nsteps, realizations=1, seed=seed, device=device,
                         run_dir=str(run_dir), maps=True)
@@ -107,7 +110,7 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
     times = run.read("time")
     say("\n   What the numbers mean:")
     for key, meaning in MEANINGS.items():
-        say(f"     {key:<10} {meaning}")
+        say(paragraph(f"{key:<10} {meaning}", indent=5, hang=16))
     for j in _nearest_steps(times):
         say(f"\n   t = {times[j]:.2f} " + ("(mostly noise)" if times[j] > 0.7 else
                                           "(the image is forming)" if times[j] > 0.3 else "(fine details)"))
@@ -118,7 +121,9 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
 
     stats = aggregate_run(summary["location"])
     figures = plot_run(summary["location"], out_dir=out_dir)
-    say("\n[bold]4. Summary[/bold] (over the steps of this one path; the seed tool's 'mean ED' is of eps, ours of the score)")
+    say("\n[bold]4. Summary[/bold]")
+    say(paragraph("over the steps of this one path; the seed tool's 'mean ED' is of eps, ours of the score",
+                  indent=3))
     for name in run.models:
         s = stats[name]
         say(f"   {name:<8} mean ED = {_fmt(s['mean_ed_magnitude'])} +- {_fmt(s['std_ed_magnitude'])}   "
@@ -126,9 +131,10 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
     measured = [name for name in run.models if stats[name]["mean_asym"] is not None]
     if measured:
         ranked = sorted(measured, key=lambda name: stats[name]["mean_asym"])
-        say(f"   most conservative: {ranked[0]}; least: {ranked[-1]}. One noise realization only: "
-            "`edtool analyze --multiple 10` gives error bars.\n")
-    say(f"[bold]5. Files[/bold] in {out_dir}: run/ed.zarr (every number above; `xarray.open_zarr` reads it), "
-        f"run/summary_stats.json, " + ", ".join(p.name for p in figures))
+        say(paragraph(f"most conservative: {ranked[0]}; least: {ranked[-1]}. One noise realization only: "
+                      "`edtool analyze --multiple 10` gives error bars.", indent=3) + "\n")
+    say(f"[bold]5. Files[/bold] in {out_dir}")
+    say(paragraph("run/ed.zarr (every number above; `xarray.open_zarr` reads it), run/summary_stats.json, "
+                  + ", ".join(p.name for p in figures), indent=3))
     return {"checks": checks, "summary": stats, "figures": [str(p) for p in figures],
             "location": summary["location"], "timings": summary["timings"]}
