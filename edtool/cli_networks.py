@@ -36,7 +36,17 @@ def option(settings, name: str, *flags, **kw):
     if isinstance(value, list):
         value = ",".join(map(str, value))
     least, most = RANGES.get(name, (None, None))
+    if name in ("dataset", "held_out"):
+        kw.setdefault("callback", dataset_option)
     return typer.Option(value, *flags, **{"min": least, "max": most, **kw})
+
+
+def dataset_option(text: Optional[str]) -> Optional[str]:
+    """--dataset MNIST is mnist (edtool.data.dataset_name), before a command uses it (analyze names its
+    folder after it)."""
+    from edtool.data import dataset_name
+
+    return dataset_name(text)
 
 
 def _T(name: str, *flags, **kw):
@@ -164,7 +174,8 @@ def import_checkpoint(
     file: Path = typer.Argument(..., help="A paper checkpoint backbone_<DATASET>_<UNet|ResNet>_<mode>[_conditional].pt."),
     out: Optional[Path] = typer.Option(None, help="Output path (default ./checkpoints/<dataset>_<arch>..._paper."
                                        "safetensors in the working directory)."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset name for the manifest (default: read from the file name)."),
+    dataset: Optional[str] = typer.Option(None, callback=dataset_option, help="Dataset name for the manifest "
+                                          "(default: read from the file name)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing checkpoint at the output path."),
 ):
     """Convert a paper checkpoint (a pickled DDIM) into edtool's format, unpickling only known classes."""

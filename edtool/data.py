@@ -403,13 +403,25 @@ def first_samples(images: torch.Tensor, labels: torch.Tensor, max_samples, per_c
     return images[keep], labels[keep]
 
 
+def dataset_name(name):
+    """A data set's name as edtool spells it (DATASETS): case, '-' and '_' do not matter, so `MNIST`, as
+    the seed tool's users type it, is mnist and `CIFAR-10` is cifar10. Any other name comes back as
+    given, for the error message to quote it."""
+    if not isinstance(name, str):
+        return name
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    return key if key in DATASETS else name
+
+
 def load_dataset(name: str = "mnist5k", root=None, split: str = "train", download: bool = True):
     """Load a data set as (images (N,C,32,32) float32 in [-1, 1], labels (N,) int64).
 
     `root` is the data root in torchvision's layout (ROOT/MNIST/raw, ROOT/FashionMNIST/raw,
     ROOT/cifar-10-batches-py); None means `cache_dir()/"datasets"`. Missing files are
-    downloaded (md5-checked) when `download` and the network allow. mnist5k needs no root.
+    downloaded (md5-checked) when `download` and the network allow. mnist5k needs no root. The
+    name's case does not matter (`dataset_name`).
     """
+    name = dataset_name(name)
     if name not in DATASETS:
         raise EdtoolError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:

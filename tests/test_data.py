@@ -520,3 +520,30 @@ def test_unreadable_cache_is_rebuilt_with_a_warning(tmp_path, tmp_cache):
 def test_bad_name_or_split(name, split, phrase):
     with pytest.raises(EdtoolError, match=phrase):
         data.load_dataset(name, split=split, download=False)
+
+
+def test_dataset_names_ignore_case_as_seed_users_type_them():
+    assert [data.dataset_name(n) for n in ("MNIST", "FashionMNIST", "CIFAR-10", "cifar_10", " Mnist5k ")] == \
+        ["mnist", "fashionmnist", "cifar10", "cifar10", "mnist5k"]
+    assert data.dataset_name("MNISTT") == "MNISTT" and data.dataset_name(None) is None  # quoted as typed
+    upper, lower = data.load_dataset("MNIST5K"), data.load_dataset("mnist5k")
+    assert torch.equal(upper[0], lower[0]) and torch.equal(upper[1], lower[1])
+    with pytest.raises(EdtoolError, match="unknown dataset 'MNISTT'"):
+        data.load_dataset("MNISTT")
+
+
+def test_analyze_takes_an_upper_case_dataset_and_writes_the_lower_case_folder(tmp_path, capsys, monkeypatch):
+    """The seed's folder layout results/exterior_derivative/{dataset}/ keeps edtool's spelling of the name;
+    a misspelt name is one line and exit 2, nothing written."""
+    from test_pipeline import cli
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--models", "is", "--nsteps", "2", "--probes", "2", "--device", "cpu", "--quiet", "--output_dir", "out"]
+    code, _, err = cli(capsys, monkeypatch, "analyze", "--dataset", "MNIST5K", *common)
+    assert code == 0, err
+    assert (tmp_path / "out" / "mnist5k" / "single_realization" / "summary_stats.json").is_file()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mnist5k"]
+    code, _, err = cli(capsys, monkeypatch, "analyze", "--dataset", "MNISTT", *common)
+    assert code == 2 and err.strip().splitlines() == [
+        "edtool: error: unknown dataset 'MNISTT'; choose one of mnist5k, mnist, fashionmnist, cifar10"], err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mnist5k"]
