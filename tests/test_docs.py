@@ -1,8 +1,11 @@
 """The README and docs/ hold together: every relative link and image points at a file (and a heading,
-when it names one), and the README's two fresh-machine commands are there verbatim, the second being
-what CI runs."""
+when it names one), the README's two fresh-machine commands are there verbatim, the second being
+what CI runs, and every Python block runs as written in an empty folder (or says why it cannot)."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 INSTALL_AND_ANALYZE = "pip install torch==2.13.0 && pip install -e . && edtool analyze"
 INSTALL_AND_TEST = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+# a ```python block, with the comment that marks it as not runnable when one stands on the line before it
+PYTHON_BLOCK = re.compile(r"(?:^<!-- illustrative: (?P<why>.*?) -->\n)?^```python\n(?P<code>.*?)^```", re.S | re.M)
 
 
 def prose(text: str) -> str:
@@ -73,3 +78,37 @@ def test_ci_runs_the_readme_test_command():
     assert any("pip install" in c and "torch==2.13.0" in c for c in commands)
     last = commands[-1]
     assert 'pip install' in last and '-e ".[test]"' in last and last.endswith("&& python -m pytest"), last
+
+
+def python_blocks(page: Path) -> list:
+    """(code, why) of each Python block of a page; `why` is the reason it is illustrative, else None."""
+    return [(m["code"], m["why"]) for m in PYTHON_BLOCK.finditer(page.read_text())]
+
+
+def test_block_finder_sees_runnable_and_illustrative_blocks(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("```python\na = 1\n```\n\n<!-- illustrative: needs a GPU -->\n```python\nb = 2\n```\n"
+                    "```bash\nls\n```\n<!-- illustrative:  -->\n```python\nc = 3\n```\n")
+    assert python_blocks(page) == [("a = 1\n", None), ("b = 2\n", "needs a GPU"), ("c = 3\n", "")]
+
+
+def test_every_illustrative_block_says_why():
+    unexplained = [f"{page.name}: {code.splitlines()[0]}" for page in PAGES for code, why in python_blocks(page)
+                   if why is not None and not why.strip()]
+    assert not unexplained, unexplained
+
+
+RUNNABLE = [page for page in PAGES if any(why is None for _, why in python_blocks(page))]
+
+
+@pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_run_as_written_in_an_empty_folder(page, tmp_path):
+    """A page's runnable blocks, in order in one interpreter (a later block may use an earlier one's names),
+    started in an empty folder: nothing may depend on being run from the repository."""
+    code = "\n".join(code for code, why in python_blocks(page) if why is None)
+    if "from diffusers" in code:  # docs/models.md's example model: the optional extra, in ".[test]"
+        pytest.importorskip("diffusers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{page.name}:\n{proc.stderr[-3000:]}"

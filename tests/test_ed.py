@@ -223,8 +223,29 @@ def test_analytic_dispatch():
     torch.testing.assert_close(res.ed_fro, torch.tensor([1.0, 2.0, 3.0]))
     torch.testing.assert_close(res.asym, torch.tensor([0.25, 0.5, 0.75]))
     assert torch.equal(res.ed_stderr, torch.zeros(3)) and res.curl_map.shape == (3, 4, 4)
-    with pytest.raises(ValueError, match="analytic_ed"):
+    with pytest.raises(ValueError, match=r"analytic_ed.*machine\.field\(t\)"):
         exterior_derivative(lambda x: x, x, method="analytic")
+
+
+def test_an_els_machine_is_measured_through_its_field():
+    """machine.field(t), as docs/python-api.md shows it, gives the closed form (auto and method="analytic"),
+    equal to autograd's exact Jacobian of the machine's score; the machine itself (no time) is refused
+    with that advice, never a TypeError from deep inside."""
+    from edtool.els.machine import make_machine
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(30, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    els = make_machine("els-borders", images, patch_size=3)
+    x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    exact = exterior_derivative(lambda y: els.score(0.4, y), x, method="exact")
+    for method in ("auto", "analytic"):
+        res = exterior_derivative(els.field(0.4), x, method=method)
+        assert res.method == "analytic" and torch.equal(res.ed_stderr, torch.zeros(2))
+        torch.testing.assert_close(res.ed_fro, exact.ed_fro)
+        torch.testing.assert_close(res.asym, exact.asym)
+    assert bool((exact.asym > 1e-3).all())  # not a gradient field: the comparison can fail
+    with pytest.raises(TypeError, match=r"got a LocalMachine: pass its field at one time, f = machine\.field\(t\)"):
+        exterior_derivative(els, x)
 
 
 # ----------------------------------------------------------------------------- bad input

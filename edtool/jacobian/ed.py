@@ -134,8 +134,9 @@ def _has_analytic(f) -> bool:
 def _analytic(f, x: Tensor, curl_map: bool) -> tuple:
     """The field's own closed form (ELS machines, SPEC 5.3); standard error 0."""
     if not _has_analytic(f):
-        raise ValueError("method='analytic' needs a field object with a callable `analytic_ed(x, curl_map)`; "
-                         f"{type(f).__name__} has none (use 'exact' or 'hutchinson')")
+        raise ValueError("method='analytic' needs a field object with a callable `analytic_ed(x, curl_map)`, such as "
+                         f"an ELS machine's `machine.field(t)`; {type(f).__name__} has none (use 'exact' or "
+                         "'hutchinson')")
     out = f.analytic_ed(x, curl_map=curl_map)
     ed = torch.as_tensor(out["ed_fro"], device=x.device).to(x.dtype)
     jac = torch.as_tensor(out["jac_fro"], device=x.device).to(x.dtype)
@@ -190,8 +191,9 @@ def exterior_derivative(
 ) -> EDResult:
     """ed_fro = ||J - J^T||_F, jac_fro = ||J||_F, asym, ed_stderr (and the curl map) of f at every sample of x.
 
-    f maps x (B, *S) to the same shape sample by sample. `method` is auto, exact, hutchinson or
-    analytic; `seed` (one int, or one per sample) seeds each sample's probes; with `rtol`, Hutchinson
+    f maps x (B, *S) to the same shape sample by sample: a network's `lambda y: net.score(t, y)`, or an
+    ELS machine's `machine.field(t)`, which carries its closed form (`auto` uses it). `method` is auto,
+    exact, hutchinson or analytic; `seed` (one int, or one per sample) seeds each sample's probes; with `rtol`, Hutchinson
     adds rounds of `probes` probes until every relative standard error is below rtol (then the probe
     count, the same for the whole batch, depends on the batch); a sample still above it at `max_probes`
     gets a RuntimeWarning and False in `rtol_met`. `max_memory` bounds the bytes that vector products
@@ -199,6 +201,9 @@ def exterior_derivative(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if not callable(f):  # an ELS machine is a score at every time: its field at one time is machine.field(t)
+        raise TypeError(f"f must be a field x -> s(x), called on a batch; got a {type(f).__name__}"
+                        + (": pass its field at one time, f = machine.field(t)" if hasattr(f, "field") else ""))
     x = check_input(x, dtype)
     if curl_map and x.dim() != 4:
         raise ValueError(f"curl_map=True needs image-shaped samples (C, H, W), got {tuple(x.shape[1:])}")
