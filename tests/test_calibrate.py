@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ from edtool.cli import main
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
 from edtool.els.machine import make_machine
+from edtool.els.sample_folder import samples_figure
 from edtool.networks.models import build_network
 from edtool.els.schedule import read_scales
 from edtool.networks.discovery import scales_path
@@ -170,7 +172,8 @@ def test_sample_writes_the_layout_and_a_machine_agrees_with_itself(tmp_path):
     for folder in ("seeds", "els_outputs", "is_outputs", "network_outputs"):
         assert sorted(p.name for p in (out / folder).iterdir()) == ["seed_0.npy", "seed_1.npy", "seed_2.npy"]
     assert not (out / "labels").exists()
-    assert (out / "samples_grid.png").stat().st_size > 100
+    grid = matplotlib.image.imread(out / "samples_grid.png")
+    assert grid.shape[0] >= 3 * 100 and grid.shape[1] >= 3 * 100  # three rows, three seeds: each image ~110 px
     np.testing.assert_array_equal(np.load(out / "seeds" / "seed_1.npy"), initial_noise(1, (1, 1, 8, 8))[0].numpy())
     x0 = torch.stack([initial_noise(s, (1, 8, 8)) for s in [0, 1, 2]])
     with torch.no_grad():
@@ -377,3 +380,20 @@ def test_els_agrees_with_the_shipped_resnet_better_than_the_ideal_score(tmp_path
     for s in ("100", "101"):
         assert els[s] > ideal[s], (s, els[s], ideal[s])
     assert summary["machines"]["els-borders"]["beats_is"]["wins"] == 2
+
+
+def test_samples_grid_names_rows_seeds_and_r_per_image():
+    """samples_grid.png tells a reader without the code which row is the network and which each machine,
+    the seed of each column and each machine image's r with the network's sample (and the row's median)."""
+    g = torch.Generator().manual_seed(0)
+    rows = {name: torch.rand(3, 1, 8, 8, generator=g) * 2 - 1 for name in ("network", "els-borders", "is")}
+    r = {"els-borders": [0.91, 0.5, 0.7], "is": [0.2, float("nan"), 0.4]}
+    fig = samples_figure("unet", rows, [7, 8, 9], r)
+    axes = np.array(fig.axes).reshape(3, 3)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["network\n(unet)", "ELS machine\n(els-borders)\nmedian r 0.70",
+                                                     "IS machine\n(ideal score)\nmedian r 0.30"]
+    assert [ax.get_title() for ax in axes[0]] == ["seed 7", "seed 8", "seed 9"]
+    assert [[ax.get_xlabel() for ax in row] for row in axes[1:]] == [["r = 0.91", "r = 0.50", "r = 0.70"],
+                                                                     ["r = 0.20", "r = nan", "r = 0.40"]]
+    shown = axes[2, 1].get_images()[0].get_array()
+    np.testing.assert_allclose(shown, (rows["is"][1, 0].numpy() + 1) / 2, atol=1e-6)

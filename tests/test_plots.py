@@ -137,3 +137,26 @@ def test_figures_hold_the_panels_spec_9_lists(tmp_path):
     assert asym.get_xlabel() and asym.get_ylabel() and asym.get_ylim()[0] == 0
     assert len(asym.get_legend().get_texts()) == 3
     assert all(ax.get_images() for ax in figs["curl_maps"].axes if not ax.get_label() == "<colorbar>")
+
+def test_single_figure_draws_the_stored_probe_errors_and_plain_labels(tmp_path):
+    """ed_analysis_single: a model measured with random probes (ed_stderr > 0) gets ±1 standard-error bars of
+    exactly the stored sizes on both ED panels, an exact one none; the labels say the units in words, asym's
+    denominator is bracketed, and the linear panel says that the last steps rule it."""
+    from matplotlib.container import ErrorbarContainer
+
+    run = filled_run(tmp_path / "r", models=("resnet", "els"), n_real=1)
+    ed = run.read("ed_fro", model=0)[0]
+    stderr = 0.05 * ed + np.arange(run.nsteps)
+    run.write_cell(0, 0, ed, 3 * ed, ed / (6 * ed), stderr, np.zeros((1, 6, 6)))
+    figs = run_figures(tmp_path / "r")
+    lin, log, bars, *_ = figs["ed_analysis_single"].axes
+    for ax in (lin, log):
+        probed, exact = (c for c in ax.containers if isinstance(c, ErrorbarContainer))
+        assert probed.has_yerr and not exact.has_yerr
+        segments = probed.lines[2][0].get_segments()  # one vertical bar per step: (t, ed - se) to (t, ed + se)
+        np.testing.assert_allclose([s[1, 1] - s[0, 1] for s in segments], 2 * stderr, rtol=1e-6)
+        assert ax.get_legend().get_texts()[0].get_text() == "resnet (bars: ±1 standard error of the probes)"
+        assert "pixel value" in ax.get_ylabel() and "data" not in ax.get_ylabel()
+    assert "dominate" in lin.get_title() and "pixel value" in bars.get_ylabel()
+    (asym,) = figs["asym_vs_time"].axes
+    assert r"\,/\, (2\,\|J\|_F)" in asym.get_ylabel()

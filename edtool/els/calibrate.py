@@ -36,7 +36,8 @@ from edtool.els.schedule import check_fits, check_schedule, schedule_note
 # sample's agreement measures and its folder, each in its module; the names stay importable from here
 from edtool.els.agreement import AGREEMENT_DEFINITIONS, agreement_report, agreement_stats, pearson_r, r2  # noqa: F401
 from edtool.els.sample_folder import (  # noqa: F401
-    LAYOUTS, SETTINGS_NAME, SUMMARY_NAME, claim_sample_dir, content_digest, save_each, output_dir_name)
+    LAYOUTS, SETTINGS_NAME, SUMMARY_NAME, claim_sample_dir, content_digest, save_each, output_dir_name,
+    save_samples_grid)
 
 DEFAULT_SIZES = (3, 5, 7, 9, 11, 13, 15)
 
@@ -361,8 +362,6 @@ def sample(
     paper's comparison) is reported. `layout` "paper" writes the per-seed files as the paper's scripts
     do (`0000.pt` ...: plain tensors) instead of `seed_<s>.npy`. Returns the summary that r2_summary.json holds.
     """
-    from edtool.imageio import save_grid
-
     if out_dir is None:
         raise EdtoolError("sample needs an output folder")
     if layout not in LAYOUTS:
@@ -426,7 +425,7 @@ def sample(
     }
     if added_baseline:
         summary["notes"].append("is: sampled as the baseline of beats_is (SPEC 5.4); not among the machines asked for")
-    rows = [net_final.cpu()]
+    rows = {}  # machine -> its samples, for samples_grid.png
     for kind in kinds:
         t1 = time.perf_counter()
         m, info = build_machine(kind, images.to(device), None if labels is None else labels.to(device),
@@ -446,7 +445,7 @@ def sample(
             **agreement_stats(values),
             "seconds": time.perf_counter() - t1,
         }
-        rows.append(final.cpu())
+        rows[kind] = final.cpu()
         log(f"{kind}: median r {summary['machines'][kind]['median_r']:.4f}, r^2 "
             f"{summary['machines'][kind]['median_r2']:.4f} over {summary['machines'][kind]['n_seeds']} seeds "
             f"({time.perf_counter() - t1:.1f}s)")
@@ -456,9 +455,8 @@ def sample(
             if kind != "is":
                 res["beats_is"] = agreement_stats(list(res["r"].values()), ideal)["beats_is"]
 
-    ncol = min(len(seeds), 10)
-    with recorded_paths([out / "samples_grid.png"]) as (tmp,):
-        save_grid(torch.cat([r[:ncol] for r in rows]), tmp, nrow=ncol)
+    save_samples_grid(out / "samples_grid.png", summary["network"], {"network": net_final.cpu(), **rows}, seeds,
+                      {kind: list(values["r"].values()) for kind, values in summary["machines"].items()})
     with recorded_paths([out / SUMMARY_NAME]) as (tmp,):  # last: its presence means "complete"
         tmp.write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
     return summary

@@ -1,5 +1,6 @@
-"""A `sample` folder (SPEC 5.4): its files, one per seed and machine, the settings record that says
-what made them, and the claim that refuses a folder holding other settings' or foreign files."""
+"""A `sample` folder (SPEC 5.4): its files, one per seed and machine, the labelled samples grid, the
+settings record that says what made them, and the claim that refuses a folder holding other settings'
+or foreign files."""
 
 import hashlib
 import json
@@ -35,6 +36,52 @@ def save_each(folder: Path, seeds, arrays, layout: str = "edtool", root=None) ->
 
 
 SETTINGS_NAME, SUMMARY_NAME = "sample_settings.json", "r2_summary.json"
+
+# how the rows of samples_grid.png are named: what each machine is, in words
+MACHINE_ROWS = {"els-borders": "ELS machine\n(els-borders)", "els": "ELS machine\n(els)",
+                "els-circular": "ELS machine\n(els-circular)", "ls": "LS machine\n(local score)",
+                "is": "IS machine\n(ideal score)"}
+
+
+def samples_figure(network: str, rows: dict, seeds, r: dict):
+    """samples_grid.png as a Figure: the network's samples (first row) over each machine's from the same
+    seeds (one column per seed, at most 10), each machine image captioned with its agreement r with the
+    network's sample above it, each row named with its median r; 1.1 inch per image, so at 100 dpi a 32x32
+    digit is drawn about 3.4 times enlarged. `rows` maps "network" and each machine to its images
+    (S, C, H, W) in [-1, 1]; `r` each machine to its r per seed."""
+    from matplotlib.figure import Figure
+
+    ncol = min(len(seeds), 10)
+    fig = Figure(figsize=(1.1 * ncol + 1.6, 1.25 * len(rows) + 0.9), layout="constrained")
+    axes = fig.subplots(len(rows), ncol, squeeze=False)
+    for i, (name, images) in enumerate(rows.items()):
+        for j in range(ncol):
+            ax = axes[i, j]
+            shown = ((images[j].detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+            ax.imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"seed {seeds[j]}", fontsize="small")
+            else:
+                ax.set_xlabel(f"r = {r[name][j]:.2f}", fontsize="small")
+        values = np.asarray(r.get(name, []), dtype=float)
+        label = (f"network\n({network})" if i == 0 else
+                 MACHINE_ROWS.get(name, name) + f"\nmedian r {np.nanmedian(values):.2f}" if np.isfinite(values).any()
+                 else MACHINE_ROWS.get(name, name))
+        axes[i, 0].set_ylabel(label, fontsize="small", rotation=0, ha="right", va="center")
+    fig.suptitle("Samples from the same seeds; r = agreement (Pearson correlation) with the network's sample "
+                 "above (1 = the same image)" if ncol >= 6 else "Samples from the same seeds\nr = agreement with "
+                 "the network's sample (1 = same)", fontsize="medium")
+    return fig
+
+
+def save_samples_grid(path: Path, network: str, rows: dict, seeds, r: dict) -> Path:
+    """Write samples_figure as a PNG at 100 dpi, recorded as edtool's in the folder's ledger."""
+    with recorded_paths([path]) as (tmp,):
+        samples_figure(network, rows, seeds, r).savefig(tmp, format="png", dpi=100)
+    return path
+
 
 
 def content_digest(obj) -> Optional[str]:

@@ -23,8 +23,10 @@ MODEL_COLORS = {"unet": "#1f77b4", "resnet": "#ff7f0e", "els": "#2ca02c", "els-b
 _SPARE_COLORS = ("#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939")
 
 TIME_LABEL = "diffusion time t (1 = noise → 0 = data)"
-ED_LABEL = r"ED $=\|J - J^\top\|_F$ of the score  [1/data$^2$]"
-ASYM_LABEL = r"asym $=\|J - J^\top\|_F \,/\, 2\|J\|_F$  (0 = gradient field, 1 = pure rotation)"
+# J = ds/dx of the score s = grad log p(x) has the units of 1 / x^2, x being pixel values in [-1, 1]
+UNIT = "per pixel value squared, pixels in [−1, 1]"
+ED_LABEL = r"ED $=\|J - J^\top\|_F$ of the score" + f"\n({UNIT})"
+ASYM_LABEL = r"asym $=\|J - J^\top\|_F \,/\, (2\,\|J\|_F)$" + "\n(0 = gradient field, 1 = pure rotation)"
 CV_LABEL = "coefficient of variation of ED (std / mean, unitless)"
 
 
@@ -82,19 +84,25 @@ def single_figure(run: RunStore, done: np.ndarray, r: int) -> Figure:
     """ED vs time (linear and log), mean ED per model as bars, and the final image of each model."""
     models = [m for m in range(len(run.models)) if done[r, m]]
     ed = run.read("ed_fro", realizations=[r])[0]  # (M, N)
+    stderr = run.read("ed_stderr", realizations=[r])[0]  # 0 where exact or analytic, > 0 with random probes
     fig = Figure(figsize=(16, 9), layout="constrained")
     grid = fig.add_gridspec(2, 3, height_ratios=[1.3, 1])
     ax_lin, ax_log, ax_bar = (fig.add_subplot(grid[0, i]) for i in range(3))
     for m in models:
         name = run.models[m]
-        ax_lin.plot(run.time, ed[m], marker="o", ms=3, color=model_color(name), label=name)
-        ax_log.plot(run.time, ed[m], marker="o", ms=3, color=model_color(name), label=name + _off_log(ed[m]))
+        probed = bool(np.nan_to_num(stderr[m]).max() > 0)
+        label = name + (" (bars: ±1 standard error of the probes)" if probed else "")
+        for ax, note in ((ax_lin, ""), (ax_log, _off_log(ed[m]))):
+            ax.errorbar(run.time, ed[m], yerr=np.nan_to_num(stderr[m]) if probed else None, marker="o", ms=3,
+                        capsize=3, color=model_color(name), label=label + note)
     where = "at the noised held-out image" if _noised_data(run) else "along the reverse process"
-    for ax, title in ((ax_lin, f"ED {where}"), (ax_log, "ED, log scale")):
+    # a linear axis is ruled by the steps nearest the data, where ED is largest (the seed tool's plot too)
+    for ax, title in ((ax_lin, f"ED {where}\n(linear scale: the steps nearest the data dominate)"),
+                      (ax_log, "ED, log scale (every step readable)")):
         _time_axis(ax)
         ax.set_ylabel(ED_LABEL)
         ax.set_title(title)
-        _legend(ax)
+        _legend(ax, loc="upper left")  # ED grows towards the data, on the right
     _log_scale_if_possible(ax_log, ed[models])
 
     with warnings.catch_warnings():
@@ -105,7 +113,7 @@ def single_figure(run: RunStore, done: np.ndarray, r: int) -> Figure:
     for bar, value in zip(bars, means):
         ax_bar.annotate("failed" if np.isnan(value) else f"{value:.3g}", (bar.get_x() + bar.get_width() / 2,
                         bar.get_height()), ha="center", va="bottom", fontsize="small")
-    ax_bar.set_ylabel(r"mean over steps of $\|J - J^\top\|_F$  [1/data$^2$]")
+    ax_bar.set_ylabel(r"mean over steps of $\|J - J^\top\|_F$" + f"\n({UNIT})")
     ax_bar.set_xlabel("model")
     ax_bar.set_title("mean ED per model")
     if len(names) < 3:  # keep one or two bars from filling the panel
@@ -176,7 +184,7 @@ def aggregated_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
                             bar.get_height()), ha="center", va="bottom", fontsize="x-small")
     ax_sum.set_xticks(x, names)
     ax_sum.set_xlabel("model")
-    ax_sum.set_ylabel(r"time-averaged $\|J - J^\top\|_F$  [1/data$^2$]")
+    ax_sum.set_ylabel(r"time-averaged $\|J - J^\top\|_F$" + f"\n({UNIT})")
     ax_sum.set_title("mean and std over realizations")
     ax_sum.grid(axis="y", alpha=0.3)
     ax_sum.legend(handles=[Patch(color="0.35", label="mean"), Patch(facecolor="0.35", alpha=0.45, hatch="//",
@@ -280,7 +288,8 @@ def curl_figure(run: RunStore, done: np.ndarray, r: int, max_steps: int = 6) -> 
                 ax.set_ylabel(run.models[m], color=model_color(run.models[m]), fontsize="large")
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="$r_p$ / max over the image")
-    fig.suptitle(r"curl maps $r_p = \|(J - J^\top)[p,:]\|_2$ [1/data$^2$], " + _realization_title(run, r))
+    fig.suptitle(r"curl maps $r_p = \|(J - J^\top)[p,:]\|_2$: where in the image the rotation lives, "
+                 + _realization_title(run, r))
     return fig
 
 
