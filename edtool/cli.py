@@ -253,8 +253,8 @@ def analyze(
         layout += "_noised_data"
     run_dir = output_dir / dataset / layout
     cfg = _compute_config(ctx.params, models=name_list(models), realizations=multiple or 1, run_dir=str(run_dir))
-    check_figure_folder(run_dir, fmt, overwrite)  # before computing: the seed tool's figures have these names
-    check_seed_files_folder(run_dir, overwrite)  # and its numeric files
+    check_figure_folder(run_dir, fmt, overwrite, "--output_dir")  # before computing: the seed tool's figures
+    check_seed_files_folder(run_dir, overwrite, "--output_dir")  # and its numeric files have these names
     summary = run_compute(cfg, quiet)
     t0 = time.perf_counter()
     aggregate_run(str(run_dir))
@@ -262,7 +262,7 @@ def analyze(
     t0 = time.perf_counter()
     paths = plot_run(str(run_dir), fmt=fmt, overwrite=overwrite)
     t_plot = time.perf_counter() - t0
-    paths += export_seed_files(str(run_dir), overwrite=overwrite)  # the seed tool's .pt files, from the store
+    paths += export_seed_files(str(run_dir), overwrite=overwrite, flag="--output_dir")  # the seed's .pt files
     if quiet:
         print_warnings(summary["failures"] + summary["warnings"])
         return

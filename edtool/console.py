@@ -84,14 +84,14 @@ def print_results_table(location: str, as_json: bool = False):
 
 
 def print_aggregate(summary: dict, location: str) -> None:
-    """What `edtool aggregate` prints: per model mean ED, its spread and mean asym, then NAsym both ways."""
+    """What `edtool aggregate` prints: per model mean ed_fro (of the score), its spread and mean asym, then NAsym both ways."""
     from edtool.study.aggregate import format_number as fmt
 
     used = summary.get("realizations_used", "?")
     print(f"aggregated {used} of {summary.get('realizations_total', '?')} realizations of {location}")
     for name in summary["models"]:
         s = summary[name]
-        print(f"  {name:<14} mean ED {fmt(s['mean_ed_magnitude'])}  std {fmt(s['std_ed_magnitude'])}  "
+        print(f"  {name:<14} mean ed_fro {fmt(s['mean_ed_fro'])}  std {fmt(s['std_ed_fro'])}  "
               f"mean asym {fmt(s['mean_asym'])}  (n={s['num_used']}"
               + (f"; {s['num_failed']} of {s['num_realizations']} with failed steps)" if s["num_failed"] else ")"))
     points = summary.get("points", {}).get("source", "trajectory")

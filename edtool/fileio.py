@@ -56,10 +56,12 @@ def refuse_existing(path, how: str = "pass --force to replace it, or --out to wr
         raise EdtoolError(f"{path} already exists; not replacing it: {how}")
 
 
-def check_output(paths, force: bool = False, how: str = "pass --force to replace it, or --out to write elsewhere"):
+def check_output(paths, force: bool = False, how: str = "pass --force to replace it, or --out to write elsewhere",
+                 flag: str = "--out"):
     """Before any work: every path in `paths` can be written (its nearest existing folder is a folder
     that takes files), is not a folder, is not a file edtool ships (never replaced, --force or not),
-    and is not there already unless `force`. Raises EdtoolError naming the path."""
+    and is not there already unless `force`. Raises EdtoolError naming the path and `flag`, the option
+    that says where to write."""
     import tempfile
 
     from edtool.paths import shipped_dir
@@ -67,9 +69,9 @@ def check_output(paths, force: bool = False, how: str = "pass --force to replace
     shipped = shipped_dir().resolve()
     for path in map(Path, paths):
         if path.is_dir():
-            raise EdtoolError(f"{path} is a folder; give a file path to --out")
+            raise EdtoolError(f"{path} is a folder; give a file path to {flag}")
         if (path.exists() or path.is_symlink()) and path.resolve().parent == shipped:
-            raise EdtoolError(f"{path} is a file edtool ships; not replacing it, --force or not: pass --out to "
+            raise EdtoolError(f"{path} is a file edtool ships; not replacing it, --force or not: pass {flag} to "
                               "write elsewhere")
         if not force:
             refuse_existing(path, how)
@@ -77,11 +79,11 @@ def check_output(paths, force: bool = False, how: str = "pass --force to replace
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         if not folder.is_dir():
-            raise EdtoolError(f"cannot write {path}: {folder} is a file, not a folder; pass --out to write elsewhere")
+            raise EdtoolError(f"cannot write {path}: {folder} is a file, not a folder; pass {flag} to write elsewhere")
         try:  # a probe: os.access says yes to root on a read-only file system
             tempfile.TemporaryFile(dir=folder, prefix=".edtool-probe-").close()
         except OSError as e:
-            raise EdtoolError(f"cannot write {path}: {folder} does not take files ({e.strerror}); pass --out to "
+            raise EdtoolError(f"cannot write {path}: {folder} does not take files ({e.strerror}); pass {flag} to "
                               "write elsewhere") from None
 
 
@@ -145,6 +147,15 @@ def refuse_foreign(paths, how: str = "pass --overwrite to replace it, or write t
             if not written_by_edtool(path, root):
                 raise EdtoolError(f"{path} exists and edtool did not write it (or it changed since; the seed tool "
                                   f"writes files of the same names); not replacing it: {how}")
+
+
+def refuse_folders(paths, flag: str = "--out") -> None:
+    """EdtoolError for the first of `paths` that is a folder (or a link to one) where edtool writes a file:
+    edtool never removes a folder, --overwrite or not. `flag` is the option that names another place."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise EdtoolError(f"{path} is a folder, where edtool writes the file {path.name}; edtool does not remove "
+                              f"it, --overwrite or not: move it away, or pass {flag} another folder")
 
 
 def record_written(paths) -> None:

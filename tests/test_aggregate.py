@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+from edtool.errors import EdtoolError
 from edtool.study.aggregate import QUANTITIES, aggregate_run, compute_aggregate, read_aggregate
 from edtool.store.run import create_run, open_run
 
@@ -95,9 +96,18 @@ def test_summary_stats(tmp_path):
         s = summary[name]
         assert s["num_realizations"] == done[:, m].sum()
         assert s["num_failed"] == (~np.isfinite(ed[done[:, m], m])).any(axis=1).sum()
-        np.testing.assert_allclose(s["mean_ed_magnitude"], values.mean(), rtol=1e-9)
-        np.testing.assert_allclose(s["std_ed_magnitude"], values.std(ddof=1), rtol=1e-9)
-        np.testing.assert_allclose(s["max_ed_magnitude"], values.max(), rtol=1e-9)
+        np.testing.assert_allclose(s["mean_ed_fro"], values.mean(), rtol=1e-9)
+        np.testing.assert_allclose(s["std_ed_fro"], values.std(ddof=1), rtol=1e-9)
+        np.testing.assert_allclose(s["max_ed_fro"], values.max(), rtol=1e-9)
+        # the seed's keys: its formulas on its field, per step over the finite values, then over the steps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            seed = ed[done[:, m], m] * seed_factor_by_hand(run.time, name)
+            step_mean, step_std = np.nanmean(seed, axis=0), np.nanstd(seed, axis=0)
+        ok = np.isfinite(step_mean)
+        np.testing.assert_allclose([s["mean_ed_magnitude"], s["std_ed_magnitude"], s["max_ed_magnitude"]],
+                                   [step_mean[ok].mean(), step_std[ok].mean(), step_mean[ok].max()], rtol=1e-9)
+        assert s["field"] == ("score" if name == "els" else "eps")
         a = asym[done[:, m], m].ravel()
         np.testing.assert_allclose(s["mean_asym"], np.nanmean(a), rtol=1e-9)
         np.testing.assert_allclose(s["std_asym"], np.nanstd(a, ddof=1), rtol=1e-9)
@@ -110,6 +120,46 @@ def test_summary_stats(tmp_path):
     assert summary["models"] == MODELS and summary["estimator"] == "hutchinson" and summary["probes"] == 16
     assert summary["nsteps"] == 6 and summary["realizations_total"] == 9
     assert summary["realizations_used"] == done.any(axis=1).sum()
+
+
+def seed_factor_by_hand(time, name) -> np.ndarray:
+    """What the seed tool's ED is of ed_fro: its ELS backbone returns the score (1); a network's returns
+    eps = -sqrt(beta(t)) s, so sqrt(beta(t)) with beta(t) = 1 - cos((t / 1.008) pi / 2)^2 (SPEC 2)."""
+    return np.ones(len(time)) if name == "els" else np.sqrt(1 - np.cos(np.asarray(time) / 1.008 * np.pi / 2) ** 2)
+
+
+def test_summary_stats_keeps_the_seed_tools_formulas(tmp_path):
+    """summary_stats.json's four seed keys are what the seed's analyze_exterior_derivative.py computes,
+    here with its own numpy calls on its field, from the store's arrays: mean over steps of the per-step
+    means, mean over steps of the per-step np.std (ddof 0), largest per-step mean."""
+    run = random_run(tmp_path / "r", nan_fraction=0.0)
+    summary = json.loads(json.dumps(aggregate_run(tmp_path / "r")))
+    done, ed = run.done_mask(), run.read("ed_fro").astype(np.float64)
+    assert json.loads((tmp_path / "r" / "summary_stats.json").read_text()) == summary
+    for m, name in enumerate(MODELS):
+        ed_magnitudes_all = ed[done[:, m], m] * seed_factor_by_hand(run.time, name)  # realizations x steps
+        ed_magnitudes_mean = np.mean(ed_magnitudes_all, axis=0)
+        ed_magnitudes_std = np.std(ed_magnitudes_all, axis=0)
+        s = summary[name]
+        assert s["mean_ed_magnitude"] == pytest.approx(float(np.mean(ed_magnitudes_mean)), rel=1e-12)
+        assert s["std_ed_magnitude"] == pytest.approx(float(np.mean(ed_magnitudes_std)), rel=1e-12)
+        assert s["max_ed_magnitude"] == pytest.approx(float(np.max(ed_magnitudes_mean)), rel=1e-12)
+        assert s["num_realizations"] == len(ed_magnitudes_all) >= 2
+        # not edtool's own statistics of the score, which have keys of their own
+        assert s["std_ed_fro"] == pytest.approx(ed[done[:, m], m].std(ddof=1), rel=1e-9)
+        assert s["std_ed_magnitude"] < 0.9 * s["std_ed_fro"] and s["max_ed_fro"] > s["max_ed_magnitude"]
+    assert summary["els"]["mean_ed_magnitude"] == pytest.approx(summary["els"]["mean_ed_fro"], rel=1e-9)
+    assert summary["unet"]["mean_ed_magnitude"] < summary["unet"]["mean_ed_fro"]  # sqrt(beta) < 1 before t = 1
+    assert {"mean_ed_magnitude", "std_ed_magnitude", "max_ed_magnitude", "mean_ed_fro"} <= set(summary["definitions"])
+
+
+def test_aggregate_refuses_a_run_with_nothing_finished(tmp_path):
+    """No finished cell: one line, nothing written (plot refuses the same run the same way)."""
+    create_run(tmp_path / "r", {}, ["unet"], [0], [-1], 2, (1, 2, 2), maps=False)
+    with pytest.raises(EdtoolError, match="no finished cells yet: nothing to aggregate"):
+        aggregate_run(tmp_path / "r")
+    assert not (tmp_path / "r" / "summary_stats.json").exists()
+    assert "aggregate" not in open_run(tmp_path / "r").group
 
 
 @pytest.mark.parametrize("block", [1, 4])
@@ -152,9 +202,11 @@ def test_model_without_finished_cells_and_single_realization(tmp_path):
     assert np.isnan(arrays["ed_fro_std"][0]).all()  # one realization: no spread to estimate
     assert np.isnan(arrays["ed_fro_mean"][1]).all() and np.isnan(arrays["ed_fro_median_timeavg"][1])
     assert arrays["ed_fro_mean_timeavg"][0] == pytest.approx(2.0)
-    assert summary["unet"]["mean_ed_magnitude"] == pytest.approx(2.0)
-    assert summary["unet"]["std_ed_magnitude"] == pytest.approx(1.0)  # over the 3 step values, ddof=1
+    assert summary["unet"]["mean_ed_fro"] == pytest.approx(2.0)
+    assert summary["unet"]["std_ed_fro"] == pytest.approx(1.0)  # over the 3 step values, ddof=1
+    assert summary["unet"]["std_ed_magnitude"] == 0.0  # the seed's: per step over one realization
     assert summary["els"]["num_realizations"] == 0 and summary["els"]["mean_ed_magnitude"] is None
+    assert summary["els"]["mean_ed_fro"] is None
     assert summary["realizations_used"] == 1 and summary["realizations_total"] == 2
 
 
@@ -171,7 +223,10 @@ def test_failed_cell_excluded_and_counted(tmp_path):
     np.testing.assert_allclose(arrays["ed_fro_mean_timeavg"][0], (1.5 + 3.0) / 2)
     assert arrays["ed_fro_n_timeavg"][0] == 2
     assert summary["unet"]["num_failed"] == 2 and summary["unet"]["num_realizations"] == 3
-    assert summary["unet"]["mean_ed_magnitude"] == pytest.approx(2.0)
+    assert summary["unet"]["mean_ed_fro"] == pytest.approx(2.0)
+    factor = seed_factor_by_hand(run.time, "unet")  # the seed's per-step means: [2, 2] times it, NaN left out
+    assert summary["unet"]["mean_ed_magnitude"] == pytest.approx((2 * factor[0] + 2 * factor[1]) / 2)
+    assert summary["unet"]["std_ed_magnitude"] == pytest.approx((1 * factor[0] + 0 * factor[1]) / 2)
 
 
 def test_read_aggregate_goes_stale_when_cells_finish(tmp_path):

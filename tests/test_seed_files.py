@@ -1,7 +1,9 @@
-"""The seed tool's numeric files (issue 21 item 7): `analyze` writes ed_analysis_single.pt and
-ed_analysis_aggregated.pt beside its figures, exported from the run store. Checked by loading them as a
+"""The seed tool's numeric files: `analyze` writes ed_analysis_single.pt and ed_analysis_aggregated.pt
+beside its figures, exported from the run store, with the seed's quantities under the seed's keys (the
+ED of a network's eps, of a machine's score; timesteps the integers N..1). Checked by loading them as a
 seed user would (torch.load, weights_only=True) against the store read independently with zarr and
-xarray, and against closed forms on a hand-written store; foreign files of those names are refused."""
+xarray, against a plain autograd Jacobian of a network's eps at the stored point, and against closed
+forms on a hand-written store; foreign files and folders of those names are refused."""
 
 import hashlib
 import json
@@ -23,7 +25,15 @@ from test_pipeline import _tiny_networks, cli, subprocess_env, tiny_checkpoints 
 
 REPO = Path(__file__).resolve().parent.parent
 ANALYZE = ["analyze", "--models", "resnet,is", "--nsteps", "3", "--probes", "2", "--device", "cpu", "--quiet"]
-ABOUT = {"field", "definition"}
+ABOUT = {"field", "definition", "t", "factor"}
+FIELD = {"resnet": "eps", "unet": "eps", "is": "score", "els": "score"}  # what the seed measured of each
+
+
+def factor_by_hand(time, name) -> np.ndarray:
+    """The seed's ED over edtool's ed_fro: 1 for a machine (its score), sqrt(beta(t)) for a network (its eps
+    = -sqrt(beta) s), beta(t) = 1 - cos((t / 1.008) pi / 2)^2 (SPEC 2)."""
+    time = np.asarray(time, dtype=np.float64)
+    return np.ones(len(time)) if FIELD[name] == "score" else np.sqrt(1 - np.cos(time / 1.008 * np.pi / 2) ** 2)
 
 
 def stored(folder: Path) -> dict:
@@ -52,26 +62,39 @@ def test_analyze_multiple_writes_both_files_equal_to_the_store(tmp_path, capsys,
     import xarray as xr
 
     agg = xr.open_zarr(folder / "ed.zarr", group="aggregate", consolidated=False)
+    summary = json.loads((folder / "summary_stats.json").read_text())
     for m, name in enumerate(truth["models"]):
+        factor = factor_by_hand(truth["time"], name)
         one = single[name]
-        assert {"timesteps", "ed_magnitudes"} | ABOUT <= set(one) and one["field"] == "score"
-        assert torch.equal(one["timesteps"], torch.from_numpy(truth["time"]))
-        assert torch.equal(one["ed_magnitudes"], torch.from_numpy(truth["ed"][0, m]))  # realization 0, bit for bit
+        assert {"timesteps", "ed_magnitudes", "ed_fro"} | ABOUT <= set(one) and one["field"] == FIELD[name]
+        assert one["timesteps"] == [3, 2, 1]  # the seed's: step integers i, at t = i/N
+        assert torch.equal(one["t"], torch.from_numpy(truth["time"]))
+        assert isinstance(one["ed_magnitudes"], list)
+        np.testing.assert_allclose(one["ed_magnitudes"], truth["ed"][0, m] * factor, rtol=1e-14)  # realization 0
+        assert torch.equal(one["ed_fro"], torch.from_numpy(truth["ed"][0, m]))  # the score's, bit for bit
+        assert str(FIELD[name]) in one["definition"] and ("sqrt(beta(t))" in one["definition"]) == (name == "resnet")
 
         many = aggregated[name]
         assert {"timesteps", "ed_magnitudes_mean", "ed_magnitudes_std", "ed_magnitudes_all",
-                "num_realizations"} | ABOUT <= set(many) and many["field"] == "score"
+                "num_realizations", "ed_fro_all"} | ABOUT <= set(many) and many["field"] == FIELD[name]
         assert many["num_realizations"] == 2 and isinstance(many["num_realizations"], int)
-        values = truth["ed"][:, m]  # (realizations, steps)
-        assert torch.equal(many["ed_magnitudes_all"], torch.from_numpy(values))
+        assert many["timesteps"] == [3, 2, 1]
+        values = truth["ed"][:, m] * factor  # (realizations, steps) of the seed's field
+        np.testing.assert_allclose(many["ed_magnitudes_all"].numpy(), values, rtol=1e-14)
+        assert torch.equal(many["ed_fro_all"], torch.from_numpy(truth["ed"][:, m]))
         np.testing.assert_allclose(many["ed_magnitudes_mean"].numpy(), values.mean(axis=0), rtol=1e-12)
         np.testing.assert_allclose(many["ed_magnitudes_std"].numpy(), values.std(axis=0, ddof=0), rtol=1e-12)
         assert many["ed_magnitudes_n"].tolist() == [2, 2, 2]
-        # the store's own aggregate (float32, ddof 1) says the same
-        np.testing.assert_allclose(many["ed_magnitudes_mean"].numpy(), agg["ed_fro_mean"].sel(model=name).values,
-                                   rtol=1e-6)
+        # the store's own aggregate of ed_fro (float32, ddof 1), times the factor, says the same
+        np.testing.assert_allclose(many["ed_magnitudes_mean"].numpy(),
+                                   agg["ed_fro_mean"].sel(model=name).values * factor, rtol=1e-6)
         np.testing.assert_allclose(many["ed_magnitudes_std"].numpy() * np.sqrt(2),
-                                   agg["ed_fro_std"].sel(model=name).values, rtol=1e-5)
+                                   agg["ed_fro_std"].sel(model=name).values * factor, rtol=1e-5)
+        # summary_stats.json beside it: the seed's formulas on the same numbers
+        s = summary[name]
+        np.testing.assert_allclose([s["mean_ed_magnitude"], s["std_ed_magnitude"], s["max_ed_magnitude"]],
+                                   [many["ed_magnitudes_mean"].mean(), many["ed_magnitudes_std"].mean(),
+                                    many["ed_magnitudes_mean"].max()], rtol=1e-12)
 
     ledger = json.loads((folder / LEDGER).read_text())  # recorded like the figures
     assert ledger[SINGLE] == sha256(folder / SINGLE) and ledger[AGGREGATED] == sha256(folder / AGGREGATED)
@@ -89,9 +112,11 @@ def test_analyze_single_from_the_console_script(tmp_path):
     truth = stored(folder)
     single = torch.load(folder / SINGLE, weights_only=True)
     for m, name in enumerate(truth["models"]):
-        assert torch.equal(single[name]["ed_magnitudes"], torch.from_numpy(truth["ed"][0, m]))
-        assert torch.isfinite(single[name]["ed_magnitudes"]).all()
-    assert (single["resnet"]["ed_magnitudes"] > 0).all() and (single["is"]["ed_magnitudes"] == 0).all()  # is: a gradient
+        np.testing.assert_allclose(single[name]["ed_magnitudes"], truth["ed"][0, m] * factor_by_hand(truth["time"], name),
+                                   rtol=1e-14)
+        assert torch.equal(single[name]["ed_fro"], torch.from_numpy(truth["ed"][0, m]))
+        assert np.isfinite(single[name]["ed_magnitudes"]).all()
+    assert min(single["resnet"]["ed_magnitudes"]) > 0 and set(single["is"]["ed_magnitudes"]) == {0.0}  # is: a gradient
 
 
 def test_the_seed_tools_own_files_are_never_replaced_silently(tmp_path, capsys, monkeypatch):
@@ -127,15 +152,18 @@ def test_failed_steps_and_unfinished_cells_on_a_hand_written_store(tmp_path):
         run.write_cell(r, m, ed, 2 * ed, np.full(3, 0.25), np.zeros(3), np.zeros((1, 2, 2)))
     files = seed_results(run)
     single, aggregated = files[SINGLE], files[AGGREGATED]
+    f = factor_by_hand([1, 2 / 3, 1 / 3], "unet")  # the unet's numbers are of eps; the els machine's of the score
     # realization 1 is the first with every model done: the one the single figure shows
     assert set(single) == {"unet", "els"} and single["unet"]["realization"] == 1 and single["unet"]["seed"] == 8
-    assert single["unet"]["ed_magnitudes"].tolist() == [3.0, 4.0, 5.0]
+    np.testing.assert_allclose(single["unet"]["ed_magnitudes"], [3.0 * f[0], 4.0 * f[1], 5.0 * f[2]], rtol=1e-14)
+    assert single["unet"]["ed_fro"].tolist() == [3.0, 4.0, 5.0] and single["els"]["ed_magnitudes"] == [6.0] * 3
     unet = aggregated["unet"]
     assert unet["num_realizations"] == 2 and unet["ed_magnitudes_n"].tolist() == [2, 2, 1]
-    assert unet["ed_magnitudes_mean"].tolist() == [2.0, 3.0, 5.0]
-    assert unet["ed_magnitudes_std"].tolist() == [1.0, 1.0, 0.0]
+    np.testing.assert_allclose(unet["ed_magnitudes_mean"], [2.0 * f[0], 3.0 * f[1], 5.0 * f[2]], rtol=1e-14)
+    np.testing.assert_allclose(unet["ed_magnitudes_std"], [1.0 * f[0], 1.0 * f[1], 0.0], rtol=1e-14)
     assert torch.isnan(unet["ed_magnitudes_all"][0, 2]) and unet["ed_magnitudes_all"].shape == (2, 3)
     assert aggregated["els"]["num_realizations"] == 1 and aggregated["els"]["ed_magnitudes_std"].tolist() == [0.0] * 3
+    assert aggregated["els"]["ed_magnitudes_mean"].tolist() == [6.0] * 3 and aggregated["els"]["field"] == "score"
 
     paths = export_seed_files(tmp_path / "r")  # into the run's folder
     assert [p.name for p in paths] == [SINGLE, AGGREGATED]

@@ -8,6 +8,10 @@ Names: `aggregate/<quantity>_<stat>` is (model, step), the statistic over realiz
 each step; `aggregate/<quantity>_<stat>_timeavg` is (model,), the statistic over
 realizations of each realization's mean over its steps.
 
+summary_stats.json keeps the seed tool's four keys with the seed's formulas on the seed's field
+(`seed_factor`: the network's eps, sqrt(beta(t)) x ed_fro, or the machine's score), and puts edtool's
+own statistics of ed_fro under keys of their own (`mean_ed_fro`, ...): DEFINITIONS says which is which.
+
 QCSBM's NAsym = ||J - J^T||_F^2 / (4 ||J||_F^2) = asym^2 (SPEC 13) is averaged two ways, over the
 (realization, step) values where ed_fro, jac_fro and asym are all finite: `nasym_mean` (their
 mean of per-sample ratios, what their Table 2 reports) and `nasym_ratio_of_means` (mean
@@ -19,15 +23,18 @@ import datetime
 import warnings
 
 import numpy as np
+import torch
 
 from edtool import __version__
+from edtool.config import ALIASES, MACHINES
+from edtool.diffusion import beta
 from edtool.store.integrity import AGGREGATE_DIGESTS, array_digest
 from edtool.store.layout import consolidate, new_array
 from edtool.store.location import local_dir
 from edtool.store.locks import access_lock
 from edtool.store.ownership import write_summary
-from edtool.store.run import open_run
-from edtool.store.runstore import RunStore, require_whole
+from edtool.store.run import open_finished, open_run
+from edtool.store.runstore import RunStore
 
 QUANTITIES = ("ed_fro", "asym", "jac_fro")
 STATS = ("mean", "std", "cv", "median", "q05", "q95", "n")
@@ -35,12 +42,20 @@ QUANTILES = {"median": 0.5, "q05": 0.05, "q95": 0.95}
 BLOCK = 64  # realizations read at once by the streaming pass
 
 DEFINITIONS = {
-    "mean_ed_magnitude": "mean of ed_fro = ||J - J^T||_F of the score over all finite (realization, step) values",
-    "std_ed_magnitude": "sample standard deviation (ddof=1) of the same values",
-    "max_ed_magnitude": "largest of the same values",
+    "mean_ed_magnitude": "the seed tool's: mean over steps of ed_magnitudes_mean, the per-step mean over realizations "
+                         "of the seed's ED, ||J - J^T||_F of the network's eps (sqrt(beta(t)) x ed_fro) or of an "
+                         "ELS-type machine's score (= ed_fro); field says which",
+    "std_ed_magnitude": "the seed tool's: mean over steps of the per-step standard deviation (ddof=0) over "
+                        "realizations of the same values (0 with one realization)",
+    "max_ed_magnitude": "the seed tool's: largest per-step mean ed_magnitudes_mean (not the largest single value)",
+    "field": "what the seed's ED is of for this model: eps (networks) or score (machines)",
+    "mean_ed_fro": "edtool's: mean of ed_fro = ||J - J^T||_F of the score over all finite (realization, step) values",
+    "std_ed_fro": "edtool's: sample standard deviation (ddof=1) of the same values",
+    "max_ed_fro": "edtool's: largest of the same values",
     "num_realizations": "completed realizations of this model (done cells)",
     "num_failed": "completed realizations with at least one non-finite ed_fro step (those steps are excluded)",
-    "num_used": "realizations that contribute to mean_ed_magnitude (at least one finite ed_fro step)",
+    "num_used": "realizations that contribute to mean_ed_fro (at least one finite ed_fro step); the seed's keys "
+                "leave out the failed steps the same way, and a step that failed in every realization",
     "mean_asym": "mean of asym = ||J - J^T||_F / (2 ||J||_F) over all finite (realization, step) values",
     "nasym_mean_of_ratios": "QCSBM's NAsym (Chao et al. 2023, Table 2): mean over (realization, step) of "
                             "asym^2 = ||J - J^T||_F^2 / (4 ||J||_F^2), over the values where ed_fro, jac_fro and "
@@ -69,13 +84,12 @@ def aggregate_run(location, block: int = BLOCK) -> dict:
     The summary is also written to `<run>/summary_stats.json` when the run is on a local disk
     (atomically; a summary_stats.json edtool did not write is refused, never replaced); for a
     non-local store the caller decides where it goes. A run with damaged cells is refused, naming
-    them. Holds the run's access lock exclusively: a second aggregate, a plot or a `compute
+    them, and so is a run with no finished cell (nothing is written). Holds the run's access lock exclusively: a second aggregate, a plot or a `compute
     --overwrite` waits for it; cells that compute finishes meanwhile count next time.
     Memory: see `compute_aggregate`.
     """
     with access_lock(location, exclusive=True, doing="aggregating it"):
-        run = open_run(location, mode="r+")
-        require_whole(run)
+        run = open_finished(open_run(location, mode="r+"), "aggregate")
         arrays, summary = compute_aggregate(run, block)
         write_aggregate(run, arrays, summary)
         base = local_dir(run.location)
@@ -228,6 +242,42 @@ def _nanquantile(x: np.ndarray, p: float) -> np.ndarray:
         return np.nanquantile(x, p, axis=0)
 
 
+def seed_field(name: str) -> str:
+    """What the seed tool's ED is of for model `name`: "score" for the ELS-type machines (their backbone
+    returns a score), "eps" for every network (a UNet's or ResNet's backbone returns its noise prediction).
+    Built-in machine names cannot label another model (ComputeConfig reserves them)."""
+    return "score" if name in MACHINES or name in ALIASES else "eps"
+
+
+def seed_factor(run: RunStore, name: str) -> np.ndarray:
+    """(step,) float64: the seed tool's ED of model `name` is this times edtool's ed_fro. eps_hat = -sqrt(beta(t)) s
+    (SPEC 2), so J_eps = -sqrt(beta(t)) J_s and ||J_eps - J_eps^T||_F = sqrt(beta(t)) ||J_s - J_s^T||_F."""
+    if seed_field(name) == "score":
+        return np.ones(run.nsteps)
+    return beta(torch.from_numpy(np.asarray(run.time, dtype=np.float64))).sqrt().numpy()
+
+
+def seed_step_stats(values: np.ndarray) -> tuple:
+    """The seed's per-step mean and standard deviation (np.std: ddof 0) over realizations (rows), NaN values
+    left out; NaN at a step without a value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step without a value (or no row): NaN
+        return np.nanmean(values, axis=0), np.nanstd(values, axis=0, ddof=0)
+
+
+def _seed_summary(run: RunStore, m: int, done: np.ndarray) -> dict:
+    """The seed tool's summary_stats.json entry for model m, its formulas on its field: the mean over steps
+    of the per-step means and of the per-step stds, the largest per-step mean; steps without a finite
+    value are left out."""
+    ed_fro = run.read("ed_fro", model=m)[done[:, m]].astype(np.float64)
+    mean, std = seed_step_stats(ed_fro * seed_factor(run, run.models[m]))
+    ok = np.isfinite(mean)
+    if not ok.any():
+        return {"mean_ed_magnitude": None, "std_ed_magnitude": None, "max_ed_magnitude": None}
+    return {"mean_ed_magnitude": _num(mean[ok].mean()), "std_ed_magnitude": _num(std[ok].mean()),
+            "max_ed_magnitude": _num(mean[ok].max())}
+
+
 def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
     """summary_stats.json: the seed tool's keys per model, plus ours and the run-level facts."""
     def overall(q, m):
@@ -260,9 +310,9 @@ def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
                 n, mean = arrays[f"{q}_n"][m], arrays[f"{q}_mean"][m]
                 overall_whole[f"mean_{q}"] = _num(np.nansum(np.where(n > 0, mean * n, 0)) / n.sum()) \
                     if n.sum() else None
-        summary[name] = {"mean_ed_magnitude": ed_mean, "std_ed_magnitude": ed_std,
-                         "max_ed_magnitude": _num(ed_max) if np.isfinite(ed_max) else None,
-                         "num_realizations": int(done[:, m].sum()), "num_failed": int(failed[m]),
+        summary[name] = {**_seed_summary(run, m, done), "num_realizations": int(done[:, m].sum()),
+                         "field": seed_field(name), "mean_ed_fro": ed_mean, "std_ed_fro": ed_std,
+                         "max_ed_fro": _num(ed_max) if np.isfinite(ed_max) else None, "num_failed": int(failed[m]),
                          "num_used": int(arrays["ed_fro_n_timeavg"][m]),
                          "mean_asym": asym_mean, "std_asym": asym_std,
                          "mean_jac_fro": overall("jac_fro", m)[0],

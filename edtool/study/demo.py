@@ -126,7 +126,7 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
                   indent=3))
     for name in run.models:
         s = stats[name]
-        say(f"   {name:<8} mean ED = {_fmt(s['mean_ed_magnitude'])} +- {_fmt(s['std_ed_magnitude'])}   "
+        say(f"   {name:<8} mean ED = {_fmt(s['mean_ed_fro'])} +- {_fmt(s['std_ed_fro'])}   "
             f"mean asym = {_fmt(s['mean_asym'])}")
     measured = [name for name in run.models if stats[name]["mean_asym"] is not None]
     if measured:

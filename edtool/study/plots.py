@@ -22,7 +22,8 @@ import numpy as np
 
 from edtool.study.aggregate import compute_aggregate, read_aggregate
 from edtool.errors import EdtoolError
-from edtool.fileio import check_output, read_ledger, record_entry, recorded_paths, refuse_foreign, written_by_edtool
+from edtool.fileio import (check_output, read_ledger, record_entry, recorded_paths, refuse_folders, refuse_foreign,
+                           written_by_edtool)
 from edtool.store.location import local_dir
 from edtool.store.locks import access_lock
 from edtool.store.run import open_finished, open_run
@@ -40,14 +41,16 @@ FIGURES = ("ed_analysis_single", "ed_analysis_aggregated", "asym_vs_time", "curl
 FIGURES_OF = "figures of run (edtool plot)"  # the ledger entry naming the run whose figures a folder holds
 
 
-def check_figure_folder(out_dir, fmt: str = "png", overwrite: bool = False) -> str:
-    """Before any work: the format is one we write, `out_dir` is a folder that takes files, and it holds
-    no file of a figure's name that edtool did not write there (the seed tool's figures have the same
-    names) unless `overwrite`. Returns the format, normalised; EdtoolError otherwise."""
+def check_figure_folder(out_dir, fmt: str = "png", overwrite: bool = False, flag: str = "--out") -> str:
+    """Before any work: the format is one we write, `out_dir` is a folder that takes files, it holds no
+    folder of a figure's name, and no file of a figure's name that edtool did not write there (the seed
+    tool's figures have the same names) unless `overwrite`. Returns the format, normalised; EdtoolError
+    otherwise, naming `flag` (the option that names the folder) where another folder is the way out."""
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
         raise EdtoolError(f"figure format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
-    check_output([Path(out_dir) / f"{FIGURES[0]}.{fmt}"], force=True)
+    refuse_folders([Path(out_dir) / f"{name}.{fmt}" for name in FIGURES], flag)
+    check_output([Path(out_dir) / f"{FIGURES[0]}.{fmt}"], force=True, flag=flag)
     if not overwrite:
         refuse_foreign([Path(out_dir) / f"{name}.{fmt}" for name in FIGURES],
                        "pass --overwrite to replace it, or write the figures to another folder")
