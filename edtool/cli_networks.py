@@ -109,6 +109,9 @@ def train(
         net = checkpoints.load(init_from)
         init = net.net.state_dict()
         settings["init_from"] = checkpoints.file_hash(init_from.with_suffix(".safetensors"))
+    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if state is not None and state.is_dir():  # nobody else trains in it while we read and continue it
+        ctx.with_resource(train_state.lock(state, doing=command))
     previous = train_state.read(state) if state is not None else None
     if previous is not None:  # continue it: settings not given on the command line come from the state
         settings = {**settings, **previous["config"],
@@ -125,6 +128,9 @@ def train(
     if out is None and state is None:
         out = local_checkpoints_dir() / default_name(cfg)
     if out is not None:
+        if out.exists() and not out.is_file():  # a folder or /dev/null: not where a checkpoint file goes
+            raise EdtoolError(f"--out {out} is a folder or a device, not a file; give the checkpoint's file path, "
+                              f"e.g. {out / 'model.safetensors' if out.is_dir() else 'model.safetensors'}")
         out = Path(out).with_suffix(".safetensors")
         check_output([out, out.with_suffix(".json"), out.with_name(out.stem + "_loss.png"),
                       out.with_name(out.stem + "_samples.png")], force)
@@ -141,14 +147,16 @@ def train(
         name = "mnist" if cfg.dataset == "mnist5k" else cfg.dataset
         held_out = load_dataset(name, root=held_out_root or data_root, split="test", download=False)
     work = state if state is not None else cache_dir() / "train" / work_dir_name(out, cfg)
-    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     progress = progress_bar(quiet)
     steps = cfg.steps
     every = max(1, steps // 100)
     kw = dict(ckpt_every=ckpt_every, command=command, init_weights=init, held_out=held_out,
               snapshot_every=snapshot_every, device=device, time_limit_s=time_limit)
 
-    if progress is None:
+    ctx.with_resource(train_state.lock(work, doing=command))  # held until the command ends
+    if quiet:
+        path = run_training(cfg, images, labels, out, work, **kw)
+    elif progress is None:
         def log(step, loss, lr_now):
             if step % every == 0 or step == steps:
                 print(f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.2e}", flush=True)
@@ -166,8 +174,12 @@ def train(
     if reached < steps:
         print(f"stopped at the time limit at step {reached} of {steps}; the state is saved: rerun the same command "
               "to go on")
+    elif state is not None and cfg.lr_gamma is not None:
+        print(f"training state at step {reached} in {state}; continue with: edtool train --state {state} --steps N "
+              f"(any N above {reached})")
     elif state is not None:
-        print(f"training state at step {steps} in {state}; continue with: edtool train --state {state} --steps N")
+        print(f"training state at step {reached} in {state}, the end of its learning-rate schedule "
+              "(--lr-final-factor): it cannot be continued; a run started with --lr-gamma can be")
 
 
 def import_checkpoint(

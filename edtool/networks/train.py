@@ -59,7 +59,15 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path], work_dir: Path,
-          ckpt_every: int = 250, command: str = "", log: Optional[Callable[[int, float, float], None]] = None,
+          **options) -> Optional[Path]:
+    """`train_unlocked` holding work_dir's lock: a second process training in the same folder is refused."""
+    cfg.validate()
+    with train_state.lock(work_dir):
+        return train_unlocked(cfg, images, labels, out, work_dir, **options)
+
+
+def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path],
+                   work_dir: Path, ckpt_every: int = 250, command: str = "", log: Optional[Callable[[int, float, float], None]] = None,
           stop_after: Optional[int] = None, init_weights: Optional[dict] = None, held_out=None,
           snapshot_every: int = 0, device="cpu", time_limit_s: Optional[float] = None) -> Optional[Path]:
     """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs and return
@@ -91,11 +99,7 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
 
     meta = train_state.read(work_dir)
     if meta is not None:
-        if meta["config"] != cfg.identity():
-            changed = sorted(k for k in set(meta["config"]) | set(cfg.identity())
-                             if meta["config"].get(k) != cfg.identity().get(k))
-            raise EdtoolError(f"{work_dir} holds a training run with other settings ({', '.join(changed)}); "
-                              "delete that folder or use another work folder")
+        check_continues(meta, cfg, work_dir)
         ema, losses = train_state.restore(work_dir, meta, net=net, opt=opt, gen=gen)
         ema = {k: v.to(device) for k, v in ema.items()}
         step, elapsed = meta["step"], meta["elapsed_s"]
@@ -161,6 +165,22 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
     write_training_figures(Network(net, man), losses, path, seed=cfg.seed,
                            labels=labels if cfg.conditional else None)
     return path
+
+
+def check_continues(meta: dict, cfg: TrainConfig, work_dir) -> None:
+    """EdtoolError unless cfg continues the run whose state `meta` is (same settings, as many steps or more)."""
+    saved, wanted = meta["config"], cfg.identity()
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if changed == ["steps"]:
+        raise EdtoolError(f"{work_dir} holds a run of {saved['steps']} steps whose learning rate decays over exactly "
+                          f"those steps (--lr-final-factor), so it cannot go on to {cfg.steps}: give --steps "
+                          f"{saved['steps']}, or start a run that can be continued (--lr-gamma) in another folder")
+    if changed:
+        raise EdtoolError(f"{work_dir} holds a training run with other settings ({', '.join(changed)}); "
+                          "delete that folder or use another work folder")
+    if cfg.steps < meta["step"]:
+        raise EdtoolError(f"{work_dir} holds a run at step {meta['step']}: --steps {cfg.steps} would go back; give "
+                          f"--steps {meta['step']} or more")
 
 
 def manifest(cfg: TrainConfig, images, num_classes, command: str, elapsed: float, step: int) -> dict:
