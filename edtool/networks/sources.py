@@ -33,6 +33,7 @@ INSTALL_LINE = 'pip install "edtool[diffusers]"'
 PARAMETERISATIONS = ("epsilon", "v_prediction", "sample")
 LATENT_PARTS = ("vae", "vqvae")  # a pipeline with one of these works in a latent space
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "image_encoder")
+MAX_IMAGE_ENTRIES = 2**24  # C x H x W of the images a model may ask for (3 x 2048 x 2048 is 12.6 million)
 HUB_FILES = ["model_index.json", "config.json", "scheduler_config.json", "*.safetensors", "*.bin",
              "unet/*", "scheduler/*"]
 
@@ -235,6 +236,13 @@ def _positive_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
+def _check_image_size(shape: tuple, where: str) -> None:
+    """Refuse images larger than MAX_IMAGE_ENTRIES (the store and the noise are sized by them)."""
+    if math.prod(shape) > MAX_IMAGE_ENTRIES:
+        raise EdtoolError(f"{where}: images of shape {list(shape)} have more than {MAX_IMAGE_ENTRIES:,} entries, "
+                          "more than edtool measures")
+
+
 def _check_unet_numbers(config: dict, path: Path) -> None:
     """sample_size (an int or [H, W]), in_channels and num_class_embeds (None or the number of classes) as
     edtool uses them: positive whole numbers, else EdtoolError naming the key."""
@@ -247,6 +255,8 @@ def _check_unet_numbers(config: dict, path: Path) -> None:
         if not (_positive_int(value) or (optional and value is None)):
             need = "the number of classes, or null (unconditional)" if optional else "a positive int"
             raise EdtoolError(f"{path}: {key} {value!r} is not {need}")
+    if size is not None:
+        _check_image_size((config.get("in_channels", 3), *((size, size) if _positive_int(size) else size)), str(path))
 
 
 def diffusers_parts(folder: Path, scheduler: Optional[Path], source: str) -> Tuple[Path, Path]:
@@ -446,6 +456,7 @@ def _entry_image_shape(shape, source: str) -> Optional[list]:
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 3 \
             or not all(_positive_int(v) for v in shape):
         raise EdtoolError(f"{source}: image_shape {shape!r} is not (channels, height, width) of positive ints")
+    _check_image_size(shape, source)
     return [int(v) for v in shape]
 
 
