@@ -17,8 +17,10 @@ from edtool.fileio import check_output
 
 
 def int_list(text: str, what: str) -> List[int]:
+    """'32,64,128' (or '32 64 128') -> [32, 64, 128]; an empty entry ('8,,16', '8,16,') is refused."""
     try:
-        return [int(v) for v in text.replace(",", " ").split()]
+        words = [part.split() or [""] for part in text.split(",")]  # an empty entry is refused by int("")
+        return [int(v) for part in words for v in part]
     except ValueError:
         raise EdtoolError(f"{what} must be integers separated by commas, e.g. 32,64,128 (got {text!r})") from None
 

@@ -141,12 +141,15 @@ class TrainConfig:
 MAX_SEED = 2**63 - 1  # seeds are 0..MAX_SEED: stored as int64 (a negative one would alias a large one in torch)
 MAX_NSTEPS = 100_000  # DDIM steps (the paper's runs use 20 to 1000)
 MAX_SEEDS = 1_000_000  # seeds of one calibrate or sample (like a run's MAX_REALIZATIONS)
+# Hutchinson probes per point: far more than any image has entries (CIFAR-10: 3,072), where the exact Jacobian
+# is cheaper than the probes
+MAX_PROBES = 100_000
 RANGES = {
     "nsteps": (1, MAX_NSTEPS),
     "seed": (0, MAX_SEED),
     "seeds": (1, MAX_SEEDS),
     "realizations": (1, None),  # and at most the store's MAX_REALIZATIONS, which ComputeConfig.validate checks
-    "probes": (MIN_PROBES, None),
+    "probes": (MIN_PROBES, MAX_PROBES),
     "max_samples": (1, None),
     "batch": (1, None),
     "locality_radius": (0, None),
@@ -281,8 +284,24 @@ class ComputeConfig:
                               "run directory once before starting the shards, and run them without --overwrite")
         check_patch_size(self.patch_size, "--patch-size")
         check_range("max_samples", self.max_samples)
+        self._validate_scheduler()
         self._validate_jacobian_whole()
         return self
+
+    def _validate_scheduler(self) -> None:
+        """--scheduler serves a diffusers model folder among the LABEL=SOURCE entries; never ignored."""
+        if self.scheduler is None:
+            return
+        from pathlib import Path
+
+        diffusers = [s for s in self.sources.values() if s.startswith("hf:") or
+                     (not s.startswith("py:") and Path(s).is_dir())]
+        if not diffusers:
+            raise EdtoolError(f"--scheduler {self.scheduler} gives the noise levels of a diffusers model folder in "
+                              "--models LABEL=FOLDER (or hf:ORG/NAME), and there is none; drop --scheduler")
+        if not Path(self.scheduler).exists():
+            raise EdtoolError(f"--scheduler {self.scheduler}: no such file or folder (a folder holding "
+                              "scheduler_config.json, or the file)")
 
     def _validate_jacobian_whole(self) -> None:
         """--locality and --align settings (SPEC 12)."""

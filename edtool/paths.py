@@ -16,7 +16,7 @@ def shipped_dir() -> Path:
 
 def search_dirs() -> List[Path]:
     """Folders searched for checkpoints and scales, first match wins (SPEC 4): ./checkpoints of the
-    working directory, EDTOOL_CHECKPOINTS, the shipped ones. A ./checkpoints that is the shipped
+    working directory, EDTOOL_CHECKPOINTS (unless empty), the shipped ones. A ./checkpoints that is the shipped
     folder itself (running inside the repository) keeps the shipped folder's place, last."""
     env = os.environ.get("EDTOOL_CHECKPOINTS")
     shipped = shipped_dir()
@@ -41,12 +41,14 @@ def local_checkpoints_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Runtime output (runs, prepared data); EDTOOL_CACHE overrides, default ./cache."""
-    path = Path(os.environ.get("EDTOOL_CACHE", Path.cwd() / "cache"))
+    """Runtime output (runs, prepared data); EDTOOL_CACHE overrides, default ./cache (an empty EDTOOL_CACHE
+    counts as unset, as an empty EDTOOL_CHECKPOINTS does)."""
+    env = os.environ.get("EDTOOL_CACHE")
+    path = Path(env) if env else Path.cwd() / "cache"
     if path.exists() and not path.is_dir():
         from edtool.errors import EdtoolError
 
-        where = f"EDTOOL_CACHE={os.environ['EDTOOL_CACHE']}" if "EDTOOL_CACHE" in os.environ else str(path)
+        where = f"EDTOOL_CACHE={env}" if env else str(path)
         raise EdtoolError(f"{where} is a file, not a folder: point EDTOOL_CACHE at a folder (or unset it for "
                           "./cache)")
     return path

@@ -7,7 +7,9 @@ their weights kept in L1 between the exp and the sums. Building the candidate ke
 distinct windows, copying them into key columns) is here too: one pass instead of many torch ops.
 kernel.cpp is plain C++ (no torch headers) compiled with the system's g++ into a per-machine
 cache (~/.cache/edtool/kernels, or $EDTOOL_KERNEL_DIR) the first time it is needed (a second or
-two), and called through ctypes, which releases the GIL. When it cannot be built (no compiler,
+two), and called through ctypes, which releases the GIL. The sha256 of each build is written beside
+it (`els_<tag>.so.sha256`) and checked before the library is loaded: a truncated or overwritten file is
+built again, never mapped (mapping one can kill the process). When it cannot be built (no compiler,
 say) `kernels()` returns None after one warning and the engine runs its pure-torch path, which
 gives the same numbers. EDTOOL_ELS_KERNEL=torch forces the torch path.
 """
@@ -69,29 +71,57 @@ def _build(target: pathlib.Path) -> None:
             cmd = [CXX, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", *arch, str(SOURCE), "-o", str(out)]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode == 0:
+                _write_checksum(out, target)
                 os.replace(out, target)
                 return
             errors = (run.stderr.strip().splitlines() or ["failed"])[-1]
     raise RuntimeError(f"{CXX} failed: {errors}")
 
 
+def _checksum_path(target: pathlib.Path) -> pathlib.Path:
+    """Where the sha256 of a built library is kept: <library>.sha256 beside it."""
+    return target.with_name(target.name + ".sha256")
+
+
+def _write_checksum(built: pathlib.Path, target: pathlib.Path) -> None:
+    """Record the sha256 of the freshly built `built` (about to be renamed to `target`), atomically: written
+    beside it in the build's temporary folder, then renamed into place."""
+    tmp = built.with_name(built.name + ".sha256")
+    tmp.write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
+    os.replace(tmp, _checksum_path(target))
+
+
+def _verified(target: pathlib.Path) -> Optional[bytes]:
+    """The cached library's bytes when they match the checksum written after its build; None when either
+    is missing or unreadable or they differ (truncated, overwritten, a build from before checksums)."""
+    try:
+        data, recorded = target.read_bytes(), _checksum_path(target).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == recorded else None
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
+    """Build the library when the cache has no verified one, then load a private copy of the verified bytes.
+    Mapping a damaged library can kill the process (SIGBUS on a truncated file) before any error could be
+    raised, so nothing is handed to the dynamic loader unchecked, and the copy cannot change under it."""
     root = pathlib.Path(os.environ.get("EDTOOL_KERNEL_DIR") or pathlib.Path(
         os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "edtool" / "kernels")
     target = root / f"els_{_cpu_tag()}.so"
     try:
-        if not target.exists():
+        data = _verified(target)
+        if data is None:  # not built yet, or damaged: build it (again)
             _build(target)
-        try:
-            return _bind(ctypes.CDLL(str(target)))
-        except (OSError, AttributeError):  # a damaged or foreign file under our name: build it again, once
-            _build(target)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # a new name: dlopen would reuse the old
-                fresh = shutil.copy(target, pathlib.Path(tmp) / target.name)
-                return _bind(ctypes.CDLL(str(fresh)))  # (a loaded library may be unlinked)
+            data = _verified(target)
+            if data is None:
+                raise RuntimeError(f"{target} does not match its checksum right after the build")
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # a loaded library may be unlinked
+            private = pathlib.Path(tmp) / target.name
+            private.write_bytes(data)
+            return _bind(ctypes.CDLL(str(private)))
     except Exception as e:  # noqa: BLE001 - any build or load failure means: use the torch path
-        warnings.warn(f"edtool: the fused ELS kernel is unavailable ({e}); using the pure-torch engine (same "
+        warnings.warn(f"the fused ELS kernel is unavailable ({e}); using the pure-torch engine (same "
                       f"numbers, slower). Install g++ to enable it, or set {ENV}=torch to silence this.",
                       RuntimeWarning, stacklevel=2)
         return None

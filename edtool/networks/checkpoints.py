@@ -43,9 +43,9 @@ def read_manifest(path) -> dict:
                           "plus NAME.json (convert paper checkpoints with `edtool import-checkpoint`)")
     try:
         manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdtoolError(f"checkpoint manifest {mpath} is not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT or "arch" not in manifest:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdtoolError(f"checkpoint manifest {mpath} is not readable JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "arch" not in manifest:
         raise EdtoolError(f"{mpath} is not an edtool checkpoint manifest")
     return manifest
 

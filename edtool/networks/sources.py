@@ -16,7 +16,9 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -31,11 +33,9 @@ INSTALL_LINE = 'pip install "edtool[diffusers]"'
 PARAMETERISATIONS = ("epsilon", "v_prediction", "sample")
 LATENT_PARTS = ("vae", "vqvae")  # a pipeline with one of these works in a latent space
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "image_encoder")
+MAX_IMAGE_ENTRIES = 2**24  # C x H x W of the images a model may ask for (3 x 2048 x 2048 is 12.6 million)
 HUB_FILES = ["model_index.json", "config.json", "scheduler_config.json", "*.safetensors", "*.bin",
              "unet/*", "scheduler/*"]
-
-
-# ------------------------------------------------------------------ --models LABEL=SOURCE
 
 
 # ------------------------------------------------------------------ the time mapping (SPEC 14)
@@ -128,13 +128,21 @@ class DiscreteVPModel:
         return eps_to_score(self.eps(t, x, label), t)
 
 
+class ModelError(RuntimeError):
+    """A `py:` model's own code failed at a point, or returned something other than a floating tensor of
+    x's shape. A RuntimeError like any numeric failure: compute stores that cell as NaN with a warning that
+    names the source and the exception, and goes on with the other cells."""
+
+
 class EntryPointModel:
     """A `py:` object with `score(t, x, label=None)` at edtool's t (optionally `eps`, `image_shape`,
-    `num_classes`, `to`), given the interface the pipeline uses."""
+    `num_classes`, `to`), given the interface the pipeline uses. Its calls are checked (ModelError)."""
 
-    def __init__(self, obj, manifest: dict):
+    def __init__(self, obj, manifest: dict, source: str, has_eps: bool = False):
         self.obj = obj
         self.manifest = manifest
+        self.source = source
+        self.has_eps = has_eps
         self.conditional = manifest.get("num_classes") is not None
 
     @property
@@ -142,21 +150,55 @@ class EntryPointModel:
         return self.manifest["arch"]
 
     def to(self, device=None, dtype=None) -> "EntryPointModel":
-        if callable(getattr(self.obj, "to", None)):
-            moved = self.obj.to(device=device, dtype=dtype)
-            self.obj = moved if moved is not None else self.obj
+        with users_code(self.source, "to()"):
+            if callable(getattr(self.obj, "to", None)):
+                moved = self.obj.to(device=device, dtype=dtype)
+                self.obj = moved if moved is not None else self.obj
         return self
 
     def score(self, t: Tensor, x: Tensor, label: Optional[Tensor] = None) -> Tensor:
-        return self.obj.score(t, x, label)
+        return self._call("score", t, x, label)
 
     def eps(self, t: Tensor, x: Tensor, label: Optional[Tensor] = None) -> Tensor:
-        if callable(getattr(self.obj, "eps", None)):
-            return self.obj.eps(t, x, label)
-        return score_to_eps(self.obj.score(t, x, label), t)
+        if self.has_eps:
+            return self._call("eps", t, x, label)
+        return score_to_eps(self._call("score", t, x, label), t)
+
+    def _call(self, method: str, t: Tensor, x: Tensor, label: Optional[Tensor]) -> Tensor:
+        """obj.<method>(t, x, label), or ModelError when it raises (SystemExit included) or returns anything
+        but a floating tensor of x's shape."""
+        try:
+            out = getattr(self.obj, method)(t, x, label)
+        except (Exception, SystemExit) as e:
+            raise ModelError(f"{self.source}: its {method}() raised {describe_exception(e)}") from None
+        if not isinstance(out, Tensor) or not out.is_floating_point() or out.shape != x.shape:
+            got = f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else \
+                f"a {type(out).__name__}"
+            raise ModelError(f"{self.source}: its {method}() must return a floating tensor of x's shape "
+                             f"{tuple(x.shape)}, got {got}")
+        return out
 
 
 # ------------------------------------------------------------------ loading
+
+
+def describe_exception(e: BaseException) -> str:
+    """`Type: first words of its message` in one line."""
+    text = " ".join(str(e).split())[:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextmanager
+def users_code(source: str, what: str):
+    """Run a py: source's own code: whatever it raises (SystemExit included; an EdtoolError or Ctrl-C passes
+    through) is its failure, one line naming the source and the exception, never edtool's internal error."""
+    try:
+        yield
+    except EdtoolError:
+        raise
+    except (Exception, SystemExit) as e:
+        raise EdtoolError(f"{source}: {what} raised {describe_exception(e)} (an error in that code, not in "
+                          "edtool)") from None
 
 
 def files_hash(root: Path, files: List[Path]) -> str:
@@ -179,10 +221,42 @@ def _require_diffusers(source: str):
 
 
 def _read_json(path: Path) -> dict:
+    """A diffusers config file: a JSON object, else EdtoolError."""
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EdtoolError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise EdtoolError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; is it a diffusers "
+                          "config file?")
+    return config
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _check_image_size(shape: tuple, where: str) -> None:
+    """Refuse images larger than MAX_IMAGE_ENTRIES (the store and the noise are sized by them)."""
+    if math.prod(shape) > MAX_IMAGE_ENTRIES:
+        raise EdtoolError(f"{where}: images of shape {list(shape)} have more than {MAX_IMAGE_ENTRIES:,} entries, "
+                          "more than edtool measures")
+
+
+def _check_unet_numbers(config: dict, path: Path) -> None:
+    """sample_size (an int or [H, W]), in_channels and num_class_embeds (None or the number of classes) as
+    edtool uses them: positive whole numbers, else EdtoolError naming the key."""
+    size = config.get("sample_size")
+    if size is not None and not (_positive_int(size) or (isinstance(size, (list, tuple)) and len(size) == 2
+                                                         and all(map(_positive_int, size)))):
+        raise EdtoolError(f"{path}: sample_size {size!r} is not an image size (a positive int, or [height, width])")
+    for key, optional in (("in_channels", False), ("num_class_embeds", True)):
+        value = config.get(key, 3 if key == "in_channels" else None)
+        if not (_positive_int(value) or (optional and value is None)):
+            need = "the number of classes, or null (unconditional)" if optional else "a positive int"
+            raise EdtoolError(f"{path}: {key} {value!r} is not {need}")
+    if size is not None:
+        _check_image_size((config.get("in_channels", 3), *((size, size) if _positive_int(size) else size)), str(path))
 
 
 def diffusers_parts(folder: Path, scheduler: Optional[Path], source: str) -> Tuple[Path, Path]:
@@ -215,6 +289,7 @@ def _unet_config(unet_dir: Path, source: str) -> dict:
     if not (unet_dir / "config.json").is_file():
         raise EdtoolError(f"{source}: no config.json in {unet_dir}; is it a diffusers UNet2DModel folder?")
     config = _read_json(unet_dir / "config.json")
+    _check_unet_numbers(config, unet_dir / "config.json")
     kind = config.get("_class_name")
     if kind != "UNet2DModel":
         why = ("needs cross-attention conditioning (encoder_hidden_states)" if "Condition" in str(kind) or
@@ -235,8 +310,10 @@ def _scheduler_file(path: Path) -> Path:
     return file
 
 
-def load_diffusers(folder: Path, scheduler: Optional[Path], source: str, device="cpu") -> tuple:
-    """A DiscreteVPModel from a diffusers folder, and the config entry (source, weights hash, schedule)."""
+def load_diffusers(folder: Path, scheduler: Optional[Path], source: str, device="cpu",
+                   image_shape: Optional[Callable] = None) -> tuple:
+    """A DiscreteVPModel from a diffusers folder, and the config entry (source, weights hash, schedule). A
+    config without sample_size measures images of `image_shape()`'s size (the data set's)."""
     unet_dir, sched_file = diffusers_parts(Path(folder), scheduler, source)  # refusals before the slow import
     config = _unet_config(unet_dir, source)
     sched_config = _read_json(sched_file)
@@ -249,18 +326,28 @@ def load_diffusers(folder: Path, scheduler: Optional[Path], source: str, device=
     scheduler_class = getattr(diffusers, str(sched_config.get("_class_name")), None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise EdtoolError(f"{sched_file}: scheduler {sched_config.get('_class_name')!r} is not a diffusers scheduler")
-    schedule = scheduler_class.from_config(sched_config)
+    try:
+        schedule = scheduler_class.from_config(sched_config)
+    except Exception as e:  # settings the scheduler cannot take (an unknown beta_schedule, ...)
+        raise EdtoolError(f"{sched_file}: diffusers cannot build its {scheduler_class.__name__} "
+                          f"({describe_exception(e)})") from None
     if getattr(schedule, "alphas_cumprod", None) is None:
         raise EdtoolError(f"{source}: scheduler {type(schedule).__name__} has no alphas_cumprod (not a discrete VP "
                           "schedule); wrap the model with py:package.module:attr")
+    # a folder with .bin weights only is read as such (weights_only: never unpickling code), without diffusers'
+    # logged "error" about the .safetensors it looked for first
+    safetensors = any(unet_dir.glob("*.safetensors"))
     try:
-        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
+        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False,
+                                                     use_safetensors=safetensors)
     except Exception as e:  # missing or corrupt weights, config mismatch
         raise EdtoolError(f"{source}: the UNet could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
     differentiable(unet)
-    size = config.get("sample_size") or 32
-    h, w = (size, size) if isinstance(size, int) else size
+    size = config.get("sample_size")
+    if size is None and image_shape is None:
+        raise EdtoolError(f"{source}: its config.json gives no sample_size; add it (the image side in pixels)")
+    h, w = image_shape()[1:] if size is None else (size, size) if isinstance(size, int) else size
     n_classes = config.get("num_class_embeds")
     manifest = {"arch": "diffusers UNet2DModel", "image_shape": [int(config.get("in_channels", 3)), h, w],
                 "padding": "zeros", "num_classes": n_classes, "prediction_type": prediction}
@@ -325,30 +412,82 @@ def load_entry_point(source: str, image_shape: Optional[Callable] = None, device
     and of any `weights_files` the object lists)."""
     target = source[len("py:"):]
     module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise EdtoolError(f"{source}: write py:package.module:attr (the object with score(t, x, label=None))")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise EdtoolError(f"{source}: cannot import {module_name} ({e}); is it on PYTHONPATH?") from None
-    obj = module
-    for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise EdtoolError(f"{source}: {module_name} has no attribute {attr}")
-    if inspect.isclass(obj) or (not callable(getattr(obj, "score", None)) and callable(obj)):
-        obj = obj()  # a class or factory: the model is what it returns
-    if not callable(getattr(obj, "score", None)):
-        raise EdtoolError(f"{source}: {attr} has no score(t, x, label=None) method (nor returns an object with one)")
-    shape = getattr(obj, "image_shape", None)
-    shape = list(shape) if shape is not None else (image_shape() if image_shape else None)
-    n_classes = getattr(obj, "num_classes", None)
-    manifest = {"arch": f"py:{type(obj).__name__}", "image_shape": shape, "padding": getattr(obj, "padding", "zeros"),
-                "num_classes": n_classes}
-    files = [Path(inspect.getsourcefile(module))] + [Path(p) for p in getattr(obj, "weights_files", ())]
+    if not module_name or not attr or module_name.startswith("."):
+        raise EdtoolError(f"{source}: write py:package.module:attr with the module's full name (attr: the object "
+                          "with score(t, x, label=None))")
+    with users_code(source, f"importing {module_name}"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):  # not found itself
+                raise EdtoolError(f"{source}: cannot import {module_name} ({e}); is it on PYTHONPATH?") from None
+            raise  # a module it imports is missing: its own failure
+    with users_code(source, f"making the model {attr}"):
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                raise EdtoolError(f"{source}: {module_name} has no attribute {attr}")
+        if inspect.isclass(obj) or (not callable(getattr(obj, "score", None)) and callable(obj)):
+            obj = obj()  # a class or factory: the model is what it returns
+        if not callable(getattr(obj, "score", None)):
+            raise EdtoolError(f"{source}: {attr} has no score(t, x, label=None) method (nor returns an object with "
+                              "one)")
+        found = {key: getattr(obj, key, None) for key in ("image_shape", "num_classes", "padding", "weights_files")}
+        has_eps = callable(getattr(obj, "eps", None))
+    shape = _entry_image_shape(found["image_shape"], source)
+    manifest = {"arch": f"py:{type(obj).__name__}", "image_shape": shape or (image_shape() if image_shape else None),
+                "padding": _entry_padding(found["padding"], source),
+                "num_classes": _entry_num_classes(found["num_classes"], source)}
+    module_file = inspect.getsourcefile(module) or getattr(module, "__file__", None)
+    if module_file is None:
+        raise EdtoolError(f"{source}: {module_name} has no source file whose hash the run could record; put the "
+                          "model in a module file")
+    files = [Path(module_file)] + _entry_weights_files(found["weights_files"], source)
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
     entry = {"source": source, "sha256": files_hash(root, [p.resolve() for p in files])}
-    return EntryPointModel(obj, manifest).to(device), entry
+    return EntryPointModel(obj, manifest, source, has_eps).to(device), entry
+
+
+def _entry_image_shape(shape, source: str) -> Optional[list]:
+    """A py: model's image_shape: None, or (C, H, W) of positive ints."""
+    if shape is None:
+        return None
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 3 \
+            or not all(_positive_int(v) for v in shape):
+        raise EdtoolError(f"{source}: image_shape {shape!r} is not (channels, height, width) of positive ints")
+    _check_image_size(shape, source)
+    return [int(v) for v in shape]
+
+
+def _entry_num_classes(n, source: str) -> Optional[int]:
+    """A py: model's num_classes: None (unconditional) or the number of classes, a positive int."""
+    if n is not None and not _positive_int(n):
+        raise EdtoolError(f"{source}: num_classes {n!r} is not the number of classes (a positive int) or None "
+                          "(unconditional)")
+    return n
+
+
+def _entry_padding(padding, source: str) -> str:
+    """A py: model's padding (how --locality measures distance): zeros (default) or circular."""
+    padding = "zeros" if padding is None else padding
+    if padding not in ("zeros", "circular"):
+        raise EdtoolError(f"{source}: padding {padding!r} is neither 'zeros' nor 'circular'")
+    return padding
+
+
+def _entry_weights_files(files, source: str) -> List[Path]:
+    """A py: model's weights_files: a list of existing files (hashed into the run config)."""
+    if files is None:
+        return []
+    if isinstance(files, (str, bytes, os.PathLike)) or not isinstance(files, (list, tuple)):
+        raise EdtoolError(f"{source}: weights_files must be a list of file paths, got {files!r}")
+    paths = [Path(p) for p in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise EdtoolError(f"{source}: weights_files names {missing[0]}, which is no file"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return paths
 
 
 def load_source(source: str, scheduler=None, dataset: Optional[str] = None, device="cpu", note=None,
@@ -358,20 +497,26 @@ def load_source(source: str, scheduler=None, dataset: Optional[str] = None, devi
         repo = source[3:]
         if repo.count("/") != 1:
             raise EdtoolError(f"{source}: write hf:ORG/NAME, e.g. hf:google/ddpm-cifar10-32")
-        return load_diffusers(hub_folder(repo, source), scheduler, source, device)
+        return load_diffusers(hub_folder(repo, source), scheduler, source, device, image_shape)
     if source.startswith("py:"):
         return load_entry_point(source, image_shape, device)
     path = Path(source)
     if path.is_dir():
-        return load_diffusers(path, scheduler, source, device)
+        return load_diffusers(path, scheduler, source, device, image_shape)
     if path.suffix in (".safetensors", ".pt") or path.with_suffix(".safetensors").is_file():
-        from edtool.networks import checkpoints
+        from edtool.networks import checkpoints, discovery
 
-        model = checkpoints.load(path, dataset=dataset, device=device, note=note)
+        if path.suffix == ".safetensors" and not checkpoints.manifest_path(path).exists() \
+                and (path.parent / "config.json").is_file():
+            raise EdtoolError(f"{source} is the weights file of a diffusers model, not an edtool checkpoint: pass its "
+                              f"folder ({path.parent}) as the SOURCE")
+
+        model = discovery.load(path, dataset=dataset, device=device, note=note)
         return model, {"path": str(path), "sha256": checkpoints.file_hash(path if path.is_file()
                                                                            else path.with_suffix(".safetensors"))}
-    raise EdtoolError(f"model source {source!r} is no file or folder here; a SOURCE is a diffusers folder, "
-                      "hf:ORG/NAME, py:package.module:attr or a checkpoint (.safetensors, paper .pt)")
+    what = "is a file edtool does not load as a model" if path.exists() else "is no file or folder here"
+    raise EdtoolError(f"model source {source!r} {what}; a SOURCE is a diffusers folder, hf:ORG/NAME, "
+                      "py:package.module:attr or a checkpoint (.safetensors, paper .pt)")
 
 
 def clamp_note(label: str, model, grid: TimeGrid) -> Optional[str]:

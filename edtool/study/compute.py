@@ -271,6 +271,10 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     study = prepare(cfg)
     for note in study.notes:
         reporter.note(note)
+    if study.device.type == "cpu" and any(name in MACHINE_NAMES for name in cfg.models):
+        from edtool.els.kernel import kernels
+
+        kernels()  # built or loaded here, where its one warning (no compiler, ...) reaches the user, not in a cell
 
     names = list(cfg.models)
     create = dict(config=study.config, models=names, seeds=study.seeds, labels=study.labels,
