@@ -138,3 +138,21 @@ def test_the_run_records_its_platform_and_a_resume_elsewhere_says_so(tmp_path, m
                      f"this run was made with torch {torch.__version__}, this process has torch 9.9, gpu NVIDIA H100 "
                      "80GB HBM3, cuda 12.4: the cells computed now agree with the earlier ones within float32 "
                      "rounding (docs/store.md), not bit for bit"]
+
+
+@pytest.mark.gpu  # pytest --gpu on a CUDA machine: what the CPU tests above cannot show
+def test_on_a_gpu_shards_are_bit_identical_and_agree_with_the_cpu(tmp_path):
+    import numpy as np
+
+    from test_pipeline import assert_same_arrays
+
+    kw = dict(models=["resnet", "unet"], estimator="exact", realizations=2, nsteps=3)
+    pipeline.compute(config(tmp_path / "gpu", device="cuda", **kw))
+    for i in (1, 0):
+        pipeline.compute(config(tmp_path / "shards", device="cuda", shard=(i, 2), **kw))
+    assert_same_arrays(tmp_path / "shards", tmp_path / "gpu")  # deterministic kernels, the same batches
+    run = open_run(tmp_path / "gpu")
+    assert run.config["platform"]["tf32"] is False and run.config["platform"]["gpu"]
+    pipeline.compute(config(tmp_path / "cpu", device="cpu", **kw))
+    a, b = run.read("asym"), open_run(tmp_path / "cpu").read("asym")
+    assert np.isfinite(a).all() and np.max(np.abs(a - b) / np.abs(b)) < 1e-3  # docs/store.md's tolerance
