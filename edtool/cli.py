@@ -137,6 +137,7 @@ def compute(
                               "model's at the same points, e.g. --align els (implies --trajectory shared unless "
                               "--points noised-data)."),
     device: str = _C("device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+    tf32: bool = _C("tf32", "--tf32", help="On CUDA, allow TF32 (faster, asym moves by ~1e-2; recorded)."),
     batch: int = _C("batch", help="Realizations processed together."),
     run: Optional[str] = _C("run", help="Run name under cache/ (default derived from the settings)."),
     run_dir: Optional[str] = _C("run_dir", help="Run directory or fsspec URL (overrides --run)."),

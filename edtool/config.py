@@ -224,6 +224,7 @@ class ComputeConfig:
     locality_method: str = "auto"  # auto (exact when the Jacobian fits in memory) | exact | probe
     locality_pixels: int = 64  # output pixels drawn by the probe estimator
     align: Optional[str] = None  # SPEC 12 alignment of every model's Jacobian with this model's (same points)
+    tf32: bool = False  # CUDA: let matrix products and convolutions round to TF32 (faster; asym moves ~1e-2)
     # where it runs and where it is kept (no number depends on these)
     device: str = "auto"
     batch: int = 1  # realizations computed together (halved on out of memory)

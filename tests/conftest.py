@@ -1,9 +1,26 @@
-"""Shared test setup: every test gets its own cache and checkpoint folders."""
+"""Shared test setup: every test gets its own cache and checkpoint folders, and runs on CPU.
+
+On a machine with a GPU, `pytest` runs what it runs on one without: CUDA is hidden from every test (from
+torch in this process, and from the commands the tests start) unless the test is marked `gpu`; those run
+only with `pytest --gpu` (and are skipped without CUDA)."""
 
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", help="also run the tests marked gpu (they need CUDA)")
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None if config.getoption("--gpu") else "needs --gpu"
+    if reason is None and not torch.cuda.is_available():
+        reason = "--gpu given, but torch sees no CUDA device"
+    for item in items:
+        if reason and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)
@@ -12,3 +29,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     shared = tmp_path_factory.getbasetemp() / "edtool-cache"
     monkeypatch.setenv("EDTOOL_CACHE", str(shared))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _on_cpu(request, monkeypatch):
+    """`--device auto` (the default of every config a test builds) means the CPU, here and in the commands a
+    test starts, unless the test is marked gpu."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

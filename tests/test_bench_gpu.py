@@ -1,12 +1,18 @@
-"""The CPU-side parts of tests/benchmarks/bench_gpu.py (issue 12): without CUDA it refuses in one
-line with exit 2; --dry-run runs the agreement check (two runs, same exact estimator) and the
-throughput table on CPU. The CUDA numbers themselves need a GPU machine."""
+"""tests/benchmarks/bench_gpu.py run the way a GPU job runs it (its own entry point, in a subprocess), with
+`--device cpu` standing in for the GPU and tiny networks: the order of its parts (warm-up, then the device
+side, then the CPU reference), each table row out while the script still runs, rows labelled with the
+realizations they measured, the time limit, and the refusal without CUDA. The CUDA numbers themselves need
+a GPU machine."""
 
 import importlib.util
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from test_pipeline import REPO, subprocess_env, tiny_checkpoints  # noqa: F401
 
 BENCH = Path(__file__).resolve().parent / "benchmarks" / "bench_gpu.py"
 
@@ -18,19 +24,68 @@ def bench():
     return module
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would run for real")
+def tiny_args(checkpoints: Path, *more) -> list:
+    return ["--device", "cpu", "--unet", str(checkpoints / "tiny_unet.safetensors"), "--resnet",
+            str(checkpoints / "tiny_resnet.safetensors"), "--probes", "2", "--nsteps", "2", "--check-steps", "2",
+            "--max-samples", "20", "--check-samples", "20", "--models", "resnet,els", *more]
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(BENCH), *args], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_without_cuda_it_refuses_in_one_line(capsys):
-    assert bench().main([]) == 2
+    assert bench().main([]) == 2  # the conftest hides any GPU: this is a machine without CUDA
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no CUDA device" in err[0] and "--dry-run" in err[0]
+    assert len(err) == 1 and "no CUDA device" in err[0] and "--device cpu" in err[0]
 
 
-@pytest.mark.slow  # exact Jacobians of a network on CPU: minutes on 2 cores
-def test_dry_run_checks_agreement_and_prints_the_table(capsys, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    assert bench().main(["--dry-run", "--models", "resnet,els", "--max-samples", "20", "--probes", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "resnet   max relative difference 0.00e+00  ok" in out  # the same device twice: bit-identical
-    assert "els      max relative difference 0.00e+00  ok" in out
-    assert "| --batch | realizations/s" in out and "| 1 |" in out and "| 2 |" in out
-    assert "estimators: resnet hutchinson, els analytic" in out
+def test_the_gpu_script_on_cpu_from_start_to_end(tiny_checkpoints):
+    proc = start(*tiny_args(tiny_checkpoints, "--realizations", "3", "--batches", "1,2", "--time-limit", "600"))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("| 1 |"):  # the first row is out while the rest is still to measure
+            assert proc.poll() is None, "the row came only when the script ended"
+    assert proc.wait(timeout=600) == 0, "\n".join(lines)
+    out = "\n".join(lines)
+
+    def at(prefix):
+        return next(i for i, line in enumerate(lines) if line.startswith(prefix))
+
+    # warm-up, the device side of (a), the rows in order, then the CPU side of (a)
+    assert at("warm-up: 1 realization") < at("(a) cpu: 2 realizations") < at("| 1 |") < at("| 2 |") \
+        < at("(a) asym cpu vs cpu")
+    # 3 realizations at --batch 2 are measured as 4 (two whole batches), and the row says so
+    assert lines[at("| 1 |")].startswith("| 1 | 3 |") and lines[at("| 2 |")].startswith("| 2 | 4 |")
+    assert "resnet hutchinson, els analytic |" in lines[at("| 1 |")]
+    for model in ("resnet", "els"):  # the same device twice (networks exact, els analytic): bit-identical
+        assert f"    {model:<8} max relative difference 0.00e+00  ok" in out
+    assert "Traceback" not in out and "failures" not in out
+
+
+def test_the_time_limit_stops_it_and_names_what_was_not_measured(tiny_checkpoints):
+    t0 = time.perf_counter()
+    proc = start(*tiny_args(tiny_checkpoints, "--realizations", "2", "--batches", "1,2", "--time-limit", "0"))
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 3, out
+    assert ("stopped at --time-limit 0 s after" in out and "not measured: warm-up, (a) device side, (b) --batch 1, "
+            "(b) --batch 2, (a) cpu side" in out), out
+    assert "| 1 |" not in out and time.perf_counter() - t0 < 120
+
+
+def test_a_step_after_the_deadline_ends_the_run():
+    module = bench()
+    clock = module.Clock(["unet"], deadline=time.perf_counter() + 60)
+    clock.step(0, "unet", 0, 2, 0.1)  # before the deadline: goes on
+    clock.deadline = time.perf_counter() - 1
+    with pytest.raises(module.TimeUp):
+        clock.step(0, "unet", 1, 2, 0.1)
+
+
+@pytest.mark.parametrize("argv", [["--batches", "0"], ["--batches", "1,x"], ["--realizations", "0"]])
+def test_bad_sizes_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench().main(argv)
+    assert exit_.value.code == 2 and "give positive whole numbers" in capsys.readouterr().err

@@ -106,6 +106,32 @@ def test_killed_rank_then_rerun_finishes_the_run(tmp_path, single_process_run):
     assert lock_holders(tmp_path / "run") == []
 
 
+SHORT_TIMEOUT = """import sys
+from datetime import timedelta
+from torch.distributed import distributed_c10d
+distributed_c10d.default_pg_timeout = timedelta(seconds=1)  # torch's collective timeout, 30 minutes, shortened
+from edtool.cli import main
+sys.argv[0] = "edtool"
+main()
+"""
+
+
+@pytest.mark.slow  # two torchrun processes, 15-25 s on 2 cores
+def test_a_rank_with_nothing_left_waits_for_the_other(tmp_path, single_process_run):
+    """A resumed run where rank 1's realizations are all done: it waits at the final barrier while rank 0
+    computes (about 3 s here). The wait must not depend on torch's collective timeout (30 minutes, 1 s
+    here): before, rank 1 gave up after it and torchrun stopped rank 0 mid-run."""
+    compute(config(tmp_path / "run", **TORCHRUN_RUN, shard=(1, 2)))  # rank 1's share, done beforehand
+    wrapper = tmp_path / "edtool_short_timeout.py"
+    wrapper.write_text(SHORT_TIMEOUT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(wrapper),
+           *compute_args(tmp_path / "run", **TORCHRUN_RUN), "--quiet"]
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_arrays(tmp_path / "run", single_process_run)
+    assert lock_holders(tmp_path / "run") == []
+
+
 # ------------------------------------------------------------------ store URLs
 
 

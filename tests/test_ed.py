@@ -286,7 +286,7 @@ def test_non_finite_output_gives_nan_and_a_warning(method):
     torch.testing.assert_close(res.jac_fro[0], torch.linalg.matrix_norm(A), rtol=tol, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_sees_the_same_probes_as_cpu():
     A = random_matrix(16, seed=8)
     x = torch.randn(2, 16, dtype=f64)

@@ -14,6 +14,7 @@ import numpy as np
 from edtool.networks import train_state
 from edtool.paths import REPO_ROOT
 from test_data import write_idx_root
+from test_pipeline import tiny_checkpoints  # noqa: F401
 
 SCRIPT = REPO_ROOT / "checkpoints" / "training" / "gpu_campaign.sh"
 
@@ -77,3 +78,17 @@ def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
         assert done.returncode != 0 and "nothing replaced" in done.stderr and "Traceback" not in done.stderr
         assert {p.name: p.read_bytes() for p in (committed / "tiny").iterdir() if p.is_file()} == before
         assert [p.name for p in committed.iterdir()] == ["tiny"]
+
+
+def test_the_lease_runs_the_gpu_benchmark_within_its_time(tmp_path, tiny_checkpoints):
+    """`gpu_campaign.sh run 0 BENCH_S` as the lease calls it, the benchmark alone (no network to train), on CPU
+    with tiny networks: it finishes inside BENCH_S with its table in $OUT/bench_gpu.log, every file under 16 MB."""
+    nets = f"--unet {tiny_checkpoints / 'tiny_unet.safetensors'} --resnet {tiny_checkpoints / 'tiny_resnet.safetensors'}"
+    done = _script("run", 0, 240, EDTOOL_CAMPAIGN_NETS="", OUT=tmp_path / "out", EDTOOL_BENCH_ARGS=(
+        f"{nets} --models resnet,els --probes 2 --nsteps 2 --check-steps 2 --realizations 2 --batches 1,2 --max-samples 20 "
+        "--check-samples 20"))
+    assert done.returncode == 0, done.stderr
+    assert "bench_gpu exit 0" in done.stdout, done.stdout
+    log = (tmp_path / "out" / "bench_gpu.log").read_text()
+    assert "limit 180.0 s" in log and "| 2 | 2 |" in log and "bench_gpu done" in log, log
+    assert all(p.stat().st_size < 16_000_000 for p in (tmp_path / "out").rglob("*") if p.is_file())

@@ -10,7 +10,8 @@
 #        once on the GPU for TRAIN_S seconds (default 240) with the campaign's settings (snapshots every
 #        2,000 steps), packs each state's new files into $OUT/<net>.tar and
 #        $OUT/<net>_snapshots.tar, then runs bench_gpu.py for at most
-#        BENCH_S seconds (default 240, 0: none; its log in $OUT/bench_gpu.log)
+#        BENCH_S seconds (default 240, 0: none; its log in $OUT/bench_gpu.log; EDTOOL_BENCH_ARGS replaces
+#        its sizes, EDTOOL_DEVICE=cpu and EDTOOL_CAMPAIGN_NETS="" run the bench alone on CPU, as the tests do)
 #   bash checkpoints/training/gpu_campaign.sh unpack DIR # here: replaces a state with DIR/<net>*.tar's only if
 #        the result reads as a complete state further on than the committed one; then commit it
 #
@@ -21,7 +22,7 @@
 # bit-identical to an all-CPU one from that step on.
 set -u
 cd "$(dirname "$0")/../.."
-nets=${EDTOOL_CAMPAIGN_NETS:-unet resnet}
+nets=${EDTOOL_CAMPAIGN_NETS-unet resnet}  # empty: none (the benchmark alone)
 training=${EDTOOL_TRAINING_DIR:-checkpoints/training}
 
 prepare() {
@@ -56,9 +57,14 @@ run() {
   done
   rm -f "$started"
   [ "$bench_s" -gt 0 ] || return 0
-  timeout "$bench_s" python3 tests/benchmarks/bench_gpu.py ${EDTOOL_BENCH_ARGS:---check-steps 3 --realizations 10} \
-    > "$out/bench_gpu.log" 2>&1
-  echo "bench_gpu exit $?"; tail -n 12 "$out/bench_gpu.log"
+  # it starts no step after its own limit, a minute before the hard one (a CPU step of (a) can take tens of
+  # seconds), and prints each row as it is measured
+  local limit=$((bench_s > 120 ? bench_s - 60 : bench_s / 2))
+  timeout "$bench_s" python3 tests/benchmarks/bench_gpu.py --device "$device" --time-limit "$limit" \
+    ${EDTOOL_BENCH_ARGS:---realizations 8 --batches 1,8 --check-steps 3} > "$out/bench_gpu.log" 2>&1
+  echo "bench_gpu exit $?"
+  truncate -s '<15M' "$out/bench_gpu.log"  # a file the lease brings back stays under 16 MB, whatever happened
+  tail -n 12 "$out/bench_gpu.log"
 }
 
 unpack() {

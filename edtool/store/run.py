@@ -235,7 +235,7 @@ def _stored_settings(run: RunStore) -> dict:
     return out
 
 
-PROCESS_ONLY = ("device",)  # config entries recorded but not required to match on resume
+PROCESS_ONLY = ("device", "platform")  # config entries recorded but not required to match on resume
 # recorded since issue 12: a run made before has no such entry, and resumes (its estimator was `auto`)
 RECORDED_LATER = re.compile(r"models\.[^.]+\.estimator")
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from edtool.diffusion import TimeGrid, ddim_sample, initial_noises
-from edtool.study.distributed import barrier, distributed_shard
+from edtool.study.device import cuda_numerics, platform_note
+from edtool.study.distributed import barrier, distributed_shard, leave
 from edtool.study.prepare import (  # noqa: F401 (re-exported: edtool.study.compute is the Python API's home)
     MACHINE_NAMES, NETWORKS, ComputeConfig, Study, jacobian_whole_arrays, jacobian_whole_config, prepare,
     resolve_device, run_location, whole_dims)
@@ -259,13 +260,21 @@ def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
 
 
 def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
-    """Fill the run store for cfg, resuming where it stopped; returns a summary dict."""
+    """Fill the run store for cfg, resuming where it stopped; returns a summary dict. On CUDA the numbers
+    are made under edtool.study.device.cuda_numerics (no TF32 unless cfg.tf32, deterministic kernels)."""
+    cfg.validate()
+    dist_shard = distributed_shard(cfg)  # (rank, world) under torchrun/srun, else None
+    try:
+        with cuda_numerics(resolve_device(cfg.device), cfg.tf32):
+            return _compute(cfg, reporter or Reporter(), dist_shard)
+    finally:
+        leave()
+
+
+def _compute(cfg: ComputeConfig, reporter: Reporter, dist_shard: Optional[tuple]) -> dict:
     from edtool.store.status import record_shard
     from edtool.store.run import create_run, describe_cells, run_lock, shard_realizations
 
-    reporter = reporter or Reporter()
-    cfg.validate()
-    dist_shard = distributed_shard(cfg)
     shard = dist_shard or cfg.shard
     location = run_location(cfg)
     study = prepare(cfg)
@@ -295,6 +304,9 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
                 if dist_shard is not None:
                     barrier()
         record_shard(location, shard)
+        changed = platform_note(run.config.get("platform"), study.config["platform"])
+        if changed:  # a resumed run, or a shard, on another GPU or torch: say what that means for its bits
+            reporter.note(changed)
         job = _Job(study, run, reporter)
         started = time.perf_counter()
         damaged = run.reset_damaged(mine)  # done cells whose chunks are missing or corrupt: computed again
@@ -318,7 +330,7 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
                 continue
             todo = todo[len(rows):]
     if dist_shard is not None:
-        barrier()
+        barrier()  # waits as long as the other ranks compute (a resumed rank may have nothing left)
     total = time.perf_counter() - started
     warned = [rtol_warning(study.rtol_missed, cfg.rtol)] if study.rtol_missed else []
     return {"location": location, "progress": run.progress(), "failures": job.failures, "warnings": warned,

@@ -1,10 +1,10 @@
 """Scale-out of `edtool compute` over processes: joining torchrun's process group (a rank that waits in
-vain stops with one line) and the barrier the ranks meet at; `--shard i/K` needs none of this."""
+vain stops with one line), the barriers the ranks meet at and leaving the group; `--shard i/K` needs none
+of this. The ranks exchange no tensors, they only wait for each other, so the group is gloo's on CPU and
+GPU alike (each rank's GPU is chosen by edtool.study.device, not by the group)."""
 
 import os
 from contextlib import contextmanager
-
-import torch
 
 from edtool.errors import EdtoolError
 from edtool.config import ComputeConfig
@@ -36,8 +36,7 @@ def distributed_shard(cfg: ComputeConfig):
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
-        _join(dist, backend, rank, world)
+        _join(dist, rank, world)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -62,11 +61,16 @@ def _stderr_kept_unless_failed():
 
 
 RENDEZVOUS_TIMEOUT = 300  # seconds the ranks wait for each other at start (EDTOOL_RENDEZVOUS_TIMEOUT overrides)
+# the barriers wait while other ranks compute (a resumed rank with nothing left waits for a whole shard):
+# no timeout in practice; a rank that dies closes its connection, which ends the wait with an error
+WAIT_TIMEOUT_DAYS = 365
+_joined = {}  # "wait": the barrier group of the process group edtool joined (empty: none, or the caller's)
 
 
-def _join(dist, backend: str, rank: int, world: int) -> None:
-    """init_process_group, but a rank that waits in vain for the others stops with one line after
-    EDTOOL_RENDEZVOUS_TIMEOUT seconds instead of hanging; collectives keep torch's default timeout."""
+def _join(dist, rank: int, world: int) -> None:
+    """init_process_group (gloo), but a rank that waits in vain for the others stops with one line after
+    EDTOOL_RENDEZVOUS_TIMEOUT seconds instead of hanging; then the group the barriers use, which waits as
+    long as the other ranks compute."""
     from datetime import timedelta
 
     text = os.environ.get("EDTOOL_RENDEZVOUS_TIMEOUT", str(RENDEZVOUS_TIMEOUT))
@@ -78,19 +82,27 @@ def _join(dist, backend: str, rank: int, world: int) -> None:
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
         with _stderr_kept_unless_failed():  # torch's C++ logs each connection retry with a stack trace
-            dist.init_process_group(backend=backend, timeout=timedelta(seconds=seconds), rank=rank, world_size=world)
+            dist.init_process_group(backend="gloo", timeout=timedelta(seconds=seconds), rank=rank, world_size=world)
     except Exception as e:  # DistStoreError, RuntimeError: torch names no common type for "the others never came"
         raise EdtoolError(f"rank {rank} of {world}: the other ranks did not join at {where} within {seconds:g}s "
                           f"({' '.join(str(e).split())[:160]}); start every rank (torchrun does), check "
                           "MASTER_ADDR/MASTER_PORT, or raise EDTOOL_RENDEZVOUS_TIMEOUT") from None
-    from torch.distributed import distributed_c10d as c10d
-
-    if hasattr(c10d, "_set_pg_timeout"):  # a late rank's whole shard may run before the final barrier
-        c10d._set_pg_timeout(c10d.default_pg_timeout)
+    _joined["wait"] = dist.new_group(backend="gloo", timeout=timedelta(days=WAIT_TIMEOUT_DAYS))
 
 
 def barrier():
+    """Wait until every rank is here, however long the others compute (in a process group the caller
+    made, with its timeout)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_joined.get("wait"))
+
+
+def leave():
+    """Destroy the process group edtool joined (one a caller made stays theirs)."""
+    import torch.distributed as dist
+
+    if _joined:
+        _joined.clear()
+        dist.destroy_process_group()

@@ -18,15 +18,17 @@ from edtool.diffusion import TimeGrid, realization_seeds
 from edtool.errors import EdtoolError
 from edtool.els.machine import ALIASES, MACHINES
 from edtool.els.schedule import check_fits
+from edtool.study.device import cuda_index, platform
 
 MACHINE_NAMES = tuple(ALIASES) + MACHINES  # the machines --models accepts: `els` follows the networks' padding
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present (each torchrun rank its own GPU)."""
+    """'auto' picks CUDA when present; 'auto' and 'cuda' put each torchrun/srun rank on its own GPU
+    (edtool.study.device.cuda_index), 'cuda:N' is taken as given."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            return torch.device("cuda", cuda_index(os.environ, torch.cuda.device_count()))
         return torch.device("cpu")
     try:
         device = torch.device(name)
@@ -41,6 +43,8 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise EdtoolError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        if device.index is None:
+            device = torch.device("cuda", cuda_index(os.environ, torch.cuda.device_count()))
     elif device.type != "cpu" and not _backend_available(device.type):
         raise EdtoolError(f"--device {name} is not available in this PyTorch build or on this machine; use auto, "
                           "cpu or cuda")
@@ -209,8 +213,12 @@ def prepare(cfg: ComputeConfig) -> Study:
         "seed": cfg.seed, "label": cfg.label, "estimator": cfg.estimator, "probes": cfg.probes,
         "rtol": cfg.rtol, "maps": cfg.maps, "trajectory": cfg.trajectory,
         "reference": reference if cfg.trajectory == "shared" else None, "dtype": "float32",
-        "device": device.type,
+        "device": device.type, "platform": platform(device, cfg.tf32),
     }
+    if cfg.tf32 and device.type == "cuda":  # compared on resume: TF32 moves asym by ~1e-2; absent when off
+        config["tf32"] = True
+    elif cfg.tf32:
+        notes.append(f"--tf32 changes nothing on {device.type}: its float32 arithmetic is full precision")
     if wants_machines and cfg.max_samples is not None:  # absent otherwise, so older runs resume as before
         config["max_samples"] = cfg.max_samples
     if points is not None:  # trajectory runs keep the config they always had, so they resume as before
