@@ -1,13 +1,16 @@
 """Exterior-derivative estimators (SPEC 3) against closed forms and against each other."""
 
 import math
+import os
 
 import pytest
 import torch
-from torch.func import grad, vjp, vmap
+from torch.func import grad, jacrev, vjp, vmap
 
-from edtool.jacobian.ed import EXACT_MAX_N, exterior_derivative
-from edtool.jacobian.operators import exact_jacobian
+from edtool.errors import EdtoolError
+from edtool.jacobian.ed import EXACT_MAX_N, ExactMemoryError, exterior_derivative
+from edtool.jacobian.operators import exact_jacobian, jacobian_rows_per_chunk, linearize, products_per_chunk
+from edtool.memory import CPU_SHARE, CUDA_SHARE, MEMORY_ENV, memory_budget
 from edtool.networks.models import MinimalResNet, Network
 
 f64 = torch.float64
@@ -195,10 +198,58 @@ def test_auto_picks_exact_for_small_and_hutchinson_for_large():
     assert exterior_derivative(linear_field(A), torch.randn(2, 6), method="auto").method == "exact"
     n = EXACT_MAX_N["cpu"] + 1
     assert exterior_derivative(lambda x: 2 * x, torch.randn(2, n), probes=4).method == "hutchinson"
-    # exact that does not fit in the memory budget: auto falls back, explicit exact refuses
+    # not even one row of J fits in the memory budget: auto falls back, explicit exact says so
     assert exterior_derivative(linear_field(A), torch.randn(2, 6), max_memory=100).method == "hutchinson"
-    with pytest.raises(ValueError, match="max_memory"):
+    with pytest.raises(ExactMemoryError, match="max_memory"):
         exterior_derivative(linear_field(A), torch.randn(2, 6), method="exact", max_memory=100)
+
+
+def _streaming_budget(f, x, rows: int) -> int:
+    """A memory budget under which the whole Jacobians do not fit but `rows` rows streamed at once do."""
+    _, _, act = linearize(f, x)
+    B, n, size = x.shape[0], x[0].numel(), x.element_size()
+    budget = act + rows * (act + 4 * B * n * size)
+    assert jacobian_rows_per_chunk(x, act, budget) == 0 and products_per_chunk(x, act, budget) == rows
+    return budget
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_exact_streamed_over_the_budget_equals_the_whole_jacobians(rows):
+    """Over the memory budget the exact estimator streams rows of J - J^T (J^T e_k - J e_k): the same numbers as
+    from the whole Jacobians and as the closed form of a linear field, curl map included."""
+    A, x = random_matrix(128, seed=8), torch.randn(2, 2, 8, 8, dtype=f64)
+    res = exterior_derivative(linear_field(A), x, method="exact", curl_map=True,
+                              max_memory=_streaming_budget(linear_field(A), x, rows))
+    assert res.method == "exact" and torch.equal(res.ed_stderr, torch.zeros(2, dtype=f64))
+    torch.testing.assert_close(res.ed_fro, torch.linalg.matrix_norm(A - A.T).expand(2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.jac_fro, torch.linalg.matrix_norm(A).expand(2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.curl_map[1], curl_truth(A - A.T, (2, 8, 8)), rtol=1e-12, atol=0)
+    # a nonlinear field: streamed as from its whole Jacobians and from torch.func.jacrev per sample
+    W, V = random_matrix(128, seed=9)[:, :96], random_matrix(128, seed=10)[:, :96]
+    f = lambda y: (torch.tanh(y.flatten(1) @ W) @ V.T).reshape(y.shape)  # noqa: E731
+    whole = exterior_derivative(f, x, method="exact", curl_map=True)
+    streamed = exterior_derivative(f, x, method="exact", curl_map=True, max_memory=_streaming_budget(f, x, rows))
+    for k in ("ed_fro", "jac_fro", "asym", "curl_map"):
+        torch.testing.assert_close(getattr(streamed, k), getattr(whole, k), rtol=1e-12, atol=0)
+    J = torch.stack([jacrev(f)(xb[None]).reshape(128, 128) for xb in x])
+    torch.testing.assert_close(streamed.ed_fro, torch.linalg.matrix_norm(J - J.transpose(1, 2)), rtol=1e-12, atol=0)
+
+
+def test_memory_budget_follows_the_device_and_the_environment(monkeypatch):
+    monkeypatch.delenv(MEMORY_ENV, raising=False)
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert memory_budget(torch.device("cpu")) == int(ram * CPU_SHARE)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 6 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * 2**30)
+    assert memory_budget(torch.device("cuda", 1)) == int(14 * 2**30 * CUDA_SHARE)  # free + cached but unused
+    for text, size in (("8GiB", 8 * 2**30), ("512 MiB", 2**29), ("1000", 1000), ("1.5GB", 1.5e9)):
+        monkeypatch.setenv(MEMORY_ENV, text)
+        assert memory_budget(torch.device("cpu")) == memory_budget(torch.device("cuda")) == size
+    for bad in ("lots", "8 parsecs", "-1GiB", "0"):
+        monkeypatch.setenv(MEMORY_ENV, bad)
+        with pytest.raises(EdtoolError, match=f"{MEMORY_ENV}=.* is not a memory size"):
+            memory_budget(torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- analytic dispatch

@@ -309,3 +309,44 @@ def test_outputs_are_checked_before_any_training(tmp_path, monkeypatch, capsys):
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "y" / "m_loss.png").read_text() == "a user's figure"
     assert _digests(REPO_ROOT / "checkpoints") == shipped
+
+
+def test_ema_update_is_the_per_tensor_average_bit_for_bit():
+    from edtool.networks.models import build_network
+    from edtool.networks.train import update_ema
+
+    torch.manual_seed(3)
+    net = build_network("unet", fsizes=[8, 16], emb_dim=16)
+    ema = {k: (v + torch.randn_like(v)) if v.dtype.is_floating_point else v.clone() for k, v in net.state_dict().items()}
+    want = {k: v.clone() for k, v in ema.items()}
+    for k, v in net.state_dict().items():  # the update as it was written tensor by tensor
+        if v.dtype.is_floating_point:
+            want[k].mul_(0.93).add_(v, alpha=1 - 0.93)
+    update_ema(ema, net, 0.93)
+    assert all(torch.equal(ema[k], want[k]) for k in want)
+
+
+def test_losses_read_from_the_device_in_batches_log_every_step_and_train_the_same(tmp_path, monkeypatch):
+    """Losses are read (a host sync) about once a second, not every step: every step is still logged, in order,
+    with the same loss, and the weights do not depend on how often they are read."""
+    from edtool.networks import train as training
+
+    images, labels = _tiny_data()
+    runs = {}
+    for every in (0.0, 1e9):
+        monkeypatch.setattr(training, "READ_LOSSES_EVERY_S", every)
+        logged = []
+        path = train(_cfg(), images, labels, tmp_path / f"out{every}", tmp_path / f"w{every}", ckpt_every=4,
+                     log=lambda s, loss, lr: logged.append((s, loss, lr)))
+        runs[every] = logged, load_file(str(path))
+    (each, a), (batched, b) = runs[0.0], runs[1e9]
+    assert [s for s, _, _ in each] == list(range(1, 7)) and each == batched
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_written(tmp_path):
+    images, labels = _tiny_data()
+    images[:] = float("nan")
+    with pytest.raises(EdtoolError, match=r"training diverged at step 1 \(loss nan\)"):
+        train(_cfg(), images, labels, tmp_path / "out", tmp_path / "work", ckpt_every=2)
+    assert not (tmp_path / "out.safetensors").exists() and not list((tmp_path / "work").glob("*.safetensors"))

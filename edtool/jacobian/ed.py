@@ -7,7 +7,8 @@ asym = ed_fro / (2 jac_fro) and optionally the curl map r_p = sum_c ||(J - J^T)[
 Three estimators:
 - exact: every row of J from vector-Jacobian products with basis vectors. Because the batched
   Jacobian is block diagonal, one basis vector sent to all B samples at once yields row k of every
-  sample's J; a chunk of basis vectors is vmapped.
+  sample's J; a chunk of basis vectors is vmapped. When the B n x n Jacobians do not fit in memory,
+  row k of J - J^T comes from J^T e_k - J e_k instead and only the row norms are kept.
 - hutchinson: Rademacher probes v, u = J v (forward mode) and w = J^T v (reverse mode);
   E||u - w||^2 = ||J - J^T||_F^2 and E||u||^2 = E||w||^2 = ||J||_F^2. Cost independent of n.
 - analytic: a field object that knows its own Jacobian (`f.analytic_ed`, the ELS machines).
@@ -24,8 +25,10 @@ import torch
 from torch import Tensor
 
 from edtool.config import ESTIMATORS as METHODS, MIN_PROBES, PROBES
-from edtool.jacobian.operators import (Field, check_input, exact_jacobian, jacobian_rows_per_chunk, jvp_vjp_probes,
-                                       linearize, per_sample_seeds, probes_per_chunk, rademacher_probes)
+from edtool.jacobian.operators import (Field, basis_vectors, check_input, exact_jacobian, jacobian_rows_per_chunk,
+                                       jvp_vjp_probes, linearize, per_sample_seeds, probes_per_chunk,
+                                       products_per_chunk, rademacher_probes)
+from edtool.memory import memory_budget
 
 # `auto` uses the exact Jacobian up to this many numbers per sample (n = prod(S)), per device type.
 EXACT_MAX_N = {"cpu": 256, "cuda": 4096}
@@ -61,14 +64,33 @@ def _exact_stats(J: Tensor, image_shape: Optional[tuple]) -> tuple:
     return torch.stack(ed), jac, torch.stack(curl) if image_shape is not None else None
 
 
-def _exact(vjp_fn: Callable, x: Tensor, chunk: int, curl_map: bool, max_memory: int) -> tuple:
-    """Exact ed_fro, jac_fro, curl map from the full Jacobians; standard error 0."""
+class ExactMemoryError(MemoryError):
+    """Not even one row of the exact Jacobians fits in the memory budget: use fewer samples, a larger
+    budget, or Hutchinson."""
+
+
+def _exact(f: Field, vjp_fn: Callable, x: Tensor, act_bytes: int, curl_map: bool, max_memory: int) -> tuple:
+    """Exact ed_fro, jac_fro, curl map; standard error 0. From the whole Jacobians when they fit in
+    max_memory, else streamed: row k of J - J^T is J^T e_k - J e_k (one reverse- and one forward-mode
+    product), so a chunk of rows needs no n x n matrix and only their norms are kept."""
+    chunk = jacobian_rows_per_chunk(x, act_bytes, max_memory)
+    if chunk > 0:
+        ed, jac, curl = _exact_stats(exact_jacobian(vjp_fn, x, chunk), x.shape[1:] if curl_map else None)
+        return ed, jac, torch.zeros_like(ed), curl
+    chunk = products_per_chunk(x, act_bytes, max_memory)
     if chunk == 0:
-        need = (x.shape[0] + 1) * x[0].numel() ** 2 * x.element_size() / 2**30
-        raise ValueError(f"exact Jacobians of {x.shape[0]} samples with {x[0].numel()} numbers need {need:.2f} GiB, "
-                         f"over max_memory={max_memory / 2**30:.2f} GiB; raise max_memory, pass fewer samples, "
-                         "or use method='hutchinson'")
-    ed, jac, curl = _exact_stats(exact_jacobian(vjp_fn, x, chunk), x.shape[1:] if curl_map else None)
+        raise ExactMemoryError(f"one row of the exact Jacobians of {x.shape[0]} samples with {x[0].numel()} numbers "
+                               f"needs more than max_memory={max_memory / 2**30:.3g} GiB (EDTOOL_MAX_MEMORY); "
+                               "pass fewer samples or use method='hutchinson'")
+    B, n = x.shape[0], x[0].numel()
+    ed_rows, jac_rows = x.new_empty(B, n), x.new_empty(B, n)  # squared norms of row k of J - J^T and of J
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        column, row = jvp_vjp_probes(f, vjp_fn, x, basis_vectors(x, start, stop))
+        ed_rows[:, start:stop] = (row - column).flatten(2).square().sum(-1).T
+        jac_rows[:, start:stop] = row.flatten(2).square().sum(-1).T
+    ed, jac = ed_rows.sum(1).sqrt(), jac_rows.sum(1).sqrt()
+    curl = ed_rows.sqrt().reshape(x.shape).sum(1) if curl_map else None
     return ed, jac, torch.zeros_like(ed), curl
 
 
@@ -155,11 +177,12 @@ def auto_method(n: int, device_type: str) -> str:
     return "exact" if n <= EXACT_MAX_N.get(device_type, EXACT_MAX_N["cpu"]) else "hutchinson"
 
 
-def _choose_method(method: str, x: Tensor, exact_chunk: int) -> str:
-    """`auto` without a closed form: exact for small n that fits in memory, else Hutchinson."""
+def _choose_method(method: str, x: Tensor, act_bytes: int, max_memory: int) -> str:
+    """`auto` without a closed form: exact for small n when a row of J fits in memory, else Hutchinson."""
     if method != "auto":
         return method
-    return "exact" if auto_method(x[0].numel(), x.device.type) == "exact" and exact_chunk > 0 else "hutchinson"
+    fits = products_per_chunk(x, act_bytes, max_memory) > 0
+    return "exact" if auto_method(x[0].numel(), x.device.type) == "exact" and fits else "hutchinson"
 
 
 def _result(ed, jac, ed_se, curl, finite_out: Tensor, method: str, probes: int, rtol_met=None) -> EDResult:
@@ -186,7 +209,7 @@ def exterior_derivative(
     rtol: Optional[float] = None,
     max_probes: int = 1024,
     curl_map: bool = False,
-    max_memory: int = 2**30,
+    max_memory: Optional[int] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> EDResult:
     """ed_fro = ||J - J^T||_F, jac_fro = ||J||_F, asym, ed_stderr (and the curl map) of f at every sample of x.
@@ -197,7 +220,9 @@ def exterior_derivative(
     adds rounds of `probes` probes until every relative standard error is below rtol (then the probe
     count, the same for the whole batch, depends on the batch); a sample still above it at `max_probes`
     gets a RuntimeWarning and False in `rtol_met`. `max_memory` bounds the bytes that vector products
-    and Jacobians hold at once. The computation runs in x's dtype unless `dtype` is given.
+    and Jacobians hold at once (default `edtool.memory.memory_budget` of x's device): exact Jacobians
+    over it are streamed row by row, and ExactMemoryError says when not even one row fits. The
+    computation runs in x's dtype unless `dtype` is given.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -212,10 +237,10 @@ def exterior_derivative(
             all_finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
             return _result(*_analytic(f, x, curl_map), all_finite, "analytic", 0)
         vjp_fn, finite_out, act_bytes = linearize(f, x)
-        exact_chunk = jacobian_rows_per_chunk(x, act_bytes, max_memory)
-        method = _choose_method(method, x, exact_chunk)
+        max_memory = memory_budget(x.device) if max_memory is None else max_memory
+        method = _choose_method(method, x, act_bytes, max_memory)
         if method == "exact":
-            return _result(*_exact(vjp_fn, x, exact_chunk, curl_map, max_memory), finite_out, "exact", 0)
+            return _result(*_exact(f, vjp_fn, x, act_bytes, curl_map, max_memory), finite_out, "exact", 0)
         seeds = per_sample_seeds(seed, x.shape[0])
         chunk = probes_per_chunk(x, act_bytes, max_memory)
         *stats, used, met = _hutchinson(f, vjp_fn, x, seeds, probes, rtol, max_probes, chunk, curl_map)

@@ -97,22 +97,14 @@ def jacobian_rows_per_chunk(x: Tensor, act_bytes: int, max_memory: int) -> int:
     return min(n, _vectors_per_chunk(x, fixed, per_vector, max_memory))
 
 
-def _exact_jacobian_rows(vjp_fn: Callable, x: Tensor, rows: Tensor) -> Tensor:
-    """Rows `rows` (K,) of every sample's J, shape (B, K, n): basis vector e_k sent to all samples at once."""
-    B, S, n = x.shape[0], x.shape[1:], x[0].numel()
-    basis = torch.zeros(len(rows), n, dtype=x.dtype, device=x.device)
-    basis[torch.arange(len(rows), device=x.device), rows] = 1
-    cotangents = basis.reshape(len(rows), 1, *S).expand(len(rows), B, *S)
-    return vmap(vjp_fn)(cotangents)[0].reshape(len(rows), B, n).transpose(0, 1)
-
-
 def exact_jacobian(vjp_fn: Callable, x: Tensor, chunk: int) -> Tensor:
-    """Per-sample Jacobians J (B, n, n) at x from the VJP function of f there, `chunk` rows at a time."""
+    """Per-sample Jacobians J (B, n, n) at x from the VJP function of f there, `chunk` rows at a time: basis
+    vector e_k sent to all samples at once gives row k of every sample's J."""
     B, n = x.shape[0], x[0].numel()
     J = x.new_empty(B, n, n)
     for start in range(0, n, chunk):
-        rows = torch.arange(start, min(start + chunk, n), device=x.device)
-        J[:, rows, :] = _exact_jacobian_rows(vjp_fn, x, rows)
+        stop = min(start + chunk, n)
+        J[:, start:stop, :] = vmap(vjp_fn)(basis_vectors(x, start, stop))[0].reshape(stop - start, B, n).transpose(0, 1)
     return J
 
 
@@ -130,12 +122,25 @@ def jvp_vjp_probes(f: Field, vjp_fn: Callable, x: Tensor, V: Tensor) -> tuple:
     return u, w
 
 
-def probes_per_chunk(x: Tensor, act_bytes: int, max_memory: int) -> int:
-    """Probes per vmapped chunk so that the forward graph and the chunk's tangents fit in max_memory
-    (at least one probe, whatever the budget)."""
+def products_per_chunk(x: Tensor, act_bytes: int, max_memory: int) -> int:
+    """Vectors per vmapped chunk of J v and J^T v so that the forward graph and the chunk's tangents
+    fit in max_memory; 0 when not even one does."""
     B, n, size = x.shape[0], x[0].numel(), x.element_size()
-    per_probe = act_bytes + 4 * B * n * size  # tangent intermediates, probe, u, w, difference
-    return max(1, _vectors_per_chunk(x, act_bytes, per_probe, max_memory))
+    per_vector = act_bytes + 4 * B * n * size  # tangent intermediates, vector, u, w, difference
+    return _vectors_per_chunk(x, act_bytes, per_vector, max_memory)
+
+
+def probes_per_chunk(x: Tensor, act_bytes: int, max_memory: int) -> int:
+    """Probes per vmapped chunk within max_memory (at least one probe, whatever the budget)."""
+    return max(1, products_per_chunk(x, act_bytes, max_memory))
+
+
+def basis_vectors(x: Tensor, start: int, stop: int) -> Tensor:
+    """Basis vectors e_start .. e_(stop-1), each sent to every sample: shape (stop - start, B, *S)."""
+    B, S, n = x.shape[0], x.shape[1:], x[0].numel()
+    basis = torch.zeros(stop - start, n, dtype=x.dtype, device=x.device)
+    basis[torch.arange(stop - start, device=x.device), torch.arange(start, stop, device=x.device)] = 1
+    return basis.reshape(stop - start, 1, *S).expand(stop - start, B, *S)
 
 
 # ----------------------------------------------------------------------------- Jacobian operators

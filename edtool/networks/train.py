@@ -8,6 +8,7 @@ resumed run ends with the same weights as an uninterrupted one, bit for bit.
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +24,8 @@ from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path, write_json
 from edtool.imageio import save_grid
 from edtool.networks.models import Network, build_network
+
+READ_LOSSES_EVERY_S = 1.0  # the losses stay on the device and are read (one host sync) about this often
 
 
 def arch_kwargs(cfg: TrainConfig, channels: int, num_classes: Optional[int]) -> dict:
@@ -73,7 +76,8 @@ def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
     """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs and return
     the weights' path (None when `out` is None: a campaign stretch that only advances its state).
 
-    `log(step, loss, lr)` is called every step; `stop_after` ends the run early (tests use it to
+    `log(step, loss, lr)` is called for every step, in order, when the losses are read from the device
+    (about every READ_LOSSES_EVERY_S seconds and before every save); `stop_after` ends the run early (tests use it to
     simulate an interruption) without writing the final checkpoint, and returns None.
     `init_weights` (a state dict, cfg.init_from its checkpoint's sha256) starts the weights and their
     moving average from a trained network. Every `snapshot_every` steps the moving-average weights are
@@ -105,7 +109,25 @@ def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
         step, elapsed = meta["step"], meta["elapsed_s"]
     on_device = images.to(device), labels.to(device)
 
+    pending = []  # the losses of the steps since they were last read, still on the device
+
+    def read_losses():
+        """Read the pending losses in one host sync, check them, and log each step."""
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = step - len(values) + 1
+        pending.clear()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise EdtoolError(f"training diverged at step {first + i} (loss {value}); nothing was written since "
+                                  f"the state saved before: lower --lr (now {cfg.lr:g})")
+            losses.append(value)
+            if log is not None:
+                log(first + i, value, lr_at(cfg, first + i - 1))
+
     def save_state():
+        read_losses()
         if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
             raise EdtoolError(f"training diverged by step {step} (non-finite weights); the state saved before "
                               f"is kept: lower --lr (now {cfg.lr:g})")
@@ -115,6 +137,7 @@ def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
     net.train()
     t0 = time.time() - elapsed
     deadline = None if time_limit_s is None else time.time() + time_limit_s
+    last_read = time.time()
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
@@ -123,30 +146,30 @@ def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
         t = (torch.randint(0, 1000, (cfg.batch,), generator=gen).float() / 1000).to(device)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         loss = F.mse_loss(net(add_noise(x0, t, eps), t, y if cfg.conditional else None), eps)
-        if not torch.isfinite(loss):
-            raise EdtoolError(f"training diverged at step {step + 1} (loss {loss.item()}); nothing was written "
-                              f"for this step: lower --lr (now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         if cfg.ema_decay > 0:  # decay 0 ships the raw weights: nothing to average
             update_ema(ema, net, ema_decay(cfg.ema_decay, step))
-        losses.append(loss.item())
+        pending.append(loss.detach())
         elapsed = time.time() - t0
-        if log is not None:
-            log(step, losses[-1], lr_at(cfg, step - 1))
+        if time.time() - last_read >= READ_LOSSES_EVERY_S:  # a non-finite loss is found here, before any save
+            read_losses()
+            last_read = time.time()
         if snapshot_every and step % snapshot_every == 0:
             snapshot(work_dir, step, snapshot_every, cfg, net, ema, images, labels, held_out, num_classes, command,
                      elapsed)
         if step % ckpt_every == 0 or step == cfg.steps:
             save_state()
         if stop_after is not None and step >= stop_after and step < cfg.steps:
+            read_losses()
             return None
         if deadline is not None and time.time() > deadline and step < cfg.steps:
             if step % ckpt_every:
                 save_state()
             return None
+    read_losses()
     if out is None:
         return None
     net.to("cpu")  # the final evaluation, checkpoint and figures on CPU, as on a machine without a GPU
@@ -237,11 +260,15 @@ def ema_decay(decay: float, step: int) -> float:
 
 @torch.no_grad()
 def update_ema(ema: dict, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, for every floating tensor of the state dict."""
-    for k, v in net.state_dict().items():
-        if v.dtype.is_floating_point:
-            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-        else:
+    """ema <- decay * ema + (1 - decay) * weights, for every floating tensor of the state dict: two
+    multi-tensor kernels for all of them (on the CPU the same per-tensor arithmetic as mul_ then add_)."""
+    state = net.state_dict()
+    floating = [k for k, v in state.items() if v.dtype.is_floating_point]
+    averages = [ema[k] for k in floating]
+    torch._foreach_mul_(averages, decay)
+    torch._foreach_add_(averages, [state[k].detach() for k in floating], alpha=1 - decay)
+    for k, v in state.items():
+        if not v.dtype.is_floating_point:
             ema[k].copy_(v)
 
 

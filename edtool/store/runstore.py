@@ -12,6 +12,8 @@ from edtool.store.integrity import (DIGEST_ARRAY, INTEGRITY_ATTR, MISMATCH, arra
                                     record_problem)
 from edtool.store.layout import CELL_ARRAYS, EXTRA_ARRAYS, BrokenRunError, layout_problem
 
+NOTES_ATTR = "notes"  # group attribute: one-line notes on how cells were measured (RunStore.add_note)
+
 
 class RunStore:
     """An open run: metadata as attributes, cells written with `write_cell`, read with `read`.
@@ -133,6 +135,16 @@ class RunStore:
             self.array(DIGEST_ARRAY)[r, m] = np.array([cell_digest(name, r, m, values[name])
                                                        for name in self.integrity["cell_arrays"]], dtype=np.uint64)
         self._set_done(r, m)
+
+    def notes(self) -> list:
+        """How cells were measured where it differs from the run's settings (`add_note`), oldest first."""
+        return list(self.group.attrs.get(NOTES_ATTR, []))
+
+    def add_note(self, note: str):
+        """Keep a one-line note with the run (the group attribute `notes`; outside its integrity digest)."""
+        notes = self.notes()
+        if note not in notes:
+            self.group.attrs[NOTES_ATTR] = notes + [note]
 
     def _set_done(self, r: int, m: int):
         """The commit point of a cell: the last write of `write_cell`."""

@@ -13,6 +13,7 @@ import hashlib
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from edtool.diffusion import TimeGrid, ddim_sample, initial_noises
+from edtool.errors import EdtoolError
+from edtool.memory import MEMORY_ENV, is_out_of_memory
 from edtool.study.device import cuda_numerics, platform_note
 from edtool.study.distributed import barrier, distributed_shard, leave
 from edtool.study.prepare import (  # noqa: F401 (re-exported: edtool.study.compute is the Python API's home)
@@ -117,7 +120,7 @@ class _Job:
 
 def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tensor]] = None) -> Cell:
     """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step."""
-    from edtool.jacobian.ed import exterior_derivative
+    from edtool.jacobian.ed import ExactMemoryError, exterior_derivative
     from edtool.jacobian.locality import ClosedFormField
 
     cfg, nsteps, model = job.study.cfg, job.study.cfg.nsteps, job.study.models[name]
@@ -136,11 +139,20 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
         op = _jacobian_op(job, name, f, x, j) if cfg.locality or cfg.align else None
         if op is not None and hasattr(f, "analytic_ed") and cfg.estimator in ("auto", "analytic"):
             f = ClosedFormField(f, op)  # the machine's ED from the Jacobian just built, not a second one
+        seeds = [probe_seed(cfg.seed, r, name, j) for r in rows]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
-            res = exterior_derivative(f, x, method=method, probes=cfg.probes,
-                                      seed=[probe_seed(cfg.seed, r, name, j) for r in rows], rtol=cfg.rtol,
-                                      max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
+            try:
+                res = exterior_derivative(f, x, method=method, probes=cfg.probes, seed=seeds, rtol=cfg.rtol,
+                                          max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
+            except ExactMemoryError:
+                if B > 1:
+                    raise  # the per-cell guard lowers the batch
+                res = exterior_derivative(f, x, method="hutchinson", probes=cfg.probes, seed=seeds, rtol=cfg.rtol,
+                                          max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
+                _note_in_store(job, out, f"{name}: not even one row of the exact Jacobian fits in memory "
+                               f"({MEMORY_ENV} raises the budget), so Hutchinson with {res.probes} probes measured "
+                               "the steps where it did not (their ed_stderr is not 0)")
         for k in ("ed_fro", "jac_fro", "asym", "ed_stderr"):
             getattr(out, k)[:, j] = getattr(res, k).detach().double().cpu().numpy()
         if res.rtol_met is not None:  # the probe cap came before the --rtol target: say so at the end
@@ -226,13 +238,32 @@ def _measure_whole(job: _Job, name: str, op, tb: torch.Tensor, batch: Batch, x: 
                           "field, like the `is` machine's, has no rotation to align)")
 
 
+def _note_in_store(job: _Job, out: Cell, note: str):
+    """A note on how a cell was measured: said once per cell, and kept with the run (`notes` attribute)."""
+    if note not in out.notes:
+        out.notes.add(note)
+        job.run.add_note(note)
+
+
 class _OutOfMemory(Exception):
     """A batch of several realizations did not fit: compute() retries with a smaller batch."""
 
 
-def _is_out_of_memory(err: Exception) -> bool:
-    text = str(err).lower()
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+def _out_of_memory_error(what: str, err: BaseException) -> EdtoolError:
+    """Out of memory with nothing left to halve, as one line for the user."""
+    return EdtoolError(f"out of memory while {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                       "lower --batch, measure fewer models at once, or use a device with more memory")
+
+
+@contextmanager
+def _out_of_memory_in_one_line(what: str):
+    """Out of memory outside the per-cell guard (loading, preparing) as one EdtoolError line."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise _out_of_memory_error(what, err) from err
 
 
 def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
@@ -244,9 +275,9 @@ def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
     """
     try:
         return measure(job, name, batch, points), None
-    except (RuntimeError, FloatingPointError) as err:  # numeric failures only (incl. out of memory): a
-        # ValueError is an input check that came too late, and a user error is never stored as NaN
-        if _is_out_of_memory(err):
+    except (RuntimeError, FloatingPointError, MemoryError) as err:  # numeric failures only (incl. out of
+        # memory): a ValueError is an input check that came too late, and a user error is never stored as NaN
+        if is_out_of_memory(err):
             if batch.x_T.is_cuda:
                 torch.cuda.empty_cache()
             if len(batch.rows) > 1:
@@ -277,7 +308,8 @@ def _compute(cfg: ComputeConfig, reporter: Reporter, dist_shard: Optional[tuple]
 
     shard = dist_shard or cfg.shard
     location = run_location(cfg)
-    study = prepare(cfg)
+    with _out_of_memory_in_one_line("loading the models and data"):
+        study = prepare(cfg)
     for note in study.notes:
         reporter.note(note)
     if study.device.type == "cpu" and any(name in MACHINE_NAMES for name in cfg.models):
@@ -324,7 +356,14 @@ def _compute(cfg: ComputeConfig, reporter: Reporter, dist_shard: Optional[tuple]
             rows = todo[:batch]
             try:
                 _compute_batch(job, rows, redo)
-            except _OutOfMemory:  # cells finished before it are stored; the rest is retried in halves
+            except (_OutOfMemory, RuntimeError, MemoryError) as err:  # also outside the per-cell guard: the
+                # initial noises, a shared path. Cells finished before it are stored; the rest is retried in halves
+                if not isinstance(err, _OutOfMemory) and not is_out_of_memory(err):
+                    raise
+                if len(rows) == 1:
+                    raise _out_of_memory_error(f"computing realization {rows[0]} on {study.device}", err) from err
+                if study.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 batch = max(1, len(rows) // 2)
                 reporter.note(f"out of memory with {len(rows)} realizations per batch: lowering --batch to {batch}")
                 continue
