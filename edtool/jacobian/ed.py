@@ -216,8 +216,8 @@ def exterior_derivative(
 
     f maps x (B, *S) to the same shape sample by sample: a network's `lambda y: net.score(t, y)`, or an
     ELS machine's `machine.field(t)`, which carries its closed form (`auto` uses it). `method` is auto,
-    exact, hutchinson or analytic; `seed` (one int, or one per sample) seeds each sample's probes; with `rtol`, Hutchinson
-    adds rounds of `probes` probes until every relative standard error is below rtol (then the probe
+    exact, hutchinson or analytic; `seed` (one int, or one per sample) seeds each sample's probes; with
+    `rtol`, Hutchinson adds rounds of `probes` probes until every relative standard error is below rtol (then the probe
     count, the same for the whole batch, depends on the batch); a sample still above it at `max_probes`
     gets a RuntimeWarning and False in `rtol_met`. `max_memory` bounds the bytes that vector products
     and Jacobians hold at once (default `edtool.memory.memory_budget` of x's device): exact Jacobians
