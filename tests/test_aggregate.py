@@ -10,6 +10,7 @@ import pytest
 from edtool.errors import EdtoolError
 from edtool.study.aggregate import QUANTITIES, aggregate_run, compute_aggregate, read_aggregate
 from edtool.store.run import create_run, open_run
+from test_cli import assert_one_line_error, edtool
 
 MODELS = ["unet", "resnet", "els"]
 
@@ -154,10 +155,12 @@ def test_summary_stats_keeps_the_seed_tools_formulas(tmp_path):
 
 
 def test_aggregate_refuses_a_run_with_nothing_finished(tmp_path):
-    """No finished cell: one line, nothing written (plot refuses the same run the same way)."""
+    """No finished cell: `edtool aggregate` says so in one line, exit 2, and writes nothing, as `plot` does."""
     create_run(tmp_path / "r", {}, ["unet"], [0], [-1], 2, (1, 2, 2), maps=False)
     with pytest.raises(EdtoolError, match="no finished cells yet: nothing to aggregate"):
         aggregate_run(tmp_path / "r")
+    for command in ("aggregate", "plot"):
+        assert_one_line_error(edtool(command, "r", cwd=tmp_path), "has no finished cells yet", "edtool status")
     assert not (tmp_path / "r" / "summary_stats.json").exists()
     assert "aggregate" not in open_run(tmp_path / "r").group
 

@@ -17,10 +17,13 @@ import torch
 import zarr
 
 from edtool.errors import EdtoolError
+from edtool.networks import checkpoints
+from edtool.study.compute import ComputeConfig, compute
 from edtool.fileio import LEDGER
 from edtool.study.seed_files import AGGREGATED, SINGLE, export_seed_files, seed_results
 from edtool.store.run import create_run
 from test_bad_input import assert_refused
+from test_cli import assert_one_line_error, edtool
 from test_pipeline import _tiny_networks, cli, subprocess_env, tiny_checkpoints  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,6 +144,42 @@ def test_the_seed_tools_own_files_are_never_replaced_silently(tmp_path, capsys, 
     assert theirs.read_bytes() == b"edited by hand"
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: batched autograd on two threads of a busy machine runs 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_networks_ed_magnitudes_are_the_jacobian_of_its_eps_at_the_stored_point(tmp_path, tiny_checkpoints,
+                                                                                   one_thread):
+    """The seed measured torch.norm(J - J^T) of the network's eps output: recomputed here with a plain
+    torch.autograd.functional.jacobian of the network module (float64) at each stored point, for the
+    entries the seed's keys hold; ed_fro (edtool's, of the score) is the same norm divided by sqrt(beta(t))."""
+    compute(ComputeConfig(models=["unet"], nsteps=2, realizations=1, device="cpu", estimator="exact",
+                          run_dir=str(tmp_path / "run"), save_points=True))
+    export_seed_files(tmp_path / "run")
+    single = torch.load(tmp_path / "run" / SINGLE, weights_only=True)["unet"]
+    assert single["field"] == "eps" and single["timesteps"] == [2, 1]
+    net = checkpoints.load(tiny_checkpoints / "tiny_unet").net.double().eval()
+    points = zarr.open_group(str(tmp_path / "run" / "ed.zarr"), mode="r")["point"][0, 0]  # (step, C, H, W)
+    for j, i in enumerate(single["timesteps"]):
+        t = torch.tensor([i / 2], dtype=torch.float64)
+        x = torch.from_numpy(np.asarray(points[j], dtype=np.float64))
+
+        def eps(flat):
+            return net(flat.reshape(1, *x.shape), t).flatten()
+
+        J = torch.autograd.functional.jacobian(eps, x.flatten(), vectorize=True)
+        seed_ed = float(torch.norm(J - J.T))
+        assert single["ed_magnitudes"][j] == pytest.approx(seed_ed, rel=1e-4)
+        sqrt_beta = np.sqrt(1 - np.cos(i / 2 / 1.008 * np.pi / 2) ** 2)
+        assert float(single["ed_fro"][j]) == pytest.approx(seed_ed / sqrt_beta, rel=1e-4)
+    assert single["ed_magnitudes"][1] < 0.75 * float(single["ed_fro"][1])  # at t = 1/2 the factor is 0.70
+
+
 def test_failed_steps_and_unfinished_cells_on_a_hand_written_store(tmp_path):
     """Closed forms: NaN steps stay NaN in the realization's row and are left out of mean, std (ddof 0)
     and counted in n; a model without a finished cell in a realization is left out of that file."""
@@ -175,3 +214,52 @@ def test_a_run_with_nothing_done_has_nothing_to_export(tmp_path):
     create_run(tmp_path / "r", {"estimator": "exact"}, ["unet"], [0], [-1], 2, (1, 2, 2), maps=False)
     with pytest.raises(EdtoolError, match="no finished cells yet"):
         seed_results(tmp_path / "r")
+
+
+def test_analyze_overwrite_with_fewer_realizations_leaves_no_stale_aggregated_file(tmp_path):
+    """`analyze --multiple 2` then `--multiple 1 --overwrite` into the same --output_dir: the aggregated
+    .pt of the first run (2 realizations) must not stay beside the new 1-realization store."""
+    args = ["analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--quiet", "--output_dir", "out"]
+    folder = tmp_path / "out" / "mnist5k" / "multiple_realizations"
+    first = edtool(*args, "--multiple", "2", cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert torch.load(folder / AGGREGATED, weights_only=True)["is"]["num_realizations"] == 2
+    again = edtool(*args, "--multiple", "1", "--overwrite", cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert not (folder / AGGREGATED).exists() and not (folder / "ed_analysis_aggregated.png").exists()
+    assert stored(folder)["done"].shape == (1, 1)
+    assert json.loads((folder / "summary_stats.json").read_text())["is"]["num_realizations"] == 1
+    assert torch.load(folder / SINGLE, weights_only=True)["is"]["timesteps"] == [2, 1]
+
+
+def test_a_foreign_aggregated_file_is_kept_when_a_rerun_makes_none(tmp_path):
+    """Only what edtool wrote is removed: a file of that name it did not write stays, byte for byte."""
+    run = create_run(tmp_path / "r", {"estimator": "exact"}, ["unet"], [7], [-1], 2, (1, 2, 2), maps=False)
+    run.write_cell(0, 0, np.array([1.0, 2.0]), np.array([2.0, 4.0]), np.full(2, 0.25), np.zeros(2), np.zeros((1, 2, 2)))
+    theirs = tmp_path / "r" / AGGREGATED
+    theirs.write_bytes(b"the seed tool's file")
+    assert [p.name for p in export_seed_files(tmp_path / "r", overwrite=True)] == [SINGLE]
+    assert theirs.read_bytes() == b"the seed tool's file"
+
+
+@pytest.mark.parametrize("name,layout", [(SINGLE, "single_realization"), (AGGREGATED, "multiple_realizations"),
+                                         ("asym_vs_time.png", "single_realization")])
+def test_a_folder_of_an_output_name_is_one_line_and_kept(tmp_path, name, layout):
+    """A folder where analyze writes a file: refused before computing, --overwrite or not, naming the
+    folder and analyze's own option (--output_dir); the folder and what is in it stay."""
+    folder = tmp_path / "out" / "mnist5k" / layout / name
+    folder.mkdir(parents=True)
+    (folder / "keep.txt").write_text("mine")
+    realizations = ["--multiple", "2"] if layout.startswith("multiple") else []
+    proc = edtool("analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--output_dir", "out",
+                  *realizations, "--overwrite", cwd=tmp_path)
+    assert_one_line_error(proc, f"{folder.relative_to(tmp_path)} is a folder", "--output_dir another folder")
+    assert (folder / "keep.txt").read_text() == "mine" and not (folder.parent / "ed.zarr").exists()
+
+
+def test_analyze_errors_name_its_own_option(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    proc = edtool("analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--output_dir", "afile",
+                  cwd=tmp_path)
+    assert_one_line_error(proc, "afile is a file, not a folder", "pass --output_dir to write elsewhere")
+    assert "--out " not in proc.stderr
