@@ -4,8 +4,9 @@ A state folder holds `state.json` (settings, step, optimizer hyper-parameters, t
 continues the run) and the tensors it names, `state_step<N>.safetensors` (weights, moving average,
 AdamW moments, RNG state, per-step losses), with their sha256. The tensors are written first under
 a new name (recorded in the folder's ledger of files edtool wrote), then the JSON that points at
-them, then the older tensor files this state wrote are removed, so a kill at any moment leaves a
-complete state: the old one or the new one. A file of the user's, whatever its name, is never removed.
+them, then the older tensor files this state wrote are removed (and the temporary file of a save that
+was killed), so a kill at any moment leaves a complete state: the old one or the new one. A file of the
+user's, whatever its name, is never removed.
 
 Everything read back is checked before it is used: every field of `state.json` (types, ranges, the
 settings a command line could give), the tensors by their sha256 and against the JSON (the step and
@@ -35,6 +36,7 @@ from edtool.store.locks import access_lock
 STATE_JSON = "state.json"
 FORMAT = "edtool-training-state"
 TENSORS_NAME = re.compile(r"state_step(\d{8})\.safetensors")
+TEMPORARY_NAME = re.compile(r"\.state_step\d{8}\.\d+\.tmp\.safetensors")  # a save's, until renamed
 MAX_STEPS = 10**9  # what `edtool train --steps` takes
 MAX_JSON_BYTES = 16 << 20  # a state.json is a few kB (its param_groups list every parameter)
 ADAMW_MOMENTS = {"step", "exp_avg", "exp_avg_sq"}
@@ -106,6 +108,9 @@ def save(folder, *, config: dict, net: torch.nn.Module, ema: dict, opt: torch.op
         e.filename = e.filename or str(path)
         raise
     _remove_older(folder, keep=path.name, before=before)
+    for tmp in folder.glob(".state_step*"):  # half-written by a trainer killed in a save (we hold the lock)
+        if TEMPORARY_NAME.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
     return folder / STATE_JSON
 
 
