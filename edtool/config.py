@@ -67,6 +67,9 @@ def default(cls, name: str):
     return f.default_factory() if callable(f.default_factory) else f.default
 
 
+MAX_LR = 1e30  # AdamW's step lr / (1 - beta1**step) must stay a float32
+
+
 @dataclass
 class TrainConfig:
     """Every setting that changes the trained weights (`edtool train` and `edtool.networks.train.train`)."""
@@ -125,9 +128,10 @@ class TrainConfig:
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise EdtoolError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0) or not 0 < self.lr_final_factor <= 1:
-            raise EdtoolError(f"--lr must be a finite positive number and --lr-final-factor in (0, 1], got {self.lr} "
-                              f"and {self.lr_final_factor}")
+        if not 0 < self.lr <= MAX_LR or not 0 < self.lr_final_factor <= 1:  # (NaN fails both)
+            raise EdtoolError(f"--lr must be a positive number up to {MAX_LR:g} (an optimizer step in float32 "
+                              f"overflows beyond) and --lr-final-factor in (0, 1], got {self.lr} and "
+                              f"{self.lr_final_factor}")
         if self.lr_gamma is not None and not 0 < self.lr_gamma <= 1:
             raise EdtoolError(f"--lr-gamma must be in (0, 1] (the paper's is 0.999965), got {self.lr_gamma}")
         if not 0 <= self.ema_decay < 1:

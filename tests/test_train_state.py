@@ -222,3 +222,87 @@ def test_out_a_device_or_a_folder_is_refused_and_quiet_is_quiet(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not [line for line in proc.stdout.splitlines() if line.startswith("step")]
     assert proc.stdout.startswith("wrote ")
+
+
+def _tiny_data(n=24):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 3, (n,), generator=g)
+
+
+def _tiny_cfg(**kw):
+    from edtool.config import TrainConfig
+
+    return TrainConfig(**{"arch": "unet", "dataset": "tiny", "steps": 2, "batch": 4, "fsizes": [8, 16],
+                          "emb_dim": 16, "lr_gamma": 0.9, **kw})
+
+
+def test_tensors_without_their_state_json_are_never_trained_over(tmp_path):
+    """A state's tensors left without state.json (deleted by hand, or a first save killed) are refused, not
+    silently replaced by a fresh run; half-written temporary files of a killed save are removed at the next."""
+    from edtool.networks.train import train
+
+    images, labels = _tiny_data()
+    train(_tiny_cfg(), images, labels, None, tmp_path / "s", ckpt_every=1)
+    (tmp_path / "s" / "state.json").unlink()
+    with pytest.raises(EdtoolError, match="state_step00000002.safetensors, a training state's tensors, but no"):
+        train(_tiny_cfg(), images, labels, None, tmp_path / "s")
+    assert (tmp_path / "s" / "state_step00000002.safetensors").exists()
+
+    train(_tiny_cfg(), images, labels, None, tmp_path / "t", ckpt_every=1)
+    half = tmp_path / "t" / ".state_step00000003.4242.tmp.safetensors"
+    half.write_bytes(b"half a save")
+    mine = tmp_path / "t" / ".state_step00000003.mine"
+    mine.write_bytes(b"a user's dot-file")
+    train(_tiny_cfg(steps=3), images, labels, None, tmp_path / "t")
+    assert not half.exists() and mine.exists() and _step(tmp_path / "t") == 3
+
+
+def test_non_finite_tensors_and_a_dangling_link_are_refused(tmp_path):
+    from edtool.networks.train import train
+
+    images, labels = _tiny_data()
+    train(_tiny_cfg(), images, labels, None, tmp_path / "s", ckpt_every=1)
+    tensors = tmp_path / "s" / "state_step00000002.safetensors"
+    data = load_file(str(tensors))
+    next(v for k, v in data.items() if k.startswith("ema.") and v.is_floating_point()).view(-1)[0] = float("nan")
+    save_file(data, str(tensors), metadata={"format": "edtool-training-state", "step": "2",
+                                            "config": json.dumps(_tiny_cfg().identity(), sort_keys=True)})
+    import hashlib
+
+    _edit(tmp_path / "s", lambda m: m.update(tensors_sha256=hashlib.sha256(tensors.read_bytes()).hexdigest()))
+    with pytest.raises(EdtoolError, match="non-finite"):
+        train(_tiny_cfg(steps=3), images, labels, None, tmp_path / "s")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(EdtoolError, match="link to nothing"):
+        train(_tiny_cfg(), images, labels, None, tmp_path / "link")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_an_overflowing_learning_rate_is_one_line(tmp_path):
+    proc = edtool(*TINY, "--steps", "2", "--lr", "1e300", "--state", tmp_path / "st", cwd=tmp_path)
+    assert_one_line_error(proc)
+    assert "--lr" in proc.stderr and not (tmp_path / "st").exists()
+
+
+@pytest.mark.slow
+def test_trainers_killed_at_random_moments_resume_to_the_uninterrupted_state(tmp_path):
+    """kill -9 at random moments (in steps and in saves, a save every step), then the same command: the state
+    equals the uninterrupted run's, bit for bit, and no half-written file is left."""
+    import random
+
+    args = [*GAMMA, "--steps", "8", "--ckpt-every", "1"]
+    assert edtool(*args, "--state", tmp_path / "straight", cwd=tmp_path).returncode == 0
+    rng = random.Random(0)
+    for _ in range(4):
+        proc = subprocess.Popen([*console_script(), *args, "--state", str(tmp_path / "k")], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 8.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = edtool(*args, "--state", tmp_path / "k", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    a = load_file(str(tmp_path / "straight" / "state_step00000008.safetensors"))
+    b = load_file(str(tmp_path / "k" / "state_step00000008.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
+        ".edtool-access.lock", ".edtool-written.json", "state.json", "state_step00000008.safetensors"]

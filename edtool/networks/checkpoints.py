@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
 import edtool
 from edtool.errors import EdtoolError
@@ -29,7 +29,7 @@ def save(path, net: torch.nn.Module, manifest: dict) -> Path:
     path = Path(path).with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
+        tmp.write_bytes(safetensors_bytes(state))  # an OSError (a full disk: one line), where save_file's is not one
         digest = sha256_file(tmp)
     write_json(manifest_path(path), {"format": FORMAT, "edtool_version": edtool.__version__, **manifest,
                                      "weights_sha256": digest})

@@ -4,8 +4,9 @@ A state folder holds `state.json` (settings, step, optimizer hyper-parameters, t
 continues the run) and the tensors it names, `state_step<N>.safetensors` (weights, moving average,
 AdamW moments, RNG state, per-step losses), with their sha256. The tensors are written first under
 a new name (recorded in the folder's ledger of files edtool wrote), then the JSON that points at
-them, then the older tensor files this state wrote are removed, so a kill at any moment leaves a
-complete state: the old one or the new one. A file of the user's, whatever its name, is never removed.
+them, then the older tensor files this state wrote are removed (and the temporary file of a save that
+was killed), so a kill at any moment leaves a complete state: the old one or the new one. A file of the
+user's, whatever its name, is never removed.
 
 Everything read back is checked before it is used: every field of `state.json` (types, ranges, the
 settings a command line could give), the tensors by their sha256 and against the JSON (the step and
@@ -16,6 +17,7 @@ process at a time trains in a folder (`lock`).
 
 import json
 import math
+import os
 import re
 import tempfile
 from contextlib import contextmanager
@@ -24,18 +26,19 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save as save_bytes
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from edtool.config import RANGES, TrainConfig
 from edtool.errors import EdtoolError
-from edtool.fileio import LEDGER, read_ledger, recorded_paths, refuse_foreign, sha256_file, write_json, \
-    written_by_edtool
+from edtool.fileio import LEDGER, read_ledger, recorded_paths, sha256_file, write_json, written_by_edtool
 from edtool.store.locks import access_lock
 
 STATE_JSON = "state.json"
 FORMAT = "edtool-training-state"
 TENSORS_NAME = re.compile(r"state_step(\d{8})\.safetensors")
+TEMPORARY_NAME = re.compile(r"\.state_step\d{8}\.\d+\.tmp\.safetensors")  # a save's, until renamed
 MAX_STEPS = 10**9  # what `edtool train --steps` takes
+MAX_JSON_BYTES = 16 << 20  # a state.json is a few kB (its param_groups list every parameter)
 ADAMW_MOMENTS = {"step", "exp_avg", "exp_avg_sq"}
 FIX = "restore it from a copy or start another --state folder"
 
@@ -55,9 +58,7 @@ def lock(folder, doing: str = "training"):
     a second process is refused at once with one line naming the holder. The run store's flock access
     lock, released by the kernel when its holder dies, so a killed trainer leaves no stale lock."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise EdtoolError(f"{folder} is a file, not a folder: give --state a folder (new, or holding a training "
-                          "state)")
+    _check_folder(folder)
     key = str(folder.resolve())
     if key in _held:
         yield folder
@@ -91,8 +92,10 @@ def save(folder, *, config: dict, net: torch.nn.Module, ema: dict, opt: torch.op
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
     path = folder / tensors_name(step)
     before = _previous_tensors(folder)
-    refuse_foreign([path], how="move it away and run the same command again")
-    data = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+    if (path.exists() or path.is_symlink()) and not written_by_edtool(path):
+        raise EdtoolError(f"{path} is in the way of this state's next save and edtool did not write it; move it "
+                          "away and run the same command again (the state saved before is kept)")
+    data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       metadata={"format": FORMAT, "step": str(step), "config": json.dumps(config, sort_keys=True)})
     try:
         with recorded_paths([path]) as (tmp,):
@@ -105,6 +108,9 @@ def save(folder, *, config: dict, net: torch.nn.Module, ema: dict, opt: torch.op
         e.filename = e.filename or str(path)
         raise
     _remove_older(folder, keep=path.name, before=before)
+    for tmp in folder.glob(".state_step*"):  # half-written by a trainer killed in a save (we hold the lock)
+        if TEMPORARY_NAME.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
     return folder / STATE_JSON
 
 
@@ -141,11 +147,17 @@ def read(folder) -> Optional[dict]:
     checked by hash and against it."""
     folder = Path(folder)
     path = folder / STATE_JSON
-    if folder.exists() and not folder.is_dir():
-        raise EdtoolError(f"{folder} is a file, not a folder: give --state a folder (new, or holding a training "
-                          "state)")
+    _check_folder(folder)
     if not (path.exists() or path.is_symlink()):
+        orphans = sorted(p.name for p in folder.glob("state_step*.safetensors") if written_by_edtool(p))
+        if orphans:  # never start afresh over a run's tensors (a save killed before its first JSON: rare)
+            raise EdtoolError(f"{folder} holds {orphans[-1]}, a training state's tensors, but no {STATE_JSON} "
+                              "(deleted, or a first save was killed): restore it, or move the tensors away to "
+                              "start afresh")
         return None
+    if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:  # a folder, a device, a pipe: never read
+        raise EdtoolError(f"{path} is not a state.json edtool wrote (not a file, or larger than "
+                          f"{MAX_JSON_BYTES >> 20} MB); {FIX}")
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
@@ -160,6 +172,14 @@ def read(folder) -> Optional[dict]:
         raise EdtoolError(f"training state {tensors} is missing or damaged (its sha256 differs from {path}); {FIX}")
     _check_against_tensors(meta, tensors, path)
     return meta
+
+
+def _check_folder(folder: Path) -> None:
+    if folder.is_symlink() and not folder.exists():
+        raise EdtoolError(f"{folder} is a link to nothing ({os.readlink(folder)}): give --state a folder")
+    if folder.exists() and not folder.is_dir():
+        raise EdtoolError(f"{folder} is a file, not a folder: give --state a folder (new, or holding a training "
+                          "state)")
 
 
 def _bad(path, what: str):
@@ -291,6 +311,8 @@ def restore(folder, meta: dict, *, net: torch.nn.Module, opt: torch.optim.Optimi
         moments.setdefault(int(i), {})[name] = v
     if any(set(m) != ADAMW_MOMENTS for m in moments.values()):
         _refuse_tensors(where, "an incomplete set of AdamW moments")
+    if not all(bool(v.isfinite().all()) for v in tensors.values() if v.is_floating_point()):
+        _refuse_tensors(where, "non-finite numbers (NaN or infinity)")
     rng, losses = tensors["rng"], tensors["losses"]
     if rng.dtype != torch.uint8 or rng.shape != gen.get_state().shape or losses.dtype != torch.float64:
         _refuse_tensors(where, "a random-generator state or losses of another kind")
