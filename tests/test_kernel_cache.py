@@ -121,3 +121,13 @@ def test_a_killed_compute_leaves_no_lock_that_blocks_the_next_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "stale lock" in proc.stderr and "that process is gone" in proc.stderr
     assert open_run(tmp_path / "run").done_mask().all() and not lock.exists()
+
+
+@needs_compiler
+def test_a_verified_library_in_a_folder_that_takes_no_files_loads_from_a_temporary_copy(built, tmp_path):
+    """The private copy goes to the system's temporary folder when the cache folder takes no new files (a
+    read-only shared cache; here a folder that does not exist)."""
+    kernel_dir, _ = built
+    so = _library(kernel_dir)
+    lib = els_kernels._open_copy(so.read_bytes(), so.name, tmp_path / "not-a-folder")
+    assert hasattr(lib, "score_chunk") and not (tmp_path / "not-a-folder").exists()

@@ -47,6 +47,8 @@ class _Evil:
     ("random .pt", "not a pickled DDIM"),
     ("malicious .pt", "refusing to unpickle"),
     ("manifest a list", "not an edtool checkpoint manifest"),
+    ("manifest image_shape text", "image_shape 'abc' is not [channels, height, width]"),
+    ("manifest for other channels", "images of 3 channels to a network that takes 1"),
 ])
 def test_a_bad_checkpoint_source_is_one_line_and_never_runs_code(kind, expected, tmp_path):
     marker = tmp_path / "ran"
@@ -70,7 +72,10 @@ def test_a_bad_checkpoint_source_is_one_line_and_never_runs_code(kind, expected,
     else:
         path = tmp_path / "m.safetensors"
         path.write_bytes(SHIPPED_UNET.read_bytes())
-        path.with_suffix(".json").write_text("[1, 2]")
+        manifest = json.loads(SHIPPED_UNET.with_suffix(".json").read_text())
+        manifest = {"manifest a list": [1, 2], "manifest image_shape text": {**manifest, "image_shape": "abc"},
+                    "manifest for other channels": {**manifest, "image_shape": [3, 32, 32]}}[kind]
+        path.with_suffix(".json").write_text(json.dumps(manifest))
     proc = edtool("compute", "--models", f"x={path}", *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert_one_line_error(proc, expected)
     assert not marker.exists()

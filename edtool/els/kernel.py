@@ -116,15 +116,26 @@ def _load():
             data = _verified(target)
             if data is None:
                 raise RuntimeError(f"{target} does not match its checksum right after the build")
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # a loaded library may be unlinked
-            private = pathlib.Path(tmp) / target.name
-            private.write_bytes(data)
-            return _bind(ctypes.CDLL(str(private)))
+        return _bind(_open_copy(data, target.name, target.parent))
     except Exception as e:  # noqa: BLE001 - any build or load failure means: use the torch path
         warnings.warn(f"the fused ELS kernel is unavailable ({e}); using the pure-torch engine (same "
                       f"numbers, slower). Install g++ to enable it, or set {ENV}=torch to silence this.",
                       RuntimeWarning, stacklevel=2)
         return None
+
+
+def _open_copy(data: bytes, name: str, folder: pathlib.Path):
+    """ctypes.CDLL of a private copy of the verified bytes, which nothing else changes while it is mapped: in
+    the cache folder, else in the system's temporary folder (a read-only cache)."""
+    for where in (folder, None):
+        try:
+            with tempfile.TemporaryDirectory(dir=where) as tmp:  # a loaded library may be unlinked
+                private = pathlib.Path(tmp) / name
+                private.write_bytes(data)
+                return ctypes.CDLL(str(private))
+        except OSError:
+            if where is None:
+                raise
 
 
 def _bind(lib):

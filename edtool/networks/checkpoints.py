@@ -47,6 +47,10 @@ def read_manifest(path) -> dict:
         raise EdtoolError(f"checkpoint manifest {mpath} is not readable JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "arch" not in manifest:
         raise EdtoolError(f"{mpath} is not an edtool checkpoint manifest")
+    shape = manifest.get("image_shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and
+                                  all(type(v) is int and v > 0 for v in shape)):
+        raise EdtoolError(f"{mpath}: image_shape {shape!r} is not [channels, height, width] of positive ints")
     return manifest
 
 
@@ -78,6 +82,10 @@ def load(path, dataset: Optional[str] = None, image_shape=None, device="cpu") ->
         state = load_file(str(path))
     except Exception as e:  # corrupt file or a manifest no network can be built from
         raise EdtoolError(f"checkpoint {path} could not be loaded: {' '.join(str(e).split())[:300]}") from None
+    channels = manifest.get("arch_kwargs", {}).get("in_channels")
+    if channels is not None and manifest.get("image_shape") and manifest["image_shape"][0] != channels:
+        raise EdtoolError(f"checkpoint {path}: its manifest gives images of {manifest['image_shape'][0]} channels to "
+                          f"a network that takes {channels}; keep each .safetensors beside its own .json")
     mismatch = _weights_mismatch(net.state_dict(), state)
     if mismatch:
         raise EdtoolError(f"checkpoint {path} does not hold the weights of the {manifest['arch']} its manifest "

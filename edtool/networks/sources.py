@@ -506,7 +506,7 @@ def load_source(source: str, scheduler=None, dataset: Optional[str] = None, devi
     if path.suffix in (".safetensors", ".pt") or path.with_suffix(".safetensors").is_file():
         from edtool.networks import checkpoints, discovery
 
-        if path.suffix == ".safetensors" and not checkpoints.manifest_path(path).exists() \
+        if path.suffix == ".safetensors" and path.is_file() and not checkpoints.manifest_path(path).exists() \
                 and (path.parent / "config.json").is_file():
             raise EdtoolError(f"{source} is the weights file of a diffusers model, not an edtool checkpoint: pass its "
                               f"folder ({path.parent}) as the SOURCE")
