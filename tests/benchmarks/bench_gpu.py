@@ -1,7 +1,7 @@
 """GPU readiness in one prepared script, run by hand on a CUDA machine.
 
     python tests/benchmarks/bench_gpu.py --time-limit 420            # on the GPU machine (one H100: ~6 min)
-    python tests/benchmarks/bench_gpu.py --device cpu --dry-run      # the same script on CPU, tiny sizes
+    python tests/benchmarks/bench_gpu.py --dry-run                   # the same script on CPU, tiny sizes
 
 It measures in this order, so that a job cut short still returns what only the GPU can give:
 1. Warm-up, untimed: one realization of every model on the device (CUDA context, cuBLAS and cuDNN start-up,
@@ -157,8 +157,8 @@ def throughput_row(args, tmp: Path, batch: int) -> str:
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", help="the device under test; cpu stands in for a GPU")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes: checks the script, not a device")
+    ap.add_argument("--device", default=None, help="the device under test (cuda; cpu stands in for a GPU)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes, on CPU unless --device: checks the script")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; no step is measured after it")
     ap.add_argument("--dataset", default="mnist5k")
     ap.add_argument("--data-root", default=None)
@@ -180,6 +180,7 @@ def parse(argv):
         assert args.batches and min(args.batches) >= 1 and args.realizations >= 1
     except (ValueError, AssertionError):
         ap.error(f"--batches {args.batches!r} / --realizations {args.realizations}: give positive whole numbers")
+    args.device = args.device or ("cpu" if args.dry_run else "cuda")
     if args.dry_run:
         args.realizations, args.nsteps, args.check_steps = min(args.realizations, 2), min(args.nsteps, 2), 2
         args.batches, args.max_samples, args.check_samples = [1, 2], args.max_samples or 50, 50
