@@ -1,7 +1,7 @@
 """GPU readiness in one prepared script, run by hand on a CUDA machine.
 
     python tests/benchmarks/bench_gpu.py --time-limit 420            # on the GPU machine (one H100: ~6 min)
-    python tests/benchmarks/bench_gpu.py --device cpu --dry-run      # the same script on CPU, tiny sizes
+    python tests/benchmarks/bench_gpu.py --dry-run                   # the same script on CPU, tiny sizes
 
 It measures in this order, so that a job cut short still returns what only the GPU can give:
 1. Warm-up, untimed: one realization of every model on the device (CUDA context, cuBLAS and cuDNN start-up,
@@ -27,6 +27,15 @@ seconds on a GPU, up to a minute for an exact CPU step of (a)); what was measure
 parts cut are named. Exit codes: 0 done and (a) agrees, 1 (a) disagrees, 2 bad input or no CUDA, 3 cut by
 --time-limit. The output is a few dozen lines (each file a job brings back stays far below 16 MB).
 Paste the printed markdown table into docs/scale-out.md.
+
+A short GPU job: `--time-limit 390 --realizations 8 --batches 1,8 --check-steps 3` (what
+`EDTOOL_CAMPAIGN_NETS= bash checkpoints/training/gpu_campaign.sh run 0 450` runs). Expected on one H100:
+about 5 minutes (3-8), estimated without a GPU from CPU measurements: the ELS machine's torch path costs
+about what 16 CPU cores do (issue 36, row 7), i.e. 10-15 s a realization from docs/performance.md's 130-220
+CPU-seconds, at any batch; an exact Jacobian step costs 15 (ResNet) and 19 (UNet) CPU-seconds here (2026-12-07,
+2-core VM), ~600 GFLOP, so ~1-2 s a realization per network on the GPU. Warm-up ~40 s (start-up, keys, one
+realization), (a) device side ~15 s, (b) 16 realizations ~230 s, (a) CPU side 6 points x 2 networks x 17
+CPU-seconds on the GPU machine's 16 cores ~30 s.
 """
 
 import argparse
@@ -157,8 +166,8 @@ def throughput_row(args, tmp: Path, batch: int) -> str:
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", help="the device under test; cpu stands in for a GPU")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes: checks the script, not a device")
+    ap.add_argument("--device", default=None, help="the device under test (cuda; cpu stands in for a GPU)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes, on CPU unless --device: checks the script")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; no step is measured after it")
     ap.add_argument("--dataset", default="mnist5k")
     ap.add_argument("--data-root", default=None)
@@ -180,6 +189,7 @@ def parse(argv):
         assert args.batches and min(args.batches) >= 1 and args.realizations >= 1
     except (ValueError, AssertionError):
         ap.error(f"--batches {args.batches!r} / --realizations {args.realizations}: give positive whole numbers")
+    args.device = args.device or ("cpu" if args.dry_run else "cuda")
     if args.dry_run:
         args.realizations, args.nsteps, args.check_steps = min(args.realizations, 2), min(args.nsteps, 2), 2
         args.batches, args.max_samples, args.check_samples = [1, 2], args.max_samples or 50, 50
