@@ -47,14 +47,24 @@ from edtool.els import kernel as els_kernels
 # the machines' parts, each in its module; the names stay importable from here
 from edtool.els.windows import PADDINGS, stack_cells, candidate_cells, pad_images, window_index  # noqa: F401
 from edtool.els.engine import (  # noqa: F401
-    candidates_per_step, clamp_floor, fill_from, gathered_keys, image_keys, sliced_keys, posterior_moments)
+    candidates_per_step, chunk_size_for, clamp_floor, fill_from, gathered_keys, image_keys, sliced_keys,
+    posterior_moments, streamed_moments)
+from edtool.memory import device_free_bytes
 from edtool.els.merging import (  # noqa: F401
     MERGE_BLOCK, MERGE_MAX_ENTRIES, KeyCache, cell_windows, every_window_keys, merge_plan, merged_keys)
 from edtool.els.band import band_valid, band_ed, band_transpose, dense_ed, dense_jacobian  # noqa: F401
 
-DEFAULT_CHUNK_SIZE = 2**20  # elements per streamed block (logits, keys or values): 4 MiB in float32, cache-sized
-# (mnist5k, k = 3: 10 % faster than 2**22; 2**18 is slower again, per-block overhead)
-DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls (mnist5k at k = 11: 2.5 GB)
+DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls on a CPU, at least (mnist5k at k = 11: 2.5 GB)
+CPU_CACHE_SHARE = 1 / 8  # of the RAM, where that is more
+CUDA_CACHE_SHARE = 1 / 4  # of a GPU's free memory: CIFAR-10's merged k = 3 keys (~5.4 GB) fit on a 24 GB card
+
+
+def key_cache_bytes(device: torch.device) -> int:
+    """The candidate keys a machine keeps between calls on `device`: on a CPU DEFAULT_CACHE_BYTES or
+    CPU_CACHE_SHARE of the RAM if more, on CUDA CUDA_CACHE_SHARE of the free memory."""
+    if device.type == "cuda":
+        return int(device_free_bytes(device) * CUDA_CACHE_SHARE)
+    return max(DEFAULT_CACHE_BYTES, int(device_free_bytes(device) * CPU_CACHE_SHARE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +249,7 @@ class IdealMachine(Machine):
         a, b2 = self._coefficients(t, x)
         n = x[0].numel()
         step = candidates_per_step(1, x.shape[0], n + 2, self.chunk_size)
-        moments = posterior_moments(self._queries(x, a, b2), self._source(label, x)(step), lambda keys: keys[:, : n + 1])
+        moments = streamed_moments(self._queries(x, a, b2), self._source(label, x), step, lambda keys: keys[:, : n + 1])
         mean = moments[0, :, 1:].view_as(x)
         ab = a.view(-1, 1, 1, 1)
         return -(x - ab * mean.to(x.dtype)) / b2.view(-1, 1, 1, 1)
@@ -374,7 +384,7 @@ class LocalMachine(Machine):
                 else:
                     m = els_kernels.score_moments(lib, q, chunks, value_rows, clamp_floor(q.dtype))
             else:  # the torch path holds a block of logits too: rows x candidates count
-                m = posterior_moments(q, source(candidates_per_step(G, B * R, width, self.chunk_size)), values_of)
+                m = streamed_moments(q, source, candidates_per_step(G, B * R, width, self.chunk_size), values_of)
             pieces.append(m.view(G, B, R, -1).transpose(0, 1).reshape(B, G * R, -1))
             pixels.append(pix.reshape(-1))
         order = torch.argsort(torch.cat(pixels))
@@ -457,16 +467,18 @@ def make_machine(
     labels: Optional[Tensor] = None,
     patch_size: Optional[int] = None,
     scales: Optional[Sequence[int]] = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     paper_circular: bool = False,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    cache_bytes: Optional[int] = None,
 ) -> Machine:
     """An ELS-family machine over training images (N, C, H, W) in [-1, 1] (labels (N,) for
     class-conditional use). Give exactly one of patch_size (odd) or scales (odd sizes, entry j
     for t = (j + 1) / len(scales)); `is` takes neither. `els` means `els-borders`; see
     `resolve_machine_name` for circular-padded networks. paper_circular: `els-circular` with
     only fully-inside training windows as candidates (the paper's variant). chunk_size bounds
-    the elements of each streamed block; cache_bytes the candidate windows kept between calls,
+    the elements of each streamed block (default `chunk_size_for` the images' device: cache-sized
+    on a CPU, large on a GPU); cache_bytes (default `key_cache_bytes` of that device) the candidate
+    windows kept between calls,
     identical ones merged up to k = 9 for grey images (a set beyond the budget, or of larger
     windows, is gathered afresh at every call, unmerged: same numbers). Memory: the cache
     (<= cache_bytes) + a few blocks of chunk_size elements; while a key set is being merged, also
@@ -486,6 +498,8 @@ def make_machine(
         labels = labels.long()
     if paper_circular and name != "els-circular":
         raise ValueError("paper_circular applies only to the els-circular machine")
+    if chunk_size is None:
+        chunk_size = chunk_size_for(images.device.type, device_free_bytes(images.device), images.element_size())
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if name == "is":
@@ -506,6 +520,8 @@ def make_machine(
         H, W = images.shape[-2:]
         if max(sizes) > min(H, W):
             raise ValueError(f"the paper's circular machine needs patch sizes <= image size {H}x{W}, got {max(sizes)}")
+    if cache_bytes is None:
+        cache_bytes = key_cache_bytes(images.device)
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
         raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
     if name == "is":
