@@ -15,7 +15,6 @@ weights_only=True)` reads them. Failed steps stay NaN; the mean and std leave th
 `ed_magnitudes_n` counts the values each step's statistics use.
 """
 
-import warnings
 from pathlib import Path
 
 import numpy as np
