@@ -13,7 +13,7 @@ from edtool.store.run import open_run
 from edtool.study import compute as pipeline
 from edtool.study.device import CUBLAS_WORKSPACE_CONFIG, cuda_index, cuda_numerics, cuda_settings
 from edtool.study.prepare import resolve_device
-from test_pipeline import _tiny_networks, config, tiny_checkpoints  # noqa: F401
+from test_pipeline import _tiny_networks, cli, config, tiny_checkpoints  # noqa: F401
 
 
 @pytest.mark.parametrize("env, count, index", [
@@ -138,6 +138,15 @@ def test_the_run_records_its_platform_and_a_resume_elsewhere_says_so(tmp_path, m
                      f"this run was made with torch {torch.__version__}, this process has torch 9.9, gpu NVIDIA H100 "
                      "80GB HBM3, cuda 12.4: the cells computed now agree with the earlier ones within float32 "
                      "rounding (docs/store.md), not bit for bit"]
+
+
+def test_tf32_on_the_command_line_of_a_cpu_run(tmp_path, capsys, monkeypatch):
+    """--tf32 where there is no CUDA: the run goes on in full float32, says so, and records no TF32."""
+    code, out, err = cli(capsys, monkeypatch, "compute", "--models", "resnet,is", "--nsteps", "2", "--realizations",
+                         "1", "--probes", "2", "--device", "cpu", "--tf32", "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert "--tf32 changes nothing on cpu: its float32 arithmetic is full precision" in out + err
+    assert "tf32" not in open_run(tmp_path / "run").config
 
 
 @pytest.mark.gpu  # pytest --gpu on a CUDA machine: what the CPU tests above cannot show
