@@ -95,8 +95,8 @@ def save(folder, *, config: dict, net: torch.nn.Module, ema: dict, opt: torch.op
     if (path.exists() or path.is_symlink()) and not written_by_edtool(path):
         raise EdtoolError(f"{path} is in the way of this state's next save and edtool did not write it; move it "
                           "away and run the same command again (the state saved before is kept)")
-    data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      metadata={"format": FORMAT, "step": str(step), "config": json.dumps(config, sort_keys=True)})
+    header = {"format": FORMAT, "step": str(step), "config": json.dumps(config, sort_keys=True)}
+    data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header)
     try:
         with recorded_paths([path]) as (tmp,):
             tmp.write_bytes(data)
