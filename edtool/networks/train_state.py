@@ -312,7 +312,7 @@ def restore(folder, meta: dict, *, net: torch.nn.Module, opt: torch.optim.Optimi
     if any(set(m) != ADAMW_MOMENTS for m in moments.values()):
         _refuse_tensors(where, "an incomplete set of AdamW moments")
     if not all(bool(v.isfinite().all()) for v in tensors.values() if v.is_floating_point()):
-        _refuse_tensors(where, "non-finite numbers (NaN or infinity)")
+        raise EdtoolError(f"training state {where} holds non-finite numbers (NaN or infinity); {FIX}")
     rng, losses = tensors["rng"], tensors["losses"]
     if rng.dtype != torch.uint8 or rng.shape != gen.get_state().shape or losses.dtype != torch.float64:
         _refuse_tensors(where, "a random-generator state or losses of another kind")
