@@ -295,6 +295,7 @@ def test_trainers_killed_at_random_moments_resume_to_the_uninterrupted_state(tmp
     rng = random.Random(0)
     for _ in range(4):
         proc = subprocess.Popen([*console_script(), *args, "--state", str(tmp_path / "k")], cwd=tmp_path,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},  # as edtool() runs: the same sums
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(2.0, 8.0))
         proc.send_signal(signal.SIGKILL)
