@@ -295,6 +295,7 @@ def test_trainers_killed_at_random_moments_resume_to_the_uninterrupted_state(tmp
     rng = random.Random(0)
     for _ in range(4):
         proc = subprocess.Popen([*console_script(), *args, "--state", str(tmp_path / "k")], cwd=tmp_path,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},  # as edtool() runs: the same sums
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(2.0, 8.0))
         proc.send_signal(signal.SIGKILL)
@@ -306,3 +307,17 @@ def test_trainers_killed_at_random_moments_resume_to_the_uninterrupted_state(tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
         ".edtool-access.lock", ".edtool-written.json", "state.json", "state_step00000008.safetensors"]
+
+
+def test_a_damaged_snapshot_record_is_refused_before_training(tmp_path):
+    from edtool.networks.train import train
+
+    images, labels = _tiny_data()
+    held = _tiny_data(12)
+    train(_tiny_cfg(), images, labels, None, tmp_path / "s", held_out=held, snapshot_every=2)
+    for text in ["not json", "[1, 2]", '[{"step": "four"}]', '{"step": 1}']:
+        (tmp_path / "s" / "snapshots.json").write_text(text)
+        with pytest.raises(EdtoolError, match="snapshots.json"):
+            train(_tiny_cfg(steps=4), images, labels, None, tmp_path / "s", held_out=held, snapshot_every=2,
+                  log=lambda *a: pytest.fail("trained on a damaged snapshot record"))
+        assert _step(tmp_path / "s") == 2

@@ -70,9 +70,10 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
 
 
 def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path],
-                   work_dir: Path, ckpt_every: int = 250, command: str = "", log: Optional[Callable[[int, float, float], None]] = None,
-          stop_after: Optional[int] = None, init_weights: Optional[dict] = None, held_out=None,
-          snapshot_every: int = 0, device="cpu", time_limit_s: Optional[float] = None) -> Optional[Path]:
+                   work_dir: Path, ckpt_every: int = 250, command: str = "",
+                   log: Optional[Callable[[int, float, float], None]] = None, stop_after: Optional[int] = None,
+                   init_weights: Optional[dict] = None, held_out=None, snapshot_every: int = 0, device="cpu",
+                   time_limit_s: Optional[float] = None) -> Optional[Path]:
     """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs and return
     the weights' path (None when `out` is None: a campaign stretch that only advances its state).
 
@@ -107,6 +108,8 @@ def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
         ema, losses = train_state.restore(work_dir, meta, net=net, opt=opt, gen=gen)
         ema = {k: v.to(device) for k, v in ema.items()}
         step, elapsed = meta["step"], meta["elapsed_s"]
+    if snapshot_every:
+        read_snapshots(work_dir)  # a damaged record is refused now, not at the first snapshot
     on_device = images.to(device), labels.to(device)
 
     pending = []  # the losses of the steps since they were last read, still on the device
@@ -248,9 +251,20 @@ def snapshot(work_dir: Path, step: int, every: int, cfg: TrainConfig, net, ema: 
 
 
 def read_snapshots(work_dir) -> list:
-    """The snapshot records of a training state folder ([] when there are none)."""
+    """The snapshot records of a training state folder ([] when there are none): a list of records, each
+    with its whole-number step (EdtoolError for anything else: an edited or damaged file)."""
     path = Path(work_dir) / "snapshots.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    if not (path.exists() or path.is_symlink()):
+        return []
+    try:
+        records = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise EdtoolError(f"cannot read {path} ({e}); restore it from a copy, or move it away to start the "
+                          "record afresh") from None
+    if not (isinstance(records, list) and all(isinstance(r, dict) and type(r.get("step")) is int for r in records)):
+        raise EdtoolError(f"{path} is not a list of snapshot records with their steps; restore it from a copy, or "
+                          "move it away to start the record afresh")
+    return records
 
 
 def ema_decay(decay: float, step: int) -> float:

@@ -95,8 +95,8 @@ def save(folder, *, config: dict, net: torch.nn.Module, ema: dict, opt: torch.op
     if (path.exists() or path.is_symlink()) and not written_by_edtool(path):
         raise EdtoolError(f"{path} is in the way of this state's next save and edtool did not write it; move it "
                           "away and run the same command again (the state saved before is kept)")
-    data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      metadata={"format": FORMAT, "step": str(step), "config": json.dumps(config, sort_keys=True)})
+    header = {"format": FORMAT, "step": str(step), "config": json.dumps(config, sort_keys=True)}
+    data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header)
     try:
         with recorded_paths([path]) as (tmp,):
             tmp.write_bytes(data)
@@ -312,7 +312,7 @@ def restore(folder, meta: dict, *, net: torch.nn.Module, opt: torch.optim.Optimi
     if any(set(m) != ADAMW_MOMENTS for m in moments.values()):
         _refuse_tensors(where, "an incomplete set of AdamW moments")
     if not all(bool(v.isfinite().all()) for v in tensors.values() if v.is_floating_point()):
-        _refuse_tensors(where, "non-finite numbers (NaN or infinity)")
+        raise EdtoolError(f"training state {where} holds non-finite numbers (NaN or infinity); {FIX}")
     rng, losses = tensors["rng"], tensors["losses"]
     if rng.dtype != torch.uint8 or rng.shape != gen.get_state().shape or losses.dtype != torch.float64:
         _refuse_tensors(where, "a random-generator state or losses of another kind")
