@@ -49,6 +49,7 @@ class _Evil:
     ("manifest a list", "not an edtool checkpoint manifest"),
     ("manifest image_shape text", "image_shape 'abc' is not [channels, height, width]"),
     ("manifest for other channels", "images of 3 channels to a network that takes 1"),
+    ("manifest padding 7", "padding 7 (zeros or circular)"),
 ])
 def test_a_bad_checkpoint_source_is_one_line_and_never_runs_code(kind, expected, tmp_path):
     marker = tmp_path / "ran"
@@ -74,7 +75,8 @@ def test_a_bad_checkpoint_source_is_one_line_and_never_runs_code(kind, expected,
         path.write_bytes(SHIPPED_UNET.read_bytes())
         manifest = json.loads(SHIPPED_UNET.with_suffix(".json").read_text())
         manifest = {"manifest a list": [1, 2], "manifest image_shape text": {**manifest, "image_shape": "abc"},
-                    "manifest for other channels": {**manifest, "image_shape": [3, 32, 32]}}[kind]
+                    "manifest for other channels": {**manifest, "image_shape": [3, 32, 32]},
+                    "manifest padding 7": {**manifest, "padding": 7}}[kind]
         path.with_suffix(".json").write_text(json.dumps(manifest))
     proc = edtool("compute", "--models", f"x={path}", *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert_one_line_error(proc, expected)

@@ -51,6 +51,10 @@ def read_manifest(path) -> dict:
     if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and
                                   all(type(v) is int and v > 0 for v in shape)):
         raise EdtoolError(f"{mpath}: image_shape {shape!r} is not [channels, height, width] of positive ints")
+    if manifest.get("padding", "zeros") not in ("zeros", "circular") or \
+            not isinstance(manifest.get("conditional", False), bool):
+        raise EdtoolError(f"{mpath}: padding {manifest.get('padding')!r} (zeros or circular) or conditional "
+                          f"{manifest.get('conditional')!r} (true or false) is not what edtool writes")
     return manifest
 
 

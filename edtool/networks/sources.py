@@ -341,8 +341,7 @@ def load_diffusers(folder: Path, scheduler: Optional[Path], source: str, device=
         unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False,
                                                      use_safetensors=safetensors)
     except Exception as e:  # missing or corrupt weights, config mismatch
-        raise EdtoolError(f"{source}: the UNet could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+        raise EdtoolError(f"{source}: the UNet could not be loaded ({describe_exception(e)})") from None
     differentiable(unet)
     size = config.get("sample_size")
     if size is None and image_shape is None:
@@ -352,7 +351,10 @@ def load_diffusers(folder: Path, scheduler: Optional[Path], source: str, device=
     manifest = {"arch": "diffusers UNet2DModel", "image_shape": [int(config.get("in_channels", 3)), h, w],
                 "padding": "zeros", "num_classes": n_classes, "prediction_type": prediction}
     weights = [p for p in unet_dir.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")]
-    model = DiscreteVPModel(unet, schedule.alphas_cumprod, prediction, manifest).to(device)
+    try:
+        model = DiscreteVPModel(unet, schedule.alphas_cumprod, prediction, manifest).to(device)
+    except EdtoolError as e:  # a schedule edtool cannot map its time onto: say whose
+        raise EdtoolError(f"{source}: {e}") from None
     entry = {"source": source, "sha256": files_hash(unet_dir, weights),
              "scheduler": {"class": type(schedule).__name__, "sha256": files_hash(sched_file.parent, [sched_file]),
                            "prediction_type": prediction, "num_train_timesteps": len(schedule.alphas_cumprod)}}
