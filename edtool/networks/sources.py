@@ -28,6 +28,7 @@ from torch import Tensor
 from edtool.config import split_models  # noqa: F401 (importable from here too)
 from edtool.diffusion import TimeGrid, alpha_bar, as_grid, beta, eps_to_score, score_to_eps
 from edtool.errors import EdtoolError
+from edtool.memory import is_out_of_memory
 
 INSTALL_LINE = 'pip install "edtool[diffusers]"'
 PARAMETERISATIONS = ("epsilon", "v_prediction", "sample")
@@ -190,13 +191,16 @@ def describe_exception(e: BaseException) -> str:
 
 @contextmanager
 def users_code(source: str, what: str):
-    """Run a py: source's own code: whatever it raises (SystemExit included; an EdtoolError or Ctrl-C passes
-    through) is its failure, one line naming the source and the exception, never edtool's internal error."""
+    """Run a py: source's own code: whatever it raises (SystemExit included) is its failure, one line naming
+    the source and the exception, never edtool's internal error. An EdtoolError, Ctrl-C and out of memory
+    (the machine's limit, which compute reports in its own line) pass through."""
     try:
         yield
     except EdtoolError:
         raise
     except (Exception, SystemExit) as e:
+        if isinstance(e, Exception) and is_out_of_memory(e):
+            raise  # the machine's limit, not the code's fault: compute says so in its own line
         raise EdtoolError(f"{source}: {what} raised {describe_exception(e)} (an error in that code, not in "
                           "edtool)") from None
 
