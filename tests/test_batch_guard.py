@@ -283,3 +283,13 @@ def test_out_of_memory_while_loading_is_one_line_on_the_command_line(cifar_modul
     proc = edtool("compute", "--models", "big=py:cifarmod:out_of_memory", "--nsteps", "1", "--run-dir", tmp_path / "run",
                   "--device", "cpu", env={"PYTHONPATH": f"{cifar_module}:{REPO}"})
     assert_one_line_error(proc, "out of memory while loading the models and data (OutOfMemoryError: CUDA out of memory")
+
+
+@pytest.mark.parametrize("budget", ["lots", "-2GiB"])
+def test_a_bad_memory_budget_is_one_line_before_anything_is_written(tmp_path, budget):
+    from test_cli import assert_one_line_error, edtool
+
+    proc = edtool("compute", "--models", "is", "--nsteps", "1", "--run-dir", tmp_path / "run", "--device", "cpu",
+                  env={"EDTOOL_MAX_MEMORY": budget})
+    assert_one_line_error(proc, f"EDTOOL_MAX_MEMORY={budget!r} is not a memory size", "8GiB")
+    assert not (tmp_path / "run").exists()

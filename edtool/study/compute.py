@@ -22,7 +22,7 @@ import torch
 
 from edtool.diffusion import TimeGrid, ddim_sample, initial_noises
 from edtool.errors import EdtoolError
-from edtool.memory import MEMORY_ENV, is_out_of_memory
+from edtool.memory import MEMORY_ENV, is_out_of_memory, memory_budget
 from edtool.study.distributed import barrier, distributed_shard
 from edtool.study.prepare import (  # noqa: F401 (re-exported: edtool.study.compute is the Python API's home)
     MACHINE_NAMES, NETWORKS, ComputeConfig, Study, jacobian_whole_arrays, jacobian_whole_config, prepare,
@@ -296,6 +296,7 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
 
     reporter = reporter or Reporter()
     cfg.validate()
+    memory_budget(torch.device("cpu"))  # a bad EDTOOL_MAX_MEMORY is refused before anything is written
     dist_shard = distributed_shard(cfg)
     shard = dist_shard or cfg.shard
     location = run_location(cfg)
