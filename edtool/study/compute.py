@@ -13,7 +13,6 @@ import hashlib
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -254,17 +253,6 @@ def _out_of_memory_error(what: str, err: BaseException) -> EdtoolError:
                        "lower --batch, measure fewer models at once, or use a device with more memory")
 
 
-@contextmanager
-def _out_of_memory_in_one_line(what: str):
-    """Out of memory outside the per-cell guard (loading, preparing) as one EdtoolError line."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as err:
-        if not is_out_of_memory(err):
-            raise
-        raise _out_of_memory_error(what, err) from err
-
-
 def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
     """measure(), but a numeric failure inside one model (RuntimeError, FloatingPointError: out of memory, a
     failed linear solve) becomes NaN for its cells plus a warning: (Cell, error or None).
@@ -300,8 +288,12 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     dist_shard = distributed_shard(cfg)
     shard = dist_shard or cfg.shard
     location = run_location(cfg)
-    with _out_of_memory_in_one_line("loading the models and data"):
+    try:
         study = prepare(cfg)
+    except (RuntimeError, MemoryError) as err:  # a model or the data does not fit on the device
+        if not is_out_of_memory(err):
+            raise
+        raise _out_of_memory_error("loading the models and data", err) from err
     for note in study.notes:
         reporter.note(note)
 
