@@ -13,7 +13,6 @@ import hashlib
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -22,7 +21,7 @@ import torch
 
 from edtool.diffusion import TimeGrid, ddim_sample, initial_noises
 from edtool.errors import EdtoolError
-from edtool.memory import MEMORY_ENV, is_out_of_memory
+from edtool.memory import MEMORY_ENV, is_out_of_memory, memory_budget
 from edtool.study.device import cuda_numerics, platform_note
 from edtool.study.distributed import barrier, distributed_shard, leave
 from edtool.study.prepare import (  # noqa: F401 (re-exported: edtool.study.compute is the Python API's home)
@@ -255,17 +254,6 @@ def _out_of_memory_error(what: str, err: BaseException) -> EdtoolError:
                        "lower --batch, measure fewer models at once, or use a device with more memory")
 
 
-@contextmanager
-def _out_of_memory_in_one_line(what: str):
-    """Out of memory outside the per-cell guard (loading, preparing) as one EdtoolError line."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as err:
-        if not is_out_of_memory(err):
-            raise
-        raise _out_of_memory_error(what, err) from err
-
-
 def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
     """measure(), but a numeric failure inside one model (RuntimeError, FloatingPointError: out of memory, a
     failed linear solve) becomes NaN for its cells plus a warning: (Cell, error or None).
@@ -294,6 +282,7 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     """Fill the run store for cfg, resuming where it stopped; returns a summary dict. On CUDA the numbers
     are made under edtool.study.device.cuda_numerics (no TF32 unless cfg.tf32, deterministic kernels)."""
     cfg.validate()
+    memory_budget(torch.device("cpu"))  # a bad EDTOOL_MAX_MEMORY is refused before anything is written
     dist_shard = distributed_shard(cfg)  # (rank, world) under torchrun/srun, else None
     try:
         with cuda_numerics(resolve_device(cfg.device), cfg.tf32):
@@ -308,8 +297,12 @@ def _compute(cfg: ComputeConfig, reporter: Reporter, dist_shard: Optional[tuple]
 
     shard = dist_shard or cfg.shard
     location = run_location(cfg)
-    with _out_of_memory_in_one_line("loading the models and data"):
+    try:
         study = prepare(cfg)
+    except (RuntimeError, MemoryError) as err:  # a model or the data does not fit on the device
+        if not is_out_of_memory(err):
+            raise
+        raise _out_of_memory_error("loading the models and data", err) from err
     for note in study.notes:
         reporter.note(note)
     if study.device.type == "cpu" and any(name in MACHINE_NAMES for name in cfg.models):
