@@ -264,6 +264,7 @@ def calibrate(
     from edtool.networks.checkpoints import file_hash
     from edtool.els.schedule import write_scales_json
     from edtool.networks.discovery import local_scales_path
+    from edtool.study.device import cuda_numerics
 
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
@@ -278,9 +279,10 @@ def calibrate(
     out = out or local_scales_path(checkpoint, machine_kind(machine, net))
     check_output([out], force)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    res = run_calibration(net, images, labels, machine=cfg.machine, sizes=cfg.sizes,
-                          seeds=realization_seeds(cfg.seed, cfg.seeds), nsteps=cfg.nsteps, metric=cfg.metric,
-                          batch=cfg.batch, label=cfg.label, log=log)
+    with cuda_numerics(images.device):  # on CUDA: no TF32, deterministic kernels, as compute measures
+        res = run_calibration(net, images, labels, machine=cfg.machine, sizes=cfg.sizes,
+                              seeds=realization_seeds(cfg.seed, cfg.seeds), nsteps=cfg.nsteps, metric=cfg.metric,
+                              batch=cfg.batch, label=cfg.label, log=log)
     path = write_scales_json(out, res["scales"], **calibration_meta(
         res, checkpoint=weights.name, checkpoint_sha256=file_hash(weights), dataset=dataset, command=command))
     print(f"schedule ({res['machine']}, t = 1/{nsteps} .. 1): {' '.join(map(str, res['scales']))}")
@@ -348,6 +350,7 @@ def sample(
     network (see docs/els.md)."""
     from edtool.diffusion import realization_seeds
     from edtool.els.calibrate import SETTINGS_NAME, agreement_report, machine_kind, sample as run_sample
+    from edtool.study.device import cuda_numerics
     from edtool.networks.discovery import schedule_for
 
     cfg = settings_from(SampleConfig, ctx.params, machine=name_list(machine))
@@ -362,10 +365,11 @@ def sample(
     for line in notes:
         print(f"note: {line}")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    summary = run_sample(cfg.machine, net, images, labels, realization_seeds(cfg.seed, cfg.seeds), nsteps=cfg.nsteps,
-                         scales=schedule, out_dir=out, label=cfg.label, patch_size=cfg.patch_size, batch=cfg.batch,
-                         scales_source=sources, log=log, baseline=cfg.baseline, overwrite=cfg.overwrite,
-                         layout=cfg.layout)
+    with cuda_numerics(images.device):  # on CUDA: no TF32, deterministic kernels, as compute measures
+        summary = run_sample(cfg.machine, net, images, labels, realization_seeds(cfg.seed, cfg.seeds),
+                             nsteps=cfg.nsteps, scales=schedule, out_dir=out, label=cfg.label,
+                             patch_size=cfg.patch_size, batch=cfg.batch, scales_source=sources, log=log,
+                             baseline=cfg.baseline, overwrite=cfg.overwrite, layout=cfg.layout)
     print(agreement_report(summary))
     print(f"wrote {out}/ (r2_summary.json, samples_grid.png)")
 
