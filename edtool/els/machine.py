@@ -57,7 +57,7 @@ DEFAULT_CHUNK_SIZE = 2**20  # elements per streamed block (logits, keys or value
 # From this patch size on, the CPU score of els-borders and els-circular takes its patch inner products from
 # box sums (els.kernel.box_score: one exp and a few adds per candidate at any k) instead of the merged
 # keys (2 k^2 flops per distinct candidate); measured by tests/benchmarks/bench_machines.py --box.
-BOX_FROM_K = 5
+BOX_FROM_K = 9
 DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls (mnist5k at k = 11: 2.5 GB)
 
 
