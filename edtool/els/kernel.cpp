@@ -605,18 +605,18 @@ struct BoxTask {
     }
     for (int py = ylo; py < yhi; ++py) {
       if (single) {  // T[e][e] alone, summed straight from the images into lane 0
-        vb d = {};
+        vb d[2] = {};  // two chains (even and odd rows): the adds' latency would bind
         for (int c = 0; c < C; ++c)
           for (int ey = 0; ey < k; ++ey) {
             const float* xr = X + c * plane + (int64_t)(py + ey) * Wp + P.x0;
             const float* yr = Yn + c * plane + (int64_t)(py + dy + ey) * Wp + Q.x0;
             for (int e = 0; e < k; e += BL) {
               const vb prod = load<vb>(xr + e) * load<vb>(yr + e);
-              d += lane < k - e ? prod : vb{};
+              d[ey & 1] += lane < k - e ? prod : vb{};
             }
           }
         float dot = 0;
-        for (int l = 0; l < BL; ++l) dot += d[l];
+        for (int l = 0; l < BL; ++l) dot += d[0][l] + d[1][l];
         std::fill(T.begin(), T.begin() + BL, 0.0f);
         T[0] = dot;
       } else if (py > ylo) {  // slide the window rows down by one
