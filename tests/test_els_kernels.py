@@ -308,3 +308,54 @@ def test_compiled_window_keys_equal_the_gathered_keys(monkeypatch):
     plain = every_window_keys(train, idx)
     assert torch.equal(fused[:, :26], plain[:, :26]) and bool((fused[:, 27] == 0).all())
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the score from box sums
+
+
+@pytest.mark.parametrize("rule,paper", [("els-borders", False), ("els-circular", False), ("els-circular", True)])
+@pytest.mark.parametrize("k,t,shape", [(3, 0.05, (1, 6, 6)), (3, 0.5, (2, 7, 5)), (5, 0.3, (1, 6, 9)), (7, 0.9, (1, 9, 10))])
+def test_box_score_matches_float64_brute_force(rule, paper, k, t, shape, monkeypatch):
+    """Every candidate rule's cells (interior, border bands scored on transposed images, corners, the whole
+    circular image) from box sums, forced at small k, against the per-pixel brute force of SPEC 5.1."""
+    from edtool.els import machine
+
+    if els_kernels.kernels() is None:
+        pytest.skip("the fused kernel cannot be built here (no g++?)")
+    monkeypatch.setattr(machine, "BOX_FROM_K", 3)
+    calls = count_calls(monkeypatch, "box_score")
+    images, _ = data(n=10, shape=shape)
+    x = noisy(images, t)
+    m = make_machine(rule, images.float(), patch_size=k, paper_circular=paper)
+    with torch.no_grad():
+        score = m.score(t, x.float())
+    assert calls
+    assert rel(score, brute_force(rule, images, x, t, k, paper)) < 1e-5
+
+
+@pytest.mark.parametrize("k", [9, 11, 19])
+def test_box_score_on_mnist_is_exact_and_no_less_accurate_than_direct_products(k, monkeypatch):
+    """Real digits, B = 2, at t near 0 (cancellation is worst), 0.5 and near 1: the score from box sums
+    within 1e-5 of the float64 engine, and within 1.25x the error of the direct float32 products (the
+    merged or cached keys; k = 19 exceeds them and runs the torch path) on the same inputs."""
+    from edtool.els import machine
+
+    if els_kernels.kernels() is None:
+        pytest.skip("the fused kernel cannot be built here (no g++?)")
+    calls = count_calls(monkeypatch, "box_score")
+    images, _ = mnist_subset(10)
+    m = make_machine("els-borders", images, patch_size=k)
+    truth = make_machine("els-borders", images.double(), patch_size=k, cache_bytes=0)
+    for t in (0.02, 0.5, 0.98):
+        x = noisy(images.double(), t, b=2, pure_noise=False)
+        with torch.no_grad():
+            s64 = truth.score(t, x)
+            box = rel(m.score(t, x.float()), s64)
+            assert calls
+            calls.clear()
+            monkeypatch.setattr(machine, "BOX_FROM_K", 99)
+            direct = rel(m.score(t, x.float()), s64)
+            monkeypatch.setattr(machine, "BOX_FROM_K", 9)
+            assert not calls
+        assert box < 1e-5, t
+        assert box <= 1.25 * direct + 1e-8, (t, box, direct)

@@ -40,8 +40,9 @@ constexpr int RB = 6;  // query rows per register tile
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int vi __attribute__((vector_size(VL * 4)));
 
-inline vf load(const float* p) {
-  vf v;
+template <class F = vf>
+inline F load(const float* p) {
+  F v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
@@ -56,29 +57,34 @@ inline void in_register(vf& v) {
 #endif
 }
 
-inline vf splat(float s) { return s - vf{}; }  // s - 0 = s for every s (0 + s is not: -0), so it folds to a broadcast
+// s - 0 = s for every s (0 + s is not: -0), so it folds to a broadcast
+template <class F = vf>
+inline F splat(float s) { return s - F{}; }
 
 // exp(x) for x in [floor, 88] (callers clamp): 2^n * p(r), n = round(x / ln 2), |r| <= ln 2 / 2.
-inline vf vexp(vf x) {
+template <class F>
+inline F vexp(F x) {
+  typedef int I __attribute__((vector_size(sizeof(F))));
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-  vf t = x * 1.44269504088896341f + magic;
-  vf n = t - magic;
-  vi ni = (vi)t - (vi)splat(magic);
-  vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
+  F t = x * 1.44269504088896341f + magic;
+  F n = t - magic;
+  I ni = (I)t - (I)splat<F>(magic);
+  F r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  F p = splat<F>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  vf y = p * (r * r) + r + 1.0f;
-  vi scale = (ni + 127) << 23;
-  return y * (vf)scale;
+  F y = p * (r * r) + r + 1.0f;
+  I scale = (ni + 127) << 23;
+  return y * (F)scale;
 }
 
-inline vf clamp(vf x, float lo, float hi) {
-  x = x > lo ? x : splat(lo);
-  return x < hi ? x : splat(hi);
+template <class F>
+inline F clamp(F x, float lo, float hi) {
+  x = x > lo ? x : splat<F>(lo);
+  return x < hi ? x : splat<F>(hi);
 }
 
 // Logits of RB rows against VL candidates (keys column pointer kp, row stride ks), minus shift.
@@ -512,4 +518,254 @@ extern "C" void window_keys(const float* train, int64_t F, const int64_t* cell, 
       out[(D + 1) * os + j] = (float)sq;
     }
   });
+}
+
+// ---- The score with every patch inner product from box sums (any k for about the price of k = 3) ----
+//
+// For query b, pixel p and candidate window (image n, centre q), the logit is
+//   u = scale_b <X_p, Y_nq> + bias_b |Y_nq|^2   (scale = a / b^2, bias = -a^2 / (2 b^2); the |X_p|^2
+// term is the same for every candidate of p and cancels). For a fixed offset d = q - p the inner products
+// of all pixels p are k x k box sums of one product image z_d = X * shift_d(Y_n): a sliding sum down the
+// columns (2 adds per entry) and a k-term sum along the rows (k adds per VL pixels). Nothing is merged:
+// every (p, candidate) pair costs one exp, and the box sums a few operations, whatever k is.
+//
+// A cell is a pair of rectangles of window centres (pixels p, candidates q, both in image coordinates);
+// X (C, Hp, Wp) and Y (N, C, Hp, Wp) are padded by k / 2 (zeros or a circular wrap, as the machine pads),
+// so the window at centre c covers padded rows c .. c + k - 1, columns likewise.
+
+namespace {
+
+struct Rect {
+  int y0, y1, x0, x1;  // [y0, y1) x [x0, x1)
+};
+
+// Vectors of 8 floats here whatever the CPU: lanes run along a row of candidates, a few dozen wide, and
+// wider vectors would carry more dead lanes (on the AVX-512 CPUs measured, 8 floats per op at twice the
+// ops per cycle cost the same per lane).
+constexpr int BL = 8;
+typedef float vb __attribute__((vector_size(BL * 4)));
+typedef int vbi __attribute__((vector_size(BL * 4)));
+
+// One task: query image X, one cell (pixels P, candidates Q), images [n0, n1) of Y. For a row offset dy and
+// pixel row py, T[ux][v] = sum over the k window rows of X[ux] * Y[v] (ux: P's window columns, v: Q's,
+// padded coordinates) slides down one row per py (2 multiply-adds per entry); the inner product of pixel
+// (py, px) with candidate (py + dy, qx) is then the diagonal sum T[px + e][qx + e], e < k, taken for BL
+// candidates at once. State per pixel of P: shift (the largest logit seen, or at most LIFT below it) and
+// float64 sums of w, w c_0 .. w c_{C-1}; float32 sums (BL lanes per pixel) are flushed after every dy.
+struct BoxTask {
+  const float *X, *Y, *ynorm;
+  int C, H, W, k, Hp, Wp;
+  Rect P, Q;
+  bool same_row;  // candidates only from the pixel's own row (dy = 0)
+  float scale, bias, floor;
+  std::vector<float> T, acc, top;
+  std::vector<double> lanes;  // float64 sums per pixel, value and lane, flushed from acc
+  float* shift;
+  double* sums;  // (pixels of P, 1 + C)
+
+  static constexpr float LIFT = 60.0f;  // float32 sums of a few hundred weights below e^60 cannot overflow
+
+  int npx() const { return P.x1 - P.x0; }
+  int nqx() const { return Q.x1 - Q.x0; }
+  int ts() const { return (nqx() + k - 1 + 2 * BL - 1) / BL * BL; }  // T's row stride (room for the tail)
+
+  // T += the products of padded row uy of X and row uy + dy of Y_n, minus those of row out (when out >= 0)
+  void add_row(const float* Yn, int uy, int dy, int out) {
+    const int64_t plane = (int64_t)Hp * Wp;
+    const int nv = nqx() + k - 1, stride = ts();
+    for (int c = 0; c < C; ++c) {
+      const float *xr = X + c * plane + (int64_t)uy * Wp + P.x0, *yr = Yn + c * plane + (int64_t)(uy + dy) * Wp + Q.x0;
+      const float *xo = X + c * plane + (int64_t)out * Wp + P.x0, *yo = Yn + c * plane + (int64_t)(out + dy) * Wp + Q.x0;
+      for (int ux = 0; ux < npx() + k - 1; ++ux) {
+        float* t = T.data() + (int64_t)ux * stride;
+        for (int v = 0; v < nv; v += BL) {
+          vb s = load<vb>(t + v) + xr[ux] * load<vb>(yr + v);
+          if (out >= 0) s -= xo[ux] * load<vb>(yo + v);
+          std::memcpy(t + v, &s, sizeof s);
+        }
+      }
+    }
+  }
+
+  // One row offset dy of image n: (Max) the largest logit per pixel into top, or (Sum) the weights and
+  // weighted centres into acc; returns the largest logit minus shift seen (Sum).
+  template <bool Max>
+  float pass(int n, int dy) {
+    const int r = k / 2, stride = ts(), nq = nqx();
+    const int ylo = std::max(P.y0, Q.y0 - dy), yhi = std::min(P.y1, Q.y1 - dy);
+    const int64_t plane = (int64_t)Hp * Wp;
+    const float* Yn = Y + (int64_t)n * C * plane;
+    vb most = splat<vb>(-INFINITY);
+    vbi lane;
+    for (int j = 0; j < BL; ++j) lane[j] = j;
+    const bool single = npx() == 1 && nq == 1;  // one pair per image (a corner): T would cost k^3, the dot k^2
+    if (!single) {
+      std::fill(T.begin(), T.end(), 0.0f);
+      for (int ey = 0; ey < k; ++ey) add_row(Yn, ylo + ey, dy, -1);
+    }
+    for (int py = ylo; py < yhi; ++py) {
+      if (single) {  // T[e][e] alone, summed straight from the images into lane 0
+        vb d[2] = {};  // two chains (even and odd rows): the adds' latency would bind
+        for (int c = 0; c < C; ++c)
+          for (int ey = 0; ey < k; ++ey) {
+            const float* xr = X + c * plane + (int64_t)(py + ey) * Wp + P.x0;
+            const float* yr = Yn + c * plane + (int64_t)(py + dy + ey) * Wp + Q.x0;
+            for (int e = 0; e < k; e += BL) {
+              const vb prod = load<vb>(xr + e) * load<vb>(yr + e);
+              d[ey & 1] += lane < k - e ? prod : vb{};
+            }
+          }
+        float dot = 0;
+        for (int l = 0; l < BL; ++l) dot += d[0][l] + d[1][l];
+        std::fill(T.begin(), T.begin() + BL, 0.0f);
+        T[0] = dot;
+      } else if (py > ylo) {  // slide the window rows down by one
+        add_row(Yn, py + k - 1, dy, py - 1);
+      }
+      const float* yn = ynorm + ((int64_t)n * H + py + dy) * W + Q.x0;
+      const float* centre = Yn + (int64_t)(py + dy + r) * Wp + Q.x0 + r;
+      for (int px = 0; px < npx(); ++px) {
+        const int64_t st = (int64_t)(py - P.y0) * npx() + px;
+        const float sh = shift[st];
+        vb a[4] = {};  // w, w c_0, .. (C <= 3: box_score is not called for more channels)
+        float tmax = -INFINITY;
+        for (int j = 0; j < nq; j += BL) {
+          const float* t = T.data() + (int64_t)px * stride + j;
+          const int64_t diag = stride + 1;
+          vb d0 = load<vb>(t), d1 = {}, d2 = {}, d3 = {};  // four chains: the adds' latency would bind
+          int e = 1;
+          for (; e + 3 < k; e += 4) {
+            d1 += load<vb>(t + e * diag);
+            d2 += load<vb>(t + (e + 1) * diag);
+            d3 += load<vb>(t + (e + 2) * diag);
+            d0 += load<vb>(t + (e + 3) * diag);
+          }
+          for (; e < k; ++e) d1 += load<vb>(t + e * diag);
+          vb dot = (d0 + d1) + (d2 + d3);
+          vb u = scale * dot + bias * load<vb>(yn + j);
+          vbi live = lane < nq - j;
+          if (Max) {
+            vb m = live ? u : splat<vb>(-INFINITY);
+            for (int l = 0; l < BL; ++l) tmax = std::max(tmax, m[l]);
+            continue;
+          }
+          vb l = live ? u - sh : splat<vb>(-INFINITY);
+          most = most > l ? most : l;
+          vb w = vexp(clamp(l, floor, LIFT));
+          w = live ? w : vb{};
+          a[0] += w;
+          for (int c = 0; c < C; ++c) a[1 + c] += w * load<vb>(centre + c * plane + j);
+        }
+        if (Max) {
+          top[st] = std::max(top[st], tmax);
+          continue;
+        }
+        for (int v = 0; v <= C; ++v) {
+          vb s = load<vb>(acc.data() + (st * (C + 1) + v) * BL) + a[v];
+          std::memcpy(acc.data() + (st * (C + 1) + v) * BL, &s, sizeof s);
+        }
+      }
+    }
+    float m = -INFINITY;
+    for (int j = 0; j < BL; ++j) m = std::max(m, most[j]);
+    return m;
+  }
+
+  void run(int n0, int n1) {
+    const int V = 1 + C, np = (P.y1 - P.y0) * npx();
+    T.assign((int64_t)(npx() + k) * ts() + BL, 0.0f);
+    acc.assign((int64_t)np * V * BL, 0.0f);
+    lanes.assign((int64_t)np * V * BL, 0.0);
+    top.assign(np, -INFINITY);
+    const int dy0 = same_row ? 0 : Q.y0 - P.y1 + 1, dy1 = same_row ? 1 : Q.y1 - P.y0;
+    for (int n = n0; n < n1; ++n)
+      for (int dy = dy0; dy < dy1; ++dy) {
+        const int ylo = std::max(P.y0, Q.y0 - dy), yhi = std::min(P.y1, Q.y1 - dy);
+        if (ylo >= yhi) continue;
+        const int64_t a0 = (int64_t)(ylo - P.y0) * npx(), a1 = (int64_t)(yhi - P.y0) * npx();
+        if (pass<false>(n, dy) > LIFT) {  // some logit is far above its pixel's shift: raise the shifts, redo
+          std::fill(acc.begin() + a0 * V * BL, acc.begin() + a1 * V * BL, 0.0f);
+          std::fill(top.begin() + a0, top.begin() + a1, -INFINITY);
+          pass<true>(n, dy);
+          for (int64_t i = a0; i < a1; ++i)
+            if (top[i] > shift[i]) {
+              const double keep = std::isinf(shift[i]) ? 0.0 : std::exp((double)shift[i] - top[i]);
+              for (int64_t j = i * V * BL; j < (i + 1) * V * BL; ++j) lanes[j] *= keep;
+              shift[i] = top[i];
+            }
+          pass<false>(n, dy);  // every logit now <= its shift
+        }
+        for (int64_t i = a0 * V * BL; i < a1 * V * BL; ++i) {  // flush: float32 sums of one row of candidates
+          lanes[i] += acc[i];
+          acc[i] = 0.0f;
+        }
+      }
+    for (int64_t i = 0; i < np * V; ++i)
+      for (int l = 0; l < BL; ++l) sums[i] += lanes[i * BL + l];
+  }
+};
+
+}  // namespace
+
+// The score's posterior moments from box sums. X (B, C, Hp, Wp) padded queries; Y (N, C, Hp, Wp) padded
+// training images; ynorm (N, H, W) each candidate window's |Y_nq|^2 (all three readable 8 floats past
+// their end); cells (ncells, 9) int32 rectangles [py0, py1, px0, px1, qy0, qy1, qx0, qx1, same], same = 1:
+// each pixel's candidates are those in its own row only, else all of the cell's; scale, bias
+// (B,). out (B, H * W, 1 + C) float64: E_w[1, c_0, ..] per pixel of every cell (first column 1).
+extern "C" void box_score(const float* X, int B, int C, int H, int W, int k, const float* Y, int64_t N,
+                          const float* ynorm, const int* cells, int ncells, const float* scale, const float* bias,
+                          float floor, double* out, int threads) {
+  const int Hp = H + k - 1, Wp = W + k - 1, V = 1 + C;
+  // tasks: (b, cell, slice of the images), slices in proportion to the cell's pairs
+  struct Part {
+    int b, cell, n0, n1;
+  };
+  std::vector<Part> parts;
+  std::vector<int64_t> pairs(ncells);
+  int64_t total = 0;
+  for (int c = 0; c < ncells; ++c) {
+    const int* r = cells + 9 * c;
+    pairs[c] = (int64_t)(r[1] - r[0]) * (r[3] - r[2]) * (r[8] ? 1 : r[5] - r[4]) * (r[7] - r[6]);
+    total += pairs[c];
+  }
+  for (int b = 0; b < B; ++b)
+    for (int c = 0; c < ncells; ++c) {
+      const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(N, 8 * threads * pairs[c] / std::max<int64_t>(1, total * B) + 1));
+      for (int64_t s = 0; s < slices; ++s) parts.push_back({b, c, (int)(N * s / slices), (int)(N * (s + 1) / slices)});
+    }
+  std::vector<std::vector<float>> shifts(parts.size());
+  std::vector<std::vector<double>> sums(parts.size());
+  parallel((int64_t)parts.size(), threads, [&](int64_t i) {
+    const Part& pt = parts[i];
+    const int* r = cells + 9 * pt.cell;
+    BoxTask task{X + (int64_t)pt.b * C * Hp * Wp, Y, ynorm, C, H, W, k, Hp, Wp, {r[0], r[1], r[2], r[3]},
+                 {r[4], r[5], r[6], r[7]}, r[8] == 1, scale[pt.b], bias[pt.b], floor};
+    shifts[i].assign((int64_t)(r[1] - r[0]) * (r[3] - r[2]), -INFINITY);
+    sums[i].assign((int64_t)(r[1] - r[0]) * (r[3] - r[2]) * V, 0.0);
+    task.shift = shifts[i].data();
+    task.sums = sums[i].data();
+    task.run(pt.n0, pt.n1);
+  });
+  // merge the slices of each (b, cell), each scaled to the largest shift, and normalize
+  for (size_t i0 = 0; i0 < parts.size();) {
+    size_t i1 = i0;
+    while (i1 < parts.size() && parts[i1].b == parts[i0].b && parts[i1].cell == parts[i0].cell) ++i1;
+    const int* r = cells + 9 * parts[i0].cell;
+    const int S = r[3] - r[2];
+    for (int y = r[0]; y < r[1]; ++y)
+      for (int x = r[2]; x < r[3]; ++x) {
+        const int64_t st = (int64_t)(y - r[0]) * S + (x - r[2]);
+        float top = -INFINITY;
+        for (size_t i = i0; i < i1; ++i) top = std::max(top, shifts[i][st]);
+        double* o = out + ((int64_t)parts[i0].b * H * W + (int64_t)y * W + x) * V;
+        std::fill(o, o + V, 0.0);
+        for (size_t i = i0; i < i1; ++i) {
+          if (std::isinf(shifts[i][st])) continue;
+          const double f = std::exp((double)shifts[i][st] - top);
+          for (int v = 0; v < V; ++v) o[v] += f * sums[i][st * V + v];
+        }
+        for (int v = V - 1; v >= 0; --v) o[v] /= o[0];
+      }
+    i0 = i1;
+  }
 }

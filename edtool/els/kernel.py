@@ -147,12 +147,14 @@ def _bind(lib):
     lib.merge_windows.restype = i64
     lib.window_keys.argtypes = [ptr, i64, ptr, i64, i, ptr, i64, ptr, i64, i]
     lib.score_chunk.restype = lib.moments_chunk.restype = lib.window_keys.restype = None
+    lib.box_score.argtypes = [ptr, i, i, i, i, i, ptr, i64, ptr, ptr, i, ptr, ptr, f32, ptr, i]
+    lib.box_score.restype = None
     return lib
 
 
 def usable(queries: Tensor) -> bool:
-    """Whether the fused kernels apply to these queries (G, R, E): float32 on the CPU, no autograd,
-    E <= 256 (windows of at most 253 entries)."""
+    """Whether the fused kernels apply to these queries (G, R, E), or (E = 1 stands for any) to a batch of
+    images: float32 on the CPU, no autograd, E <= 256 (windows of at most 253 entries)."""
     return (queries.device.type == "cpu" and queries.dtype == torch.float32 and not torch.is_grad_enabled()
             and not is_functorch_wrapped_tensor(queries)  # torch.func's jvp/vmap (Hutchinson probes)
             and queries.shape[-1] <= 256)
@@ -201,6 +203,36 @@ def jacobian_moments(lib, queries: Tensor, key_chunks: Iterable[Tensor], value_r
         block = 1024
     V = len(value_rows)
     return _stream(lib.moments_chunk, queries, key_chunks, value_rows, V * J, (V, J), floor, block)
+
+
+TAIL = 64  # floats readable past the end of box_score's image arrays (its vectors may read beyond a row)
+
+
+def with_tail(t: Tensor) -> Tensor:
+    """t as contiguous float32 storage with TAIL zeros after it (a view of t's shape)."""
+    flat = torch.cat([t.reshape(-1).float(), t.new_zeros(TAIL, dtype=torch.float32)])
+    return flat[: t.numel()].view(t.shape)
+
+
+def box_score(lib, x_padded: Tensor, train_padded: Tensor, window_norms: Tensor, cells: Tensor, k: int,
+              scale: Tensor, bias: Tensor, floor: float) -> Tensor:
+    """The score's posterior means E_w[1, c] (B, H * W, 1 + C) float64 with every patch inner product from
+    box sums (cost per candidate independent of k): queries x_padded (B, C, Hp, Wp) and training images
+    train_padded (N, C, Hp, Wp), both padded by k // 2 as the machine pads and made by `with_tail`;
+    window_norms (N, H, W) |window|^2 of every candidate (`with_tail`); cells (n, 9) int32 rectangles of
+    window centres [py0, py1, px0, px1, qy0, qy1, qx0, qx1, same] (pixels, their candidates; same = 1:
+    each pixel's candidates in its own row only; els.windows.cell_rectangles); logits
+    scale[b] <x_p, y_q> + bias[b] |y_q|^2. At most 3 channels."""
+    assert x_padded.shape[1] <= 3 and bool((cells[:, 8] <= 1).all()), "at most 3 channels, rows or all in a cell"
+    B, C, Hp, Wp = x_padded.shape
+    H, W = Hp - k + 1, Wp - k + 1
+    out = torch.zeros(B, H * W, 1 + C, dtype=torch.float64)  # pixels of no cell stay 0
+    cells = cells.to(torch.int32).contiguous()
+    scale, bias = scale.float().contiguous(), bias.float().contiguous()
+    lib.box_score(x_padded.data_ptr(), B, C, H, W, k, train_padded.data_ptr(), len(train_padded),
+                  window_norms.data_ptr(), cells.data_ptr(), len(cells), scale.data_ptr(), bias.data_ptr(), floor,
+                  out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def key_kernels(train_flat: Tensor):

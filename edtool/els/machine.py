@@ -45,7 +45,7 @@ from edtool.config import check_patch_size
 from edtool.els.schedule import check_fits, check_schedule, scale_index
 from edtool.els import kernel as els_kernels
 # the machines' parts, each in its module; the names stay importable from here
-from edtool.els.windows import PADDINGS, stack_cells, candidate_cells, pad_images, window_index  # noqa: F401
+from edtool.els.windows import PADDINGS, stack_cells, candidate_cells, cell_rectangles, pad_images, window_index  # noqa: F401
 from edtool.els.engine import (  # noqa: F401
     candidates_per_step, chunk_size_for, clamp_floor, fill_from, gathered_keys, image_keys, sliced_keys,
     posterior_moments, streamed_moments)
@@ -54,6 +54,10 @@ from edtool.els.merging import (  # noqa: F401
     MERGE_BLOCK, MERGE_MAX_ENTRIES, KeyCache, cell_windows, every_window_keys, merge_plan, merged_keys)
 from edtool.els.band import band_valid, band_ed, band_transpose, dense_ed, dense_jacobian  # noqa: F401
 
+# From this patch size on, the CPU score of els-borders and els-circular takes its patch inner products from
+# box sums (els.kernel.box_score: one exp and a few adds per candidate at any k) instead of the merged
+# keys (2 k^2 flops per distinct candidate); measured by tests/benchmarks/bench_machines.py --per-k.
+BOX_FROM_K = 9
 DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls on a CPU, at least (mnist5k at k = 11: 2.5 GB)
 CPU_CACHE_SHARE = 1 / 8  # of the RAM, where that is more
 CUDA_CACHE_SHARE = 1 / 4  # of a GPU's free memory: CIFAR-10's merged k = 3 keys (~5.4 GB) fit on a 24 GB card
@@ -390,6 +394,41 @@ class LocalMachine(Machine):
         order = torch.argsort(torch.cat(pixels))
         return torch.cat(pieces, 1)[:, order]
 
+    def _boxed(self, k: int, x: Tensor) -> bool:
+        """Whether this score runs on box sums (els.kernel.box_score): the els machines from BOX_FROM_K on,
+        in float32 on the CPU outside autograd (ls has one candidate position per pixel: nothing to share)."""
+        return (self.name != "ls" and k >= BOX_FROM_K and x.shape[1] <= 3
+                and els_kernels.usable(x.flatten(1)[None, :, :1]))
+
+    def _box_moments(self, lib, x, a, b2, k, label) -> Tensor:
+        """_moments of the score (B, H*W, 1 + C) from box sums. The kernel's vectors run along rows of
+        candidates, so cells taller than wide (the left and right borders) are scored on the transposed
+        images. Kept per (label, k): the padded training images, every candidate window's |P|^2, the
+        cells' rectangles, each also transposed."""
+        B, C, H, W = x.shape
+        key = ("box", label, k)
+        if key not in self._cache:
+            images = self._train(label, k // 2, x).view(-1, C, H + k - 1, W + k - 1)
+            norms = torch.nn.functional.avg_pool2d(images.double().square().sum(1, keepdim=True), k, stride=1,
+                                                   divisor_override=1)[:, 0]
+            cells = cell_rectangles(self.name, H, W, k, self.paper_circular)
+            # candidates in columns (left and right bands), or in more rows than columns: transposed
+            tall = (cells[:, 8] == 2) | ((cells[:, 8] == 0) & ((cells[:, 5] - cells[:, 4]) > (cells[:, 7] - cells[:, 6])))
+            flipped = cells[tall][:, [2, 3, 0, 1, 6, 7, 4, 5, 8]]
+            flipped[:, 8] = flipped[:, 8].clamp(max=1)  # same column -> same row
+            self._cache[key] = [
+                (els_kernels.with_tail(images), els_kernels.with_tail(norms), cells[~tall]),
+                (els_kernels.with_tail(images.transpose(-1, -2)), els_kernels.with_tail(norms.transpose(-1, -2)), flipped),
+            ]
+        xpad = pad_images(x, k // 2, self.padding == "circular")
+        out = torch.zeros(B, H * W, 1 + C, dtype=torch.float64)
+        for transposed, (images, norms, cells) in enumerate(self._cache[key]):
+            if len(cells):
+                part = els_kernels.box_score(lib, els_kernels.with_tail(xpad.transpose(-1, -2) if transposed else xpad),
+                                             images, norms, cells, k, a / b2, -a * a / (2 * b2), clamp_floor(x.dtype))
+                out += part.view(B, W, H, -1).transpose(1, 2).reshape(out.shape) if transposed else part
+        return out
+
     def _remembered_score(self, x, t, k, label) -> Optional[Tensor]:
         """The score saved by the last _jacobian_run if it was for exactly these inputs, else None.
         Only outside autograd (DDIM's no_grad evaluation): a differentiated call always recomputes."""
@@ -411,7 +450,11 @@ class LocalMachine(Machine):
             return remembered
         a, b2 = self._coefficients(t, x)
         B, C, H, W = x.shape
-        m = self._moments(x, a, b2, k, label, jacobian=False)  # (B, HW, 1 + C)
+        lib = els_kernels.kernels() if self._boxed(k, x) else None
+        if lib is not None:
+            m = self._box_moments(lib, x, a, b2, k, label)
+        else:
+            m = self._moments(x, a, b2, k, label, jacobian=False)  # (B, HW, 1 + C)
         mean = m[..., 1:].transpose(1, 2).reshape(B, C, H, W)
         return -(x - a.view(B, 1, 1, 1) * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
 

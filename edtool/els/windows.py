@@ -43,6 +43,36 @@ def candidate_cells(rule: str, H: int, W: int, k: int, paper_circular: bool = Fa
     raise ValueError(f"no candidate rule for machine {rule!r}")
 
 
+def cell_rectangles(rule: str, H: int, W: int, k: int, paper_circular: bool = False) -> Tensor:
+    """candidate_cells as rectangles of window centres, one row [py0, py1, px0, px1, qy0, qy1, qx0, qx1, same]
+    per cell: pixels [py0, py1) x [px0, px1), candidates likewise (every rule's cells are rectangles).
+    same = 0: every pixel of the cell takes every candidate; 1 (2): only those in its own row (column).
+    The border cells of els-borders, one per depth, are joined into one band per border with same = 1
+    (top, bottom) or 2 (left, right): one cell, so box sums can slide across the depths."""
+    def box(flat):
+        ys, xs = [f // W for f in flat], [f % W for f in flat]
+        y0, y1, x0, x1 = min(ys), max(ys) + 1, min(xs), max(xs) + 1
+        assert (y1 - y0) * (x1 - x0) == len(set(flat)) == len(flat), "a cell that is not a rectangle"
+        return [y0, y1, x0, x1]
+
+    rows, bands = [], {}
+    for pix, cen in candidate_cells(rule, H, W, k, paper_circular):
+        rect = box(pix) + box(cen) + [0]
+        y0, y1, x0, x1 = rect[:4]
+        line = 1 if y1 - y0 == 1 < x1 - x0 else 2 if x1 - x0 == 1 < y1 - y0 else 0
+        if rule == "els-borders" and line and rect[:4] == rect[4:8]:
+            end, span = (y0, (x0, x1)) if line == 1 else (x0, (y0, y1))
+            band = bands.pop((line, span, end), None)  # the band this row (column) continues
+            if band is not None:
+                band[1 if line == 1 else 3] = band[5 if line == 1 else 7] = end + 1
+                bands[line, span, end + 1] = band
+                continue
+            rect[8] = line
+            bands[line, span, end + 1] = rect
+        rows.append(rect)
+    return torch.tensor(rows, dtype=torch.int32)
+
+
 def pad_images(x: Tensor, r: int, circular: bool) -> Tensor:
     """Pad (N, C, H, W) by r on every side: zeros, or a circular wrap (any r, even r > H)."""
     if r == 0:

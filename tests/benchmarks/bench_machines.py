@@ -149,6 +149,9 @@ def main():
     p.add_argument("--roofline-commit", default="be2d4c5", help="the 'old' engine of --roofline (before issue 23)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="--roofline: thread counts compared (one count: no thread table)")
+    p.add_argument("--per-k", action="store_true",
+                   help="the score's cost per patch size, one thread, B = 1: box sums (this tree) vs the direct products "
+                        "(BOX_FROM_K off: main's path), interleaved, ratio to the first --ks, against the exp ceiling")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--root", default=None)
     args = p.parse_args()
@@ -157,6 +160,8 @@ def main():
     images = load_images(args.dataset, args.root)[: args.n_images]
     if args.roofline:
         return roofline(images, args, device, dtype)
+    if args.per_k:
+        return per_k(images, args, device, dtype)
     if args.before:
         return before_after(images, args, device, dtype)
     square = 2048 if device.type == "cuda" else 1024
@@ -344,6 +349,64 @@ def roofline(images, args, device, dtype):
             cols = [" | ".join(f"{times[what, n]:.2f}" for n in args.threads) +
                     f" | {times[what, lo] / times[what, hi]:.2f}x" for what in ("score", "jacobian")]
             print(f"| {k} | {name} | " + " | ".join(cols) + " |", flush=True)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+def box_pairs(machine, k, x) -> int:
+    """(pixel, candidate window) pairs of one score call of the box-sum path: one exp each, nothing merged."""
+    from edtool.els.windows import cell_rectangles
+
+    H, W = x.shape[-2:]
+    pairs = 0
+    for py0, py1, px0, px1, qy0, qy1, qx0, qx1, same in cell_rectangles(machine.name, H, W, k, machine.paper_circular).tolist():
+        rows = 1 if same == 1 else qy1 - qy0
+        cols = 1 if same == 2 else qx1 - qx0
+        pairs += (py1 - py0) * (px1 - px0) * rows * cols
+    return pairs * len(machine.images) * x.shape[0]
+
+
+def per_k(images, args, device, dtype):
+    """One els-borders score per k on one thread, B = 1: the box-sum path (where this tree dispatches it)
+    and the direct products of the merged or cached keys (main's path; the torch path beyond k = 15),
+    interleaved rounds, best process CPU time; exps, ns per exp and % of the exp ceiling (bench_ceiling.py,
+    same run); each time over the first k's best."""
+    from bench_ceiling import ceiling
+
+    from edtool.els import machine as machines
+
+    torch.set_num_threads(1)
+    top = ceiling()
+    print(f"{len(images)} images, t = {args.t}, B = 1, 1 thread, {dtype}, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores; box sums from k = {machines.BOX_FROM_K}")
+    print(f"one-core ceiling: {top['flops'] / 1e9:.1f} GFLOP/s sgemm, {top['exps'] / 1e9:.2f} G exp/s\n")
+    print("| k | path | exps (G) | score s | ns per exp | % of exp ceiling | / first k's best |")
+    print("|---|---|---|---|---|---|---|")
+    rounds, first, box_from = max(2, args.repeat), None, machines.BOX_FROM_K
+    g = torch.Generator().manual_seed(1)
+    x0 = images[torch.randint(len(images), (1,), generator=g)]
+    x = add_noise(x0, torch.tensor(args.t), torch.randn(x0.shape, generator=g)).to(device, dtype)
+    for k in args.ks:
+        m = make_machine("els-borders", images, patch_size=k)
+        paths = {"box": min(box_from, k), "direct": k + 1} if k >= box_from else {"direct": k + 1}
+        if k > 15 and args.n_images > 1000:
+            paths.pop("direct")  # windows beyond the fused kernel's 253 entries: the torch path, minutes
+        best = {}
+        with torch.no_grad():
+            for path, start in paths.items():  # build the keys, untimed
+                machines.BOX_FROM_K = start
+                m.score(args.t, x)
+            for _ in range(rounds):
+                for path, start in paths.items():
+                    machines.BOX_FROM_K = start
+                    ts, _ = cpu_time(lambda: m.score(args.t, x))
+                    best[path] = min(best.get(path, math.inf), ts)
+        machines.BOX_FROM_K = box_from
+        for path, ts in best.items():
+            exps = box_pairs(m, k, x) if path == "box" else engine_work(m, k, x)[0]
+            first = first or min(best.values())
+            print(f"| {k} | {path} | {exps / 1e9:.2f} | {ts:.2f} | {ts / exps * 1e9:.2f} | {exps / top['exps'] / ts:.0%} | "
+                  f"{ts / first:.2f} |", flush=True)
+        del m
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
