@@ -49,7 +49,7 @@ class _Evil:
     ("manifest a list", "not an edtool checkpoint manifest"),
     ("manifest image_shape text", "image_shape 'abc' is not [channels, height, width]"),
     ("manifest for other channels", "images of 3 channels to a network that takes 1"),
-    ("manifest padding 7", "padding 7 (zeros or circular)"),
+    ("manifest padding 7", "padding 7 is not one of zeros, reflect"),
 ])
 def test_a_bad_checkpoint_source_is_one_line_and_never_runs_code(kind, expected, tmp_path):
     marker = tmp_path / "ran"

@@ -18,6 +18,7 @@ from edtool.fileio import atomic_path, sha256_file, write_json
 from edtool.networks.models import Network, build_network
 
 FORMAT = "edtool-checkpoint"
+CONV_PADDINGS = ("zeros", "reflect", "replicate", "circular")  # torch.nn.Conv2d padding_mode
 
 
 def manifest_path(path) -> Path:
@@ -51,10 +52,11 @@ def read_manifest(path) -> dict:
     if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and
                                   all(type(v) is int and v > 0 for v in shape)):
         raise EdtoolError(f"{mpath}: image_shape {shape!r} is not [channels, height, width] of positive ints")
-    if manifest.get("padding", "zeros") not in ("zeros", "circular") or \
-            not isinstance(manifest.get("conditional", False), bool):
-        raise EdtoolError(f"{mpath}: padding {manifest.get('padding')!r} (zeros or circular) or conditional "
-                          f"{manifest.get('conditional')!r} (true or false) is not what edtool writes")
+    if manifest.get("padding", "zeros") not in CONV_PADDINGS:
+        raise EdtoolError(f"{mpath}: padding {manifest.get('padding')!r} is not one of {', '.join(CONV_PADDINGS)} "
+                          "(torch's convolution padding modes, what edtool writes)")
+    if not isinstance(manifest.get("conditional", False), bool):
+        raise EdtoolError(f"{mpath}: conditional {manifest.get('conditional')!r} is not true or false")
     return manifest
 
 

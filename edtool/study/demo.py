@@ -11,7 +11,6 @@ from typing import Callable, List
 import numpy as np
 import torch
 
-from edtool.console import paragraph
 from edtool.errors import EdtoolError
 from edtool.study.compute import ComputeConfig, Reporter, compute
 
@@ -66,6 +65,7 @@ def _nearest_steps(times: np.ndarray, wanted=CHECK_TIMES) -> List[int]:
 def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int = 10, seed: int = 0,
              device: str = "auto", reporter: Reporter = None, say: Callable[[str], None] = print) -> dict:
     """Explain, measure, and write the store, summary and figures under out_dir; returns the summary."""
+    from edtool.console import paragraph  # the presentation layer above: imported where the tour prints
     from edtool.study.aggregate import aggregate_run, format_number as _fmt
     from edtool.data import load_dataset
     from edtool.study.plots import plot_run
