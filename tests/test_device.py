@@ -79,16 +79,21 @@ def _flags() -> dict:
 def fake_cuda(monkeypatch):
     """The flags as PyTorch leaves them by default (cuDNN's TF32 on), restored after the test; the current
     CUDA device is a variable instead of a GPU."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    # the backend flags are properties served by __getattr__ (cuBLAS) or module attributes: saved and set by
+    # hand, since monkeypatch (pytest >= 9.2) would delete what it cannot see as an attribute
+    flags = [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", True),
+             (torch.backends.cudnn, "deterministic", False), (torch.backends.cudnn, "benchmark", False)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in flags]
+    for obj, name, value in flags:
+        setattr(obj, name, value)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     current = {"device": 0}
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.update(device=d))
     yield current
     torch.use_deterministic_algorithms(False)
+    for obj, name, value in saved:
+        setattr(obj, name, value)
 
 
 def test_compute_on_cuda_measures_under_the_settings_and_restores_them(tmp_path, fake_cuda, monkeypatch):
