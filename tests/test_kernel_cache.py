@@ -63,8 +63,11 @@ def _damage(kernel_dir, how):
 
 
 @needs_compiler
-@pytest.mark.parametrize("how", ["truncate 1000", "truncate 4000", "truncate 60000", "flip a byte", "no checksum",
-                                 "checksum garbage"])
+# two damages in the default run (a truncation that used to SIGBUS, a changed byte); the rest with -m slow
+@pytest.mark.parametrize("how", [pytest.param("truncate 1000", marks=pytest.mark.slow), "truncate 4000",
+                                 pytest.param("truncate 60000", marks=pytest.mark.slow), "flip a byte",
+                                 pytest.param("no checksum", marks=pytest.mark.slow),
+                                 pytest.param("checksum garbage", marks=pytest.mark.slow)])
 def test_a_damaged_cached_kernel_is_built_again_and_gives_the_same_numbers(built, how, tmp_path):
     kernel_dir, reference = built
     shutil.copytree(kernel_dir, tmp_path / "k")
