@@ -162,7 +162,7 @@ def _exact_cifar_run(module_dir, tmp_path, realizations: int, budget: str):
 
 def test_cifar_shaped_exact_at_batch_32_completes(cifar_module, tmp_path):
     """A 3x32x32 model, 32 realizations at --batch 32 --estimator exact: 1.2 GiB of Jacobians, over the memory
-    budget (it used to stop the whole compute over a fixed 1 GiB), so their rows are streamed; the numbers are
+    budget, so their rows are streamed rather than the whole compute stopping; the numbers are
     the closed form's."""
     _exact_cifar_run(cifar_module, tmp_path, realizations=32, budget="256MiB")
 
