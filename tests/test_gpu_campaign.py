@@ -1,4 +1,4 @@
-"""checkpoints/training/gpu_campaign.sh, the script a GPU lease runs (issue 25, item 5), run here on CPU the way
+"""experiments/training/gpu_campaign.sh, the script a GPU lease runs, run here on CPU the way
 the lease runs it: a time-limited stretch of a state packed into $OUT/<net>.tar, then unpacked into the
 committed state only when it is a complete state further on."""
 
@@ -16,7 +16,7 @@ from edtool.paths import REPO_ROOT
 from test_data import write_idx_root
 from test_pipeline import tiny_checkpoints  # noqa: F401
 
-SCRIPT = REPO_ROOT / "checkpoints" / "training" / "gpu_campaign.sh"
+SCRIPT = REPO_ROOT / "experiments" / "training" / "gpu_campaign.sh"
 
 
 def _script(*args, **env):

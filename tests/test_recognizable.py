@@ -1,4 +1,4 @@
-"""The campaign's recognizability judge (checkpoints/training/recognizable.py) against what it must tell apart."""
+"""The campaign's recognizability judge (experiments/training/recognizable.py) against what it must tell apart."""
 
 import os
 import sys
@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "checkpoints" / "training"))
+from edtool.paths import REPO_ROOT
+
+REPO = REPO_ROOT
+sys.path.insert(0, str(REPO / "experiments" / "training"))
 import recognizable  # noqa: E402
 
 

@@ -29,7 +29,7 @@ parts cut are named. Exit codes: 0 done and (a) agrees, 1 (a) disagrees, 2 bad i
 Paste the printed markdown table into docs/scale-out.md.
 
 A short GPU job: `--time-limit 390 --realizations 8 --batches 1,8 --check-steps 3` (what
-`EDTOOL_CAMPAIGN_NETS= bash checkpoints/training/gpu_campaign.sh run 0 450` runs). Expected on one H100:
+`EDTOOL_CAMPAIGN_NETS= bash experiments/training/gpu_campaign.sh run 0 450` runs). Expected on one H100:
 about 5 minutes (3-8), estimated without a GPU from CPU measurements: the ELS machine's torch path costs
 about what 16 CPU cores do, i.e. 10-15 s a realization from docs/performance.md's 130-220
 CPU-seconds, at any batch; an exact Jacobian step costs 15 (ResNet) and 19 (UNet) CPU-seconds here (2026-12-07,

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The training campaign (issue 25): continue the shipped MNIST UNet and ResNet with the paper's learning
+# rate and per-step decay, in stretches of 2,000 steps, alternating networks, one thread, from the
+# committed states in this folder. Stop it at any moment (kill); rerun this script to continue exactly.
+#   nohup bash experiments/training/campaign.sh > cache/campaign.log 2>&1 &
+# Held-out losses use MNIST t10k (EDTOOL_HELD_OUT, default ../shared/data/mnist). EDTOOL_CAMPAIGN_NETS names the
+# networks still in training (default: resnet, which had spent 5.8 of its 12 CPU-hours when its 8,000-step state was
+# shipped on 2026-12-02 and resumed on 2026-12-03; the UNet spent its 12 at 36,800 steps, its 16,000-step snapshot
+# shipped). A fresh state starts from the networks shipped before, kept in <net>/start/.
+set -u
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+held=${EDTOOL_HELD_OUT:-../shared/data/mnist}
+common=(--lr 1e-4 --lr-gamma 0.999965 --batch 64 --ema-decay 0.999 --snapshot-every 2000
+        --held-out-root "$held" --ckpt-every 100 --quiet)
+step_of() { python -c "import json,sys;print(json.load(open(sys.argv[1]))['step'])" "$1/state.json" 2>/dev/null || echo 0; }
+for target in $(seq 2000 2000 200000); do
+  for net in ${EDTOOL_CAMPAIGN_NETS:-resnet}; do
+    dir=experiments/training/$net
+    [ "$(step_of "$dir")" -ge "$target" ] && continue
+    if [ -f "$dir/state.json" ]; then
+      edtool train --state "$dir" --steps "$target" "${common[@]}" || exit 1
+    elif [ "$net" = unet ]; then
+      edtool train --arch unet --fsizes 32,64,128 --emb-dim 256 --init-from experiments/training/unet/start/mnist5k_unet.safetensors \
+        --state "$dir" --steps "$target" "${common[@]}" || exit 1
+    else
+      edtool train --arch resnet --width 64 --layers 4 --init-from experiments/training/resnet/start/mnist5k_resnet.safetensors \
+        --state "$dir" --steps "$target" "${common[@]}" || exit 1
+    fi
+  done
+done
