@@ -1,4 +1,4 @@
-"""Agreement with the ELS machine along training (issue 25): for each kept snapshot of a campaign network
+"""Agreement with the ELS machine along training: for each kept snapshot of a campaign network
 (and the network it started from, step 0), sample els-borders and the ideal score machine `is` from the same
 fixed seeds and record the per-seed r against the network; then draw median r with IQR against steps.
 
@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RECORD = HERE / "agreement.json"
 QUALITY = HERE / "recognizable.json"  # recognizable.py measure
-# the networks each campaign started from, with their calibrations (both shipped until 2026-12-02)
+# the networks each campaign started from, with their calibrations
 START = {"unet": "experiments/training/unet/start/mnist5k_unet",
          "resnet": "experiments/training/resnet/start/mnist5k_resnet"}
 HELD_OUT = REPO.parent / "shared" / "data" / "mnist"  # MNIST t10k in torchvision's layout (campaign.sh's default)

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The training campaign (issue 25): continue the shipped MNIST UNet and ResNet with the paper's learning
-# rate and per-step decay, in stretches of 2,000 steps, alternating networks, one thread, from the
-# committed states in this folder. Stop it at any moment (kill); rerun this script to continue exactly.
+# The training campaign: continue the MNIST UNet and ResNet with the paper's learning rate and per-step decay, in
+# stretches of 2,000 steps, alternating networks, one thread, from the states in this folder (which of them git
+# keeps, and how to restore the others: README.md). Stop it at any moment (kill); rerun this script to continue exactly.
 #   nohup bash experiments/training/campaign.sh > cache/campaign.log 2>&1 &
 # Held-out losses use MNIST t10k (EDTOOL_HELD_OUT, default ../shared/data/mnist). EDTOOL_CAMPAIGN_NETS names the
-# networks still in training (default: resnet, which had spent 5.8 of its 12 CPU-hours when its 8,000-step state was
-# shipped on 2026-12-02 and resumed on 2026-12-03; the UNet spent its 12 at 36,800 steps, its 16,000-step snapshot
-# shipped). A fresh state starts from the networks shipped before, kept in <net>/start/.
+# networks to continue (default: resnet; the UNet has spent its 12 CPU-hours). A fresh state starts from the network
+# in <net>/start/.
 set -u
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

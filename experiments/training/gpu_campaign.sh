@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The campaign on a GPU lease (issue 25, item 5): continue the committed training states there for a fixed
+# The campaign on a GPU lease: continue the training states there for a fixed
 # wall-clock budget, bring back what changed, then run the GPU benchmark in the same call.
 #
 #   bash experiments/training/gpu_campaign.sh prepare    # here, once: fills .gpu/ (ignored by git) with MNIST
@@ -13,12 +13,12 @@
 #        BENCH_S seconds (default 240, 0: none; its log in $OUT/bench_gpu.log; EDTOOL_BENCH_ARGS replaces
 #        its sizes, EDTOOL_DEVICE=cpu and EDTOOL_CAMPAIGN_NETS="" run the bench alone on CPU, as the tests do)
 #   bash experiments/training/gpu_campaign.sh unpack DIR # here: replaces a state with DIR/<net>*.tar's only if
-#        the result reads as a complete state further on than the committed one; then commit it
+#        the result reads as a complete state further on than the one here
 #
 # The device tool's call (its `carry` names .gpu):
 #   bash experiments/training/gpu_campaign.sh run 240 240
 # Every random draw comes from the CPU generator saved in the state, so a GPU stretch draws the same data, times
-# and noise as a CPU one would; its arithmetic differs in the last bits (other kernels), so the run is no longer
+# and noise as a CPU one would; its arithmetic differs in the last bits (other kernels), so the run is not
 # bit-identical to an all-CPU one from that step on.
 set -u
 cd "$(dirname "$0")/../.."

@@ -1,7 +1,7 @@
-"""Does the paper's learning rate help? (issue 25) A paired A/B from the same start, batch, seed and draws.
+"""Does the paper's learning rate help? A paired A/B from the same start, batch, seed and draws.
 
 Arm A, the paper's lr 1e-4 with per-step decay 0.999965, is the campaign's ResNet (`resnet/`, its first 2,000
-steps). Arm B, the recipe the networks shipped on 2026-11-29 were trained with (lr 1e-3 decaying exponentially
+steps). Arm B, the recipe the networks in `<net>/start/` were trained with (lr 1e-3 decaying exponentially
 to 5e-5 over the stretch), starts from the same network (`resnet/start/`) with the same seed, so both arms see
 identical batches, times and noise step for step: the per-step loss difference is paired and its standard error
 small. Arm B's state lives in `lr_ab/` (resumable; snapshot with held-out loss at 2,000 steps).

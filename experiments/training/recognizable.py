@@ -1,4 +1,4 @@
-"""How many of a network's samples are recognizable digits (issue 25's grid target, "3 in 4", made a number).
+"""How many of a network's samples are recognizable digits (the grid target, "3 in 4", made a number).
 
 A small classifier trained on the 60,000 real MNIST training digits, plus an eleventh class "no digit" (the same
 digits cut into 8x8 patches and shuffled, or collages of crops of them: strokes that are locally right and
