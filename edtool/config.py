@@ -201,7 +201,7 @@ class ComputeConfig:
     dataset: str = "mnist5k"  # training data of the networks, and the images the ELS machines are built from
     data_root: Optional[str] = None  # torchvision layout (the bundled mnist5k needs none)
     models: List[str] = field(default_factory=lambda: ["unet", "resnet", "els"])
-    unet: Optional[str] = None  # checkpoints (default: discovered, see docs/discovery)
+    unet: Optional[str] = None  # checkpoints (default: discovered, docs/data-and-checkpoints.md)
     resnet: Optional[str] = None
     scales: Optional[str] = None  # ELS schedule file (default: the calibration found beside the ResNet/UNet)
     patch_size: int = PATCH_SIZE  # ELS patch size when no calibrated scales are found

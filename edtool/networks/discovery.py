@@ -1,6 +1,6 @@
-"""Finding a network and the ELS schedule that belongs to it (docs/discovery: ./checkpoints,
-EDTOOL_CHECKPOINTS, beside the network, the shipped folder), and loading any network file: ours,
-or a paper `.pt` imported on the fly.
+"""Finding a network and the ELS schedule that belongs to it (./checkpoints, EDTOOL_CHECKPOINTS, beside the
+network, the shipped folder: docs/data-and-checkpoints.md#where-checkpoints-and-scales-are-found), and loading any
+network file: ours, or a paper `.pt` imported on the fly.
 
     path = discover("mnist5k", "resnet")
     net = load(path)

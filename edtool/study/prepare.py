@@ -96,7 +96,7 @@ class Study:
 
 
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
-    """--unet/--resnet, else the first found in ./checkpoints, EDTOOL_CHECKPOINTS, shipped (docs/discovery)."""
+    """--unet/--resnet, else the first found (docs/data-and-checkpoints.md)."""
     from edtool.networks import discovery
 
     explicit = getattr(cfg, arch)
