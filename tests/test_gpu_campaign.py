@@ -80,6 +80,25 @@ def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
         assert [p.name for p in committed.iterdir()] == ["tiny"]
 
 
+def test_a_network_without_a_working_state_starts_from_the_kept_one_and_leaves_it_alone(tmp_path):
+    """The state git keeps (kept/<net>/) is copied to <net>/ before a stretch; training advances the copy only, and
+    a network with neither is skipped instead of starting a fresh network."""
+    training = tmp_path / "training"
+    subprocess.run([sys.executable, "-m", "edtool", "train", "--arch", "resnet", "--width", "16", "--layers", "1",
+                    "--batch", "2", "--lr-gamma", "0.99", "--steps", "2", "--state", str(training / "kept" / "tiny"),
+                    "--device", "cpu", "--quiet"], check=True, capture_output=True, cwd=tmp_path)
+    kept = {p.name: p.read_bytes() for p in (training / "kept" / "tiny").iterdir() if p.is_file()}
+    rng = np.random.default_rng(0)
+    write_idx_root(tmp_path / "held", rng.integers(0, 256, (8, 28, 28)), rng.integers(0, 10, 8), split="test")
+    done = _script("run", 2, 0, EDTOOL_CAMPAIGN_NETS="tiny absent", EDTOOL_TRAINING_DIR=training,
+                   EDTOOL_HELD_OUT=tmp_path / "held", OUT=tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "stopped at the time limit" in (tmp_path / "out" / "train_tiny.log").read_text()
+    assert _step(training / "tiny") > 2
+    assert {p.name: p.read_bytes() for p in (training / "kept" / "tiny").iterdir() if p.is_file()} == kept
+    assert "absent: no state" in done.stdout and not (training / "absent").exists()
+
+
 def test_the_lease_runs_the_gpu_benchmark_within_its_time(tmp_path, tiny_checkpoints):
     """`gpu_campaign.sh run 0 BENCH_S` as the lease calls it, the benchmark alone (no network to train), on CPU
     with tiny networks: it finishes inside BENCH_S with its table in $OUT/bench_gpu.log, every file under 16 MB."""

@@ -15,7 +15,8 @@
 #   bash experiments/training/gpu_campaign.sh unpack DIR # here: replaces a state with DIR/<net>*.tar's only if
 #        the result reads as a complete state further on than the one here
 #
-# The device tool's call (its `carry` names .gpu):
+# The device tool's call: its `carry` names .gpu, and the working states <net>/ that are ahead of kept/<net>/ (git
+# ignores them, so only a carry takes them along; a network without one starts from kept/<net>/, or is skipped):
 #   bash experiments/training/gpu_campaign.sh run 240 240
 # Every random draw comes from the CPU generator saved in the state, so a GPU stretch draws the same data, times
 # and noise as a CPU one would; its arithmetic differs in the last bits (other kernels), so the run is not
@@ -24,6 +25,14 @@ set -u
 cd "$(dirname "$0")/../.."
 nets=${EDTOOL_CAMPAIGN_NETS-unet resnet}  # empty: none (the benchmark alone)
 training=${EDTOOL_TRAINING_DIR:-experiments/training}
+
+seed() {  # a network without a working state starts from the one git keeps, copied (training never touches kept/)
+  local net dir kept
+  for net in $nets; do
+    dir=$training/$net kept=$training/kept/$net
+    [ -f "$dir/state.json" ] || [ ! -f "$kept/state.json" ] || { mkdir -p "$dir" && cp "$kept"/* "$dir"/; } || exit 1
+  done
+}
 
 prepare() {
   local shared=${EDTOOL_SHARED_DATA:-../shared/data/mnist}
@@ -42,14 +51,17 @@ run() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
   export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
   local device=${EDTOOL_DEVICE:-cuda} held=${EDTOOL_HELD_OUT:-.gpu/heldout} started
+  seed
   started=$(mktemp)  # files newer than this are what the stretch wrote
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
   for net in $nets; do
+    [ -f "$training/$net/state.json" ] || { echo "$net: no state in $training/$net (README.md: restore it); skipped"; continue; }
     python3 -m edtool train --state "$training/$net" --steps 1000000 --device "$device" --time-limit "$train_s" \
       --snapshot-every 2000 --held-out-root "$held" --ckpt-every 2000 --quiet > "$out/train_$net.log" 2>&1 &
   done
   wait
   for net in $nets; do
+    [ -f "$out/train_$net.log" ] || continue
     tail -n 2 "$out/train_$net.log"
     (cd "$training" &&  # two tars, each under the lease's 16 MB a file: the state, and the new snapshots
       find "$net" -newer "$started" -type f ! -path "$net/snapshots/*" | tar -cf "$out/$net.tar" -T - &&
@@ -69,6 +81,7 @@ run() {
 
 unpack() {
   local from=${1:?name the folder holding <net>.tar} found=0 failed=0
+  seed
   for net in $nets; do
     [ -f "$from/$net.tar" ] || { echo "no $from/$net.tar: $net left as it is"; continue; }
     local dir=$training/$net new=$training/.unpack-$net

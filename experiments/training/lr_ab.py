@@ -18,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 ARM_A, ARM_B = HERE / "resnet", HERE / "lr_ab"
+ARM_A_STATE = ARM_A if (ARM_A / "state.json").exists() else HERE / "kept" / "resnet"  # the working state, or git's
 STEPS = 2000
 
 
@@ -41,7 +42,7 @@ def losses(folder: Path):
 
 
 def compare() -> None:
-    a, b = losses(ARM_A), losses(ARM_B)
+    a, b = losses(ARM_A_STATE), losses(ARM_B)
     n = len(b)
     print(f"arm B at {n} of {STEPS} steps; per-step training loss, mean over each window (same draws in both arms)")
     for lo, hi in [(0, 100), (100, 500), (500, 1000), (1000, 1500), (1500, 2000)]:
