@@ -199,7 +199,7 @@ def import_checkpoint(
     print(f"wrote {path} (+ .json manifest)")
 
 
-# ------------------------------------------------------------------ calibrate and sample (edtool.els.calibrate)
+# ------------------------------------------------------------------ calibrate and sample (edtool.els.calibrate, .sampling)
 
 
 def _network_and_data(cfg):
@@ -349,7 +349,10 @@ def sample(
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the
     network (see docs/els.md)."""
     from edtool.diffusion import realization_seeds
-    from edtool.els.calibrate import SETTINGS_NAME, agreement_report, machine_kind, sample as run_sample
+    from edtool.els.agreement import agreement_report
+    from edtool.els.calibrate import machine_kind
+    from edtool.els.sample_folder import SETTINGS_NAME
+    from edtool.els.sampling import sample as run_sample
     from edtool.study.device import cuda_numerics
     from edtool.networks.discovery import schedule_for
 

@@ -18,7 +18,7 @@ NETWORKS = ("unet", "resnet")  # the architectures edtool trains and finds by na
 # ------------------------------------------------------------------ what each option accepts
 # Defined here once; the modules that act on them import these (so checking a setting never loads them).
 DATASETS = ("mnist5k", "mnist", "fashionmnist", "cifar10")  # --dataset, --held-out (edtool.data loads them)
-MACHINES = ("is", "ls", "els-circular", "els-borders")  # the score machines (edtool.els.machine)
+MACHINES = ("is", "ls", "els-circular", "els-borders")  # the score machines (edtool.els.factory)
 ALIASES = {"els": "els-borders"}  # `els` follows the networks' padding (resolve_machine_name)
 ESTIMATORS = ("auto", "exact", "hutchinson", "analytic")  # --estimator (edtool.jacobian.ed)
 POINT_SOURCES = ("trajectory", "noised-data")  # --points (edtool.study.points)

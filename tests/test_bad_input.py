@@ -13,7 +13,7 @@ from edtool.study import compute as pipeline
 from edtool.data import read_idx
 from edtool.errors import EdtoolError
 from edtool.jacobian.ed import exterior_derivative
-from edtool.els.machine import make_machine
+from edtool.els.factory import make_machine
 from edtool.networks.models import build_network
 from edtool.els.schedule import resampling_note, write_scales_json
 from edtool.store.run import open_run

@@ -12,20 +12,14 @@ import pytest
 import torch
 
 from edtool.networks import checkpoints
-from edtool.els.calibrate import (
-    agreement_stats,
-    calibrate,
-    median_size,
-    merge_calibrations,
-    pearson_r,
-    r2,
-    sample,
-)
+from edtool.els.agreement import agreement_stats, pearson_r, r2
+from edtool.els.calibrate import calibrate, median_size, merge_calibrations
 from edtool.cli import main
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
-from edtool.els.machine import make_machine
+from edtool.els.factory import make_machine
 from edtool.els.sample_folder import samples_figure
+from edtool.els.sampling import sample
 from edtool.networks.models import build_network
 from edtool.els.schedule import read_scales
 from edtool.networks.discovery import scales_path

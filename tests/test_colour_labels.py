@@ -19,7 +19,7 @@ from edtool import data
 from edtool.networks import checkpoints
 from edtool.els.calibrate import seed_labels
 from edtool.diffusion import ddim_sample, initial_noise
-from edtool.els.machine import make_machine
+from edtool.els.factory import make_machine
 from edtool.networks.models import build_network
 from edtool.store.run import open_run
 from test_pipeline import cli

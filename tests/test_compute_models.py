@@ -11,7 +11,7 @@ from edtool.els.calibrate import seed_labels
 from edtool.data import load_dataset
 from edtool.diffusion import ddim_sample, initial_noise, timesteps
 from edtool.jacobian.ed import exterior_derivative
-from edtool.els.machine import make_machine
+from edtool.els.factory import make_machine
 from edtool.networks.models import build_network
 from edtool.study.compute import compute, probe_seed
 from edtool.els.schedule import write_scales_json

@@ -24,7 +24,7 @@ from edtool.networks import discovery
 from edtool.els.calibrate import seed_labels
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
-from edtool.els.machine import make_machine
+from edtool.els.factory import make_machine
 from edtool.networks.paper_import import import_checkpoint
 from edtool.paths import search_dirs, shipped_dir
 from edtool.study.compute import ComputeConfig, compute

@@ -282,7 +282,7 @@ def test_an_els_machine_is_measured_through_its_field():
     """machine.field(t), as docs/python-api.md shows it, gives the closed form (auto and method="analytic"),
     equal to autograd's exact Jacobian of the machine's score; the machine itself (no time) is refused
     with that advice, never a TypeError from deep inside."""
-    from edtool.els.machine import make_machine
+    from edtool.els.factory import make_machine
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(30, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1

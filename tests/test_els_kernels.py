@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from edtool.els import kernel as els_kernels
-from edtool.els.machine import band_ed, dense_ed, dense_jacobian, make_machine, posterior_moments
+from edtool.els.band import band_ed, dense_ed, dense_jacobian
+from edtool.els.engine import posterior_moments
+from edtool.els.factory import make_machine
 from test_machines import brute_force, data, mnist_subset, noisy, rel
 
 PATHS = ["fused", "torch"]
@@ -251,7 +253,7 @@ def test_env_var_forces_the_torch_path(monkeypatch):
 
 def _cells(images, k, rule="els-borders"):
     """Zero-padded flat images and the stacked candidate cells of `rule` at patch size k."""
-    from edtool.els.machine import candidate_cells, pad_images, stack_cells
+    from edtool.els.windows import candidate_cells, pad_images, stack_cells
 
     train = pad_images(images, k // 2, False).flatten(1).contiguous()
     return train, stack_cells(candidate_cells(rule, 32, 32, k), 1, 32, 32, k, train.device)

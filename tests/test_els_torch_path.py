@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from edtool.els import machine as machines
+from edtool.els import windows
 from edtool.els.engine import CPU_CHUNK_SIZE, CUDA_CHUNK_SIZE, chunk_size_for, posterior_moments, streamed_moments
-from edtool.els.machine import DEFAULT_CACHE_BYTES, key_cache_bytes, make_machine
+from edtool.els.factory import DEFAULT_CACHE_BYTES, key_cache_bytes, make_machine
 from test_machines import data, noisy
 
 GiB = 2**30
@@ -98,8 +98,8 @@ def test_gpu_sized_blocks_give_the_float64_numbers(rule, monkeypatch):
 
 def _cifar10_keys(k: int = 3) -> int:
     """Bytes of every els-borders candidate key on CIFAR-10 (50,000 x 3 x 32 x 32, float32), none merged."""
-    cells = machines.candidate_cells("els-borders", 32, 32, k, False)
-    groups = machines.stack_cells(cells, 3, 32, 32, k, "cpu")
+    cells = windows.candidate_cells("els-borders", 32, 32, k, False)
+    groups = windows.stack_cells(cells, 3, 32, 32, k, "cpu")
     return sum(idx.shape[0] * (idx.shape[2] + 3) * idx.shape[1] for _, _, idx in groups) * 50_000 * 4
 
 

@@ -17,7 +17,8 @@ from edtool.diffusion import (TimeGrid, as_grid, ddim_sample, drawn_labels, init
                               realization_seeds, timesteps)
 from edtool.els import calibrate as calib
 from edtool.els import schedule
-from edtool.els.machine import make_machine
+from edtool.els.factory import make_machine
+from edtool.els.sampling import sample
 from edtool.networks import checkpoints
 from edtool.store.run import create_run, open_run
 from edtool.study.aggregate import aggregate_run
@@ -108,7 +109,7 @@ def test_a_compute_run_records_the_grid_it_ran_and_every_stage_starts_from_the_s
     monkeypatch.setattr(calib, "network_trajectory", traj)
     res = calib.calibrate(net, images, labels, machine="els-borders", sizes=(3,), seeds=[5, 6], nsteps=3)
     assert res["t"] == list(TimeGrid(3).entry_times) == [1 / 3, 2 / 3, 1.0]
-    calib.sample(["is"], net, images, labels, seeds=[5, 6], nsteps=3, out_dir=tmp_path / "s", batch=1)
+    sample(["is"], net, images, labels, seeds=[5, 6], nsteps=3, out_dir=tmp_path / "s", batch=1)
     for s in (5, 6):
         independent = torch.randn((1, 1, 32, 32), generator=torch.Generator().manual_seed(s))[0]
         assert torch.equal(seen["compute"][s], independent)

@@ -68,7 +68,7 @@ def test_one_defaults_table():
     import typer
 
     from edtool import cli
-    from edtool.els import calibrate, machine
+    from edtool.els import calibrate, factory, sampling
     from edtool.jacobian import ed, locality
     from edtool.study.compute import ComputeConfig
 
@@ -77,8 +77,8 @@ def test_one_defaults_table():
     assert ComputeConfig().patch_size == config.PATCH_SIZE
     assert _default(ed.exterior_derivative, "probes") == config.PROBES
     assert _default(locality.alignment, "probes") == config.PROBES
-    assert _default(calibrate.calibrate, "nsteps") == _default(calibrate.sample, "nsteps") == config.NSTEPS
-    assert _default(calibrate.sample, "patch_size") == _default(machine.build_machine, "patch_size") == config.PATCH_SIZE
+    assert _default(calibrate.calibrate, "nsteps") == _default(sampling.sample, "nsteps") == config.NSTEPS
+    assert _default(sampling.sample, "patch_size") == _default(factory.build_machine, "patch_size") == config.PATCH_SIZE
     wanted = {"nsteps": config.NSTEPS, "probes": config.PROBES, "patch_size": config.PATCH_SIZE}
     seen = 0
     for command in (cli.compute, cli.analyze, cli.sample, cli.calibrate):
@@ -110,7 +110,7 @@ def test_find_fall_back_note_is_one_function(tmp_path):
 
 def test_els_follows_the_padding_in_one_place():
     from edtool.els.calibrate import machine_kind
-    from edtool.els.machine import resolve_machine_name
+    from edtool.els.factory import resolve_machine_name
 
     assert resolve_machine_name("els", "circular") == "els-circular"
     assert resolve_machine_name("els", None) == "els-borders"

@@ -141,7 +141,7 @@ def test_align_implies_a_shared_trajectory(tmp_path, capsys, monkeypatch):
 
 def test_config_records_each_machine_patch_half_width_per_step():
     """The r90 figure's step line: (k - 1)/2 of the machine's own patch size at every stored step."""
-    from edtool.els.machine import make_machine
+    from edtool.els.factory import make_machine
     from edtool.study.compute import ComputeConfig, jacobian_whole_config
 
     images = torch.zeros(2, 1, 8, 8)

@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from edtool.diffusion import alpha_bar, beta
-from edtool.els.machine import (
-    band_ed,
-    dense_ed,
-    dense_jacobian,
-    make_machine,
-    resolve_machine_name,
-)
+from edtool.els.band import band_ed, dense_ed, dense_jacobian
+from edtool.els.factory import make_machine, resolve_machine_name
 
 # (machine, paper_circular) pairs: every candidate rule, both paddings
 RULES = [("ls", False), ("els-borders", False), ("els-circular", False), ("els-circular", True)]
@@ -500,7 +495,7 @@ def test_scale_index_exact_on_the_ddim_grid(nscales):
     j, not its neighbour, also on the grid of a run with half as many steps; between grid points the
     entry above applies."""
     from edtool.diffusion import timesteps
-    from edtool.els.machine import scale_index
+    from edtool.els.schedule import scale_index
 
     grid = timesteps(nscales)[:-1].tolist()  # t_j = (N - j) / N: entry N - 1 - j
     assert [scale_index(t, nscales) for t in grid] == list(range(nscales - 1, -1, -1))
@@ -525,7 +520,8 @@ def mnist_subset(n, seed=0):
 
 
 def test_merge_plan_counts_every_window_once():
-    from edtool.els.machine import cell_windows, merge_plan, window_index
+    from edtool.els.merging import cell_windows, merge_plan
+    from edtool.els.windows import window_index
 
     images, _ = mnist_subset(40)
     train = torch.nn.functional.pad(images, (1, 1, 1, 1)).flatten(1)
@@ -542,7 +538,8 @@ def test_merge_plan_counts_every_window_once():
 
 
 def test_merge_plan_stops_at_its_limit_before_copying_windows():
-    from edtool.els.machine import merge_plan, window_index
+    from edtool.els.merging import merge_plan
+    from edtool.els.windows import window_index
 
     images, _ = mnist_subset(40)
     train = torch.nn.functional.pad(images, (1, 1, 1, 1)).flatten(1)
@@ -606,7 +603,7 @@ def test_merged_windows_equal_every_window_on_mnist(rule, paper, k, t):
     unconditional and class-conditional. In float64 they agree to rounding (1e-10); in float32,
     as used, both stay as close to the float64 truth as float32 allows
     (at t = 0.05 both are ~1e-5 off on the band: (a^2/b^4) Cov cancels digits), 1e-5 on the score."""
-    from edtool.els.machine import candidate_cells
+    from edtool.els.windows import candidate_cells
 
     images, labels = mnist_subset(30)
     x = noisy(images.double(), t, b=2, pure_noise=False)
@@ -641,7 +638,7 @@ def test_merged_windows_equal_every_window_on_mnist(rule, paper, k, t):
 def test_windows_are_merged_only_where_it_pays():
     """k <= 9 (grey): distinct windows kept between calls; k = 11: every window kept, unmerged (its
     windows rarely repeat and the merge costs more than it saves), the same numbers either way."""
-    from edtool.els.machine import MERGE_MAX_ENTRIES
+    from edtool.els.merging import MERGE_MAX_ENTRIES
 
     images, _ = mnist_subset(8)
     x = noisy(images, 0.5, b=1, pure_noise=False)

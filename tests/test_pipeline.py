@@ -526,7 +526,7 @@ def test_shared_trajectory_measures_every_model_on_the_reference_path(tmp_path, 
     from edtool.data import load_dataset
     from edtool.diffusion import ddim_sample, initial_noise
     from edtool.jacobian.ed import exterior_derivative
-    from edtool.els.machine import make_machine
+    from edtool.els.factory import make_machine
 
     nsteps = 3
     compute(config(tmp_path / "shared", nsteps=nsteps, trajectory="shared", reference="resnet"))

@@ -6,8 +6,9 @@ import torch
 
 from edtool.errors import EdtoolError
 from edtool.networks.checkpoints import file_hash
-from edtool.els.schedule import check_patch_size, check_schedule, write_scales_json
-from edtool.els.machine import build_machine
+from edtool.config import check_patch_size
+from edtool.els.factory import build_machine
+from edtool.els.schedule import check_schedule, write_scales_json
 from edtool.networks.discovery import find_scales, local_scales_path, scales_path
 
 

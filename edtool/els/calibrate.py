@@ -1,43 +1,32 @@
-"""Calibrating the ELS machines against a network (SPEC 5.2) and sampling them next to it (SPEC 5.4).
+"""Calibrating the ELS machines against a network (SPEC 5.2).
 
 `calibrate` runs the network's own DDIM trajectory from several seeds and, at every step, asks
 which patch size k makes the machine's score closest to the network's at the same x (cosine
 similarity, or relative L2 distance). The best k per step, median over seeds, is the scale
 schedule; entry i is for t = (i + 1) / N, the order `read_scales` and the machines use.
 
-`sample` runs the network and each machine from the same initial noises to t = 0 and measures
-their agreement (SPEC 5.4): r, the Pearson correlation of the two final images (what the paper
-reports and calls "r^2"), and r2 = r^2, with medians, interquartile ranges and the fraction of
-seeds on which each machine beats the ideal score machine `is`.
+Split calibrations (disjoint --sizes on the same trajectories) join with `merge_calibrations`. The
+checks and the network trajectory here are shared with `els.sampling.sample`, which samples the
+machines next to the network (SPEC 5.4).
 
     net = checkpoints.load("checkpoints/mnist5k_resnet.safetensors")
     res = calibrate(net, images, labels, sizes=(3, 5, 7, 9), seeds=[0, 1, 2, 3])
     write_scales_json(scales_path(ckpt, "els-borders"), res["scales"], **calibration_meta(res))  # edtool.els.schedule
-    sample(["els-borders", "is"], net, images, labels, seeds=range(20), scales=res["scales"], out_dir="out")
 """
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from edtool.config import METRICS, NSTEPS, PATCH_SIZE, check_sizes
+from edtool.config import METRICS, NSTEPS, check_sizes
 from edtool.diffusion import TimeGrid, as_grid, ddim_sample, drawn_labels, eps_to_score, initial_noises
+from edtool.els.factory import make_machine, resolve_machine_name
+from edtool.els.schedule import check_fits
 from edtool.errors import EdtoolError
-from edtool.fileio import check_output, recorded_paths
-from edtool.els.machine import build_machine, make_machine, resolve_machine_name
-from edtool.config import check_patch_size
-from edtool.els.schedule import check_fits, check_schedule, schedule_note
-# sample's agreement measures and its folder, each in its module; the names stay importable from here
-from edtool.els.agreement import AGREEMENT_DEFINITIONS, agreement_report, agreement_stats, pearson_r, r2  # noqa: F401
-from edtool.els.sample_folder import (  # noqa: F401
-    LAYOUTS, SETTINGS_NAME, SUMMARY_NAME, claim_sample_dir, content_digest, save_each, output_dir_name,
-    save_samples_grid)
 
 DEFAULT_SIZES = (3, 5, 7, 9, 11, 13, 15)
 
@@ -98,13 +87,14 @@ def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[
     return drawn_labels(seeds, n_classes)
 
 
-def _num_classes(network) -> Optional[int]:
+def num_classes(network) -> Optional[int]:
     """A conditional network's number of classes, from its manifest (None: not recorded)."""
     n = (getattr(network, "manifest", None) or {}).get("num_classes")
     return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
-def _batches(n: int, batch: Optional[int]):
+def batches(n: int, batch: Optional[int]) -> list:
+    """Slices of range(n), each at most `batch` long (all of it when batch is None or 0)."""
     step = n if not batch else max(1, int(batch))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -115,7 +105,8 @@ def machine_kind(machine: str, network) -> str:
                                 getattr(network, "name", None))
 
 
-def _check_images(images: Tensor, labels: Optional[Tensor]):
+def check_images(images: Tensor, labels: Optional[Tensor]):
+    """An EdtoolError unless images is a non-empty (N, C, H, W) tensor with one label per image (or none)."""
     if not isinstance(images, Tensor) or images.dim() != 4 or len(images) == 0:
         raise EdtoolError("training images must be a non-empty (N, C, H, W) tensor")
     if labels is not None and len(labels) != len(images):
@@ -130,7 +121,7 @@ def network_trajectory(network, x: Tensor, grid: TimeGrid, label: Optional[Tenso
     (N, B, C, H, W) and its scores there in step order (step j at grid.step_times[j]), plus the final images."""
     grid = as_grid(grid)
     points, scores, finals = [], [], []
-    for sl in _batches(len(x), batch):
+    for sl in batches(len(x), batch):
         lab = None if label is None else label[sl]
         xs, ss = [], []
 
@@ -170,14 +161,14 @@ def calibrate(
         raise EdtoolError(f"unknown metric {metric!r}; choose cosine or l2")
     if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
         raise EdtoolError(f"nsteps must be a positive integer, got {nsteps!r}")
-    _check_images(images, labels)
+    check_images(images, labels)
     sizes, seeds = check_fits(check_sizes(sizes), images.shape, "candidate size"), check_seeds(seeds)
     kind = machine_kind(machine, network)
     if kind == "is":
         raise EdtoolError("the 'is' machine has no patch size to calibrate; choose els-borders, els-circular or ls")
     device = torch.device(device) if device is not None else images.device
     conditional = bool(getattr(network, "conditional", False))
-    run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
+    run_labels = seed_labels(seeds, labels, label, conditional, n_classes=num_classes(network))
     log = log or (lambda msg: None)
     grid = TimeGrid(nsteps)
 
@@ -186,27 +177,10 @@ def calibrate(
     lab = None if run_labels is None else run_labels.to(device)
     with torch.no_grad():
         points, net_scores, _ = network_trajectory(network, x0, grid, lab, batch)
-    N, S = nsteps, len(seeds)
-    # every (step, seed) point at once: index = j * S + s
-    xs = points.reshape(N * S, *points.shape[2:])
-    ts = grid.step_times.repeat_interleave(S).to(device)  # the times the network was evaluated at
-    labs = None if lab is None else lab.repeat(N)
-    log(f"network trajectory: {N} steps x {S} seeds in {time.perf_counter() - t0:.1f}s")
-
-    table = torch.full((N, S, len(sizes)), math.nan, dtype=torch.float64)
-    timings = {}
-    for c, k in enumerate(sizes):
-        t1 = time.perf_counter()
-        m = make_machine(kind, images.to(device), None if labels is None else labels.to(device), patch_size=k)
-        values = []
-        with torch.no_grad():
-            for sl in _batches(N * S, batch):
-                s = m.score(ts[sl], xs[sl], None if labs is None else labs[sl])
-                values.append(similarity(net_scores.reshape(N * S, *net_scores.shape[2:])[sl], s, metric).cpu())
-        table[:, :, c] = torch.cat(values).view(N, S)
-        del m
-        timings[k] = time.perf_counter() - t1
-        log(f"k={k}: {N * S} scores in {timings[k]:.1f}s, mean {metric} {table[:, :, c].nanmean():.4f}")
+    N = nsteps
+    log(f"network trajectory: {N} steps x {len(seeds)} seeds in {time.perf_counter() - t0:.1f}s")
+    table, timings = _similarity_table(kind, sizes, images, labels, device, points, net_scores, grid.step_times, lab,
+                                       metric, batch, log)
 
     return {
         **schedule_from_table(grid.as_entries(table), sizes, seeds, metric),
@@ -220,6 +194,33 @@ def calibrate(
         "n_images": len(images),
         "seconds": {"total": time.perf_counter() - t0, **{f"k={k}": v for k, v in timings.items()}},
     }
+
+
+def _similarity_table(kind: str, sizes: Sequence[int], images: Tensor, labels: Optional[Tensor], device,
+                      points: Tensor, scores: Tensor, times: Tensor, lab: Optional[Tensor], metric: str, batch, log):
+    """How close each candidate size's machine score is to the network's `scores` at its trajectory's `points`
+    (N, S, C, H, W), step j at times[j], seed s with label lab[s]: a table (N, S, len(sizes)), and the seconds
+    each size took. `batch` bounds the points one machine call scores."""
+    N, S = points.shape[:2]
+    # every (step, seed) point at once: index = j * S + s
+    xs = points.reshape(N * S, *points.shape[2:])
+    ts = times.repeat_interleave(S).to(device)  # the times the network was evaluated at
+    labs = None if lab is None else lab.repeat(N)
+    table = torch.full((N, S, len(sizes)), math.nan, dtype=torch.float64)
+    timings = {}
+    for c, k in enumerate(sizes):
+        t1 = time.perf_counter()
+        m = make_machine(kind, images.to(device), None if labels is None else labels.to(device), patch_size=k)
+        values = []
+        with torch.no_grad():
+            for sl in batches(N * S, batch):
+                s = m.score(ts[sl], xs[sl], None if labs is None else labs[sl])
+                values.append(similarity(scores.reshape(N * S, *scores.shape[2:])[sl], s, metric).cpu())
+        table[:, :, c] = torch.cat(values).view(N, S)
+        del m
+        timings[k] = time.perf_counter() - t1
+        log(f"k={k}: {N * S} scores in {timings[k]:.1f}s, mean {metric} {table[:, :, c].nanmean():.4f}")
+    return table, timings
 
 
 def schedule_from_table(table: Tensor, sizes: Sequence[int], seeds: Sequence[int], metric: str) -> dict:
@@ -307,156 +308,3 @@ def calibration_meta(result: dict, **extra) -> dict:
                     f"{'higher' if result['metric'] == 'cosine' else 'lower'} is closer); choices per seed likewise")
     meta.update(extra)
     return meta
-
-
-# ------------------------------------------------------------------ sampling and agreement (SPEC 5.4)
-
-
-def machine_sample(machine, x0: Tensor, grid: TimeGrid, label: Optional[Tensor] = None, batch=None) -> Tensor:
-    """A machine's deterministic DDIM samples from x0 along the grid (an int N is short for TimeGrid(N));
-    its schedule entry per step: schedule.scale_index."""
-    grid = as_grid(grid)
-    out = []
-    for sl in _batches(len(x0), batch):
-        lab = None if label is None else label[sl]
-        out.append(ddim_sample(lambda tb, x, lab=lab: machine.eps(tb, x, lab), x0[sl], grid))
-    return torch.cat(out)
-
-
-def _machine_scales(scales, kind: str) -> Optional[list]:
-    """The schedule for one machine from `scales` (None, one list for every machine, or a dict
-    machine -> list); None for `is` or when none is given."""
-    if isinstance(scales, dict):
-        scales = scales.get(kind)
-    if kind == "is" or scales is None:
-        return None
-    return check_schedule(scales, f"scales for {kind}")
-
-
-def sample(
-    machine_names: Sequence[str],
-    network,
-    images: Tensor,
-    labels: Optional[Tensor],
-    seeds: Sequence[int],
-    nsteps: int = NSTEPS,
-    scales=None,
-    out_dir=None,
-    label: Optional[int] = None,
-    patch_size: int = PATCH_SIZE,
-    batch: Optional[int] = None,
-    device=None,
-    scales_source=None,
-    log: Optional[Callable[[str], None]] = None,
-    baseline: bool = True,
-    overwrite: bool = False,
-    layout: str = "edtool",
-) -> dict:
-    """Machine and network samples from the same seeds, their agreement r and r2 (SPEC 5.4), files under out_dir.
-
-    Writes seeds/, network_outputs/, one <machine>_outputs/ per machine (els_outputs for
-    els-borders), labels/ (conditional), r2_summary.json and samples_grid.png (rows: network, then
-    each machine). Machines other than `is` use `scales` (one schedule for all, or a dict per
-    machine; entry i for t = (i + 1) / N), else the fixed `patch_size`. With `baseline`, the ideal
-    score machine `is` is sampled too when not asked for, so that every machine's `beats_is` (the
-    paper's comparison) is reported. `layout` "paper" writes the per-seed files as the paper's scripts
-    do (`0000.pt` ...: plain tensors) instead of `seed_<s>.npy`. Returns the summary that r2_summary.json holds.
-    """
-    if out_dir is None:
-        raise EdtoolError("sample needs an output folder")
-    if layout not in LAYOUTS:
-        raise EdtoolError(f"unknown layout {layout!r}; choose {' or '.join(LAYOUTS)}")
-    if isinstance(nsteps, bool) or not isinstance(nsteps, int) or nsteps < 1:
-        raise EdtoolError(f"nsteps must be a positive integer, got {nsteps!r}")
-    _check_images(images, labels)
-    seeds = check_seeds(seeds)
-    kinds = []
-    for name in machine_names:
-        kind = machine_kind(name, network)
-        if kind in kinds:
-            raise EdtoolError(f"machine {kind!r} given twice")
-        kinds.append(kind)
-    if not kinds:
-        raise EdtoolError("give at least one machine (e.g. els-borders,is)")
-    added_baseline = baseline and "is" not in kinds
-    if added_baseline:
-        kinds.append("is")
-    per_machine = {k: _machine_scales(scales, k) for k in kinds}
-    sources = {k: scales_source.get(k) if isinstance(scales_source, dict) else scales_source for k in kinds}
-    check_patch_size(patch_size, "patch_size")
-    for kind in kinds:  # before anything is sampled: a window larger than the images is refused
-        check_fits(per_machine[kind] or ([] if kind == "is" else [patch_size]), images.shape, f"{kind}: patch size")
-    device = torch.device(device) if device is not None else images.device
-    out = Path(out_dir)
-    log = log or (lambda msg: None)
-    conditional = bool(getattr(network, "conditional", False))
-    run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
-    lab = None if run_labels is None else run_labels.to(device)
-    record = {"network": content_digest(network), "images": content_digest(images), "labels_sha256": content_digest(labels),
-              "nsteps": nsteps, "seeds": seeds, "labels": None if run_labels is None else run_labels.tolist(),
-              "machines": {k: ({"scales": per_machine[k]} if per_machine[k] is not None else
-                               {} if k == "is" else {"patch_size": patch_size}) for k in kinds}}
-    if layout != "edtool":  # absent for edtool's layout, so earlier sample folders keep their record
-        record["layout"] = layout
-    check_output([out / SETTINGS_NAME], force=True)  # a folder that takes files, or one line naming it
-    claim_sample_dir(out, record, overwrite)
-    grid = TimeGrid(nsteps)
-
-    x0 = initial_noises(seeds, images.shape[1:], device)
-    save_each(out / "seeds", seeds, x0, layout, root=out)
-    if run_labels is not None:
-        save_each(out / "labels", seeds, run_labels, layout, root=out)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        _, _, net_final = network_trajectory(network, x0, grid, lab, batch)
-    save_each(out / "network_outputs", seeds, net_final, layout, root=out)
-    log(f"network: {len(seeds)} samples in {time.perf_counter() - t0:.1f}s")
-
-    summary = {
-        "network": getattr(network, "name", type(network).__name__),
-        "nsteps": nsteps,
-        "seeds": seeds,
-        "labels": None if run_labels is None else run_labels.tolist(),
-        "n_images": len(images),
-        "layout": layout if layout == "edtool" else "paper: <folder>/<i:04d>.pt holds seeds[i] (batch axis of one)",
-        "machines": {},
-        "notes": [],
-        "definitions": AGREEMENT_DEFINITIONS,
-    }
-    if added_baseline:
-        summary["notes"].append("is: sampled as the baseline of beats_is (SPEC 5.4); not among the machines asked for")
-    rows = {}  # machine -> its samples, for samples_grid.png
-    for kind in kinds:
-        t1 = time.perf_counter()
-        m, info = build_machine(kind, images.to(device), None if labels is None else labels.to(device),
-                                scales=per_machine[kind], patch_size=patch_size, source=sources[kind])
-        note = schedule_note(kind, per_machine[kind], nsteps, patch_size, sources[kind]) if kind != "is" else None
-        if note:  # in the summary; the command line said it already (discovery.schedule_for)
-            summary["notes"].append(note)
-        with torch.no_grad():
-            final = machine_sample(m, x0, grid, lab, batch)
-        folder = output_dir_name(kind)
-        save_each(out / folder, seeds, final, layout, root=out)
-        values = [pearson_r(a, b) for a, b in zip(final, net_final)]
-        summary["machines"][kind] = {
-            "dir": folder, **info, **({"baseline": True} if kind == "is" and added_baseline else {}),
-            "r": {str(s): v for s, v in zip(seeds, values)},
-            "r2": {str(s): v ** 2 for s, v in zip(seeds, values)},
-            **agreement_stats(values),
-            "seconds": time.perf_counter() - t1,
-        }
-        rows[kind] = final.cpu()
-        log(f"{kind}: median r {summary['machines'][kind]['median_r']:.4f}, r^2 "
-            f"{summary['machines'][kind]['median_r2']:.4f} over {summary['machines'][kind]['n_seeds']} seeds "
-            f"({time.perf_counter() - t1:.1f}s)")
-    if "is" in summary["machines"]:
-        ideal = list(summary["machines"]["is"]["r"].values())
-        for kind, res in summary["machines"].items():
-            if kind != "is":
-                res["beats_is"] = agreement_stats(list(res["r"].values()), ideal)["beats_is"]
-
-    save_samples_grid(out / "samples_grid.png", summary["network"], {"network": net_final.cpu(), **rows}, seeds,
-                      {kind: list(values["r"].values()) for kind, values in summary["machines"].items()})
-    with recorded_paths([out / SUMMARY_NAME]) as (tmp,):  # last: its presence means "complete"
-        tmp.write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
-    return summary

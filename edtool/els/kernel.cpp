@@ -4,7 +4,7 @@
 // q[r] . keys[:, m] (E = D + 3 rows [1; P; |P|^2; log count], q[r, 0] unused: the shift takes its
 // place), clamped at `floor`, exponentiated and summed against the value rows `vrows` of the keys
 // without ever leaving registers; sums are flushed to float64 per block of candidates. The shift
-// logic is the engine's (edtool.machines.posterior_moments): a task starts at the exact max of
+// logic is the engine's (edtool.els.engine.posterior_moments): a task starts at the exact max of
 // its first block, rows whose block sum would overflow are lifted to the block's max, and the
 // shift grows by log(sum) whenever the running sum exceeds 1. The chunk's result is merged into
 // the running state (shift (G, R) float32, sums (G, R, V) float64) passed in.

@@ -24,7 +24,14 @@ The Jacobian has a closed form (SPEC 5.3): d s_p / d x_q = (a^2/b^4) Cov_w(c, P[
 delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output number, and
 `band_ed` turns the band into ||J - J^T||_F, ||J||_F and the curl map exactly.
 
-    m = make_machine("els-borders", images, labels, patch_size=5)
+This module holds the machines' shared frame (`Machine`), the local machines (`LocalMachine`) and
+their score field (`MachineField`); the ideal score `is` is `edtool.els.ideal`, and `make_machine`
+(`edtool.els.factory`) checks the settings and builds either. The parts they share each have their
+module: windows and cells (`els.windows`), the streaming engine (`els.engine`), merged keys
+(`els.merging`), the band's ED (`els.band`), the compiled kernels (`els.kernel`), schedules
+(`els.schedule`).
+
+    m = make_machine("els-borders", images, labels, patch_size=5)  # edtool.els.factory
     with torch.no_grad():
         s = m.score(0.5, x)                     # (B, C, H, W)
     res = m.field(0.5).analytic_ed(x, curl_map=True)
@@ -33,68 +40,24 @@ delta_pq / b^2 for q in p's window, so it is a band of C*k*k numbers per output 
 import functools
 import math
 from collections import namedtuple
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from edtool.config import ALIASES, MACHINES, PATCH_SIZE
 from edtool.diffusion import alpha_bar, beta, score_to_eps
-from edtool.errors import EdtoolError
-from edtool.config import check_patch_size
-from edtool.els.schedule import check_fits, check_schedule, scale_index
 from edtool.els import kernel as els_kernels
-# the machines' parts, each in its module; the names stay importable from here
-from edtool.els.windows import PADDINGS, stack_cells, candidate_cells, cell_rectangles, pad_images, window_index  # noqa: F401
-from edtool.els.engine import (  # noqa: F401
-    candidates_per_step, chunk_size_for, clamp_floor, fill_from, gathered_keys, image_keys, sliced_keys,
-    posterior_moments, streamed_moments)
-from edtool.memory import device_free_bytes
-from edtool.els.merging import (  # noqa: F401
-    MERGE_BLOCK, MERGE_MAX_ENTRIES, KeyCache, cell_windows, every_window_keys, merge_plan, merged_keys)
-from edtool.els.band import band_valid, band_ed, band_transpose, dense_ed, dense_jacobian  # noqa: F401
+from edtool.els.band import band_ed, band_valid
+from edtool.els.engine import candidates_per_step, clamp_floor, gathered_keys, sliced_keys, streamed_moments
+from edtool.els.merging import MERGE_MAX_ENTRIES, KeyCache, every_window_keys, merge_plan, merged_keys
+from edtool.els.schedule import scale_index
+from edtool.els.windows import candidate_cells, cell_rectangles, pad_images, stack_cells
+
 
 # From this patch size on, the CPU score of els-borders and els-circular takes its patch inner products from
 # box sums (els.kernel.box_score: one exp and a few adds per candidate at any k) instead of the merged
 # keys (2 k^2 flops per distinct candidate); measured by tests/benchmarks/bench_machines.py --per-k.
 BOX_FROM_K = 9
-DEFAULT_CACHE_BYTES = 4 * 2**30  # candidate keys kept between calls on a CPU, at least (mnist5k at k = 11: 2.5 GB)
-CPU_CACHE_SHARE = 1 / 8  # of the RAM, where that is more
-CUDA_CACHE_SHARE = 1 / 4  # of a GPU's free memory: CIFAR-10's merged k = 3 keys (~5.4 GB) fit on a 24 GB card
-
-
-def key_cache_bytes(device: torch.device) -> int:
-    """The candidate keys a machine keeps between calls on `device`: on a CPU DEFAULT_CACHE_BYTES or
-    CPU_CACHE_SHARE of the RAM if more, on CUDA CUDA_CACHE_SHARE of the free memory."""
-    if device.type == "cuda":
-        return int(device_free_bytes(device) * CUDA_CACHE_SHARE)
-    return max(DEFAULT_CACHE_BYTES, int(device_free_bytes(device) * CPU_CACHE_SHARE))
-
-
-# ---------------------------------------------------------------------------------------------
-# Names and settings
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_machine_name(name: str, padding: Optional[str] = "zeros", where=None) -> str:
-    """The machine `name` means next to a network with this padding: `els` follows it (els-circular for a
-    circular-padded network, els-borders for a zero-padded one); other names do not depend on it. An
-    unknown name, or a padding no machine models, is an EdtoolError (naming the network `where`)."""
-    if name not in MACHINES + tuple(ALIASES):
-        raise EdtoolError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")
-    if name != "els":
-        return name
-    padding = padding or "zeros"
-    if padding not in PADDINGS:
-        raise EdtoolError(f"{name} follows the network's padding, and {where or 'the network'} has padding "
-                          f"{padding!r}, which no ELS machine models ({', '.join(PADDINGS)}): name the machine "
-                          "instead, els-borders or els-circular")
-    return "els-circular" if padding == "circular" else "els-borders"
-
-
-# ---------------------------------------------------------------------------------------------
-# The machines
-# ---------------------------------------------------------------------------------------------
 
 
 LastScore = namedtuple("LastScore", "x t k label score")  # a Jacobian's inputs and the score it also gave
@@ -222,76 +185,6 @@ class Machine:
         sizes = "whole image" if self.patch_sizes is None else self.patch_sizes
         return f"{type(self).__name__}({self.name!r}, {len(self.images)} images, patch sizes {sizes})"
 
-
-class IdealMachine(Machine):
-    """The ideal score `is`: the exact score of the empirical distribution, whole training images
-    as candidates; its Jacobian is dense (n x n) and symmetric."""
-
-    def __init__(self, images, labels, chunk_size, cache_bytes):
-        super().__init__("is", images, labels, None, chunk_size, cache_bytes)
-
-    def patch_size_at(self, t: float) -> None:
-        return None
-
-    def _source(self, label, x: Tensor):
-        """A function step -> chunks (1, n+2, <= step) of the whole-image keys [1; y; |y|^2]."""
-        train = self._train(label, 0, x)
-        shape = (1, train.shape[1] + 2, len(train))
-        make = lambda: [fill_from(train.new_empty(shape), lambda step: image_keys(train, step))]
-        cached = self._keys.get((label, None, x.dtype, x.device), lambda: (math.prod(shape) * train.element_size(), make))
-        if cached is None:
-            return lambda step: image_keys(train, step)
-        return lambda step: sliced_keys(cached[0], step)
-
-    def _queries(self, x, a, b2) -> Tensor:
-        """Rows [0, a x / b^2, -a^2 / (2 b^2)] (1, B, n+2) for whole-image candidates."""
-        q = x.flatten(1) * (a / b2)[:, None]
-        return torch.cat([torch.zeros_like(q[:, :1]), q, (-a * a / (2 * b2))[:, None]], -1)[None]
-
-    def _score_run(self, x, t, k, label) -> Tensor:
-        """-(x - a E_w[y]) / b^2 over whole training images y, for samples sharing a label."""
-        a, b2 = self._coefficients(t, x)
-        n = x[0].numel()
-        step = candidates_per_step(1, x.shape[0], n + 2, self.chunk_size)
-        moments = streamed_moments(self._queries(x, a, b2), self._source(label, x), step, lambda keys: keys[:, : n + 1])
-        mean = moments[0, :, 1:].view_as(x)
-        ab = a.view(-1, 1, 1, 1)
-        return -(x - ab * mean.to(x.dtype)) / b2.view(-1, 1, 1, 1)
-
-    def _jacobian_run(self, x, t, k, label) -> Tensor:
-        """Dense (B, n, n) Jacobian of the ideal score: (a^2/b^4) Cov_w(y) - I/b^2; weights below
-        eps^2 of the total are dropped (their share is below float precision)."""
-        a, b2 = self._coefficients(t, x)
-        train = self._train(label, 0, x)  # (N, n)
-        B, n = x.shape[0], train.shape[1]
-        q = self._queries(x, a, b2)
-        step = candidates_per_step(1, B, n + 2, self.chunk_size)
-        w = torch.softmax(torch.cat([torch.bmm(q, keys)[0] for keys in self._source(label, x)(step)], -1).double(), -1)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        tiny = torch.finfo(x.dtype).eps ** 2
-        out = []
-        for b in range(B):
-            keep = w[b] > tiny
-            wb = (w[b][keep] / w[b][keep].sum()).to(x.dtype)
-            yb = train[keep]
-            z = (yb - wb @ yb) * wb.sqrt()[:, None]
-            out.append((a[b] ** 2 / b2[b] ** 2) * (z.T @ z) - eye / b2[b])
-        return torch.stack(out)
-
-    def jacobian(self, t, x: Tensor, label=None) -> Tensor:
-        """The dense (B, n, n) Jacobian d s / d x of the ideal score."""
-        return super().jacobian(t, x, label)
-
-    def analytic_ed(self, t, x: Tensor, label=None, curl_map: bool = False) -> dict:
-        """Exact ed_fro, jac_fro (B,) and the curl map (B, H, W) or None, one sample at a time
-        (the dense Jacobian is n x n)."""
-        t = self._times(t, x)
-        label = self._labels(label, x.shape[0], x.device)
-        res = [
-            dense_ed(self.jacobian(t[b : b + 1], x[b : b + 1], None if label is None else label[b : b + 1]), x.shape[1:], curl_map)
-            for b in range(x.shape[0])
-        ]
-        return {key: None if res[0][key] is None else torch.cat([r[key] for r in res]) for key in res[0]}
 
 
 class LocalMachine(Machine):
@@ -502,84 +395,3 @@ class MachineField:
     def analytic_ed(self, x: Tensor, curl_map: bool = False) -> dict:
         """dict(ed_fro=(B,), jac_fro=(B,), curl_map=(B, H, W) or None), exact, from the closed form."""
         return self.machine.analytic_ed(self.t, x, self.label, curl_map)
-
-
-def make_machine(
-    name: str,
-    images: Tensor,
-    labels: Optional[Tensor] = None,
-    patch_size: Optional[int] = None,
-    scales: Optional[Sequence[int]] = None,
-    chunk_size: Optional[int] = None,
-    paper_circular: bool = False,
-    cache_bytes: Optional[int] = None,
-) -> Machine:
-    """An ELS-family machine over training images (N, C, H, W) in [-1, 1] (labels (N,) for
-    class-conditional use). Give exactly one of patch_size (odd) or scales (odd sizes, entry j
-    for t = (j + 1) / len(scales)); `is` takes neither. `els` means `els-borders`; see
-    `resolve_machine_name` for circular-padded networks. paper_circular: `els-circular` with
-    only fully-inside training windows as candidates (the paper's variant). chunk_size bounds
-    the elements of each streamed block (default `chunk_size_for` the images' device: cache-sized
-    on a CPU, large on a GPU); cache_bytes (default `key_cache_bytes` of that device) the candidate
-    windows kept between calls,
-    identical ones merged up to k = 9 for grey images (a set beyond the budget, or of larger
-    windows, is gathered afresh at every call, unmerged: same numbers). Memory: the cache
-    (<= cache_bytes) + a few blocks of chunk_size elements; while a key set is being merged, also
-    about seven int64 per window of its largest cell (full MNIST, k = 3: ~3 GB) and 16 bytes per
-    distinct window (counting stops at the budget; the windows are copied once, into the keys).
-    Measured on full MNIST, one image, k = 5 then k = 7 (tests/benchmarks/bench_merge_memory.py):
-    peak 4.6 then 6.4 GiB of memory, 3.0 GiB of it cached keys."""
-    name = ALIASES.get(name, name)
-    if name not in MACHINES:
-        raise ValueError(f"unknown machine {name!r}; choose one of {', '.join(MACHINES + ('els',))}")
-    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point() or len(images) == 0:
-        raise ValueError("images must be a non-empty float tensor of shape (N, C, H, W)")
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        if labels.shape != (len(images),) or labels.is_floating_point():
-            raise ValueError(f"labels must be an int tensor of shape ({len(images)},), got {labels.dtype} {tuple(labels.shape)}")
-        labels = labels.long()
-    if paper_circular and name != "els-circular":
-        raise ValueError("paper_circular applies only to the els-circular machine")
-    if chunk_size is None:
-        chunk_size = chunk_size_for(images.device.type, device_free_bytes(images.device), images.element_size())
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if name == "is":
-        if patch_size is not None or scales is not None:
-            raise ValueError("the 'is' machine uses the whole image: give neither patch_size nor scales")
-        sizes = None
-    elif (patch_size is None) == (scales is None):
-        raise ValueError(f"machine {name!r} needs exactly one of patch_size=k or scales=[k0, k1, ...]")
-    elif patch_size is not None:
-        sizes = [check_patch_size(patch_size, "patch_size")]
-    else:
-        sizes = [check_patch_size(k, f"scales[{j}]") for j, k in enumerate(scales)]
-        if not sizes:
-            raise ValueError("scales must list at least one patch size")
-    if sizes is not None:
-        check_fits(sizes, images.shape, "patch size", whole=True)
-    if name == "els-circular" and paper_circular:
-        H, W = images.shape[-2:]
-        if max(sizes) > min(H, W):
-            raise ValueError(f"the paper's circular machine needs patch sizes <= image size {H}x{W}, got {max(sizes)}")
-    if cache_bytes is None:
-        cache_bytes = key_cache_bytes(images.device)
-    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-        raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
-    if name == "is":
-        return IdealMachine(images, labels, chunk_size, cache_bytes)
-    return LocalMachine(name, images, labels, sizes, chunk_size, cache_bytes, paper_circular)
-
-
-def build_machine(kind: str, images, labels=None, scales: Optional[Sequence[int]] = None, patch_size: int = PATCH_SIZE,
-                  source: Optional[str] = None):
-    """The machine `kind` with its schedule: `is` takes none; the others `scales` when given, else
-    the fixed `patch_size`. Returns (machine, info), info being what a run records about it."""
-    if kind == "is":
-        return make_machine("is", images, labels), {}
-    if scales is not None:
-        scales = check_schedule(scales, f"scales for {kind}")
-        return make_machine(kind, images, labels, scales=scales), {"scales": scales, "scales_file": source}
-    check_patch_size(patch_size, "patch_size")
-    return make_machine(kind, images, labels, patch_size=patch_size), {"patch_size": patch_size}

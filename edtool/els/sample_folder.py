@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edtool.config import LAYOUTS  # noqa: F401 (importable from here too)
 from edtool.errors import EdtoolError
 from edtool.fileio import recorded_paths, refuse_foreign
 

@@ -3,7 +3,7 @@
 A schedule is a list of odd patch sizes, entry j for t = (j + 1) / N. This module checks them,
 reads them (a paper `scales_*.pt`, read weights-only, or our calibration JSON), writes them, says
 which entry a time uses, and words the note a user gets about them. Finding the calibration of a
-network is `networks.discovery.find_scales`; building a machine from one is `machine.build_machine`.
+network is `networks.discovery.find_scales`; building a machine from one is `factory.build_machine`.
 
     write_scales_json(path, [3, 5, 7], metric="cosine")
     scales = read_scales(path)
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from edtool.config import check_patch_size  # noqa: F401 (importable from here too)
+from edtool.config import check_patch_size
 from edtool.diffusion import TimeGrid
 from edtool.errors import EdtoolError
 from edtool.fileio import write_json

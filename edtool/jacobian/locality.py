@@ -132,7 +132,7 @@ def _band_offsets(k: int, device) -> Tensor:
 def locality_band(band: Tensor, padding: str, radius: Optional[int] = None) -> dict:
     """Exact loc_jac, loc_ed (B, R + 1) of a closed-form band (B, C, H, W, C, k, k) (SPEC 5.3): each
     window offset has one distance, so the profile is 1 from r = (k - 1)/2 on by construction."""
-    from edtool.els.machine import band_transpose, dense_jacobian
+    from edtool.els.band import band_transpose, dense_jacobian
 
     B, C, H, W, _, k, _ = band.shape
     R = default_radius((H, W)) if radius is None else int(radius)

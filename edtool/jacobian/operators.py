@@ -148,7 +148,7 @@ def basis_vectors(x: Tensor, start: int, stop: int) -> Tensor:
 
 def band_matvec(band: Tensor, V: Tensor, padding: str) -> Tensor:
     """J v for a band (B, C, H, W, C, k, k) and vectors V (P, B, C, H, W), without forming J."""
-    from edtool.els.machine import pad_images
+    from edtool.els.windows import pad_images
 
     B, C, H, W, _, k, _ = band.shape
     r = k // 2
@@ -195,14 +195,14 @@ class BandJacobian:
 
     def dense(self, max_memory: int = 2**30) -> Optional[Tensor]:
         """The dense Jacobians, or None when they do not fit in max_memory bytes."""
-        from edtool.els.machine import dense_jacobian
+        from edtool.els.band import dense_jacobian
 
         if self._dense is None and self._dense_bytes() <= max_memory:
             self._dense = dense_jacobian(self.band, self.padding)
         return self._dense
 
     def products(self, V: Tensor) -> tuple:
-        from edtool.els.machine import band_transpose
+        from edtool.els.band import band_transpose
 
         return band_matvec(self.band, V, self.padding), band_matvec(band_transpose(self.band, self.circular), V,
                                                                    self.padding)
@@ -268,7 +268,7 @@ class ClosedFormField:
         return self.field(x)
 
     def analytic_ed(self, x: Tensor, curl_map: bool = False) -> dict:
-        from edtool.els.machine import band_ed, dense_ed
+        from edtool.els.band import band_ed, dense_ed
 
         if isinstance(self.op, BandJacobian):
             return band_ed(self.op.band, self.op.padding, curl_map)

@@ -4,7 +4,7 @@ network file: ours, or a paper `.pt` imported on the fly.
 
     path = discover("mnist5k", "resnet")
     net = load(path)
-    kind = resolve_machine_name("els", padding_of(path))  # els.machine
+    kind = resolve_machine_name("els", padding_of(path))  # els.factory
     scales, source = schedule_for(kind, None, [path], nsteps=20, patch_size=5, notes=notes)
 """
 

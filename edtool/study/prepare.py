@@ -13,10 +13,9 @@ from typing import List, Optional
 
 import torch
 
-from edtool.config import NETWORKS, ComputeConfig
+from edtool.config import ALIASES, MACHINES, NETWORKS, ComputeConfig
 from edtool.diffusion import TimeGrid, realization_seeds
 from edtool.errors import EdtoolError
-from edtool.els.machine import ALIASES, MACHINES
 from edtool.els.schedule import check_fits
 from edtool.study.device import cuda_index, platform
 
@@ -120,7 +119,7 @@ def prepare(cfg: ComputeConfig) -> Study:
     that the store records (with the estimator each model uses on this device)."""
     from edtool.data import NUM_CLASSES, first_samples, load_dataset
     from edtool.els.calibrate import seed_labels
-    from edtool.els.machine import build_machine, resolve_machine_name
+    from edtool.els.factory import build_machine, resolve_machine_name
     from edtool.jacobian.ed import auto_method
     from edtool.networks import checkpoints, discovery
 

@@ -55,7 +55,7 @@ def els_floor(threads: int) -> dict:
 
     from edtool import paths
     from edtool.data import load_dataset
-    from edtool.els.machine import make_machine
+    from edtool.els.factory import make_machine
 
     scales = json.loads((paths.shipped_dir() / "mnist5k_resnet_scales_els-borders.json").read_text())["scales"]
     images = load_dataset("mnist5k")[0]

@@ -15,7 +15,8 @@ import time
 import torch
 
 from edtool.data import load_dataset
-from edtool.els.machine import MERGE_MAX_ENTRIES, make_machine
+from edtool.els.factory import make_machine
+from edtool.els.merging import MERGE_MAX_ENTRIES
 
 
 def time_step(images, labels, k: int, x, t) -> tuple:

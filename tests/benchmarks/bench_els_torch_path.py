@@ -10,8 +10,9 @@ engine._weighted_sums (one per block).
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_els_torch_path.py --batches 1 4            # this tree
     OMP_NUM_THREADS=1 PYTHONPATH=/work/main python tests/benchmarks/bench_els_torch_path.py    # another tree
 
---chunk-size picks the block size (default: what this tree chooses for a GPU with --free-gib free; a tree without
-that choice uses its own default). --cifar prints the CIFAR-10 key memory and which devices' key caches hold it.
+Another tree must have this package layout (edtool.els.engine, .factory, .windows). --chunk-size picks the block
+size (default: what this tree chooses for a GPU with --free-gib free). --cifar prints the CIFAR-10 key memory and
+which devices' key caches hold it.
 """
 
 import argparse
@@ -25,7 +26,8 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from edtool.diffusion import add_noise  # noqa: E402
-from edtool.els import engine, machine as machines  # noqa: E402
+from edtool.els import engine, windows  # noqa: E402
+from edtool.els.factory import key_cache_bytes, make_machine  # noqa: E402
 
 
 class Counts(TorchDispatchMode):
@@ -40,10 +42,9 @@ class Counts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def gpu_chunk_size(free_gib: float):
-    """The block size this tree picks for a GPU with free_gib free, or None where it has no such choice."""
-    choose = getattr(machines, "chunk_size_for", None)
-    return None if choose is None else choose("cuda", int(free_gib * 2**30), 4)
+def gpu_chunk_size(free_gib: float) -> int:
+    """The block size this tree picks for a GPU with free_gib free."""
+    return engine.chunk_size_for("cuda", int(free_gib * 2**30), 4)
 
 
 def count_call(machine, t, x) -> tuple:
@@ -70,8 +71,8 @@ def count_call(machine, t, x) -> tuple:
 def cifar_keys(k: int = 3, n_images: int = 50_000):
     """Bytes of every candidate key of els-borders on CIFAR-10 shapes (3 x 32 x 32), all windows distinct
     (colour windows rarely repeat: the merged set is about this size)."""
-    cells = machines.candidate_cells("els-borders", 32, 32, k, False)
-    groups = machines.stack_cells(cells, 3, 32, 32, k, "cpu")
+    cells = windows.candidate_cells("els-borders", 32, 32, k, False)
+    groups = windows.stack_cells(cells, 3, 32, 32, k, "cpu")
     return sum(idx.shape[0] * (idx.shape[2] + 3) * idx.shape[1] for _, _, idx in groups) * n_images * 4
 
 
@@ -91,8 +92,8 @@ def main():
     images = load_mnist5k()[: args.n_images]
     chunk = args.chunk_size or gpu_chunk_size(args.free_gib)
     kwargs = {} if chunk is None else {"chunk_size": chunk}
-    machine = machines.make_machine("els-borders", images, patch_size=args.k, **kwargs)
-    print(f"edtool at {os.path.dirname(machines.__file__)}; chunk size {machine.chunk_size} elements; "
+    machine = make_machine("els-borders", images, patch_size=args.k, **kwargs)
+    print(f"edtool at {os.path.dirname(engine.__file__)}; chunk size {machine.chunk_size} elements; "
           f"{len(images)} images, k = {args.k}, t = {args.t}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| B | Jacobian s | chunks | aten ops (GPU launches) | host syncs |")
@@ -106,16 +107,13 @@ def main():
     if args.cifar:
         need = cifar_keys(args.k)
         print(f"\nCIFAR-10 (50,000 x 3 x 32 x 32) els-borders k = {args.k}: every key {need / 1e9:.2f} GB")
-        budget = getattr(machines, "key_cache_bytes", None)
         for name, free in (("this CPU", None), ("H100, 79 GiB free", 79), ("24 GiB GPU, 23 GiB free", 23)):
-            if budget is None:
-                cache = machines.DEFAULT_CACHE_BYTES
-            elif free is None:
-                cache = budget(torch.device("cpu"))
+            if free is None:
+                cache = key_cache_bytes(torch.device("cpu"))
             else:
                 torch.cuda.mem_get_info = lambda device, f=free: (int(f * 2**30), 0)
                 torch.cuda.memory_reserved = torch.cuda.memory_allocated = lambda device: 0
-                cache = budget(torch.device("cuda"))
+                cache = key_cache_bytes(torch.device("cuda"))
             print(f"  {name}: key cache {cache / 1e9:.1f} GB -> {'cached' if need <= cache else 'gathered every call'}")
 
 

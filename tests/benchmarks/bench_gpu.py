@@ -90,9 +90,9 @@ def build_machines_once():
     """prepare() builds each ELS machine afresh for every run, and the machine builds its keys on first use.
     Within this script the same settings give the same machine, so keep each one (per kind, device, data
     size and settings) with its cached keys: the warm-up pays for building, the timed rows do not."""
-    import edtool.els.machine as machines
+    import edtool.els.factory as factory
 
-    built, build = {}, machines.build_machine
+    built, build = {}, factory.build_machine
 
     def build_once(kind, images, labels=None, **kw):
         key = (kind, str(images.device), tuple(images.shape), repr(sorted(kw.items())))
@@ -100,7 +100,7 @@ def build_machines_once():
             built[key] = build(kind, images, labels, **kw)
         return built[key]
 
-    machines.build_machine = build_once
+    factory.build_machine = build_once
 
 
 def study(device: str, run_dir: Path, args, models, realizations: int, nsteps: int, batch: int = 1, **extra):

@@ -48,7 +48,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_ceiling, next to this file
 
 from edtool.diffusion import add_noise
-from edtool.els.machine import candidates_per_step, candidate_cells, make_machine
+from edtool.els.engine import candidates_per_step
+from edtool.els.factory import make_machine
+from edtool.els.windows import candidate_cells
 
 
 def load_images(dataset: str, root) -> torch.Tensor:

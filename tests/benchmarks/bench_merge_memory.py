@@ -35,7 +35,7 @@ import time
 import torch
 
 from edtool.data import load_dataset
-from edtool.els.machine import make_machine
+from edtool.els.factory import make_machine
 
 
 def resident_gib() -> float:

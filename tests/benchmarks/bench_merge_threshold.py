@@ -3,7 +3,7 @@
 For one noised digit (t = 0.5) and els-borders over 1,000 mnist5k images, times the first score
 call (for the merged engine it includes the one-off merge), a second score and a Jacobian, with the
 key cache on (merged) and off (every window gathered at every call, the engine before merging).
-edtool.els.machine.MERGE_MAX_ENTRIES (81: k <= 9 for grey images) is set from this table.
+edtool.els.merging.MERGE_MAX_ENTRIES (81: k <= 9 for grey images) is set from this table.
 
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_merge_threshold.py 7 9 11
 
@@ -26,10 +26,11 @@ import torch
 from edtool.data import load_dataset
 from edtool.diffusion import add_noise
 import edtool.els.machine as machines
+from edtool.els.factory import make_machine
 
 
 def main(ks):
-    machines.MERGE_MAX_ENTRIES = 10**9  # merge at every k, also where the engine would not: that is timed
+    machines.MERGE_MAX_ENTRIES = 10**9  # LocalMachine merges at every k, also where it would not: that is timed
     imgs = load_dataset("mnist5k")[0][:1000]
     torch.manual_seed(0)
     t = torch.tensor([0.5])
@@ -37,7 +38,7 @@ def main(ks):
     for k in ks:
         row = [f"k={k}"]
         for cache in (0, 4 * 2**30):
-            m = machines.make_machine("els-borders", imgs, None, patch_size=k, cache_bytes=cache)
+            m = make_machine("els-borders", imgs, None, patch_size=k, cache_bytes=cache)
             t0 = time.perf_counter()
             m.score(t, x)
             first = time.perf_counter() - t0
