@@ -283,7 +283,7 @@ def _measure_safely(job: _ComputeJob, name: str, batch: RealizationBatch, points
 
 def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     """Fill the run store for cfg, resuming where it stopped; returns a summary dict. On CUDA the numbers
-    are made under edtool.study.device.cuda_numerics (no TF32 unless cfg.tf32, deterministic kernels)."""
+    are made under edtool.device.cuda_numerics (no TF32 unless cfg.tf32, deterministic kernels)."""
     cfg.validate()
     memory_budget(torch.device("cpu"))  # a bad EDTOOL_MAX_MEMORY is refused before anything is written
     dist_shard = distributed_shard(cfg)  # (rank, world) under torchrun/srun, else None
@@ -295,13 +295,33 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
 
 
 def _compute(cfg: ComputeConfig, reporter: Reporter, dist_shard: Optional[tuple]) -> dict:
-    from edtool.store.status import record_shard
     from edtool.store.locks import run_lock, shard_realizations
-    from edtool.store.run import create_run
-    from edtool.store.runstore import describe_cells
 
     shard = dist_shard or cfg.shard
     location = run_location(cfg.run_dir, name=cfg.run or default_run_name(cfg))
+    prepared = _prepare(cfg, reporter)
+    mine = shard_realizations(cfg.realizations, shard)
+    # the lock comes first: --overwrite must not delete a run that a live process is filling
+    with run_lock(location, shard=shard):
+        run = _open_store(cfg, prepared, location, shard, dist_shard)
+        changed = platform_note(run.config.get("platform"), prepared.config["platform"])
+        if changed:  # a resumed run, or a shard, on another GPU or torch: say what that means for its bits
+            reporter.note(changed)
+        job = _ComputeJob(prepared, run, reporter)
+        started = time.perf_counter()
+        pending, redo = _pending_cells(job, mine)
+        _compute_rows(job, sorted({r for r, _ in pending}), redo)
+    if dist_shard is not None:
+        barrier()  # waits as long as the other ranks compute (a resumed rank may have nothing left)
+    total = time.perf_counter() - started
+    warned = [rtol_warning(prepared.rtol_missed, cfg.rtol)] if prepared.rtol_missed else []
+    return {"location": location, "progress": run.progress(), "failures": job.failures, "warnings": warned,
+            "timings": {**job.timer.seconds, "total": total}, "notes": prepared.notes, "shard": shard}
+
+
+def _prepare(cfg: ComputeConfig, reporter: Reporter) -> PreparedRun:
+    """prepare(cfg), with out of memory while loading said in one line, its notes passed on, and the ELS
+    kernels built or loaded (for machines on the CPU) where their one warning reaches the user, not in a cell."""
     try:
         prepared = prepare(cfg)
     except (RuntimeError, MemoryError) as err:  # a model or the data does not fit on the device
@@ -313,65 +333,73 @@ def _compute(cfg: ComputeConfig, reporter: Reporter, dist_shard: Optional[tuple]
     if prepared.device.type == "cpu" and any(name in MACHINE_NAMES for name in cfg.models):
         from edtool.els.kernel import kernels
 
-        kernels()  # built or loaded here, where its one warning (no compiler, ...) reaches the user, not in a cell
+        kernels()
+    return prepared
 
-    names = list(cfg.models)
-    create = dict(config=prepared.config, models=names, seeds=prepared.seeds, labels=prepared.labels,
+
+def _open_store(cfg: ComputeConfig, prepared: PreparedRun, location: str, shard, dist_shard: Optional[tuple]):
+    """The run store at `location`, created or reopened (create_run refuses other settings). Under torchrun
+    rank 0 creates it first; the shard this process fills is recorded."""
+    from edtool.store.run import create_run
+    from edtool.store.status import record_shard
+
+    create = dict(config=prepared.config, models=list(cfg.models), seeds=prepared.seeds, labels=prepared.labels,
                   nsteps=cfg.nsteps, image_shape=prepared.image_shape, maps=cfg.maps,
                   times=prepared.grid.step_times.tolist(),  # the grid this run measures on, recorded as `time`
                   extra_arrays=list(extra_array_dims(prepared.config)),
                   radius=(prepared.config.get("locality") or {}).get("radius"))
-    mine = shard_realizations(cfg.realizations, shard)
-    # the lock comes first: --overwrite must not delete a run that a live process is filling
-    with run_lock(location, shard=shard):
-        if dist_shard is not None and dist_shard[0] != 0:
-            barrier()  # rank 0 creates the store first
-            run = create_run(location, **create)
-        else:
-            try:
-                run = create_run(location, overwrite=cfg.overwrite, **create)
-            finally:  # on a refusal the other ranks meet it themselves rather than wait forever
-                if dist_shard is not None:
-                    barrier()
-        record_shard(location, shard)
-        changed = platform_note(run.config.get("platform"), prepared.config["platform"])
-        if changed:  # a resumed run, or a shard, on another GPU or torch: say what that means for its bits
-            reporter.note(changed)
-        job = _ComputeJob(prepared, run, reporter)
-        started = time.perf_counter()
-        damaged = run.reset_damaged(mine)  # done cells whose chunks are missing or corrupt: computed again
-        if damaged:
-            reporter.note(f"recomputing {len(damaged)} damaged cell(s): {describe_cells(run, damaged)}")
-        pending = run.pending(mine)
-        redo = _failed_cells(run, mine) if cfg.retry_failed else []
-        if redo:
-            reporter.note(f"retrying {len(redo)} finished cell(s) that hold NaN")
-            pending = sorted(set(pending) | set(redo))
-        steps = {name: cfg.nsteps * sum(1 for _, m in pending if m == i) for i, name in enumerate(names)}
-        reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names, steps)
-        todo, batch = sorted({r for r, _ in pending}), cfg.batch
-        while todo:
-            rows = todo[:batch]
-            try:
-                _compute_batch(job, rows, redo)
-            except (_OutOfMemory, RuntimeError, MemoryError) as err:  # also outside the per-cell guard: the
-                # initial noises, a shared path. Cells finished before it are stored; the rest is retried in halves
-                if not isinstance(err, _OutOfMemory) and not is_out_of_memory(err):
-                    raise
-                if len(rows) == 1:
-                    raise _out_of_memory_error(f"computing realization {rows[0]} on {prepared.device}", err) from err
-                if prepared.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                batch = max(1, len(rows) // 2)
-                reporter.note(f"out of memory with {len(rows)} realizations per batch: lowering --batch to {batch}")
-                continue
-            todo = todo[len(rows):]
-    if dist_shard is not None:
-        barrier()  # waits as long as the other ranks compute (a resumed rank may have nothing left)
-    total = time.perf_counter() - started
-    warned = [rtol_warning(prepared.rtol_missed, cfg.rtol)] if prepared.rtol_missed else []
-    return {"location": location, "progress": run.progress(), "failures": job.failures, "warnings": warned,
-            "timings": {**job.timer.seconds, "total": total}, "notes": prepared.notes, "shard": shard}
+    if dist_shard is not None and dist_shard[0] != 0:
+        barrier()  # rank 0 creates the store first
+        run = create_run(location, **create)
+    else:
+        try:
+            run = create_run(location, overwrite=cfg.overwrite, **create)
+        finally:  # on a refusal the other ranks meet it themselves rather than wait forever
+            if dist_shard is not None:
+                barrier()
+    record_shard(location, shard)
+    return run
+
+
+def _pending_cells(job: _ComputeJob, mine: List[int]) -> tuple:
+    """(pending cells, cells to redo) among this process's realizations `mine`: unfinished ones, damaged done
+    ones (reset, so computed again) and, with --retry-failed, finished ones holding NaN; the reporter is
+    told the totals."""
+    from edtool.store.runstore import describe_cells
+
+    cfg, run, reporter, names = job.prepared.cfg, job.run, job.reporter, list(job.prepared.cfg.models)
+    damaged = run.reset_damaged(mine)  # done cells whose chunks are missing or corrupt: computed again
+    if damaged:
+        reporter.note(f"recomputing {len(damaged)} damaged cell(s): {describe_cells(run, damaged)}")
+    pending = run.pending(mine)
+    redo = _failed_cells(run, mine) if cfg.retry_failed else []
+    if redo:
+        reporter.note(f"retrying {len(redo)} finished cell(s) that hold NaN")
+        pending = sorted(set(pending) | set(redo))
+    steps = {name: cfg.nsteps * sum(1 for _, m in pending if m == i) for i, name in enumerate(names)}
+    reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names, steps)
+    return pending, redo
+
+
+def _compute_rows(job: _ComputeJob, todo: List[int], redo: list):
+    """Compute the realizations `todo`, --batch at a time; out of memory halves the batch and retries."""
+    device, batch = job.prepared.device, job.prepared.cfg.batch
+    while todo:
+        rows = todo[:batch]
+        try:
+            _compute_batch(job, rows, redo)
+        except (_OutOfMemory, RuntimeError, MemoryError) as err:  # also outside the per-cell guard: the
+            # initial noises, a shared path. Cells finished before it are stored; the rest is retried in halves
+            if not isinstance(err, _OutOfMemory) and not is_out_of_memory(err):
+                raise
+            if len(rows) == 1:
+                raise _out_of_memory_error(f"computing realization {rows[0]} on {device}", err) from err
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch = max(1, len(rows) // 2)
+            job.reporter.note(f"out of memory with {len(rows)} realizations per batch: lowering --batch to {batch}")
+            continue
+        todo = todo[len(rows):]
 
 
 def rtol_warning(missed: list, rtol: float) -> str:
