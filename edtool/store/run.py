@@ -24,7 +24,6 @@ concerns have their own modules: layout (the arrays), runstore (RunStore: cells,
 
 import json
 import os
-import re
 import shutil
 import warnings
 from typing import Optional, Sequence
@@ -224,8 +223,6 @@ def _stored_settings(run: RunStore) -> dict:
 
 
 PROCESS_ONLY = ("device", "platform")  # config entries recorded but not required to match on resume
-# recorded since issue 12: a run made before has no such entry, and resumes (its estimator was `auto`)
-RECORDED_LATER = re.compile(r"models\.[^.]+\.estimator")
 
 
 def _require_same(location, old: dict, new: dict):

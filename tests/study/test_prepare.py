@@ -63,3 +63,21 @@ def test_a_machine_run_imports_the_els_engine_where_it_builds_the_machine(tmp_pa
         assert prepared.config["models"]["is"]["machine"] == "is"
     """)
     assert set(ELS_MODULES) <= set(loaded), loaded
+
+
+def test_extra_arrays_follow_the_settings_and_are_the_results_compute_copies():
+    """extra_array_dims picks the store layout's arrays by the settings a run records, and every per-cell array
+    name is a field of the result compute copies it from (ed: EDResult; locality, alignment: their results),
+    so a name is written once, in edtool.store.layout."""
+    from dataclasses import fields
+
+    from edtool.jacobian.ed import EDResult
+    from edtool.jacobian.locality import AlignmentResult, LocalityResult
+    from edtool.store.layout import ALIGN_ARRAYS, LOCALITY_ARRAYS, POINT_ARRAYS, STEP_ARRAYS
+    from edtool.study.prepare import extra_array_dims
+
+    assert extra_array_dims({}) == {}
+    assert extra_array_dims({"locality": {"radius": 3}}) == LOCALITY_ARRAYS
+    assert extra_array_dims({"align": {"reference": "unet"}, "save_points": True}) == {**ALIGN_ARRAYS, **POINT_ARRAYS}
+    for names, result in ((STEP_ARRAYS, EDResult), (LOCALITY_ARRAYS, LocalityResult), (ALIGN_ARRAYS, AlignmentResult)):
+        assert set(names) <= {f.name for f in fields(result)}, result
