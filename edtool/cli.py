@@ -20,6 +20,7 @@ from edtool.config import ComputeConfig
 from edtool.console import (print_aggregate, print_results_table, print_status, print_verify, print_warnings,
                             reporter, run_command_line, run_compute)
 from edtool.errors import EdtoolError
+from edtool.store.location import run_location
 from edtool.store.urls import check_location
 
 app = typer.Typer(
@@ -181,18 +182,11 @@ def aggregate(
 
 
 def _resolve_run(run: str) -> str:
-    """A run given as a path/URL, or as a name under cache/."""
-    from edtool.paths import cache_dir
-
+    """The run a reading command was given (a path/URL, or a name under cache/), refused early when its
+    location can never hold a run (edtool.store.urls.check_location)."""
     _refuse_memory_url(run)
     check_location(run, writing=False)
-    if "://" in run or Path(run).exists():
-        return run
-    candidate = cache_dir() / run
-    if candidate.exists():
-        return str(candidate)
-    raise EdtoolError(f"no run {run!r} (neither a directory nor a name under {cache_dir()}); "
-                      "`edtool status` lists runs")
+    return run_location(run, existing=True)
 
 
 @app.command()

@@ -101,7 +101,7 @@ def train(
     from edtool.data import load_dataset
     from edtool.paths import cache_dir, local_checkpoints_dir
     from edtool.networks.train import default_name, train as run_training, work_dir_name
-    from edtool.study.prepare import resolve_device
+    from edtool.device import resolve_device
 
     given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
     settings = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__}
@@ -207,7 +207,7 @@ def _network_and_data(cfg):
     first max_samples images, per class for a conditional network: the seed tool's ELS max_samples)."""
     from edtool.data import first_samples, load_dataset
     from edtool.networks import discovery
-    from edtool.study.prepare import resolve_device
+    from edtool.device import resolve_device
 
     dev = resolve_device(cfg.device)
     net = discovery.load(cfg.checkpoint, dataset=cfg.dataset, device=dev, note=print)
@@ -264,7 +264,7 @@ def calibrate(
     from edtool.networks.checkpoints import file_hash
     from edtool.els.schedule import write_scales_json
     from edtool.networks.discovery import local_scales_path
-    from edtool.study.device import cuda_numerics
+    from edtool.device import cuda_numerics
 
     command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
@@ -353,7 +353,7 @@ def sample(
     from edtool.els.calibrate import machine_kind
     from edtool.els.sample_folder import SETTINGS_NAME
     from edtool.els.sampling import sample as run_sample
-    from edtool.study.device import cuda_numerics
+    from edtool.device import cuda_numerics
     from edtool.networks.discovery import schedule_for
 
     cfg = settings_from(SampleConfig, ctx.params, machine=name_list(machine))

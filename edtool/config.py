@@ -20,6 +20,7 @@ NETWORKS = ("unet", "resnet")  # the architectures edtool trains and finds by na
 DATASETS = ("mnist5k", "mnist", "fashionmnist", "cifar10")  # --dataset, --held-out (edtool.data loads them)
 MACHINES = ("is", "ls", "els-circular", "els-borders")  # the score machines (edtool.els.factory)
 ALIASES = {"els": "els-borders"}  # `els` follows the networks' padding (resolve_machine_name)
+MACHINE_NAMES = tuple(ALIASES) + MACHINES  # every machine name --models accepts
 ESTIMATORS = ("auto", "exact", "hutchinson", "analytic")  # --estimator (edtool.jacobian.ed)
 POINT_SOURCES = ("trajectory", "noised-data")  # --points (edtool.study.points)
 LOCALITY_METHODS = ("auto", "exact", "probe")  # --locality-method (edtool.jacobian.locality)
@@ -190,7 +191,7 @@ def seed_range(seed: int, count: int, name: str = "seeds") -> range:
 
 def _model_names() -> tuple:
     """What --models accepts by name: the networks, and the machines (`els` follows the networks' padding)."""
-    return NETWORKS + tuple(ALIASES) + MACHINES
+    return NETWORKS + MACHINE_NAMES
 
 
 @dataclass
@@ -245,7 +246,7 @@ class ComputeConfig:
     def validate(self) -> "ComputeConfig":
         """Refuse bad settings before anything is loaded or written (EdtoolError naming the option)."""
 
-        known, machines = _model_names(), _model_names()[len(NETWORKS):]
+        known = _model_names()
         if self.dataset not in DATASETS:
             raise EdtoolError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         if not self.models:
@@ -265,7 +266,7 @@ class ComputeConfig:
         check_range("batch", self.batch)
         if self.estimator not in ESTIMATORS:
             raise EdtoolError(f"unknown --estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self.estimator == "analytic" and any(m not in machines for m in self.models):
+        if self.estimator == "analytic" and any(m not in MACHINE_NAMES for m in self.models):
             raise EdtoolError("--estimator analytic applies to the ELS machines only; use auto (closed form for "
                               "machines, Hutchinson or exact for networks)")
         check_range("probes", self.probes, " (the standard error needs a spread)")

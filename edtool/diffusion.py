@@ -5,7 +5,7 @@ signal power, so x_t = sqrt(alpha_bar) x_0 + sqrt(beta) eps.
 
 Two things every stage must agree on live here and nowhere else: the time grid (`TimeGrid`,
 built once per run and passed down, as k-diffusion passes `sigmas`) and what a realization's
-seed fixes (`realization_seeds`, `initial_noise(s)`, `drawn_labels`).
+seed fixes (`realization_seeds`, `initial_noise(s)`, `drawn_labels`, `seed_labels`).
 
     grid = TimeGrid(20)
     x_T = initial_noises(realization_seeds(0, 4), (1, 32, 32))
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
+
+from edtool.errors import EdtoolError
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # eps_hat(t (B,), x (B,C,H,W))
 
@@ -201,3 +203,24 @@ def drawn_labels(seeds: Sequence[int], n_classes: int) -> torch.Tensor:
     0..n_classes-1 with a generator seeded by the seed (a generator of its own, not x_T's). (len(seeds),) int64."""
     return torch.tensor([int(torch.randint(0, n_classes, (1,), generator=torch.Generator().manual_seed(int(s))))
                          for s in seeds], dtype=torch.int64)
+
+
+def seed_labels(seeds: Sequence[int], labels: Optional[torch.Tensor], label: Optional[int], conditional: bool,
+                n_classes: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Class label per seed for a conditional network (the given one, else one drawn from the seed,
+    drawn_labels); None for an unconditional one. compute, calibrate and sample all label this way. The classes are 0..n_classes-1
+    (from the network's manifest), else those of the training labels."""
+    if not conditional:
+        if label is not None:  # never a label recorded beside samples that did not use it
+            raise EdtoolError(f"--label {label}: the network is unconditional (it takes no class label); drop "
+                              "--label, or give a class-conditional checkpoint")
+        return None
+    if n_classes is None:
+        if labels is None:
+            raise EdtoolError("a conditional network needs the training labels or its number of classes")
+        n_classes = int(labels.max()) + 1
+    if label is not None:
+        if not 0 <= int(label) < n_classes:
+            raise EdtoolError(f"label {label} is not a class of the data (0..{n_classes - 1})")
+        return torch.full((len(seeds),), int(label), dtype=torch.int64)
+    return drawn_labels(seeds, n_classes)

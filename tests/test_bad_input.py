@@ -17,6 +17,7 @@ from edtool.els.factory import make_machine
 from edtool.networks.models import build_network
 from edtool.els.schedule import resampling_note, write_scales_json
 from edtool.store.run import open_run
+from edtool.study.prepare import prepare
 from test_pipeline import TINY, _tiny_networks, cli, config, tiny_checkpoints  # noqa: F401
 
 
@@ -133,14 +134,14 @@ def test_a_schedule_of_another_length_is_resampled_with_a_note(tmp_path):
     odd = resampling_note("els", [3] * 37, 2, "x.json")
     assert "(entries 19, 37 of 1..37); 37 is no multiple of 2" in odd and "calibrate with --nsteps 2" in odd
     path = write_scales_json(tmp_path / "s.json", [3] * 20)
-    study = pipeline.prepare(config(tmp_path / "r", models=["els"], scales=str(path), nsteps=10))
+    study = prepare(config(tmp_path / "r", models=["els"], scales=str(path), nsteps=10))
     assert any("has 20 entries for 10 steps" in n for n in study.notes)
     assert study.config["models"]["els"]["scales"] == [3] * 20  # the file as it is, recorded
     # a length that is no multiple of the steps would run the machine between its calibrated times:
     # refused in one line (issue 12), naming the lengths that would work
     path = write_scales_json(tmp_path / "odd.json", [3] * 37)
     with pytest.raises(EdtoolError, match=r"37 patch sizes.*--nsteps 2: use --nsteps 1, 37"):
-        pipeline.prepare(config(tmp_path / "r2", models=["els"], scales=str(path), nsteps=2))
+        prepare(config(tmp_path / "r2", models=["els"], scales=str(path), nsteps=2))
 
 
 def test_rtol_met_is_recorded_by_the_estimator():

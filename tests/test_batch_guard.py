@@ -7,7 +7,8 @@ import torch
 from edtool.errors import EdtoolError
 from edtool.memory import is_out_of_memory
 from edtool.study import compute as pipeline
-from edtool.study.compute import ComputeConfig, compute
+from edtool.config import ComputeConfig
+from edtool.study.compute import compute
 from edtool.store.run import open_run
 
 ARRAYS = ("ed_fro", "jac_fro", "asym", "ed_stderr", "final", "done", "seed", "label")

@@ -17,8 +17,7 @@ import torch
 
 from edtool import data
 from edtool.networks import checkpoints
-from edtool.els.calibrate import seed_labels
-from edtool.diffusion import ddim_sample, initial_noise
+from edtool.diffusion import ddim_sample, initial_noise, seed_labels
 from edtool.els.factory import make_machine
 from edtool.networks.models import build_network
 from edtool.store.run import open_run

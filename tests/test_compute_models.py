@@ -7,16 +7,17 @@ import torch
 
 from edtool.networks import checkpoints
 from edtool.study import compute as pipeline
-from edtool.els.calibrate import seed_labels
 from edtool.data import load_dataset
-from edtool.diffusion import ddim_sample, initial_noise, timesteps
+from edtool.diffusion import ddim_sample, initial_noise, seed_labels, timesteps
 from edtool.jacobian.ed import exterior_derivative
 from edtool.els.factory import make_machine
 from edtool.networks.models import build_network
 from edtool.study.compute import compute, probe_seed
 from edtool.els.schedule import write_scales_json
 from edtool.networks.discovery import scales_path
-from edtool.store.run import STEP_ARRAYS, open_run
+from edtool.store.layout import STEP_ARRAYS
+from edtool.store.run import open_run
+from edtool.study.prepare import prepare
 from test_pipeline import _tiny_networks, config, tiny_checkpoints  # noqa: F401  (fixtures)
 
 
@@ -100,16 +101,16 @@ def test_els_scales_flag_wins_and_without_scales_a_fixed_size_with_a_note(tmp_pa
     ckpt = _tiny(tmp_path / "net" / "tiny_resnet")
     beside = write_scales_json(scales_path(ckpt, "els-borders"), [3, 5])
     explicit = write_scales_json(tmp_path / "mine.json", [1, 1])
-    study = pipeline.prepare(config(None, models=["els"], resnet=str(ckpt), scales=str(explicit)))
+    study = prepare(config(None, models=["els"], resnet=str(ckpt), scales=str(explicit)))
     assert study.config["models"]["els"]["scales"] == [1, 1]
     assert study.config["models"]["els"]["scales_file"] == str(explicit)
-    study = pipeline.prepare(config(None, models=["els"], resnet=str(ckpt)))
+    study = prepare(config(None, models=["els"], resnet=str(ckpt)))
     assert study.config["models"]["els"]["scales_file"] == str(beside) and not study.notes
     assert study.models["els"].patch_sizes == [3, 5]
 
     monkeypatch.chdir(tmp_path)  # no ./checkpoints calibration here either
     bare = _tiny(tmp_path / "bare" / "tiny_resnet")
-    study = pipeline.prepare(config(None, models=["els"], resnet=str(bare), patch_size=3))
+    study = prepare(config(None, models=["els"], resnet=str(bare), patch_size=3))
     assert study.config["models"]["els"]["machine"] == "els-borders"
     assert study.config["models"]["els"]["patch_size"] == 3 and "scales" not in study.config["models"]["els"]
     assert study.notes == ["els: no calibrated scales found, using a fixed patch size 3 (run `edtool calibrate` "
@@ -118,7 +119,7 @@ def test_els_scales_flag_wins_and_without_scales_a_fixed_size_with_a_note(tmp_pa
 
 def test_circular_padding_makes_els_the_circular_machine(tmp_path, tiny_checkpoints):
     ckpt = _tiny(tmp_path / "tiny_resnet_circular", mode="circular")
-    study = pipeline.prepare(config(None, models=["resnet", "els"], resnet=str(ckpt), patch_size=3))
+    study = prepare(config(None, models=["resnet", "els"], resnet=str(ckpt), patch_size=3))
     assert study.config["models"]["els"]["machine"] == "els-circular"
     assert study.models["els"].name == "els-circular" and study.models["els"].padding == "circular"
 

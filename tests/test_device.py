@@ -1,4 +1,4 @@
-"""The device a process computes on and the CUDA settings it measures under (edtool.study.device), decided
+"""The device a process computes on and the CUDA settings it measures under (edtool.device), decided
 here on CPU: which GPU each torchrun/srun rank picks, the flags set for a CUDA device (applied for the
 run and restored after), and what a run records about the process that made it. What only a GPU can show
 (the flags' effect on the numbers) is tests/benchmarks/bench_gpu.py's."""
@@ -11,8 +11,7 @@ import torch
 from edtool.errors import EdtoolError
 from edtool.store.run import open_run
 from edtool.study import compute as pipeline
-from edtool.study.device import CUBLAS_WORKSPACE_CONFIG, cuda_index, cuda_numerics, cuda_settings
-from edtool.study.prepare import resolve_device
+from edtool.device import CUBLAS_WORKSPACE_CONFIG, cuda_index, cuda_numerics, cuda_settings, resolve_device
 from test_pipeline import _tiny_networks, cli, config, tiny_checkpoints  # noqa: F401
 
 

@@ -21,13 +21,13 @@ import torch
 from edtool import data
 from edtool.networks import checkpoints
 from edtool.networks import discovery
-from edtool.els.calibrate import seed_labels
-from edtool.diffusion import ddim_sample, initial_noise
+from edtool.diffusion import ddim_sample, initial_noise, seed_labels
 from edtool.errors import EdtoolError
 from edtool.els.factory import make_machine
 from edtool.networks.paper_import import import_checkpoint
 from edtool.paths import search_dirs, shipped_dir
-from edtool.study.compute import ComputeConfig, compute
+from edtool.config import ComputeConfig
+from edtool.study.compute import compute
 from edtool.store.run import open_run
 from test_checkpoints import DDIM, MinimalResNet, MinimalUNet, _RunsCode, save_paper
 from test_data import small_mnist, write_idx_root

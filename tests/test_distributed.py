@@ -15,7 +15,8 @@ from edtool.study.aggregate import aggregate_run
 from edtool.errors import EdtoolError
 from edtool.study.compute import compute
 from edtool.study.plots import plot_run
-from edtool.store.run import lock_holders, open_run
+from edtool.store.locks import lock_holders
+from edtool.store.run import open_run
 from test_pipeline import (PNG, REPO, _tiny_networks, assert_same_arrays, cli, config, snapshot,  # noqa: F401
                            subprocess_env, tiny_checkpoints, wait_for_done_cell)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edtool.diffusion import (TimeGrid, as_grid, ddim_sample, drawn_labels, initial_noise, initial_noises,
-                              realization_seeds, timesteps)
+                              realization_seeds, seed_labels, timesteps)
 from edtool.els import calibrate as calib
 from edtool.els import schedule
 from edtool.els.factory import make_machine
@@ -89,7 +89,7 @@ def test_a_compute_run_records_the_grid_it_ran_and_every_stage_starts_from_the_s
     measure = pipeline.measure
 
     def spy(job, name, batch, points=None):
-        seen.setdefault("compute", {}).update({job.study.seeds[r]: batch.x_T[i] for i, r in enumerate(batch.rows)})
+        seen.setdefault("compute", {}).update({job.prepared.seeds[r]: batch.x_T[i] for i, r in enumerate(batch.rows)})
         return measure(job, name, batch, points)
 
     monkeypatch.setattr(pipeline, "measure", spy)
@@ -175,8 +175,6 @@ def test_seeds_noises_and_labels_have_one_home_and_their_old_numbers():
     for i, s in enumerate((3, 8)):  # each seed's x_T alone, whatever it is stacked with
         assert torch.equal(x[i], torch.randn((1, 1, 4, 4), generator=torch.Generator().manual_seed(s))[0])
         assert torch.equal(x[i], initial_noise(s, (1, 1, 4, 4))[0])
-    from edtool.els.calibrate import seed_labels
-
     assert torch.equal(seed_labels([0, 1, 2], None, None, True, n_classes=10), drawn_labels([0, 1, 2], 10))
     assert seed_labels([0, 1], None, 4, True, n_classes=10).tolist() == [4, 4]  # a given label wins
     # the training figure's grid: one draw of n noises from seed + 1, as before

@@ -23,7 +23,8 @@ def test_probes_1_is_a_usage_error_before_any_work(tmp_path):
 
 
 def test_library_refuses_probes_1_before_writing(tmp_path):
-    from edtool.study.compute import ComputeConfig, compute
+    from edtool.config import ComputeConfig
+    from edtool.study.compute import compute
 
     with pytest.raises(EdtoolError, match=r"--probes must be at least 2"):
         compute(ComputeConfig(run_dir=str(tmp_path / "run"), models=["els"], probes=1))
@@ -44,17 +45,17 @@ def test_per_cell_guard_lets_input_errors_through(monkeypatch):
     def numeric(*a, **k):
         raise FloatingPointError("overflow")
 
-    class Study:
+    class Prepared:
         pass
 
     monkeypatch.setattr(study, "measure", numeric)
-    monkeypatch.setattr(study.Cell, "nan", staticmethod(lambda n, s: "nan-cell"))
+    monkeypatch.setattr(study.Measurements, "nan", staticmethod(lambda n, s: "nan-cell"))
 
-    class Batch:
+    class RealizationBatch:
         rows = [0]
 
     with pytest.warns(UserWarning, match="FloatingPointError: overflow -> stored as NaN"):
-        cell, message = study._measure_safely(type("Job", (), {"study": Study()})(), "unet", Batch())
+        cell, message = study._measure_safely(type("Job", (), {"prepared": Prepared()})(), "unet", RealizationBatch())
     assert cell == "nan-cell" and "FloatingPointError" in message
 
 
@@ -70,7 +71,7 @@ def test_one_defaults_table():
     from edtool import cli
     from edtool.els import calibrate, factory, sampling
     from edtool.jacobian import ed, locality
-    from edtool.study.compute import ComputeConfig
+    from edtool.config import ComputeConfig
 
     assert (config.NSTEPS, config.PROBES, config.PATCH_SIZE, config.MIN_PROBES) == (20, 16, 5, 2)
     assert ComputeConfig().nsteps == config.NSTEPS and ComputeConfig().probes == config.PROBES

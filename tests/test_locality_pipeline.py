@@ -9,9 +9,11 @@ from edtool.study.aggregate import aggregate_run
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.jacobian.ed import exterior_derivative
 from edtool.jacobian.locality import FieldJacobian, alignment, jacobian_operator, locality
-from edtool.study.compute import compute, prepare
+from edtool.study.compute import compute
+from edtool.study.prepare import prepare
 from edtool.study.plots import plot_run
-from edtool.store.run import open_run, store_url
+from edtool.store.location import store_url
+from edtool.store.run import open_run
 from test_pipeline import PNG, _tiny_networks, cli, config, snapshot, tiny_checkpoints  # noqa: F401
 
 WHOLE = ("loc_jac", "loc_ed", "loc_jac_stderr", "loc_ed_stderr", "r90_jac", "r90_ed",
@@ -142,12 +144,13 @@ def test_align_implies_a_shared_trajectory(tmp_path, capsys, monkeypatch):
 def test_config_records_each_machine_patch_half_width_per_step():
     """The r90 figure's step line: (k - 1)/2 of the machine's own patch size at every stored step."""
     from edtool.els.factory import make_machine
-    from edtool.study.compute import ComputeConfig, jacobian_whole_config
+    from edtool.config import ComputeConfig
+    from edtool.study.prepare import locality_alignment_config
 
     images = torch.zeros(2, 1, 8, 8)
     fields = {"els": make_machine("els-borders", images, scales=[3, 7]), "is": make_machine("is", images)}
     cfg = ComputeConfig(nsteps=4, locality=True, models=["els", "is"])
-    out = jacobian_whole_config(cfg, (1, 8, 8), fields)
+    out = locality_alignment_config(cfg, (1, 8, 8), fields)
     # times 1, 0.75, 0.5, 0.25: entry 1 (k = 7) for t > 0.5, entry 0 (k = 3) for t <= 0.5
     assert out["locality"] == {"radius": 4, "method": "auto", "pixels": 64, "patch_half_width": {"els": [3, 3, 1, 1]}}
-    assert jacobian_whole_config(ComputeConfig(nsteps=4), (1, 8, 8), fields) == {}  # off: the config is as before
+    assert locality_alignment_config(ComputeConfig(nsteps=4), (1, 8, 8), fields) == {}  # off: the config is as before

@@ -19,7 +19,8 @@ from edtool.diffusion import initial_noise
 from edtool.errors import EdtoolError
 from edtool.study.compute import compute
 from edtool.study.points import held_out_indices
-from edtool.store.run import RunStore, open_run
+from edtool.store.run import open_run
+from edtool.store.runstore import RunStore
 from test_data import bilinear_numpy, small_mnist, write_idx_root
 from test_pipeline import _tiny_networks, assert_same_arrays, cli, config, snapshot, tiny_checkpoints  # noqa: F401
 

@@ -26,8 +26,12 @@ from edtool.study import compute as pipeline
 from edtool.cli import main
 from edtool.errors import EdtoolError
 from edtool.networks.models import build_network
-from edtool.study.compute import ComputeConfig, compute
-from edtool.store.run import STEP_ARRAYS, lock_holders, open_run, run_lock, store_url
+from edtool.config import ComputeConfig
+from edtool.study.compute import compute
+from edtool.store.layout import STEP_ARRAYS
+from edtool.store.location import store_url
+from edtool.store.locks import lock_holders, run_lock
+from edtool.store.run import open_run
 
 REPO = Path(__file__).resolve().parent.parent
 ARRAYS = ("time", "seed", "label", *STEP_ARRAYS, "done", "final")

@@ -26,8 +26,11 @@ from edtool.study.aggregate import aggregate_run
 from edtool.errors import EdtoolError
 from edtool.study.compute import compute
 from edtool.study.plots import plot_run
-from edtool.store.run import (BrokenRunError, RunStore, access_lock, create_run, open_run,
-                          store_url)
+from edtool.store.layout import BrokenRunError
+from edtool.store.location import store_url
+from edtool.store.locks import access_lock
+from edtool.store.run import create_run, open_run
+from edtool.store.runstore import RunStore
 from edtool.store.status import run_status, verify_run
 from test_pipeline import (REPO, _tiny_networks, assert_same_arrays, cli, config, snapshot,  # noqa: F401
                            subprocess_env, tiny_checkpoints, wait_for_done_cell)

@@ -18,7 +18,8 @@ import zarr
 
 from edtool.errors import EdtoolError
 from edtool.networks import checkpoints
-from edtool.study.compute import ComputeConfig, compute
+from edtool.config import ComputeConfig
+from edtool.study.compute import compute
 from edtool.fileio import LEDGER
 from edtool.study.seed_files import AGGREGATED, SINGLE, export_seed_files, seed_results
 from edtool.store.run import create_run

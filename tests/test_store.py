@@ -15,8 +15,11 @@ import zarr
 
 import edtool
 from edtool.errors import EdtoolError
-from edtool.store.run import (RunStore, create_run, lock_holders, open_run, run_lock, shard_realizations,
-                          store_url, write_summary)
+from edtool.store.location import store_url
+from edtool.store.locks import lock_holders, run_lock, shard_realizations
+from edtool.store.ownership import write_summary
+from edtool.store.run import create_run, open_run
+from edtool.store.runstore import RunStore
 
 MODELS = ["unet", "els"]
 CONFIG = {"estimator": "exact", "nsteps": 5, "dataset": "mnist5k"}
@@ -309,7 +312,8 @@ def test_shard_realizations():
 
 SHARD_WORKER = """
 import sys, numpy as np
-from edtool.store.run import open_run, run_lock, shard_realizations
+from edtool.store.locks import run_lock, shard_realizations
+from edtool.store.run import open_run
 run_dir, i, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with run_lock(run_dir, (i, k)):
     run = open_run(run_dir, mode="r+")

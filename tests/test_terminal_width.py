@@ -8,7 +8,8 @@ import pytest
 import typer
 
 from edtool.cli import app
-from edtool.study.compute import ComputeConfig, compute
+from edtool.config import ComputeConfig
+from edtool.study.compute import compute
 from test_cli import edtool
 
 WIDTH = {"COLUMNS": "80"}

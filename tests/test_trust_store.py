@@ -104,7 +104,7 @@ def test_a_lock_file_edtool_never_writes_is_stale(tmp_path, is_run):
     status lists the run and compute takes the lock over (a warning says so) and finishes."""
     import socket
 
-    from edtool.store.run import run_lock
+    from edtool.store.locks import run_lock
 
     for content in ("[1, 2]", '"text"', '{"pid": 1.5, "host": "h"}', '{"host": "h"}'):
         (tmp_path / "api").mkdir(exist_ok=True)

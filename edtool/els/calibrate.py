@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from edtool.config import METRICS, NSTEPS, check_sizes
-from edtool.diffusion import TimeGrid, as_grid, ddim_sample, drawn_labels, eps_to_score, initial_noises
+from edtool.diffusion import TimeGrid, as_grid, ddim_sample, eps_to_score, initial_noises, seed_labels
 from edtool.els.factory import make_machine, resolve_machine_name
 from edtool.els.schedule import check_fits
 from edtool.errors import EdtoolError
@@ -64,27 +64,6 @@ def check_seeds(seeds) -> list:
     if len(set(seeds)) != len(seeds):
         raise EdtoolError("seeds must be distinct")
     return seeds
-
-
-def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[int], conditional: bool,
-                n_classes: Optional[int] = None):
-    """Class label per seed for a conditional network (the given one, else one drawn from the seed
-    like `edtool compute` does); None for an unconditional one. The classes are 0..n_classes-1
-    (from the network's manifest), else those of the training labels."""
-    if not conditional:
-        if label is not None:  # never a label recorded beside samples that did not use it
-            raise EdtoolError(f"--label {label}: the network is unconditional (it takes no class label); drop "
-                              "--label, or give a class-conditional checkpoint")
-        return None
-    if n_classes is None:
-        if labels is None:
-            raise EdtoolError("a conditional network needs the training labels or its number of classes")
-        n_classes = int(labels.max()) + 1
-    if label is not None:
-        if not 0 <= int(label) < n_classes:
-            raise EdtoolError(f"label {label} is not a class of the data (0..{n_classes - 1})")
-        return torch.full((len(seeds),), int(label), dtype=torch.int64)
-    return drawn_labels(seeds, n_classes)
 
 
 def num_classes(network) -> Optional[int]:

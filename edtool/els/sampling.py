@@ -19,10 +19,9 @@ import torch
 from torch import Tensor
 
 from edtool.config import LAYOUTS, NSTEPS, PATCH_SIZE, check_patch_size
-from edtool.diffusion import TimeGrid, as_grid, ddim_sample, initial_noises
+from edtool.diffusion import TimeGrid, as_grid, ddim_sample, initial_noises, seed_labels
 from edtool.els.agreement import AGREEMENT_DEFINITIONS, agreement_stats, pearson_r
-from edtool.els.calibrate import batches, check_images, check_seeds, machine_kind, network_trajectory, num_classes, \
-    seed_labels
+from edtool.els.calibrate import batches, check_images, check_seeds, machine_kind, network_trajectory, num_classes
 from edtool.els.factory import build_machine
 from edtool.els.sample_folder import SETTINGS_NAME, SUMMARY_NAME, claim_sample_dir, content_digest, output_dir_name, \
     save_each, save_samples_grid

@@ -8,7 +8,6 @@ from typing import Optional
 import numpy as np
 import zarr
 
-from edtool.config import MAX_REALIZATIONS  # noqa: F401 (importable from here too)
 from edtool.errors import EdtoolError
 from edtool.store.integrity import DIGEST_ARRAY
 

@@ -24,7 +24,6 @@ concerns have their own modules: layout (the arrays), runstore (RunStore: cells,
 
 import json
 import os
-import re
 import shutil
 import warnings
 from typing import Optional, Sequence
@@ -37,24 +36,12 @@ from edtool.errors import EdtoolError
 from edtool.fileio import read_ledger, record_entry
 from edtool.store.integrity import DIGEST_ARRAY, INTEGRITY_ATTR, array_digest, make_record
 from edtool.store.leftovers import clean_leftovers, leftover_name
-from edtool.store.layout import (CELL_ARRAYS, EXTRA_ARRAYS, MAX_REALIZATIONS, SCHEMA_VERSION, BrokenRunError,
-                                 consolidate, new_array)
+from edtool.config import MAX_REALIZATIONS
+from edtool.store.layout import CELL_ARRAYS, EXTRA_ARRAYS, SCHEMA_VERSION, BrokenRunError, consolidate, new_array
 from edtool.store.location import STORE_NAME, local_dir, make_dir, run_location, store_url
 from edtool.store.locks import access_lock
 from edtool.store.ownership import STORE_ENTRY, check_deletable, delete_run
-from edtool.store.runstore import RunStore, describe_fixed
-
-# edtool.store.run was once the whole store: the names callers import from it stay importable here
-# (their homes: layout, location, locks, ownership, runstore).
-from edtool.store.layout import ALIGN_ARRAYS, LOCALITY_ARRAYS, POINT_ARRAYS, STEP_ARRAYS
-from edtool.store.locks import lock_holders, run_lock, shard_realizations
-from edtool.store.ownership import write_summary
-from edtool.store.runstore import describe_cells, require_whole
-
-__all__ = ["create_run", "open_run", "open_finished", "RunStore", "BrokenRunError", "CELL_ARRAYS", "EXTRA_ARRAYS",
-           "STEP_ARRAYS", "LOCALITY_ARRAYS", "ALIGN_ARRAYS", "POINT_ARRAYS", "MAX_REALIZATIONS", "STORE_NAME",
-           "consolidate", "new_array", "local_dir", "store_url", "access_lock", "lock_holders", "run_lock",
-           "shard_realizations", "write_summary", "describe_cells", "describe_fixed", "require_whole"]
+from edtool.store.runstore import RunStore, describe_fixed, require_whole
 
 
 def open_finished(run, what: str) -> "RunStore":
@@ -236,8 +223,6 @@ def _stored_settings(run: RunStore) -> dict:
 
 
 PROCESS_ONLY = ("device", "platform")  # config entries recorded but not required to match on resume
-# recorded since issue 12: a run made before has no such entry, and resumes (its estimator was `auto`)
-RECORDED_LATER = re.compile(r"models\.[^.]+\.estimator")
 
 
 def _require_same(location, old: dict, new: dict):

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from edtool import __version__
-from edtool.config import ALIASES, MACHINES
+from edtool.config import MACHINE_NAMES
 from edtool.diffusion import beta
 from edtool.store.integrity import AGGREGATE_DIGESTS, array_digest
-from edtool.store.layout import consolidate, new_array
+from edtool.store.layout import ALIGN_ARRAYS, EXTRA_ARRAYS, LOCALITY_ARRAYS, consolidate, new_array
 from edtool.store.location import local_dir
 from edtool.store.locks import access_lock
 from edtool.store.ownership import write_summary
@@ -73,9 +73,10 @@ DEFINITIONS = {
                  "same (shared-trajectory) point: 1 = the same linearization up to scale",
     "align_ed": "the same cosine between the antisymmetric parts; NaN where one is zero (a gradient field)",
 }
-# SPEC 12 arrays aggregated when a run has them: (realization, model, step[, radius]) -> (model, step[, radius])
-WHOLE_QUANTITIES = ("loc_jac", "loc_ed", "r90_jac", "r90_ed", "align_jac", "align_ed")
-WHOLE_STATS = ("mean", "std", "median", "q05", "q95", "n")
+# The locality and alignment arrays (SPEC 12) aggregated when a run has them, their standard errors left out:
+# (realization, model, step[, radius]) -> (model, step[, radius])
+LOCALITY_ALIGN_QUANTITIES = tuple(q for q in (*LOCALITY_ARRAYS, *ALIGN_ARRAYS) if not q.endswith("_stderr"))
+LOCALITY_ALIGN_STATS = ("mean", "std", "median", "q05", "q95", "n")
 
 
 def aggregate_run(location, block: int = BLOCK) -> dict:
@@ -121,16 +122,16 @@ def compute_aggregate(run: RunStore, block: int = BLOCK) -> tuple:
                 arrays.setdefault(f"{q}_{stat}_timeavg", np.full(len(run.models), np.nan))
                 arrays[f"{q}_{stat}"][m] = _nanquantile(slab, p)
                 arrays[f"{q}_{stat}_timeavg"][m] = _nanquantile(cell_means[:, None], p)[0]
-    arrays.update(_whole_aggregate(run, done))
+    arrays.update(_locality_align_aggregate(run, done))
     summary = _summary(run, done, arrays, moments, failed)
     return arrays, summary
 
 
-def _whole_aggregate(run: RunStore, done: np.ndarray) -> dict:
+def _locality_align_aggregate(run: RunStore, done: np.ndarray) -> dict:
     """mean, std (ddof=1), median, q05, q95 and n over done realizations of each SPEC 12 array the run
     has, one model's (realization, step[, radius]) slab at a time; NaN values are left out."""
     arrays = {}
-    for q in WHOLE_QUANTITIES:
+    for q in LOCALITY_ALIGN_QUANTITIES:
         if q not in run.group:
             continue
         for m in range(len(run.models)):
@@ -246,7 +247,7 @@ def seed_field(name: str) -> str:
     """What the seed tool's ED is of for model `name`: "score" for the ELS-type machines (their backbone
     returns a score), "eps" for every network (a UNet's or ResNet's backbone returns its noise prediction).
     Built-in machine names cannot label another model (ComputeConfig reserves them)."""
-    return "score" if name in MACHINES or name in ALIASES else "eps"
+    return "score" if name in MACHINE_NAMES else "eps"
 
 
 def seed_factor(run: RunStore, name: str) -> np.ndarray:
@@ -278,6 +279,22 @@ def _seed_summary(run: RunStore, m: int, done: np.ndarray) -> dict:
             "max_ed_magnitude": _num(mean[ok].max())}
 
 
+def _locality_align_summary(arrays: dict, m: int) -> tuple:
+    """Model m's locality and alignment statistics for summary_stats.json: per step (loc_*: per step and
+    radius) and, for those with one value per step (r90_*, align_*), the mean over all their values."""
+    per_step, overall = {}, {}
+    for q in LOCALITY_ALIGN_QUANTITIES:
+        if f"{q}_mean" not in arrays:
+            continue
+        for stat in ("mean", "std", "median"):
+            per_step[f"{q}_{stat}"] = _nested(arrays[f"{q}_{stat}"][m])
+        per_step[f"{q}_n"] = np.asarray(arrays[f"{q}_n"][m]).tolist()
+        if EXTRA_ARRAYS[q] == ("step",):
+            n, mean = arrays[f"{q}_n"][m], arrays[f"{q}_mean"][m]
+            overall[f"mean_{q}"] = _num(np.nansum(np.where(n > 0, mean * n, 0)) / n.sum()) if n.sum() else None
+    return per_step, overall
+
+
 def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
     """summary_stats.json: the seed tool's keys per model, plus ours and the run-level facts."""
     def overall(q, m):
@@ -295,21 +312,8 @@ def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
                 per_step[f"{q}_{stat}"] = [_num(v) for v in arrays[f"{q}_{stat}"][m]]
         for k in ("nasym_mean", "nasym_ratio_of_means"):
             per_step[k] = [_num(v) for v in arrays[k][m]]
-        whole = {}
-        for q in WHOLE_QUANTITIES:
-            if f"{q}_mean" not in arrays:
-                continue
-            for stat in ("mean", "std", "median"):
-                whole[f"{q}_{stat}"] = _nested(arrays[f"{q}_{stat}"][m])
-            whole[f"{q}_n"] = np.asarray(arrays[f"{q}_n"][m]).tolist()
-        if whole:  # per step (loc_*: per step and radius)
-            per_step.update(whole)
-        overall_whole = {}
-        for q in ("r90_jac", "r90_ed", "align_jac", "align_ed"):
-            if f"{q}_mean" in arrays:
-                n, mean = arrays[f"{q}_n"][m], arrays[f"{q}_mean"][m]
-                overall_whole[f"mean_{q}"] = _num(np.nansum(np.where(n > 0, mean * n, 0)) / n.sum()) \
-                    if n.sum() else None
+        per_step_locality_align, overall_locality_align = _locality_align_summary(arrays, m)
+        per_step.update(per_step_locality_align)
         summary[name] = {**_seed_summary(run, m, done), "num_realizations": int(done[:, m].sum()),
                          "field": seed_field(name), "mean_ed_fro": ed_mean, "std_ed_fro": ed_std,
                          "max_ed_fro": _num(ed_max) if np.isfinite(ed_max) else None, "num_failed": int(failed[m]),
@@ -318,7 +322,7 @@ def _summary(run: RunStore, done, arrays, moments, failed) -> dict:
                          "mean_jac_fro": overall("jac_fro", m)[0],
                          "nasym_mean_of_ratios": _num(arrays["nasym_mean_overall"][m]),
                          "nasym_ratio_of_means": _num(arrays["nasym_ratio_of_means_overall"][m]),
-                         **overall_whole, "per_step": per_step}
+                         **overall_locality_align, "per_step": per_step}
     summary.update({"models": run.models, "estimator": run.config.get("estimator"),
                     "probes": run.config.get("probes"), "nsteps": run.nsteps,
                     "points": run.config.get("points", {"source": "trajectory"}),
@@ -380,7 +384,7 @@ def read_aggregate(run: RunStore):
     if group.attrs.get("cells_done") != int(run.done_mask().sum()):
         return None
     names = [f"{q}_{s}{suffix}" for q in QUANTITIES for s in STATS for suffix in ("", "_timeavg")]
-    names += [f"{q}_{s}" for q in WHOLE_QUANTITIES if q in run.group for s in WHOLE_STATS]
+    names += [f"{q}_{s}" for q in LOCALITY_ALIGN_QUANTITIES if q in run.group for s in LOCALITY_ALIGN_STATS]
     digests = group.attrs.get(AGGREGATE_DIGESTS)
     if not all(name in group for name in names) or (run.integrity and not isinstance(digests, dict)):
         return None

@@ -5,8 +5,7 @@ into the run store (SPEC 7, 8). Resumable: only cells whose `done` flag is unset
     summary = compute(cfg)          # -> dict with the run location, timings, failures
 
 Measuring a cell and the run loop live here; the settings (ComputeConfig) in edtool.config, loading in
-edtool.study.prepare, the process group of torchrun in edtool.study.distributed (their public names are
-importable from here too).
+edtool.study.prepare, the process group of torchrun in edtool.study.distributed.
 """
 
 import hashlib
@@ -19,14 +18,15 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from edtool.config import MACHINE_NAMES, ComputeConfig
+from edtool.device import cuda_numerics, platform_note, resolve_device
 from edtool.diffusion import TimeGrid, ddim_sample, initial_noises
 from edtool.errors import EdtoolError
 from edtool.memory import MEMORY_ENV, is_out_of_memory, memory_budget
-from edtool.study.device import cuda_numerics, platform_note
+from edtool.store.layout import ALIGN_ARRAYS, LOCALITY_ARRAYS, STEP_ARRAYS
+from edtool.store.location import run_location
 from edtool.study.distributed import barrier, distributed_shard, leave
-from edtool.study.prepare import (  # noqa: F401 (re-exported: edtool.study.compute is the Python API's home)
-    MACHINE_NAMES, NETWORKS, ComputeConfig, Study, jacobian_whole_arrays, jacobian_whole_config, prepare,
-    resolve_device, run_location, whole_dims)
+from edtool.study.prepare import PreparedRun, default_run_name, extra_array_dims, prepare
 
 RTOL_MAX_PROBES = 1024  # --rtol adds probes up to this many per point
 
@@ -71,33 +71,33 @@ class _Timer:
 
 
 @dataclass
-class Cell:
+class Measurements:
     """One model's measurements for a batch of B realizations along nsteps steps, as the store takes them."""
 
     ed_fro: np.ndarray  # (B, nsteps) ||J - J^T||_F
     jac_fro: np.ndarray  # (B, nsteps) ||J||_F
-    asym: np.ndarray  # (B, nsteps) ed_fro / (sqrt(2) jac_fro)
+    asym: np.ndarray  # (B, nsteps) ed_fro / (2 jac_fro)
     ed_stderr: np.ndarray  # (B, nsteps) standard error of ed_fro (0 when exact)
     final: Optional[np.ndarray]  # (B, C, H, W) the path's end at t = 0 (None on a shared path until set)
     curl_map: Optional[np.ndarray] = None  # (B, nsteps, H, W) with --maps
     points: list = field(default_factory=list)  # x at every step: what a shared trajectory reuses
-    whole: dict = field(default_factory=dict)  # SPEC 12 arrays by store name: (B, nsteps[, radii])
+    extra: dict = field(default_factory=dict)  # the run's extra arrays (extra_array_dims) by store name: (B, ...)
     notes: set = field(default_factory=set)  # one-line notes for the reporter, once per cell
 
     @classmethod
-    def nan(cls, B: int, study: "Study") -> "Cell":
+    def nan(cls, B: int, prepared: "PreparedRun") -> "Measurements":
         """Every number NaN: a step that is never measured stays NaN (and a failed path has no points)."""
-        n, (c, h, w) = study.cfg.nsteps, study.image_shape
-        radii = (study.config.get("locality") or {}).get("radius", -1) + 1
+        n, (c, h, w) = prepared.cfg.nsteps, prepared.image_shape
+        radii = (prepared.config.get("locality") or {}).get("radius", -1) + 1
         sizes = {"step": n, "radius": radii, "channel": c, "y": h, "x": w}
-        whole = {name: np.full((B, *(sizes[d] for d in dims)), np.nan)
-                 for name, dims in whole_dims(study.config).items()}
+        extra = {name: np.full((B, *(sizes[d] for d in dims)), np.nan)
+                 for name, dims in extra_array_dims(prepared.config).items()}
         return cls(*(np.full((B, n), np.nan) for _ in range(4)), final=np.full((B, c, h, w), np.nan),
-                   curl_map=np.full((B, n, h, w), np.nan) if study.cfg.maps else None, whole=whole)
+                   curl_map=np.full((B, n, h, w), np.nan) if prepared.cfg.maps else None, extra=extra)
 
 
 @dataclass
-class Batch:
+class RealizationBatch:
     """Realizations computed together: their row numbers, initial noises (B, C, H, W) and labels."""
 
     rows: List[int]
@@ -106,10 +106,11 @@ class Batch:
 
 
 @dataclass
-class _Job:
-    """What every batch of a compute() call shares: the study, the open store, progress, timings, failures."""
+class _ComputeJob:
+    """One compute() call, what all its batches share: the prepared run, the open store, progress, timings,
+    failures."""
 
-    study: Study
+    prepared: PreparedRun
     run: object  # edtool.store.run.RunStore
     reporter: Reporter
     timer: _Timer = field(default_factory=_Timer)
@@ -117,21 +118,22 @@ class _Job:
     reference_ops: dict = field(default_factory=dict)  # --align: the reference's Jacobian per step of this batch
 
 
-def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tensor]] = None) -> Cell:
+def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
+            points: Optional[List[torch.Tensor]] = None) -> Measurements:
     """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step."""
     from edtool.jacobian.ed import ExactMemoryError, exterior_derivative
     from edtool.jacobian.locality import ClosedFormField
 
-    cfg, nsteps, model = job.study.cfg, job.study.cfg.nsteps, job.study.models[name]
-    times = job.study.grid.times.tolist()
+    cfg, nsteps, model = job.prepared.cfg, job.prepared.cfg.nsteps, job.prepared.models[name]
+    times = job.prepared.grid.times.tolist()
     B, label, rows = batch.x_T.shape[0], batch.label, batch.rows
-    out = Cell.nan(B, job.study)
-    method = job.study.config["models"][name]["estimator"]  # `auto` resolved once, as the config records it
+    out = Measurements.nan(B, job.prepared)
+    method = job.prepared.config["models"][name]["estimator"]  # `auto` resolved once, as the config records it
 
     def on_step(j, t, x):
         out.points.append(x.detach())
-        if "point" in out.whole:  # --save-points: where step j was measured
-            out.whole["point"][:, j] = x.detach().double().cpu().numpy()
+        if "point" in out.extra:  # --save-points: where step j was measured
+            out.extra["point"][:, j] = x.detach().double().cpu().numpy()
         t0 = time.perf_counter()
         tb = torch.full((B,), t, dtype=torch.float64, device=x.device)  # the grid's t: networks cast it
         f = _score_field(model, tb, label)
@@ -152,15 +154,15 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
                 _note_in_store(job, out, f"{name}: not even one row of the exact Jacobian fits in memory "
                                f"({MEMORY_ENV} raises the budget), so Hutchinson with {res.probes} probes measured "
                                "the steps where it did not (their ed_stderr is not 0)")
-        for k in ("ed_fro", "jac_fro", "asym", "ed_stderr"):
+        for k in STEP_ARRAYS:
             getattr(out, k)[:, j] = getattr(res, k).detach().double().cpu().numpy()
         if res.rtol_met is not None:  # the probe cap came before the --rtol target: say so at the end
-            job.study.rtol_missed += [(r, name, j, float(out.ed_stderr[i, j] / out.ed_fro[i, j]))
+            job.prepared.rtol_missed += [(r, name, j, float(out.ed_stderr[i, j] / out.ed_fro[i, j]))
                                       for i, r in enumerate(rows) if not bool(res.rtol_met[i])]
         if cfg.maps:
             out.curl_map[:, j] = res.curl_map.detach().double().cpu().numpy()
         if op is not None:
-            _measure_whole(job, name, op, tb, batch, x, j, out)
+            _measure_locality_alignment(job, name, op, tb, batch, x, j, out)
         job.timer.add("jacobian", t0)
         for i, r in enumerate(rows):
             job.reporter.step(r, name, j, nsteps, float(out.asym[i, j]))
@@ -192,35 +194,36 @@ def _circular(model) -> Optional[bool]:
     return None if manifest is None else manifest.get("padding") == "circular"
 
 
-def _jacobian_op(job: _Job, name: str, f, x: torch.Tensor, j: int):
+def _jacobian_op(job: _ComputeJob, name: str, f, x: torch.Tensor, j: int):
     """The Jacobian operator of model `name` at step j's point x. The --align reference's is kept for the
     batch: every model visits the same points, so it is built once per step, not once per model."""
     from edtool.jacobian.locality import jacobian_operator
 
-    if name == job.study.cfg.align and j in job.reference_ops:
+    if name == job.prepared.cfg.align and j in job.reference_ops:
         return job.reference_ops[j]
-    op = jacobian_operator(f, x, circular=_circular(job.study.models[name]))
-    if name == job.study.cfg.align:
+    op = jacobian_operator(f, x, circular=_circular(job.prepared.models[name]))
+    if name == job.prepared.cfg.align:
         job.reference_ops[j] = op
     return op
 
 
-def _measure_whole(job: _Job, name: str, op, tb: torch.Tensor, batch: Batch, x: torch.Tensor, j: int, out: Cell):
+def _measure_locality_alignment(job: _ComputeJob, name: str, op, tb: torch.Tensor, batch: RealizationBatch,
+                                x: torch.Tensor, j: int, out: Measurements):
     """SPEC 12 at one step: the locality profile of this model's Jacobian `op` and its alignment with the
     reference's (the dense J of a network is built once for both)."""
     from edtool.jacobian.locality import FieldJacobian, alignment, locality
 
-    study = job.study
-    cfg, settings, rows = study.cfg, study.config, batch.rows
+    prepared = job.prepared
+    cfg, settings, rows = prepared.cfg, prepared.config, batch.rows
     if cfg.locality:
         loc = settings["locality"]
         res = locality(op, loc["radius"], loc["method"], loc["pixels"],
                        seed=[probe_seed(cfg.seed, r, f"{name}/locality", j) for r in rows])
-        for k in ("loc_jac", "loc_ed", "loc_jac_stderr", "loc_ed_stderr", "r90_jac", "r90_ed"):
-            out.whole[k][:, j] = getattr(res, k).detach().double().cpu().numpy()
+        for k in LOCALITY_ARRAYS:
+            out.extra[k][:, j] = getattr(res, k).detach().double().cpu().numpy()
     if cfg.align:
         ref = cfg.align
-        op_ref = _jacobian_op(job, ref, _score_field(study.models[ref], tb, batch.label), x, j)
+        op_ref = _jacobian_op(job, ref, _score_field(prepared.models[ref], tb, batch.label), x, j)
         # exact when both dense Jacobians are at hand: machines, and networks whose J --locality builds
         # exactly (decided by the settings alone, so a resumed run chooses as a fresh one does)
         exact_nets = cfg.locality and settings["locality"]["method"] != "probe"
@@ -230,14 +233,14 @@ def _measure_whole(job: _Job, name: str, op, tb: torch.Tensor, batch: Batch, x: 
             warnings.simplefilter("ignore")  # the reason comes back in the result
             al = alignment(op, op_ref, "exact" if at_hand else "hutchinson", cfg.probes,
                            seed=[probe_seed(cfg.seed, r, f"{name}/align", j) for r in rows])
-        for k in ("align_jac", "align_ed", "align_jac_stderr", "align_ed_stderr"):
-            out.whole[k][:, j] = getattr(al, k).detach().double().cpu().numpy()
+        for k in ALIGN_ARRAYS:
+            out.extra[k][:, j] = getattr(al, k).detach().double().cpu().numpy()
         if al.reason is not None:
             out.notes.add(f"{name} vs {cfg.align}: align_ed is NaN where a Jacobian is symmetric (a gradient "
                           "field, like the `is` machine's, has no rotation to align)")
 
 
-def _note_in_store(job: _Job, out: Cell, note: str):
+def _note_in_store(job: _ComputeJob, out: Measurements, note: str):
     """A note on how a cell was measured: said once per cell, and kept with the run (`notes` attribute)."""
     if note not in out.notes:
         out.notes.add(note)
@@ -254,9 +257,9 @@ def _out_of_memory_error(what: str, err: BaseException) -> EdtoolError:
                        "lower --batch, measure fewer models at once, or use a device with more memory")
 
 
-def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
+def _measure_safely(job: _ComputeJob, name: str, batch: RealizationBatch, points=None):
     """measure(), but a numeric failure inside one model (RuntimeError, FloatingPointError: out of memory, a
-    failed linear solve) becomes NaN for its cells plus a warning: (Cell, error or None).
+    failed linear solve) becomes NaN for its cells plus a warning: (Measurements, error or None).
 
     Out of memory with several realizations in the batch is not a failure of the model: it raises
     _OutOfMemory so that the batch is split; with one realization it is recorded as NaN like the rest.
@@ -272,7 +275,7 @@ def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
                 raise _OutOfMemory() from err
         message = f"{name} failed on realization(s) {batch.rows}: {type(err).__name__}: {str(err).splitlines()[0]}"
         warnings.warn(message + " -> stored as NaN")
-        return Cell.nan(len(batch.rows), job.study), message
+        return Measurements.nan(len(batch.rows), job.prepared), message
 
 
 # ------------------------------------------------------------------ the stage
@@ -280,7 +283,7 @@ def _measure_safely(job: _Job, name: str, batch: Batch, points=None):
 
 def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
     """Fill the run store for cfg, resuming where it stopped; returns a summary dict. On CUDA the numbers
-    are made under edtool.study.device.cuda_numerics (no TF32 unless cfg.tf32, deterministic kernels)."""
+    are made under edtool.device.cuda_numerics (no TF32 unless cfg.tf32, deterministic kernels)."""
     cfg.validate()
     memory_budget(torch.device("cpu"))  # a bad EDTOOL_MAX_MEMORY is refused before anything is written
     dist_shard = distributed_shard(cfg)  # (rank, world) under torchrun/srun, else None
@@ -292,81 +295,111 @@ def compute(cfg: ComputeConfig, reporter: Optional[Reporter] = None) -> dict:
 
 
 def _compute(cfg: ComputeConfig, reporter: Reporter, dist_shard: Optional[tuple]) -> dict:
-    from edtool.store.status import record_shard
-    from edtool.store.run import create_run, describe_cells, run_lock, shard_realizations
+    from edtool.store.locks import run_lock, shard_realizations
 
     shard = dist_shard or cfg.shard
-    location = run_location(cfg)
+    location = run_location(cfg.run_dir, name=cfg.run or default_run_name(cfg))
+    prepared = _prepare(cfg, reporter)
+    mine = shard_realizations(cfg.realizations, shard)
+    # the lock comes first: --overwrite must not delete a run that a live process is filling
+    with run_lock(location, shard=shard):
+        run = _open_store(cfg, prepared, location, shard, dist_shard)
+        changed = platform_note(run.config.get("platform"), prepared.config["platform"])
+        if changed:  # a resumed run, or a shard, on another GPU or torch: say what that means for its bits
+            reporter.note(changed)
+        job = _ComputeJob(prepared, run, reporter)
+        started = time.perf_counter()
+        pending, redo = _pending_cells(job, mine)
+        _compute_rows(job, sorted({r for r, _ in pending}), redo)
+    if dist_shard is not None:
+        barrier()  # waits as long as the other ranks compute (a resumed rank may have nothing left)
+    total = time.perf_counter() - started
+    warned = [rtol_warning(prepared.rtol_missed, cfg.rtol)] if prepared.rtol_missed else []
+    return {"location": location, "progress": run.progress(), "failures": job.failures, "warnings": warned,
+            "timings": {**job.timer.seconds, "total": total}, "notes": prepared.notes, "shard": shard}
+
+
+def _prepare(cfg: ComputeConfig, reporter: Reporter) -> PreparedRun:
+    """prepare(cfg), with out of memory while loading said in one line, its notes passed on, and the ELS
+    kernels built or loaded (for machines on the CPU) where their one warning reaches the user, not in a cell."""
     try:
-        study = prepare(cfg)
+        prepared = prepare(cfg)
     except (RuntimeError, MemoryError) as err:  # a model or the data does not fit on the device
         if not is_out_of_memory(err):
             raise
         raise _out_of_memory_error("loading the models and data", err) from err
-    for note in study.notes:
+    for note in prepared.notes:
         reporter.note(note)
-    if study.device.type == "cpu" and any(name in MACHINE_NAMES for name in cfg.models):
+    if prepared.device.type == "cpu" and any(name in MACHINE_NAMES for name in cfg.models):
         from edtool.els.kernel import kernels
 
-        kernels()  # built or loaded here, where its one warning (no compiler, ...) reaches the user, not in a cell
+        kernels()
+    return prepared
 
-    names = list(cfg.models)
-    create = dict(config=study.config, models=names, seeds=study.seeds, labels=study.labels,
-                  nsteps=cfg.nsteps, image_shape=study.image_shape, maps=cfg.maps,
-                  times=study.grid.step_times.tolist(),  # the grid this run measures on, recorded as `time`
-                  extra_arrays=jacobian_whole_arrays(study.config),
-                  radius=(study.config.get("locality") or {}).get("radius"))
-    mine = shard_realizations(cfg.realizations, shard)
-    # the lock comes first: --overwrite must not delete a run that a live process is filling
-    with run_lock(location, shard=shard):
-        if dist_shard is not None and dist_shard[0] != 0:
-            barrier()  # rank 0 creates the store first
-            run = create_run(location, **create)
-        else:
-            try:
-                run = create_run(location, overwrite=cfg.overwrite, **create)
-            finally:  # on a refusal the other ranks meet it themselves rather than wait forever
-                if dist_shard is not None:
-                    barrier()
-        record_shard(location, shard)
-        changed = platform_note(run.config.get("platform"), study.config["platform"])
-        if changed:  # a resumed run, or a shard, on another GPU or torch: say what that means for its bits
-            reporter.note(changed)
-        job = _Job(study, run, reporter)
-        started = time.perf_counter()
-        damaged = run.reset_damaged(mine)  # done cells whose chunks are missing or corrupt: computed again
-        if damaged:
-            reporter.note(f"recomputing {len(damaged)} damaged cell(s): {describe_cells(run, damaged)}")
-        pending = run.pending(mine)
-        redo = _failed_cells(run, mine) if cfg.retry_failed else []
-        if redo:
-            reporter.note(f"retrying {len(redo)} finished cell(s) that hold NaN")
-            pending = sorted(set(pending) | set(redo))
-        steps = {name: cfg.nsteps * sum(1 for _, m in pending if m == i) for i, name in enumerate(names)}
-        reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names, steps)
-        todo, batch = sorted({r for r, _ in pending}), cfg.batch
-        while todo:
-            rows = todo[:batch]
-            try:
-                _compute_batch(job, rows, redo)
-            except (_OutOfMemory, RuntimeError, MemoryError) as err:  # also outside the per-cell guard: the
-                # initial noises, a shared path. Cells finished before it are stored; the rest is retried in halves
-                if not isinstance(err, _OutOfMemory) and not is_out_of_memory(err):
-                    raise
-                if len(rows) == 1:
-                    raise _out_of_memory_error(f"computing realization {rows[0]} on {study.device}", err) from err
-                if study.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                batch = max(1, len(rows) // 2)
-                reporter.note(f"out of memory with {len(rows)} realizations per batch: lowering --batch to {batch}")
-                continue
-            todo = todo[len(rows):]
-    if dist_shard is not None:
-        barrier()  # waits as long as the other ranks compute (a resumed rank may have nothing left)
-    total = time.perf_counter() - started
-    warned = [rtol_warning(study.rtol_missed, cfg.rtol)] if study.rtol_missed else []
-    return {"location": location, "progress": run.progress(), "failures": job.failures, "warnings": warned,
-            "timings": {**job.timer.seconds, "total": total}, "notes": study.notes, "shard": shard}
+
+def _open_store(cfg: ComputeConfig, prepared: PreparedRun, location: str, shard, dist_shard: Optional[tuple]):
+    """The run store at `location`, created or reopened (create_run refuses other settings). Under torchrun
+    rank 0 creates it first; the shard this process fills is recorded."""
+    from edtool.store.run import create_run
+    from edtool.store.status import record_shard
+
+    create = dict(config=prepared.config, models=list(cfg.models), seeds=prepared.seeds, labels=prepared.labels,
+                  nsteps=cfg.nsteps, image_shape=prepared.image_shape, maps=cfg.maps,
+                  times=prepared.grid.step_times.tolist(),  # the grid this run measures on, recorded as `time`
+                  extra_arrays=list(extra_array_dims(prepared.config)),
+                  radius=(prepared.config.get("locality") or {}).get("radius"))
+    if dist_shard is not None and dist_shard[0] != 0:
+        barrier()  # rank 0 creates the store first
+        run = create_run(location, **create)
+    else:
+        try:
+            run = create_run(location, overwrite=cfg.overwrite, **create)
+        finally:  # on a refusal the other ranks meet it themselves rather than wait forever
+            if dist_shard is not None:
+                barrier()
+    record_shard(location, shard)
+    return run
+
+
+def _pending_cells(job: _ComputeJob, mine: List[int]) -> tuple:
+    """(pending cells, cells to redo) among this process's realizations `mine`: unfinished ones, damaged done
+    ones (reset, so computed again) and, with --retry-failed, finished ones holding NaN; the reporter is
+    told the totals."""
+    from edtool.store.runstore import describe_cells
+
+    cfg, run, reporter, names = job.prepared.cfg, job.run, job.reporter, list(job.prepared.cfg.models)
+    damaged = run.reset_damaged(mine)  # done cells whose chunks are missing or corrupt: computed again
+    if damaged:
+        reporter.note(f"recomputing {len(damaged)} damaged cell(s): {describe_cells(run, damaged)}")
+    pending = run.pending(mine)
+    redo = _failed_cells(run, mine) if cfg.retry_failed else []
+    if redo:
+        reporter.note(f"retrying {len(redo)} finished cell(s) that hold NaN")
+        pending = sorted(set(pending) | set(redo))
+    steps = {name: cfg.nsteps * sum(1 for _, m in pending if m == i) for i, name in enumerate(names)}
+    reporter.start(len(mine) * len(names), len(mine) * len(names) - len(pending), names, steps)
+    return pending, redo
+
+
+def _compute_rows(job: _ComputeJob, todo: List[int], redo: list):
+    """Compute the realizations `todo`, --batch at a time; out of memory halves the batch and retries."""
+    device, batch = job.prepared.device, job.prepared.cfg.batch
+    while todo:
+        rows = todo[:batch]
+        try:
+            _compute_batch(job, rows, redo)
+        except (_OutOfMemory, RuntimeError, MemoryError) as err:  # also outside the per-cell guard: the
+            # initial noises, a shared path. Cells finished before it are stored; the rest is retried in halves
+            if not isinstance(err, _OutOfMemory) and not is_out_of_memory(err):
+                raise
+            if len(rows) == 1:
+                raise _out_of_memory_error(f"computing realization {rows[0]} on {device}", err) from err
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch = max(1, len(rows) // 2)
+            job.reporter.note(f"out of memory with {len(rows)} realizations per batch: lowering --batch to {batch}")
+            continue
+        todo = todo[len(rows):]
 
 
 def rtol_warning(missed: list, rtol: float) -> str:
@@ -384,16 +417,16 @@ def _failed_cells(run, realizations: List[int]) -> list:
             if done[i, m] and not np.isfinite(ed[i, m]).all()]
 
 
-def _compute_batch(job: _Job, rows: List[int], redo=()):
+def _compute_batch(job: _ComputeJob, rows: List[int], redo=()):
     """All not-yet-done models for a batch of realizations; each cell is written as soon as it is done."""
-    study, cfg, device = job.study, job.study.cfg, job.study.device
+    prepared, cfg, device = job.prepared, job.prepared.cfg, job.prepared.device
     done = dict(zip(rows, job.run.done_mask(rows)))  # only this batch's rows: cost independent of the run size
     for r, m in redo:
         if r in done:
             done[r][m] = False
-    x_T = initial_noises([study.seeds[r] for r in rows], study.image_shape).to(device)
-    lab = [study.labels[r] for r in rows]
-    batch = Batch(rows, x_T, None if lab[0] < 0 else torch.tensor(lab, device=device))
+    x_T = initial_noises([prepared.seeds[r] for r in rows], prepared.image_shape).to(device)
+    lab = [prepared.labels[r] for r in rows]
+    batch = RealizationBatch(rows, x_T, None if lab[0] < 0 else torch.tensor(lab, device=device))
     job.reference_ops.clear()  # the reference's Jacobians at the previous batch's points
 
     names = list(cfg.models)
@@ -401,23 +434,23 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
     if cfg.points == "noised-data":  # the same noised held-out points for every model; final is x_0
         from edtool.study.points import noised_points
 
-        x_0 = study.held_out[rows].to(device)
-        points, reference_final = noised_points(x_0, x_T, study.grid), x_0.double().cpu().numpy()
+        x_0 = prepared.held_out[rows].to(device)
+        points, reference_final = noised_points(x_0, x_T, prepared.grid), x_0.double().cpu().numpy()
     elif cfg.trajectory == "shared":
-        ref = study.config["reference"]
+        ref = prepared.config["reference"]
         if all(done[r][names.index(ref)] for r in rows):
             # its cell is done: the path is recomputed, cheaply (no Jacobians)
-            points, reference_final = _reference_path(study.models[ref], batch, study.grid)
+            points, reference_final = _reference_path(prepared.models[ref], batch, prepared.grid)
         else:
             ref_out, err = _measure_safely(job, ref, batch)
             points, reference_final = ref_out.points, ref_out.final
             _write(job, names.index(ref), ref, batch, ref_out, err)
 
     for m, name in enumerate(names):
-        if all(done[r][m] for r in rows) or (cfg.trajectory == "shared" and name == study.config["reference"]):
+        if all(done[r][m] for r in rows) or (cfg.trajectory == "shared" and name == prepared.config["reference"]):
             continue
         if points is not None and not points:  # the reference path failed
-            out, err = Cell.nan(len(rows), study), f"{name}: reference path failed"
+            out, err = Measurements.nan(len(rows), prepared), f"{name}: reference path failed"
         else:
             out, err = _measure_safely(job, name, batch, points)
             if points is not None and err is None:
@@ -425,7 +458,7 @@ def _compute_batch(job: _Job, rows: List[int], redo=()):
         _write(job, m, name, batch, out, err)
 
 
-def _reference_path(model, batch: Batch, grid: TimeGrid):
+def _reference_path(model, batch: RealizationBatch, grid: TimeGrid):
     """The points a model's DDIM path visits and its end (float64 numpy), without measuring anything."""
     visited = []
     final = ddim_sample(_eps_fn(model, batch.label), batch.x_T, grid,
@@ -433,7 +466,7 @@ def _reference_path(model, batch: Batch, grid: TimeGrid):
     return visited, final.detach().double().cpu().numpy()
 
 
-def _write(job: _Job, m: int, name: str, batch: Batch, cell: Cell, err: Optional[str]):
+def _write(job: _ComputeJob, m: int, name: str, batch: RealizationBatch, cell: Measurements, err: Optional[str]):
     """Write each realization's cell of model m (data first, done flag last inside write_cell)."""
     t0 = time.perf_counter()
     if err is None and not np.all(np.isfinite(cell.ed_fro)):
@@ -442,7 +475,7 @@ def _write(job: _Job, m: int, name: str, batch: Batch, cell: Cell, err: Optional
     for i, r in enumerate(batch.rows):
         job.run.write_cell(r, m, cell.ed_fro[i], cell.jac_fro[i], cell.asym[i], cell.ed_stderr[i], cell.final[i],
                            None if cell.curl_map is None else cell.curl_map[i],
-                           **{k: v[i] for k, v in cell.whole.items()})
+                           **{k: v[i] for k, v in cell.extra.items()})
         asym = cell.asym[i]
         mean_asym = float(np.nanmean(asym)) if np.isfinite(asym).any() else math.nan
         job.reporter.cell_done(r, name, mean_asym, err is not None)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from edtool.errors import EdtoolError
-from edtool.study.compute import ComputeConfig, Reporter, compute
+from edtool.config import ComputeConfig
+from edtool.study.compute import Reporter, compute
 
 DEFAULT_OUT = Path("results/exterior_derivative_demo")
 CHECK_TIMES = (0.9, 0.5, 0.1)

@@ -2,7 +2,7 @@
 vain stops with one line), the barriers the ranks meet at and leaving the group; `--shard i/K` needs none
 of this. The ranks exchange no tensors, they only wait for each other, so the group is gloo's on CPU and
 GPU alike: no NCCL communicator, so no device_id to bind (each rank's GPU is chosen by
-edtool.study.device.cuda_index)."""
+edtool.device.cuda_index)."""
 
 import os
 from contextlib import contextmanager

@@ -2,81 +2,32 @@
 loaded once; seeds, labels and the config the run store records (SPEC 6, 7). The settings and their checks
 are edtool.config.ComputeConfig.
 
-    study = prepare(ComputeConfig(models=["unet", "els"]))   # -> Study: models by name, seeds, labels, config
+    run = prepare(ComputeConfig(models=["unet", "els"]))   # -> PreparedRun: models by name, seeds, labels, config
+
+`prepare` reads as its steps: the device; the networks (found, loaded, checked); the models from elsewhere
+(LABEL=SOURCE); the conditioning they agree on; the training data and the ELS machines, only when a machine is
+measured (so a run of networks alone never imports the ELS engine); the estimator each model uses here; the
+labels and points of the realizations; the config the store records.
 """
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-from edtool.config import ALIASES, MACHINES, NETWORKS, ComputeConfig
-from edtool.diffusion import TimeGrid, realization_seeds
+from edtool.config import MACHINE_NAMES, NETWORKS, ComputeConfig
+from edtool.device import platform, resolve_device
+from edtool.diffusion import TimeGrid, realization_seeds, seed_labels
 from edtool.errors import EdtoolError
-from edtool.els.schedule import check_fits
-from edtool.study.device import cuda_index, platform
-
-MACHINE_NAMES = tuple(ALIASES) + MACHINES  # the machines --models accepts: `els` follows the networks' padding
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; 'auto' and 'cuda' put each torchrun/srun rank on its own GPU
-    (edtool.study.device.cuda_index), 'cuda:N' is taken as given."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", cuda_index(os.environ, torch.cuda.device_count()))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EdtoolError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "meta":
-        raise EdtoolError("--device meta holds shapes but no numbers: nothing can be measured on it; use auto, cpu "
-                          "or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EdtoolError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EdtoolError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
-                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-        if device.index is None:
-            device = torch.device("cuda", cuda_index(os.environ, torch.cuda.device_count()))
-    elif device.type != "cpu" and not _backend_available(device.type):
-        raise EdtoolError(f"--device {name} is not available in this PyTorch build or on this machine; use auto, "
-                          "cpu or cuda")
-    return device
-
-
-def _backend_available(kind: str) -> bool:
-    """Whether torch can run on a device type other than cpu/cuda (mps, xpu, ...)."""
-    if kind == "mps":
-        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    module = getattr(torch, kind, None)
-    try:
-        return bool(module is not None and module.is_available())
-    except Exception:  # a backend stub that cannot even answer
-        return False
-
-
-def run_location(cfg: ComputeConfig) -> str:
-    """--run-dir wins; else cache/<--run>; else cache/<dataset>-<models>-<nsteps>-r<realizations>-s<seed>."""
-    from edtool.paths import cache_dir
-
-    if cfg.run_dir:
-        return str(cfg.run_dir)
-    name = cfg.run or f"{cfg.dataset}-{'-'.join(cfg.models)}-n{cfg.nsteps}-r{cfg.realizations}-s{cfg.seed}"
-    if "/" in name or name in ("", ".", ".."):
-        raise EdtoolError(f"--run must be a plain name (got {name!r}); use --run-dir for a path")
-    return str(cache_dir() / name)
+from edtool.store.layout import ALIGN_ARRAYS, LOCALITY_ARRAYS, POINT_ARRAYS
 
 
 @dataclass
-class Study:
-    """Everything compute needs, loaded once: the models (networks and machines) by name, seeds,
-    labels, store config."""
+class PreparedRun:
+    """A run ready to compute, everything loaded once: the models (networks, models from elsewhere and
+    machines) by name, the realizations' seeds and labels, the config the store records."""
 
     cfg: ComputeConfig
     models: dict
@@ -94,12 +45,100 @@ class Study:
         self.grid = self.grid or TimeGrid(self.cfg.nsteps)
 
 
+def default_run_name(cfg: ComputeConfig) -> str:
+    """The folder under the cache of a run given neither --run-dir nor --run."""
+    return f"{cfg.dataset}-{'-'.join(cfg.models)}-n{cfg.nsteps}-r{cfg.realizations}-s{cfg.seed}"
+
+
+def prepare(cfg: ComputeConfig) -> PreparedRun:
+    """Load networks, data (only for machines, SPEC 6) and machines; derive seeds, labels and the config
+    that the store records (with the estimator each model uses on this device)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    grid = TimeGrid(cfg.nsteps)  # the run's time grid: everything below takes it from here
+    notes = []
+    machines = [name for name in cfg.models if name in MACHINE_NAMES]
+    if machines and cfg.scales:  # checked before anything heavy is loaded
+        from edtool.networks.discovery import find_scales
+
+        find_scales("els", cfg.scales, nsteps=cfg.nsteps)
+    paths = _network_paths(cfg, bool(machines))
+    models, config_models = _load_networks(cfg, paths, device, notes)
+    if cfg.sources:  # SPEC 14: models from elsewhere go wherever a network goes
+        from edtool.networks.sources import load_sources
+
+        load_sources(cfg, device, models, config_models, notes, grid)
+    conditional, n_classes = _conditioning(cfg, models)
+    image_shape, images, labels = _image_shape(models), None, None
+    if machines:  # only the machines need the training images
+        images, labels, image_shape, data_classes = _training_data(cfg, image_shape, conditional)
+        n_classes = n_classes or data_classes
+    n_classes = _checked_classes(cfg, n_classes)
+    if machines:
+        _add_machines(cfg, machines, models, config_models, paths, images.to(device), labels.to(device), notes)
+    _record_estimators(cfg, config_models, math.prod(image_shape), device)
+    seeds = realization_seeds(cfg.seed, cfg.realizations)
+    run_labels, held_out, points = _realizations(cfg, seeds, labels, image_shape, conditional, n_classes)
+    config = _store_config(cfg, config_models, device, points, bool(machines), notes)
+    config.update(locality_alignment_config(cfg, image_shape, models, grid))
+    return PreparedRun(cfg, models, seeds, run_labels, image_shape, config, device, notes, held_out, grid=grid)
+
+
+# ------------------------------------------------------------------ the steps of prepare, in order
+
+
+def _network_paths(cfg: ComputeConfig, wants_machines: bool) -> dict:
+    """arch -> checkpoint path: each network of --models (refused when none is found), and the ResNet whose
+    padding and calibrated scales the machines follow (when one is found)."""
+    paths = {}
+    for arch in NETWORKS:
+        if arch in cfg.models or (arch == "resnet" and wants_machines):
+            try:
+                paths[arch] = _network_path(cfg, arch)
+            except EdtoolError:
+                if arch in cfg.models:
+                    raise
+    return paths
+
+
 def _network_path(cfg: ComputeConfig, arch: str) -> Path:
     """--unet/--resnet, else the first found (docs/data-and-checkpoints.md)."""
     from edtool.networks import discovery
 
     explicit = getattr(cfg, arch)
     return Path(explicit) if explicit else discovery.discover(cfg.dataset, arch)
+
+
+def _load_networks(cfg: ComputeConfig, paths: dict, device: torch.device, notes: list) -> tuple:
+    """(models, config entries) of the networks of --models, in NETWORKS order; each checkpoint must hold the
+    architecture it is given as, and its entry records the file's path and sha256."""
+    from edtool.networks import checkpoints, discovery
+
+    models, config_models = {}, {}
+    for arch in NETWORKS:
+        if arch not in cfg.models:
+            continue
+        path = paths[arch]
+        models[arch] = discovery.load(path, dataset=cfg.dataset, device=device, note=notes.append)
+        if models[arch].manifest.get("arch") != arch:  # never measure one network and file it as another
+            raise EdtoolError(f"--{arch} {path} holds a {models[arch].manifest.get('arch')}, not a {arch}; give a "
+                              f"{arch} checkpoint to --{arch}")
+        config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
+    return models, config_models
+
+
+def _conditioning(cfg: ComputeConfig, models: dict) -> tuple:
+    """(conditional, n_classes): whether the realizations carry class labels (a class-conditional network, or
+    --label), and the number of classes the networks' manifests give (None when none does). --label with an
+    unconditional network is refused."""
+    nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
+    unconditional = [name for name, f in models.items() if not getattr(f, "conditional", False)]
+    if cfg.label is not None and unconditional:
+        raise EdtoolError(f"--label {cfg.label}: the {' and '.join(unconditional)} network is unconditional (it "
+                          "takes no class label); drop --label, or give a class-conditional checkpoint")
+    n_classes = next((int(f.manifest["num_classes"]) for f in nets_conditional
+                      if f.manifest.get("num_classes")), None)
+    return bool(nets_conditional) or cfg.label is not None, n_classes
 
 
 def _image_shape(fields: dict) -> Optional[tuple]:
@@ -114,98 +153,93 @@ def _image_shape(fields: dict) -> Optional[tuple]:
     return shape
 
 
-def prepare(cfg: ComputeConfig) -> Study:
-    """Load networks, data (only for machines, SPEC 6) and machines; derive seeds, labels and the config
-    that the store records (with the estimator each model uses on this device)."""
-    from edtool.data import NUM_CLASSES, first_samples, load_dataset
-    from edtool.els.calibrate import seed_labels
-    from edtool.els.factory import build_machine, resolve_machine_name
-    from edtool.jacobian.ed import auto_method
-    from edtool.networks import checkpoints, discovery
+def _training_data(cfg: ComputeConfig, image_shape: Optional[tuple], conditional: bool) -> tuple:
+    """(images, labels, image shape, number of classes) of the training data the machines are built from: the
+    first --max-samples images (per class when conditional), of the shape the networks expect."""
+    from edtool.data import first_samples, load_dataset
+    from edtool.els.schedule import check_fits
 
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    grid = TimeGrid(cfg.nsteps)  # the run's time grid: everything below takes it from here
-    notes, models, config_models = [], {}, {}
-    wants_machines = any(m in MACHINE_NAMES for m in cfg.models)
-    if wants_machines and cfg.scales:  # checked before anything heavy is loaded
-        discovery.find_scales("els", cfg.scales, nsteps=cfg.nsteps)
+    images, labels = load_dataset(cfg.dataset, root=cfg.data_root)
+    if image_shape is not None and tuple(images.shape[1:]) != image_shape:
+        raise EdtoolError(f"the networks expect images of shape {list(image_shape)}, {cfg.dataset} has "
+                          f"{list(images.shape[1:])}")
+    image_shape = tuple(images.shape[1:])
+    check_fits([cfg.patch_size], image_shape, "--patch-size")
+    n_classes = int(labels.max()) + 1  # of the whole training set, before the first samples are taken
+    images, labels = first_samples(images, labels, cfg.max_samples, per_class=conditional)
+    return images, labels, image_shape, n_classes
 
-    network_paths = {}
-    for arch in NETWORKS:
-        if arch in cfg.models or (arch == "resnet" and wants_machines):
-            try:
-                network_paths[arch] = _network_path(cfg, arch)
-            except EdtoolError:
-                if arch in cfg.models:
-                    raise
-    for arch in NETWORKS:
-        if arch not in cfg.models:
-            continue
-        path = network_paths[arch]
-        models[arch] = discovery.load(path, dataset=cfg.dataset, device=device, note=notes.append)
-        if models[arch].manifest.get("arch") != arch:  # never measure one network and file it as another
-            raise EdtoolError(f"--{arch} {path} holds a {models[arch].manifest.get('arch')}, not a {arch}; give a "
-                              f"{arch} checkpoint to --{arch}")
-        config_models[arch] = {"path": str(path), "sha256": checkpoints.file_hash(path)}
-    if cfg.sources:  # SPEC 14: models from elsewhere go wherever a network goes
-        from edtool.networks.sources import load_sources
 
-        load_sources(cfg, device, models, config_models, notes, grid)
-    paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
-    if not paddings and "resnet" in network_paths:  # machines alone follow the ResNet their scales are for
-        paddings = [discovery.padding_of(network_paths["resnet"]) or "zeros"]
-    padding = paddings[0] if paddings else "zeros"
-    padding_from = next(iter(network_paths.values()), None) if not models else \
-        network_paths.get(next(iter(models))) or cfg.sources.get(next(iter(models)))
-    nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
-    conditional = bool(nets_conditional) or cfg.label is not None
-    unconditional = [name for name, f in models.items() if not getattr(f, "conditional", False)]
-    if cfg.label is not None and unconditional:
-        raise EdtoolError(f"--label {cfg.label}: the {' and '.join(unconditional)} network is unconditional (it "
-                          "takes no class label); drop --label, or give a class-conditional checkpoint")
-    n_classes = next((int(f.manifest["num_classes"]) for f in nets_conditional
-                      if f.manifest.get("num_classes")), None)
+def _checked_classes(cfg: ComputeConfig, n_classes: Optional[int]) -> int:
+    """The number of classes (the networks', else the training data's, else edtool.data.NUM_CLASSES), with
+    --label checked against it."""
+    from edtool.data import NUM_CLASSES
 
-    image_shape = _image_shape(models)
-    images = labels = None
-    if wants_machines:  # only the machines need the training images
-        images, labels = load_dataset(cfg.dataset, root=cfg.data_root)
-        if image_shape is not None and tuple(images.shape[1:]) != image_shape:
-            raise EdtoolError(f"the networks expect images of shape {list(image_shape)}, {cfg.dataset} has "
-                              f"{list(images.shape[1:])}")
-        image_shape = tuple(images.shape[1:])
-        check_fits([cfg.patch_size], image_shape, "--patch-size")
-        n_classes = n_classes or int(labels.max()) + 1
-        images, labels = first_samples(images, labels, cfg.max_samples, per_class=conditional)
     n_classes = n_classes or NUM_CLASSES
     if cfg.label is not None and not 0 <= cfg.label < n_classes:
         raise EdtoolError(f"--label {cfg.label} is not a class of {cfg.dataset} (0..{n_classes - 1})")
+    return n_classes
 
-    for name in cfg.models:
-        if name in NETWORKS or name in cfg.sources:
-            continue
+
+def _machine_padding(cfg: ComputeConfig, models: dict, paths: dict) -> tuple:
+    """(padding, where it comes from) that `els` follows: the first measured model's, else the padding of
+    the ResNet whose scales the machines use, else zeros."""
+    from edtool.networks import discovery
+
+    paddings = [f.manifest.get("padding", "zeros") for f in models.values()]
+    if not paddings and "resnet" in paths:  # machines alone follow the ResNet their scales are for
+        paddings = [discovery.padding_of(paths["resnet"]) or "zeros"]
+    padding = paddings[0] if paddings else "zeros"
+    padding_from = next(iter(paths.values()), None) if not models else \
+        paths.get(next(iter(models))) or cfg.sources.get(next(iter(models)))
+    return padding, padding_from
+
+
+def _add_machines(cfg: ComputeConfig, machines: list, models: dict, config_models: dict, paths: dict,
+                  images: torch.Tensor, labels: torch.Tensor, notes: list) -> None:
+    """Build each machine of --models from the training images into `models`, its config entry into
+    `config_models`. Its scales: --scales, else the calibration found for the ResNet (or UNet), in
+    discovery's order. The ELS modules are imported here, where a machine is asked for."""
+    from edtool.els.factory import build_machine, resolve_machine_name
+    from edtool.networks import discovery
+
+    padding, padding_from = _machine_padding(cfg, models, paths)
+    for name in machines:
         kind = resolve_machine_name(name, padding, padding_from)
-        # --scales, else the calibration found for the ResNet (or UNet), in discovery's order
-        scales, source = discovery.schedule_for(kind, cfg.scales, [network_paths.get("resnet"), network_paths.get("unet")],
+        scales, source = discovery.schedule_for(kind, cfg.scales, [paths.get("resnet"), paths.get("unet")],
                                                 cfg.nsteps, cfg.patch_size, notes, name=name)
-        machine, info = build_machine(kind, images.to(device), labels.to(device), scales=scales,
-                                      patch_size=cfg.patch_size, source=source)
+        machine, info = build_machine(kind, images, labels, scales=scales, patch_size=cfg.patch_size, source=source)
         models[name] = machine
         config_models[name] = {"machine": kind, **info}
-    n = math.prod(image_shape)
-    for name, entry in config_models.items():  # what `auto` means here, recorded: CPU and CUDA differ
+
+
+def _record_estimators(cfg: ComputeConfig, config_models: dict, n: int, device: torch.device) -> None:
+    """Each model's estimator in its config entry, with `auto` resolved as it is here (CPU and CUDA differ for
+    a network of n = C*H*W numbers; the machines use their closed form)."""
+    from edtool.jacobian.ed import auto_method
+
+    for name, entry in config_models.items():
         machine = name in MACHINE_NAMES
         entry["estimator"] = ("analytic" if machine else auto_method(n, device.type)) \
             if cfg.estimator == "auto" else cfg.estimator
 
-    seeds = realization_seeds(cfg.seed, cfg.realizations)
-    held_out, points = None, None
+
+def _realizations(cfg: ComputeConfig, seeds: list, labels: Optional[torch.Tensor], image_shape: tuple,
+                  conditional: bool, n_classes: int) -> tuple:
+    """(labels, held-out x_0, point-source entry) of the realizations: each one's class label (-1 when
+    unconditional); with --points noised-data the held-out image of each and the config entry that records
+    them, else None, None."""
     if cfg.points == "noised-data":
         held_out, run_labels, points = _held_out_points(cfg, image_shape, conditional)
-    else:
-        drawn = seed_labels(seeds, labels, cfg.label, conditional, n_classes=n_classes)
-        run_labels = [-1] * cfg.realizations if drawn is None else drawn.tolist()
+        return run_labels, held_out, points
+    drawn = seed_labels(seeds, labels, cfg.label, conditional, n_classes=n_classes)
+    return ([-1] * cfg.realizations if drawn is None else drawn.tolist()), None, None
+
+
+def _store_config(cfg: ComputeConfig, config_models: dict, device: torch.device, points: Optional[dict],
+                  wants_machines: bool, notes: list) -> dict:
+    """The config the run store records, which a resumed run must match. A setting that is off stays absent,
+    so runs made without it resume."""
     reference = cfg.reference or cfg.models[0]
     config = {
         "dataset": cfg.dataset, "models": config_models, "nsteps": cfg.nsteps, "realizations": cfg.realizations,
@@ -214,18 +248,17 @@ def prepare(cfg: ComputeConfig) -> Study:
         "reference": reference if cfg.trajectory == "shared" else None, "dtype": "float32",
         "device": device.type, "platform": platform(device, cfg.tf32),
     }
-    if cfg.tf32 and device.type == "cuda":  # compared on resume: TF32 moves asym by ~1e-2; absent when off
+    if cfg.tf32 and device.type == "cuda":  # compared on resume: TF32 moves asym by ~1e-2
         config["tf32"] = True
     elif cfg.tf32:
         notes.append(f"--tf32 changes nothing on {device.type}: its float32 arithmetic is full precision")
-    if wants_machines and cfg.max_samples is not None:  # absent otherwise, so older runs resume as before
+    if wants_machines and cfg.max_samples is not None:
         config["max_samples"] = cfg.max_samples
-    if points is not None:  # trajectory runs keep the config they always had, so they resume as before
+    if points is not None:  # --points noised-data; a trajectory run has no entry
         config["points"] = points
-    if cfg.save_points:  # likewise absent when off
+    if cfg.save_points:
         config["save_points"] = True
-    config.update(jacobian_whole_config(cfg, image_shape, models, grid))
-    return Study(cfg, models, seeds, run_labels, image_shape, config, device, notes, held_out, grid=grid)
+    return config
 
 
 def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
@@ -251,8 +284,9 @@ def _held_out_points(cfg: ComputeConfig, image_shape: tuple, conditional: bool):
     return images[indices], run_labels, entry
 
 
-def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict, grid: Optional[TimeGrid] = None) -> dict:
-    """The SPEC 12 settings a run records (absent when off, so runs made without them still resume), with
+def locality_alignment_config(cfg: ComputeConfig, image_shape, fields: dict, grid: Optional[TimeGrid] = None) -> dict:
+    """The --locality and --align settings a run records (SPEC 12; absent when off, so runs made without them
+    resume), with
     each ELS machine's patch half-width (k - 1)/2 at every step of the run's grid (else TimeGrid(cfg.nsteps)),
     which the locality figures draw."""
     from edtool.jacobian.locality import default_radius
@@ -270,14 +304,8 @@ def jacobian_whole_config(cfg: ComputeConfig, image_shape, fields: dict, grid: O
     return out
 
 
-def whole_dims(config: dict) -> dict:
-    """The per-cell arrays of SPEC 12 a run with this config stores, with their trailing dimensions."""
-    from edtool.store.run import ALIGN_ARRAYS, LOCALITY_ARRAYS, POINT_ARRAYS
-
+def extra_array_dims(config: dict) -> dict:
+    """The extra per-cell arrays (edtool.store.layout.EXTRA_ARRAYS: locality, alignment, points) a run with
+    this config stores, with their trailing dimensions."""
     return {**(LOCALITY_ARRAYS if config.get("locality") else {}), **(ALIGN_ARRAYS if config.get("align") else {}),
             **(POINT_ARRAYS if config.get("save_points") else {})}
-
-
-def jacobian_whole_arrays(config: dict) -> list:
-    """The names of the per-cell arrays of SPEC 12 a run with this config stores."""
-    return list(whole_dims(config))

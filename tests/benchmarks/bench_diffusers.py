@@ -100,7 +100,8 @@ def main():
                         "form for ELS (which has no forward-mode rule: hutchinson fails on it)")
     args = parser.parse_args()
 
-    from edtool.study.compute import ComputeConfig, compute
+    from edtool.config import ComputeConfig
+    from edtool.study.compute import compute
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -105,7 +105,8 @@ def build_machines_once():
 
 def study(device: str, run_dir: Path, args, models, realizations: int, nsteps: int, batch: int = 1, **extra):
     """One compute run: (seconds from first to last measured step, seconds per model, run store)."""
-    from edtool.study.compute import ComputeConfig, compute
+    from edtool.config import ComputeConfig
+    from edtool.study.compute import compute
     from edtool.store.run import open_run
 
     clock = Clock(models, args.deadline)

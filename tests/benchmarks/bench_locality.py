@@ -59,7 +59,8 @@ def main():
     torch.set_num_threads(1)
 
     from edtool.jacobian.ed import exterior_derivative
-    from edtool.study.compute import ComputeConfig, prepare
+    from edtool.config import ComputeConfig
+    from edtool.study.prepare import prepare
 
     study = prepare(ComputeConfig(models=["unet", "resnet", "els"], device="cpu"))
     els = study.fields["els"]

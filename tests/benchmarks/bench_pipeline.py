@@ -56,7 +56,8 @@ def timing_reporter():
 def run(args, tmp: Path) -> dict:
     """compute + aggregate + plot into tmp; returns every timing."""
     from edtool.study.aggregate import aggregate_run
-    from edtool.study.compute import ComputeConfig, compute
+    from edtool.config import ComputeConfig
+    from edtool.study.compute import compute
     from edtool.study.plots import plot_run
 
     kw = {}

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from edtool.study import compute as pipeline
-from edtool.study.compute import ComputeConfig, Reporter, Study, compute
+from edtool.config import ComputeConfig
+from edtool.study.compute import Reporter, compute
+from edtool.study.prepare import PreparedRun
 from edtool.store.run import create_run, open_run
 
 MODELS = ["is", "ls"]  # names only: the fake measurement never touches a model
@@ -35,14 +37,14 @@ IMAGE = (1, 32, 32)
 NSTEPS = 20
 
 
-def fake_prepare(cfg: ComputeConfig) -> Study:
+def fake_prepare(cfg: ComputeConfig) -> PreparedRun:
     n = cfg.realizations
     config = {"dataset": "bench", "nsteps": cfg.nsteps, "realizations": n, "estimator": cfg.estimator}
-    return Study(cfg, {m: None for m in MODELS}, list(range(n)), [-1] * n, IMAGE, config, torch.device("cpu"), [])
+    return PreparedRun(cfg, {m: None for m in MODELS}, list(range(n)), [-1] * n, IMAGE, config, torch.device("cpu"), [])
 
 
-def fake_measure(job, name, batch, points=None) -> pipeline.Cell:
-    cell = pipeline.Cell.nan(len(batch.rows), job.study)
+def fake_measure(job, name, batch, points=None) -> pipeline.Measurements:
+    cell = pipeline.Measurements.nan(len(batch.rows), job.prepared)
     rng = np.random.default_rng(batch.rows[0])
     for k in ("ed_fro", "jac_fro", "asym", "ed_stderr"):
         getattr(cell, k)[:] = rng.random(getattr(cell, k).shape)

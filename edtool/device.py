@@ -1,6 +1,8 @@
-"""Where this process computes and with which float rules: its GPU when ranks share a machine (torchrun,
-srun), and the CUDA settings a measurement runs under (float32 without TF32, deterministic kernels).
+"""Where this process computes and with which float rules: the device a --device option names, its GPU when
+ranks share a machine (torchrun, srun), and the CUDA settings a measurement runs under (float32 without TF32,
+deterministic kernels). `edtool compute` and `edtool train` both use it.
 
+    device = resolve_device("auto")                              # CUDA when present (this rank's GPU), else CPU
     index = cuda_index(os.environ, torch.cuda.device_count())   # LOCAL_RANK / SLURM_LOCALID -> this rank's GPU
     with cuda_numerics(torch.device("cuda", index)):            # applied for the block, restored after
         ...
@@ -35,6 +37,45 @@ def cuda_index(env, count: int) -> int:
     """The GPU this rank uses among the `count` it sees: its local rank, wrapped around the count (srun with
     one GPU per task shows each task only its own, as cuda:0; more ranks than GPUs share them)."""
     return local_rank(env) % count
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; 'auto' and 'cuda' put each torchrun/srun rank on its own GPU
+    (cuda_index), 'cuda:N' is taken as given."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", cuda_index(os.environ, torch.cuda.device_count()))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EdtoolError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise EdtoolError("--device meta holds shapes but no numbers: nothing can be measured on it; use auto, cpu "
+                          "or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EdtoolError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EdtoolError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        if device.index is None:
+            device = torch.device("cuda", cuda_index(os.environ, torch.cuda.device_count()))
+    elif device.type != "cpu" and not _backend_available(device.type):
+        raise EdtoolError(f"--device {name} is not available in this PyTorch build or on this machine; use auto, "
+                          "cpu or cuda")
+    return device
+
+
+def _backend_available(kind: str) -> bool:
+    """Whether torch can run on a device type other than cpu/cuda (mps, xpu, ...)."""
+    if kind == "mps":
+        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    module = getattr(torch, kind, None)
+    try:
+        return bool(module is not None and module.is_available())
+    except Exception:  # a backend stub that cannot even answer
+        return False
 
 
 def cuda_settings(device: torch.device, tf32: bool = False) -> dict:
