@@ -67,10 +67,9 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
              device: str = "auto", reporter: Reporter = None, say: Callable[[str], None] = print) -> dict:
     """Explain, measure, and write the store, summary and figures under out_dir; returns the summary."""
     from edtool.console import paragraph  # the presentation layer above: imported where the tour prints
-    from edtool.study.aggregate import aggregate_run, format_number as _fmt
     from edtool.data import load_dataset
+    from edtool.study.aggregate import aggregate_run
     from edtool.study.plots import plot_run
-    from edtool.store.run import open_run
 
     out_dir = Path(out_dir)
     say("[bold]edtool demo[/bold]: how far are diffusion score fields from being conservative?")
@@ -78,18 +77,38 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
                   "J = ds/dx. Trained networks are not forced to be gradients; edtool measures the antisymmetric "
                   "part of J (the exterior derivative) along the reverse-diffusion path.") + "\n")
 
-    images, labels = load_dataset("mnist5k")
+    images, _ = load_dataset("mnist5k")
     say("[bold]1. Data[/bold]")
     say(paragraph(f"mnist5k, {len(images)} real MNIST digits shipped with edtool, "
                   f"{'x'.join(map(str, images.shape[1:]))} (channels x height x width), values in [-1, 1]; "
                   f"n = {images[0].numel()} numbers per image, so J is n-by-n.", indent=3) + "\n")
+    checks = _say_yardstick(images, say)
+    summary = _measure_one_path(out_dir, models, nsteps, seed, device, reporter, say)
+    stats = aggregate_run(summary["location"])
+    figures = plot_run(summary["location"], out_dir=out_dir)
+    _say_summary(summary["location"], stats, say)
+    say(f"[bold]5. Files[/bold] in {out_dir}")
+    say(paragraph("run/ed.zarr (every number above; `xarray.open_zarr` reads it), run/summary_stats.json, "
+                  + ", ".join(p.name for p in figures), indent=3))
+    return {"checks": checks, "summary": stats, "figures": [str(p) for p in figures],
+            "location": summary["location"], "timings": summary["timings"]}
 
+
+def _say_yardstick(images: torch.Tensor, say) -> dict:
+    """Section 2: asym of the two fields whose answer is known."""
     say("[bold]2. The yardstick on fields whose answer is known[/bold]")
     checks = yardstick_checks(images)
     say(f"   exact score of 100 noised digits, t = 0.5:  asym = {checks['ideal_score_asym']:.1e}\n"
         "      a true gradient field: conservative up to float rounding")
     say(f"   a pure rotation x -> A x (A = -A^T):        asym = {checks['rotation_asym']:.3f}\n"
         "      as rotational as a field can be\n")
+    return checks
+
+
+def _measure_one_path(out_dir: Path, models, nsteps: int, seed: int, device: str, reporter, say) -> dict:
+    """Section 3: one DDIM path per model into out_dir/run, then the numbers at three times read back."""
+    from edtool.console import paragraph
+    from edtool.store.run import open_run
 
     say("[bold]3. One reverse-diffusion path per model[/bold]")
     say(paragraph(f"{nsteps} DDIM steps from seed {seed}; each model follows its own path from the same noise",
@@ -119,23 +138,25 @@ def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int 
             ed, se, asym = (float(run.read(q, m)[0, j]) for q in ("ed_fro", "ed_stderr", "asym"))
             error = "exact" if se == 0 else f"+- {se:.2g}"
             say(f"     {name:<8} ed_fro = {ed:10.4g} ({error:>10})   asym = {asym:.4f}")
+    return summary
 
-    stats = aggregate_run(summary["location"])
-    figures = plot_run(summary["location"], out_dir=out_dir)
+
+def _say_summary(location: str, stats: dict, say) -> None:
+    """Section 4: mean ED and asym per model over the path, and which is most conservative."""
+    from edtool.console import paragraph
+    from edtool.study.aggregate import format_number
+    from edtool.store.run import open_run
+
+    names = open_run(location).models
     say("\n[bold]4. Summary[/bold]")
     say(paragraph("over the steps of this one path; the seed tool's 'mean ED' is of eps, ours of the score",
                   indent=3))
-    for name in run.models:
+    for name in names:
         s = stats[name]
-        say(f"   {name:<8} mean ED = {_fmt(s['mean_ed_fro'])} +- {_fmt(s['std_ed_fro'])}   "
-            f"mean asym = {_fmt(s['mean_asym'])}")
-    measured = [name for name in run.models if stats[name]["mean_asym"] is not None]
+        say(f"   {name:<8} mean ED = {format_number(s['mean_ed_fro'])} +- {format_number(s['std_ed_fro'])}   "
+            f"mean asym = {format_number(s['mean_asym'])}")
+    measured = [name for name in names if stats[name]["mean_asym"] is not None]
     if measured:
         ranked = sorted(measured, key=lambda name: stats[name]["mean_asym"])
         say(paragraph(f"most conservative: {ranked[0]}; least: {ranked[-1]}. One noise realization only: "
                       "`edtool analyze --multiple 10` gives error bars.", indent=3) + "\n")
-    say(f"[bold]5. Files[/bold] in {out_dir}")
-    say(paragraph("run/ed.zarr (every number above; `xarray.open_zarr` reads it), run/summary_stats.json, "
-                  + ", ".join(p.name for p in figures), indent=3))
-    return {"checks": checks, "summary": stats, "figures": [str(p) for p in figures],
-            "location": summary["location"], "timings": summary["timings"]}
