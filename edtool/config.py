@@ -13,6 +13,7 @@ PROBES = 16  # Hutchinson probes per point: a relative standard error of ED of a
 MIN_PROBES = 2  # the standard error of a Hutchinson estimate needs a spread, so at least two probes
 PATCH_SIZE = 5  # ELS patch size when no calibrated schedule is found (the paper's median MNIST size)
 NETWORKS = ("unet", "resnet")  # the architectures edtool trains and finds by name (--unet, --resnet)
+PADDINGS = ("zeros", "circular")  # the convolution paddings edtool trains with and the ELS machines model
 
 
 # ------------------------------------------------------------------ what each option accepts
@@ -109,10 +110,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Refuse settings no network or optimizer can use (EdtoolError naming the option)."""
-        if self.arch not in ("unet", "resnet"):
-            raise EdtoolError(f"unknown --arch {self.arch!r}; choose unet or resnet")
-        if self.padding not in ("zeros", "circular"):
-            raise EdtoolError(f"unknown --padding {self.padding!r}; choose zeros or circular")
+        if self.arch not in NETWORKS:
+            raise EdtoolError(f"unknown --arch {self.arch!r}; choose {' or '.join(NETWORKS)}")
+        if self.padding not in PADDINGS:
+            raise EdtoolError(f"unknown --padding {self.padding!r}; choose {' or '.join(PADDINGS)}")
         if self.arch == "resnet" and (self.width % 8 or self.width < 16):
             raise EdtoolError(f"--width must be a multiple of 8 and at least 16 (GroupNorm with 8 groups needs "
                               f"2 or more channels per group), got {self.width}")
@@ -137,6 +138,16 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise EdtoolError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         return self
+
+    def check_images(self, image_shape) -> None:
+        """Refuse a UNet whose levels do not fit images of shape (..., H, W): each level halves the image,
+        so both sides must divide by 2 ** (levels - 1). `dataset` names the images in the message."""
+        levels = len(self.fsizes)
+        if self.arch != "unet" or not any(side % 2 ** (levels - 1) for side in image_shape[-2:]):
+            return
+        raise EdtoolError(f"--fsizes with {levels} levels halves the image {levels - 1} times; {self.dataset}'s "
+                          f"{image_shape[-2]}x{image_shape[-1]} images do not divide by {2 ** (levels - 1)}: give "
+                          "fewer widths")
 
 
 # ------------------------------------------------------------------ ranges

@@ -41,11 +41,11 @@ from torch import Tensor
 from edtool.config import ALIASES, MACHINES, PATCH_SIZE
 from edtool.diffusion import alpha_bar, beta, score_to_eps
 from edtool.errors import EdtoolError
-from edtool.config import check_patch_size
+from edtool.config import PADDINGS, check_patch_size
 from edtool.els.schedule import check_fits, check_schedule, scale_index
 from edtool.els import kernel as els_kernels
 # the machines' parts, each in its module; the names stay importable from here
-from edtool.els.windows import PADDINGS, stack_cells, candidate_cells, cell_rectangles, pad_images, window_index  # noqa: F401
+from edtool.els.windows import stack_cells, candidate_cells, cell_rectangles, pad_images, window_index  # noqa: F401
 from edtool.els.engine import (  # noqa: F401
     candidates_per_step, chunk_size_for, clamp_floor, fill_from, gathered_keys, image_keys, sliced_keys,
     posterior_moments, streamed_moments)
