@@ -2,13 +2,14 @@
 calibrate, sample (registered on the app by edtool.cli). Their options come from edtool.cli_options."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from edtool.cli_options import (calibrate_option, command_line, dataset_option, int_list, name_list, sample_option,
-                                settings_from, train_option)
+from edtool.cli_options import (calibrate_option, command_line, dataset_option, given_on_command_line, int_list,
+                                name_list, sample_option, settings_from, train_option)
 from edtool.config import CalibrateConfig, SampleConfig, TrainConfig
 from edtool.console import progress_bar
 from edtool.errors import EdtoolError
@@ -58,91 +59,52 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ):
     """Train a UNet or ResNet noise predictor with the paper's recipe; resumes if interrupted."""
-    from edtool.networks import checkpoints, train_state
-    from edtool.data import load_dataset
-    from edtool.paths import cache_dir, local_checkpoints_dir
-    from edtool.networks.train import default_name, train as run_training, work_dir_name
+    from edtool.networks.train_job import training_job
     from edtool.study.prepare import resolve_device
 
-    given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
-    settings = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__}
-    settings["fsizes"] = int_list(fsizes, "--fsizes")
-    init = None
-    if init_from is not None:
-        net = checkpoints.load(init_from)
-        init = net.net.state_dict()
-        settings["init_from"] = checkpoints.file_hash(init_from.with_suffix(".safetensors"))
-    command = command_line()
-    if state is not None and state.is_dir():  # nobody else trains in it while we read and continue it
-        ctx.with_resource(train_state.lock(state, doing=command))
-    previous = train_state.read(state) if state is not None else None
-    if previous is not None:  # continue it: settings not given on the command line come from the state
-        settings = {**settings, **previous["config"],
-                    **{k: settings[k] for k in given if k in settings}}
-        settings["steps"] = steps if "steps" in given else previous["config"].get("steps", previous["step"])
-        if "init_from" not in given:
-            init = None  # the state holds the weights
-    if settings["arch"] is None:
-        raise EdtoolError("--arch is required (unet or resnet), unless --state names a folder holding a run")
-    cfg = TrainConfig(**settings).validate()  # before the data is loaded (train() checks it again)
+    given = {k: ctx.params[k] for k in given_on_command_line(ctx) if k in TrainConfig.__dataclass_fields__}
+    given.pop("init_from", None)  # a checkpoint's path: the settings record its sha256 (training_job)
+    if "fsizes" in given:
+        given["fsizes"] = int_list(fsizes, "--fsizes")
     device = resolve_device(device)
-    if init is not None and checkpoints.read_manifest(init_from.with_suffix(".safetensors"))["arch"] != cfg.arch:
-        raise EdtoolError(f"--init-from {init_from} is not a {cfg.arch}; give a checkpoint of the same architecture")
-    if out is None and state is None:
-        out = local_checkpoints_dir() / default_name(cfg)
-    if out is not None:
-        if out.exists() and not out.is_file():  # a folder or /dev/null: not where a checkpoint file goes
-            raise EdtoolError(f"--out {out} is a folder or a device, not a file; give the checkpoint's file path, "
-                              f"e.g. {out / 'model.safetensors' if out.is_dir() else 'model.safetensors'}")
-        out = Path(out).with_suffix(".safetensors")
-        check_output([out, out.with_suffix(".json"), out.with_name(out.stem + "_loss.png"),
-                      out.with_name(out.stem + "_samples.png")], force)
-    images, labels = load_dataset(cfg.dataset, root=data_root)
-    levels = 2 ** (len(cfg.fsizes) - 1)  # each UNet level halves the image: the sides must divide evenly
-    if cfg.arch == "unet" and any(side % levels for side in images.shape[-2:]):
-        raise EdtoolError(f"--fsizes with {len(cfg.fsizes)} levels halves the image {len(cfg.fsizes) - 1} times; "
-                          f"{cfg.dataset}'s {images.shape[-2]}x{images.shape[-1]} images do not divide by {levels}: "
-                          "give fewer widths")
-    held_out = None
-    if snapshot_every:
-        if state is None:
-            raise EdtoolError("--snapshot-every needs --state DIR (the snapshots are kept there)")
-        name = "mnist" if cfg.dataset == "mnist5k" else cfg.dataset
-        held_out = load_dataset(name, root=held_out_root or data_root, split="test", download=False)
-    work = state if state is not None else cache_dir() / "train" / work_dir_name(out, cfg)
-    progress = progress_bar(quiet)
-    steps = cfg.steps
-    every = max(1, steps // 100)
-    kw = dict(ckpt_every=ckpt_every, command=command, init_weights=init, held_out=held_out,
-              snapshot_every=snapshot_every, device=device, time_limit_s=time_limit)
-
-    ctx.with_resource(train_state.lock(work, doing=command))  # held until the command ends
-    if quiet:
-        path = run_training(cfg, images, labels, out, work, **kw)
-    elif progress is None:
-        def log(step, loss, lr_now):
-            if step % every == 0 or step == steps:
-                print(f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.2e}", flush=True)
-        path = run_training(cfg, images, labels, out, work, log=log, **kw)
-    else:
-        with progress:
-            task = progress.add_task(f"train {cfg.arch}", total=steps, info="")
-
-            def log(step, loss, lr_now):
-                progress.update(task, completed=step, info=f"loss {loss:.4f} lr {lr_now:.1e}")
-            path = run_training(cfg, images, labels, out, work, log=log, **kw)
+    job = ctx.with_resource(training_job(  # its state folder stays locked until the command ends
+        given, state=state, init_from=init_from, out=out, force=force, data_root=data_root,
+        held_out_root=held_out_root, snapshot_every=snapshot_every, command=command_line()))
+    with training_progress(quiet, job.cfg) as log:
+        path = job.run(device=device, log=log, ckpt_every=ckpt_every, time_limit_s=time_limit)
     if path is not None:
         print(f"wrote {path} (+ .json manifest, _loss.png, _samples.png)")
-    reached = train_state.read(work)["step"]
+    reached, steps = job.reached(), job.cfg.steps
     if reached < steps:
         print(f"stopped at the time limit at step {reached} of {steps}; the state is saved: rerun the same command "
               "to go on")
-    elif state is not None and cfg.lr_gamma is not None:
+    elif state is not None and job.cfg.lr_gamma is not None:
         print(f"training state at step {reached} in {state}; continue with: edtool train --state {state} --steps N "
               f"(any N above {reached})")
     elif state is not None:
         print(f"training state at step {reached} in {state}, the end of its learning-rate schedule "
               "(--lr-final-factor): it cannot be continued; a run started with --lr-gamma can be")
+
+
+@contextmanager
+def training_progress(quiet: bool, cfg: TrainConfig):
+    """The `log(step, loss, lr)` of `edtool train`: None with --quiet, a progress bar on a terminal, else a
+    line every 1% of the steps."""
+    progress = progress_bar(quiet)
+    if quiet:
+        yield None
+    elif progress is None:
+        every = max(1, cfg.steps // 100)
+
+        def log(step, loss, lr_now):
+            if step % every == 0 or step == cfg.steps:
+                print(f"step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr_now:.2e}", flush=True)
+        yield log
+    else:
+        with progress:
+            task = progress.add_task(f"train {cfg.arch}", total=cfg.steps, info="")
+            yield lambda step, loss, lr_now: progress.update(task, completed=step,
+                                                             info=f"loss {loss:.4f} lr {lr_now:.1e}")
 
 
 def import_checkpoint(

@@ -1,6 +1,5 @@
 """Settings objects without heavy imports, so the command line takes its defaults from them."""
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Tuple
 
