@@ -168,7 +168,7 @@ class TrainingRun:
                 self.log(first + i, value, lr_at(self.cfg, first + i - 1))
 
     def save(self, work_dir: Path, command: str) -> None:
-        """Save the resumable state at the step reached (refused if the weights are no longer finite)."""
+        """Save the resumable state at the step reached (refused if a weight is not finite)."""
         self.read_losses()
         if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
             raise EdtoolError(f"training diverged by step {self.step} (non-finite weights); the state saved before "
