@@ -139,14 +139,12 @@ class TrainConfig:
         return self
 
     def check_images(self, image_shape) -> None:
-        """Refuse a UNet whose levels do not fit images of shape (..., H, W): each level halves the image,
-        so both sides must divide by 2 ** (levels - 1). `dataset` names the images in the message."""
-        levels = len(self.fsizes)
-        if self.arch != "unet" or not any(side % 2 ** (levels - 1) for side in image_shape[-2:]):
-            return
-        raise EdtoolError(f"--fsizes with {levels} levels halves the image {levels - 1} times; {self.dataset}'s "
-                          f"{image_shape[-2]}x{image_shape[-1]} images do not divide by {2 ** (levels - 1)}: give "
-                          "fewer widths")
+        """Refuse a UNet whose levels do not fit images (..., H, W): each level halves both sides."""
+        halvings = len(self.fsizes) - 1
+        if self.arch == "unet" and any(side % 2 ** halvings for side in image_shape[-2:]):
+            raise EdtoolError(f"--fsizes with {halvings + 1} levels halves the image {halvings} times; "
+                              f"{self.dataset}'s {image_shape[-2]}x{image_shape[-1]} images do not divide by "
+                              f"{2 ** halvings}: give fewer widths")
 
 
 # ------------------------------------------------------------------ ranges
