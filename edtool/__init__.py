@@ -38,7 +38,10 @@ _HOMES = {
     "open_run": "edtool.store.run",
 }
 
-__all__ = ["__version__", *_HOMES]
+__all__ = [  # written out (not built from _HOMES) so that linters read it; a test checks they agree
+    "__version__", "EdtoolError", "ComputeConfig", "TrainConfig", "SampleConfig", "CalibrateConfig", "load_dataset",
+    "add_noise", "shipped_dir", "load", "make_machine", "exterior_derivative", "compute", "aggregate_run", "open_run",
+]
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors (at run time: __getattr__)
     from edtool.config import CalibrateConfig, ComputeConfig, SampleConfig, TrainConfig

@@ -27,6 +27,10 @@ def test_every_public_name_is_the_object_of_its_home(name):
     assert name in dir(edtool)
 
 
+def test_all_names_the_exports_and_nothing_else():
+    assert edtool.__all__ == ["__version__", *edtool._HOMES]
+
+
 def test_the_page_lists_every_public_name():
     page = (REPO / "docs" / "python-api.md").read_text()
     assert [name for name in edtool._HOMES if f"`{name}" not in page] == []
