@@ -14,8 +14,8 @@ from typing import Optional
 
 import typer
 
-from edtool.cli_networks import (calibrate, import_checkpoint, name_list, option, sample, settings_from,
-                                 train)
+from edtool.cli_networks import calibrate, import_checkpoint, sample, train
+from edtool.cli_options import compute_option, name_list, settings_from
 from edtool.config import ComputeConfig
 from edtool.console import (print_aggregate, print_results_table, print_status, print_verify, print_warnings,
                             reporter, run_command_line, run_compute)
@@ -48,10 +48,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
           version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")):
     """--debug is read by main() from sys.argv; declared here so that it shows in --help."""
-
-
-def _C(name: str, *flags, **kw):
-    return option(ComputeConfig, name, *flags, **kw)
 
 
 def _shard(text: Optional[str]):
@@ -93,58 +89,63 @@ app.command()(sample)
 @app.command()
 def compute(
     ctx: typer.Context,
-    dataset: str = _C("dataset", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
-    data_root: Optional[Path] = _C("data_root", help="Data root in torchvision's layout."),
-    models: str = _C("models", help="Comma-separated: unet, resnet, els, els-borders, els-circular, ls, is, or "
-                     "LABEL=SOURCE with SOURCE a diffusers folder, hf:ORG/NAME, py:package.module:attr or a "
-                     "checkpoint (docs/models.md)."),
-    scheduler: Optional[Path] = _C("scheduler", help="Scheduler folder (scheduler_config.json) of a diffusers "
-                                   "UNet2DModel folder given in --models."),
-    unet: Optional[Path] = _C("unet", "--unet", "--unet_path", "--unet-path", help="UNet checkpoint, ours or a "
-                              "paper backbone_*.pt (default: found in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
-    resnet: Optional[Path] = _C("resnet", "--resnet", "--resnet_path", "--resnet-path", help="ResNet checkpoint, "
-                                "ours or a paper backbone_*.pt (default: found like --unet)."),
-    scales: Optional[Path] = _C("scales", help="ELS scales: our calibration JSON or a paper scales_*.pt."),
-    patch_size: int = _C("patch_size", help="ELS patch size when no calibrated scales exist."),
-    max_samples: Optional[int] = _C("max_samples", "--max-samples", help="Give the machines only the first N "
-                                    "training images (per class for conditional runs)."),
-    nsteps: int = _C("nsteps", help="DDIM steps (the exterior derivative is measured at each)."),
-    realizations: int = _C("realizations", help="Noise realizations (seeds seed, seed+1, ...)."),
-    seed: int = _C("seed", help="Seed of the first realization."),
-    label: Optional[int] = _C("label", help="Class label for conditional models (default: random per realization)."),
-    estimator: str = _C("estimator", help="auto, exact, hutchinson or analytic (ELS machines)."),
-    probes: int = _C("probes", help="Hutchinson probes per point (per round with --rtol)."),
-    rtol: Optional[float] = _C("rtol", help="Add probes until the relative standard error of ED is below this."),
-    maps: bool = _C("maps", "--maps", help="Also store curl maps (where in the image the rotation lives)."),
-    save_points: bool = _C("save_points", "--save-points", help="Also store the point x of every measurement "
-                           "(array point), so any number can be recomputed independently."),
+    dataset: str = compute_option("dataset", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
+    data_root: Optional[Path] = compute_option("data_root", help="Data root in torchvision's layout."),
+    models: str = compute_option("models", help="Comma-separated: unet, resnet, els, els-borders, els-circular, ls, "
+                                 "is, or LABEL=SOURCE with SOURCE a diffusers folder, hf:ORG/NAME, "
+                                 "py:package.module:attr or a checkpoint (docs/models.md)."),
+    scheduler: Optional[Path] = compute_option("scheduler", help="Scheduler folder (scheduler_config.json) of a "
+                                               "diffusers UNet2DModel folder given in --models."),
+    unet: Optional[Path] = compute_option("unet", "--unet", "--unet_path", "--unet-path", help="UNet checkpoint, ours "
+                                          "or a paper backbone_*.pt (default: found in ./checkpoints, "
+                                          "$EDTOOL_CHECKPOINTS, shipped)."),
+    resnet: Optional[Path] = compute_option("resnet", "--resnet", "--resnet_path", "--resnet-path", help="ResNet "
+                                            "checkpoint, ours or a paper backbone_*.pt (default: found like --unet)."),
+    scales: Optional[Path] = compute_option("scales", help="ELS scales: our calibration JSON or a paper scales_*.pt."),
+    patch_size: int = compute_option("patch_size", help="ELS patch size when no calibrated scales exist."),
+    max_samples: Optional[int] = compute_option("max_samples", "--max-samples", help="Give the machines only the first "
+                                                "N training images (per class for conditional runs)."),
+    nsteps: int = compute_option("nsteps", help="DDIM steps (the exterior derivative is measured at each)."),
+    realizations: int = compute_option("realizations", help="Noise realizations (seeds seed, seed+1, ...)."),
+    seed: int = compute_option("seed", help="Seed of the first realization."),
+    label: Optional[int] = compute_option("label", help="Class label for conditional models (default: random per "
+                                          "realization)."),
+    estimator: str = compute_option("estimator", help="auto, exact, hutchinson or analytic (ELS machines)."),
+    probes: int = compute_option("probes", help="Hutchinson probes per point (per round with --rtol)."),
+    rtol: Optional[float] = compute_option("rtol", help="Add probes until the relative standard error of ED is below "
+                                           "this."),
+    maps: bool = compute_option("maps", "--maps", help="Also store curl maps (where in the image the rotation lives)."),
+    save_points: bool = compute_option("save_points", "--save-points", help="Also store the point x of every "
+                                       "measurement (array point), so any number can be recomputed independently."),
     trajectory: Optional[str] = typer.Option(None, help="own: each model follows its own DDIM path; shared: all "
                                              "measured on the reference model's path (default: own; shared with "
                                              "--align)."),
-    reference: Optional[str] = _C("reference", help="Reference model for --trajectory shared (default: first)."),
-    points: str = _C("points", help="trajectory: along DDIM paths; noised-data: at forward-noised held-out images "
-                     "at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, see docs/measurements.md)."),
-    held_out: Optional[str] = _C("held_out", help="Data set whose test split gives --points noised-data its images "
-                                 "(default: the training set's; mnist for mnist5k)."),
-    locality: bool = _C("locality", "--locality", help="Also store how local each score Jacobian is (see "
-                        "docs/locality.md): share of ||J||_F^2 within each pixel distance, and the radius r90 "
-                        "holding 90%."),
-    locality_radius: Optional[int] = _C("locality_radius", help="Largest pixel distance of the locality profile "
-                                        "(default: half the image size)."),
-    locality_method: str = _C("locality_method", help="auto (exact Jacobian when it fits in memory, else probes), "
-                              "exact or probe."),
-    locality_pixels: int = _C("locality_pixels", help="Output pixels drawn by the locality probe estimator."),
-    align: Optional[str] = _C("align", help="Also store the cosine between every model's score Jacobian and this "
-                              "model's at the same points, e.g. --align els (implies --trajectory shared unless "
-                              "--points noised-data)."),
-    device: str = _C("device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
-    tf32: bool = _C("tf32", "--tf32", help="On CUDA, allow TF32 (faster, asym moves by ~1e-2; recorded)."),
-    batch: int = _C("batch", help="Realizations processed together."),
-    run: Optional[str] = _C("run", help="Run name under cache/ (default derived from the settings)."),
-    run_dir: Optional[str] = _C("run_dir", help="Run directory or fsspec URL (overrides --run)."),
-    overwrite: bool = _C("overwrite", "--overwrite", help="Discard an existing run with other settings."),
-    retry_failed: bool = _C("retry_failed", "--retry-failed", help="Recompute finished cells that hold NaN (a "
-                            "failure, e.g. out of memory); other cells are kept."),
+    reference: Optional[str] = compute_option("reference", help="Reference model for --trajectory shared (default: "
+                                              "first)."),
+    points: str = compute_option("points", help="trajectory: along DDIM paths; noised-data: at forward-noised held-out "
+                                 "images at t = 1, (N-1)/N, ..., 1/N (QCSBM's protocol, see docs/measurements.md)."),
+    held_out: Optional[str] = compute_option("held_out", help="Data set whose test split gives --points noised-data "
+                                             "its images (default: the training set's; mnist for mnist5k)."),
+    locality: bool = compute_option("locality", "--locality", help="Also store how local each score Jacobian is (see "
+                                    "docs/locality.md): share of ||J||_F^2 within each pixel distance, and the radius "
+                                    "r90 holding 90%."),
+    locality_radius: Optional[int] = compute_option("locality_radius", help="Largest pixel distance of the locality "
+                                                    "profile (default: half the image size)."),
+    locality_method: str = compute_option("locality_method", help="auto (exact Jacobian when it fits in memory, else "
+                                          "probes), exact or probe."),
+    locality_pixels: int = compute_option("locality_pixels", help="Output pixels drawn by the locality probe "
+                                          "estimator."),
+    align: Optional[str] = compute_option("align", help="Also store the cosine between every model's score Jacobian "
+                                          "and this model's at the same points, e.g. --align els (implies --trajectory "
+                                          "shared unless --points noised-data)."),
+    device: str = compute_option("device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+    tf32: bool = compute_option("tf32", "--tf32", help="On CUDA, allow TF32 (faster, asym moves by ~1e-2; recorded)."),
+    batch: int = compute_option("batch", help="Realizations processed together."),
+    run: Optional[str] = compute_option("run", help="Run name under cache/ (default derived from the settings)."),
+    run_dir: Optional[str] = compute_option("run_dir", help="Run directory or fsspec URL (overrides --run)."),
+    overwrite: bool = compute_option("overwrite", "--overwrite", help="Discard an existing run with other settings."),
+    retry_failed: bool = compute_option("retry_failed", "--retry-failed", help="Recompute finished cells that hold NaN "
+                                        "(a failure, e.g. out of memory); other cells are kept."),
     shard: Optional[str] = typer.Option(None, help="i/K: compute only realizations r with r % K == i (job arrays)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable progress and summary."),
@@ -207,32 +208,35 @@ def plot(
 @app.command()
 def analyze(
     ctx: typer.Context,
-    dataset: str = _C("dataset", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
+    dataset: str = compute_option("dataset", help="mnist5k (bundled), mnist, fashionmnist or cifar10."),
     single: bool = typer.Option(False, "--single", help="One realization (the default)."),
     multiple: Optional[int] = typer.Option(None, "--multiple", min=1, help="N noise realizations."),
-    nsteps: int = _C("nsteps", help="DDIM steps."),
+    nsteps: int = compute_option("nsteps", help="DDIM steps."),
     output_dir: Path = typer.Option(Path("results/exterior_derivative"), "--output_dir", "--output-dir",
                                     help="Results folder; runs land in {output_dir}/{dataset}/..."),
-    unet: Optional[Path] = _C("unet", "--unet_path", "--unet-path", "--unet", help="UNet checkpoint, ours or a "
-                              "paper backbone_*.pt (default: found in ./checkpoints, $EDTOOL_CHECKPOINTS, shipped)."),
-    resnet: Optional[Path] = _C("resnet", "--resnet_path", "--resnet-path", "--resnet", help="ResNet checkpoint, "
-                                "ours or a paper backbone_*.pt."),
-    scales: Optional[Path] = _C("scales", "--scales_path", "--scales-path", "--scales", help="ELS scales file."),
-    models: str = _C("models", help="Models to compare."),
-    data_root: Optional[Path] = _C("data_root", help="Data root in torchvision's layout."),
-    max_samples: Optional[int] = _C("max_samples", "--max-samples", help="Give the machines only the first N "
-                                    "training images (per class for conditional runs)."),
-    seed: int = _C("seed", help="Seed of the first realization."),
-    estimator: str = _C("estimator", help="auto, exact, hutchinson or analytic."),
-    probes: int = _C("probes", help="Hutchinson probes per point."),
-    maps: bool = _C("maps", "--maps", help="Also store and draw curl maps."),
-    points: str = _C("points", help="trajectory, or noised-data: forward-noised held-out images at uniformly "
-                     "spaced t (QCSBM's protocol, see docs/measurements.md), in .../<layout>_noised_data/."),
-    held_out: Optional[str] = _C("held_out", help="Data set whose test split gives --points noised-data its images "
-                                 "(default: the training set's; mnist for mnist5k)."),
-    device: str = _C("device", help="auto, cpu, cuda."),
-    overwrite: bool = _C("overwrite", "--overwrite", help="Discard an existing run with other settings, and "
-                         "replace files of the figures' names that edtool did not write."),
+    unet: Optional[Path] = compute_option("unet", "--unet_path", "--unet-path", "--unet", help="UNet checkpoint, ours "
+                                          "or a paper backbone_*.pt (default: found in ./checkpoints, "
+                                          "$EDTOOL_CHECKPOINTS, shipped)."),
+    resnet: Optional[Path] = compute_option("resnet", "--resnet_path", "--resnet-path", "--resnet", help="ResNet "
+                                            "checkpoint, ours or a paper backbone_*.pt."),
+    scales: Optional[Path] = compute_option("scales", "--scales_path", "--scales-path", "--scales", help="ELS scales "
+                                            "file."),
+    models: str = compute_option("models", help="Models to compare."),
+    data_root: Optional[Path] = compute_option("data_root", help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = compute_option("max_samples", "--max-samples", help="Give the machines only the first "
+                                                "N training images (per class for conditional runs)."),
+    seed: int = compute_option("seed", help="Seed of the first realization."),
+    estimator: str = compute_option("estimator", help="auto, exact, hutchinson or analytic."),
+    probes: int = compute_option("probes", help="Hutchinson probes per point."),
+    maps: bool = compute_option("maps", "--maps", help="Also store and draw curl maps."),
+    points: str = compute_option("points", help="trajectory, or noised-data: forward-noised held-out images at "
+                                 "uniformly spaced t (QCSBM's protocol, see docs/measurements.md), in "
+                                 ".../<layout>_noised_data/."),
+    held_out: Optional[str] = compute_option("held_out", help="Data set whose test split gives --points noised-data "
+                                             "its images (default: the training set's; mnist for mnist5k)."),
+    device: str = compute_option("device", help="auto, cpu, cuda."),
+    overwrite: bool = compute_option("overwrite", "--overwrite", help="Discard an existing run with other settings, "
+                                     "and replace files of the figures' names that edtool did not write."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, pdf or svg."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
@@ -273,10 +277,10 @@ def analyze(
 def demo(
     out: Path = typer.Option(Path("results/exterior_derivative_demo"), "--out", "--output_dir",
                              help="Folder for the demo's run store, summary and figures."),
-    models: str = _C("models", help="Models to compare (the shipped checkpoints and ELS)."),
-    nsteps: int = _C("nsteps", default=10, help="DDIM steps (fewer = quicker tour)."),
-    seed: int = _C("seed", help="Seed of the initial noise."),
-    device: str = _C("device", help="auto, cpu, cuda."),
+    models: str = compute_option("models", help="Models to compare (the shipped checkpoints and ELS)."),
+    nsteps: int = compute_option("nsteps", default=10, help="DDIM steps (fewer = quicker tour)."),
+    seed: int = compute_option("seed", help="Seed of the initial noise."),
+    device: str = compute_option("device", help="auto, cpu, cuda."),
 ):
     """A short guided tour on the bundled data and checkpoints that explains each number as it appears."""
     from rich.console import Console

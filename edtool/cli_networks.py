@@ -1,82 +1,44 @@
 """The commands that make networks and run the ELS machines against them: train, import-checkpoint,
-calibrate, sample (registered on the app by edtool.cli), and the option helpers every command uses:
-each option takes its default and range from its settings dataclass (edtool.config)."""
+calibrate, sample (registered on the app by edtool.cli). Their options come from edtool.cli_options."""
 
 import json
-import shlex
-import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from edtool.config import RANGES, CalibrateConfig, SampleConfig, TrainConfig, default
+from edtool.cli_options import (calibrate_option, command_line, dataset_option, given_on_command_line, int_list,
+                                name_list, sample_option, settings_from, train_option)
+from edtool.config import CalibrateConfig, SampleConfig, TrainConfig
 from edtool.console import progress_bar
 from edtool.errors import EdtoolError
 from edtool.fileio import check_output
-
-
-def int_list(text: str, what: str) -> List[int]:
-    """'32,64,128' (or '32 64 128') -> [32, 64, 128]; an empty entry ('8,,16', '8,16,') is refused."""
-    try:
-        words = [part.split() or [""] for part in text.split(",")]  # an empty entry is refused by int("")
-        return [int(v) for part in words for v in part]
-    except ValueError:
-        raise EdtoolError(f"{what} must be integers separated by commas, e.g. 32,64,128 (got {text!r})") from None
-
-
-def name_list(text: str) -> List[str]:
-    """--models unet,els / --machine els-borders,is -> the names, in order."""
-    return [m.strip() for m in text.split(",") if m.strip()]
-
-
-def option(settings, name: str, *flags, **kw):
-    """An option whose default is the settings dataclass's (a list shown as 3,5,7) and whose range is
-    edtool.config.RANGES' (Typer refuses a number outside as a usage error, before any work), so the
-    command and the library agree (`default=` overrides the default, as demo's shorter tour does)."""
-    value = kw.pop("default") if "default" in kw else default(settings, name)
-    if isinstance(value, list):
-        value = ",".join(map(str, value))
-    least, most = RANGES.get(name, (None, None))
-    if name in ("dataset", "held_out"):
-        kw.setdefault("callback", dataset_option)
-    return typer.Option(value, *flags, **{"min": least, "max": most, **kw})
-
-
-def dataset_option(text: Optional[str]) -> Optional[str]:
-    """--dataset MNIST is mnist (edtool.data.dataset_name), before a command uses it (analyze names its
-    folder after it)."""
-    from edtool.data import dataset_name
-
-    return dataset_name(text)
-
-
-def _T(name: str, *flags, **kw):
-    return option(TrainConfig, name, *flags, **kw)
 
 
 def train(
     ctx: typer.Context,
     arch: Optional[str] = typer.Option(None, help="Network architecture: unet or resnet (required unless --state "
                                        "holds a run)."),
-    dataset: str = _T("dataset", help="Training data: mnist5k, mnist, fashionmnist, cifar10."),
+    dataset: str = train_option("dataset", help="Training data: mnist5k, mnist, fashionmnist, cifar10."),
     data_root: Optional[Path] = typer.Option(None, help="Data root in torchvision's layout (not needed for mnist5k)."),
-    conditional: bool = _T("conditional", "--conditional", help="Class-conditional network."),
-    padding: str = _T("padding", help="Convolution padding: zeros or circular."),
-    steps: int = _T("steps", min=1, max=10**9, help="Optimizer steps (in all, counting those done)."),
-    batch: int = _T("batch", max=1 << 20, help="Images per step."),
-    lr: float = _T("lr", help="Initial AdamW learning rate."),
-    lr_final_factor: float = _T("lr_final_factor", help="Learning rate at the last step as a fraction of --lr."),
+    conditional: bool = train_option("conditional", "--conditional", help="Class-conditional network."),
+    padding: str = train_option("padding", help="Convolution padding: zeros or circular."),
+    steps: int = train_option("steps", min=1, max=10**9, help="Optimizer steps (in all, counting those done)."),
+    batch: int = train_option("batch", max=1 << 20, help="Images per step."),
+    lr: float = train_option("lr", help="Initial AdamW learning rate."),
+    lr_final_factor: float = train_option("lr_final_factor", help="Learning rate at the last step as a fraction of "
+                                          "--lr."),
     lr_gamma: Optional[float] = typer.Option(None, help="Per-step learning-rate factor instead of "
                                              "--lr-final-factor (the paper: 0.999965); such a run can be continued "
                                              "to more --steps."),
-    ema_decay: float = _T("ema_decay", help="Ship the exponential moving average of the weights with this decay "
-                          "(0: the raw weights)."),
-    seed: int = _T("seed", help="Seed of every random choice in training."),
-    fsizes: str = _T("fsizes", help="UNet channel widths per level."),
-    emb_dim: int = _T("emb_dim", help="UNet time-embedding size."),
-    width: int = _T("width", help="ResNet width (a multiple of 8, at least 16)."),
-    layers: int = _T("layers", help="ResNet residual layers."),
+    ema_decay: float = train_option("ema_decay", help="Ship the exponential moving average of the weights with this "
+                                    "decay (0: the raw weights)."),
+    seed: int = train_option("seed", help="Seed of every random choice in training."),
+    fsizes: str = train_option("fsizes", help="UNet channel widths per level."),
+    emb_dim: int = train_option("emb_dim", help="UNet time-embedding size."),
+    width: int = train_option("width", help="ResNet width (a multiple of 8, at least 16)."),
+    layers: int = train_option("layers", help="ResNet residual layers."),
     init_from: Optional[Path] = typer.Option(None, help="Start from this edtool checkpoint's weights (same "
                                              "architecture) instead of random ones."),
     state: Optional[Path] = typer.Option(None, help="Keep the complete resumable state (safetensors + JSON) and "
@@ -97,91 +59,52 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ):
     """Train a UNet or ResNet noise predictor with the paper's recipe; resumes if interrupted."""
-    from edtool.networks import checkpoints, train_state
-    from edtool.data import load_dataset
-    from edtool.paths import cache_dir, local_checkpoints_dir
-    from edtool.networks.train import default_name, train as run_training, work_dir_name
+    from edtool.networks.train_job import training_job
     from edtool.device import resolve_device
 
-    given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
-    settings = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__}
-    settings["fsizes"] = int_list(fsizes, "--fsizes")
-    init = None
-    if init_from is not None:
-        net = checkpoints.load(init_from)
-        init = net.net.state_dict()
-        settings["init_from"] = checkpoints.file_hash(init_from.with_suffix(".safetensors"))
-    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if state is not None and state.is_dir():  # nobody else trains in it while we read and continue it
-        ctx.with_resource(train_state.lock(state, doing=command))
-    previous = train_state.read(state) if state is not None else None
-    if previous is not None:  # continue it: settings not given on the command line come from the state
-        settings = {**settings, **previous["config"],
-                    **{k: settings[k] for k in given if k in settings}}
-        settings["steps"] = steps if "steps" in given else previous["config"].get("steps", previous["step"])
-        if "init_from" not in given:
-            init = None  # the state holds the weights
-    if settings["arch"] is None:
-        raise EdtoolError("--arch is required (unet or resnet), unless --state names a folder holding a run")
-    cfg = TrainConfig(**settings).validate()  # before the data is loaded (train() checks it again)
+    given = {k: ctx.params[k] for k in given_on_command_line(ctx) if k in TrainConfig.__dataclass_fields__}
+    given.pop("init_from", None)  # a checkpoint's path: the settings record its sha256 (training_job)
+    if "fsizes" in given:
+        given["fsizes"] = int_list(fsizes, "--fsizes")
     device = resolve_device(device)
-    if init is not None and checkpoints.read_manifest(init_from.with_suffix(".safetensors"))["arch"] != cfg.arch:
-        raise EdtoolError(f"--init-from {init_from} is not a {cfg.arch}; give a checkpoint of the same architecture")
-    if out is None and state is None:
-        out = local_checkpoints_dir() / default_name(cfg)
-    if out is not None:
-        if out.exists() and not out.is_file():  # a folder or /dev/null: not where a checkpoint file goes
-            raise EdtoolError(f"--out {out} is a folder or a device, not a file; give the checkpoint's file path, "
-                              f"e.g. {out / 'model.safetensors' if out.is_dir() else 'model.safetensors'}")
-        out = Path(out).with_suffix(".safetensors")
-        check_output([out, out.with_suffix(".json"), out.with_name(out.stem + "_loss.png"),
-                      out.with_name(out.stem + "_samples.png")], force)
-    images, labels = load_dataset(cfg.dataset, root=data_root)
-    levels = 2 ** (len(cfg.fsizes) - 1)  # each UNet level halves the image: the sides must divide evenly
-    if cfg.arch == "unet" and any(side % levels for side in images.shape[-2:]):
-        raise EdtoolError(f"--fsizes with {len(cfg.fsizes)} levels halves the image {len(cfg.fsizes) - 1} times; "
-                          f"{cfg.dataset}'s {images.shape[-2]}x{images.shape[-1]} images do not divide by {levels}: "
-                          "give fewer widths")
-    held_out = None
-    if snapshot_every:
-        if state is None:
-            raise EdtoolError("--snapshot-every needs --state DIR (the snapshots are kept there)")
-        name = "mnist" if cfg.dataset == "mnist5k" else cfg.dataset
-        held_out = load_dataset(name, root=held_out_root or data_root, split="test", download=False)
-    work = state if state is not None else cache_dir() / "train" / work_dir_name(out, cfg)
-    progress = progress_bar(quiet)
-    steps = cfg.steps
-    every = max(1, steps // 100)
-    kw = dict(ckpt_every=ckpt_every, command=command, init_weights=init, held_out=held_out,
-              snapshot_every=snapshot_every, device=device, time_limit_s=time_limit)
-
-    ctx.with_resource(train_state.lock(work, doing=command))  # held until the command ends
-    if quiet:
-        path = run_training(cfg, images, labels, out, work, **kw)
-    elif progress is None:
-        def log(step, loss, lr_now):
-            if step % every == 0 or step == steps:
-                print(f"step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.2e}", flush=True)
-        path = run_training(cfg, images, labels, out, work, log=log, **kw)
-    else:
-        with progress:
-            task = progress.add_task(f"train {cfg.arch}", total=steps, info="")
-
-            def log(step, loss, lr_now):
-                progress.update(task, completed=step, info=f"loss {loss:.4f} lr {lr_now:.1e}")
-            path = run_training(cfg, images, labels, out, work, log=log, **kw)
+    job = ctx.with_resource(training_job(  # its state folder stays locked until the command ends
+        given, state=state, init_from=init_from, out=out, force=force, data_root=data_root,
+        held_out_root=held_out_root, snapshot_every=snapshot_every, command=command_line()))
+    with training_progress(quiet, job.cfg) as log:
+        path = job.run(device=device, log=log, ckpt_every=ckpt_every, time_limit_s=time_limit)
     if path is not None:
         print(f"wrote {path} (+ .json manifest, _loss.png, _samples.png)")
-    reached = train_state.read(work)["step"]
+    reached, steps = job.reached(), job.cfg.steps
     if reached < steps:
         print(f"stopped at the time limit at step {reached} of {steps}; the state is saved: rerun the same command "
               "to go on")
-    elif state is not None and cfg.lr_gamma is not None:
+    elif state is not None and job.cfg.lr_gamma is not None:
         print(f"training state at step {reached} in {state}; continue with: edtool train --state {state} --steps N "
               f"(any N above {reached})")
     elif state is not None:
         print(f"training state at step {reached} in {state}, the end of its learning-rate schedule "
               "(--lr-final-factor): it cannot be continued; a run started with --lr-gamma can be")
+
+
+@contextmanager
+def training_progress(quiet: bool, cfg: TrainConfig):
+    """The `log(step, loss, lr)` of `edtool train`: None with --quiet, a progress bar on a terminal, else a
+    line every 1% of the steps."""
+    progress = progress_bar(quiet)
+    if quiet:
+        yield None
+    elif progress is None:
+        every = max(1, cfg.steps // 100)
+
+        def log(step, loss, lr_now):
+            if step % every == 0 or step == cfg.steps:
+                print(f"step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr_now:.2e}", flush=True)
+        yield log
+    else:
+        with progress:
+            task = progress.add_task(f"train {cfg.arch}", total=cfg.steps, info="")
+            yield lambda step, loss, lr_now: progress.update(task, completed=step,
+                                                             info=f"loss {loss:.4f} lr {lr_now:.1e}")
 
 
 def import_checkpoint(
@@ -221,35 +144,24 @@ def _network_and_data(cfg):
     return net, images.to(dev), labels.to(dev), dataset
 
 
-def _K(name: str, *flags, **kw):
-    return option(CalibrateConfig, name, *flags, **kw)
-
-
-def _S(name: str, *flags, **kw):
-    return option(SampleConfig, name, *flags, **kw)
-
-
-def settings_from(settings, params: dict, **given):
-    """The settings dataclass from a command's parameters of the same names (and `given`), checked."""
-    return settings(**{**{k: v for k, v in params.items() if k in settings.__dataclass_fields__}, **given}).validate()
-
-
 def calibrate(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., help="Network checkpoint (.safetensors) to calibrate against."),
-    machine: str = _K("machine", help="els-borders, els (follows the padding), els-circular or ls."),
-    sizes: str = _K("sizes", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
-    seeds: int = _K("seeds", help="Number of seeds (trajectories), scored together."),
-    seed: int = _K("seed", help="First seed."),
-    nsteps: int = _K("nsteps", help="DDIM steps (one scale per step)."),
-    metric: str = _K("metric", help="cosine (default) or l2 (relative distance)."),
-    dataset: Optional[str] = _K("dataset", help="Training data of the machine (default: the checkpoint's)."),
-    data_root: Optional[Path] = _K("data_root", help="Data root in torchvision's layout."),
-    max_samples: Optional[int] = _K("max_samples", "--max-samples", "--n-images", help="Give the machines only the "
-                                    "first N training images (per class for a conditional network)."),
-    label: Optional[int] = _K("label", help="Class label for a conditional network (default: per seed)."),
-    batch: Optional[int] = _K("batch", help="At most this many (step, seed) points per machine call."),
-    device: str = _K("device", help="auto, cpu, cuda, cuda:N."),
+    machine: str = calibrate_option("machine", help="els-borders, els (follows the padding), els-circular or ls."),
+    sizes: str = calibrate_option("sizes", help="Candidate odd patch sizes: --sizes 3 5 7 or 3,5,7."),
+    seeds: int = calibrate_option("seeds", help="Number of seeds (trajectories), scored together."),
+    seed: int = calibrate_option("seed", help="First seed."),
+    nsteps: int = calibrate_option("nsteps", help="DDIM steps (one scale per step)."),
+    metric: str = calibrate_option("metric", help="cosine (default) or l2 (relative distance)."),
+    dataset: Optional[str] = calibrate_option("dataset", help="Training data of the machine (default: the "
+                                              "checkpoint's)."),
+    data_root: Optional[Path] = calibrate_option("data_root", help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = calibrate_option("max_samples", "--max-samples", "--n-images", help="Give the "
+                                                  "machines only the first N training images (per class for a "
+                                                  "conditional network)."),
+    label: Optional[int] = calibrate_option("label", help="Class label for a conditional network (default: per seed)."),
+    batch: Optional[int] = calibrate_option("batch", help="At most this many (step, seed) points per machine call."),
+    device: str = calibrate_option("device", help="auto, cpu, cuda, cuda:N."),
     out: Optional[Path] = typer.Option(None, help="Scales JSON (default: ./checkpoints/<checkpoint stem>_scales_"
                                        "<machine>.json in the working directory, where compute finds it first)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing scales file at the output path."),
@@ -266,7 +178,7 @@ def calibrate(
     from edtool.networks.discovery import local_scales_path
     from edtool.device import cuda_numerics
 
-    command = "edtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint).with_suffix(".safetensors")
     if merge is not None:
         _merge_calibrations(merge, weights, out, force, command)
@@ -322,28 +234,30 @@ def _merge_calibrations(merge: str, weights: Path, out: Optional[Path], force: b
 
 def sample(
     ctx: typer.Context,
-    machine: str = _S("machine", help="Comma-separated machines: els-borders, els, els-circular, ls, is."),
+    machine: str = sample_option("machine", help="Comma-separated machines: els-borders, els, els-circular, ls, is."),
     checkpoint: Path = typer.Option(..., help="Network checkpoint whose samples the machines are compared with."),
-    seeds: int = _S("seeds", help="Number of seeds."),
-    seed: int = _S("seed", help="First seed."),
+    seeds: int = sample_option("seeds", help="Number of seeds."),
+    seed: int = sample_option("seed", help="First seed."),
     out: Path = typer.Option(..., help="Output folder (seeds/, els_outputs/, network_outputs/, r2_summary.json)."),
-    scales: Optional[Path] = _S("scales", help="Scales JSON or paper scales_*.pt (default: the calibration JSON "
-                                "beside the checkpoint)."),
-    patch_size: int = _S("patch_size", help="Fixed patch size when no scales are found."),
-    nsteps: int = _S("nsteps", help="DDIM steps."),
-    dataset: Optional[str] = _S("dataset", help="Training data of the machines (default: the checkpoint's)."),
-    data_root: Optional[Path] = _S("data_root", help="Data root in torchvision's layout."),
-    max_samples: Optional[int] = _S("max_samples", "--max-samples", "--n-images", help="Give the machines only the "
-                                    "first N training images (per class for a conditional network)."),
-    label: Optional[int] = _S("label", help="Class label for a conditional network (default: per seed)."),
-    batch: Optional[int] = _S("batch", help="Seeds sampled together (default: all)."),
-    device: str = _S("device", help="auto, cpu, cuda, cuda:N."),
-    layout: str = _S("layout", help="Per-seed files: edtool (seed_<s>.npy) or paper (0000.pt ...: plain tensors, "
-                     "as the paper's scripts write them)."),
-    baseline: bool = _S("baseline", "--baseline/--no-baseline", help="Also sample the ideal score machine (is) "
-                        "when not asked for, to report on how many seeds each machine beats it (the paper's "
-                        "comparison)."),
-    overwrite: bool = _S("overwrite", "--overwrite", help="Replace samples of other settings in --out."),
+    scales: Optional[Path] = sample_option("scales", help="Scales JSON or paper scales_*.pt (default: the calibration "
+                                           "JSON beside the checkpoint)."),
+    patch_size: int = sample_option("patch_size", help="Fixed patch size when no scales are found."),
+    nsteps: int = sample_option("nsteps", help="DDIM steps."),
+    dataset: Optional[str] = sample_option("dataset", help="Training data of the machines (default: the "
+                                           "checkpoint's)."),
+    data_root: Optional[Path] = sample_option("data_root", help="Data root in torchvision's layout."),
+    max_samples: Optional[int] = sample_option("max_samples", "--max-samples", "--n-images", help="Give the machines "
+                                               "only the first N training images (per class for a conditional "
+                                               "network)."),
+    label: Optional[int] = sample_option("label", help="Class label for a conditional network (default: per seed)."),
+    batch: Optional[int] = sample_option("batch", help="Seeds sampled together (default: all)."),
+    device: str = sample_option("device", help="auto, cpu, cuda, cuda:N."),
+    layout: str = sample_option("layout", help="Per-seed files: edtool (seed_<s>.npy) or paper (0000.pt ...: plain "
+                                "tensors, as the paper's scripts write them)."),
+    baseline: bool = sample_option("baseline", "--baseline/--no-baseline", help="Also sample the ideal score machine "
+                                   "(is) when not asked for, to report on how many seeds each machine beats it (the "
+                                   "paper's comparison)."),
+    overwrite: bool = sample_option("overwrite", "--overwrite", help="Replace samples of other settings in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ):
     """Sample ELS/LS/IS machines and the network from the same seeds; agreement r and r^2 of each machine with the

@@ -1,6 +1,5 @@
 """Settings objects without heavy imports, so the command line takes its defaults from them."""
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Tuple
 
@@ -13,6 +12,7 @@ PROBES = 16  # Hutchinson probes per point: a relative standard error of ED of a
 MIN_PROBES = 2  # the standard error of a Hutchinson estimate needs a spread, so at least two probes
 PATCH_SIZE = 5  # ELS patch size when no calibrated schedule is found (the paper's median MNIST size)
 NETWORKS = ("unet", "resnet")  # the architectures edtool trains and finds by name (--unet, --resnet)
+PADDINGS = ("zeros", "circular")  # the convolution paddings edtool trains with and the ELS machines model
 
 
 # ------------------------------------------------------------------ what each option accepts
@@ -110,10 +110,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Refuse settings no network or optimizer can use (EdtoolError naming the option)."""
-        if self.arch not in ("unet", "resnet"):
-            raise EdtoolError(f"unknown --arch {self.arch!r}; choose unet or resnet")
-        if self.padding not in ("zeros", "circular"):
-            raise EdtoolError(f"unknown --padding {self.padding!r}; choose zeros or circular")
+        if self.arch not in NETWORKS:
+            raise EdtoolError(f"unknown --arch {self.arch!r}; choose {' or '.join(NETWORKS)}")
+        if self.padding not in PADDINGS:
+            raise EdtoolError(f"unknown --padding {self.padding!r}; choose {' or '.join(PADDINGS)}")
         if self.arch == "resnet" and (self.width % 8 or self.width < 16):
             raise EdtoolError(f"--width must be a multiple of 8 and at least 16 (GroupNorm with 8 groups needs "
                               f"2 or more channels per group), got {self.width}")
@@ -138,6 +138,14 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise EdtoolError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         return self
+
+    def check_images(self, image_shape) -> None:
+        """Refuse a UNet whose levels do not fit images (..., H, W): each level halves both sides."""
+        halvings = len(self.fsizes) - 1
+        if self.arch == "unet" and any(side % 2 ** halvings for side in image_shape[-2:]):
+            raise EdtoolError(f"--fsizes with {halvings + 1} levels halves the image {halvings} times; "
+                              f"{self.dataset}'s {image_shape[-2]}x{image_shape[-1]} images do not divide by "
+                              f"{2 ** halvings}: give fewer widths")
 
 
 # ------------------------------------------------------------------ ranges

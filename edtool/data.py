@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edtool.config import DATASETS, check_range  # noqa: F401 (DATASETS: importable from here too)
+from edtool.config import DATASETS, check_range
 from edtool.errors import EdtoolError
 from edtool.fileio import atomic_path
 from edtool.paths import cache_dir

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from edtool.networks import checkpoints
 from edtool.networks import discovery
 from edtool.cli import app, main
-from edtool.config import default
+from edtool.config import TrainConfig, default
 from edtool.errors import EdtoolError
 from edtool.paths import REPO_ROOT
-from edtool.networks.train import TrainConfig, train, work_dir_name
+from edtool.networks.train import train, work_dir_name
 
 
 def _tiny_data(n=24):
@@ -28,10 +28,21 @@ def _cfg(**kw):
                           "emb_dim": 16, **kw})
 
 
+def _interrupted(cfg, images, labels, out, work_dir, at: int, **kw):
+    """Train with the state saved every step, interrupted as Ctrl-C does (a KeyboardInterrupt) when step
+    `at` is logged: the run ends there, the state of step at - 1 on disk."""
+    def log(step, loss, lr):
+        if step == at:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, images, labels, out, work_dir, ckpt_every=1, log=log, **kw)
+    assert json.loads((Path(work_dir) / "state.json").read_text())["step"] == at - 1
+
+
 def test_resumed_training_ends_with_the_same_weights(tmp_path):
     images, labels = _tiny_data()
     straight = train(_cfg(), images, labels, tmp_path / "a", tmp_path / "wa", ckpt_every=1)
-    assert train(_cfg(), images, labels, tmp_path / "b", tmp_path / "wb", ckpt_every=1, stop_after=3) is None
+    _interrupted(_cfg(), images, labels, tmp_path / "b", tmp_path / "wb", at=4)
     assert not (tmp_path / "b.safetensors").exists()
     resumed = train(_cfg(), images, labels, tmp_path / "b", tmp_path / "wb", ckpt_every=1)
     a, b = load_file(str(straight)), load_file(str(resumed))
@@ -100,7 +111,7 @@ def test_a_work_dir_of_other_settings_is_refused_by_name(tmp_path):
     """train() refuses to resume a state written with other settings and names them; the CLI keys its
     work dir by the settings hash, so two settings never meet in one folder."""
     images, labels = _tiny_data()
-    assert train(_cfg(), images, labels, tmp_path / "a", tmp_path / "w", ckpt_every=1, stop_after=2) is None
+    _interrupted(_cfg(), images, labels, tmp_path / "a", tmp_path / "w", at=3)
     with pytest.raises(EdtoolError, match="other settings \\(batch, steps\\)"):
         train(_cfg(steps=7, batch=2), images, labels, tmp_path / "a", tmp_path / "w")
     assert work_dir_name("x/a.safetensors", _cfg()) != work_dir_name("x/a.safetensors", _cfg(steps=7))
@@ -164,7 +175,7 @@ def test_a_saved_state_continues_bit_for_bit(tmp_path, gamma):
     straight = train(_cfg(lr_gamma=gamma), images, labels, None, tmp_path / "a", ckpt_every=100)
     assert straight is None  # no --out: only the state advances
     if gamma is None:  # interrupted after 3 of 6 steps, then resumed by a second call
-        train(_cfg(), images, labels, None, tmp_path / "b", ckpt_every=1, stop_after=3)
+        _interrupted(_cfg(), images, labels, None, tmp_path / "b", at=4)
     else:  # a first stretch of 3 steps, then the same run continued to 6
         train(_cfg(lr_gamma=gamma, steps=3), images, labels, None, tmp_path / "b", ckpt_every=100)
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 3

@@ -21,7 +21,7 @@ LAYERS = (
     ("utilities", ()),  # errors, paths, fileio, config, diffusion, data, imageio, the package itself
     ("parts", ("jacobian", "els", "networks", "store")),
     ("study", ("study",)),
-    ("cli", ("cli", "cli_networks", "console", "__main__")),
+    ("cli", ("cli", "cli_networks", "cli_options", "console", "__main__")),
 )
 
 

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from edtool.els.windows import PADDINGS
+from edtool.config import PADDINGS
 
 
 

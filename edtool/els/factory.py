@@ -14,12 +14,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from edtool.config import ALIASES, MACHINES, PATCH_SIZE, check_patch_size
+from edtool.config import ALIASES, MACHINES, PADDINGS, PATCH_SIZE, check_patch_size
 from edtool.els.engine import chunk_size_for
 from edtool.els.ideal import IdealMachine
 from edtool.els.machine import LocalMachine, Machine
 from edtool.els.schedule import check_fits, check_schedule
-from edtool.els.windows import PADDINGS
 from edtool.errors import EdtoolError
 from edtool.memory import device_free_bytes
 

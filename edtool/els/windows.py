@@ -5,8 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PADDINGS = ("zeros", "circular")
-
 
 
 def candidate_cells(rule: str, H: int, W: int, k: int, paper_circular: bool = False):

@@ -63,133 +63,167 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path], work_dir: Path,
           **options) -> Optional[Path]:
-    """`train_unlocked` holding work_dir's lock: a second process training in the same folder is refused."""
+    """Train a network with cfg's settings on (images, labels), resuming from work_dir's state if there is one;
+    `options` are `run_training`'s. The settings and the image shape are checked first (EdtoolError, nothing
+    written), and work_dir's lock is held throughout: a second process training in the same folder is refused."""
     cfg.validate()
+    cfg.check_images(images.shape)
     with train_state.lock(work_dir):
-        return train_unlocked(cfg, images, labels, out, work_dir, **options)
+        return run_training(cfg, images, labels, out, work_dir, **options)
 
 
-def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path],
-                   work_dir: Path, ckpt_every: int = 250, command: str = "",
-                   log: Optional[Callable[[int, float, float], None]] = None, stop_after: Optional[int] = None,
-                   init_weights: Optional[dict] = None, held_out=None, snapshot_every: int = 0, device="cpu",
-                   time_limit_s: Optional[float] = None) -> Optional[Path]:
-    """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs and return
-    the weights' path (None when `out` is None: a campaign stretch that only advances its state).
+def run_training(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path],
+                 work_dir: Path, ckpt_every: int = 250, command: str = "",
+                 log: Optional[Callable[[int, float, float], None]] = None, init_weights: Optional[dict] = None,
+                 held_out=None, snapshot_every: int = 0, device="cpu",
+                 time_limit_s: Optional[float] = None) -> Optional[Path]:
+    """`train` for settings already checked, with work_dir's lock held by the caller (`train`, or
+    edtool.networks.train_job): write out.safetensors/.json + PNGs and return the weights' path (None when
+    `out` is None: a campaign stretch that only advances its state).
 
     `log(step, loss, lr)` is called for every step, in order, when the losses are read from the device
-    (about every READ_LOSSES_EVERY_S seconds and before every save); `stop_after` ends the run early (tests use it to
-    simulate an interruption) without writing the final checkpoint, and returns None.
-    `init_weights` (a state dict, cfg.init_from its checkpoint's sha256) starts the weights and their
-    moving average from a trained network. Every `snapshot_every` steps the moving-average weights are
-    evaluated (loss on `held_out` = (images, labels), fixed draws) and sampled into work_dir/snapshots.
-    `device` runs the steps there; every random draw still comes from the one CPU generator, so the
-    data, times and noise are the same on any device. After `time_limit_s` seconds (of this call) the
-    run saves its state at the step it reached and returns None (a job with a wall-clock limit).
+    (about every READ_LOSSES_EVERY_S seconds and before every save); an exception it raises (as Ctrl-C
+    raises KeyboardInterrupt) ends the run with the state saved last. The state is saved every
+    `ckpt_every` steps. `init_weights` (a state dict, cfg.init_from its checkpoint's sha256) starts the
+    weights and their moving average from a trained network. Every `snapshot_every` steps the
+    moving-average weights are evaluated (loss on `held_out` = (images, labels), fixed draws) and sampled
+    into work_dir/snapshots. `device` runs the steps there; every random draw still comes from the one CPU
+    generator, so the data, times and noise are the same on any device. After `time_limit_s` seconds (of
+    this call) the run saves its state at the step it reached and returns None (a job with a wall-clock limit).
     """
-    cfg.validate()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    num_classes = int(labels.max()) + 1 if cfg.conditional else None
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    net = build_network(cfg.arch, **arch_kwargs(cfg, images.shape[1], num_classes))
-    if init_weights is not None:
-        net.load_state_dict(init_weights)
-    device = torch.device(device)
-    net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    step, losses, elapsed = 0, [], 0.0
-
-    meta = train_state.read(work_dir)
-    if meta is not None:
-        check_continues(meta, cfg, work_dir)
-        ema, losses = train_state.restore(work_dir, meta, net=net, opt=opt, gen=gen)
-        ema = {k: v.to(device) for k, v in ema.items()}
-        step, elapsed = meta["step"], meta["elapsed_s"]
+    run = TrainingRun(cfg, images, labels, init_weights, device, log)
+    run.resume(work_dir)
     if snapshot_every:
         read_snapshots(work_dir)  # a damaged record is refused now, not at the first snapshot
-    on_device = images.to(device), labels.to(device)
+    finished = run_steps(run, work_dir, ckpt_every, command, snapshot_every, held_out, time_limit_s)
+    if not finished or out is None:
+        return None
+    return write_checkpoint(run, out, held_out, command)
 
-    pending = []  # the losses of the steps since they were last read, still on the device
 
-    def read_losses():
-        """Read the pending losses in one host sync, check them, and log each step."""
-        if not pending:
+class TrainingRun:
+    """One run between its steps: the network, its moving average, AdamW, the one CPU generator every random
+    draw comes from, the step reached and the per-step losses (those not read yet stay on the device)."""
+
+    def __init__(self, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+                 init_weights: Optional[dict] = None, device="cpu", log=None):
+        self.cfg, self.images, self.labels, self.log = cfg, images, labels, log
+        self.num_classes = int(labels.max()) + 1 if cfg.conditional else None
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+        self.net = build_network(cfg.arch, **arch_kwargs(cfg, images.shape[1], self.num_classes))
+        if init_weights is not None:
+            self.net.load_state_dict(init_weights)
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.ema = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self.step, self.losses, self.elapsed = 0, [], 0.0
+        self.pending = []  # the losses of the steps since they were last read, still on the device
+
+    def resume(self, work_dir: Path) -> None:
+        """Continue the run whose state work_dir holds, if any (refused unless it is this run's)."""
+        meta = train_state.read(work_dir)
+        if meta is None:
             return
-        values = torch.stack(pending).tolist()
-        first = step - len(values) + 1
-        pending.clear()
+        check_continues(meta, self.cfg, work_dir)
+        ema, self.losses = train_state.restore(work_dir, meta, net=self.net, opt=self.opt, gen=self.gen)
+        self.ema = {k: v.to(self.device) for k, v in ema.items()}
+        self.step, self.elapsed = meta["step"], meta["elapsed_s"]
+
+    def take_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimizer step on a batch of (images, labels), on the device: images, times and noise drawn
+        from the generator in this order, then the moving average."""
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.step)
+        idx = torch.randint(0, images.shape[0], (cfg.batch,), generator=self.gen).to(self.device)
+        x0, y = images[idx], labels[idx]
+        t = (torch.randint(0, 1000, (cfg.batch,), generator=self.gen).float() / 1000).to(self.device)
+        eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        loss = F.mse_loss(self.net(add_noise(x0, t, eps), t, y if cfg.conditional else None), eps)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        if cfg.ema_decay > 0:  # decay 0 ships the raw weights: nothing to average
+            update_ema(self.ema, self.net, ema_decay(cfg.ema_decay, self.step))
+        self.pending.append(loss.detach())
+
+    def read_losses(self) -> None:
+        """Read the pending losses in one host sync, check them, and log each step."""
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).tolist()
+        first = self.step - len(values) + 1
+        self.pending.clear()
         for i, value in enumerate(values):
             if not math.isfinite(value):
                 raise EdtoolError(f"training diverged at step {first + i} (loss {value}); nothing was written since "
-                                  f"the state saved before: lower --lr (now {cfg.lr:g})")
-            losses.append(value)
-            if log is not None:
-                log(first + i, value, lr_at(cfg, first + i - 1))
+                                  f"the state saved before: lower --lr (now {self.cfg.lr:g})")
+            self.losses.append(value)
+            if self.log is not None:
+                self.log(first + i, value, lr_at(self.cfg, first + i - 1))
 
-    def save_state():
-        read_losses()
-        if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
-            raise EdtoolError(f"training diverged by step {step} (non-finite weights); the state saved before "
-                              f"is kept: lower --lr (now {cfg.lr:g})")
-        train_state.save(work_dir, config=cfg.identity(), net=net, ema=ema, opt=opt, gen=gen, step=step,
-                         losses=losses, info={"elapsed_s": elapsed, "command": command})
+    def save(self, work_dir: Path, command: str) -> None:
+        """Save the resumable state at the step reached (refused if a weight is not finite)."""
+        self.read_losses()
+        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+            raise EdtoolError(f"training diverged by step {self.step} (non-finite weights); the state saved before "
+                              f"is kept: lower --lr (now {self.cfg.lr:g})")
+        train_state.save(work_dir, config=self.cfg.identity(), net=self.net, ema=self.ema, opt=self.opt,
+                         gen=self.gen, step=self.step, losses=self.losses,
+                         info={"elapsed_s": self.elapsed, "command": command})
 
-    net.train()
-    t0 = time.time() - elapsed
+
+def run_steps(run: TrainingRun, work_dir: Path, ckpt_every: int, command: str, snapshot_every: int = 0,
+              held_out=None, time_limit_s: Optional[float] = None) -> bool:
+    """Step the run to cfg.steps (True), saving its state every ckpt_every steps and at the end, and taking
+    the snapshots; or until time_limit_s seconds have passed (False: the state saved at the step reached)."""
+    cfg = run.cfg
+    on_device = run.images.to(run.device), run.labels.to(run.device)
+    run.net.train()
+    t0 = time.time() - run.elapsed
     deadline = None if time_limit_s is None else time.time() + time_limit_s
     last_read = time.time()
-    while step < cfg.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        idx = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen).to(device)
-        x0, y = on_device[0][idx], on_device[1][idx]
-        t = (torch.randint(0, 1000, (cfg.batch,), generator=gen).float() / 1000).to(device)
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        loss = F.mse_loss(net(add_noise(x0, t, eps), t, y if cfg.conditional else None), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if cfg.ema_decay > 0:  # decay 0 ships the raw weights: nothing to average
-            update_ema(ema, net, ema_decay(cfg.ema_decay, step))
-        pending.append(loss.detach())
-        elapsed = time.time() - t0
+    while run.step < cfg.steps:
+        run.take_step(*on_device)
+        run.elapsed = time.time() - t0
         if time.time() - last_read >= READ_LOSSES_EVERY_S:  # a non-finite loss is found here, before any save
-            read_losses()
+            run.read_losses()
             last_read = time.time()
-        if snapshot_every and step % snapshot_every == 0:
-            snapshot(work_dir, step, snapshot_every, cfg, net, ema, images, labels, held_out, num_classes, command,
-                     elapsed)
-        if step % ckpt_every == 0 or step == cfg.steps:
-            save_state()
-        if stop_after is not None and step >= stop_after and step < cfg.steps:
-            read_losses()
-            return None
-        if deadline is not None and time.time() > deadline and step < cfg.steps:
-            if step % ckpt_every:
-                save_state()
-            return None
-    read_losses()
-    if out is None:
-        return None
-    net.to("cpu")  # the final evaluation, checkpoint and figures on CPU, as on a machine without a GPU
-    ema = {k: v.cpu() for k, v in ema.items()}
+        if snapshot_every and run.step % snapshot_every == 0:
+            snapshot(work_dir, run.step, snapshot_every, cfg, run.net, run.ema, run.images, run.labels, held_out,
+                     run.num_classes, command, run.elapsed)
+        if run.step % ckpt_every == 0 or run.step == cfg.steps:
+            run.save(work_dir, command)
+        if deadline is not None and time.time() > deadline and run.step < cfg.steps:
+            if run.step % ckpt_every:
+                run.save(work_dir, command)
+            return False
+    run.read_losses()
+    return True
 
-    held = {"raw": eval_loss(net, images, labels, cfg)}
+
+def write_checkpoint(run: TrainingRun, out: Path, held_out, command: str) -> Path:
+    """The finished run's checkpoint out.safetensors (the moving average, or the raw weights with decay 0)
+    with its manifest and figures, made on CPU as on a machine without a GPU; returns its path."""
+    cfg, net = run.cfg, run.net
+    net.to("cpu")
+    held = {"raw": eval_loss(net, run.images, run.labels, cfg)}
     if cfg.ema_decay > 0:
-        net.load_state_dict(ema)
-        held["ema"] = eval_loss(net, images, labels, cfg)
-    man = manifest(cfg, images, num_classes, command, elapsed, step)
-    man["final_loss"] = float(torch.tensor(losses[-100:]).mean())  # raw weights, mean of the last 100 steps
+        net.load_state_dict({k: v.cpu() for k, v in run.ema.items()})
+        held["ema"] = eval_loss(net, run.images, run.labels, cfg)
+    man = manifest(cfg, run.images, run.num_classes, command, run.elapsed, run.step)
+    man["final_loss"] = float(torch.tensor(run.losses[-100:]).mean())  # raw weights, mean of the last 100 steps
     man["eval_loss"] = held  # fixed noise draws over 2048 training images: raw vs shipped (EMA) weights
     if held_out is not None:  # the shipped weights on held-out digits, as the snapshots record it
         man["held_out_loss"] = eval_loss(net, held_out[0], held_out[1], cfg)
     path = checkpoints.save(Path(out).with_suffix(".safetensors"), net, man)
-    write_training_figures(Network(net, man), losses, path, seed=cfg.seed,
-                           labels=labels if cfg.conditional else None)
+    write_training_figures(Network(net, man), run.losses, path, seed=cfg.seed,
+                           labels=run.labels if cfg.conditional else None)
     return path
 
 

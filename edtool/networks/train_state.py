@@ -115,7 +115,7 @@ def save(folder, *, config: dict, net: torch.nn.Module, ema: dict, opt: torch.op
 
 
 def _previous_tensors(folder: Path) -> Optional[str]:
-    """The tensor file the state.json now in `folder` names, if it is that state's (its sha256 matches):
+    """The tensor file the state.json in `folder` names, if it is that state's (its sha256 matches):
     a state written before the ledger recorded its files."""
     try:
         meta = json.loads((folder / STATE_JSON).read_text())
