@@ -63,7 +63,8 @@ def _shard(text: Optional[str]):
 
 
 def _compute_config(params: dict, **given):
-    """ComputeConfig from a command's parameters, checked; a --run-dir that cannot be written is refused too."""
+    """ComputeConfig from a command's parameters (compute() checks the settings); a --run-dir that cannot be
+    written is refused here."""
     cfg = settings_from(ComputeConfig, params, **given)
     _refuse_memory_url(cfg.run_dir)
     if cfg.run_dir is not None:

@@ -184,7 +184,7 @@ def calibrate(
         _merge_calibrations(merge, weights, out, force, command)
         return
     # --sizes 3 5 7: the rest arrive as extra args
-    cfg = settings_from(CalibrateConfig, ctx.params, sizes=int_list(" ".join([sizes, *ctx.args]), "--sizes"))
+    cfg = settings_from(CalibrateConfig, ctx.params, sizes=int_list(" ".join([sizes, *ctx.args]), "--sizes")).validate()
     if out is not None:  # before the network and data are loaded (the default path needs the network)
         check_output([out], force)
     net, images, labels, dataset = _network_and_data(cfg)
@@ -270,7 +270,7 @@ def sample(
     from edtool.device import cuda_numerics
     from edtool.networks.discovery import schedule_for
 
-    cfg = settings_from(SampleConfig, ctx.params, machine=name_list(machine))
+    cfg = settings_from(SampleConfig, ctx.params, machine=name_list(machine)).validate()
     check_output([out / SETTINGS_NAME], force=True)  # before any work: --out takes files (a folder, writable)
     net, images, labels, _ = _network_and_data(cfg)
     schedule, sources, notes = {}, {}, []

@@ -56,8 +56,9 @@ def dataset_option(text: Optional[str]) -> Optional[str]:
 
 
 def settings_from(settings, params: dict, **given):
-    """The settings dataclass from a command's parameters of the same names (and `given`), checked."""
-    return settings(**{**{k: v for k, v in params.items() if k in settings.__dataclass_fields__}, **given}).validate()
+    """The settings dataclass from a command's parameters of the same names (and `given`), not yet checked: the
+    library function the command calls checks it (compute, train), or the command does before its first use."""
+    return settings(**{**{k: v for k, v in params.items() if k in settings.__dataclass_fields__}, **given})
 
 
 def given_on_command_line(ctx: typer.Context) -> set:

@@ -2,7 +2,7 @@
 loaded once; seeds, labels and the config the run store records (SPEC 6, 7). The settings and their checks
 are edtool.config.ComputeConfig.
 
-    run = prepare(ComputeConfig(models=["unet", "els"]))   # -> PreparedRun: models by name, seeds, labels, config
+    run = prepare(ComputeConfig(models=["unet", "els"]).validate())   # -> PreparedRun: models by name, seeds, labels, config
 
 `prepare` reads as its steps: the device; the networks (found, loaded, checked); the models from elsewhere
 (LABEL=SOURCE); the conditioning they agree on; the training data and the ELS machines, only when a machine is
@@ -52,8 +52,8 @@ def default_run_name(cfg: ComputeConfig) -> str:
 
 def prepare(cfg: ComputeConfig) -> PreparedRun:
     """Load networks, data (only for machines, SPEC 6) and machines; derive seeds, labels and the config
-    that the store records (with the estimator each model uses on this device)."""
-    cfg.validate()
+    that the store records (with the estimator each model uses on this device). cfg is checked already
+    (ComputeConfig.validate, which compute() calls first)."""
     device = resolve_device(cfg.device)
     grid = TimeGrid(cfg.nsteps)  # the run's time grid: everything below takes it from here
     notes = []
