@@ -155,6 +155,18 @@ def aggregated_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
     grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.1])
     ax_mean, ax_cv, ax_sum = (fig.add_subplot(grid[0, i]) for i in range(3))
     models = [m for m in range(len(run.models)) if done[:, m].any()]
+    _mean_and_cv(ax_mean, ax_cv, run, models, agg)
+    _summary_bars(ax_sum, [run.models[m] for m in models], agg["ed_fro_mean_timeavg"][models],
+                  agg["ed_fro_std_timeavg"][models])
+    _realization_heatmaps(fig, grid[1, :], run, done, models)
+    used = int(done.any(axis=1).sum())
+    fig.suptitle(f"Exterior derivative of the score over {used} of {run.n_realizations} realizations",
+                 fontsize="x-large")
+    return fig
+
+
+def _mean_and_cv(ax_mean, ax_cv, run: RunStore, models: list, agg: dict) -> None:
+    """ED's mean +- std over realizations per step, and its coefficient of variation."""
     for m in models:
         name = run.models[m]
         color = model_color(name)
@@ -172,25 +184,28 @@ def aggregated_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
     if _log_scale_if_possible(ax_mean, agg["ed_fro_mean"][models]):  # ED spans decades over t
         ax_mean.set_title("mean ED over realizations (log scale), bars = ±1 std")
 
-    names = [run.models[m] for m in models]
-    x = np.arange(len(models))
-    mean = agg["ed_fro_mean_timeavg"][models]
-    std = agg["ed_fro_std_timeavg"][models]
+
+def _summary_bars(ax, names: list, mean: np.ndarray, std: np.ndarray) -> None:
+    """Time-averaged ED per model: its mean and its std over realizations side by side, each labelled."""
+    x = np.arange(len(names))
     colors = [model_color(n) for n in names]
     for offset, values, style in ((-0.2, mean, {}), (0.2, std, {"alpha": 0.45, "hatch": "//"})):
-        bars = ax_sum.bar(x + offset, np.nan_to_num(values), 0.4, color=colors, **style)
+        bars = ax.bar(x + offset, np.nan_to_num(values), 0.4, color=colors, **style)
         for bar, value in zip(bars, values):
-            ax_sum.annotate("n/a" if np.isnan(value) else f"{value:.3g}", (bar.get_x() + bar.get_width() / 2,
-                            bar.get_height()), ha="center", va="bottom", fontsize="x-small")
-    ax_sum.set_xticks(x, names)
-    ax_sum.set_xlabel("model")
-    ax_sum.set_ylabel(r"time-averaged $\|J - J^\top\|_F$" + f"\n({UNIT})")
-    ax_sum.set_title("mean and std over realizations")
-    ax_sum.grid(axis="y", alpha=0.3)
-    ax_sum.legend(handles=[Patch(color="0.35", label="mean"), Patch(facecolor="0.35", alpha=0.45, hatch="//",
-                  label="std (spread between realizations)")], fontsize="small")
+            ax.annotate("n/a" if np.isnan(value) else f"{value:.3g}", (bar.get_x() + bar.get_width() / 2,
+                        bar.get_height()), ha="center", va="bottom", fontsize="x-small")
+    ax.set_xticks(x, names)
+    ax.set_xlabel("model")
+    ax.set_ylabel(r"time-averaged $\|J - J^\top\|_F$" + f"\n({UNIT})")
+    ax.set_title("mean and std over realizations")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(handles=[Patch(color="0.35", label="mean"), Patch(facecolor="0.35", alpha=0.45, hatch="//",
+              label="std (spread between realizations)")], fontsize="small")
 
-    heat = grid[1, :].subgridspec(1, len(models))
+
+def _realization_heatmaps(fig: Figure, cell, run: RunStore, done: np.ndarray, models: list) -> None:
+    """One heatmap of ED per model (realizations x steps) on a shared colour scale; gray where not done."""
+    heat = cell.subgridspec(1, len(models))
     slabs = [np.where(done[:, m, None], run.read("ed_fro", model=m), np.nan) for m in models]
     norm, floor = _shared_norm(np.concatenate([s.ravel() for s in slabs]))
     dt = 1.0 / run.nsteps
@@ -210,10 +225,6 @@ def aggregated_figure(run: RunStore, done: np.ndarray, agg: dict) -> Figure:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     bar = fig.colorbar(image, ax=heat_axes, label=ED_LABEL, shrink=0.9, extend="min" if floor else "neither")
     bar.ax.set_title("gray: not\ndone/failed" + ("\nwhite: 0" if floor else ""), fontsize="x-small")
-    used = int(done.any(axis=1).sum())
-    fig.suptitle(f"Exterior derivative of the score over {used} of {run.n_realizations} realizations",
-                 fontsize="x-large")
-    return fig
 
 
 def _shared_norm(values: np.ndarray):
