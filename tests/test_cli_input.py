@@ -17,16 +17,9 @@ from edtool.els.machine import make_machine
 from edtool.networks.models import build_network
 from edtool.els.schedule import resampling_note, write_scales_json
 from edtool.store.run import open_run
-from test_pipeline import TINY, _tiny_networks, cli, config, tiny_checkpoints  # noqa: F401
+from helpers import assert_refused, cli, config, TINY
 
-
-def assert_refused(result, *expected):
-    code, out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("edtool: error:"), err
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 
 COMPUTE = ["compute", "--models", "is", "--nsteps", "2", "--device", "cpu"]

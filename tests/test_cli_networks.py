@@ -4,7 +4,6 @@ and each refusal is one line (exit 2). Each case runs through the console entry 
 real `python -m edtool` process where the process itself matters: warnings, a hang)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,10 @@ import torch
 
 from edtool.networks import checkpoints
 from edtool.networks.models import build_network
-from test_bad_input import assert_refused
-from test_pipeline import TINY, _tiny_networks, cli, save_tiny, subprocess_env, tiny_checkpoints  # noqa: F401
+from helpers import assert_refused, cli, save_tiny, subprocess_env, TINY
+from paper_networks import DDIM, MinimalUNet, save_paper
+
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 SMALL = ["--nsteps", "2", "--device", "cpu", "--quiet"]
 
@@ -120,7 +121,6 @@ def test_unet_shapes_no_network_has_are_refused_before_training(args, words, tmp
     ("backbone_MNIST_UNet_zeros.pt", "cifar10", "is a network for mnist"),
     ("net.pt", "cifar10", "--dataset cifar10 has 3-channel images, net.pt takes 1-channel ones")])
 def test_import_refuses_a_dataset_the_network_was_not_made_for(name, dataset, words, tmp_path, capsys, monkeypatch):
-    from test_checkpoints import DDIM, MinimalUNet, save_paper
 
     src = save_paper(tmp_path / name, DDIM(MinimalUNet()))
     assert_refused(cli(capsys, monkeypatch, "import-checkpoint", src, "--dataset", dataset, "--out",

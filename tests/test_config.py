@@ -12,7 +12,7 @@ import typer
 from edtool import cli, config
 from edtool.config import RANGES, CalibrateConfig, ComputeConfig, SampleConfig, TrainConfig, check_range
 from edtool.errors import EdtoolError
-from test_cli import assert_one_line_error, edtool
+from helpers import assert_one_line_error, edtool
 
 SETTINGS = {"compute": ComputeConfig, "analyze": ComputeConfig, "calibrate": CalibrateConfig,
             "sample": SampleConfig, "train": TrainConfig}

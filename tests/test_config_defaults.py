@@ -7,7 +7,7 @@ import pytest
 
 from edtool import config
 from edtool.errors import EdtoolError
-from test_cli import assert_one_line_error, edtool
+from helpers import assert_one_line_error, edtool
 
 
 def test_probes_1_is_a_usage_error_before_any_work(tmp_path):

@@ -9,7 +9,7 @@ import typer
 
 from edtool.cli import app
 from edtool.study.compute import ComputeConfig, compute
-from test_cli import edtool
+from helpers import edtool
 
 WIDTH = {"COLUMNS": "80"}
 

@@ -7,14 +7,12 @@ never a traceback; the slow test proves it in a fresh virtual environment (no cl
 import os
 import shutil
 import subprocess
-import sys
 import venv
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, edtool, REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 USAGE_ERRORS = [
     (["nosuchcommand"], "No such command 'nosuchcommand'"),
@@ -24,32 +22,6 @@ USAGE_ERRORS = [
     (["calibrate"], "Missing option '--checkpoint'"),
     (["status", "a", "b"], "unexpected extra argument"),
 ]
-
-
-def console_script() -> list:
-    """The installed `edtool` entry point (the file pip wrote), else `python -m edtool`."""
-    script = Path(sys.executable).parent / "edtool"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("edtool")
-    return [found] if found else [sys.executable, "-m", "edtool"]
-
-
-def edtool(*args, cwd=None, env=None, timeout=120, exe=None) -> subprocess.CompletedProcess:
-    """Run the console script with ARGS; PYTHONPATH keeps it on this checkout's code."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*(exe or console_script()), *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc, *expected):
-    """Exit code 2, exactly one line on stderr naming the problem, no traceback."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("edtool: error:"), proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    for text in expected:
-        assert text.lower() in lines[0].lower(), (text, lines[0])
 
 
 @pytest.mark.parametrize("args,expected", USAGE_ERRORS)

@@ -21,8 +21,9 @@ from edtool.els.machine import make_machine
 from edtool.networks import checkpoints
 from edtool.store.run import create_run, open_run
 from edtool.study.aggregate import aggregate_run
-from test_calibrate import MachineNetwork, toy_images
-from test_pipeline import REPO, _tiny_networks, config, tiny_checkpoints  # noqa: F401 (fixtures)
+from helpers import config, MachineNetwork, make_legacy, REPO, toy_images
+
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 
 # ------------------------------------------------------------------ the grid itself
@@ -137,7 +138,6 @@ def test_calibrate_records_the_grids_entry_times_and_labels_drawn_from_the_seeds
 def test_a_store_written_before_opens_resumes_and_aggregates_with_its_recorded_times(tmp_path):
     """A store whose `time` array was written the old way (diffusion.timesteps, by the store itself) is
     continued by a run passing its grid's times; the times a reader gets are the recorded ones."""
-    from test_trust_store import make_legacy
 
     def cell(r, m):
         rng = np.random.default_rng(10 * r + m)

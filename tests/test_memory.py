@@ -9,6 +9,7 @@ from edtool.memory import is_out_of_memory
 from edtool.study import compute as pipeline
 from edtool.study.compute import ComputeConfig, compute
 from edtool.store.run import open_run
+from helpers import assert_one_line_error, edtool, REPO
 
 ARRAYS = ("ed_fro", "jac_fro", "asym", "ed_stderr", "final", "done", "seed", "label")
 
@@ -145,7 +146,6 @@ def _conv_truth(module_dir) -> tuple:
 
 def _exact_cifar_run(module_dir, tmp_path, realizations: int, budget: str):
     """`edtool compute` of the CIFAR-shaped module at --batch 32 --estimator exact: done, at the closed form's numbers."""
-    from test_cli import REPO, edtool
 
     proc = edtool("compute", "--models", "conv=py:cifarmod:Conv", "--nsteps", "1", "--realizations", str(realizations),
                   "--batch", "32", "--estimator", "exact", "--run-dir", tmp_path / "run", "--device", "cpu", "--quiet",
@@ -273,7 +273,6 @@ def test_out_of_memory_outside_the_per_cell_guard_lowers_the_batch_then_is_one_l
 
 
 def test_out_of_memory_while_loading_is_one_line_on_the_command_line(cifar_module, tmp_path):
-    from test_cli import REPO, assert_one_line_error, edtool
 
     proc = edtool("compute", "--models", "big=py:cifarmod:out_of_memory", "--nsteps", "1", "--run-dir", tmp_path / "run",
                   "--device", "cpu", env={"PYTHONPATH": f"{cifar_module}:{REPO}"})
@@ -282,7 +281,6 @@ def test_out_of_memory_while_loading_is_one_line_on_the_command_line(cifar_modul
 
 @pytest.mark.parametrize("budget", ["lots", "-2GiB"])
 def test_a_bad_memory_budget_is_one_line_before_anything_is_written(tmp_path, budget):
-    from test_cli import assert_one_line_error, edtool
 
     proc = edtool("compute", "--models", "is", "--nsteps", "1", "--run-dir", tmp_path / "run", "--device", "cpu",
                   env={"EDTOOL_MAX_MEMORY": budget})

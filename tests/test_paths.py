@@ -2,8 +2,7 @@
 exit 2, before any work (or, for an empty variable, the default it stands for)."""
 
 import pytest
-
-from test_cli import assert_one_line_error, edtool
+from helpers import assert_one_line_error, edtool
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -37,9 +37,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: the paper stand-in classes and save_paper
 
-from test_checkpoints import DDIM, MinimalResNet, MinimalUNet, save_paper  # noqa: E402
 
 from edtool.networks import checkpoints  # noqa: E402
+from paper_networks import DDIM, MinimalResNet, MinimalUNet, save_paper
 
 PAPER_SCALES = {"ResNet": [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15]}  # paper_scales.json
 

@@ -29,25 +29,7 @@ from edtool.els.sample_folder import samples_figure
 from edtool.networks.models import build_network
 from edtool.els.schedule import read_scales
 from edtool.networks.discovery import scales_path
-
-
-def toy_images(n=24, size=8, seed=0):
-    """Smooth random blobs in [-1, 1], (n, 1, size, size) float32, labels 0..2."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size + 2, size + 2, generator=g), 3, stride=1)
-    x = (x - x.amin((1, 2, 3), keepdim=True)) / (x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True))
-    return (2 * x - 1).float(), torch.arange(n) % 3
-
-
-class MachineNetwork:
-    """A machine dressed as a network: its schedule read at the exact grid times i/N."""
-
-    def __init__(self, machine, nsteps, conditional=False):
-        self.machine, self.nsteps, self.conditional = machine, nsteps, conditional
-        self.name = "machine-network"
-
-    def eps(self, t, x, label=None):
-        return self.machine.eps(t, x, label if self.conditional else None).to(x.dtype)
+from helpers import MachineNetwork, toy_images
 
 
 # ------------------------------------------------------------------ pure helpers

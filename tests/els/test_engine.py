@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from edtool.els import machine as machines
 from edtool.els.engine import CPU_CHUNK_SIZE, CUDA_CHUNK_SIZE, chunk_size_for, posterior_moments, streamed_moments
 from edtool.els.machine import DEFAULT_CACHE_BYTES, key_cache_bytes, make_machine
-from test_machines import data, noisy
+from els_truth import data, noisy
 
 GiB = 2**30
 

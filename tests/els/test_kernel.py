@@ -10,7 +10,7 @@ import torch
 
 from edtool.els import kernel as els_kernels
 from edtool.els.machine import band_ed, dense_ed, dense_jacobian, make_machine, posterior_moments
-from test_machines import brute_force, data, mnist_subset, noisy, rel
+from els_truth import brute_force, data, mnist_subset, noisy, rel
 
 PATHS = ["fused", "torch"]
 

@@ -15,7 +15,7 @@ import pytest
 
 from edtool.els import kernel as els_kernels
 from edtool.store.run import open_run
-from test_cli import REPO, console_script, edtool
+from helpers import console_script, edtool, REPO
 
 ELS = ["compute", "--models", "els", "--nsteps", "2", "--realizations", "1", "--max-samples", "200",
        "--device", "cpu", "--quiet"]

@@ -29,9 +29,8 @@ from edtool.networks.paper_import import import_checkpoint
 from edtool.paths import search_dirs, shipped_dir
 from edtool.study.compute import ComputeConfig, compute
 from edtool.store.run import open_run
-from test_checkpoints import DDIM, MinimalResNet, MinimalUNet, _RunsCode, save_paper
-from test_data import small_mnist, write_idx_root
-from test_pipeline import REPO, cli, save_tiny, snapshot
+from helpers import cli, REPO, save_tiny, small_mnist, snapshot, write_idx_root
+from paper_networks import _RunsCode, DDIM, MinimalResNet, MinimalUNet, save_paper
 
 PAPER_SCALES = [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15]  # scales_MNIST_ResNet_zeros
 

@@ -17,8 +17,7 @@ from edtool.errors import EdtoolError
 from edtool.study.compute import ComputeConfig, compute, prepare
 from edtool.networks.sources import clamped_steps, edtool_log_sigma, fractional_timestep, vp_log_sigmas
 from edtool.store.run import open_run
-from test_cli import REPO, assert_one_line_error, edtool
-from test_pipeline import cli
+from helpers import assert_one_line_error, cli, edtool, REPO, small_mnist, write_idx_root
 
 
 def _log_sigmas_np(alphas_cumprod) -> np.ndarray:
@@ -328,7 +327,6 @@ def test_py_source_on_noised_data_next_to_a_machine_then_aggregate_and_plot(tmp_
     from edtool.study.aggregate import aggregate_run
     from edtool.diffusion import add_noise, initial_noise
     from edtool.study.plots import plot_run
-    from test_data import small_mnist, write_idx_root
 
     (tmp_path / "convmod.py").write_text(textwrap.dedent(CONV_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))

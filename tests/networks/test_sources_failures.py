@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edtool.store.run import open_run
-from test_cli import REPO, assert_one_line_error, edtool
+from helpers import assert_one_line_error, edtool, REPO
 
 TINY = ["--nsteps", "2", "--realizations", "1", "--device", "cpu", "--quiet"]
 SHIPPED_UNET = REPO / "checkpoints" / "mnist5k_unet.safetensors"

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from edtool.errors import EdtoolError
 from edtool.networks import train_state
+from helpers import assert_one_line_error, console_script, edtool
 
-from test_cli import assert_one_line_error, console_script, edtool
 
 # a ResNet of width 16 with one layer on mnist5k: a step takes milliseconds
 TINY = ["train", "--arch", "resnet", "--batch", "2", "--width", "16", "--layers", "1", "--quiet"]

@@ -29,25 +29,9 @@ from edtool.study.plots import plot_run
 from edtool.store.run import (BrokenRunError, RunStore, access_lock, create_run, open_run,
                           store_url)
 from edtool.store.status import run_status, verify_run
-from test_pipeline import (REPO, _tiny_networks, assert_same_arrays, cli, config, snapshot,  # noqa: F401
-                           subprocess_env, tiny_checkpoints, wait_for_done_cell)
+from helpers import assert_same_arrays, cli, config, edtool_process, filled, MODELS, one_line, REPO, snapshot, subprocess_env, wait_for_done_cell
 
-MODELS = ["unet", "els"]
-
-
-def filled(location, n_real=4, nsteps=3, maps=False, skip=(), seed=0) -> RunStore:
-    """A run of 1x4x4 images with every cell but `skip` written from a seeded generator."""
-    run = create_run(location, {"estimator": "exact"}, MODELS, list(range(n_real)), [-1] * n_real, nsteps,
-                     (1, 4, 4), maps=maps)
-    rng = np.random.default_rng(seed)
-    for r in range(n_real):
-        for m in range(len(MODELS)):
-            vals = dict(ed_fro=rng.random(nsteps) + 0.1, jac_fro=rng.random(nsteps) + 1, asym=rng.random(nsteps) / 2,
-                        ed_stderr=rng.random(nsteps) / 10, final=rng.uniform(-1, 1, (1, 4, 4)),
-                        curl_map=rng.random((nsteps, 4, 4)) if maps else None)
-            if (r, m) not in skip:
-                run.write_cell(r, m, **vals)
-    return run
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 
 def chunk_file(location, name, r) -> Path:
@@ -66,18 +50,6 @@ def damage(path: Path, how: str):
         flipped = bytearray(data)
         flipped[len(data) // 2] ^= 0x10
         path.write_bytes(bytes(flipped))
-
-
-def edtool(*args, cwd=REPO, env=None, timeout=120):
-    """The console entry point in a real process: (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "edtool", *map(str, args)], cwd=cwd, env=env or subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def one_line(err: str) -> bool:
-    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line and "warn(" not in line]
-    return len(lines) == 1 and "Traceback" not in err
 
 
 # ------------------------------------------------------------------ checksums and damage
@@ -152,13 +124,13 @@ def test_cli_verify_status_aggregate_plot_on_a_damaged_run(tmp_path, capsys, mon
     filled(tmp_path / "r")
     filled(tmp_path / "fine")
     damage(chunk_file(tmp_path / "r", "asym", 1), "delete")
-    code, out, err = edtool("verify", tmp_path / "r")
+    code, out, err = edtool_process("verify", tmp_path / "r")
     assert code == 1 and "damaged: realization 1 unet: asym chunk missing" in out, (out, err)
     assert "2 damaged cell(s), 6 whole of 8 done" in out
-    code, out, err = edtool("verify", tmp_path / "fine")
+    code, out, err = edtool_process("verify", tmp_path / "fine")
     assert code == 0 and "0 damaged cell(s), 8 whole of 8 done" in out, (out, err)
     for command in ("aggregate", "plot"):
-        code, out, err = edtool(command, tmp_path / "r")
+        code, out, err = edtool_process(command, tmp_path / "r")
         assert code == 2 and one_line(err) and "realization 1 unet (asym chunk missing)" in err, (command, err)
     code, out, err = cli(capsys, monkeypatch, "status", str(tmp_path / "r"), "--json")
     (row,) = json.loads(out)

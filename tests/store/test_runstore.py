@@ -6,7 +6,6 @@ Each test damages real files on disk and runs the console script in a real proce
 is an undamaged copy of the same run, or the store's own contents before the damage.
 """
 
-import errno
 import json
 import subprocess
 import sys
@@ -19,8 +18,7 @@ import pytest
 from edtool.study.aggregate import aggregate_run
 from edtool.study.compute import compute
 from edtool.store.run import open_run
-from test_pipeline import REPO, assert_same_arrays, config, dead_pid, snapshot, subprocess_env  # noqa: F401
-from test_run_integrity import MODELS, edtool, filled, one_line  # noqa: F401
+from helpers import assert_same_arrays, cli, config, edtool_process, filled, make_legacy, MODELS, one_line, REPO, snapshot, subprocess_env
 
 
 def edtool_disk_full(where: str, *args, env=None):
@@ -69,7 +67,7 @@ def test_disk_full_during_aggregate_is_one_line_and_the_store_stays_whole(tmp_pa
     code, _, err = edtool_disk_full("aggregate/ed_fro_std", "aggregate", tmp_path / "r")
     assert code == 2 and one_line(err) and "no space left on the device" in err, err
     assert f"cannot write {tmp_path / 'r' / 'ed.zarr' / 'aggregate' / 'ed_fro_std'}" in err
-    code, out, err = edtool("verify", tmp_path / "r")
+    code, out, err = edtool_process("verify", tmp_path / "r")
     assert code == 0 and "0 damaged cell(s)" in out and "damaged:" not in out, (out, err)
     from edtool.study.aggregate import read_aggregate
 
@@ -115,9 +113,9 @@ def test_a_lock_file_edtool_never_writes_is_stale(tmp_path, is_run):
         assert not (tmp_path / "api" / "lock").exists()
     run = copy_run(is_run, tmp_path / "r")
     (run / "lock").write_text('{"pid": "abc", "host": "%s"}' % socket.gethostname())
-    code, out, err = edtool("status", run, "--json")
+    code, out, err = edtool_process("status", run, "--json")
     assert code == 0 and json.loads(out)[0]["state"] == "complete", (out, err)
-    code, out, err = edtool("compute", *IS_ARGS, "--run-dir", run)
+    code, out, err = edtool_process("compute", *IS_ARGS, "--run-dir", run)
     assert code == 0 and "taking over an unreadable lock" in err and "Traceback" not in err, err
     assert not (run / "lock").exists()
 
@@ -126,11 +124,11 @@ def test_a_lock_that_is_a_folder_is_one_line_and_kept(tmp_path, is_run):
     copy_run(is_run, tmp_path / "r")
     (tmp_path / "r" / "lock").mkdir()
     (tmp_path / "r" / "lock" / "theirs.txt").write_text("keep me")
-    code, _, err = edtool("compute", *IS_ARGS, "--run-dir", tmp_path / "r")
+    code, _, err = edtool_process("compute", *IS_ARGS, "--run-dir", tmp_path / "r")
     assert code == 2 and one_line(err) and "lock is a folder" in err, err
     assert (tmp_path / "r" / "lock" / "theirs.txt").read_text() == "keep me"
     assert not list((tmp_path / "r").glob("lock.stale*"))
-    code, out, err = edtool("status", tmp_path / "r", "--json")
+    code, out, err = edtool_process("status", tmp_path / "r", "--json")
     assert code == 0 and json.loads(out)[0]["state"] == "complete", (out, err)
 
 
@@ -152,23 +150,22 @@ def test_damaged_time_seed_label_are_found_refused_and_rewritten_by_compute(tmp_
     (store / "time" / "c" / "0").unlink()
     (store / "seed" / "c" / "0").unlink()
     flip(store / "label" / "c" / "0")
-    from test_pipeline import cli
 
-    code, out, err = edtool("verify", run)
+    code, out, err = edtool_process("verify", run)
     assert code == 1 and "Traceback" not in err, (out, err)
     for line in ("damaged: array time: missing", "damaged: array seed: missing",
                  "damaged: array label: unreadable (checksum mismatch)"):
         assert line in out, out
     for command in ("aggregate", "plot"):
-        code, _, err = (edtool if command == "aggregate" else cli)(*((capsys, monkeypatch) if command == "plot"
+        code, _, err = (edtool_process if command == "aggregate" else cli)(*((capsys, monkeypatch) if command == "plot"
                                                                     else ()), command, run)
         assert code == 2 and one_line(err) and "is damaged: array time (missing), array seed (missing)" in err, err
     assert not (run / "summary_stats.json").exists()
     code, out, err = cli(capsys, monkeypatch, "status", run, "--json")
     assert code == 0 and json.loads(out)[0]["state"].startswith("damaged: array time"), out
-    code, out, err = edtool("compute", *IS_ARGS, "--run-dir", run)
+    code, out, err = edtool_process("compute", *IS_ARGS, "--run-dir", run)
     assert code == 0 and "rewrote its damaged array time (missing), array seed (missing), array label" in err, err
-    code, out, err = edtool("verify", run)
+    code, out, err = edtool_process("verify", run)
     assert code == 0 and "0 damaged cell(s)" in out and "damaged:" not in out, (out, err)
     fixed = open_run(run)
     assert fixed.fixed_damage == {}
@@ -181,7 +178,6 @@ def test_fixed_arrays_are_rewritten_only_from_settings_that_reproduce_them(tmp_p
     match the config but not the recorded seeds (the API): refused by the digest."""
     from edtool.errors import EdtoolError
     from edtool.store.run import create_run
-    from test_pipeline import cli
 
     filled(tmp_path / "r")
     (tmp_path / "r" / "ed.zarr" / "seed" / "c" / "0").unlink()
@@ -198,7 +194,6 @@ def test_fixed_arrays_are_rewritten_only_from_settings_that_reproduce_them(tmp_p
 def test_an_edited_attribute_or_record_makes_the_run_broken(tmp_path, capsys, monkeypatch):
     """config.nsteps edited in zarr.json (by hand, as a user would): the run is broken, one line,
     for every command; status still lists the other runs. So is a deleted digest record."""
-    from test_pipeline import cli
 
     filled(tmp_path / "r")
     filled(tmp_path / "r2")
@@ -210,7 +205,7 @@ def test_an_edited_attribute_or_record_makes_the_run_broken(tmp_path, capsys, mo
         else:
             del meta["attributes"]["integrity"]
         path.write_text(json.dumps(meta))
-    code, out, err = edtool("verify", tmp_path / "r")
+    code, out, err = edtool_process("verify", tmp_path / "r")
     assert code == 2 and one_line(err) and "is broken: group attributes config" in err, (out, err)
     for args in (["aggregate", tmp_path / "r"], ["plot", tmp_path / "r"], ["verify", tmp_path / "r2"]):
         code, _, err = cli(capsys, monkeypatch, *args)
@@ -226,9 +221,9 @@ def test_swapped_or_copied_chunks_are_damage_and_compute_repairs_them(tmp_path, 
     assert data_a != data_b
     a.write_bytes(data_b)
     b.write_bytes(data_a)
-    code, out, err = edtool("verify", run)
+    code, out, err = edtool_process("verify", run)
     assert code == 1 and out.count("final chunk does not match its digest") == 2, (out, err)
-    code, _, err = edtool("compute", *IS_ARGS, "--run-dir", run)
+    code, _, err = edtool_process("compute", *IS_ARGS, "--run-dir", run)
     assert code == 0, err
     assert open_run(run).damaged() == {}
     assert_same_arrays(run, is_run, names=("done", "cell_digest", *open_run(run).cell_arrays))
@@ -248,7 +243,6 @@ def test_a_chunk_copied_from_another_run_is_damage(tmp_path):
 @pytest.mark.parametrize("name, dtype", [("asym", "float64"), ("seed", "float64"), ("done", "int8"),
                                          ("cell_digest", "int64"), ("time", "bogus")])
 def test_an_edited_data_type_is_a_broken_run_not_an_internal_error(tmp_path, capsys, monkeypatch, name, dtype):
-    from test_pipeline import cli
 
     filled(tmp_path / "r")
     path = tmp_path / "r" / "ed.zarr" / name / "zarr.json"
@@ -273,7 +267,7 @@ def test_aggregate_arrays_are_digested(tmp_path, capsys, monkeypatch):
     assert read_aggregate(run) is not None
     chunk = Path("ed.zarr") / "aggregate" / "ed_fro_mean" / "c" / "0" / "0"
     (tmp_path / "r" / chunk).write_bytes((tmp_path / "other" / chunk).read_bytes())
-    code, out, err = edtool("verify", tmp_path / "r")
+    code, out, err = edtool_process("verify", tmp_path / "r")
     assert code == 1 and "damaged: aggregate/ed_fro_mean: does not match its digest" in out, (out, err)
     assert read_aggregate(open_run(tmp_path / "r")) is None
     aggregate_run(tmp_path / "r")
@@ -282,27 +276,12 @@ def test_aggregate_arrays_are_digested(tmp_path, capsys, monkeypatch):
                                   compute_aggregate(open_run(tmp_path / "r"))[0]["ed_fro_mean"].astype(np.float32))
 
 
-def make_legacy(location):
-    """What edtool wrote before digests: no `integrity` record, no cell_digest array, no chunk for an
-    array equal to its fill value (labels all -1)."""
-    import shutil
-
-    store = Path(location) / "ed.zarr"
-    meta = json.loads((store / "zarr.json").read_text())
-    del meta["attributes"]["integrity"]
-    meta["consolidated_metadata"]["metadata"].pop("cell_digest", None)
-    (store / "zarr.json").write_text(json.dumps(meta))
-    shutil.rmtree(store / "cell_digest")
-    (store / "label" / "c" / "0").unlink()
-
-
 def test_a_store_made_before_digests_opens_resumes_and_aggregates(tmp_path, capsys, monkeypatch):
-    from test_pipeline import cli
 
     filled(tmp_path / "truth")
     run = filled(tmp_path / "r", skip={(3, 0), (3, 1)})
     make_legacy(tmp_path / "r")
-    code, out, err = edtool("verify", tmp_path / "r")
+    code, out, err = edtool_process("verify", tmp_path / "r")
     assert code == 0 and out.count("made before edtool kept digests") == 1 and "damaged:" not in out, (out, err)
     code, out, _ = cli(capsys, monkeypatch, "status", tmp_path / "r", "--json")
     (row,) = json.loads(out)
@@ -344,12 +323,12 @@ def test_what_a_killed_overwrite_leaves_is_reported_and_cleaned_by_the_next_comp
     assert (killed / "zarr.json").is_file() and not (run / "ed.zarr").exists()
     live = run / f".ed.zarr.partial-{os.getpid()}@{socket.gethostname()}-0123abcd"
     live.mkdir()
-    code, out, err = edtool("status", run)
+    code, out, err = edtool_process("status", run)
     out = " ".join(out.split())  # status wraps its lines at 80 columns
     assert code == 0 and f"leftover {killed.name}: an old store being deleted (--overwrite)" in out, (out, err)
     assert "stale: the next compute or aggregate on this run removes it" in out
     assert f"leftover {live.name}: a store being built by pid {os.getpid()}" in out and "kept" in out
-    code, out, err = edtool("compute", *IS_ARGS, "--run-dir", run)
+    code, out, err = edtool_process("compute", *IS_ARGS, "--run-dir", run)
     assert code == 0 and "removed what killed commands left" in err and killed.name in err, err
     assert not killed.exists() and live.is_dir()
     assert open_run(run).done_mask().all()

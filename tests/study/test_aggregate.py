@@ -10,7 +10,7 @@ import pytest
 from edtool.errors import EdtoolError
 from edtool.study.aggregate import QUANTITIES, aggregate_run, compute_aggregate, read_aggregate
 from edtool.store.run import create_run, open_run
-from test_cli import assert_one_line_error, edtool
+from helpers import assert_one_line_error, edtool
 
 MODELS = ["unet", "resnet", "els"]
 

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,101 +22,13 @@ import torch
 
 from edtool.networks import checkpoints
 from edtool.study import compute as pipeline
-from edtool.cli import main
 from edtool.errors import EdtoolError
-from edtool.networks.models import build_network
-from edtool.study.compute import ComputeConfig, compute
+from edtool.study.compute import compute
 from edtool.store.run import STEP_ARRAYS, lock_holders, open_run, run_lock, store_url
-
-REPO = Path(__file__).resolve().parent.parent
-ARRAYS = ("time", "seed", "label", *STEP_ARRAYS, "done", "final")
-TINY = {"resnet": dict(in_channels=1, out_channels=1, mode="zeros", emb_dim=16, num_layers=1),
-        "unet": dict(fsizes=[8, 16], emb_dim=16)}
-PNG = b"\x89PNG\r\n\x1a\n"
+from helpers import ARRAYS, assert_same_arrays, cli, config, dead_pid, PNG, REPO, save_tiny, snapshot, subprocess_env, wait_for_done_cell
 
 
 # ------------------------------------------------------------------ helpers (test_distributed uses them too)
-
-
-def save_tiny(path, arch: str, seed: int = 0) -> Path:
-    """A small random-weight network for mnist5k (1x32x32) in our checkpoint format."""
-    torch.manual_seed(seed)
-    kw = TINY[arch]
-    return checkpoints.save(path, build_network(arch, **kw), {
-        "arch": arch, "arch_kwargs": kw, "dataset": "mnist5k", "image_shape": [1, 32, 32],
-        "conditional": False, "num_classes": None, "padding": "zeros"})
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-checkpoints")
-    for i, arch in enumerate(TINY):
-        save_tiny(folder / f"tiny_{arch}", arch, seed=i)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def _tiny_networks(tiny_checkpoints, monkeypatch):
-    """`unet` and `resnet` resolve to the tiny checkpoints (in this process and in subprocesses)."""
-    monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tiny_checkpoints))
-
-
-def config(run_dir, **kw) -> ComputeConfig:
-    base = dict(models=["resnet", "is"], nsteps=2, realizations=2, probes=2, device="cpu",
-                run_dir=None if run_dir is None else str(run_dir))
-    return ComputeConfig(**{**base, **kw})
-
-
-def cli(capsys, monkeypatch, *args):
-    """Run `edtool ARGS` in this process through the console entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["edtool", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def subprocess_env() -> dict:
-    """Environment for a real `python -m edtool` process: same thread count, cache and checkpoints."""
-    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
-
-
-def wait_for_done_cell(run_dir, proc, timeout=120.0) -> np.ndarray:
-    """Poll the store's `done` array until a first cell is finished; the process must still run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process ended early ({proc.returncode}): {proc.stderr.read()}"
-        if (Path(str(run_dir).replace("file://", "")) / "ed.zarr" / "zarr.json").exists():
-            done = open_run(run_dir).done_mask()
-            if done.any():
-                return done
-        time.sleep(0.02)
-    raise AssertionError("no cell finished in time")
-
-
-def assert_same_arrays(a, b, names=ARRAYS):
-    """Every array of two runs equal bit for bit (NaN where NaN)."""
-    a = open_run(a) if not hasattr(a, "read") else a
-    b = open_run(b) if not hasattr(b, "read") else b
-    assert a.models == b.models and a.config == b.config
-    for name in names:
-        np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
-
-
-def snapshot(folder) -> dict:
-    """Every file under a folder with its bytes: to show that a refusal changed nothing."""
-    folder = Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 # ------------------------------------------------------------------ end to end

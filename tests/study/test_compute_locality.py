@@ -12,7 +12,9 @@ from edtool.jacobian.locality import FieldJacobian, alignment, jacobian_operator
 from edtool.study.compute import compute, prepare
 from edtool.study.plots import plot_run
 from edtool.store.run import open_run, store_url
-from test_pipeline import PNG, _tiny_networks, cli, config, snapshot, tiny_checkpoints  # noqa: F401
+from helpers import cli, config, PNG, snapshot
+
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 WHOLE = ("loc_jac", "loc_ed", "loc_jac_stderr", "loc_ed_stderr", "r90_jac", "r90_ed",
          "align_jac", "align_ed", "align_jac_stderr", "align_ed_stderr")

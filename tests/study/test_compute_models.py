@@ -17,7 +17,9 @@ from edtool.study.compute import compute, probe_seed
 from edtool.els.schedule import write_scales_json
 from edtool.networks.discovery import scales_path
 from edtool.store.run import STEP_ARRAYS, open_run
-from test_pipeline import _tiny_networks, config, tiny_checkpoints  # noqa: F401  (fixtures)
+from helpers import config
+
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 
 def _tiny(path, **kw):

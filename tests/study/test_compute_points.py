@@ -7,7 +7,6 @@ The held-out set is a small MNIST-format test split written here; the networks a
 random-weight checkpoints of test_pipeline."""
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +19,9 @@ from edtool.errors import EdtoolError
 from edtool.study.compute import compute
 from edtool.study.points import held_out_indices
 from edtool.store.run import RunStore, open_run
-from test_data import bilinear_numpy, small_mnist, write_idx_root
-from test_pipeline import _tiny_networks, assert_same_arrays, cli, config, snapshot, tiny_checkpoints  # noqa: F401
+from helpers import assert_same_arrays, bilinear_numpy, cli, config, small_mnist, snapshot, write_idx_root
+
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 
 def _beta(t: float) -> float:

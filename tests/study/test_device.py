@@ -13,7 +13,9 @@ from edtool.store.run import open_run
 from edtool.study import compute as pipeline
 from edtool.study.device import CUBLAS_WORKSPACE_CONFIG, cuda_index, cuda_numerics, cuda_settings
 from edtool.study.prepare import resolve_device
-from test_pipeline import _tiny_networks, cli, config, tiny_checkpoints  # noqa: F401
+from helpers import assert_same_arrays, cli, config
+
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 
 @pytest.mark.parametrize("env, count, index", [
@@ -158,7 +160,6 @@ def test_tf32_on_the_command_line_of_a_cpu_run(tmp_path, capsys, monkeypatch):
 def test_on_a_gpu_shards_are_bit_identical_and_agree_with_the_cpu(tmp_path):
     import numpy as np
 
-    from test_pipeline import assert_same_arrays
 
     kw = dict(models=["resnet", "unet"], estimator="exact", realizations=2, nsteps=3)
     pipeline.compute(config(tmp_path / "gpu", device="cuda", **kw))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import uuid
 
-import numpy as np
 import pytest
 
 from edtool.study.aggregate import aggregate_run
@@ -16,8 +15,9 @@ from edtool.errors import EdtoolError
 from edtool.study.compute import compute
 from edtool.study.plots import plot_run
 from edtool.store.run import lock_holders, open_run
-from test_pipeline import (PNG, REPO, _tiny_networks, assert_same_arrays, cli, config, snapshot,  # noqa: F401
-                           subprocess_env, tiny_checkpoints, wait_for_done_cell)
+from helpers import assert_same_arrays, cli, config, PNG, REPO, snapshot, subprocess_env, wait_for_done_cell
+
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 # torchrun runs: enough work per rank that one can be killed mid-run
 TORCHRUN_RUN = dict(nsteps=3, realizations=4, probes=32)

@@ -22,7 +22,7 @@ from edtool.diffusion import ddim_sample, initial_noise
 from edtool.els.machine import make_machine
 from edtool.networks.models import build_network
 from edtool.store.run import open_run
-from test_pipeline import cli
+from helpers import cli
 
 CLASSES = 10
 

@@ -22,11 +22,10 @@ from edtool.study.compute import ComputeConfig, compute
 from edtool.fileio import LEDGER
 from edtool.study.seed_files import AGGREGATED, SINGLE, export_seed_files, seed_results
 from edtool.store.run import create_run
-from test_bad_input import assert_refused
-from test_cli import assert_one_line_error, edtool
-from test_pipeline import _tiny_networks, cli, subprocess_env, tiny_checkpoints  # noqa: F401
+from helpers import assert_one_line_error, assert_refused, cli, edtool, REPO, subprocess_env
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("tiny_networks")
+
 ANALYZE = ["analyze", "--models", "resnet,is", "--nsteps", "3", "--probes", "2", "--device", "cpu", "--quiet"]
 ABOUT = {"field", "definition", "t", "factor"}
 FIELD = {"resnet": "eps", "unet": "eps", "is": "score", "els": "score"}  # what the seed measured of each
