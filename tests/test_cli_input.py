@@ -1,4 +1,4 @@
-"""Hostile input next to friendly input (issue 10): every case ends as one line on stderr and exit
+"""Hostile input next to friendly input: every case ends as one line on stderr and exit
 code 2, or as the right number with a line that says what was done; never a traceback, never a
 silently different number. CLI cases run through the console entry point (`cli`)."""
 
@@ -32,7 +32,7 @@ COMPUTE = ["compute", "--models", "is", "--nsteps", "2", "--device", "cpu"]
 def test_unusable_devices_are_refused(device, expected, tmp_path, capsys, monkeypatch):
     args = [a if a != "cpu" else device for a in COMPUTE]
     assert_refused(cli(capsys, monkeypatch, *args, "--run-dir", tmp_path / "r"), expected)
-    assert not (tmp_path / "r").exists()  # nothing stored (meta used to store NaN and report success)
+    assert not (tmp_path / "r").exists()  # nothing stored: no run of NaN reported as a success
 
 
 @pytest.mark.parametrize("size,expected", [(101, "--patch-size 101 is larger than the 32x32 images allow; patch "
@@ -45,7 +45,7 @@ def test_patch_sizes_that_do_not_fit_are_refused(size, expected, tmp_path, capsy
 
 
 def test_machines_refuse_windows_that_change_nothing_but_the_cost():
-    """The library takes windows up to 2 * side - 1 (each then covers the whole image; tests/test_machines.py
+    """The library takes windows up to 2 * side - 1 (each then covers the whole image; tests/els/test_machine.py
     checks those against brute force); the commands up to the image side."""
     images = torch.zeros(3, 1, 8, 12)
     assert make_machine("els-borders", images, patch_size=23).patch_sizes == [23]
@@ -130,7 +130,7 @@ def test_a_schedule_of_another_length_is_resampled_with_a_note(tmp_path):
     assert any("has 20 entries for 10 steps" in n for n in study.notes)
     assert study.config["models"]["els"]["scales"] == [3] * 20  # the file as it is, recorded
     # a length that is no multiple of the steps would run the machine between its calibrated times:
-    # refused in one line (issue 12), naming the lengths that would work
+    # refused in one line, naming the lengths that would work
     path = write_scales_json(tmp_path / "odd.json", [3] * 37)
     with pytest.raises(EdtoolError, match=r"37 patch sizes.*--nsteps 2: use --nsteps 1, 37"):
         pipeline.prepare(config(tmp_path / "r2", models=["els"], scales=str(path), nsteps=2))

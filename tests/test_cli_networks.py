@@ -1,4 +1,4 @@
-"""Issue 22 at the command line: a model is checked against its slot, odd numbers are usage errors
+"""Trust at the command line: a model is checked against its slot, odd numbers are usage errors
 before any work, outputs are checked before the work, files edtool did not write are never replaced,
 and each refusal is one line (exit 2). Each case runs through the console entry point (`cli`, or a
 real `python -m edtool` process where the process itself matters: warnings, a hang)."""
@@ -178,7 +178,7 @@ def _free_port() -> int:
                                         ("1", "rank 1 of 2: the other ranks did not join at 127.0.0.1:"),
                                         ("0", "rank 0 of 2: the other ranks did not join at 127.0.0.1:")])
 def test_a_rank_without_its_peers_stops_with_one_line(rank, words, tmp_path):
-    """A real process: it used to wait forever. Alone, rank 0 waits for rank 1 and rank 1 for rank 0's
+    """A real process, which must not wait forever. Alone, rank 0 waits for rank 1 and rank 1 for rank 0's
     store; both stop after EDTOOL_RENDEZVOUS_TIMEOUT with one line and no torch C++ log lines."""
     env = {**subprocess_env(), "RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port()), "EDTOOL_RENDEZVOUS_TIMEOUT": "2"}
@@ -233,7 +233,7 @@ def _nan_network(path: Path) -> Path:
 
 def test_a_warning_is_one_line_said_once(tmp_path):
     """A real process: Python's warnings print their source line unless edtool formats them; the
-    non-finite warning used to appear during the run and again in the closing summary."""
+    non-finite warning appears once, not during the run and again in the closing summary."""
     net = _nan_network(tmp_path / "nan_unet")
     proc = subprocess.run([sys.executable, "-m", "edtool", "compute", "--models", "unet", "--unet", net, *SMALL,
                            "--run-dir", tmp_path / "r"], env=subprocess_env(), capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""Concepts that used to live in several places and now live in one (issue 21): the defaults table,
+"""Concepts with one home each: the defaults table,
 "find a schedule, fall back, add a note", "els follows the padding", and the CLI's front door."""
 
 import inspect
@@ -7,12 +7,12 @@ import pytest
 
 from edtool import config
 from edtool.errors import EdtoolError
-from helpers import assert_one_line_error, edtool
+from helpers import REPO, SHARED, assert_one_line_error, edtool
 
 
 def test_probes_1_is_a_usage_error_before_any_work(tmp_path):
-    """`compute --probes 1` used to pass validation and store every cell as NaN with a warning (the
-    estimator's ValueError was swallowed by the per-cell guard); now it is exit 2, one line, no store."""
+    """`compute --probes 1` is exit 2, one line, no store: refused by validation, not stored as a run of NaN
+    cells with a warning (the per-cell guard would turn the estimator's refusal into NaN)."""
     proc = edtool("compute", "--run-dir", tmp_path / "run", "--probes", "1", "--models", "els", cwd=tmp_path)
     assert_one_line_error(proc)
     assert "--probes" in proc.stderr and "2" in proc.stderr
@@ -64,7 +64,13 @@ def _default(fn, name):
 
 def test_one_defaults_table():
     """nsteps, probes and patch_size are defined once (edtool.config); every command and library entry
-    point that has them takes that value, so a change there changes them all."""
+    point that has them takes that value, so a change there changes them all. The values hold what the
+    table says they are for: NSTEPS is the length of the shipped calibrations and of the paper's, the
+    fallback PATCH_SIZE is a size calibrate chooses among, MIN_PROBES is the fewest probes that give a
+    standard error (one fewer is refused)."""
+    import json
+
+    import torch
     import typer
 
     from edtool import cli
@@ -72,7 +78,20 @@ def test_one_defaults_table():
     from edtool.jacobian import ed, locality
     from edtool.study.compute import ComputeConfig
 
-    assert (config.NSTEPS, config.PROBES, config.PATCH_SIZE, config.MIN_PROBES) == (20, 16, 5, 2)
+    shipped = sorted((REPO / "checkpoints").glob("*_scales_*.json"))
+    assert shipped and all(len(json.loads(f.read_text())["scales"]) == config.NSTEPS for f in shipped)
+    paper = SHARED / "reference" / "paper_scales.json"
+    if paper.exists():
+        assert json.loads(paper.read_text())["nsteps"] == config.NSTEPS
+    assert config.PATCH_SIZE in calibrate.DEFAULT_SIZES
+    linear = torch.nn.Linear(6, 6, bias=False).double()
+    x = torch.randn(1, 6, dtype=torch.float64)
+    fewest = ed.exterior_derivative(lambda v: linear(v), x, method="hutchinson", probes=config.MIN_PROBES)
+    assert torch.isfinite(fewest.ed_stderr).all()
+    with pytest.raises((EdtoolError, ValueError), match="probes"):
+        ed.exterior_derivative(lambda v: linear(v), x, method="hutchinson", probes=config.MIN_PROBES - 1)
+    assert config.MIN_PROBES <= config.PROBES
+
     assert ComputeConfig().nsteps == config.NSTEPS and ComputeConfig().probes == config.PROBES
     assert ComputeConfig().patch_size == config.PATCH_SIZE
     assert _default(ed.exterior_derivative, "probes") == config.PROBES
@@ -80,14 +99,17 @@ def test_one_defaults_table():
     assert _default(calibrate.calibrate, "nsteps") == _default(calibrate.sample, "nsteps") == config.NSTEPS
     assert _default(calibrate.sample, "patch_size") == _default(machine.build_machine, "patch_size") == config.PATCH_SIZE
     wanted = {"nsteps": config.NSTEPS, "probes": config.PROBES, "patch_size": config.PATCH_SIZE}
-    seen = 0
+    takes = {}
     for command in (cli.compute, cli.analyze, cli.sample, cli.calibrate):
         for name, value in wanted.items():
             option = _default(command, name) if name in inspect.signature(command).parameters else None
             if isinstance(option, typer.models.OptionInfo):
                 assert option.default == value, (command.__name__, name)
-                seen += 1
-    assert seen == 8  # nsteps x4, probes x2, patch_size x2
+                takes.setdefault(name, set()).add(command.__name__)
+    # every one of these commands walks the DDIM steps; the two that measure ED take probes, the two that
+    # run an ELS machine at one size take patch_size
+    assert takes == {"nsteps": {"compute", "analyze", "sample", "calibrate"}, "probes": {"compute", "analyze"},
+                     "patch_size": {"compute", "sample"}}
 
 
 def test_find_fall_back_note_is_one_function(tmp_path):

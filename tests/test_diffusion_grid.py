@@ -1,4 +1,4 @@
-"""One time grid and one home for what a realization's seed fixes (issue 21, item 3).
+"""One time grid and one home for what a realization's seed fixes.
 
 The DDIM grid is a value (diffusion.TimeGrid) built once per run: the store records the times the
 run used (and does not import the sampler), a calibration's "t" and a schedule's entry times are

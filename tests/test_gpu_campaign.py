@@ -1,4 +1,4 @@
-"""checkpoints/training/gpu_campaign.sh, the script a GPU lease runs (issue 25, item 5), run here on CPU the way
+"""checkpoints/training/gpu_campaign.sh, the script a GPU lease runs, run here on CPU the way
 the lease runs it: a time-limited stretch of a state packed into $OUT/<net>.tar, then unpacked into the
 committed state only when it is a complete state further on."""
 

@@ -21,7 +21,7 @@ def test_out_of_range_or_malformed_values_are_one_line(args, expected, tmp_path)
 
 
 def test_an_empty_cache_variable_means_unset(tmp_path):
-    """EDTOOL_CACHE="" is ./cache (it was the working directory itself), as an empty EDTOOL_CHECKPOINTS
+    """EDTOOL_CACHE="" is ./cache (not the working directory itself), as an empty EDTOOL_CHECKPOINTS
     adds no folder."""
     proc = edtool("status", cwd=tmp_path, env={"EDTOOL_CACHE": ""})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr

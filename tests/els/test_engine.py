@@ -112,6 +112,6 @@ def test_key_cache_follows_the_device_and_holds_cifar10_on_a_gpu(monkeypatch):
     gpu = key_cache_bytes(torch.device("cuda"))
     assert gpu == int(79 * GiB / 4)
     need = _cifar10_keys()
-    assert DEFAULT_CACHE_BYTES < need < gpu  # over the old fixed 4 GiB: gathered every call; cached now
+    assert DEFAULT_CACHE_BYTES < need < gpu  # over the CPU default: on a GPU the keys are cached, not gathered every call
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (23 * GiB, 24 * GiB))
     assert need < key_cache_bytes(torch.device("cuda"))  # a 24 GB card holds them too

@@ -105,7 +105,7 @@ def test_score_kernel_streams_overflow_and_slices_like_the_engine(threads, chunk
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_jacobian_band_and_ed_fused_torch_and_dense_float64_agree(rule, paper, k, monkeypatch):
     """The fused Jacobian kernel and the pure-torch engine (float32) against the float64 engine's band
-    (itself checked against autograd in test_machines) and against the ED of the dense float64
+    (itself checked against autograd in tests/els/test_machine.py) and against the ED of the dense float64
     Jacobian, on random images (every window distinct) and both paddings, at k = 3, 5, 7."""
     if els_kernels.kernels() is None:
         pytest.skip("the fused kernel cannot be built here (no g++?)")

@@ -63,7 +63,7 @@ def _damage(kernel_dir, how):
 
 
 @needs_compiler
-# two damages in the default run (a truncation that used to SIGBUS, a changed byte); the rest with -m slow
+# two damages in the default run (a truncation, which mapped would be a SIGBUS, and a changed byte); the rest with -m slow
 @pytest.mark.parametrize("how", [pytest.param("truncate 1000", marks=pytest.mark.slow), "truncate 4000",
                                  pytest.param("truncate 60000", marks=pytest.mark.slow), "flip a byte",
                                  pytest.param("no checksum", marks=pytest.mark.slow),
@@ -73,7 +73,7 @@ def test_a_damaged_cached_kernel_is_built_again_and_gives_the_same_numbers(built
     shutil.copytree(kernel_dir, tmp_path / "k")
     _damage(tmp_path / "k", how)
     proc = edtool(*ELS, "--run-dir", tmp_path / "run", env={"EDTOOL_KERNEL_DIR": str(tmp_path / "k")})
-    assert proc.returncode == 0 and proc.stderr.strip() == "", (proc.returncode, proc.stderr)  # was -7, SIGBUS
+    assert proc.returncode == 0 and proc.stderr.strip() == "", (proc.returncode, proc.stderr)  # not -7 (SIGBUS)
     assert np.array_equal(open_run(tmp_path / "run").read("ed_fro", "els"), reference)
     so = _library(tmp_path / "k")
     assert so.with_name(so.name + ".sha256").read_text().strip() == hashlib.sha256(so.read_bytes()).hexdigest()

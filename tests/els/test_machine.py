@@ -399,7 +399,7 @@ def test_scale_index_exact_on_the_ddim_grid(nscales):
     assert scale_index(0.0, nscales) == 0 and scale_index(1.5, nscales) == nscales - 1
 
 
-# ------------------------------------------------------------------ merged identical windows (issue 13)
+# ------------------------------------------------------------------ merged identical windows
 
 
 def test_merge_plan_counts_every_window_once():
@@ -534,7 +534,7 @@ def test_windows_are_merged_only_where_it_pays():
 def test_hutchinson_probes_run_through_the_machines(kind):
     """Forward-mode probes (torch.func.jvp) pass through the machines' score: the reused exp buffer and the
     fused kernel step aside for them, so --estimator hutchinson gives finite numbers within a few standard
-    errors of the exact Jacobian's (it used to store NaN: 'forward AD with exp_out')."""
+    errors of the exact Jacobian's, never NaN (torch refuses forward AD through exp's out=)."""
     from edtool.jacobian.ed import exterior_derivative
 
     g = torch.Generator().manual_seed(0)

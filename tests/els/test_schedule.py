@@ -1,5 +1,5 @@
 """edtool.els.schedule: the one place that checks, finds and applies ELS scale schedules.
-(Reading and writing the files is covered next to the paper import, tests/test_checkpoints.py.)"""
+(Reading and writing the files is covered next to the paper import, tests/networks/test_paper_import.py.)"""
 
 import pytest
 import torch

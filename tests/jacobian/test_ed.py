@@ -50,8 +50,8 @@ def resnet_exact(resnet_field, resnet_x):
 
 
 def test_a_float64_field_at_float64_points_needs_no_dtype(resnet_field, resnet_x, resnet_exact):
-    """The input's dtype is the compute dtype: a float64 network at float64 x just works (it used to
-    be cast to float32 and fail inside torch with a dtype mismatch)."""
+    """The input's dtype is the compute dtype: a float64 network at float64 x just works (no cast to
+    float32 that would fail inside torch with a dtype mismatch)."""
     for method in ("exact", "hutchinson"):
         res = exterior_derivative(resnet_field, resnet_x, method=method, probes=4)
         assert res.ed_fro.dtype == f64

@@ -1,9 +1,9 @@
-"""The seed tool's workflow (issue 12, SPEC 4 and 6): paper files found in ./checkpoints or given
+"""The seed tool's workflow (SPEC 4 and 6): paper files found in ./checkpoints or given
 directly, imported on the fly through the allow-list and cached by content hash; the search order
 ./checkpoints -> EDTOOL_CHECKPOINTS -> shipped for networks and scales; networks measured without
 any training data; --max-samples; the estimator each model used and the device recorded.
 
-Paper files are pickled here with the paper's classes rebuilt in test_checkpoints (not edtool's).
+Paper files are pickled here with the paper's classes rebuilt in tests/paper_networks.py (not edtool's).
 """
 
 import gzip

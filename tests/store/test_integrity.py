@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong in the run store (issue 10): damaged told from unfinished
+"""Nothing lost, nothing silently wrong in the run store: damaged told from unfinished
 (checksummed chunks; every per-cell array checked), `verify`, repair by rerunning compute,
 aggregate/plot refusing damaged runs, readers and writers under the run's access lock, broken
 group attributes that never hide other runs, `--overwrite` deleting only what edtool wrote,
@@ -29,7 +29,8 @@ from edtool.study.plots import plot_run
 from edtool.store.run import (BrokenRunError, RunStore, access_lock, create_run, open_run,
                           store_url)
 from edtool.store.status import run_status, verify_run
-from helpers import assert_same_arrays, cli, config, edtool_process, filled, MODELS, one_line, REPO, snapshot, subprocess_env, wait_for_done_cell
+from helpers import (assert_same_arrays, cli, config, edtool_process, filled, MODELS, one_line, REPO, snapshot,
+                     subprocess_env, wait_for_done_cell)
 
 pytestmark = pytest.mark.usefixtures("tiny_networks")
 

@@ -1,4 +1,4 @@
-"""Trust all the way down (issue 22): the run store's digests cover every number and setting,
+"""Trust all the way down: the run store's digests cover every number and setting,
 leftovers of killed commands are cleaned or reported, a full disk is one line, odd lock files
 are one line or stale.
 
@@ -18,7 +18,8 @@ import pytest
 from edtool.study.aggregate import aggregate_run
 from edtool.study.compute import compute
 from edtool.store.run import open_run
-from helpers import assert_same_arrays, cli, config, edtool_process, filled, make_legacy, MODELS, one_line, REPO, snapshot, subprocess_env
+from helpers import (assert_same_arrays, cli, config, edtool_process, filled, make_legacy, MODELS, one_line, REPO,
+                     snapshot, subprocess_env)
 
 
 def edtool_disk_full(where: str, *args, env=None):
@@ -43,7 +44,7 @@ def edtool_disk_full(where: str, *args, env=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-# ------------------------------------------------------------------ a full disk (issue 22, item 10)
+# ------------------------------------------------------------------ a full disk
 
 
 def test_disk_full_during_compute_is_one_line_and_the_rerun_completes_it(tmp_path):
@@ -75,7 +76,7 @@ def test_disk_full_during_aggregate_is_one_line_and_the_store_stays_whole(tmp_pa
     assert aggregate_run(tmp_path / "r")["unet"] == truth["unet"]
 
 
-# ------------------------------------------------------------------ odd lock files (issue 22, item 14)
+# ------------------------------------------------------------------ odd lock files
 
 
 IS_RUN = dict(models=["is"], nsteps=2, realizations=2, probes=2)
@@ -132,7 +133,7 @@ def test_a_lock_that_is_a_folder_is_one_line_and_kept(tmp_path, is_run):
     assert code == 0 and json.loads(out)[0]["state"] == "complete", (out, err)
 
 
-# ------------------------------------------------------------------ digests (issue 22, item 1)
+# ------------------------------------------------------------------ digests
 
 
 def flip(path):
@@ -300,7 +301,7 @@ def test_a_store_made_before_digests_opens_resumes_and_aggregates(tmp_path, caps
     assert "cell_digest" not in open_run(tmp_path / "r").group
 
 
-# ------------------------------------------------------------------ leftovers of kills (issue 22, item 9)
+# ------------------------------------------------------------------ leftovers of kills
 
 
 def test_what_a_killed_overwrite_leaves_is_reported_and_cleaned_by_the_next_compute(tmp_path, is_run):

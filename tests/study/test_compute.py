@@ -1,9 +1,9 @@
-"""The pipeline end to end (issue 5, SPEC 7-9): compute -> aggregate -> plot on tiny settings, the
+"""The pipeline end to end (SPEC 7-9): compute -> aggregate -> plot on tiny settings, the
 numbers against an independent recomputation, resume after SIGKILL bit for bit, refusals (other
 settings, a live lock, bad input) that leave the store untouched, NaN (never zeros) for a failing
 model, the seed tool's `analyze` flags and folder layout, shared trajectories and `status`.
 
-Networks are tiny random-weight checkpoints made here (the plumbing is under test, not the
+Networks are tiny random-weight checkpoints (tests/conftest.py; the plumbing is under test, not the
 science); the `is` machine on mnist5k is cheap and exactly conservative.
 """
 
@@ -25,10 +25,10 @@ from edtool.study import compute as pipeline
 from edtool.errors import EdtoolError
 from edtool.study.compute import compute
 from edtool.store.run import STEP_ARRAYS, lock_holders, open_run, run_lock, store_url
-from helpers import ARRAYS, assert_same_arrays, cli, config, dead_pid, PNG, REPO, save_tiny, snapshot, subprocess_env, wait_for_done_cell
+from helpers import (ARRAYS, assert_same_arrays, cli, config, dead_pid, PNG, REPO, save_tiny, snapshot, subprocess_env,
+                     wait_for_done_cell)
 
-
-# ------------------------------------------------------------------ helpers (test_distributed uses them too)
+pytestmark = pytest.mark.usefixtures("tiny_networks")
 
 
 # ------------------------------------------------------------------ end to end

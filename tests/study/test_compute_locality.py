@@ -1,4 +1,4 @@
-"""compute --locality / --align end to end (issue 15, SPEC 8, 9, 12): the stored arrays against an
+"""compute --locality / --align end to end (SPEC 8, 9, 12): the stored arrays against an
 independent recomputation at the stored points, resume, aggregate, xarray, figures, refusals."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""compute with what users put in --models beyond the defaults of test_pipeline: ELS machines and their
+"""compute with what users put in --models beyond the defaults of tests/study/test_compute.py: ELS machines and their
 scales, several realizations per batch, conditional networks with --label, circular padding."""
 
 import numpy as np

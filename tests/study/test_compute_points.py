@@ -4,7 +4,7 @@ Jacobian there, the point source is recorded in the config (another one is refus
 interrupted run resumes bit for bit, and aggregate reports NAsym both ways.
 
 The held-out set is a small MNIST-format test split written here; the networks are the tiny
-random-weight checkpoints of test_pipeline."""
+random-weight checkpoints of tests/conftest.py."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Beyond one process (issue 6, SPEC 10): `--shard i/K` and `torchrun` split the realizations and give
+"""Beyond one process (SPEC 10): `--shard i/K` and `torchrun` split the realizations and give
 the single-process store bit for bit; a killed rank is finished by a rerun; the store may be a
 `memory://` or `file://` URL.
 """

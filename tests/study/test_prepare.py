@@ -1,4 +1,4 @@
-"""Colour and labels end to end (issue 12): a CIFAR-10 root in the real batch format, tiny 3-channel
+"""Colour and labels end to end: a CIFAR-10 root in the real batch format, tiny 3-channel
 class-conditional UNet/ResNet checkpoints, compute (unet, resnet, els with class-conditional
 candidates), aggregate and plot through the console entry point; the stored labels are the ones the
 models used (checked against independent recomputations), the figures draw colour images. A
