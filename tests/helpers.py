@@ -2,7 +2,9 @@
 running edtool (in this process, or the console script in a real process), tiny networks and stores,
 small datasets in the files' own formats, and a machine dressed as a network."""
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import shutil
@@ -41,6 +43,32 @@ def edtool(*args, cwd=None, env=None, timeout=120, exe=None) -> subprocess.Compl
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*(exe or console_script()), *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def edtool_in_process(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`edtool ARGS` through the console entry point in this process, as `edtool` (above) runs it in a new
+    one: in folder `cwd`, with `env` added to the environment, stdout and stderr captured, the exit code its
+    SystemExit carries. For every test where a new process would show nothing more (no signals, no fresh
+    interpreter's imports, no output from outside Python)."""
+    argv, folder, environ = sys.argv, os.getcwd(), dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        sys.argv = ["edtool", *map(str, args)]
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        sys.argv = argv
+        os.chdir(folder)
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess(["edtool", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *expected):

@@ -1,6 +1,8 @@
-"""`edtool train --state DIR` as a user meets it: the console script in a subprocess, real state folders
-edited, damaged, shared, filled up. A state is only ever continued as it was written; anything else is one
-line and exit 2, and the files in the folder that the state did not write stay untouched."""
+"""`edtool train --state DIR` as a user meets it: the console entry point on real state folders edited,
+damaged, shared with another process, filled up (a new process only where the test is about processes:
+the holder of a lock, trainers killed and resumed). A state is only ever continued as it was written;
+anything else is one line and exit 2, and the files in the folder that the state did not write stay
+untouched."""
 
 import json
 import os
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from edtool.errors import EdtoolError
 from edtool.networks import train_state
-from helpers import assert_one_line_error, console_script, edtool
+from helpers import assert_one_line_error, console_script, edtool, edtool_in_process
 
 
 # a ResNet of width 16 with one layer on mnist5k: a step takes milliseconds
@@ -32,7 +34,7 @@ def _step(folder: Path) -> int:
 def base_state(tmp_path_factory):
     """A state at step 2 of a --lr-gamma run, made once; tests copy it."""
     folder = tmp_path_factory.mktemp("base") / "st"
-    proc = edtool(*GAMMA, "--steps", "2", "--state", folder, cwd=folder.parent)
+    proc = edtool_in_process(*GAMMA, "--steps", "2", "--state", folder, cwd=folder.parent)
     assert proc.returncode == 0, proc.stderr
     return folder
 
@@ -49,7 +51,7 @@ def test_continuing_removes_only_the_files_the_state_wrote(base_state, tmp_path)
     st = _copy(base_state, tmp_path)
     (st / "state_step00000002 backup.safetensors").write_bytes((st / "state_step00000002.safetensors").read_bytes())
     (st / "state_step00000001.safetensors").write_bytes(b"a user's file named like a state")
-    proc = edtool(*GAMMA, "--steps", "4", "--state", st, cwd=tmp_path)
+    proc = edtool_in_process(*GAMMA, "--steps", "4", "--state", st, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in st.iterdir() if not p.name.startswith("."))
     assert names == ["state.json", "state_step00000001.safetensors", "state_step00000002 backup.safetensors",
@@ -71,13 +73,13 @@ def test_a_second_trainer_on_one_state_is_refused_naming_the_first(tmp_path):
         while not (lock.exists() and str(first.pid) in lock.read_text()):
             assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
             time.sleep(0.2)
-        second = edtool(*GAMMA, "--steps", "3", "--state", st, cwd=tmp_path)
+        second = edtool_in_process(*GAMMA, "--steps", "3", "--state", st, cwd=tmp_path)
         assert_one_line_error(second)
         assert f"pid {first.pid}" in second.stderr and "busy" in second.stderr
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    third = edtool(*GAMMA, "--steps", "1000000", "--time-limit", "0", "--state", st, cwd=tmp_path)
+    third = edtool_in_process(*GAMMA, "--steps", "1000000", "--time-limit", "0", "--state", st, cwd=tmp_path)
     assert third.returncode == 0, third.stderr
     assert "stopped at the time limit" in third.stdout
 
@@ -100,12 +102,12 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_old_state_stays(base_stat
         filler = disk / "filler"
         free = shutil.disk_usage(disk).free
         filler.write_bytes(b"\0" * (free - 8192))
-        proc = edtool(*GAMMA, "--steps", "4", "--state", st, cwd=tmp_path)
+        proc = edtool_in_process(*GAMMA, "--steps", "4", "--state", st, cwd=tmp_path)
         assert_one_line_error(proc, )
         assert "no space left" in proc.stderr and "state_step00000004" in proc.stderr
         assert train_state.read(st)["step"] == 2
         filler.unlink()
-        proc = edtool(*GAMMA, "--steps", "4", "--state", st, cwd=tmp_path)
+        proc = edtool_in_process(*GAMMA, "--steps", "4", "--state", st, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert _step(st) == 4
     finally:
@@ -116,17 +118,17 @@ def test_the_continue_hint_is_true(base_state, tmp_path):
     """A --lr-gamma run's hint names the N it accepts, and that N works; a run whose learning rate decays over
     its --steps says it cannot be continued, and another --steps is refused naming --lr-gamma."""
     st = _copy(base_state, tmp_path)
-    proc = edtool("train", "--state", st, "--steps", "3", "--quiet", cwd=tmp_path)
+    proc = edtool_in_process("train", "--state", st, "--steps", "3", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"--state {st} --steps N (any N above 3)" in proc.stdout
-    proc = edtool("train", "--state", st, "--steps", "2", "--quiet", cwd=tmp_path)
+    proc = edtool_in_process("train", "--state", st, "--steps", "2", "--quiet", cwd=tmp_path)
     assert_one_line_error(proc)
     assert "step 3" in proc.stderr and "--steps 3 or more" in proc.stderr
 
     fixed = tmp_path / "fixed"
-    proc = edtool(*TINY, "--steps", "2", "--state", fixed, cwd=tmp_path)
+    proc = edtool_in_process(*TINY, "--steps", "2", "--state", fixed, cwd=tmp_path)
     assert proc.returncode == 0 and "cannot be continued" in proc.stdout and "--steps N" not in proc.stdout
-    proc = edtool("train", "--state", fixed, "--steps", "5", "--quiet", cwd=tmp_path)
+    proc = edtool_in_process("train", "--state", fixed, "--steps", "5", "--quiet", cwd=tmp_path)
     assert_one_line_error(proc)
     assert "--lr-gamma" in proc.stderr and "--steps 2" in proc.stderr
 
@@ -158,7 +160,7 @@ def test_a_hand_edited_state_json_is_one_line(base_state, tmp_path, name):
     st = _copy(base_state, tmp_path)
     _edit(st, EDITS[name])
     before = (st / "state.json").read_bytes()
-    proc = edtool("train", "--state", st, "--steps", "4", "--quiet", cwd=tmp_path)
+    proc = edtool_in_process("train", "--state", st, "--steps", "4", "--quiet", cwd=tmp_path)
     assert_one_line_error(proc)
     assert str(st / "state.json") in proc.stderr
     assert (st / "state.json").read_bytes() == before and (st / "state_step00000002.safetensors").exists()
@@ -176,10 +178,10 @@ def test_state_json_a_folder_or_the_state_a_file_is_one_line(base_state, tmp_pat
     st = _copy(base_state, tmp_path)
     (st / "state.json").unlink()
     (st / "state.json").mkdir()
-    assert_one_line_error(edtool("train", "--state", st, "--steps", "4", "--quiet", cwd=tmp_path), )
+    assert_one_line_error(edtool_in_process("train", "--state", st, "--steps", "4", "--quiet", cwd=tmp_path), )
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    proc = edtool(*GAMMA, "--steps", "2", "--state", afile, cwd=tmp_path)
+    proc = edtool_in_process(*GAMMA, "--steps", "2", "--state", afile, cwd=tmp_path)
     assert_one_line_error(proc)
     assert "is a file, not a folder" in proc.stderr and afile.read_text() == "mine"
 
@@ -204,7 +206,7 @@ def test_foreign_tensors_with_a_matching_sha256_are_one_line_and_never_unpickled
             data["model.extra"] = torch.zeros(3)
             save_file(data, str(tensors))
         _edit(st, lambda m: m.update(tensors_sha256=hashlib.sha256(tensors.read_bytes()).hexdigest()))
-        proc = edtool("train", "--state", st, "--steps", "4", "--quiet", cwd=st.parent)
+        proc = edtool_in_process("train", "--state", st, "--steps", "4", "--quiet", cwd=st.parent)
         assert_one_line_error(proc)
         assert "state_step00000002.safetensors" in proc.stderr, proc.stderr
         assert not (st.parent / "pwned").exists()
@@ -214,11 +216,11 @@ def test_out_a_device_or_a_folder_is_refused_and_quiet_is_quiet(tmp_path):
     """--out /dev/null or an existing folder: one line, nothing written beside it; --quiet prints no steps."""
     before = set(os.listdir("/dev"))
     for out in ("/dev/null", tmp_path):
-        proc = edtool(*TINY, "--steps", "2", "--out", out, cwd=tmp_path)
+        proc = edtool_in_process(*TINY, "--steps", "2", "--out", out, cwd=tmp_path)
         assert_one_line_error(proc)
         assert "not a file" in proc.stderr
     assert set(os.listdir("/dev")) == before and not list(tmp_path.parent.glob(f"{tmp_path.name}.*"))
-    proc = edtool(*TINY, "--steps", "3", "--out", tmp_path / "m", cwd=tmp_path)
+    proc = edtool_in_process(*TINY, "--steps", "3", "--out", tmp_path / "m", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert not [line for line in proc.stdout.splitlines() if line.startswith("step")]
     assert proc.stdout.startswith("wrote ")
@@ -279,7 +281,7 @@ def test_non_finite_tensors_and_a_dangling_link_are_refused(tmp_path):
 
 
 def test_an_overflowing_learning_rate_is_one_line(tmp_path):
-    proc = edtool(*TINY, "--steps", "2", "--lr", "1e300", "--state", tmp_path / "st", cwd=tmp_path)
+    proc = edtool_in_process(*TINY, "--steps", "2", "--lr", "1e300", "--state", tmp_path / "st", cwd=tmp_path)
     assert_one_line_error(proc)
     assert "--lr" in proc.stderr and not (tmp_path / "st").exists()
 
