@@ -2,8 +2,9 @@
 leftovers of killed commands are cleaned or reported, a full disk is one line, odd lock files
 are one line or stale.
 
-Each test damages real files on disk and runs the console script in a real process; the truth
-is an undamaged copy of the same run, or the store's own contents before the damage.
+Each test damages real files on disk and runs the console entry point on them (a real process where
+one is killed); the truth is an undamaged copy of the same run, or the store's own contents before the
+damage.
 """
 
 import json
@@ -18,39 +19,37 @@ import pytest
 from edtool.study.aggregate import aggregate_run
 from edtool.study.compute import compute
 from edtool.store.run import open_run
-from helpers import (assert_same_arrays, cli, config, edtool_process, filled, make_legacy, MODELS, one_line, REPO,
-                     snapshot, subprocess_env)
+from helpers import assert_same_arrays, cli, config, filled, make_legacy, MODELS, one_line, snapshot, subprocess_env
 
 
-def edtool_disk_full(where: str, *args, env=None):
-    """The console entry point in a real process whose disk is full when it writes a store key
-    containing `where` (and from then on)."""
-    script = textwrap.dedent(f"""
-        import errno, os, sys
-        import zarr.storage._local as local
-        real, full = local._put, []
-        def put(path, value, exclusive=False):
-            if full or {where!r} in str(path):
-                full.append(path)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            return real(path, value, exclusive)
-        local._put = put
-        sys.argv = ["edtool", *{[str(a) for a in args]!r}]
-        from edtool.cli import main
-        main()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env or subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stdout, proc.stderr
+def disk_full_at(monkeypatch, where: str):
+    """The disk is full from the first write of a store key containing `where` on: zarr's file writer
+    raises ENOSPC, as the operating system does."""
+    import errno
+    import os
+
+    import zarr.storage._local as local
+
+    real, full = local._put, []
+
+    def put(path, value, exclusive=False):
+        if full or where in str(path):
+            full.append(path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", put)
 
 
 # ------------------------------------------------------------------ a full disk
 
 
-def test_disk_full_during_compute_is_one_line_and_the_rerun_completes_it(tmp_path):
+def test_disk_full_during_compute_is_one_line_and_the_rerun_completes_it(tmp_path, capsys, monkeypatch):
     cfg = dict(models=["is"], nsteps=2, realizations=2, probes=2)
     compute(config(tmp_path / "truth", **cfg))
-    code, _, err = edtool_disk_full("jac_fro/c/1/", "compute", *IS_ARGS, "--run-dir", tmp_path / "r")
+    with monkeypatch.context() as full:
+        disk_full_at(full, "jac_fro/c/1/")
+        code, _, err = cli(capsys, full, "compute", *IS_ARGS, "--run-dir", tmp_path / "r")
     assert code == 2 and one_line(err), err  # realization 1's second array: its cell is half written
     assert f"cannot write {tmp_path / 'r' / 'ed.zarr' / 'jac_fro' / 'c' / '1'}" in err and "no space left" in err, err
     run = open_run(tmp_path / "r")
@@ -60,15 +59,17 @@ def test_disk_full_during_compute_is_one_line_and_the_rerun_completes_it(tmp_pat
     assert_same_arrays(tmp_path / "r", tmp_path / "truth", names=("done", *open_run(tmp_path / "r").cell_arrays))
 
 
-def test_disk_full_during_aggregate_is_one_line_and_the_store_stays_whole(tmp_path):
+def test_disk_full_during_aggregate_is_one_line_and_the_store_stays_whole(tmp_path, capsys, monkeypatch):
     filled(tmp_path / "truth")
     filled(tmp_path / "r")
     truth = aggregate_run(tmp_path / "truth")
     aggregate_run(tmp_path / "r")  # an aggregate there already, being replaced when the disk fills
-    code, _, err = edtool_disk_full("aggregate/ed_fro_std", "aggregate", tmp_path / "r")
+    with monkeypatch.context() as full:
+        disk_full_at(full, "aggregate/ed_fro_std")
+        code, _, err = cli(capsys, full, "aggregate", tmp_path / "r")
     assert code == 2 and one_line(err) and "no space left on the device" in err, err
     assert f"cannot write {tmp_path / 'r' / 'ed.zarr' / 'aggregate' / 'ed_fro_std'}" in err
-    code, out, err = edtool_process("verify", tmp_path / "r")
+    code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "r")
     assert code == 0 and "0 damaged cell(s)" in out and "damaged:" not in out, (out, err)
     from edtool.study.aggregate import read_aggregate
 
@@ -98,7 +99,7 @@ def copy_run(source, target):
     return target
 
 
-def test_a_lock_file_edtool_never_writes_is_stale(tmp_path, is_run):
+def test_a_lock_file_edtool_never_writes_is_stale(tmp_path, is_run, capsys, monkeypatch):
     """A lock that reads as whole JSON but is no record run_lock writes: no live edtool holds it, so
     status lists the run and compute takes the lock over (a warning says so) and finishes."""
     import socket
@@ -114,22 +115,22 @@ def test_a_lock_file_edtool_never_writes_is_stale(tmp_path, is_run):
         assert not (tmp_path / "api" / "lock").exists()
     run = copy_run(is_run, tmp_path / "r")
     (run / "lock").write_text('{"pid": "abc", "host": "%s"}' % socket.gethostname())
-    code, out, err = edtool_process("status", run, "--json")
+    code, out, err = cli(capsys, monkeypatch, "status", run, "--json")
     assert code == 0 and json.loads(out)[0]["state"] == "complete", (out, err)
-    code, out, err = edtool_process("compute", *IS_ARGS, "--run-dir", run)
+    code, out, err = cli(capsys, monkeypatch, "compute", *IS_ARGS, "--run-dir", run)
     assert code == 0 and "taking over an unreadable lock" in err and "Traceback" not in err, err
     assert not (run / "lock").exists()
 
 
-def test_a_lock_that_is_a_folder_is_one_line_and_kept(tmp_path, is_run):
+def test_a_lock_that_is_a_folder_is_one_line_and_kept(tmp_path, is_run, capsys, monkeypatch):
     copy_run(is_run, tmp_path / "r")
     (tmp_path / "r" / "lock").mkdir()
     (tmp_path / "r" / "lock" / "theirs.txt").write_text("keep me")
-    code, _, err = edtool_process("compute", *IS_ARGS, "--run-dir", tmp_path / "r")
+    code, _, err = cli(capsys, monkeypatch, "compute", *IS_ARGS, "--run-dir", tmp_path / "r")
     assert code == 2 and one_line(err) and "lock is a folder" in err, err
     assert (tmp_path / "r" / "lock" / "theirs.txt").read_text() == "keep me"
     assert not list((tmp_path / "r").glob("lock.stale*"))
-    code, out, err = edtool_process("status", tmp_path / "r", "--json")
+    code, out, err = cli(capsys, monkeypatch, "status", tmp_path / "r", "--json")
     assert code == 0 and json.loads(out)[0]["state"] == "complete", (out, err)
 
 
@@ -152,21 +153,20 @@ def test_damaged_time_seed_label_are_found_refused_and_rewritten_by_compute(tmp_
     (store / "seed" / "c" / "0").unlink()
     flip(store / "label" / "c" / "0")
 
-    code, out, err = edtool_process("verify", run)
+    code, out, err = cli(capsys, monkeypatch, "verify", run)
     assert code == 1 and "Traceback" not in err, (out, err)
     for line in ("damaged: array time: missing", "damaged: array seed: missing",
                  "damaged: array label: unreadable (checksum mismatch)"):
         assert line in out, out
     for command in ("aggregate", "plot"):
-        code, _, err = (edtool_process if command == "aggregate" else cli)(*((capsys, monkeypatch) if command == "plot"
-                                                                    else ()), command, run)
+        code, _, err = cli(capsys, monkeypatch, command, run)
         assert code == 2 and one_line(err) and "is damaged: array time (missing), array seed (missing)" in err, err
     assert not (run / "summary_stats.json").exists()
     code, out, err = cli(capsys, monkeypatch, "status", run, "--json")
     assert code == 0 and json.loads(out)[0]["state"].startswith("damaged: array time"), out
-    code, out, err = edtool_process("compute", *IS_ARGS, "--run-dir", run)
+    code, out, err = cli(capsys, monkeypatch, "compute", *IS_ARGS, "--run-dir", run)
     assert code == 0 and "rewrote its damaged array time (missing), array seed (missing), array label" in err, err
-    code, out, err = edtool_process("verify", run)
+    code, out, err = cli(capsys, monkeypatch, "verify", run)
     assert code == 0 and "0 damaged cell(s)" in out and "damaged:" not in out, (out, err)
     fixed = open_run(run)
     assert fixed.fixed_damage == {}
@@ -206,7 +206,7 @@ def test_an_edited_attribute_or_record_makes_the_run_broken(tmp_path, capsys, mo
         else:
             del meta["attributes"]["integrity"]
         path.write_text(json.dumps(meta))
-    code, out, err = edtool_process("verify", tmp_path / "r")
+    code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "r")
     assert code == 2 and one_line(err) and "is broken: group attributes config" in err, (out, err)
     for args in (["aggregate", tmp_path / "r"], ["plot", tmp_path / "r"], ["verify", tmp_path / "r2"]):
         code, _, err = cli(capsys, monkeypatch, *args)
@@ -215,16 +215,16 @@ def test_an_edited_attribute_or_record_makes_the_run_broken(tmp_path, capsys, mo
     assert json.loads(out)[0]["state"].startswith("broken:") and "integrity" in json.loads(out)[0]["state"]
 
 
-def test_swapped_or_copied_chunks_are_damage_and_compute_repairs_them(tmp_path, is_run):
+def test_swapped_or_copied_chunks_are_damage_and_compute_repairs_them(tmp_path, is_run, capsys, monkeypatch):
     run = copy_run(is_run, tmp_path / "r")
     a, b = (run / "ed.zarr" / "final" / "c" / str(r) / "0" / "0" / "0" / "0" for r in (0, 1))
     data_a, data_b = a.read_bytes(), b.read_bytes()
     assert data_a != data_b
     a.write_bytes(data_b)
     b.write_bytes(data_a)
-    code, out, err = edtool_process("verify", run)
+    code, out, err = cli(capsys, monkeypatch, "verify", run)
     assert code == 1 and out.count("final chunk does not match its digest") == 2, (out, err)
-    code, _, err = edtool_process("compute", *IS_ARGS, "--run-dir", run)
+    code, _, err = cli(capsys, monkeypatch, "compute", *IS_ARGS, "--run-dir", run)
     assert code == 0, err
     assert open_run(run).damaged() == {}
     assert_same_arrays(run, is_run, names=("done", "cell_digest", *open_run(run).cell_arrays))
@@ -268,7 +268,7 @@ def test_aggregate_arrays_are_digested(tmp_path, capsys, monkeypatch):
     assert read_aggregate(run) is not None
     chunk = Path("ed.zarr") / "aggregate" / "ed_fro_mean" / "c" / "0" / "0"
     (tmp_path / "r" / chunk).write_bytes((tmp_path / "other" / chunk).read_bytes())
-    code, out, err = edtool_process("verify", tmp_path / "r")
+    code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "r")
     assert code == 1 and "damaged: aggregate/ed_fro_mean: does not match its digest" in out, (out, err)
     assert read_aggregate(open_run(tmp_path / "r")) is None
     aggregate_run(tmp_path / "r")
@@ -282,7 +282,7 @@ def test_a_store_made_before_digests_opens_resumes_and_aggregates(tmp_path, caps
     filled(tmp_path / "truth")
     run = filled(tmp_path / "r", skip={(3, 0), (3, 1)})
     make_legacy(tmp_path / "r")
-    code, out, err = edtool_process("verify", tmp_path / "r")
+    code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "r")
     assert code == 0 and out.count("made before edtool kept digests") == 1 and "damaged:" not in out, (out, err)
     code, out, _ = cli(capsys, monkeypatch, "status", tmp_path / "r", "--json")
     (row,) = json.loads(out)
@@ -304,7 +304,8 @@ def test_a_store_made_before_digests_opens_resumes_and_aggregates(tmp_path, caps
 # ------------------------------------------------------------------ leftovers of kills
 
 
-def test_what_a_killed_overwrite_leaves_is_reported_and_cleaned_by_the_next_compute(tmp_path, is_run):
+def test_what_a_killed_overwrite_leaves_is_reported_and_cleaned_by_the_next_compute(tmp_path, is_run, capsys,
+                                                                                    monkeypatch):
     """A real process SIGKILLed while --overwrite deletes the old store leaves `.ed.zarr.deleting-*`
     (a whole old store): status reports it as stale, the next compute removes it with a warning
     and finishes the run. A leftover of a live process (this test's) is reported and kept."""
@@ -324,12 +325,12 @@ def test_what_a_killed_overwrite_leaves_is_reported_and_cleaned_by_the_next_comp
     assert (killed / "zarr.json").is_file() and not (run / "ed.zarr").exists()
     live = run / f".ed.zarr.partial-{os.getpid()}@{socket.gethostname()}-0123abcd"
     live.mkdir()
-    code, out, err = edtool_process("status", run)
+    code, out, err = cli(capsys, monkeypatch, "status", run)
     out = " ".join(out.split())  # status wraps its lines at 80 columns
     assert code == 0 and f"leftover {killed.name}: an old store being deleted (--overwrite)" in out, (out, err)
     assert "stale: the next compute or aggregate on this run removes it" in out
     assert f"leftover {live.name}: a store being built by pid {os.getpid()}" in out and "kept" in out
-    code, out, err = edtool_process("compute", *IS_ARGS, "--run-dir", run)
+    code, out, err = cli(capsys, monkeypatch, "compute", *IS_ARGS, "--run-dir", run)
     assert code == 0 and "removed what killed commands left" in err and killed.name in err, err
     assert not killed.exists() and live.is_dir()
     assert open_run(run).done_mask().all()
