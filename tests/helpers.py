@@ -185,13 +185,6 @@ def filled(location, n_real=4, nsteps=3, maps=False, skip=(), seed=0) -> RunStor
     return run
 
 
-def edtool_process(*args, cwd=REPO, env=None, timeout=120):
-    """`python -m edtool ARGS` in a real process: (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "edtool", *map(str, args)], cwd=cwd, env=env or subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def one_line(err: str) -> bool:
     lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line and "warn(" not in line]
     return len(lines) == 1 and "Traceback" not in err

@@ -29,7 +29,7 @@ from edtool.study.plots import plot_run
 from edtool.store.run import (BrokenRunError, RunStore, access_lock, create_run, open_run,
                           store_url)
 from edtool.store.status import run_status, verify_run
-from helpers import (assert_same_arrays, cli, config, edtool_process, filled, MODELS, one_line, REPO, snapshot,
+from helpers import (assert_same_arrays, cli, config, filled, MODELS, one_line, REPO, snapshot,
                      subprocess_env, wait_for_done_cell)
 
 pytestmark = pytest.mark.usefixtures("tiny_networks")
@@ -125,13 +125,13 @@ def test_cli_verify_status_aggregate_plot_on_a_damaged_run(tmp_path, capsys, mon
     filled(tmp_path / "r")
     filled(tmp_path / "fine")
     damage(chunk_file(tmp_path / "r", "asym", 1), "delete")
-    code, out, err = edtool_process("verify", tmp_path / "r")
+    code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "r")
     assert code == 1 and "damaged: realization 1 unet: asym chunk missing" in out, (out, err)
     assert "2 damaged cell(s), 6 whole of 8 done" in out
-    code, out, err = edtool_process("verify", tmp_path / "fine")
+    code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "fine")
     assert code == 0 and "0 damaged cell(s), 8 whole of 8 done" in out, (out, err)
     for command in ("aggregate", "plot"):
-        code, out, err = edtool_process(command, tmp_path / "r")
+        code, out, err = cli(capsys, monkeypatch, command, tmp_path / "r")
         assert code == 2 and one_line(err) and "realization 1 unet (asym chunk missing)" in err, (command, err)
     code, out, err = cli(capsys, monkeypatch, "status", str(tmp_path / "r"), "--json")
     (row,) = json.loads(out)
