@@ -1,4 +1,4 @@
-"""`--models LABEL=SOURCE` as a user meets it when something is wrong: the console script in a subprocess.
+"""`--models LABEL=SOURCE` as a user meets it when something is wrong, through the console entry point.
 
 A checkpoint path works like `--unet`; a bad checkpoint, a diffusers config that is not what diffusers
 writes, or a `py:` module whose own code fails is one line naming the source (exit 2), never edtool's
@@ -8,14 +8,17 @@ cell's NaN and a warning, and the run goes on. No file is ever unpickled into ru
 
 import json
 import os
+import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+from edtool.networks import checkpoints
+from edtool.networks.models import build_network
 from edtool.store.run import open_run
-from helpers import assert_one_line_error, edtool, REPO
+from helpers import assert_one_line_error, edtool_in_process, REPO
 
 TINY = ["--nsteps", "2", "--realizations", "1", "--device", "cpu", "--quiet"]
 SHIPPED_UNET = REPO / "checkpoints" / "mnist5k_unet.safetensors"
@@ -26,12 +29,18 @@ SHIPPED_UNET = REPO / "checkpoints" / "mnist5k_unet.safetensors"
 
 def test_checkpoint_path_source_gives_the_numbers_of_the_same_network_by_name(tmp_path):
     """The documented form `--models LABEL=<checkpoint>`: the same weights as `--unet <checkpoint>`, so the
-    same numbers at every step (both exact, both on their own, identical, path)."""
-    proc = edtool("compute", "--models", f"mine={SHIPPED_UNET},unet", "--unet", SHIPPED_UNET, "--estimator", "exact",
-                  *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    same numbers at every step (both exact, both on their own, identical, path). A tiny UNet of 8 x 8 images
+    keeps the exact Jacobian cheap."""
+    torch.manual_seed(0)
+    kw = dict(fsizes=[8, 16], emb_dim=16)
+    unet = checkpoints.save(tmp_path / "small_unet", build_network("unet", **kw), {
+        "arch": "unet", "arch_kwargs": kw, "dataset": "mnist5k", "image_shape": [1, 8, 8], "conditional": False,
+        "num_classes": None, "padding": "zeros"})
+    proc = edtool_in_process("compute", "--models", f"mine={unet},unet", "--unet", unet, "--estimator", "exact",
+                             *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = open_run(tmp_path / "run")
-    assert run.done_mask().all() and run.config["models"]["mine"]["path"] == str(SHIPPED_UNET)
+    assert run.done_mask().all() and run.config["models"]["mine"]["path"] == str(unet)
     mine, unet = run.read("ed_fro", "mine")[0], run.read("ed_fro", "unet")[0]
     assert np.isfinite(mine).all() and mine == pytest.approx(unet, rel=1e-6)
 
@@ -78,7 +87,7 @@ def test_a_bad_checkpoint_source_is_one_line_and_never_runs_code(kind, expected,
                     "manifest for other channels": {**manifest, "image_shape": [3, 32, 32]},
                     "manifest padding 7": {**manifest, "padding": 7}}[kind]
         path.with_suffix(".json").write_text(json.dumps(manifest))
-    proc = edtool("compute", "--models", f"x={path}", *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    proc = edtool_in_process("compute", "--models", f"x={path}", *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert_one_line_error(proc, expected)
     assert not marker.exists()
 
@@ -137,8 +146,15 @@ class Exits(Good):
 """
 
 
+USER_MODULES = ("usermod", "importboom", "syntaxbad", "exits", "needsdep")
+
+
 @pytest.fixture
-def modules(tmp_path):
+def modules(tmp_path, monkeypatch):
+    """A folder of user modules on the import path (each imported afresh by the test that uses it)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in USER_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
     (tmp_path / "usermod.py").write_text(textwrap.dedent(MODULE))
     (tmp_path / "importboom.py").write_text("raise ValueError('import boom')\n")
     (tmp_path / "syntaxbad.py").write_text("def broken(:\n    pass\n")
@@ -148,8 +164,8 @@ def modules(tmp_path):
 
 
 def _run_py(modules, entries, *args):
-    return edtool("compute", "--models", entries, "--estimator", "exact", *TINY, "--run-dir", modules / "run", *args,
-                  cwd=modules, env={"PYTHONPATH": f"{modules}:{REPO}"})
+    return edtool_in_process("compute", "--models", entries, "--estimator", "exact", *TINY, "--run-dir",
+                             modules / "run", *args, cwd=modules)
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -226,7 +242,7 @@ def _diffusers_folder(tmp_path, unet=None, scheduler=None, index=None):
 def test_a_malformed_diffusers_config_is_one_line(tmp_path, change, expected):
     pytest.importorskip("diffusers")
     folder = _diffusers_folder(tmp_path, **change)
-    proc = edtool("compute", "--models", f"m={folder}", *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    proc = edtool_in_process("compute", "--models", f"m={folder}", *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert_one_line_error(proc, expected)
 
 
@@ -241,8 +257,8 @@ def test_a_bin_only_diffusers_folder_loads_without_diffusers_own_error_line(tmp_
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
     unet.save_pretrained(folder / "unet", safe_serialization=False)
     assert [p.name for p in (folder / "unet").glob("*.bin")] and not list((folder / "unet").glob("*.safetensors"))
-    proc = edtool("compute", "--models", f"m={folder}", "--estimator", "exact", *TINY, "--run-dir", tmp_path / "run",
-                  cwd=tmp_path)
+    proc = edtool_in_process("compute", "--models", f"m={folder}", "--estimator", "exact", *TINY, "--run-dir",
+                             tmp_path / "run", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
     assert np.isfinite(open_run(tmp_path / "run").read("ed_fro", "m")).all()
 
@@ -258,6 +274,6 @@ def test_scheduler_without_a_diffusers_source_is_refused(modules, models):
 
 def test_scheduler_path_that_does_not_exist_is_refused(tmp_path):
     folder = _diffusers_folder(tmp_path)
-    proc = edtool("compute", "--models", f"m={folder}", "--scheduler", tmp_path / "nowhere", *TINY,
-                  "--run-dir", tmp_path / "run", cwd=tmp_path)
+    proc = edtool_in_process("compute", "--models", f"m={folder}", "--scheduler", tmp_path / "nowhere", *TINY,
+                             "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert_one_line_error(proc, "--scheduler", "no such file or folder")
