@@ -7,17 +7,17 @@ import pytest
 
 from edtool import config
 from edtool.errors import EdtoolError
-from helpers import REPO, SHARED, assert_one_line_error, edtool
+from helpers import REPO, SHARED, assert_one_line_error, edtool_in_process
 
 
 def test_probes_1_is_a_usage_error_before_any_work(tmp_path):
     """`compute --probes 1` is exit 2, one line, no store: refused by validation, not stored as a run of NaN
     cells with a warning (the per-cell guard would turn the estimator's refusal into NaN)."""
-    proc = edtool("compute", "--run-dir", tmp_path / "run", "--probes", "1", "--models", "els", cwd=tmp_path)
+    proc = edtool_in_process("compute", "--run-dir", tmp_path / "run", "--probes", "1", "--models", "els", cwd=tmp_path)
     assert_one_line_error(proc)
     assert "--probes" in proc.stderr and "2" in proc.stderr
     assert not (tmp_path / "run").exists()
-    proc = edtool("analyze", "--probes", "1", "--output_dir", tmp_path / "a", cwd=tmp_path)
+    proc = edtool_in_process("analyze", "--probes", "1", "--output_dir", tmp_path / "a", cwd=tmp_path)
     assert_one_line_error(proc)
     assert not (tmp_path / "a").exists()
 
@@ -147,13 +147,13 @@ def test_els_follows_the_padding_in_one_place():
 def test_version_and_command_order(tmp_path):
     from edtool import __version__
 
-    proc = edtool("--version", cwd=tmp_path)
+    proc = edtool_in_process("--version", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == f"edtool {__version__}"
-    proc = edtool("--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    proc = edtool_in_process("--help", cwd=tmp_path, env={"COLUMNS": "200"})
     listed = [line.split()[0] for line in proc.stdout.split("\nCommands:\n", 1)[1].splitlines()
               if line.startswith("  ") and not line.startswith("   ")]
     assert listed == ["analyze", "demo", "compute", "aggregate", "plot", "status", "verify", "sample", "calibrate",
                       "train", "import-checkpoint"]
     assert "SPEC" not in proc.stdout
     for command in listed:
-        assert "SPEC" not in edtool(command, "--help", cwd=tmp_path, env={"COLUMNS": "200"}).stdout, command
+        assert "SPEC" not in edtool_in_process(command, "--help", cwd=tmp_path, env={"COLUMNS": "200"}).stdout, command

@@ -9,7 +9,7 @@ import typer
 
 from edtool.cli import app
 from edtool.study.compute import ComputeConfig, compute
-from helpers import edtool
+from helpers import edtool_in_process
 
 WIDTH = {"COLUMNS": "80"}
 
@@ -35,7 +35,7 @@ def test_the_flag_check_sees_a_cut_name():
 
 @pytest.mark.parametrize("name", [None, *commands()], ids=lambda n: n or "edtool")
 def test_help_fits_and_names_every_flag_whole(name, tmp_path):
-    proc = edtool(*([name] if name else []), "--help", cwd=tmp_path, env=WIDTH)
+    proc = edtool_in_process(*([name] if name else []), "--help", cwd=tmp_path, env=WIDTH)
     assert proc.returncode == 0, proc.stderr
     assert not too_wide(proc.stdout), too_wide(proc.stdout)
     shown = set(re.findall(r"(?<![\w-])--?[\w-]+", proc.stdout))
@@ -57,7 +57,7 @@ def test_status_tells_runs_apart_at_80_columns(tmp_path, monkeypatch):
                "results/exterior_derivative/mnist5k/multiple_realizations"]
     for folder in folders:
         compute(ComputeConfig(models=["is"], nsteps=2, probes=2, device="cpu", run_dir=folder))
-    proc = edtool("status", cwd=tmp_path, env={**WIDTH, "EDTOOL_CACHE": str(tmp_path / "cache")})
+    proc = edtool_in_process("status", cwd=tmp_path, env={**WIDTH, "EDTOOL_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
     assert not too_wide(proc.stdout), too_wide(proc.stdout)
     lines = proc.stdout.splitlines()
@@ -67,8 +67,8 @@ def test_status_tells_runs_apart_at_80_columns(tmp_path, monkeypatch):
 
 
 def test_demo_tour_fits_and_keeps_phrases_whole(tmp_path):
-    proc = edtool("demo", "--out", tmp_path / "demo", "--models", "is", "--nsteps", "2", "--device", "cpu",
-                  cwd=tmp_path, env=WIDTH, timeout=300)
+    proc = edtool_in_process("demo", "--out", tmp_path / "demo", "--models", "is", "--nsteps", "2", "--device", "cpu",
+                             cwd=tmp_path, env=WIDTH)
     assert proc.returncode == 0, proc.stderr
     assert not too_wide(proc.stdout), too_wide(proc.stdout)
     assert "`edtool analyze --multiple 10`" in proc.stdout and "`xarray.open_zarr`" in proc.stdout

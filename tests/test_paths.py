@@ -2,7 +2,7 @@
 exit 2, before any work (or, for an empty variable, the default it stands for)."""
 
 import pytest
-from helpers import assert_one_line_error, edtool
+from helpers import assert_one_line_error, edtool_in_process
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -15,7 +15,7 @@ from helpers import assert_one_line_error, edtool
     (["calibrate", "--checkpoint", "x.safetensors", "--sizes", "3,,5"], "--sizes must be integers"),
 ])
 def test_out_of_range_or_malformed_values_are_one_line(args, expected, tmp_path):
-    proc = edtool(*args, "--nsteps" if args[0] != "train" else "--steps", "2", cwd=tmp_path)
+    proc = edtool_in_process(*args, "--nsteps" if args[0] != "train" else "--steps", "2", cwd=tmp_path)
     assert_one_line_error(proc, expected)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()
 
@@ -23,7 +23,7 @@ def test_out_of_range_or_malformed_values_are_one_line(args, expected, tmp_path)
 def test_an_empty_cache_variable_means_unset(tmp_path):
     """EDTOOL_CACHE="" is ./cache (not the working directory itself), as an empty EDTOOL_CHECKPOINTS
     adds no folder."""
-    proc = edtool("status", cwd=tmp_path, env={"EDTOOL_CACHE": ""})
+    proc = edtool_in_process("status", cwd=tmp_path, env={"EDTOOL_CACHE": ""})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert f"no runs under {tmp_path / 'cache'}" in proc.stdout
 

@@ -10,7 +10,7 @@ import pytest
 from edtool.errors import EdtoolError
 from edtool.study.aggregate import QUANTITIES, aggregate_run, compute_aggregate, read_aggregate
 from edtool.store.run import create_run, open_run
-from helpers import assert_one_line_error, edtool
+from helpers import assert_one_line_error, edtool_in_process
 
 MODELS = ["unet", "resnet", "els"]
 
@@ -160,7 +160,8 @@ def test_aggregate_refuses_a_run_with_nothing_finished(tmp_path):
     with pytest.raises(EdtoolError, match="no finished cells yet: nothing to aggregate"):
         aggregate_run(tmp_path / "r")
     for command in ("aggregate", "plot"):
-        assert_one_line_error(edtool(command, "r", cwd=tmp_path), "has no finished cells yet", "edtool status")
+        assert_one_line_error(edtool_in_process(command, "r", cwd=tmp_path), "has no finished cells yet",
+                              "edtool status")
     assert not (tmp_path / "r" / "summary_stats.json").exists()
     assert "aggregate" not in open_run(tmp_path / "r").group
 

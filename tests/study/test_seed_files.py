@@ -22,7 +22,7 @@ from edtool.study.compute import ComputeConfig, compute
 from edtool.fileio import LEDGER
 from edtool.study.seed_files import AGGREGATED, SINGLE, export_seed_files, seed_results
 from edtool.store.run import create_run
-from helpers import assert_one_line_error, assert_refused, cli, edtool, REPO, subprocess_env
+from helpers import assert_one_line_error, assert_refused, cli, edtool_in_process, REPO, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("tiny_networks")
 
@@ -220,10 +220,10 @@ def test_analyze_overwrite_with_fewer_realizations_leaves_no_stale_aggregated_fi
     .pt of the first run (2 realizations) must not stay beside the new 1-realization store."""
     args = ["analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--quiet", "--output_dir", "out"]
     folder = tmp_path / "out" / "mnist5k" / "multiple_realizations"
-    first = edtool(*args, "--multiple", "2", cwd=tmp_path, timeout=300)
+    first = edtool_in_process(*args, "--multiple", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert torch.load(folder / AGGREGATED, weights_only=True)["is"]["num_realizations"] == 2
-    again = edtool(*args, "--multiple", "1", "--overwrite", cwd=tmp_path, timeout=300)
+    again = edtool_in_process(*args, "--multiple", "1", "--overwrite", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert not (folder / AGGREGATED).exists() and not (folder / "ed_analysis_aggregated.png").exists()
     assert stored(folder)["done"].shape == (1, 1)
@@ -250,15 +250,15 @@ def test_a_folder_of_an_output_name_is_one_line_and_kept(tmp_path, name, layout)
     folder.mkdir(parents=True)
     (folder / "keep.txt").write_text("mine")
     realizations = ["--multiple", "2"] if layout.startswith("multiple") else []
-    proc = edtool("analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--output_dir", "out",
-                  *realizations, "--overwrite", cwd=tmp_path)
+    proc = edtool_in_process("analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--output_dir", "out",
+                             *realizations, "--overwrite", cwd=tmp_path)
     assert_one_line_error(proc, f"{folder.relative_to(tmp_path)} is a folder", "--output_dir another folder")
     assert (folder / "keep.txt").read_text() == "mine" and not (folder.parent / "ed.zarr").exists()
 
 
 def test_analyze_errors_name_its_own_option(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
-    proc = edtool("analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--output_dir", "afile",
-                  cwd=tmp_path)
+    proc = edtool_in_process("analyze", "--models", "is", "--nsteps", "2", "--device", "cpu", "--output_dir", "afile",
+                             cwd=tmp_path)
     assert_one_line_error(proc, "afile is a file, not a folder", "pass --output_dir to write elsewhere")
     assert "--out " not in proc.stderr
