@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from edtool.networks.paper_import import import_checkpoint
 from edtool.paths import search_dirs, shipped_dir
 from edtool.study.compute import ComputeConfig, compute
 from edtool.store.run import open_run
-from helpers import cli, REPO, save_tiny, small_mnist, snapshot, write_idx_root
+from helpers import cli, edtool_in_process, REPO, save_tiny, small_mnist, snapshot, write_idx_root
 from paper_networks import _RunsCode, DDIM, MinimalResNet, MinimalUNet, save_paper
 
 PAPER_SCALES = [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15]  # scales_MNIST_ResNet_zeros
@@ -75,17 +74,17 @@ def one_line_error(code, err, *words):
 # ------------------------------------------------------------------ the seed's own command
 
 
-def test_seed_command_with_paper_files_in_cwd_checkpoints(tmp_path):
+def test_seed_command_with_paper_files_in_cwd_checkpoints(tmp_path, monkeypatch):
     """`edtool analyze --dataset mnist` in a folder holding the paper's files, as a user types it: the
     .pt files are found, imported once (one line each), cached by hash, the paper scales feed els."""
     work = tmp_path / "project"
     files = paper_pair(work / "checkpoints")
     mnist_root(work / "data")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDTOOL_CACHE": str(work / "cache")}
-    env.pop("EDTOOL_CHECKPOINTS", None)
-    cmd = [sys.executable, "-m", "edtool", "analyze", "--dataset", "mnist", "--data-root", "data", "--nsteps", "2",
-           "--probes", "2", "--max-samples", "30", "--device", "cpu", "--quiet"]
-    first = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    monkeypatch.delenv("EDTOOL_CHECKPOINTS", raising=False)
+    env = {"EDTOOL_CACHE": str(work / "cache")}
+    cmd = ["analyze", "--dataset", "mnist", "--data-root", "data", "--nsteps", "2", "--probes", "2", "--max-samples",
+           "30", "--device", "cpu", "--quiet"]
+    first = edtool_in_process(*cmd, cwd=work, env=env)
     assert first.returncode == 0, first.stderr
     run_dir = work / "results" / "exterior_derivative" / "mnist" / "single_realization"
     cfg = open_run(run_dir).config
@@ -100,7 +99,7 @@ def test_seed_command_with_paper_files_in_cwd_checkpoints(tmp_path):
     assert len(cached) == 2 and all(p.with_suffix(".json").exists() for p in cached)
     assert "src" not in sys.modules
 
-    again = subprocess.run(cmd[:-1], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    again = edtool_in_process(*cmd[:-1], cwd=work, env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("using its import cached at") == 2, again.stdout
     assert sorted((work / "cache" / "checkpoints").glob("*.safetensors")) == cached
