@@ -17,7 +17,7 @@ from edtool.errors import EdtoolError
 from edtool.study.compute import ComputeConfig, compute, prepare
 from edtool.networks.sources import clamped_steps, edtool_log_sigma, fractional_timestep, vp_log_sigmas
 from edtool.store.run import open_run
-from helpers import assert_one_line_error, cli, edtool, REPO, small_mnist, write_idx_root
+from helpers import assert_one_line_error, cli, edtool, edtool_in_process, small_mnist, write_idx_root
 
 
 def _log_sigmas_np(alphas_cumprod) -> np.ndarray:
@@ -232,9 +232,8 @@ def test_py_entry_point_through_the_command_line(linear_module, tmp_path):
     import importlib
 
     M = importlib.import_module("linmod").M.double()
-    proc = edtool("compute", "--models", "lin=py:linmod:Linear", "--nsteps", "2", "--estimator", "exact",
-                  "--run-dir", tmp_path / "run", "--device", "cpu", "--quiet",
-                  env={"PYTHONPATH": f"{linear_module}:{REPO}"})
+    proc = edtool_in_process("compute", "--models", "lin=py:linmod:Linear", "--nsteps", "2", "--estimator", "exact",
+                             "--run-dir", tmp_path / "run", "--device", "cpu", "--quiet")
     assert proc.returncode == 0, proc.stderr
     run = open_run(tmp_path / "run")
     assert run.models == ["lin"] and run.config["models"]["lin"]["source"] == "py:linmod:Linear"
@@ -267,21 +266,22 @@ def test_latent_pipeline_is_refused_in_one_line(tmp_path):
     (folder / "vqvae").mkdir(parents=True)
     (folder / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"],
                                                          "vqvae": ["diffusers", "VQModel"]}))
-    proc = edtool("compute", "--models", f"ldm={folder}", "--run-dir", tmp_path / "run")
+    proc = edtool_in_process("compute", "--models", f"ldm={folder}", "--run-dir", tmp_path / "run")
     assert_one_line_error(proc, "latent pipeline", "latent space")
 
 
-def test_missing_diffusers_extra_is_one_line(tmp_path):
-    """diffusers made unimportable in the child process: the one line names the extra."""
+def test_missing_diffusers_extra_is_one_line(tmp_path, monkeypatch):
+    """diffusers made unimportable: the one line names the extra."""
     folder = tmp_path / "pipe"
     (folder / "unet").mkdir(parents=True)
     (folder / "scheduler").mkdir()
     (folder / "model_index.json").write_text("{}")
     (folder / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8}))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
-    code = ("import sys; sys.modules['diffusers'] = None; from edtool.cli import main; "
-            f"sys.argv = ['edtool', 'compute', '--models', 'm={folder}', '--run-dir', '{tmp_path / 'run'}']; main()")
-    proc = edtool("-c", code, exe=[sys.executable])
+    for name in [m for m in sys.modules if m == "diffusers" or m.startswith("diffusers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` raises ImportError
+    proc = edtool_in_process("compute", "--models", f"m={folder}", "--run-dir", tmp_path / "run")
     assert_one_line_error(proc, 'pip install "edtool[diffusers]"')
 
 
@@ -378,16 +378,15 @@ def test_text_and_cross_attention_models_are_refused_in_one_line(tmp_path, capsy
 
 def test_py_source_in_shards_equals_one_process(linear_module, tmp_path):
     """Job-array shards (--shard i/K) with a py: source fill one run that equals a one-process run and
-    aggregates; each shard loads the source itself, as each torchrun rank does."""
-    env = {"PYTHONPATH": f"{linear_module}:{REPO}"}
+    aggregates; each shard command loads the source itself, as each torchrun rank does."""
     common = ["compute", "--models", "lin=py:linmod:Linear", "--nsteps", "2", "--realizations", "4",
               "--estimator", "hutchinson", "--probes", "4", "--device", "cpu", "--quiet"]
     for i in (0, 1):
-        proc = edtool(*common, "--run-dir", tmp_path / "sharded", "--shard", f"{i}/2", env=env)
+        proc = edtool_in_process(*common, "--run-dir", tmp_path / "sharded", "--shard", f"{i}/2")
         assert proc.returncode == 0, proc.stderr
-    proc = edtool(*common, "--run-dir", tmp_path / "one", env=env)
+    proc = edtool_in_process(*common, "--run-dir", tmp_path / "one")
     assert proc.returncode == 0, proc.stderr
     sharded, one = open_run(tmp_path / "sharded"), open_run(tmp_path / "one")
     for name in ("ed_fro", "jac_fro", "asym", "final"):
         np.testing.assert_array_equal(sharded.read(name), one.read(name), err_msg=name)
-    assert edtool("aggregate", tmp_path / "sharded", env=env).returncode == 0
+    assert edtool_in_process("aggregate", tmp_path / "sharded").returncode == 0
