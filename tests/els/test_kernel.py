@@ -50,10 +50,12 @@ def test_float32_score_matches_float64_brute_force(path, rule, paper, k, t, monk
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("k,t", [(3, 0.5), (3, 0.9), (5, 0.5), (11, 0.9)])
+@pytest.mark.parametrize("k,t", [(3, 0.5), pytest.param(3, 0.9, marks=pytest.mark.slow),
+                                 pytest.param(5, 0.5, marks=pytest.mark.slow), (11, 0.9)])
 def test_mnist_score_band_and_ed_match_float64(path, k, t):
     """Real digits (merged windows at k <= 5, every window cached at k = 11), B = 2, against the
-    float64 engine that scores every window (itself checked against brute force and autograd)."""
+    float64 engine that scores every window (itself checked against brute force and autograd). The
+    default run takes one merged and the cached case on each path; -m slow adds t = 0.9 and k = 5."""
     images, _ = mnist_subset(30)
     x = noisy(images.double(), t, b=2, pure_noise=False)
     truth = make_machine("els-borders", images.double(), patch_size=k, cache_bytes=0)
