@@ -71,15 +71,14 @@ def train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Opt
 
 def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Optional[Path],
                    work_dir: Path, ckpt_every: int = 250, command: str = "",
-                   log: Optional[Callable[[int, float, float], None]] = None, stop_after: Optional[int] = None,
+                   log: Optional[Callable[[int, float, float], None]] = None,
                    init_weights: Optional[dict] = None, held_out=None, snapshot_every: int = 0, device="cpu",
                    time_limit_s: Optional[float] = None) -> Optional[Path]:
     """Train, resuming from work_dir's state if present; write out.safetensors/.json + PNGs and return
     the weights' path (None when `out` is None: a campaign stretch that only advances its state).
 
     `log(step, loss, lr)` is called for every step, in order, when the losses are read from the device
-    (about every READ_LOSSES_EVERY_S seconds and before every save); `stop_after` ends the run early (tests use it to
-    simulate an interruption) without writing the final checkpoint, and returns None.
+    (about every READ_LOSSES_EVERY_S seconds and before every save).
     `init_weights` (a state dict, cfg.init_from its checkpoint's sha256) starts the weights and their
     moving average from a trained network. Every `snapshot_every` steps the moving-average weights are
     evaluated (loss on `held_out` = (images, labels), fixed draws) and sampled into work_dir/snapshots.
@@ -165,9 +164,6 @@ def train_unlocked(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
                      elapsed)
         if step % ckpt_every == 0 or step == cfg.steps:
             save_state()
-        if stop_after is not None and step >= stop_after and step < cfg.steps:
-            read_losses()
-            return None
         if deadline is not None and time.time() > deadline and step < cfg.steps:
             if step % ckpt_every:
                 save_state()

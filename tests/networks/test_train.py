@@ -23,6 +23,19 @@ def _tiny_data(n=24):
     return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 3, (n,), generator=g)
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(step):
+    """A `log` that stops training (as Ctrl-C does) when step `step`'s loss is read: with a save every step,
+    that is before step `step` is saved, so the state left is step - 1's."""
+    def log(s, loss, lr):
+        if s == step:
+            raise Interrupted
+    return log
+
+
 def _cfg(**kw):
     return TrainConfig(**{"arch": "unet", "dataset": "tiny", "steps": 6, "batch": 4, "fsizes": [8, 16],
                           "emb_dim": 16, **kw})
@@ -31,7 +44,8 @@ def _cfg(**kw):
 def test_resumed_training_ends_with_the_same_weights(tmp_path):
     images, labels = _tiny_data()
     straight = train(_cfg(), images, labels, tmp_path / "a", tmp_path / "wa", ckpt_every=1)
-    assert train(_cfg(), images, labels, tmp_path / "b", tmp_path / "wb", ckpt_every=1, stop_after=3) is None
+    with pytest.raises(Interrupted):
+        train(_cfg(), images, labels, tmp_path / "b", tmp_path / "wb", ckpt_every=1, log=interrupt_at(4))
     assert not (tmp_path / "b.safetensors").exists()
     resumed = train(_cfg(), images, labels, tmp_path / "b", tmp_path / "wb", ckpt_every=1)
     a, b = load_file(str(straight)), load_file(str(resumed))
@@ -100,7 +114,8 @@ def test_a_work_dir_of_other_settings_is_refused_by_name(tmp_path):
     """train() refuses to resume a state written with other settings and names them; the CLI keys its
     work dir by the settings hash, so two settings never meet in one folder."""
     images, labels = _tiny_data()
-    assert train(_cfg(), images, labels, tmp_path / "a", tmp_path / "w", ckpt_every=1, stop_after=2) is None
+    with pytest.raises(Interrupted):
+        train(_cfg(), images, labels, tmp_path / "a", tmp_path / "w", ckpt_every=1, log=interrupt_at(3))
     with pytest.raises(EdtoolError, match="other settings \\(batch, steps\\)"):
         train(_cfg(steps=7, batch=2), images, labels, tmp_path / "a", tmp_path / "w")
     assert work_dir_name("x/a.safetensors", _cfg()) != work_dir_name("x/a.safetensors", _cfg(steps=7))
@@ -164,7 +179,8 @@ def test_a_saved_state_continues_bit_for_bit(tmp_path, gamma):
     straight = train(_cfg(lr_gamma=gamma), images, labels, None, tmp_path / "a", ckpt_every=100)
     assert straight is None  # no --out: only the state advances
     if gamma is None:  # interrupted after 3 of 6 steps, then resumed by a second call
-        train(_cfg(), images, labels, None, tmp_path / "b", ckpt_every=1, stop_after=3)
+        with pytest.raises(Interrupted):
+            train(_cfg(), images, labels, None, tmp_path / "b", ckpt_every=1, log=interrupt_at(4))
     else:  # a first stretch of 3 steps, then the same run continued to 6
         train(_cfg(lr_gamma=gamma, steps=3), images, labels, None, tmp_path / "b", ckpt_every=100)
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 3
