@@ -4,8 +4,12 @@ On a machine with a GPU, `pytest` runs what it runs on one without: CUDA is hidd
 torch in this process, and from the commands the tests start) unless the test is marked `gpu`; those run
 only with `pytest --gpu` (and are skipped without CUDA)."""
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from helpers import TINY, save_tiny
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -38,3 +42,19 @@ def _on_cpu(request, monkeypatch):
     if "gpu" not in request.keywords:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """A folder with small random-weight `unet` and `resnet` checkpoints for mnist5k (helpers.TINY)."""
+    folder = tmp_path_factory.mktemp("tiny-checkpoints")
+    for i, arch in enumerate(TINY):
+        save_tiny(folder / f"tiny_{arch}", arch, seed=i)
+    return folder
+
+
+@pytest.fixture
+def tiny_networks(tiny_checkpoints, monkeypatch):
+    """`unet` and `resnet` resolve to the tiny checkpoints (in this process and in subprocesses); a module
+    asks for it with `pytestmark = pytest.mark.usefixtures("tiny_networks")`."""
+    monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tiny_checkpoints))

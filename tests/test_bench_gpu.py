@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, subprocess_env
 
-from test_pipeline import REPO, subprocess_env, tiny_checkpoints  # noqa: F401
 
 BENCH = Path(__file__).resolve().parent / "benchmarks" / "bench_gpu.py"
 

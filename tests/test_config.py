@@ -1,4 +1,4 @@
-"""Configuration in one place (issue 21, item 2): each command's settings are one dataclass in edtool.config
+"""Configuration in one place: each command's settings are one dataclass in edtool.config
 with its defaults and checks; the command line takes its defaults and number ranges from there, so a number
 out of range is a usage error (exit 2, one line) before any work, and Python callers get the same refusal."""
 
@@ -12,7 +12,7 @@ import typer
 from edtool import cli, config
 from edtool.config import RANGES, CalibrateConfig, ComputeConfig, SampleConfig, TrainConfig, check_range
 from edtool.errors import EdtoolError
-from test_cli import assert_one_line_error, edtool
+from helpers import assert_one_line_error, edtool_in_process
 
 SETTINGS = {"compute": ComputeConfig, "analyze": ComputeConfig, "calibrate": CalibrateConfig,
             "sample": SampleConfig, "train": TrainConfig}
@@ -108,7 +108,7 @@ def test_range_errors_are_usage_errors_before_any_output(tmp_path, args, option)
     checkpoint named does not even exist: the settings are refused before anything is read)."""
     out = {"compute": ["--run-dir", tmp_path / "run"], "analyze": ["--output_dir", tmp_path / "run"],
            "sample": ["--out", tmp_path / "run"], "calibrate": ["--out", tmp_path / "run" / "s.json"]}[args[0]]
-    proc = edtool(*args, *out, cwd=tmp_path)
+    proc = edtool_in_process(*args, *out, cwd=tmp_path)
     assert_one_line_error(proc, option)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

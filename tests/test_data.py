@@ -17,6 +17,7 @@ import torch
 
 from edtool import data
 from edtool.errors import EdtoolError
+from helpers import bilinear_numpy, cli, idx_bytes, small_mnist, write_idx_root
 
 T10K_MD5 = {"t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
@@ -47,49 +48,6 @@ def shared_t10k() -> Path:
 
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
-    """An unsigned-byte IDX file written independently of edtool."""
-    magic = 0x0800 + array.ndim if magic is None else magic
-    return struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
-
-
-def write_idx_root(root: Path, images: np.ndarray, labels: np.ndarray, split="train", gz=True,
-                   folder="MNIST") -> tuple[Path, Path]:
-    """Lay out an IDX pair as ROOT/<folder>/raw/<prefix>-images-idx3-ubyte[.gz]."""
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    prefix = "train" if split == "train" else "t10k"
-    paths = []
-    for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
-        path = raw / (f"{prefix}-{kind}-ubyte" + (".gz" if gz else ""))
-        blob = idx_bytes(arr)
-        path.write_bytes(gzip.compress(blob) if gz else blob)
-        paths.append(path)
-    return paths[0], paths[1]
-
-
-def small_mnist(n=12, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
-
-
-def bilinear_numpy(img: np.ndarray, size: int) -> np.ndarray:
-    """Half-pixel-centre bilinear resize with edge clamping, written out by hand (the reference)."""
-    h, w = img.shape
-
-    def taps(n_in):
-        src = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, n_in - 1)
-        lo = np.floor(src).astype(int)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, src - lo
-
-    y0, y1, fy = taps(h)
-    x0, x1, fx = taps(w)
-    top = img[y0][:, x0] * (1 - fx) + img[y0][:, x1] * fx
-    bottom = img[y1][:, x0] * (1 - fx) + img[y1][:, x1] * fx
-    return top * (1 - fy[:, None]) + bottom * fy[:, None]
 
 
 def to_range(uint8_images: np.ndarray) -> torch.Tensor:
@@ -535,7 +493,6 @@ def test_dataset_names_ignore_case_as_seed_users_type_them():
 def test_analyze_takes_an_upper_case_dataset_and_writes_the_lower_case_folder(tmp_path, capsys, monkeypatch):
     """The seed's folder layout results/exterior_derivative/{dataset}/ keeps edtool's spelling of the name;
     a misspelt name is one line and exit 2, nothing written."""
-    from test_pipeline import cli
 
     monkeypatch.chdir(tmp_path)
     common = ["--models", "is", "--nsteps", "2", "--probes", "2", "--device", "cpu", "--quiet", "--output_dir", "out"]

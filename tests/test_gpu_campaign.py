@@ -13,8 +13,7 @@ import numpy as np
 
 from edtool.networks import train_state
 from edtool.paths import REPO_ROOT
-from test_data import write_idx_root
-from test_pipeline import tiny_checkpoints  # noqa: F401
+from helpers import write_idx_root
 
 SCRIPT = REPO_ROOT / "experiments" / "training" / "gpu_campaign.sh"
 

@@ -1,4 +1,4 @@
-"""Installed anywhere (issue 12): a wheel built with `pip wheel .` carries the shipped checkpoints,
+"""Installed anywhere: a wheel built with `pip wheel .` carries the shipped checkpoints,
 manifests and calibrated scales as package data; installed in a fresh venv and run from an unrelated
 folder, `edtool analyze` and `edtool demo` use them, and xarray reads the store. A wheel whose data is
 missing says so in one line.

@@ -1,4 +1,4 @@
-"""The package's layout (issue 21), computed from the source by tools/layout.py: no import circles among
+"""The package's layout, computed from the source by tools/layout.py: no import circles among
 edtool's modules (function-level imports included), at most one import back up a layer, and no module
 taking another's underscore names. Module sizes are only reported (`python tools/layout.py`)."""
 
@@ -39,7 +39,7 @@ def test_no_module_level_import_runs_back_up_a_layer(edtool_modules):
     found = [f"{i.source}:{i.line} -> {i.target}" for i in layout.upward(edtool_modules, "edtool") if i.module_level]
     assert found == [], f"module-level imports that run back up a layer: {found}"
     found = [f"{i.source}:{i.line} -> {i.target}" for i in layout.upward(edtool_modules, "edtool")]
-    assert len(found) <= 1, f"at most one import may run back up a layer (issue 21), found: {found}"
+    assert len(found) <= 1, f"at most one import may run back up a layer, found: {found}"
 
 
 def test_no_module_takes_another_modules_underscore_names(edtool_modules):

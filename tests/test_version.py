@@ -1,4 +1,4 @@
-"""`edtool --version` (issue 21 item 6): the installed package's version, exit 0, nothing else run."""
+"""`edtool --version`: the installed package's version, exit 0, nothing else run."""
 
 import subprocess
 import sys

@@ -3,7 +3,7 @@
 1. trains a small UNet and ResNet on the 60,000 training digits with `edtool train` (minutes of CPU:
    the point is the plumbing and the time, not sample quality);
 2. converts each to the paper's pickle format (`backbone_MNIST_{UNet,ResNet}_zeros.pt`: a DDIM object
-   whose backbone has the paper's classes and parameter names, as tests/test_checkpoints.py writes
+   whose backbone has the paper's classes and parameter names, as tests/paper_networks.py writes
    them) and writes the paper's `scales_MNIST_ResNet_zeros.pt` (its published schedule) beside them
    in `<work>/checkpoints/`;
 3. runs, from `<work>`, the seed's command `edtool analyze --dataset mnist --data-root ROOT` as a user
@@ -37,9 +37,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: the paper stand-in classes and save_paper
 
-from test_checkpoints import DDIM, MinimalResNet, MinimalUNet, save_paper  # noqa: E402
 
 from edtool.networks import checkpoints  # noqa: E402
+from paper_networks import DDIM, MinimalResNet, MinimalUNet, save_paper
 
 PAPER_SCALES = {"ResNet": [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15]}  # paper_scales.json
 
