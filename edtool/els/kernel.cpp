@@ -587,11 +587,70 @@ struct BoxTask {
     }
   }
 
+  // The weights of NP neighbouring pixels px .. px + NP - 1 of row py against the candidates of row py + dy
+  // (yn: their |y|^2, centre: their centre pixels): (Max) the largest logit per pixel into top, or (Sum) the
+  // sums into acc, and the largest logit minus shift into most. The pixels are interleaved: one pixel's chain
+  // (diagonal sums, exp, sums) is too long for the out-of-order core to overlap with the next one's.
+  template <bool Max, int NP>
+  void weigh(int py, int px, const float* yn, const float* centre, vb& most) {
+    const int stride = ts(), nq = nqx();
+    const int64_t diag = stride + 1, plane = (int64_t)Hp * Wp;
+    vbi lane;
+    for (int j = 0; j < BL; ++j) lane[j] = j;
+    int64_t st[NP];
+    float sh[NP], tmax[NP];
+    vb a[NP][4] = {};  // w, w c_0, .. (C <= 3: box_score is not called for more channels)
+    for (int p = 0; p < NP; ++p) {
+      st[p] = (int64_t)(py - P.y0) * npx() + px + p;
+      sh[p] = shift[st[p]];
+      tmax[p] = -INFINITY;
+    }
+    for (int j = 0; j < nq; j += BL) {
+      const vb yb = bias * load<vb>(yn + j);
+      const vbi live = lane < nq - j;
+      for (int p = 0; p < NP; ++p) {
+        const float* t = T.data() + (int64_t)(px + p) * stride + j;
+        vb d0 = load<vb>(t), d1 = {}, d2 = {}, d3 = {};  // four chains: the adds' latency would bind
+        int e = 1;
+        for (; e + 3 < k; e += 4) {
+          d1 += load<vb>(t + e * diag);
+          d2 += load<vb>(t + (e + 1) * diag);
+          d3 += load<vb>(t + (e + 2) * diag);
+          d0 += load<vb>(t + (e + 3) * diag);
+        }
+        for (; e < k; ++e) d1 += load<vb>(t + e * diag);
+        const vb u = scale * ((d0 + d1) + (d2 + d3)) + yb;
+        if (Max) {
+          const vb m = live ? u : splat<vb>(-INFINITY);
+          for (int l = 0; l < BL; ++l) tmax[p] = std::max(tmax[p], m[l]);
+          continue;
+        }
+        const vb l = live ? u - sh[p] : splat<vb>(-INFINITY);
+        most = most > l ? most : l;
+        vb w = vexp(clamp(l, floor, LIFT));
+        w = live ? w : vb{};
+        a[p][0] += w;
+        for (int c = 0; c < C; ++c) a[p][1 + c] += w * load<vb>(centre + c * plane + j);
+      }
+    }
+    for (int p = 0; p < NP; ++p) {
+      if (Max) {
+        top[st[p]] = std::max(top[st[p]], tmax[p]);
+        continue;
+      }
+      for (int v = 0; v <= C; ++v) {
+        float* sums = acc.data() + (st[p] * (C + 1) + v) * BL;
+        const vb s = load<vb>(sums) + a[p][v];
+        std::memcpy(sums, &s, sizeof s);
+      }
+    }
+  }
+
   // One row offset dy of image n: (Max) the largest logit per pixel into top, or (Sum) the weights and
   // weighted centres into acc; returns the largest logit minus shift seen (Sum).
   template <bool Max>
   float pass(int n, int dy) {
-    const int r = k / 2, stride = ts(), nq = nqx();
+    const int r = k / 2, nq = nqx();
     const int ylo = std::max(P.y0, Q.y0 - dy), yhi = std::min(P.y1, Q.y1 - dy);
     const int64_t plane = (int64_t)Hp * Wp;
     const float* Yn = Y + (int64_t)n * C * plane;
@@ -600,7 +659,9 @@ struct BoxTask {
     for (int j = 0; j < BL; ++j) lane[j] = j;
     const bool single = npx() == 1 && nq == 1;  // one pair per image (a corner): T would cost k^3, the dot k^2
     // T is summed afresh every `fresh` pixel rows, else slid: a float32 running sum drifts with its length (at
-    // k = 3 over 30 rows: 3x the direct products' error near t = 0), and a fresh sum costs k rows to the slide's 2
+    // k = 3 near t = 0, slid over 30 rows: 4x the direct products' error; summed afresh every 8: 3x), and a fresh
+    // sum costs k row products to a slide's 2: once per 2k rows it adds about a quarter, and els-borders' cells
+    // from k = 11 on (32-row images) never need one
     const int fresh = std::max(8, 2 * k);
     for (int py = ylo; py < yhi; ++py) {
       if (single) {  // T[e][e] alone, summed straight from the images into lane 0
@@ -626,47 +687,9 @@ struct BoxTask {
       }
       const float* yn = ynorm + ((int64_t)n * H + py + dy) * W + Q.x0;
       const float* centre = Yn + (int64_t)(py + dy + r) * Wp + Q.x0 + r;
-      for (int px = 0; px < npx(); ++px) {
-        const int64_t st = (int64_t)(py - P.y0) * npx() + px;
-        const float sh = shift[st];
-        vb a[4] = {};  // w, w c_0, .. (C <= 3: box_score is not called for more channels)
-        float tmax = -INFINITY;
-        for (int j = 0; j < nq; j += BL) {
-          const float* t = T.data() + (int64_t)px * stride + j;
-          const int64_t diag = stride + 1;
-          vb d0 = load<vb>(t), d1 = {}, d2 = {}, d3 = {};  // four chains: the adds' latency would bind
-          int e = 1;
-          for (; e + 3 < k; e += 4) {
-            d1 += load<vb>(t + e * diag);
-            d2 += load<vb>(t + (e + 1) * diag);
-            d3 += load<vb>(t + (e + 2) * diag);
-            d0 += load<vb>(t + (e + 3) * diag);
-          }
-          for (; e < k; ++e) d1 += load<vb>(t + e * diag);
-          vb dot = (d0 + d1) + (d2 + d3);
-          vb u = scale * dot + bias * load<vb>(yn + j);
-          vbi live = lane < nq - j;
-          if (Max) {
-            vb m = live ? u : splat<vb>(-INFINITY);
-            for (int l = 0; l < BL; ++l) tmax = std::max(tmax, m[l]);
-            continue;
-          }
-          vb l = live ? u - sh : splat<vb>(-INFINITY);
-          most = most > l ? most : l;
-          vb w = vexp(clamp(l, floor, LIFT));
-          w = live ? w : vb{};
-          a[0] += w;
-          for (int c = 0; c < C; ++c) a[1 + c] += w * load<vb>(centre + c * plane + j);
-        }
-        if (Max) {
-          top[st] = std::max(top[st], tmax);
-          continue;
-        }
-        for (int v = 0; v <= C; ++v) {
-          vb s = load<vb>(acc.data() + (st * (C + 1) + v) * BL) + a[v];
-          std::memcpy(acc.data() + (st * (C + 1) + v) * BL, &s, sizeof s);
-        }
-      }
+      int px = 0;
+      for (; px + 4 <= npx(); px += 4) weigh<Max, 4>(py, px, yn, centre, most);
+      for (; px < npx(); ++px) weigh<Max, 1>(py, px, yn, centre, most);
     }
     float m = -INFINITY;
     for (int j = 0; j < BL; ++j) m = std::max(m, most[j]);
