@@ -646,6 +646,32 @@ struct BoxTask {
     }
   }
 
+  // T from scratch for the window rows uy .. uy + k - 1: each entry summed in registers over the k rows and the
+  // channels and stored once (k passes of add_row would load and store all of T k times); NB vectors of one
+  // row of T at a time share each broadcast of X.
+  template <int NB>
+  void sum_rows(float* t, const float* Yn, int uy, int dy, int ux, int v) const {
+    const int64_t plane = (int64_t)Hp * Wp;
+    vb s[NB] = {};
+    for (int c = 0; c < C; ++c)
+      for (int ey = 0; ey < k; ++ey) {
+        const float x = X[c * plane + (int64_t)(uy + ey) * Wp + P.x0 + ux];
+        const float* yr = Yn + c * plane + (int64_t)(uy + ey + dy) * Wp + Q.x0 + v;
+        for (int b = 0; b < NB; ++b) s[b] += x * load<vb>(yr + b * BL);
+      }
+    std::memcpy(t + v, s, sizeof s);
+  }
+
+  void fill_rows(const float* Yn, int uy, int dy) {
+    const int nvec = (nqx() + k - 1 + BL - 1) / BL, stride = ts();
+    for (int ux = 0; ux < npx() + k - 1; ++ux) {
+      float* t = T.data() + (int64_t)ux * stride;
+      int i = 0;
+      for (; i + 4 <= nvec; i += 4) sum_rows<4>(t, Yn, uy, dy, ux, i * BL);
+      for (; i < nvec; ++i) sum_rows<1>(t, Yn, uy, dy, ux, i * BL);
+    }
+  }
+
   // One row offset dy of image n: (Max) the largest logit per pixel into top, or (Sum) the weights and
   // weighted centres into acc; returns the largest logit minus shift seen (Sum).
   template <bool Max>
@@ -680,8 +706,7 @@ struct BoxTask {
         std::fill(T.begin(), T.begin() + BL, 0.0f);
         T[0] = dot;
       } else if ((py - ylo) % fresh == 0) {
-        std::fill(T.begin(), T.end(), 0.0f);
-        for (int ey = 0; ey < k; ++ey) add_row(Yn, py + ey, dy, -1);
+        fill_rows(Yn, py, dy);
       } else {  // slide the window rows down by one
         add_row(Yn, py + k - 1, dy, py - 1);
       }
