@@ -569,8 +569,8 @@ struct BoxTask {
   int nqx() const { return Q.x1 - Q.x0; }
   int ts() const { return (nqx() + k - 1 + 2 * BL - 1) / BL * BL; }  // T's row stride (room for the tail)
 
-  // T += the products of padded row uy of X and row uy + dy of Y_n, minus those of row out (when out >= 0)
-  void add_row(const float* Yn, int uy, int dy, int out) {
+  // Slide T down one row: += the products of padded row uy of X and row uy + dy of Y_n, -= those of row out
+  void slide_row(const float* Yn, int uy, int dy, int out) {
     const int64_t plane = (int64_t)Hp * Wp;
     const int nv = nqx() + k - 1, stride = ts();
     for (int c = 0; c < C; ++c) {
@@ -579,8 +579,7 @@ struct BoxTask {
       for (int ux = 0; ux < npx() + k - 1; ++ux) {
         float* t = T.data() + (int64_t)ux * stride;
         for (int v = 0; v < nv; v += BL) {
-          vb s = load<vb>(t + v) + xr[ux] * load<vb>(yr + v);
-          if (out >= 0) s -= xo[ux] * load<vb>(yo + v);
+          const vb s = load<vb>(t + v) + xr[ux] * load<vb>(yr + v) - xo[ux] * load<vb>(yo + v);
           std::memcpy(t + v, &s, sizeof s);
         }
       }
@@ -647,7 +646,7 @@ struct BoxTask {
   }
 
   // T from scratch for the window rows uy .. uy + k - 1: each entry summed in registers over the k rows and the
-  // channels and stored once (k passes of add_row would load and store all of T k times); NB vectors of one
+  // channels and stored once (adding the rows one by one would load and store all of T k times); NB vectors of one
   // row of T at a time share each broadcast of X.
   template <int NB>
   void sum_rows(float* t, const float* Yn, int uy, int dy, int ux, int v) const {
@@ -708,7 +707,7 @@ struct BoxTask {
       } else if ((py - ylo) % fresh == 0) {
         fill_rows(Yn, py, dy);
       } else {  // slide the window rows down by one
-        add_row(Yn, py + k - 1, dy, py - 1);
+        slide_row(Yn, py + k - 1, dy, py - 1);
       }
       const float* yn = ynorm + ((int64_t)n * H + py + dy) * W + Q.x0;
       const float* centre = Yn + (int64_t)(py + dy + r) * Wp + Q.x0 + r;
