@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the ELS engine, compiled from kernel.cpp on first use (issue 23).
+"""Fused CPU kernels for the ELS engine, compiled from kernel.cpp on first use.
 
 The score's inner loop (logits, clamp, exp, weighted sum) is memory traffic over a block of
 logits when run as separate torch ops; fused, each logit stays in a register from product to sum.
