@@ -520,13 +520,13 @@ extern "C" void window_keys(const float* train, int64_t F, const int64_t* cell, 
   });
 }
 
-// ---- The score with every patch inner product from box sums (any k for about the price of k = 3) ----
+// ---- The score with every patch inner product from box sums (a cost per candidate that does not grow with k) ----
 //
 // For query b, pixel p and candidate window (image n, centre q), the logit is
 //   u = scale_b <X_p, Y_nq> + bias_b |Y_nq|^2   (scale = a / b^2, bias = -a^2 / (2 b^2); the |X_p|^2
 // term is the same for every candidate of p and cancels). For a fixed offset d = q - p the inner products
 // of all pixels p are k x k box sums of one product image z_d = X * shift_d(Y_n): a sliding sum down the
-// columns (2 adds per entry) and a k-term sum along the rows (k adds per VL pixels). Nothing is merged:
+// columns (2 adds per entry) and a k-term sum along the rows (k adds per BL candidates). Nothing is merged:
 // every (p, candidate) pair costs one exp, and the box sums a few operations, whatever k is.
 //
 // A cell is a pair of rectangles of window centres (pixels p, candidates q, both in image coordinates);
