@@ -520,13 +520,13 @@ extern "C" void window_keys(const float* train, int64_t F, const int64_t* cell, 
   });
 }
 
-// ---- The score with every patch inner product from box sums (any k for about the price of k = 3) ----
+// ---- The score with every patch inner product from box sums (a cost per candidate that does not grow with k) ----
 //
 // For query b, pixel p and candidate window (image n, centre q), the logit is
 //   u = scale_b <X_p, Y_nq> + bias_b |Y_nq|^2   (scale = a / b^2, bias = -a^2 / (2 b^2); the |X_p|^2
 // term is the same for every candidate of p and cancels). For a fixed offset d = q - p the inner products
 // of all pixels p are k x k box sums of one product image z_d = X * shift_d(Y_n): a sliding sum down the
-// columns (2 adds per entry) and a k-term sum along the rows (k adds per VL pixels). Nothing is merged:
+// columns (2 adds per entry) and a k-term sum along the rows (k adds per BL candidates). Nothing is merged:
 // every (p, candidate) pair costs one exp, and the box sums a few operations, whatever k is.
 //
 // A cell is a pair of rectangles of window centres (pixels p, candidates q, both in image coordinates);
@@ -569,8 +569,8 @@ struct BoxTask {
   int nqx() const { return Q.x1 - Q.x0; }
   int ts() const { return (nqx() + k - 1 + 2 * BL - 1) / BL * BL; }  // T's row stride (room for the tail)
 
-  // T += the products of padded row uy of X and row uy + dy of Y_n, minus those of row out (when out >= 0)
-  void add_row(const float* Yn, int uy, int dy, int out) {
+  // Slide T down one row: += the products of padded row uy of X and row uy + dy of Y_n, -= those of row out
+  void slide_row(const float* Yn, int uy, int dy, int out) {
     const int64_t plane = (int64_t)Hp * Wp;
     const int nv = nqx() + k - 1, stride = ts();
     for (int c = 0; c < C; ++c) {
@@ -579,11 +579,95 @@ struct BoxTask {
       for (int ux = 0; ux < npx() + k - 1; ++ux) {
         float* t = T.data() + (int64_t)ux * stride;
         for (int v = 0; v < nv; v += BL) {
-          vb s = load<vb>(t + v) + xr[ux] * load<vb>(yr + v);
-          if (out >= 0) s -= xo[ux] * load<vb>(yo + v);
+          const vb s = load<vb>(t + v) + xr[ux] * load<vb>(yr + v) - xo[ux] * load<vb>(yo + v);
           std::memcpy(t + v, &s, sizeof s);
         }
       }
+    }
+  }
+
+  // The weights of NP neighbouring pixels px .. px + NP - 1 of row py against the candidates of row py + dy
+  // (yn: their |y|^2, centre: their centre pixels): (Max) the largest logit per pixel into top, or (Sum) the
+  // sums into acc, and the largest logit minus shift into most. The pixels are interleaved: one pixel's chain
+  // (diagonal sums, exp, sums) is too long for the out-of-order core to overlap with the next one's.
+  template <bool Max, int NP>
+  void weigh(int py, int px, const float* yn, const float* centre, vb& most) {
+    const int stride = ts(), nq = nqx();
+    const int64_t diag = stride + 1, plane = (int64_t)Hp * Wp;
+    vbi lane;
+    for (int j = 0; j < BL; ++j) lane[j] = j;
+    int64_t st[NP];
+    float sh[NP], tmax[NP];
+    vb a[NP][4] = {};  // w, w c_0, .. (C <= 3: box_score is not called for more channels)
+    for (int p = 0; p < NP; ++p) {
+      st[p] = (int64_t)(py - P.y0) * npx() + px + p;
+      sh[p] = shift[st[p]];
+      tmax[p] = -INFINITY;
+    }
+    for (int j = 0; j < nq; j += BL) {
+      const vb yb = bias * load<vb>(yn + j);
+      const vbi live = lane < nq - j;
+      for (int p = 0; p < NP; ++p) {
+        const float* t = T.data() + (int64_t)(px + p) * stride + j;
+        vb d0 = load<vb>(t), d1 = {}, d2 = {}, d3 = {};  // four chains: the adds' latency would bind
+        int e = 1;
+        for (; e + 3 < k; e += 4) {
+          d1 += load<vb>(t + e * diag);
+          d2 += load<vb>(t + (e + 1) * diag);
+          d3 += load<vb>(t + (e + 2) * diag);
+          d0 += load<vb>(t + (e + 3) * diag);
+        }
+        for (; e < k; ++e) d1 += load<vb>(t + e * diag);
+        const vb u = scale * ((d0 + d1) + (d2 + d3)) + yb;
+        if (Max) {
+          const vb m = live ? u : splat<vb>(-INFINITY);
+          for (int l = 0; l < BL; ++l) tmax[p] = std::max(tmax[p], m[l]);
+          continue;
+        }
+        const vb l = live ? u - sh[p] : splat<vb>(-INFINITY);
+        most = most > l ? most : l;
+        vb w = vexp(clamp(l, floor, LIFT));
+        w = live ? w : vb{};
+        a[p][0] += w;
+        for (int c = 0; c < C; ++c) a[p][1 + c] += w * load<vb>(centre + c * plane + j);
+      }
+    }
+    for (int p = 0; p < NP; ++p) {
+      if (Max) {
+        top[st[p]] = std::max(top[st[p]], tmax[p]);
+        continue;
+      }
+      for (int v = 0; v <= C; ++v) {
+        float* sums = acc.data() + (st[p] * (C + 1) + v) * BL;
+        const vb s = load<vb>(sums) + a[p][v];
+        std::memcpy(sums, &s, sizeof s);
+      }
+    }
+  }
+
+  // T from scratch for the window rows uy .. uy + k - 1: each entry summed in registers over the k rows and the
+  // channels and stored once (adding the rows one by one would load and store all of T k times); NB vectors of one
+  // row of T at a time share each broadcast of X.
+  template <int NB>
+  void sum_rows(float* t, const float* Yn, int uy, int dy, int ux, int v) const {
+    const int64_t plane = (int64_t)Hp * Wp;
+    vb s[NB] = {};
+    for (int c = 0; c < C; ++c)
+      for (int ey = 0; ey < k; ++ey) {
+        const float x = X[c * plane + (int64_t)(uy + ey) * Wp + P.x0 + ux];
+        const float* yr = Yn + c * plane + (int64_t)(uy + ey + dy) * Wp + Q.x0 + v;
+        for (int b = 0; b < NB; ++b) s[b] += x * load<vb>(yr + b * BL);
+      }
+    std::memcpy(t + v, s, sizeof s);
+  }
+
+  void fill_rows(const float* Yn, int uy, int dy) {
+    const int nvec = (nqx() + k - 1 + BL - 1) / BL, stride = ts();
+    for (int ux = 0; ux < npx() + k - 1; ++ux) {
+      float* t = T.data() + (int64_t)ux * stride;
+      int i = 0;
+      for (; i + 4 <= nvec; i += 4) sum_rows<4>(t, Yn, uy, dy, ux, i * BL);
+      for (; i < nvec; ++i) sum_rows<1>(t, Yn, uy, dy, ux, i * BL);
     }
   }
 
@@ -591,7 +675,7 @@ struct BoxTask {
   // weighted centres into acc; returns the largest logit minus shift seen (Sum).
   template <bool Max>
   float pass(int n, int dy) {
-    const int r = k / 2, stride = ts(), nq = nqx();
+    const int r = k / 2, nq = nqx();
     const int ylo = std::max(P.y0, Q.y0 - dy), yhi = std::min(P.y1, Q.y1 - dy);
     const int64_t plane = (int64_t)Hp * Wp;
     const float* Yn = Y + (int64_t)n * C * plane;
@@ -599,10 +683,11 @@ struct BoxTask {
     vbi lane;
     for (int j = 0; j < BL; ++j) lane[j] = j;
     const bool single = npx() == 1 && nq == 1;  // one pair per image (a corner): T would cost k^3, the dot k^2
-    if (!single) {
-      std::fill(T.begin(), T.end(), 0.0f);
-      for (int ey = 0; ey < k; ++ey) add_row(Yn, ylo + ey, dy, -1);
-    }
+    // T is summed afresh every `fresh` pixel rows, else slid: a float32 running sum drifts with its length (at
+    // k = 3 near t = 0, slid over 30 rows: 4x the direct products' error; summed afresh every 8: 3x), and a fresh
+    // sum costs k row products to a slide's 2: once per 2k rows it adds about a quarter, and els-borders' cells
+    // from k = 11 on (32-row images) never need one
+    const int fresh = std::max(8, 2 * k);
     for (int py = ylo; py < yhi; ++py) {
       if (single) {  // T[e][e] alone, summed straight from the images into lane 0
         vb d[2] = {};  // two chains (even and odd rows): the adds' latency would bind
@@ -619,52 +704,16 @@ struct BoxTask {
         for (int l = 0; l < BL; ++l) dot += d[0][l] + d[1][l];
         std::fill(T.begin(), T.begin() + BL, 0.0f);
         T[0] = dot;
-      } else if (py > ylo) {  // slide the window rows down by one
-        add_row(Yn, py + k - 1, dy, py - 1);
+      } else if ((py - ylo) % fresh == 0) {
+        fill_rows(Yn, py, dy);
+      } else {  // slide the window rows down by one
+        slide_row(Yn, py + k - 1, dy, py - 1);
       }
       const float* yn = ynorm + ((int64_t)n * H + py + dy) * W + Q.x0;
       const float* centre = Yn + (int64_t)(py + dy + r) * Wp + Q.x0 + r;
-      for (int px = 0; px < npx(); ++px) {
-        const int64_t st = (int64_t)(py - P.y0) * npx() + px;
-        const float sh = shift[st];
-        vb a[4] = {};  // w, w c_0, .. (C <= 3: box_score is not called for more channels)
-        float tmax = -INFINITY;
-        for (int j = 0; j < nq; j += BL) {
-          const float* t = T.data() + (int64_t)px * stride + j;
-          const int64_t diag = stride + 1;
-          vb d0 = load<vb>(t), d1 = {}, d2 = {}, d3 = {};  // four chains: the adds' latency would bind
-          int e = 1;
-          for (; e + 3 < k; e += 4) {
-            d1 += load<vb>(t + e * diag);
-            d2 += load<vb>(t + (e + 1) * diag);
-            d3 += load<vb>(t + (e + 2) * diag);
-            d0 += load<vb>(t + (e + 3) * diag);
-          }
-          for (; e < k; ++e) d1 += load<vb>(t + e * diag);
-          vb dot = (d0 + d1) + (d2 + d3);
-          vb u = scale * dot + bias * load<vb>(yn + j);
-          vbi live = lane < nq - j;
-          if (Max) {
-            vb m = live ? u : splat<vb>(-INFINITY);
-            for (int l = 0; l < BL; ++l) tmax = std::max(tmax, m[l]);
-            continue;
-          }
-          vb l = live ? u - sh : splat<vb>(-INFINITY);
-          most = most > l ? most : l;
-          vb w = vexp(clamp(l, floor, LIFT));
-          w = live ? w : vb{};
-          a[0] += w;
-          for (int c = 0; c < C; ++c) a[1 + c] += w * load<vb>(centre + c * plane + j);
-        }
-        if (Max) {
-          top[st] = std::max(top[st], tmax);
-          continue;
-        }
-        for (int v = 0; v <= C; ++v) {
-          vb s = load<vb>(acc.data() + (st * (C + 1) + v) * BL) + a[v];
-          std::memcpy(acc.data() + (st * (C + 1) + v) * BL, &s, sizeof s);
-        }
-      }
+      int px = 0;
+      for (; px + 4 <= npx(); px += 4) weigh<Max, 4>(py, px, yn, centre, most);
+      for (; px < npx(); ++px) weigh<Max, 1>(py, px, yn, centre, most);
     }
     float m = -INFINITY;
     for (int j = 0; j < BL; ++j) m = std::max(m, most[j]);

@@ -8,6 +8,7 @@ the CPU-only clamp bound (engine._above). Chunks are the streamed blocks of cand
 engine._weighted_sums (one per block).
 
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_els_torch_path.py --batches 1 4            # this tree
+    OMP_NUM_THREADS=1 python tests/benchmarks/bench_els_torch_path.py --score --k 11 --n-images 1000
     OMP_NUM_THREADS=1 PYTHONPATH=/work/main python tests/benchmarks/bench_els_torch_path.py    # another tree
 
 Another tree must have this package layout (edtool.els.engine, .factory, .windows). --chunk-size picks the block
@@ -47,8 +48,10 @@ def gpu_chunk_size(free_gib: float) -> int:
     return engine.chunk_size_for("cuda", int(free_gib * 2**30), 4)
 
 
-def count_call(machine, t, x) -> tuple:
-    """(seconds, chunks, aten operations, host syncs) of one closed-form Jacobian call (keys already cached)."""
+def count_call(machine, t, x, what: str = "jacobian") -> tuple:
+    """(seconds, chunks, aten operations, host syncs) of one closed-form Jacobian call, or score call with
+    what="score" (keys already cached)."""
+    call = getattr(machine, what)
     chunks, weighted_sums = [0], engine._weighted_sums
 
     def counted(w, values):
@@ -56,11 +59,11 @@ def count_call(machine, t, x) -> tuple:
         return weighted_sums(w, values)
 
     with torch.no_grad():
-        machine.jacobian(t, x)  # builds the key cache outside the count
+        call(t, x)  # builds the key cache outside the count
         engine._weighted_sums = counted
         start = time.perf_counter()
         with Counts() as counts:
-            machine.jacobian(t, x)
+            call(t, x)
         seconds = time.perf_counter() - start
         engine._weighted_sums = weighted_sums
     ops = counts.ops
@@ -85,6 +88,7 @@ def main():
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--free-gib", type=float, default=70.0, help="the GPU's free memory the chunk size is chosen for")
     p.add_argument("--cifar", action="store_true")
+    p.add_argument("--score", action="store_true", help="count score calls instead of Jacobian calls")
     args = p.parse_args()
 
     from bench_machines import load_mnist5k
@@ -96,13 +100,14 @@ def main():
     print(f"edtool at {os.path.dirname(engine.__file__)}; chunk size {machine.chunk_size} elements; "
           f"{len(images)} images, k = {args.k}, t = {args.t}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| B | Jacobian s | chunks | aten ops (GPU launches) | host syncs |")
+    what = "score" if args.score else "jacobian"
+    print(f"| B | {what} s | chunks | aten ops (GPU launches) | host syncs |")
     print("|---|---|---|---|---|")
     for B in args.batches:
         g = torch.Generator().manual_seed(B)
         x0 = images[torch.randint(len(images), (B,), generator=g)]
         x = add_noise(x0, torch.tensor(args.t), torch.randn(x0.shape, generator=g))
-        seconds, chunks, ops, syncs = count_call(machine, args.t, x)
+        seconds, chunks, ops, syncs = count_call(machine, args.t, x, what)
         print(f"| {B} | {seconds:.2f} | {chunks} | {ops} | {syncs} |", flush=True)
     if args.cifar:
         need = cifar_keys(args.k)

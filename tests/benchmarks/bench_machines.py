@@ -146,9 +146,9 @@ def main():
     p.add_argument("--before", action="store_true", help="before/after table against an earlier engine")
     p.add_argument("--before-commit", default="2e567e5", help="commit whose edtool/machines.py is 'before'")
     p.add_argument("--roofline", action="store_true",
-                   help="issue 23's table: work, time and %% of the one-core ceiling, engine of --roofline-commit vs "
+                   help="work, time and %% of the one-core ceiling, engine of --roofline-commit vs "
                         "now, score and Jacobian, then the 1- vs 2-thread ratio")
-    p.add_argument("--roofline-commit", default="be2d4c5", help="the 'old' engine of --roofline (before issue 23)")
+    p.add_argument("--roofline-commit", default="be2d4c5", help="the engine --roofline compares against (be2d4c5: before the fused kernel)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="--roofline: thread counts compared (one count: no thread table)")
     p.add_argument("--per-k", action="store_true",
@@ -237,7 +237,7 @@ def before_after(images, args, device, dtype):
 
 
 def engine_at(commit: str):
-    """edtool/machines.py as it was at `commit` (read with git show; before the package layout of issue 21),
+    """edtool/machines.py as it was at `commit` (read with git show; from before the package layout),
     as a module."""
     import pathlib
     import subprocess
@@ -250,7 +250,7 @@ def engine_at(commit: str):
 
     import edtool.els.schedule
 
-    sys.modules.setdefault("edtool.scales", edtool.els.schedule)  # its flat-layout import (before issue 21)
+    sys.modules.setdefault("edtool.scales", edtool.els.schedule)  # its flat-layout import
     module = types.ModuleType(f"machines_{commit}")
     exec(compile(code, f"{commit}:edtool/machines.py", "exec"), module.__dict__)
     return module
@@ -278,7 +278,7 @@ def cpu_time(f):
 
 
 def roofline(images, args, device, dtype):
-    """Issue 23's table: for each k, one els-borders score and Jacobian call of the old engine
+    """The roofline table: for each k, one els-borders score and Jacobian call of the old engine
     (--roofline-commit) and of the current one (fused kernel when it loads), interleaved, the
     minimum process CPU time of --repeat rounds on one thread; work and % of the one-core ceiling
     (bench_ceiling.py, measured in the same run). Then wall time of each engine's score and Jacobian on 1
