@@ -24,6 +24,7 @@ from edtool.els.calibrate import (
 from edtool.cli import main
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.errors import EdtoolError
+from edtool.model import ScoreModel
 from edtool.els.machine import make_machine
 from edtool.els.sample_folder import samples_figure
 from edtool.networks.models import build_network
@@ -39,15 +40,24 @@ def toy_images(n=24, size=8, seed=0):
     return (2 * x - 1).float(), torch.arange(n) % 3
 
 
-class MachineNetwork:
+class MachineNetwork(ScoreModel):
     """A machine dressed as a network: its schedule read at the exact grid times i/N."""
 
     def __init__(self, machine, nsteps, conditional=False):
         self.machine, self.nsteps, self.conditional = machine, nsteps, conditional
         self.name = "machine-network"
+        self.manifest = {"arch": self.name, "image_shape": list(machine.images.shape[1:]), "padding": "zeros",
+                         "num_classes": int(machine.labels.max()) + 1 if conditional else None}
 
     def eps(self, t, x, label=None):
         return self.machine.eps(t, x, label if self.conditional else None).to(x.dtype)
+
+    def score(self, t, x, label=None):
+        return self.machine.score(t, x, label if self.conditional else None).to(x.dtype)
+
+    def to(self, device=None, dtype=None):
+        self.machine.to(device, dtype)
+        return self
 
 
 # ------------------------------------------------------------------ pure helpers

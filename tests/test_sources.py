@@ -15,7 +15,7 @@ import torch
 from edtool.diffusion import alpha_bar, beta, timesteps
 from edtool.errors import EdtoolError
 from edtool.study.compute import ComputeConfig, compute, prepare
-from edtool.networks.sources import clamped_steps, edtool_log_sigma, fractional_timestep, vp_log_sigmas
+from edtool.networks.diffusers_source import clamped_steps, edtool_log_sigma, fractional_timestep, vp_log_sigmas
 from edtool.store.run import open_run
 from test_cli import REPO, assert_one_line_error, edtool
 from test_pipeline import cli

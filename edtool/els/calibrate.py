@@ -100,7 +100,7 @@ def seed_labels(seeds: Sequence[int], labels: Optional[Tensor], label: Optional[
 
 def _num_classes(network) -> Optional[int]:
     """A conditional network's number of classes, from its manifest (None: not recorded)."""
-    n = (getattr(network, "manifest", None) or {}).get("num_classes")
+    n = network.manifest["num_classes"]
     return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
@@ -111,8 +111,7 @@ def _batches(n: int, batch: Optional[int]):
 
 def machine_kind(machine: str, network) -> str:
     """The machine's full name next to this network (`els` follows the network's padding)."""
-    return resolve_machine_name(machine, (getattr(network, "manifest", None) or {}).get("padding"),
-                                getattr(network, "name", None))
+    return resolve_machine_name(machine, network.manifest["padding"], network.name)
 
 
 def _check_images(images: Tensor, labels: Optional[Tensor]):
@@ -176,7 +175,7 @@ def calibrate(
     if kind == "is":
         raise EdtoolError("the 'is' machine has no patch size to calibrate; choose els-borders, els-circular or ls")
     device = torch.device(device) if device is not None else images.device
-    conditional = bool(getattr(network, "conditional", False))
+    conditional = network.conditional
     run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
     log = log or (lambda msg: None)
     grid = TimeGrid(nsteps)
@@ -389,7 +388,7 @@ def sample(
     device = torch.device(device) if device is not None else images.device
     out = Path(out_dir)
     log = log or (lambda msg: None)
-    conditional = bool(getattr(network, "conditional", False))
+    conditional = network.conditional
     run_labels = seed_labels(seeds, labels, label, conditional, n_classes=_num_classes(network))
     lab = None if run_labels is None else run_labels.to(device)
     record = {"network": content_digest(network), "images": content_digest(images), "labels_sha256": content_digest(labels),
@@ -413,7 +412,7 @@ def sample(
     log(f"network: {len(seeds)} samples in {time.perf_counter() - t0:.1f}s")
 
     summary = {
-        "network": getattr(network, "name", type(network).__name__),
+        "network": network.name,
         "nsteps": nsteps,
         "seeds": seeds,
         "labels": None if run_labels is None else run_labels.tolist(),

@@ -19,7 +19,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from edtool.diffusion import TimeGrid, ddim_sample, initial_noises
+from edtool.diffusion import TimeGrid, ddim_sample, initial_noises, score_to_eps
 from edtool.errors import EdtoolError
 from edtool.memory import MEMORY_ENV, is_out_of_memory, memory_budget
 from edtool.study.device import cuda_numerics, platform_note
@@ -47,13 +47,6 @@ def probe_seed(run_seed: int, realization: int, model: str, step: int) -> int:
 
 
 # ------------------------------------------------------------------ measuring
-
-
-def _score_field(model, t: torch.Tensor, label):
-    """The score at time t as a function of x alone; machines bring their closed-form Jacobian."""
-    if hasattr(model, "field"):
-        return model.field(t, label)
-    return lambda x: model.score(t, x, label)
 
 
 def _eps_fn(model, label):
@@ -118,9 +111,12 @@ class _Job:
 
 
 def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tensor]] = None) -> Cell:
-    """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step."""
+    """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step.
+
+    At each step the Jacobian comes first: a model with a closed form (the ELS machines) gives it with the
+    score from the same sums, and the DDIM step takes that score (on_step returns it) instead of a second
+    evaluation. The estimator and --locality/--align share the one Jacobian operator."""
     from edtool.jacobian.ed import ExactMemoryError, exterior_derivative
-    from edtool.jacobian.locality import ClosedFormField
 
     cfg, nsteps, model = job.study.cfg, job.study.cfg.nsteps, job.study.models[name]
     times = job.study.grid.times.tolist()
@@ -134,16 +130,16 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
             out.whole["point"][:, j] = x.detach().double().cpu().numpy()
         t0 = time.perf_counter()
         tb = torch.full((B,), t, dtype=torch.float64, device=x.device)  # the grid's t: networks cast it
-        f = _score_field(model, tb, label)
-        op = _jacobian_op(job, name, f, x, j) if cfg.locality or cfg.align else None
-        if op is not None and hasattr(f, "analytic_ed") and cfg.estimator in ("auto", "analytic"):
-            f = ClosedFormField(f, op)  # the machine's ED from the Jacobian just built, not a second one
+        f = model.field(tb, label)
+        # the operator is built when something takes it: the closed form for the ED, or --locality/--align
+        op = _jacobian_op(job, name, f, x, j) if cfg.locality or cfg.align or method == "analytic" else None
         seeds = [probe_seed(cfg.seed, r, name, j) for r in rows]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
             try:
                 res = exterior_derivative(f, x, method=method, probes=cfg.probes, seed=seeds, rtol=cfg.rtol,
-                                          max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
+                                          max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps,
+                                          operator=op if cfg.estimator in ("auto", "analytic") else None)
             except ExactMemoryError:
                 if B > 1:
                     raise  # the per-cell guard lowers the batch
@@ -164,6 +160,9 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
         job.timer.add("jacobian", t0)
         for i, r in enumerate(rows):
             job.reporter.step(r, name, j, nsteps, float(out.asym[i, j]))
+        if op is not None and op.score is not None:  # the DDIM step's eps from the closed form's score
+            return score_to_eps(op.score, tb.to(x.dtype))
+        return None
 
     if points is None:
         eps = _eps_fn(model, label)
@@ -185,17 +184,15 @@ def measure(job: _Job, name: str, batch: Batch, points: Optional[List[torch.Tens
     return out
 
 
-def _circular(model) -> Optional[bool]:
-    """Whether distances wrap around (circular padding): a network's manifest says; None lets a
-    machine use its own padding."""
-    manifest = getattr(model, "manifest", None)
-    return None if manifest is None else manifest.get("padding") == "circular"
+def _circular(model) -> bool:
+    """Whether distances wrap around: the model's padding (its manifest) is circular."""
+    return model.manifest["padding"] == "circular"
 
 
 def _jacobian_op(job: _Job, name: str, f, x: torch.Tensor, j: int):
     """The Jacobian operator of model `name` at step j's point x. The --align reference's is kept for the
     batch: every model visits the same points, so it is built once per step, not once per model."""
-    from edtool.jacobian.locality import jacobian_operator
+    from edtool.jacobian.operators import jacobian_operator
 
     if name == job.study.cfg.align and j in job.reference_ops:
         return job.reference_ops[j]
@@ -208,7 +205,8 @@ def _jacobian_op(job: _Job, name: str, f, x: torch.Tensor, j: int):
 def _measure_whole(job: _Job, name: str, op, tb: torch.Tensor, batch: Batch, x: torch.Tensor, j: int, out: Cell):
     """SPEC 12 at one step: the locality profile of this model's Jacobian `op` and its alignment with the
     reference's (the dense J of a network is built once for both)."""
-    from edtool.jacobian.locality import FieldJacobian, alignment, locality
+    from edtool.jacobian.locality import alignment, locality
+    from edtool.jacobian.operators import FieldJacobian
 
     study = job.study
     cfg, settings, rows = study.cfg, study.config, batch.rows
@@ -220,7 +218,7 @@ def _measure_whole(job: _Job, name: str, op, tb: torch.Tensor, batch: Batch, x: 
             out.whole[k][:, j] = getattr(res, k).detach().double().cpu().numpy()
     if cfg.align:
         ref = cfg.align
-        op_ref = _jacobian_op(job, ref, _score_field(study.models[ref], tb, batch.label), x, j)
+        op_ref = _jacobian_op(job, ref, study.models[ref].field(tb, batch.label), x, j)
         # exact when both dense Jacobians are at hand: machines, and networks whose J --locality builds
         # exactly (decided by the settings alone, so a resumed run chooses as a fresh one does)
         exact_nets = cfg.locality and settings["locality"]["method"] != "probe"
