@@ -63,8 +63,8 @@ class ScoreModel(Protocol):
     """A diffusion score model at edtool's time t in [0, 1] (SPEC 2), for a batch x (B, C, H, W).
 
     - `name`: what the model is (its architecture or machine name), for messages and records.
-    - `conditional`: whether it takes a class label; a conditional model is given one (B,) int64
-      label per sample, an unconditional one ignores `label`.
+    - `conditional`: whether it takes a class label: a conditional model is given one (B,) int64
+      label per sample, an unconditional one label=None.
     - `manifest`: {"arch", "image_shape" [C, H, W] (None when it follows the data), "padding"
       ("zeros" or "circular": how --locality measures distance, which machine `els` means),
       "num_classes" (None when unconditional)}; sources may add keys of their own.

@@ -25,6 +25,7 @@ from edtool.networks import checkpoints
 from edtool.study import compute as pipeline
 from edtool.cli import main
 from edtool.errors import EdtoolError
+from edtool.model import ScoreModel
 from edtool.networks.models import build_network
 from edtool.study.compute import ComputeConfig, compute
 from edtool.store.run import STEP_ARRAYS, lock_holders, open_run, run_lock, store_url
@@ -422,12 +423,12 @@ def test_unwritable_run_directory_is_one_line_exit_2(tmp_path, capsys, monkeypat
 # ------------------------------------------------------------------ failures are NaN, never zeros
 
 
-class _Failing:
+class _Failing(ScoreModel):
     """Wraps a network: non-finite below t_bad (`nonfinite`), or an exception on every call (`raise`)."""
 
     def __init__(self, inner, mode, t_bad=0.7):
         self.inner, self.mode, self.t_bad = inner, mode, t_bad
-        self.conditional = False
+        self.name, self.conditional, self.manifest = inner.name, inner.conditional, inner.manifest
 
     def _spoil(self, t, value):
         if self.mode == "raise":
