@@ -493,6 +493,24 @@ def test_closed_form_brings_the_score_from_the_same_sums():
     torch.testing.assert_close(jac[2 * 8 + 2, 2 * 8 + 2], closed.jacobian[0, 0, 2, 2, 0, 1, 1])  # d s_p / d x_p
 
 
+def test_autograd_probes_after_a_closed_form_see_the_field_itself():
+    """Hutchinson's forward-mode probes run with grad mode off: after a closed form at the same point they must
+    still differentiate the field (a score kept from the closed form would give J v = 0, asym = 1/sqrt(2))."""
+    from edtool.jacobian.ed import exterior_derivative
+
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(30, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    field = make_machine("els-borders", images, patch_size=3).field(torch.full((2,), 0.4, dtype=torch.float64))
+    before = exterior_derivative(field, x, method="hutchinson", probes=8, seed=0)
+    closed = field.closed_form(x)
+    after = exterior_derivative(field, x, method="hutchinson", probes=8, seed=0)
+    assert torch.equal(before.ed_fro, after.ed_fro) and torch.equal(before.jac_fro, after.jac_fro)
+    exact = band_ed(closed.jacobian, "zeros")
+    assert ((after.asym - exact["ed_fro"] / (2 * exact["jac_fro"])).abs() < 0.2).all()  # 8 probes: near the truth
+    assert ((after.asym - 2**-0.5).abs() > 0.3).all()
+
+
 @pytest.mark.parametrize("nscales", [10, 20, 50, 1000])
 def test_scale_index_exact_on_the_ddim_grid(nscales):
     """DDIM visits the grid times t = (j + 1) / N (diffusion.timesteps, float64); each gets schedule entry
