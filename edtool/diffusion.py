@@ -117,7 +117,7 @@ def ddim_sample(
     eps_fn: EpsFn,
     x: torch.Tensor,
     times,
-    on_step: Optional[Callable[[int, float, torch.Tensor], None]] = None,
+    on_step: Optional[Callable[[int, float, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """Deterministic DDIM from x at times[0] (pure noise at t = 1) to times[-1]; returns the last x.
 
@@ -125,7 +125,9 @@ def ddim_sample(
     times as float64 (B,) tensors, exactly the grid's values (a network casts them to its dtype;
     an ELS machine picks its scale entry from them), and its output is cast to x's dtype.
     `on_step(j, t_j, x)` is called at every evaluation point before its update, which is where
-    the pipeline measures the exterior derivative.
+    the pipeline measures the exterior derivative. It returns None, or the noise prediction eps_hat at
+    (t_j, x) when it computed it on the way (an ELS machine's closed-form Jacobian comes with its score):
+    the update then takes that one instead of calling eps_fn.
     """
     if isinstance(times, (TimeGrid, int)):
         times = as_grid(times).times
@@ -134,11 +136,11 @@ def ddim_sample(
         raise ValueError("times must be a decreasing 1-D grid of at least 2 points, e.g. timesteps(20)")
     grid = times.tolist()
     for j, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-        if on_step is not None:
-            on_step(j, t, x)
-        tb = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-        with torch.no_grad():
-            eps = eps_fn(tb, x)
+        eps = None if on_step is None else on_step(j, t, x)
+        if eps is None:
+            tb = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+            with torch.no_grad():
+                eps = eps_fn(tb, x)
         x = ddim_step(x, eps.to(x.dtype), t, t_next)
     return x
 

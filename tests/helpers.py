@@ -23,7 +23,8 @@ from edtool.networks.models import build_network
 from edtool.store.layout import STEP_ARRAYS
 from edtool.store.run import create_run, open_run
 from edtool.store.runstore import RunStore
-from edtool.study.compute import ComputeConfig
+from edtool.config import ComputeConfig
+from edtool.model import ScoreModel
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EDTOOL_SHARED", REPO.parent / "shared"))  # ../shared: reference files and data
@@ -253,12 +254,21 @@ def toy_images(n=24, size=8, seed=0):
     return (2 * x - 1).float(), torch.arange(n) % 3
 
 
-class MachineNetwork:
+class MachineNetwork(ScoreModel):
     """A machine dressed as a network: its schedule read at the exact grid times i/N."""
 
     def __init__(self, machine, nsteps, conditional=False):
         self.machine, self.nsteps, self.conditional = machine, nsteps, conditional
         self.name = "machine-network"
+        self.manifest = {"arch": self.name, "image_shape": list(machine.images.shape[1:]), "padding": "zeros",
+                         "num_classes": int(machine.labels.max()) + 1 if conditional else None}
 
     def eps(self, t, x, label=None):
         return self.machine.eps(t, x, label if self.conditional else None).to(x.dtype)
+
+    def score(self, t, x, label=None):
+        return self.machine.score(t, x, label if self.conditional else None).to(x.dtype)
+
+    def to(self, device=None, dtype=None):
+        self.machine.to(device, dtype)
+        return self

@@ -6,6 +6,7 @@ import torch
 
 from edtool.errors import EdtoolError
 from edtool.memory import is_out_of_memory
+from edtool.model import ScoreModel
 from edtool.study import compute as pipeline
 from edtool.config import ComputeConfig
 from edtool.study.compute import compute
@@ -15,11 +16,12 @@ from helpers import assert_one_line_error, edtool_in_process
 ARRAYS = ("ed_fro", "jac_fro", "asym", "ed_stderr", "final", "done", "seed", "label")
 
 
-class _FitsOneAtATime:
-    """Wraps a field so that any batch of more than one realization runs 'out of memory'."""
+class _FitsOneAtATime(ScoreModel):
+    """Wraps a network so that any batch of more than one realization runs 'out of memory'."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
+        self.name, self.conditional, self.manifest = inner.name, inner.conditional, inner.manifest
 
     def _check(self, x):
         self.calls.append(x.shape[0])
@@ -66,8 +68,11 @@ def test_out_of_memory_lowers_the_batch_and_matches_batch_one(tmp_path, monkeypa
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-class _Broken:
-    """A field whose every evaluation fails (as a device error would)."""
+class _Broken(ScoreModel):
+    """A model whose every evaluation fails (as a device error would)."""
+
+    name, conditional = "broken", False
+    manifest = {"arch": "broken", "image_shape": [1, 32, 32], "padding": "zeros", "num_classes": None}
 
     def eps(self, t, x, label=None):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -223,7 +228,9 @@ def test_cublas_allocation_failure_lowers_the_batch_instead_of_nan(cifar_module,
             study = real_prepare(c)
             inner = study.models["conv"]
 
-            class FailsOverOne:
+            class FailsOverOne(ScoreModel):
+                name, conditional, manifest = inner.name, inner.conditional, inner.manifest
+
                 def eps(self, t, x, label=None):
                     if failing and x.shape[0] > 1:
                         raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")

@@ -68,7 +68,7 @@ def check_seeds(seeds) -> list:
 
 def num_classes(network) -> Optional[int]:
     """A conditional network's number of classes, from its manifest (None: not recorded)."""
-    n = (getattr(network, "manifest", None) or {}).get("num_classes")
+    n = network.manifest["num_classes"]
     return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
@@ -80,8 +80,7 @@ def batches(n: int, batch: Optional[int]) -> list:
 
 def machine_kind(machine: str, network) -> str:
     """The machine's full name next to this network (`els` follows the network's padding)."""
-    return resolve_machine_name(machine, (getattr(network, "manifest", None) or {}).get("padding"),
-                                getattr(network, "name", None))
+    return resolve_machine_name(machine, network.manifest["padding"], network.name)
 
 
 def check_images(images: Tensor, labels: Optional[Tensor]):
@@ -146,7 +145,7 @@ def calibrate(
     if kind == "is":
         raise EdtoolError("the 'is' machine has no patch size to calibrate; choose els-borders, els-circular or ls")
     device = torch.device(device) if device is not None else images.device
-    conditional = bool(getattr(network, "conditional", False))
+    conditional = network.conditional
     run_labels = seed_labels(seeds, labels, label, conditional, n_classes=num_classes(network))
     log = log or (lambda msg: None)
     grid = TimeGrid(nsteps)

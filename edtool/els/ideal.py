@@ -15,6 +15,7 @@ from torch import Tensor
 from edtool.els.band import dense_ed
 from edtool.els.engine import candidates_per_step, fill_from, image_keys, sliced_keys, streamed_moments
 from edtool.els.machine import Machine
+from edtool.model import ClosedForm
 
 
 class IdealMachine(Machine):
@@ -52,9 +53,9 @@ class IdealMachine(Machine):
         ab = a.view(-1, 1, 1, 1)
         return -(x - ab * mean.to(x.dtype)) / b2.view(-1, 1, 1, 1)
 
-    def _jacobian_run(self, x, t, k, label) -> Tensor:
+    def _jacobian_run(self, x, t, k, label) -> tuple:
         """Dense (B, n, n) Jacobian of the ideal score: (a^2/b^4) Cov_w(y) - I/b^2; weights below
-        eps^2 of the total are dropped (their share is below float precision)."""
+        eps^2 of the total are dropped (their share is below float precision). No score comes with it."""
         a, b2 = self._coefficients(t, x)
         train = self._train(label, 0, x)  # (N, n)
         B, n = x.shape[0], train.shape[1]
@@ -70,19 +71,24 @@ class IdealMachine(Machine):
             yb = train[keep]
             z = (yb - wb @ yb) * wb.sqrt()[:, None]
             out.append((a[b] ** 2 / b2[b] ** 2) * (z.T @ z) - eye / b2[b])
-        return torch.stack(out)
+        return torch.stack(out), None
 
     def jacobian(self, t, x: Tensor, label=None) -> Tensor:
         """The dense (B, n, n) Jacobian d s / d x of the ideal score."""
         return super().jacobian(t, x, label)
 
+    def closed_form(self, t, x: Tensor, label=None) -> ClosedForm:
+        """The dense Jacobians (B, n, n), one sample at a time, so that no sample's numbers depend on the
+        batch it came in; no score."""
+        t = self._times(t, x)
+        label = self._labels(label, x.shape[0], x.device)
+        J = [super(IdealMachine, self).closed_form(t[b:b + 1], x[b:b + 1], None if label is None else label[b:b + 1])
+             .jacobian for b in range(x.shape[0])]
+        return ClosedForm(torch.cat(J), self.padding, None)
+
     def analytic_ed(self, t, x: Tensor, label=None, curl_map: bool = False) -> dict:
         """Exact ed_fro, jac_fro (B,) and the curl map (B, H, W) or None, one sample at a time
         (the dense Jacobian is n x n)."""
-        t = self._times(t, x)
-        label = self._labels(label, x.shape[0], x.device)
-        res = [
-            dense_ed(self.jacobian(t[b : b + 1], x[b : b + 1], None if label is None else label[b : b + 1]), x.shape[1:], curl_map)
-            for b in range(x.shape[0])
-        ]
+        J = self.closed_form(t, x, label).jacobian
+        res = [dense_ed(J[b:b + 1], x.shape[1:], curl_map) for b in range(x.shape[0])]
         return {key: None if res[0][key] is None else torch.cat([r[key] for r in res]) for key in res[0]}

@@ -34,12 +34,12 @@ module: windows and cells (`els.windows`), the streaming engine (`els.engine`), 
     m = make_machine("els-borders", images, labels, patch_size=5)  # edtool.els.factory
     with torch.no_grad():
         s = m.score(0.5, x)                     # (B, C, H, W)
-    res = m.field(0.5).analytic_ed(x, curl_map=True)
+    res = m.analytic_ed(0.5, x, curl_map=True)   # exact, from the closed form
+    closed = m.field(0.5).closed_form(x)         # edtool.model.ClosedForm: the band and the score
 """
 
 import functools
 import math
-from collections import namedtuple
 from typing import Optional
 
 import torch
@@ -52,6 +52,7 @@ from edtool.els.engine import candidates_per_step, clamp_floor, gathered_keys, s
 from edtool.els.merging import MERGE_MAX_ENTRIES, KeyCache, every_window_keys, merge_plan, merged_keys
 from edtool.els.schedule import scale_index
 from edtool.els.windows import candidate_cells, cell_rectangles, pad_images, stack_cells
+from edtool.model import ClosedForm, ScoreField, ScoreModel
 
 
 # From this patch size on, the CPU score of els-borders and els-circular takes its patch inner products from
@@ -60,13 +61,11 @@ from edtool.els.windows import candidate_cells, cell_rectangles, pad_images, sta
 BOX_FROM_K = 9
 
 
-LastScore = namedtuple("LastScore", "x t k label score")  # a Jacobian's inputs and the score it also gave
-
-
-class Machine:
+class Machine(ScoreModel):
     """What every analytic score machine shares: settings, input checks, the split of a batch
-    into runs of one patch size and one label, the padded training images; `.score`, `.eps`,
-    `.jacobian`, `.field`. Subclasses say how a run is scored (`_score_run`, `_jacobian_run`)."""
+    into runs of one patch size and one label, the padded training images; the ScoreModel
+    interface (`.score`, `.eps`, `.field`, `.to`) and the closed form (`.jacobian`, `.closed_form`).
+    Subclasses say how a run is scored (`_score_run`, `_jacobian_run`)."""
 
     padding = "zeros"
 
@@ -78,6 +77,24 @@ class Machine:
         self.labels = labels
         self._cache = {}  # padded training images and window indices
         self._keys = KeyCache(cache_bytes)
+
+    @property
+    def conditional(self) -> bool:
+        """Made with labels: a label (B,) scores each sample against its class's images only."""
+        return self.labels is not None
+
+    @property
+    def manifest(self) -> dict:
+        return {"arch": self.name, "image_shape": list(self.images.shape[1:]), "padding": self.padding,
+                "num_classes": None if self.labels is None else int(self.labels.max()) + 1}
+
+    def to(self, device=None, dtype=None) -> "Machine":
+        """The training images (and labels) on `device` in `dtype`; what was cached for the old ones is dropped."""
+        self.images = self.images.to(device=device, dtype=dtype)
+        self.labels = None if self.labels is None else self.labels.to(device=device)
+        self._cache = {}
+        self._keys = KeyCache(self._keys.budget)
+        return self
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -168,17 +185,28 @@ class Machine:
         """The noise prediction eps_hat = -sqrt(beta) s that drives DDIM."""
         return score_to_eps(self.score(t, x, label), self._times(t, x).to(x.dtype))
 
-    def jacobian(self, t, x: Tensor, label=None) -> Tensor:
-        """The closed-form score Jacobian (see the subclass for its shape)."""
+    def closed_form(self, t, x: Tensor, label=None) -> ClosedForm:
+        """The closed-form score Jacobian at x (see the subclass's `jacobian` for its shape), with the score
+        where the same sums give it."""
         t, label, runs = self._runs(t, x, label)
         if len({k for _, k, _ in runs}) > 1:
             raise ValueError("jacobian: all samples of a batch must use the same patch size; split the batch by t")
         idx = torch.cat([i for i, _, _ in runs])
         parts = [self._jacobian_run(x[i], t[i], k, lab) for i, k, lab in runs]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(idx)]
+
+        def in_order(pieces):
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces)[torch.argsort(idx)]
+
+        scores = [score for _, score in parts]
+        return ClosedForm(in_order([jac for jac, _ in parts]), self.padding,
+                          None if scores[0] is None else in_order(scores))
+
+    def jacobian(self, t, x: Tensor, label=None) -> Tensor:
+        """The closed-form score Jacobian (see the subclass for its shape)."""
+        return self.closed_form(t, x, label).jacobian
 
     def field(self, t, label=None) -> "MachineField":
-        """The score field x -> s(t, x) at one time, with its exact `analytic_ed`."""
+        """The score field x -> s(t, x) at one time, with its closed form."""
         return MachineField(self, t, label)
 
     def __repr__(self):
@@ -196,7 +224,6 @@ class LocalMachine(Machine):
         super().__init__(name, images, labels, patch_sizes, chunk_size, cache_bytes)
         self.padding = "circular" if name == "els-circular" else "zeros"
         self.paper_circular = paper_circular
-        self._last = None  # LastScore of the last Jacobian: DDIM asks for that score next
 
     def _groups(self, k: int, x: Tensor) -> list:
         """The stacked candidate cells of this machine for patch size k, on x's device."""
@@ -322,25 +349,8 @@ class LocalMachine(Machine):
                 out += part.view(B, W, H, -1).transpose(1, 2).reshape(out.shape) if transposed else part
         return out
 
-    def _remembered_score(self, x, t, k, label) -> Optional[Tensor]:
-        """The score saved by the last _jacobian_run if it was for exactly these inputs, else None.
-        Only outside autograd (DDIM's no_grad evaluation): a differentiated call always recomputes."""
-        last = self._last
-        if torch.is_grad_enabled() or last is None or last.k != k or x.shape != last.x.shape or x.dtype != last.x.dtype:
-            return None
-        if isinstance(label, Tensor) or isinstance(last.label, Tensor):
-            same_label = isinstance(label, Tensor) and isinstance(last.label, Tensor) and torch.equal(label, last.label)
-        else:
-            same_label = label == last.label
-        if same_label and torch.equal(t, last.t) and torch.equal(x, last.x):
-            return last.score
-        return None
-
     def _score_run(self, x, t, k, label) -> Tensor:
         """The score for samples that share patch size k and label."""
-        remembered = self._remembered_score(x, t, k, label)
-        if remembered is not None:  # measured the Jacobian here a moment ago: same sums, no second pass
-            return remembered
         a, b2 = self._coefficients(t, x)
         B, C, H, W = x.shape
         lib = els_kernels.kernels() if self._boxed(k, x) else None
@@ -351,8 +361,8 @@ class LocalMachine(Machine):
         mean = m[..., 1:].transpose(1, 2).reshape(B, C, H, W)
         return -(x - a.view(B, 1, 1, 1) * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
 
-    def _jacobian_run(self, x, t, k, label) -> Tensor:
-        """The closed-form band for samples sharing k and label (SPEC 5.3); remembers the score."""
+    def _jacobian_run(self, x, t, k, label) -> tuple:
+        """The closed-form band for samples sharing k and label (SPEC 5.3), and the score from the same sums."""
         a, b2 = self._coefficients(t, x)
         B, C, H, W = x.shape
         D = C * k * k
@@ -368,9 +378,7 @@ class LocalMachine(Machine):
             band = band * band_valid(H, W, k, x.device)[None, None, :, :, None]
         mean = m[..., 1:, 0].transpose(1, 2).reshape(B, C, H, W)  # E_w[c], the score's posterior mean
         score = -(x - a.view(B, 1, 1, 1) * mean.to(x.dtype)) / b2.view(B, 1, 1, 1)
-        self._last = LastScore(x.detach().clone(), t.detach().clone(), k,
-                               label.detach().clone() if isinstance(label, Tensor) else label, score.detach())
-        return band
+        return band, score
 
     def jacobian(self, t, x: Tensor, label=None) -> Tensor:
         """The closed-form band (B, C, H, W, C, k, k), entry [b, c, y, x, c', dy, dx]
@@ -382,9 +390,9 @@ class LocalMachine(Machine):
         return band_ed(self.jacobian(t, x, label), self.padding, curl_map)
 
 
-class MachineField:
-    """A machine's score field at a fixed time (and label): call it, or ask for its analytic ED.
-    `edtool.jacobian.ed.exterior_derivative` uses `analytic_ed` when a field has one."""
+class MachineField(ScoreField):
+    """A machine's score field at a fixed time (and label), with its closed form: the estimators of
+    edtool.jacobian take the exact Jacobian from `closed_form(x)`, and the sampler the score that came with it."""
 
     def __init__(self, machine: Machine, t, label=None):
         self.machine, self.t, self.label = machine, t, label
@@ -392,6 +400,7 @@ class MachineField:
     def __call__(self, x: Tensor) -> Tensor:
         return self.machine.score(self.t, x, self.label)
 
-    def analytic_ed(self, x: Tensor, curl_map: bool = False) -> dict:
-        """dict(ed_fro=(B,), jac_fro=(B,), curl_map=(B, H, W) or None), exact, from the closed form."""
-        return self.machine.analytic_ed(self.t, x, self.label, curl_map)
+    def closed_form(self, x: Tensor) -> ClosedForm:
+        with torch.no_grad():
+            return self.machine.closed_form(self.t, x, self.label)
+

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from edtool.errors import EdtoolError
 from edtool.fileio import recorded_paths, refuse_foreign
+from edtool.networks.models import Network
 
 def output_dir_name(machine: str) -> str:
     """Folder of a machine's samples: `els_outputs` for the paper's els(-borders), else `<machine>_outputs`."""
@@ -85,14 +86,16 @@ def save_samples_grid(path: Path, network: str, rows: dict, seeds, r: dict) -> P
 
 
 def content_digest(obj) -> Optional[str]:
-    """sha256 of a tensor's bytes or a network's weights (None for neither): what the samples came from."""
-    module = getattr(obj, "net", obj)
+    """What the samples came from: sha256 of a tensor's bytes or of a Network's weights, another score
+    model's name, None for None."""
+    if obj is None:
+        return None
     if isinstance(obj, Tensor):
         tensors = [("", obj)]
-    elif hasattr(module, "state_dict"):
-        tensors = sorted(module.state_dict().items())
+    elif isinstance(obj, Network):
+        tensors = sorted(obj.net.state_dict().items())
     else:
-        return getattr(obj, "name", None) if obj is not None else None
+        return obj.name
     h = hashlib.sha256()
     for name, t in tensors:
         h.update(name.encode())

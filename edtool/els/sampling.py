@@ -75,7 +75,7 @@ def sample(
     sources = {k: scales_source.get(k) if isinstance(scales_source, dict) else scales_source for k in kinds}
     device = torch.device(device) if device is not None else images.device
     out, log = Path(out_dir), log or (lambda msg: None)
-    conditional = bool(getattr(network, "conditional", False))
+    conditional = network.conditional
     run_labels = seed_labels(seeds, labels, label, conditional, n_classes=num_classes(network))
     lab = None if run_labels is None else run_labels.to(device)
     _claim_folder(out, network, images, labels, nsteps, seeds, run_labels, per_machine, patch_size, layout, overwrite)
@@ -209,7 +209,7 @@ def _summary_head(network, nsteps: int, seeds: list, run_labels: Optional[Tensor
                   added_baseline: bool, notes: Sequence[Optional[str]]) -> dict:
     """The summary's settings and notes (the baseline's, then each machine's schedule note), no machine yet."""
     summary = {
-        "network": getattr(network, "name", type(network).__name__),
+        "network": network.name,
         "nsteps": nsteps,
         "seeds": seeds,
         "labels": None if run_labels is None else run_labels.tolist(),

@@ -11,7 +11,8 @@ Three estimators:
   row k of J - J^T comes from J^T e_k - J e_k instead and only the row norms are kept.
 - hutchinson: Rademacher probes v, u = J v (forward mode) and w = J^T v (reverse mode);
   E||u - w||^2 = ||J - J^T||_F^2 and E||u||^2 = E||w||^2 = ||J||_F^2. Cost independent of n.
-- analytic: a field object that knows its own Jacobian (`f.analytic_ed`, the ELS machines).
+- analytic: a field that knows its own Jacobian (an `edtool.model.ScoreField` whose `closed_form(x)` is
+  not None: the ELS machines), or a closed-form `JacobianOperator` already built at x (`operator=`).
 The autograd products they share (one linearization, rows of J, probe products, chunk sizes) live in
 `edtool.jacobian.operators`, with the Jacobian operators that locality and alignment take.
 """
@@ -25,10 +26,11 @@ import torch
 from torch import Tensor
 
 from edtool.config import ESTIMATORS as METHODS, MIN_PROBES, PROBES
-from edtool.jacobian.operators import (Field, basis_vectors, check_input, exact_jacobian, jacobian_rows_per_chunk,
-                                       jvp_vjp_probes, linearize, per_sample_seeds, probes_per_chunk,
-                                       products_per_chunk, rademacher_probes)
+from edtool.jacobian.operators import (Field, JacobianOperator, basis_vectors, check_input, closed_form_operator,
+                                       exact_jacobian, jacobian_rows_per_chunk, jvp_vjp_probes, linearize,
+                                       per_sample_seeds, probes_per_chunk, products_per_chunk, rademacher_probes)
 from edtool.memory import memory_budget
+from edtool.model import ScoreField
 
 # `auto` uses the exact Jacobian up to this many numbers per sample (n = prod(S)), per device type.
 EXACT_MAX_N = {"cpu": 256, "cuda": 4096}
@@ -149,23 +151,20 @@ def _hutchinson(f, vjp_fn, x, seeds, probes, rtol, max_probes, chunk, curl_map) 
 # ----------------------------------------------------------------------------- analytic
 
 
-def _has_analytic(f) -> bool:
-    return callable(getattr(f, "analytic_ed", None))
+def _closed_form_ed(f, x: Tensor, operator: Optional[JacobianOperator], curl_map: bool) -> Optional[dict]:
+    """The exact numbers of the field's closed form at x: from `operator` when one was built, else from
+    the field (a ScoreField's `closed_form(x)`); None when it has none."""
+    if operator is None:
+        closed = f.closed_form(x) if isinstance(f, ScoreField) else None
+        operator = None if closed is None else closed_form_operator(closed, x.shape[1:])
+    return None if operator is None else operator.closed_form_ed(curl_map)
 
 
-def _analytic(f, x: Tensor, curl_map: bool) -> tuple:
-    """The field's own closed form (ELS machines, SPEC 5.3); standard error 0."""
-    if not _has_analytic(f):
-        raise ValueError("method='analytic' needs a field object with a callable `analytic_ed(x, curl_map)`, such as "
-                         f"an ELS machine's `machine.field(t)`; {type(f).__name__} has none (use 'exact' or "
-                         "'hutchinson')")
-    out = f.analytic_ed(x, curl_map=curl_map)
+def _analytic(out: dict, x: Tensor, curl_map: bool) -> tuple:
+    """ed_fro, jac_fro, standard error 0 and the curl map from a closed form's numbers (SPEC 5.3)."""
     ed = torch.as_tensor(out["ed_fro"], device=x.device).to(x.dtype)
     jac = torch.as_tensor(out["jac_fro"], device=x.device).to(x.dtype)
-    curl = out.get("curl_map") if curl_map else None
-    if curl_map and curl is None:
-        raise ValueError("f.analytic_ed returned no curl map although curl_map=True was asked")
-    return ed, jac, torch.zeros_like(ed), curl
+    return ed, jac, torch.zeros_like(ed), out["curl_map"] if curl_map else None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -211,11 +210,14 @@ def exterior_derivative(
     curl_map: bool = False,
     max_memory: Optional[int] = None,
     dtype: Optional[torch.dtype] = None,
+    operator: Optional[JacobianOperator] = None,
 ) -> EDResult:
     """ed_fro = ||J - J^T||_F, jac_fro = ||J||_F, asym, ed_stderr (and the curl map) of f at every sample of x.
 
-    f maps x (B, *S) to the same shape sample by sample: a network's `lambda y: net.score(t, y)`, or an
-    ELS machine's `machine.field(t)`, which carries its closed form (`auto` uses it). `method` is auto,
+    f maps x (B, *S) to the same shape sample by sample: any callable, or a model's field `model.field(t)`
+    (an `edtool.model.ScoreField`); an ELS machine's field carries its closed form, which `auto` uses.
+    `operator`: f's Jacobian operator at x when it is built already (`jacobian_operator(f, x)`): a closed
+    form's is used as it is instead of being computed again. `method` is auto,
     exact, hutchinson or analytic; `seed` (one int, or one per sample) seeds each sample's probes; with
     `rtol`, Hutchinson adds rounds of `probes` probes until every relative standard error is below rtol (then the probe
     count, the same for the whole batch, depends on the batch); a sample still above it at `max_probes`
@@ -226,16 +228,21 @@ def exterior_derivative(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if not callable(f):  # an ELS machine is a score at every time: its field at one time is machine.field(t)
-        raise TypeError(f"f must be a field x -> s(x), called on a batch; got a {type(f).__name__}"
-                        + (": pass its field at one time, f = machine.field(t)" if hasattr(f, "field") else ""))
+    if not callable(f):  # a score model is a score at every time: its field at one time is model.field(t)
+        raise TypeError(f"f must be a field x -> s(x), called on a batch; got a {type(f).__name__} (a score model's "
+                        "field at one time is model.field(t))")
     x = check_input(x, dtype)
     if curl_map and x.dim() != 4:
         raise ValueError(f"curl_map=True needs image-shaped samples (C, H, W), got {tuple(x.shape[1:])}")
     with torch.no_grad():  # torch.func transforms still differentiate; this only stops graphs to parameters
-        if method == "analytic" or (method == "auto" and _has_analytic(f)):
+        closed = _closed_form_ed(f, x, operator, curl_map) if method in ("auto", "analytic") else None
+        if closed is not None:
             all_finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            return _result(*_analytic(f, x, curl_map), all_finite, "analytic", 0)
+            return _result(*_analytic(closed, x, curl_map), all_finite, "analytic", 0)
+        if method == "analytic":
+            raise ValueError("method='analytic' needs a field with a closed form (a ScoreField whose closed_form(x) "
+                             f"is not None, such as an ELS machine's `machine.field(t)`); {type(f).__name__} has none "
+                             "(use 'exact' or 'hutchinson')")
         vjp_fn, finite_out, act_bytes = linearize(f, x)
         max_memory = memory_budget(x.device) if max_memory is None else max_memory
         method = _choose_method(method, x, act_bytes, max_memory)

@@ -8,7 +8,7 @@ distance d(p, q) = max(|p_y - q_y|, |p_x - q_x|) (on the torus for circular padd
   the same for D = J - J^T. r90 = the smallest r with loc[r] >= 0.9.
 - Alignment: `align_jac` = <J_a, J_b>_F / (||J_a||_F ||J_b||_F), `align_ed` the same for D_a, D_b.
 
-Every measurement takes a *Jacobian operator* (`edtool.jacobian.operators`, one per batch of samples):
+Every measurement takes a *Jacobian operator* (`edtool.jacobian.operators.JacobianOperator`, one per batch):
 a dense matrix (`DenseJacobian`), the ELS machines' closed-form band (`BandJacobian`) or a field at a
 point (`FieldJacobian`, products by autograd, the dense matrix from chunked VJPs).
 Exact numbers come from the dense matrix or the band; without them:
@@ -18,7 +18,7 @@ Exact numbers come from the dense matrix or the band; without them:
   delta-method standard error (finite-population corrected: all pixels drawn = exact, error 0).
 - alignment by Hutchinson: <A, B>_F = E[(A v) . (B v)] with Rademacher v, error by the delta method.
 
-    op = jacobian_operator(model_field, x)           # a MachineField, or any x -> s(x) callable
+    op = jacobian_operator(model.field(t), x)        # edtool.jacobian.operators; or any x -> s(x) callable
     loc = locality(op, radius=16)                     # loc.loc_jac (B, 17), loc.r90_jac (B,)
     al = alignment(op, jacobian_operator(els_field, x))
 """
@@ -33,15 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edtool.config import LOCALITY_METHODS, PROBES
-from edtool.jacobian.operators import BandJacobian, FieldJacobian, Operator, per_sample_seeds, rademacher_probes
-
-# the operators lived here before operators.py; callers that import them from here keep working
-from edtool.jacobian.operators import ClosedFormField, DenseJacobian, band_matvec, jacobian_operator
-
-__all__ = ["locality", "alignment", "locality_probes", "locality_dense", "locality_band", "exact_profiles",
-           "LocalityResult", "AlignmentResult", "default_radius", "pixel_distances", "profile", "r90",
-           "LOCALITY_METHODS", "ALIGNMENT_METHODS", "LEVEL", "SYMMETRIC_RTOL", "Operator", "BandJacobian",
-           "DenseJacobian", "FieldJacobian", "ClosedFormField", "band_matvec", "jacobian_operator"]
+from edtool.els.band import band_transpose, dense_jacobian
+from edtool.jacobian.operators import BandJacobian, JacobianOperator, per_sample_seeds, rademacher_probes
 
 LEVEL = 0.9  # r90: the radius holding this fraction of the squared Frobenius norm
 # An antisymmetric part below this fraction of ||J||_F is float rounding of a symmetric J (float32 eps
@@ -132,8 +125,6 @@ def _band_offsets(k: int, device) -> Tensor:
 def locality_band(band: Tensor, padding: str, radius: Optional[int] = None) -> dict:
     """Exact loc_jac, loc_ed (B, R + 1) of a closed-form band (B, C, H, W, C, k, k) (SPEC 5.3): each
     window offset has one distance, so the profile is 1 from r = (k - 1)/2 on by construction."""
-    from edtool.els.band import band_transpose, dense_jacobian
-
     B, C, H, W, _, k, _ = band.shape
     R = default_radius((H, W)) if radius is None else int(radius)
     circular = padding == "circular"
@@ -146,7 +137,7 @@ def locality_band(band: Tensor, padding: str, radius: Optional[int] = None) -> d
     return {"loc_jac": profile(e_jac), "loc_ed": profile(e_ed)}
 
 
-def exact_profiles(op: Operator, radius: int, max_memory: int = 2**30) -> Optional[dict]:
+def exact_profiles(op: JacobianOperator, radius: int, max_memory: int = 2**30) -> Optional[dict]:
     """Exact loc_jac, loc_ed of an operator: from its band, or from its dense Jacobians when they fit in
     max_memory bytes (None when they do not)."""
     if isinstance(op, BandJacobian):
@@ -183,7 +174,7 @@ def _ratio(a: Tensor, t: Tensor, population: int) -> tuple:
     return est, var.clamp(min=0).sqrt()
 
 
-def locality_probes(op: Operator, radius: int, pixels: int = 64, seed=0, max_memory: int = 2**30) -> tuple:
+def locality_probes(op: JacobianOperator, radius: int, pixels: int = 64, seed=0, max_memory: int = 2**30) -> tuple:
     """Masked-probe estimates of loc_jac, loc_ed (B, R + 1) and their standard errors.
 
     For each sample, `pixels` output pixels p are drawn without replacement (seeded per sample); the
@@ -197,8 +188,8 @@ def locality_probes(op: Operator, radius: int, pixels: int = 64, seed=0, max_mem
         raise ValueError(f"the probe estimator needs at least 2 pixels (for an error bar), got {pixels}")
     gens = [torch.Generator().manual_seed(s) for s in per_sample_seeds(seed, B)]
     drawn = torch.stack([torch.randperm(N, generator=g)[:m] for g in gens], 1)  # (m, B) flat pixel indices
-    dev, dtype = _device_dtype(op)
-    chunk = max(1, (op.chunk(max_memory) if isinstance(op, FieldJacobian) else 64) // C)
+    dev, dtype = op.device, op.dtype
+    chunk = max(1, (op.chunk(max_memory) or 64) // C)
     e_jac, e_ed = [], []
     for i0 in range(0, m, chunk):
         pix = drawn[i0:i0 + chunk].to(dev)  # (K, B)
@@ -222,7 +213,7 @@ def locality_probes(op: Operator, radius: int, pixels: int = 64, seed=0, max_mem
     return tuple(out)
 
 
-def locality(op: Operator, radius: Optional[int] = None, method: str = "auto", pixels: int = 64, seed=0,
+def locality(op: JacobianOperator, radius: Optional[int] = None, method: str = "auto", pixels: int = 64, seed=0,
              max_memory: int = 2**30) -> LocalityResult:
     """Locality profiles of the Jacobians in `op` (SPEC 12).
 
@@ -248,9 +239,8 @@ def locality(op: Operator, radius: Optional[int] = None, method: str = "auto", p
     else:
         lj, sj, le, se = locality_probes(op, R, pixels, seed, max_memory)
         used, how = min(int(pixels), op.shape[1] * op.shape[2]), "probe"
-    if isinstance(op, FieldJacobian):  # a sample whose score is not finite has no profile
-        bad = ~op.finite.to(lj.device)[:, None]
-        lj, le, sj, se = (torch.where(bad, math.nan, v) for v in (lj, le, sj, se))
+    bad = ~op.finite.to(lj.device)[:, None]  # a sample whose score is not finite has no profile
+    lj, le, sj, se = (torch.where(bad, math.nan, v) for v in (lj, le, sj, se))
     return LocalityResult(lj, le, sj, se, r90(lj), r90(le), how, used)
 
 
@@ -300,14 +290,7 @@ def _cosine_stderr(dot: Tensor, na: Tensor, nb: Tensor) -> tuple:
     return est, z.std(0) / math.sqrt(P)
 
 
-def _device_dtype(op: Operator) -> tuple:
-    if isinstance(op, FieldJacobian):
-        return op.x.device, op.x.dtype
-    t = op.band if isinstance(op, BandJacobian) else op.J
-    return t.device, t.dtype
-
-
-def alignment(op_a: Operator, op_b: Operator, method: str = "auto", probes: int = PROBES, seed=0,
+def alignment(op_a: JacobianOperator, op_b: JacobianOperator, method: str = "auto", probes: int = PROBES, seed=0,
               max_memory: int = 2**30) -> AlignmentResult:
     """align_jac and align_ed of the Jacobians of op_a against op_b at the same points (SPEC 12).
 
@@ -336,14 +319,13 @@ def alignment(op_a: Operator, op_b: Operator, method: str = "auto", probes: int 
     else:
         if probes < 2:
             raise ValueError(f"probes must be >= 2 (the standard error needs a spread), got {probes}")
-        dev, dtype = _device_dtype(op_a)
-        x = torch.zeros(op_a.batch, *op_a.shape, dtype=dtype, device=dev)
+        x = torch.zeros(op_a.batch, *op_a.shape, dtype=op_a.dtype, device=op_a.device)
         gens = [torch.Generator().manual_seed(s) for s in per_sample_seeds(seed, op_a.batch)]
-        chunk = min(op.chunk(max_memory) if isinstance(op, FieldJacobian) else probes for op in (op_a, op_b))
+        chunk = min(probes, *(c for c in (op_a.chunk(max_memory), op_b.chunk(max_memory)) if c is not None))
         terms = []
         for start in range(0, probes, chunk):
             V = rademacher_probes(gens, min(chunk, probes - start), x)
-            (ua, wa), (ub, wb) = op_a.products(V), op_b.products(V.to(_device_dtype(op_b)[1]))
+            (ua, wa), (ub, wb) = op_a.products(V), op_b.products(V.to(op_b.dtype))
             ub, wb = ub.to(ua), wb.to(ua)
             va, vb = (ua - wa).flatten(2).double(), (ub - wb).flatten(2).double()
             ua, ub = ua.flatten(2).double(), ub.flatten(2).double()
@@ -364,9 +346,6 @@ def alignment(op_a: Operator, op_b: Operator, method: str = "auto", probes: int 
                   f"symmetric (||J - J^T||_F <= {SYMMETRIC_RTOL:g} ||J||_F), so its antisymmetric part has no "
                   "direction -> NaN")
         warnings.warn(reason, RuntimeWarning, stacklevel=2)
-    for op in (op_a, op_b):
-        if isinstance(op, FieldJacobian):
-            bad = ~op.finite.to(align_jac.device)
-            align_jac, align_ed, se_jac, se_ed = (torch.where(bad, math.nan, v)
-                                                  for v in (align_jac, align_ed, se_jac, se_ed))
+    bad = ~(op_a.finite & op_b.finite.to(op_a.finite.device)).to(align_jac.device)  # a non-finite score: no number
+    align_jac, align_ed, se_jac, se_ed = (torch.where(bad, math.nan, v) for v in (align_jac, align_ed, se_jac, se_ed))
     return AlignmentResult(align_jac.float(), align_ed.float(), se_jac.float(), se_ed.float(), how, used, reason)

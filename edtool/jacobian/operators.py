@@ -1,15 +1,17 @@
-"""Linear operators for a score field's Jacobian, one per batch of samples, in the spirit of curvlinops:
-a dense matrix (`DenseJacobian`), an ELS machine's closed-form band (`BandJacobian`) or a field at a
-point (`FieldJacobian`), each giving products (J v, J^T v) and, when it fits, the dense matrix. Below
-them, the autograd products every estimator shares: one linearization of f at x, rows of J by
-vector-Jacobian products, probe products J v and J^T v, and how many vectors fit in a memory budget.
+"""Linear operators for a score field's Jacobian, one per batch of samples, as in curvlinops: every one
+is a `JacobianOperator` (products J v and J^T v, the dense matrix when it fits, the exact ED when it is in
+closed form): a dense matrix (`DenseJacobian`), an ELS machine's closed-form band (`BandJacobian`) or a
+field at a point by autograd (`FieldJacobian`). Below them, the autograd products every estimator
+shares: one linearization of f at x, rows of J by vector-Jacobian products, probe products J v and
+J^T v, and how many vectors fit in a memory budget.
 
-    op = jacobian_operator(field, x)     # a MachineField gives its band, anything else autograd
+    op = jacobian_operator(field, x)     # a field with a closed form gives it, anything else autograd
     u, w = op.products(V)                # J v and J^T v for probes V (P, B, *S)
 """
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -17,6 +19,10 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from edtool.els.band import band_ed, band_transpose, dense_ed, dense_jacobian
+from edtool.els.windows import pad_images
+from edtool.model import ClosedForm, ScoreField
 
 Field = Callable[[Tensor], Tensor]
 
@@ -148,8 +154,6 @@ def basis_vectors(x: Tensor, start: int, stop: int) -> Tensor:
 
 def band_matvec(band: Tensor, V: Tensor, padding: str) -> Tensor:
     """J v for a band (B, C, H, W, C, k, k) and vectors V (P, B, C, H, W), without forming J."""
-    from edtool.els.windows import pad_images
-
     B, C, H, W, _, k, _ = band.shape
     r = k // 2
     P = V.shape[0]
@@ -162,53 +166,110 @@ def band_matvec(band: Tensor, V: Tensor, padding: str) -> Tensor:
     return out
 
 
-class DenseJacobian:
-    """Per-sample Jacobians J (B, n, n) of images `shape` (C, H, W)."""
+class JacobianOperator(ABC):
+    """The Jacobians J (n x n, n = C*H*W) of a score field at a batch of B points, as a linear operator.
 
-    def __init__(self, J: Tensor, shape: Sequence[int], circular: bool = False):
-        self.J, self.shape, self.circular = J, tuple(shape), circular
+    batch: B; shape: (C, H, W); circular: whether pixel distances wrap around (circular padding);
+    device, dtype: where its products live; finite (B,): whether the field was finite at each point
+    (a sample that is not has no numbers); score: the field's value at the points when the same
+    computation gave it (an ELS machine's closed form), else None.
+    """
+
+    batch: int
+    shape: tuple
+    circular: bool
+    score: Optional[Tensor] = None
+
+    @abstractmethod
+    def products(self, V: Tensor) -> tuple:
+        """(J v, J^T v) for vectors V (P, B, C, H, W), each (P, B, C, H, W)."""
+
+    @abstractmethod
+    def dense(self, max_memory: int = 2**30) -> Optional[Tensor]:
+        """The dense Jacobians (B, n, n), or None when they do not fit in max_memory bytes."""
+
+    def closed_form_ed(self, curl_map: bool = False) -> Optional[dict]:
+        """Exact ed_fro, jac_fro (B,) and the curl map (B, H, W) or None from the closed form, or None
+        when the operator has none (the estimators of edtool.jacobian.ed then differentiate the field)."""
+        return None
+
+    def chunk(self, max_memory: int = 2**30) -> Optional[int]:
+        """How many vectors one call of `products` may take within max_memory; None when memory does not
+        bound them (a closed form holds no graph), and the caller chooses."""
+        return None
+
+    @property
+    def finite(self) -> Tensor:
+        return torch.ones(self.batch, dtype=torch.bool, device=self.device)
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+
+class DenseJacobian(JacobianOperator):
+    """Per-sample Jacobians J (B, n, n) of images `shape` (C, H, W); a closed form when `closed` (the `is`
+    machine's), else a matrix like any other."""
+
+    def __init__(self, J: Tensor, shape: Sequence[int], circular: bool = False, closed: bool = False,
+                 score: Optional[Tensor] = None):
+        self.J, self.shape, self.circular, self.closed, self.score = J, tuple(shape), circular, closed, score
         self.batch = J.shape[0]
+
+    device = property(lambda self: self.J.device)
+    dtype = property(lambda self: self.J.dtype)
 
     def dense(self, max_memory: int = 2**30) -> Tensor:
         return self.J
 
     def products(self, V: Tensor) -> tuple:
-        """(J v, J^T v) for vectors V (P, B, C, H, W)."""
         flat = V.flatten(2).to(self.J.dtype)
         u = torch.einsum("bij,pbj->pbi", self.J, flat)
         w = torch.einsum("bji,pbj->pbi", self.J, flat)
         return u.view_as(V).to(V.dtype), w.view_as(V).to(V.dtype)
 
+    def closed_form_ed(self, curl_map: bool = False) -> Optional[dict]:
+        """One sample at a time, so that no sample's numbers depend on the batch it came in."""
+        if not self.closed:
+            return None
+        res = [dense_ed(self.J[b:b + 1], self.shape, curl_map) for b in range(self.batch)]
+        return {key: None if res[0][key] is None else torch.cat([r[key] for r in res]) for key in res[0]}
 
-class BandJacobian:
+
+class BandJacobian(JacobianOperator):
     """The closed-form band (B, C, H, W, C, k, k) of an ELS machine (`Machine.jacobian`)."""
 
-    def __init__(self, band: Tensor, padding: str):
-        self.band, self.padding = band, padding
+    def __init__(self, band: Tensor, padding: str, score: Optional[Tensor] = None):
+        self.band, self.padding, self.score = band, padding, score
         self.circular = padding == "circular"
         self.batch, self.shape = band.shape[0], tuple(band.shape[1:4])
         self._dense = None
+
+    device = property(lambda self: self.band.device)
+    dtype = property(lambda self: self.band.dtype)
 
     def _dense_bytes(self) -> int:
         n = math.prod(self.shape)
         return self.batch * n * n * self.band.element_size()
 
     def dense(self, max_memory: int = 2**30) -> Optional[Tensor]:
-        """The dense Jacobians, or None when they do not fit in max_memory bytes."""
-        from edtool.els.band import dense_jacobian
-
         if self._dense is None and self._dense_bytes() <= max_memory:
             self._dense = dense_jacobian(self.band, self.padding)
         return self._dense
 
     def products(self, V: Tensor) -> tuple:
-        from edtool.els.band import band_transpose
-
         return band_matvec(self.band, V, self.padding), band_matvec(band_transpose(self.band, self.circular), V,
                                                                    self.padding)
 
+    def closed_form_ed(self, curl_map: bool = False) -> dict:
+        return band_ed(self.band, self.padding, curl_map)
 
-class FieldJacobian:
+
+class FieldJacobian(JacobianOperator):
     """The Jacobian of a field f (x (B, C, H, W) -> same shape, sample by sample) at x, by autograd:
     products by forward (J v) and reverse mode (J^T v), the dense matrix from chunked VJPs (`exact_jacobian`)."""
 
@@ -216,8 +277,12 @@ class FieldJacobian:
         self.f, self.x, self.circular = f, check_input(x, None), circular
         self.batch, self.shape = x.shape[0], tuple(x.shape[1:])
         with torch.no_grad():
-            self._vjp_fn, self.finite, self._act_bytes = linearize(f, self.x)
+            self._vjp_fn, self._finite, self._act_bytes = linearize(f, self.x)
         self._dense = None
+
+    device = property(lambda self: self.x.device)
+    dtype = property(lambda self: self.x.dtype)
+    finite = property(lambda self: self._finite)
 
     def dense(self, max_memory: int = 2**30) -> Optional[Tensor]:
         """The dense Jacobians (n VJPs, computed once), or None when they do not fit in max_memory."""
@@ -238,38 +303,22 @@ class FieldJacobian:
             return jvp_vjp_probes(self.f, self._vjp_fn, self.x, V.to(self.x.dtype))
 
 
-Operator = Union[DenseJacobian, BandJacobian, FieldJacobian]
+def closed_form_operator(closed: ClosedForm, shape: Sequence[int], circular: Optional[bool] = None) -> JacobianOperator:
+    """The operator of a field's closed form at points of image shape (C, H, W): its band, or its dense
+    matrix (the `is` machine's). A dense matrix's `circular` (distances on the torus) defaults to the
+    closed form's padding; a band's is its padding."""
+    if closed.jacobian.dim() == 3:
+        return DenseJacobian(closed.jacobian, shape, closed.padding == "circular" if circular is None else circular,
+                             closed=True, score=closed.score)
+    return BandJacobian(closed.jacobian, closed.padding, closed.score)
 
 
-def jacobian_operator(field, x: Tensor, circular: Optional[bool] = None) -> Operator:
-    """The Jacobian operator of a score field at x: the closed form for a `MachineField` (band, or the
-    dense matrix of the `is` machine), autograd for anything else. `circular` (distances on the torus)
-    defaults to the machine's padding, and to False for other fields."""
-    machine = getattr(field, "machine", None)
-    if machine is not None and callable(getattr(machine, "jacobian", None)):
-        padding = machine.padding
-        with torch.no_grad():
-            J = machine.jacobian(field.t, x, field.label)
-        if J.dim() == 3:
-            return DenseJacobian(J, x.shape[1:], padding == "circular" if circular is None else circular)
-        return BandJacobian(J, padding)
+def jacobian_operator(field, x: Tensor, circular: Optional[bool] = None) -> JacobianOperator:
+    """The Jacobian operator of a score field at x: its closed form where it has one (a `ScoreField`
+    whose `closed_form(x)` is not None: an ELS machine's band, or the `is` machine's dense matrix),
+    autograd for anything else (any callable x -> s(x)). `circular` (distances on the torus) defaults
+    to the closed form's padding, and to False for other fields."""
+    closed = field.closed_form(x) if isinstance(field, ScoreField) else None
+    if closed is not None:
+        return closed_form_operator(closed, x.shape[1:], circular)
     return FieldJacobian(field, x, bool(circular))
-
-
-class ClosedFormField:
-    """A machine's score field with its closed-form Jacobian already built (`op`, band or dense):
-    `edtool.jacobian.ed.exterior_derivative` takes the exact ED from it (`analytic_ed`) instead of building the
-    Jacobian a second time, so --locality and --align cost the machines no extra pass."""
-
-    def __init__(self, field, op: Union["BandJacobian", "DenseJacobian"]):
-        self.field, self.op = field, op
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.field(x)
-
-    def analytic_ed(self, x: Tensor, curl_map: bool = False) -> dict:
-        from edtool.els.band import band_ed, dense_ed
-
-        if isinstance(self.op, BandJacobian):
-            return band_ed(self.op.band, self.op.padding, curl_map)
-        return dense_ed(self.op.J, self.op.shape, curl_map)

@@ -1,8 +1,7 @@
 """The paper's score networks (SPEC 4), with its parameter names so its checkpoints load.
 
 Both networks predict the noise eps_hat(x, t, label); `Network` wraps one with the
-diffusion conventions so that it exposes `.eps(t, x, label)` and `.score(t, x, label)`
-exactly like the analytic machines do.
+diffusion conventions as an `edtool.model.ScoreModel`, like every other source of scores.
 """
 
 from typing import Optional, Sequence
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from edtool.diffusion import eps_to_score
+from edtool.model import ScoreModel
 
 
 class EmbeddingModule(nn.Module):
@@ -126,17 +126,23 @@ def build_network(arch: str, **kwargs) -> nn.Module:
     return ARCHITECTURES[arch](**kwargs)
 
 
-class Network:
-    """A trained noise predictor seen as a score field: `.eps(t, x, label)` and `.score(t, x, label)`."""
+class Network(ScoreModel):
+    """A trained noise predictor (MinimalUNet or MinimalResNet) as a ScoreModel. `manifest` is its
+    checkpoint's; without one (a network built in code) the keys every ScoreModel has are read off the
+    network, image_shape None."""
 
     def __init__(self, net: nn.Module, manifest: Optional[dict] = None):
         self.net = net.eval()
-        self.manifest = manifest or {}
-        self.conditional = bool(getattr(net, "conditional", False))
+        self.conditional = net.conditional
+        embedding = net.embedding.class_embeddings if net.conditional else None
+        padding = next(m.padding_mode for m in net.modules() if isinstance(m, nn.Conv2d))
+        own = {"arch": type(net).__name__, "image_shape": None, "padding": padding,
+               "num_classes": None if embedding is None else embedding.num_embeddings}
+        self.manifest = {**own, **(manifest or {})}
 
     @property
     def name(self) -> str:
-        return self.manifest.get("arch", type(self.net).__name__)
+        return self.manifest["arch"]
 
     def to(self, device=None, dtype=None) -> "Network":
         self.net.to(device=device, dtype=dtype)

@@ -20,7 +20,7 @@ import torch
 
 from edtool.config import MACHINE_NAMES, ComputeConfig
 from edtool.device import cuda_numerics, platform_note, resolve_device
-from edtool.diffusion import TimeGrid, ddim_sample, initial_noises
+from edtool.diffusion import TimeGrid, ddim_sample, initial_noises, score_to_eps
 from edtool.errors import EdtoolError
 from edtool.memory import MEMORY_ENV, is_out_of_memory, memory_budget
 from edtool.store.layout import ALIGN_ARRAYS, LOCALITY_ARRAYS, STEP_ARRAYS
@@ -47,13 +47,6 @@ def probe_seed(run_seed: int, realization: int, model: str, step: int) -> int:
 
 
 # ------------------------------------------------------------------ measuring
-
-
-def _score_field(model, t: torch.Tensor, label):
-    """The score at time t as a function of x alone; machines bring their closed-form Jacobian."""
-    if hasattr(model, "field"):
-        return model.field(t, label)
-    return lambda x: model.score(t, x, label)
 
 
 def _eps_fn(model, label):
@@ -120,9 +113,12 @@ class _ComputeJob:
 
 def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
             points: Optional[List[torch.Tensor]] = None) -> Measurements:
-    """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step."""
+    """Run one model's DDIM path from batch.x_T (or visit the given shared points), measuring every step.
+
+    At each step the Jacobian comes first: a model with a closed form (the ELS machines) gives it with the
+    score from the same sums, and the DDIM step takes that score (on_step returns it) instead of a second
+    evaluation. The estimator and --locality/--align share the one Jacobian operator."""
     from edtool.jacobian.ed import ExactMemoryError, exterior_derivative
-    from edtool.jacobian.locality import ClosedFormField
 
     cfg, nsteps, model = job.prepared.cfg, job.prepared.cfg.nsteps, job.prepared.models[name]
     times = job.prepared.grid.times.tolist()
@@ -136,16 +132,16 @@ def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
             out.extra["point"][:, j] = x.detach().double().cpu().numpy()
         t0 = time.perf_counter()
         tb = torch.full((B,), t, dtype=torch.float64, device=x.device)  # the grid's t: networks cast it
-        f = _score_field(model, tb, label)
-        op = _jacobian_op(job, name, f, x, j) if cfg.locality or cfg.align else None
-        if op is not None and hasattr(f, "analytic_ed") and cfg.estimator in ("auto", "analytic"):
-            f = ClosedFormField(f, op)  # the machine's ED from the Jacobian just built, not a second one
+        f = model.field(tb, label)
+        # the operator is built when something takes it: the closed form for the ED, or --locality/--align
+        op = _jacobian_op(job, name, f, x, j) if cfg.locality or cfg.align or method == "analytic" else None
         seeds = [probe_seed(cfg.seed, r, name, j) for r in rows]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
             try:
                 res = exterior_derivative(f, x, method=method, probes=cfg.probes, seed=seeds, rtol=cfg.rtol,
-                                          max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
+                                          max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps,
+                                          operator=op if cfg.estimator in ("auto", "analytic") else None)
             except ExactMemoryError:
                 if B > 1:
                     raise  # the per-cell guard lowers the batch
@@ -158,7 +154,7 @@ def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
             getattr(out, k)[:, j] = getattr(res, k).detach().double().cpu().numpy()
         if res.rtol_met is not None:  # the probe cap came before the --rtol target: say so at the end
             job.prepared.rtol_missed += [(r, name, j, float(out.ed_stderr[i, j] / out.ed_fro[i, j]))
-                                      for i, r in enumerate(rows) if not bool(res.rtol_met[i])]
+                                          for i, r in enumerate(rows) if not bool(res.rtol_met[i])]
         if cfg.maps:
             out.curl_map[:, j] = res.curl_map.detach().double().cpu().numpy()
         if op is not None:
@@ -166,6 +162,9 @@ def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
         job.timer.add("jacobian", t0)
         for i, r in enumerate(rows):
             job.reporter.step(r, name, j, nsteps, float(out.asym[i, j]))
+        if op is not None and op.score is not None:  # the DDIM step's eps from the closed form's score
+            return score_to_eps(op.score, tb.to(x.dtype))
+        return None
 
     if points is None:
         eps = _eps_fn(model, label)
@@ -187,17 +186,15 @@ def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
     return out
 
 
-def _circular(model) -> Optional[bool]:
-    """Whether distances wrap around (circular padding): a network's manifest says; None lets a
-    machine use its own padding."""
-    manifest = getattr(model, "manifest", None)
-    return None if manifest is None else manifest.get("padding") == "circular"
+def _circular(model) -> bool:
+    """Whether distances wrap around: the model's padding (its manifest) is circular."""
+    return model.manifest["padding"] == "circular"
 
 
 def _jacobian_op(job: _ComputeJob, name: str, f, x: torch.Tensor, j: int):
     """The Jacobian operator of model `name` at step j's point x. The --align reference's is kept for the
     batch: every model visits the same points, so it is built once per step, not once per model."""
-    from edtool.jacobian.locality import jacobian_operator
+    from edtool.jacobian.operators import jacobian_operator
 
     if name == job.prepared.cfg.align and j in job.reference_ops:
         return job.reference_ops[j]
@@ -211,7 +208,8 @@ def _measure_locality_alignment(job: _ComputeJob, name: str, op, tb: torch.Tenso
                                 x: torch.Tensor, j: int, out: Measurements):
     """SPEC 12 at one step: the locality profile of this model's Jacobian `op` and its alignment with the
     reference's (the dense J of a network is built once for both)."""
-    from edtool.jacobian.locality import FieldJacobian, alignment, locality
+    from edtool.jacobian.locality import alignment, locality
+    from edtool.jacobian.operators import FieldJacobian
 
     prepared = job.prepared
     cfg, settings, rows = prepared.cfg, prepared.config, batch.rows
@@ -223,7 +221,7 @@ def _measure_locality_alignment(job: _ComputeJob, name: str, op, tb: torch.Tenso
             out.extra[k][:, j] = getattr(res, k).detach().double().cpu().numpy()
     if cfg.align:
         ref = cfg.align
-        op_ref = _jacobian_op(job, ref, _score_field(prepared.models[ref], tb, batch.label), x, j)
+        op_ref = _jacobian_op(job, ref, prepared.models[ref].field(tb, batch.label), x, j)
         # exact when both dense Jacobians are at hand: machines, and networks whose J --locality builds
         # exactly (decided by the settings alone, so a resumed run chooses as a fresh one does)
         exact_nets = cfg.locality and settings["locality"]["method"] != "probe"

@@ -131,8 +131,8 @@ def _conditioning(cfg: ComputeConfig, models: dict) -> tuple:
     """(conditional, n_classes): whether the realizations carry class labels (a class-conditional network, or
     --label), and the number of classes the networks' manifests give (None when none does). --label with an
     unconditional network is refused."""
-    nets_conditional = [f for f in models.values() if getattr(f, "conditional", False)]
-    unconditional = [name for name, f in models.items() if not getattr(f, "conditional", False)]
+    nets_conditional = [f for f in models.values() if f.conditional]
+    unconditional = [name for name, f in models.items() if not f.conditional]
     if cfg.label is not None and unconditional:
         raise EdtoolError(f"--label {cfg.label}: the {' and '.join(unconditional)} network is unconditional (it "
                           "takes no class label); drop --label, or give a class-conditional checkpoint")
@@ -296,7 +296,7 @@ def locality_alignment_config(cfg: ComputeConfig, image_shape, fields: dict, gri
         radius = default_radius(image_shape) if cfg.locality_radius is None else cfg.locality_radius
         times = (grid or TimeGrid(cfg.nsteps)).step_times.tolist()  # t_j of step j
         half = {name: [(f.patch_size_at(t) - 1) / 2 for t in times] for name, f in fields.items()
-                if getattr(f, "patch_sizes", None)}
+                if name in MACHINE_NAMES and f.patch_sizes is not None}  # the local machines: `is` has none
         out["locality"] = {"radius": radius, "method": cfg.locality_method, "pixels": cfg.locality_pixels,
                            "patch_half_width": half}
     if cfg.align is not None:

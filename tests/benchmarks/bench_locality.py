@@ -24,7 +24,8 @@ import time
 import torch
 
 from edtool.diffusion import ddim_sample, initial_noise
-from edtool.jacobian.locality import FieldJacobian, alignment, jacobian_operator, locality
+from edtool.jacobian.locality import alignment, locality
+from edtool.jacobian.operators import FieldJacobian, jacobian_operator
 
 TIMES = (0.9, 0.5, 0.1)
 NSTEPS = 10

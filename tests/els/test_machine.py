@@ -218,7 +218,7 @@ def test_ideal_jacobian_equals_autograd_and_is_symmetric():
 def test_local_jacobians_are_not_symmetric(rule):
     images, _ = data(n=10)
     x = noisy(images, 0.3)
-    res = make_machine(rule, images, patch_size=3).field(0.3).analytic_ed(x)
+    res = make_machine(rule, images, patch_size=3).analytic_ed(0.3, x)
     assert (res["ed_fro"] / (2 * res["jac_fro"]) > 1e-3).all()
 
 
@@ -229,18 +229,18 @@ def test_analytic_ed_equals_dense_autograd(rule, paper, k):
     m = make_machine(rule, images, patch_size=k, paper_circular=paper)
     field = m.field(0.3)
     torch.testing.assert_close(field(x), m.score(0.3, x))
-    res = field.analytic_ed(x, curl_map=True)
+    res = m.analytic_ed(0.3, x, curl_map=True)
     truth = dense_ed(jacrev_dense(m, 0.3, x), (1, 6, 6), curl_map=True)
     for key in ("ed_fro", "jac_fro", "curl_map"):
         torch.testing.assert_close(res[key], truth[key], rtol=1e-9, atol=1e-9)
-    assert field.analytic_ed(x)["curl_map"] is None
+    assert m.analytic_ed(0.3, x)["curl_map"] is None
 
 
 def test_analytic_ed_ideal_and_conditional():
     images, labels = data(n=12, shape=(1, 4, 4))
     x = noisy(images, 0.4)
     m = make_machine("is", images, labels)
-    res = m.field(0.4, label=1).analytic_ed(x, curl_map=True)
+    res = m.analytic_ed(0.4, x, label=1, curl_map=True)
     truth = dense_ed(jacrev_dense(m, 0.4, x, torch.tensor([1, 1])), (1, 4, 4), curl_map=True)
     torch.testing.assert_close(res["jac_fro"], truth["jac_fro"], rtol=1e-9, atol=1e-9)
     assert (res["ed_fro"] < 1e-9 * res["jac_fro"]).all()
@@ -356,25 +356,42 @@ def test_exterior_derivative_analytic_equals_exact(rule, paper):
         torch.testing.assert_close(getattr(analytic, key), getattr(exact, key), rtol=1e-8, atol=1e-8)
 
 
-def test_score_after_jacobian_reuses_its_sums_but_autograd_recomputes():
-    """DDIM asks for the score where the Jacobian was just measured: it comes from the same sums
-    (equal to a fresh evaluation to float precision); a differentiated call never uses it."""
+def test_closed_form_brings_the_score_from_the_same_sums():
+    """The closed form's score (what measure hands the DDIM step) equals a fresh evaluation to float
+    precision, in the batch's order also where the batch splits into runs by label; the machine keeps no
+    state between calls, so a differentiated call after a closed form has its own Jacobian."""
     g = torch.Generator().manual_seed(3)
     images = torch.rand(40, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
-    machine = make_machine("els-borders", images, patch_size=3)
-    x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
-    t = torch.tensor([0.4, 0.4], dtype=torch.float64)
+    machine = make_machine("els-borders", images, torch.arange(40) % 2, patch_size=3)
+    x = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    t, label = torch.full((3,), 0.4, dtype=torch.float64), torch.tensor([1, 0, 1])
     with torch.no_grad():
-        fresh = machine.score(t, x)
-        band = machine.jacobian(t, x)
-        reused = machine.score(t, x)
-        other = machine.score(t, x + 0.1)
-    torch.testing.assert_close(reused, fresh, rtol=1e-10, atol=1e-10)
-    assert not torch.allclose(other, fresh)
-    machine.jacobian(t, x)
-    jac = torch.func.jacrev(lambda v: machine.score(t[:1], v.view(1, 1, 8, 8)).flatten())(x[:1].flatten())
-    assert jac.abs().sum() > 0  # a remembered (detached) score would have no Jacobian
-    torch.testing.assert_close(jac[2 * 8 + 2, 2 * 8 + 2], band[0, 0, 2, 2, 0, 1, 1])  # d s_p / d x_p at (2, 2)
+        fresh = machine.score(t, x, label)
+        closed = machine.field(t, label).closed_form(x)
+        other = machine.score(t, x + 0.1, label)
+    torch.testing.assert_close(closed.score, fresh, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(other, fresh) and closed.padding == "zeros"
+    assert torch.equal(closed.jacobian, machine.jacobian(t, x, label))
+    jac = torch.func.jacrev(lambda v: machine.score(t[:1], v.view(1, 1, 8, 8), label[:1]).flatten())(x[:1].flatten())
+    torch.testing.assert_close(jac[2 * 8 + 2, 2 * 8 + 2], closed.jacobian[0, 0, 2, 2, 0, 1, 1])  # d s_p / d x_p
+
+
+def test_autograd_probes_after_a_closed_form_see_the_field_itself():
+    """Hutchinson's forward-mode probes run with grad mode off: after a closed form at the same point they must
+    still differentiate the field (a score kept from the closed form would give J v = 0, asym = 1/sqrt(2))."""
+    from edtool.jacobian.ed import exterior_derivative
+
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(30, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    field = make_machine("els-borders", images, patch_size=3).field(torch.full((2,), 0.4, dtype=torch.float64))
+    before = exterior_derivative(field, x, method="hutchinson", probes=8, seed=0)
+    closed = field.closed_form(x)
+    after = exterior_derivative(field, x, method="hutchinson", probes=8, seed=0)
+    assert torch.equal(before.ed_fro, after.ed_fro) and torch.equal(before.jac_fro, after.jac_fro)
+    exact = band_ed(closed.jacobian, "zeros")
+    assert ((after.asym - exact["ed_fro"] / (2 * exact["jac_fro"])).abs() < 0.2).all()  # 8 probes: near the truth
+    assert ((after.asym - 2**-0.5).abs() > 0.3).all()
 
 
 @pytest.mark.parametrize("nscales", [10, 20, 50, 1000])

@@ -11,6 +11,7 @@ from edtool.errors import EdtoolError
 from edtool.jacobian.ed import EXACT_MAX_N, ExactMemoryError, exterior_derivative
 from edtool.jacobian.operators import exact_jacobian, jacobian_rows_per_chunk, linearize, products_per_chunk
 from edtool.memory import CPU_SHARE, CUDA_SHARE, MEMORY_ENV, memory_budget
+from edtool.model import ClosedForm, ScoreField
 from edtool.networks.models import MinimalResNet, Network
 
 f64 = torch.float64
@@ -255,16 +256,20 @@ def test_memory_budget_follows_the_device_and_the_environment(monkeypatch):
 # ----------------------------------------------------------------------------- analytic dispatch
 
 
-class FakeMachine:
-    """A field object that knows its own exterior derivative (like the ELS machines)."""
+class FakeMachine(ScoreField):
+    """A field that knows its own Jacobian in closed form (like the ELS machines): J_b = c_b I + s_b (e_0 e_1^T),
+    so ||J_b - J_b^T||_F = sqrt(2) s_b and ||J_b||_F^2 = n c_b^2 + s_b^2, chosen as b + 1 and 4."""
 
     def __call__(self, x):
         raise AssertionError("the analytic method must not evaluate the field")
 
-    def analytic_ed(self, x, curl_map=False):
-        B = x.shape[0]
-        return dict(ed_fro=torch.arange(1.0, B + 1), jac_fro=torch.full((B,), 2.0),
-                    curl_map=torch.ones(B, *x.shape[2:]) if curl_map else None)
+    def closed_form(self, x):
+        B, n = x.shape[0], x[0].numel()
+        s = torch.arange(1.0, B + 1, dtype=torch.float64) / math.sqrt(2)
+        c = ((16 - s**2) / n).sqrt()
+        J = c[:, None, None] * torch.eye(n, dtype=torch.float64)
+        J[:, 0, 1] += s
+        return ClosedForm(J.to(x.dtype), "zeros", None)
 
 
 def test_analytic_dispatch():
@@ -272,9 +277,13 @@ def test_analytic_dispatch():
     res = exterior_derivative(FakeMachine(), x, curl_map=True)
     assert res.method == "analytic" and res.probes == 0
     torch.testing.assert_close(res.ed_fro, torch.tensor([1.0, 2.0, 3.0]))
-    torch.testing.assert_close(res.asym, torch.tensor([0.25, 0.5, 0.75]))
+    torch.testing.assert_close(res.asym, torch.tensor([0.125, 0.25, 0.375]))
     assert torch.equal(res.ed_stderr, torch.zeros(3)) and res.curl_map.shape == (3, 4, 4)
-    with pytest.raises(ValueError, match=r"analytic_ed.*machine\.field\(t\)"):
+    # the curl map: rows 0 and 1 of D (pixels 0 and 1) hold s_b each, the other rows nothing
+    torch.testing.assert_close(res.curl_map.flatten(1)[:, :2], torch.tensor([1.0, 2.0, 3.0])[:, None].expand(3, 2)
+                               / math.sqrt(2))
+    assert torch.equal(res.curl_map.flatten(1)[:, 2:], torch.zeros(3, 14))
+    with pytest.raises(ValueError, match=r"closed form.*machine\.field\(t\)"):
         exterior_derivative(lambda x: x, x, method="analytic")
 
 
@@ -295,7 +304,7 @@ def test_an_els_machine_is_measured_through_its_field():
         torch.testing.assert_close(res.ed_fro, exact.ed_fro)
         torch.testing.assert_close(res.asym, exact.asym)
     assert bool((exact.asym > 1e-3).all())  # not a gradient field: the comparison can fail
-    with pytest.raises(TypeError, match=r"got a LocalMachine: pass its field at one time, f = machine\.field\(t\)"):
+    with pytest.raises(TypeError, match=r"got a LocalMachine \(a score model's field at one time is model\.field\(t\)\)"):
         exterior_derivative(els, x)
 
 

@@ -9,22 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edtool.jacobian.locality import (
-    BandJacobian,
-    DenseJacobian,
-    FieldJacobian,
-    alignment,
-    band_matvec,
-    default_radius,
-    jacobian_operator,
-    locality,
-    locality_band,
-    locality_dense,
-    pixel_distances,
-    r90,
-)
+from edtool.jacobian.operators import BandJacobian, DenseJacobian, FieldJacobian, band_matvec, jacobian_operator
+from edtool.jacobian.locality import alignment, default_radius, locality, locality_band, locality_dense, pixel_distances, r90
 from edtool.els.band import dense_jacobian
 from edtool.els.factory import make_machine
+from edtool.els.band import band_valid
 from edtool.networks.models import MinimalResNet, Network
 
 f64 = torch.float64
@@ -166,7 +155,6 @@ def test_ideal_machine_gives_a_dense_operator():
 def test_band_products_equal_dense_products(padding, k):
     band = rand(2, 2, 5, 6, 2, k, k, seed=4)
     if padding == "zeros":  # entries reaching outside the image are zero in a machine's band
-        from edtool.els.band import band_valid
         band = band * band_valid(5, 6, k, "cpu")[None, None, :, :, None]
     V = rand(3, 2, 2, 5, 6, seed=5)
     u, w = BandJacobian(band, padding).products(V)

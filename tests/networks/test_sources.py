@@ -17,7 +17,7 @@ from edtool.errors import EdtoolError
 from edtool.config import ComputeConfig
 from edtool.study.compute import compute
 from edtool.study.prepare import prepare
-from edtool.networks.sources import clamped_steps, edtool_log_sigma, fractional_timestep, vp_log_sigmas
+from edtool.networks.diffusers_source import clamped_steps, edtool_log_sigma, fractional_timestep, vp_log_sigmas
 from edtool.store.run import open_run
 from helpers import assert_one_line_error, cli, edtool, edtool_in_process, small_mnist, write_idx_root
 

@@ -30,6 +30,7 @@ from edtool.store.locks import lock_holders, run_lock
 from edtool.store.run import open_run
 from helpers import (ARRAYS, assert_same_arrays, cli, config, dead_pid, PNG, REPO, save_tiny, snapshot, subprocess_env,
                      wait_for_done_cell)
+from edtool.model import ScoreModel
 
 pytestmark = pytest.mark.usefixtures("tiny_networks")
 
@@ -336,12 +337,12 @@ def test_unwritable_run_directory_is_one_line_exit_2(tmp_path, capsys, monkeypat
 # ------------------------------------------------------------------ failures are NaN, never zeros
 
 
-class _Failing:
+class _Failing(ScoreModel):
     """Wraps a network: non-finite below t_bad (`nonfinite`), or an exception on every call (`raise`)."""
 
     def __init__(self, inner, mode, t_bad=0.7):
         self.inner, self.mode, self.t_bad = inner, mode, t_bad
-        self.conditional = False
+        self.name, self.conditional, self.manifest = inner.name, inner.conditional, inner.manifest
 
     def _spoil(self, t, value):
         if self.mode == "raise":

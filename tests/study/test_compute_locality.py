@@ -8,7 +8,8 @@ import torch
 from edtool.study.aggregate import aggregate_run
 from edtool.diffusion import ddim_sample, initial_noise
 from edtool.jacobian.ed import exterior_derivative
-from edtool.jacobian.locality import FieldJacobian, alignment, jacobian_operator, locality
+from edtool.jacobian.operators import FieldJacobian, jacobian_operator
+from edtool.jacobian.locality import alignment, locality
 from edtool.study.compute import compute
 from edtool.study.prepare import prepare
 from edtool.study.plots import plot_run

@@ -11,6 +11,7 @@ from edtool.data import load_dataset
 from edtool.diffusion import ddim_sample, initial_noise, seed_labels, timesteps
 from edtool.jacobian.ed import exterior_derivative
 from edtool.els.factory import make_machine
+from edtool.model import ScoreModel
 from edtool.networks.models import build_network
 from edtool.study.compute import compute, probe_seed
 from edtool.els.schedule import write_scales_json
@@ -35,12 +36,16 @@ def _tiny(path, **kw):
         "padding": arch_kw["mode"]})
 
 
-class _Recorder:
-    """Wraps a model; records the batch size and labels of every call."""
+class _Recorder(ScoreModel):
+    """Wraps a network; records the batch size and labels of every call."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
-        self.conditional = getattr(inner, "conditional", False)
+        self.name, self.conditional, self.manifest = inner.name, inner.conditional, inner.manifest
+
+    def to(self, device=None, dtype=None):
+        self.inner.to(device, dtype)
+        return self
 
     def eps(self, t, x, label=None):
         self.calls.append((x.shape[0], None if label is None else label.tolist()))
