@@ -1,4 +1,4 @@
-"""Issue 23's end-to-end target: the default `edtool analyze` against a yardstick timed in the same run.
+"""The end-to-end target: the default `edtool analyze` against a yardstick timed in the same run.
 
     python tests/benchmarks/bench_analyze.py [--threads 2] [--repeat 1] [--floor] [-- extra analyze flags]
 

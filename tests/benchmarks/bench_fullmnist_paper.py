@@ -1,4 +1,4 @@
-"""The seed tool's workflow on full MNIST with the paper's file formats, timed (issue 12, item 4).
+"""The seed tool's workflow on full MNIST with the paper's file formats, timed.
 
 1. trains a small UNet and ResNet on the 60,000 training digits with `edtool train` (minutes of CPU:
    the point is the plumbing and the time, not sample quality);

@@ -1,4 +1,4 @@
-"""The engine's inner loop, eager vs one fused compiled kernel (issue 13: where the next factor is).
+"""The engine's inner loop, eager vs one fused compiled kernel (where the next factor is).
 
 A profile of one els-borders score at k = 3 on mnist5k (1 thread) spends 49 % in bmm (the logits
 q @ keys with inner size D + 3 = 12, and the weighted sum with V = 2 values), 35 % in exp and 9 % in
@@ -27,7 +27,7 @@ two 1-thread calibrations running; 1 thread, R = 900, M = 1,000,000, 8,192 candi
     | 52 (7) | 7.2     | 4.72    | 7.23    | 0.65     | 9.9e-7              |
 
 So with the shapes the engine needs, the fused kernel gains 1.2-1.3x at k <= 5 and loses at k = 7
-(inductor's loop is no match for BLAS once the product has some depth): not the 2x issue 13 asks
+(inductor's loop is no match for BLAS once the product has some depth): not the 2x asked
 for, and not adopted.
 """
 

@@ -1,4 +1,4 @@
-"""How much could skipping negligible candidates save? An oracle ceiling (issue 13, item 1).
+"""How much could skipping negligible candidates save? An oracle ceiling.
 
 For one noised mnist5k digit and the interior candidate windows of 1,000 training images (distinct
 windows only, as the engine merges them), this computes every exact logit and counts the candidates
