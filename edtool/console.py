@@ -2,16 +2,15 @@
 fix, never a traceback unless --debug), progress displays, and the tables the commands print. The commands
 themselves, and their settings, are in edtool.cli and edtool.config."""
 
-import re
 import sys
-import textwrap
 from contextlib import nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import typer
 
 from edtool.errors import EdtoolError, disk_error_line
+from edtool.text import paragraph
 
 
 def progress_bar(quiet: bool = False):
@@ -127,17 +126,6 @@ def print_status(rows: list) -> None:
                          "are not checked)")
         for line in lines:
             print(paragraph(line, indent=2, hang=4))
-
-
-def paragraph(text: str, indent: int = 0, hang: Optional[int] = None) -> str:
-    """TEXT wrapped to 80 columns (a terminal's usual width, and rich's in a pipe) between words, never
-    inside a path or a `quoted phrase`; continuation lines indented by `hang` (default: `indent`). A word
-    longer than a line stays whole."""
-    whole = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\u00a0"), text)  # textwrap keeps NBSP
-    hang = indent if hang is None else hang
-    lines = textwrap.fill(whole, 80, initial_indent=" " * indent, subsequent_indent=" " * hang,
-                          break_long_words=False, break_on_hyphens=False)
-    return lines.replace("\u00a0", " ")
 
 
 def shown_location(location: str) -> str:

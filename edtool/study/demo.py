@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from edtool.errors import EdtoolError
+from edtool.text import paragraph
 from edtool.config import ComputeConfig
 from edtool.study.compute import Reporter, compute
 
@@ -66,7 +67,6 @@ def _nearest_steps(times: np.ndarray, wanted=CHECK_TIMES) -> List[int]:
 def run_demo(out_dir=DEFAULT_OUT, models=("unet", "resnet", "els"), nsteps: int = 10, seed: int = 0,
              device: str = "auto", reporter: Reporter = None, say: Callable[[str], None] = print) -> dict:
     """Explain, measure, and write the store, summary and figures under out_dir; returns the summary."""
-    from edtool.console import paragraph  # the presentation layer above: imported where the tour prints
     from edtool.data import load_dataset
     from edtool.study.aggregate import aggregate_run
     from edtool.study.plots import plot_run
@@ -107,7 +107,6 @@ def _say_yardstick(images: torch.Tensor, say) -> dict:
 
 def _measure_one_path(out_dir: Path, models, nsteps: int, seed: int, device: str, reporter, say) -> dict:
     """Section 3: one DDIM path per model into out_dir/run, then the numbers at three times read back."""
-    from edtool.console import paragraph
     from edtool.store.run import open_run
 
     say("[bold]3. One reverse-diffusion path per model[/bold]")
@@ -143,7 +142,6 @@ def _measure_one_path(out_dir: Path, models, nsteps: int, seed: int, device: str
 
 def _say_summary(location: str, stats: dict, say) -> None:
     """Section 4: mean ED and asym per model over the path, and which is most conservative."""
-    from edtool.console import paragraph
     from edtool.study.aggregate import format_number
     from edtool.store.run import open_run
 
