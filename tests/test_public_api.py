@@ -39,7 +39,7 @@ def test_the_page_lists_every_public_name():
 
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
-        edtool.nonexistent
+        getattr(edtool, "nonexistent")
     assert not hasattr(edtool, "_nonexistent")
 
 

@@ -18,7 +18,6 @@ from typing import List, Union
 
 import torch
 
-from edtool.config import POINT_SOURCES
 from edtool.diffusion import TimeGrid, add_noise, as_grid
 from edtool.errors import EdtoolError
 

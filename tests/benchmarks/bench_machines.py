@@ -232,7 +232,7 @@ def before_after(images, args, device, dtype):
             print(f"| {k} | {B} | {share} | {build:.1f} | {s_old:.2f} | {s_new:.2f} | {s_old / s_new:.2f} | {j_old:.2f} | "
                   f"{j_new:.2f} | {j_old / j_new:.2f} | {score:.1e} | {'-' if args.no_jacobian else f'{band:.1e}'} |", flush=True)
             t0 = time.perf_counter()
-        del old, new
+        old = new = None  # frees both machines (their key caches) before the next k
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
@@ -325,7 +325,7 @@ def roofline(images, args, device, dtype):
               f"{d_score:.1e} | {d_band:.1e} |",
               flush=True)
         machines[k] = (old, new, x)
-        del old, new
+        old = new = None  # frees both machines (their key caches) before the next k
     if len(args.threads) < 2:
         return
     print(f"\nthreads: wall time of one score and one Jacobian, best of {rounds} interleaved rounds, "
@@ -406,7 +406,7 @@ def per_k(images, args, device, dtype):
             first = first or min(best.values())
             print(f"| {k} | {path} | {exps / 1e9:.2f} | {ts:.2f} | {ts / exps * 1e9:.2f} | {exps / top['exps'] / ts:.0%} | "
                   f"{ts / first:.2f} |", flush=True)
-        del m
+        m = None  # frees the machine (its key cache) before the next k
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 

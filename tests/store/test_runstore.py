@@ -280,7 +280,7 @@ def test_aggregate_arrays_are_digested(tmp_path, capsys, monkeypatch):
 def test_a_store_made_before_digests_opens_resumes_and_aggregates(tmp_path, capsys, monkeypatch):
 
     filled(tmp_path / "truth")
-    run = filled(tmp_path / "r", skip={(3, 0), (3, 1)})
+    filled(tmp_path / "r", skip={(3, 0), (3, 1)})
     make_legacy(tmp_path / "r")
     code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "r")
     assert code == 0 and out.count("made before edtool kept digests") == 1 and "damaged:" not in out, (out, err)
