@@ -10,7 +10,8 @@ from edtool.errors import EdtoolError
 NSTEPS = 20  # DDIM steps: the seed tool's and the paper's trajectories, and the shipped calibrations' length
 PROBES = 16  # Hutchinson probes per point: a relative standard error of ED of a few per cent on MNIST networks
 MIN_PROBES = 2  # the standard error of a Hutchinson estimate needs a spread, so at least two probes
-PATCH_SIZE = 5  # ELS patch size when no calibrated schedule is found (the paper's median MNIST size)
+PATCH_SIZE = 5  # ELS patch size when no calibrated schedule is found (the median of the shipped ResNet's calibration;
+# the paper's MNIST schedules have medians 7-10)
 NETWORKS = ("unet", "resnet")  # the architectures edtool trains and finds by name (--unet, --resnet)
 PADDINGS = ("zeros", "circular")  # the convolution paddings edtool trains with and the ELS machines model
 
