@@ -118,8 +118,6 @@ def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
     At each step the Jacobian comes first: a model with a closed form (the ELS machines) gives it with the
     score from the same sums, and the DDIM step takes that score (on_step returns it) instead of a second
     evaluation. The estimator and --locality/--align share the one Jacobian operator."""
-    from edtool.jacobian.ed import ExactMemoryError, exterior_derivative
-
     cfg, nsteps, model = job.prepared.cfg, job.prepared.cfg.nsteps, job.prepared.models[name]
     times = job.prepared.grid.times.tolist()
     B, label, rows = batch.x_T.shape[0], batch.label, batch.rows
@@ -136,20 +134,7 @@ def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
         # the operator is built when something takes it: the closed form for the ED, or --locality/--align
         op = _jacobian_op(job, name, f, x, j) if cfg.locality or cfg.align or method == "analytic" else None
         seeds = [probe_seed(cfg.seed, r, name, j) for r in rows]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell below
-            try:
-                res = exterior_derivative(f, x, method=method, probes=cfg.probes, seed=seeds, rtol=cfg.rtol,
-                                          max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps,
-                                          operator=op if cfg.estimator in ("auto", "analytic") else None)
-            except ExactMemoryError:
-                if B > 1:
-                    raise  # the per-cell guard lowers the batch
-                res = exterior_derivative(f, x, method="hutchinson", probes=cfg.probes, seed=seeds, rtol=cfg.rtol,
-                                          max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
-                _note_in_store(job, out, f"{name}: not even one row of the exact Jacobian fits in memory "
-                               f"({MEMORY_ENV} raises the budget), so Hutchinson with {res.probes} probes measured "
-                               "the steps where it did not (their ed_stderr is not 0)")
+        res = _exterior_derivative(job, name, f, x, method, seeds, op, out)
         for k in STEP_ARRAYS:
             getattr(out, k)[:, j] = getattr(res, k).detach().double().cpu().numpy()
         if res.rtol_met is not None:  # the probe cap came before the --rtol target: say so at the end
@@ -184,6 +169,30 @@ def measure(job: _ComputeJob, name: str, batch: RealizationBatch,
     for note in sorted(out.notes):
         job.reporter.note(note)
     return out
+
+
+def _exterior_derivative(job: _ComputeJob, name: str, f, x: torch.Tensor, method: str, seeds: List[int], op,
+                         out: Measurements):
+    """ED at x by the run's estimator (the closed form from `op` where the settings allow it). When not even
+    one row of the exact Jacobian fits in memory at batch 1, Hutchinson measures the step, and the run says so."""
+    from edtool.jacobian.ed import ExactMemoryError, exterior_derivative
+
+    cfg = job.prepared.cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # non-finite scores become NaN; reported once per cell by measure
+        try:
+            return exterior_derivative(f, x, method=method, probes=cfg.probes, seed=seeds, rtol=cfg.rtol,
+                                       max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps,
+                                       operator=op if cfg.estimator in ("auto", "analytic") else None)
+        except ExactMemoryError:
+            if x.shape[0] > 1:
+                raise  # the per-cell guard lowers the batch
+            res = exterior_derivative(f, x, method="hutchinson", probes=cfg.probes, seed=seeds, rtol=cfg.rtol,
+                                      max_probes=RTOL_MAX_PROBES, curl_map=cfg.maps)
+            _note_in_store(job, out, f"{name}: not even one row of the exact Jacobian fits in memory "
+                           f"({MEMORY_ENV} raises the budget), so Hutchinson with {res.probes} probes measured "
+                           "the steps where it did not (their ed_stderr is not 0)")
+            return res
 
 
 def _circular(model) -> bool:
