@@ -108,21 +108,6 @@ def test_reference_check_catches_a_missing_page_heading_and_section(tmp_path):
         "SPEC 14 (no section 14 in docs/SPEC.md)", "SPEC.md section 3 (no section 3 in docs/SPEC.md)"]
 
 
-# Files that still name issues, with how many times: each owner removes them in their own change; this list
-# only shrinks (a file not listed, or a count above its entry, fails)
-ISSUE_TEXT_PENDING = {
-    "edtool/els/kernel.py": 1, "edtool/store/run.py": 1,
-    "tests/benchmarks/bench_analyze.py": 1, "tests/benchmarks/bench_fullmnist_paper.py": 1,
-    "tests/benchmarks/bench_fused_exp.py": 2, "tests/benchmarks/bench_machines.py": 5,
-    "tests/benchmarks/bench_prune_ceiling.py": 1, "tests/test_bad_input.py": 2, "tests/test_colour_labels.py": 1,
-    "tests/test_config.py": 1, "tests/test_discovery.py": 1, "tests/test_distributed.py": 1, "tests/test_grid.py": 1,
-    "tests/test_house.py": 1, "tests/test_install.py": 1, "tests/test_layout.py": 2,
-    "tests/test_locality_pipeline.py": 1, "tests/test_machines.py": 1, "tests/test_pipeline.py": 1,
-    "tests/test_run_integrity.py": 1, "tests/test_trust_cli.py": 1, "tests/test_trust_store.py": 5,
-    "tests/test_version.py": 1,
-}
-
-
 def test_no_issue_numbers_outside_the_changelog():
     """Text says what and why; which issue asked for it is history, kept in CHANGELOG.md and git."""
     files = [ROOT / "README.md", *(p for folder in ("edtool", "tests", "docs") for p in (ROOT / folder).rglob("*")
@@ -132,8 +117,7 @@ def test_no_issue_numbers_outside_the_changelog():
         n = len(ISSUE.findall(path.read_text(errors="replace")))
         if n:
             found[path.relative_to(ROOT).as_posix()] = n
-    over = {f: n for f, n in found.items() if n > ISSUE_TEXT_PENDING.get(f, 0)}
-    assert not over, f"issue numbers in {over}"
+    assert not found, f"issue numbers in {found}"
 
 
 def test_docs_index_links_every_page():
