@@ -300,7 +300,7 @@ class ComputeConfig:
         check_patch_size(self.patch_size, "--patch-size")
         check_range("max_samples", self.max_samples)
         self._validate_scheduler()
-        self._validate_jacobian_whole()
+        self._validate_locality_alignment()
         return self
 
     def _validate_scheduler(self) -> None:
@@ -318,7 +318,7 @@ class ComputeConfig:
             raise EdtoolError(f"--scheduler {self.scheduler}: no such file or folder (a folder holding "
                               "scheduler_config.json, or the file)")
 
-    def _validate_jacobian_whole(self) -> None:
+    def _validate_locality_alignment(self) -> None:
         """--locality and --align settings (SPEC 12)."""
         if self.locality_method not in LOCALITY_METHODS:
             raise EdtoolError(f"unknown --locality-method {self.locality_method!r}; choose one of "
