@@ -174,14 +174,25 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("rank,words", [("3", "RANK=3 with WORLD_SIZE=2: ranks go from 0 to 1"),
-                                        ("x", "RANK='x' is not a rank number"),
-                                        ("1", "rank 1 of 2: the other ranks did not join at 127.0.0.1:"),
+                                        ("x", "RANK='x' is not a rank number")])
+def test_a_rank_number_out_of_range_stops_with_one_line(rank, words, tmp_path, capsys, monkeypatch):
+    """Refused from the environment before any process group is joined: in this process (the
+    console script's main(), same exit code and line)."""
+    for name, value in {"RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    assert_refused(cli(capsys, monkeypatch, "compute", "--models", "is", *SMALL, "--run-dir", tmp_path / "r"), words)
+    assert not (tmp_path / "r" / "ed.zarr").exists()
+
+
+@pytest.mark.parametrize("rank,words", [("1", "rank 1 of 2: the other ranks did not join at 127.0.0.1:"),
                                         ("0", "rank 0 of 2: the other ranks did not join at 127.0.0.1:")])
 def test_a_rank_without_its_peers_stops_with_one_line(rank, words, tmp_path):
     """A real process, which must not wait forever. Alone, rank 0 waits for rank 1 and rank 1 for rank 0's
-    store; both stop after EDTOOL_RENDEZVOUS_TIMEOUT with one line and no torch C++ log lines."""
+    store; both stop after EDTOOL_RENDEZVOUS_TIMEOUT (half a second here: the wait is the same at any
+    length) with one line and no torch C++ log lines."""
     env = {**subprocess_env(), "RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "EDTOOL_RENDEZVOUS_TIMEOUT": "2"}
+           "MASTER_PORT": str(_free_port()), "EDTOOL_RENDEZVOUS_TIMEOUT": "0.5"}
     proc = subprocess.run([sys.executable, "-m", "edtool", "compute", "--models", "is", *SMALL, "--run-dir",
                            tmp_path / "r"], env=env, capture_output=True, text=True, timeout=120)
     assert_refused((proc.returncode, proc.stdout, proc.stderr), words)
