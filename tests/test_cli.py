@@ -1,6 +1,6 @@
-"""Trust at the command line: a model is checked against its slot, odd numbers are usage errors
-before any work, outputs are checked before the work, files edtool did not write are never replaced,
-and each refusal is one line (exit 2). Each case runs through the console entry point (`cli`, or a
+"""The commands (edtool.cli, edtool.cli_networks) against wrong or hostile input: a model is checked
+against its slot, odd numbers and malformed option values are usage errors before any work, outputs are
+checked before the work, files edtool did not write are never replaced, and each refusal is one line (exit 2). Each case runs through the console entry point (`cli`, or a
 real `python -m edtool` process where the process itself matters: warnings, a hang)."""
 
 import json
@@ -23,7 +23,8 @@ from edtool.els.factory import make_machine
 from edtool.els.schedule import resampling_note, write_scales_json
 from edtool.store.run import open_run
 from edtool.study.prepare import prepare
-from helpers import assert_one_line_error, assert_refused, cli, config, edtool_in_process, save_tiny, subprocess_env, TINY
+from helpers import (assert_one_line_error, assert_refused, cli, config, edtool_in_process, save_tiny, subprocess_env,
+                     TINY)
 from paper_networks import DDIM, MinimalUNet, save_paper
 
 pytestmark = pytest.mark.usefixtures("tiny_networks")

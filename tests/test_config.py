@@ -1,6 +1,7 @@
 """Configuration in one place: each command's settings are one dataclass in edtool.config
 with its defaults and checks; the command line takes its defaults and number ranges from there, so a number
-out of range is a usage error (exit 2, one line) before any work, and Python callers get the same refusal."""
+out of range is a usage error (exit 2, one line) before any work, and Python callers get the same refusal;
+and the defaults table each setting's default comes from."""
 
 import inspect
 from dataclasses import fields

@@ -1,4 +1,4 @@
-"""DDIM and the schedule against independent truth (SPEC 2)."""
+"""DDIM and the schedule against independent truth (SPEC 2); the time grid and the seeds of a realization."""
 
 import math
 import subprocess
