@@ -1,7 +1,8 @@
 """The commands (edtool.cli, edtool.cli_networks) against wrong or hostile input: a model is checked
 against its slot, odd numbers and malformed option values are usage errors before any work, outputs are
-checked before the work, files edtool did not write are never replaced, and each refusal is one line (exit 2). Each case runs through the console entry point (`cli`, or a
-real `python -m edtool` process where the process itself matters: warnings, a hang)."""
+checked before the work, files edtool did not write are never replaced, and each refusal is one line
+(exit 2). Each case runs through the console entry point (`cli`, or a real `python -m edtool` process
+where the process itself matters: warnings, a hang)."""
 
 import json
 import struct
