@@ -1,23 +1,6 @@
-"""Option values and environment variables a user can get wrong, through the console script: one line,
-exit 2, before any work (or, for an empty variable, the default it stands for)."""
+"""edtool.paths: an empty location variable stands for its default, through the console script and in Python."""
 
-import pytest
-from helpers import assert_one_line_error, edtool_in_process
-
-
-@pytest.mark.parametrize("args, expected", [
-    (["compute", "--probes", "1000000000"], "--probes"),
-    (["analyze", "--probes", "1000000000"], "--probes"),
-    (["compute", "--probes", "1"], "--probes"),
-    (["train", "--arch", "unet", "--fsizes", "8,,16"], "--fsizes must be integers separated by commas"),
-    (["train", "--arch", "unet", "--fsizes", "8,16,"], "--fsizes must be integers separated by commas"),
-    (["train", "--arch", "unet", "--fsizes", ",8,16"], "--fsizes must be integers separated by commas"),
-    (["calibrate", "--checkpoint", "x.safetensors", "--sizes", "3,,5"], "--sizes must be integers"),
-])
-def test_out_of_range_or_malformed_values_are_one_line(args, expected, tmp_path):
-    proc = edtool_in_process(*args, "--nsteps" if args[0] != "train" else "--steps", "2", cwd=tmp_path)
-    assert_one_line_error(proc, expected)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()
+from helpers import edtool_in_process
 
 
 def test_an_empty_cache_variable_means_unset(tmp_path):
