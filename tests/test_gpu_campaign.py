@@ -10,10 +10,11 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edtool.networks import train_state
 from edtool.paths import REPO_ROOT
-from helpers import write_idx_root
+from helpers import edtool_in_process, write_idx_root
 
 SCRIPT = REPO_ROOT / "experiments" / "training" / "gpu_campaign.sh"
 
@@ -26,16 +27,25 @@ def _script(*args, **env):
                                "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in env.items()}})
 
 
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> Path:
+    """A tiny resnet's training state after 2 steps, trained once (in this process: the start state is
+    input here, the script's own training runs in its process); each test trains a copy further."""
+    folder = tmp_path_factory.mktemp("two-steps") / "tiny"
+    done = edtool_in_process("train", "--arch", "resnet", "--width", "16", "--layers", "1", "--batch", "2",
+                             "--lr-gamma", "0.99", "--steps", "2", "--state", folder, "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
 def _step(folder: Path) -> int:
     return train_state.read(folder)["step"]
 
 
-def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
+def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path, two_steps):
     lease, committed = tmp_path / "lease", tmp_path / "committed"
     lease.mkdir()
-    subprocess.run([sys.executable, "-m", "edtool", "train", "--arch", "resnet", "--width", "16", "--layers", "1",
-                    "--batch", "2", "--lr-gamma", "0.99", "--steps", "2", "--state", str(lease / "tiny"),
-                    "--device", "cpu", "--quiet"], check=True, capture_output=True, cwd=tmp_path)
+    shutil.copytree(two_steps, lease / "tiny")
     shutil.copytree(lease, committed)  # what git holds, while the lease's copy trains
     shutil.copytree(lease / "tiny", tmp_path / "first")
     rng = np.random.default_rng(0)
@@ -79,13 +89,11 @@ def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
         assert [p.name for p in committed.iterdir()] == ["tiny"]
 
 
-def test_a_network_without_a_working_state_starts_from_the_kept_one_and_leaves_it_alone(tmp_path):
+def test_a_network_without_a_working_state_starts_from_the_kept_one_and_leaves_it_alone(tmp_path, two_steps):
     """The state git keeps (kept/<net>/) is copied to <net>/ before a stretch; training advances the copy only, and
     a network with neither is skipped instead of starting a fresh network."""
     training = tmp_path / "training"
-    subprocess.run([sys.executable, "-m", "edtool", "train", "--arch", "resnet", "--width", "16", "--layers", "1",
-                    "--batch", "2", "--lr-gamma", "0.99", "--steps", "2", "--state", str(training / "kept" / "tiny"),
-                    "--device", "cpu", "--quiet"], check=True, capture_output=True, cwd=tmp_path)
+    shutil.copytree(two_steps, training / "kept" / "tiny")
     kept = {p.name: p.read_bytes() for p in (training / "kept" / "tiny").iterdir() if p.is_file()}
     rng = np.random.default_rng(0)
     write_idx_root(tmp_path / "held", rng.integers(0, 256, (8, 28, 28)), rng.integers(0, 10, 8), split="test")
