@@ -219,7 +219,12 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, tmp_path):
         els_kernels._load.cache_clear()  # later tests load the real kernel again
 
 
-@pytest.mark.parametrize("damage", [b"", b"not a shared library", "stale"])
+# each case is a file with no checksum beside it, so each takes the same path (not verified: rebuilt); the
+# default run keeps "stale", a library the loader would take, and test_kernel_cache.py's
+# test_a_damaged_cached_kernel_is_built_again_and_gives_the_same_numbers[truncate 4000] and [flip a byte]
+# cover a file that does not match its checksum; the empty and garbage files run with -m slow
+@pytest.mark.parametrize("damage", [pytest.param(b"", marks=pytest.mark.slow),
+                                    pytest.param(b"not a shared library", marks=pytest.mark.slow), "stale"])
 def test_a_damaged_or_stale_cached_kernel_is_built_again(damage, monkeypatch, tmp_path):
     """A file under the kernel's cache name that does not load (truncated, garbage) or lacks a kernel (a
     build of other source) is rebuilt once, silently, and then gives the engine's numbers."""
