@@ -38,6 +38,10 @@ def two_steps(tmp_path_factory) -> Path:
     return folder
 
 
+# The stretches train 1 second (`run 1 0`): the trainer takes at least one step before it looks at its limit,
+# so the state always ends past its 2 steps.
+
+
 def _step(folder: Path) -> int:
     return train_state.read(folder)["step"]
 
@@ -51,7 +55,7 @@ def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path, 
     rng = np.random.default_rng(0)
     write_idx_root(tmp_path / "held", rng.integers(0, 256, (8, 28, 28)), rng.integers(0, 10, 8), split="test")
 
-    done = _script("run", 2, 0, EDTOOL_TRAINING_DIR=lease, EDTOOL_HELD_OUT=tmp_path / "held", OUT=tmp_path / "out")
+    done = _script("run", 1, 0, EDTOOL_TRAINING_DIR=lease, EDTOOL_HELD_OUT=tmp_path / "held", OUT=tmp_path / "out")
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "out" / "train_tiny.log").read_text()
     assert "stopped at the time limit" in log, log
@@ -60,7 +64,7 @@ def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path, 
     with tarfile.open(tmp_path / "out" / "tiny.tar") as tar:
         names = set(tar.getnames())
     assert "tiny/state.json" in names and f"tiny/state_step{reached:08d}.safetensors" in names
-    assert (tmp_path / "out" / "tiny_snapshots.tar").exists()  # empty here: no snapshot in 2 seconds
+    assert (tmp_path / "out" / "tiny_snapshots.tar").exists()  # empty here: no snapshot in 1 second
 
     done = _script("unpack", tmp_path / "out", EDTOOL_TRAINING_DIR=committed)
     assert done.returncode == 0 and f"step 2 -> {reached}" in done.stdout, done.stderr
@@ -97,7 +101,7 @@ def test_a_network_without_a_working_state_starts_from_the_kept_one_and_leaves_i
     kept = {p.name: p.read_bytes() for p in (training / "kept" / "tiny").iterdir() if p.is_file()}
     rng = np.random.default_rng(0)
     write_idx_root(tmp_path / "held", rng.integers(0, 256, (8, 28, 28)), rng.integers(0, 10, 8), split="test")
-    done = _script("run", 2, 0, EDTOOL_CAMPAIGN_NETS="tiny absent", EDTOOL_TRAINING_DIR=training,
+    done = _script("run", 1, 0, EDTOOL_CAMPAIGN_NETS="tiny absent", EDTOOL_TRAINING_DIR=training,
                    EDTOOL_HELD_OUT=tmp_path / "held", OUT=tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert "stopped at the time limit" in (tmp_path / "out" / "train_tiny.log").read_text()
