@@ -10,10 +10,11 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edtool.networks import train_state
 from edtool.paths import REPO_ROOT
-from helpers import write_idx_root
+from helpers import edtool_in_process, write_idx_root
 
 SCRIPT = REPO_ROOT / "experiments" / "training" / "gpu_campaign.sh"
 
@@ -26,22 +27,35 @@ def _script(*args, **env):
                                "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in env.items()}})
 
 
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> Path:
+    """A tiny resnet's training state after 2 steps, trained once (in this process: the start state is
+    input here, the script's own training runs in its process); each test trains a copy further."""
+    folder = tmp_path_factory.mktemp("two-steps") / "tiny"
+    done = edtool_in_process("train", "--arch", "resnet", "--width", "16", "--layers", "1", "--batch", "2",
+                             "--lr-gamma", "0.99", "--steps", "2", "--state", folder, "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+# The stretches train 1 second (`run 1 0`): the trainer takes at least one step before it looks at its limit,
+# so the state always ends past its 2 steps.
+
+
 def _step(folder: Path) -> int:
     return train_state.read(folder)["step"]
 
 
-def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
+def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path, two_steps):
     lease, committed = tmp_path / "lease", tmp_path / "committed"
     lease.mkdir()
-    subprocess.run([sys.executable, "-m", "edtool", "train", "--arch", "resnet", "--width", "16", "--layers", "1",
-                    "--batch", "2", "--lr-gamma", "0.99", "--steps", "2", "--state", str(lease / "tiny"),
-                    "--device", "cpu", "--quiet"], check=True, capture_output=True, cwd=tmp_path)
+    shutil.copytree(two_steps, lease / "tiny")
     shutil.copytree(lease, committed)  # what git holds, while the lease's copy trains
     shutil.copytree(lease / "tiny", tmp_path / "first")
     rng = np.random.default_rng(0)
     write_idx_root(tmp_path / "held", rng.integers(0, 256, (8, 28, 28)), rng.integers(0, 10, 8), split="test")
 
-    done = _script("run", 2, 0, EDTOOL_TRAINING_DIR=lease, EDTOOL_HELD_OUT=tmp_path / "held", OUT=tmp_path / "out")
+    done = _script("run", 1, 0, EDTOOL_TRAINING_DIR=lease, EDTOOL_HELD_OUT=tmp_path / "held", OUT=tmp_path / "out")
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "out" / "train_tiny.log").read_text()
     assert "stopped at the time limit" in log, log
@@ -50,7 +64,7 @@ def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
     with tarfile.open(tmp_path / "out" / "tiny.tar") as tar:
         names = set(tar.getnames())
     assert "tiny/state.json" in names and f"tiny/state_step{reached:08d}.safetensors" in names
-    assert (tmp_path / "out" / "tiny_snapshots.tar").exists()  # empty here: no snapshot in 2 seconds
+    assert (tmp_path / "out" / "tiny_snapshots.tar").exists()  # empty here: no snapshot in 1 second
 
     done = _script("unpack", tmp_path / "out", EDTOOL_TRAINING_DIR=committed)
     assert done.returncode == 0 and f"step 2 -> {reached}" in done.stdout, done.stderr
@@ -79,17 +93,15 @@ def test_a_lease_stretch_comes_back_as_a_tar_and_unpacks_only_forward(tmp_path):
         assert [p.name for p in committed.iterdir()] == ["tiny"]
 
 
-def test_a_network_without_a_working_state_starts_from_the_kept_one_and_leaves_it_alone(tmp_path):
+def test_a_network_without_a_working_state_starts_from_the_kept_one_and_leaves_it_alone(tmp_path, two_steps):
     """The state git keeps (kept/<net>/) is copied to <net>/ before a stretch; training advances the copy only, and
     a network with neither is skipped instead of starting a fresh network."""
     training = tmp_path / "training"
-    subprocess.run([sys.executable, "-m", "edtool", "train", "--arch", "resnet", "--width", "16", "--layers", "1",
-                    "--batch", "2", "--lr-gamma", "0.99", "--steps", "2", "--state", str(training / "kept" / "tiny"),
-                    "--device", "cpu", "--quiet"], check=True, capture_output=True, cwd=tmp_path)
+    shutil.copytree(two_steps, training / "kept" / "tiny")
     kept = {p.name: p.read_bytes() for p in (training / "kept" / "tiny").iterdir() if p.is_file()}
     rng = np.random.default_rng(0)
     write_idx_root(tmp_path / "held", rng.integers(0, 256, (8, 28, 28)), rng.integers(0, 10, 8), split="test")
-    done = _script("run", 2, 0, EDTOOL_CAMPAIGN_NETS="tiny absent", EDTOOL_TRAINING_DIR=training,
+    done = _script("run", 1, 0, EDTOOL_CAMPAIGN_NETS="tiny absent", EDTOOL_TRAINING_DIR=training,
                    EDTOOL_HELD_OUT=tmp_path / "held", OUT=tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert "stopped at the time limit" in (tmp_path / "out" / "train_tiny.log").read_text()

@@ -90,7 +90,10 @@ def test_without_a_compiler_the_one_warning_reaches_the_user(tmp_path):
     assert np.isfinite(open_run(tmp_path / "run").read("ed_fro", "els")).all()
 
 
+# Slow only in the process that is killed (SLOWMOD_SLEEP set), so its lock is held long enough to kill it
+# there; the run after it computes the same cells at full speed.
 SLOW_MODULE = """
+import os
 import time
 
 
@@ -98,7 +101,7 @@ class Slow:
     image_shape = (1, 2, 2)
 
     def score(self, t, x, label=None):
-        time.sleep(0.2)
+        time.sleep(float(os.environ.get("SLOWMOD_SLEEP", "0")))
         return -x
 """
 
@@ -110,7 +113,7 @@ def test_a_killed_compute_leaves_no_lock_that_blocks_the_next_run(tmp_path):
     args = ["compute", "--models", "s=py:slowmod:Slow", "--nsteps", "20", "--realizations", "2", "--estimator",
             "exact", "--device", "cpu", "--quiet", "--run-dir", str(tmp_path / "run")]
     env = {"PYTHONPATH": f"{tmp_path}:{REPO}"}
-    child = subprocess.Popen([*console_script(), *args], env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    child = subprocess.Popen([*console_script(), *args], env={**os.environ, "OMP_NUM_THREADS": "1", "SLOWMOD_SLEEP": "0.2", **env},
                              stderr=subprocess.PIPE, text=True)
     lock = tmp_path / "run" / "lock"
     deadline = time.time() + 60
