@@ -69,16 +69,32 @@ def test_every_array_edtool_creates_is_checksummed(tmp_path):
         assert any(type(c).__name__ == "Crc32cCodec" for c in group[name].metadata.codecs), name
 
 
+@pytest.fixture(scope="module")
+def filled_runs(tmp_path_factory):
+    """filled_runs(maps) -> (a filled run never aggregated, an identical run as the truth, its aggregate),
+    written once per module for each `maps`; a test copies the first before damaging it and only reads the
+    truth."""
+    made = {}
+
+    def get(maps):
+        if maps not in made:
+            base = tmp_path_factory.mktemp(f"filled-maps{int(maps)}")
+            filled(base / "pristine", maps=maps)
+            filled(base / "truth", maps=maps)
+            made[maps] = (base / "pristine", base / "truth", aggregate_run(base / "truth"))
+        return made[maps]
+    return get
+
+
 @pytest.mark.parametrize("how, name, maps", [("delete", "asym", False), ("truncate", "ed_fro", False),
                                              ("flip", "final", False), ("flip", "jac_fro", False),
                                              ("truncate", "ed_stderr", False), ("delete", "curl_map", True),
                                              ("flip", "done", False)])
-def test_damaged_chunk_is_named_refused_and_repaired(tmp_path, how, name, maps):
+def test_damaged_chunk_is_named_refused_and_repaired(tmp_path, filled_runs, how, name, maps):
     """Any per-cell array's chunk deleted, truncated or bit-flipped: the realization's done cells are
     named damaged; aggregate and plot refuse; reset + rewrite gives what an undamaged run gives."""
-    filled(tmp_path / "truth", maps=maps)
-    filled(tmp_path / "r", maps=maps)
-    truth = aggregate_run(tmp_path / "truth")
+    pristine, truth_dir, truth = filled_runs(maps)
+    shutil.copytree(pristine, tmp_path / "r")
     damage(chunk_file(tmp_path / "r", name, 2), how)
     run = open_run(tmp_path / "r")
     cells = run.damaged()
@@ -100,10 +116,11 @@ def test_damaged_chunk_is_named_refused_and_repaired(tmp_path, how, name, maps):
     again = filled(tmp_path / "r", maps=maps)  # the same numbers again: what compute's rerun does
     assert again.damaged() == {} and again.done_mask().all()
     assert aggregate_run(tmp_path / "r")["unet"] == truth["unet"]
-    names = ["done", *open_run(tmp_path / "r").cell_arrays]
+    repaired, undamaged = open_run(tmp_path / "r"), open_run(truth_dir)
+    names = ["done", *repaired.cell_arrays]
     assert len(names) == 6 + maps
     for n in names:
-        np.testing.assert_array_equal(open_run(tmp_path / "r").read(n), open_run(tmp_path / "truth").read(n))
+        np.testing.assert_array_equal(repaired.read(n), undamaged.read(n))
 
 
 def test_unfinished_is_not_damaged_and_all_nan_cells_are_stored(tmp_path):
@@ -145,8 +162,8 @@ def test_compute_rerun_recomputes_damaged_cells_bit_for_bit(tmp_path, capsys, mo
     """The pipeline: a chunk of a finished run deleted, another bit-flipped; the same compute command
     notes and recomputes exactly those cells, equal to an undamaged run."""
     cfg = dict(models=["is"], nsteps=2, realizations=3)
-    compute(config(tmp_path / "truth", **cfg))
     compute(config(tmp_path / "r", **cfg))
+    shutil.copytree(tmp_path / "r", tmp_path / "truth")  # the undamaged run, kept before the damage
     damage(chunk_file(tmp_path / "r", "asym", 0), "delete")
     damage(chunk_file(tmp_path / "r", "final", 2), "flip")
     notes = []
