@@ -86,6 +86,14 @@ def filled_runs(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def filled_copy(filled_runs):
+    """filled_copy(dest) -> dest holding what `filled(dest)` writes, copied from the module's filled run."""
+    def copy(dest):
+        return shutil.copytree(filled_runs(False)[0], dest)
+    return copy
+
+
 @pytest.mark.parametrize("how, name, maps", [("delete", "asym", False), ("truncate", "ed_fro", False),
                                              ("flip", "final", False), ("flip", "jac_fro", False),
                                              ("truncate", "ed_stderr", False), ("delete", "curl_map", True),
@@ -141,9 +149,9 @@ def test_unfinished_is_not_damaged_and_all_nan_cells_are_stored(tmp_path):
     assert run.damaged() == {}
 
 
-def test_cli_verify_status_aggregate_plot_on_a_damaged_run(tmp_path, capsys, monkeypatch):
-    filled(tmp_path / "r")
-    filled(tmp_path / "fine")
+def test_cli_verify_status_aggregate_plot_on_a_damaged_run(tmp_path, capsys, monkeypatch, filled_copy):
+    filled_copy(tmp_path / "r")
+    filled_copy(tmp_path / "fine")
     damage(chunk_file(tmp_path / "r", "asym", 1), "delete")
     code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "r")
     assert code == 1 and "damaged: realization 1 unet: asym chunk missing" in out, (out, err)
@@ -185,12 +193,12 @@ def test_compute_rerun_recomputes_damaged_cells_bit_for_bit(tmp_path, capsys, mo
 
 @pytest.mark.parametrize("edit", ["del config", "del models", "del schema_version", "models renamed",
                                   "models shortened", "config a string"])
-def test_a_broken_run_is_named_and_never_hides_the_others(tmp_path, capsys, monkeypatch, edit):
+def test_a_broken_run_is_named_and_never_hides_the_others(tmp_path, capsys, monkeypatch, filled_copy, edit):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EDTOOL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("COLUMNS", "400")  # the rich table on one line per run
-    filled(tmp_path / "cache" / "good")
-    filled(tmp_path / "cache" / "bad")
+    filled_copy(tmp_path / "cache" / "good")
+    filled_copy(tmp_path / "cache" / "bad")
     group = zarr.open_group(store_url(tmp_path / "cache" / "bad"), mode="r+")
     verb, key = edit.split(" ", 1)
     if verb == "del":
@@ -247,9 +255,9 @@ def test_compute_overwrite_keeps_a_foreign_summary_and_refuses_a_symlinked_store
     assert snapshot(tmp_path / "r") == before
 
 
-def test_overwrite_killed_midway_leaves_no_half_store(tmp_path, monkeypatch):
+def test_overwrite_killed_midway_leaves_no_half_store(tmp_path, monkeypatch, filled_copy):
     """The old store is renamed away before it is deleted: a kill leaves no ed.zarr, never a half one."""
-    filled(tmp_path / "r")
+    filled_copy(tmp_path / "r")
 
     def killed(path, *a, **k):
         raise KeyboardInterrupt
@@ -265,8 +273,8 @@ def test_overwrite_killed_midway_leaves_no_half_store(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ locks: readers and writers
 
 
-def test_overwrite_waits_for_a_reader_and_a_reader_for_it(tmp_path):
-    filled(tmp_path / "r")
+def test_overwrite_waits_for_a_reader_and_a_reader_for_it(tmp_path, filled_copy):
+    filled_copy(tmp_path / "r")
     events = []
 
     def replace():
