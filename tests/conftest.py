@@ -4,6 +4,8 @@ On a machine with a GPU, `pytest` runs what it runs on one without: CUDA is hidd
 torch in this process, and from the commands the tests start) unless the test is marked `gpu`; those run
 only with `pytest --gpu` (and are skipped without CUDA)."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,40 @@ def tiny_networks(tiny_checkpoints, monkeypatch):
     """`unet` and `resnet` resolve to the tiny checkpoints (in this process and in subprocesses); a module
     asks for it with `pytestmark = pytest.mark.usefixtures("tiny_networks")`."""
     monkeypatch.setenv("EDTOOL_CHECKPOINTS", str(tiny_checkpoints))
+
+
+# ------------------------------------------------------------------ computed runs shared by a session
+
+
+@pytest.fixture(scope="session")
+def computed_run(tiny_checkpoints, tmp_path_factory):
+    """computed_run(**kw) -> the folder of a finished run of `helpers.config(folder, **kw)` on the tiny
+    networks, computed once per session for each distinct kw. Read it only; a test that changes a run
+    copies it first (computed_copy)."""
+    from edtool.study.compute import compute
+    from helpers import config
+
+    made = {}
+
+    def get(**kw):
+        key = json.dumps(kw, sort_keys=True)
+        if key not in made:
+            folder = tmp_path_factory.mktemp("computed") / "run"
+            with pytest.MonkeyPatch.context() as env:  # what tiny_networks, _isolated_cache and _on_cpu set
+                env.setenv("EDTOOL_CHECKPOINTS", str(tiny_checkpoints))
+                env.setenv("EDTOOL_CACHE", str(tmp_path_factory.getbasetemp() / "edtool-cache"))
+                env.setenv("CUDA_VISIBLE_DEVICES", "")
+                env.setattr(torch.cuda, "is_available", lambda: False)
+                compute(config(folder, **kw))
+            made[key] = folder
+        return made[key]
+    return get
+
+
+@pytest.fixture
+def computed_copy(computed_run):
+    """computed_copy(dest, **kw) -> dest, a copy of computed_run(**kw) this test may change."""
+    def copy(dest, **kw):
+        shutil.copytree(computed_run(**kw), dest)
+        return Path(dest)
+    return copy

@@ -69,16 +69,40 @@ def test_every_array_edtool_creates_is_checksummed(tmp_path):
         assert any(type(c).__name__ == "Crc32cCodec" for c in group[name].metadata.codecs), name
 
 
+@pytest.fixture(scope="module")
+def filled_runs(tmp_path_factory):
+    """filled_runs(maps) -> (a filled run never aggregated, an identical run as the truth, its aggregate),
+    written once per module for each `maps`; a test copies the first before damaging it and only reads the
+    truth."""
+    made = {}
+
+    def get(maps):
+        if maps not in made:
+            base = tmp_path_factory.mktemp(f"filled-maps{int(maps)}")
+            filled(base / "pristine", maps=maps)
+            filled(base / "truth", maps=maps)
+            made[maps] = (base / "pristine", base / "truth", aggregate_run(base / "truth"))
+        return made[maps]
+    return get
+
+
+@pytest.fixture
+def filled_copy(filled_runs):
+    """filled_copy(dest) -> dest holding what `filled(dest)` writes, copied from the module's filled run."""
+    def copy(dest):
+        return shutil.copytree(filled_runs(False)[0], dest)
+    return copy
+
+
 @pytest.mark.parametrize("how, name, maps", [("delete", "asym", False), ("truncate", "ed_fro", False),
                                              ("flip", "final", False), ("flip", "jac_fro", False),
                                              ("truncate", "ed_stderr", False), ("delete", "curl_map", True),
                                              ("flip", "done", False)])
-def test_damaged_chunk_is_named_refused_and_repaired(tmp_path, how, name, maps):
+def test_damaged_chunk_is_named_refused_and_repaired(tmp_path, filled_runs, how, name, maps):
     """Any per-cell array's chunk deleted, truncated or bit-flipped: the realization's done cells are
     named damaged; aggregate and plot refuse; reset + rewrite gives what an undamaged run gives."""
-    filled(tmp_path / "truth", maps=maps)
-    filled(tmp_path / "r", maps=maps)
-    truth = aggregate_run(tmp_path / "truth")
+    pristine, truth_dir, truth = filled_runs(maps)
+    shutil.copytree(pristine, tmp_path / "r")
     damage(chunk_file(tmp_path / "r", name, 2), how)
     run = open_run(tmp_path / "r")
     cells = run.damaged()
@@ -100,10 +124,11 @@ def test_damaged_chunk_is_named_refused_and_repaired(tmp_path, how, name, maps):
     again = filled(tmp_path / "r", maps=maps)  # the same numbers again: what compute's rerun does
     assert again.damaged() == {} and again.done_mask().all()
     assert aggregate_run(tmp_path / "r")["unet"] == truth["unet"]
-    names = ["done", *open_run(tmp_path / "r").cell_arrays]
+    repaired, undamaged = open_run(tmp_path / "r"), open_run(truth_dir)
+    names = ["done", *repaired.cell_arrays]
     assert len(names) == 6 + maps
     for n in names:
-        np.testing.assert_array_equal(open_run(tmp_path / "r").read(n), open_run(tmp_path / "truth").read(n))
+        np.testing.assert_array_equal(repaired.read(n), undamaged.read(n))
 
 
 def test_unfinished_is_not_damaged_and_all_nan_cells_are_stored(tmp_path):
@@ -124,9 +149,9 @@ def test_unfinished_is_not_damaged_and_all_nan_cells_are_stored(tmp_path):
     assert run.damaged() == {}
 
 
-def test_cli_verify_status_aggregate_plot_on_a_damaged_run(tmp_path, capsys, monkeypatch):
-    filled(tmp_path / "r")
-    filled(tmp_path / "fine")
+def test_cli_verify_status_aggregate_plot_on_a_damaged_run(tmp_path, capsys, monkeypatch, filled_copy):
+    filled_copy(tmp_path / "r")
+    filled_copy(tmp_path / "fine")
     damage(chunk_file(tmp_path / "r", "asym", 1), "delete")
     code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "r")
     assert code == 1 and "damaged: realization 1 unet: asym chunk missing" in out, (out, err)
@@ -145,8 +170,8 @@ def test_compute_rerun_recomputes_damaged_cells_bit_for_bit(tmp_path, capsys, mo
     """The pipeline: a chunk of a finished run deleted, another bit-flipped; the same compute command
     notes and recomputes exactly those cells, equal to an undamaged run."""
     cfg = dict(models=["is"], nsteps=2, realizations=3)
-    compute(config(tmp_path / "truth", **cfg))
     compute(config(tmp_path / "r", **cfg))
+    shutil.copytree(tmp_path / "r", tmp_path / "truth")  # the undamaged run, kept before the damage
     damage(chunk_file(tmp_path / "r", "asym", 0), "delete")
     damage(chunk_file(tmp_path / "r", "final", 2), "flip")
     notes = []
@@ -168,12 +193,12 @@ def test_compute_rerun_recomputes_damaged_cells_bit_for_bit(tmp_path, capsys, mo
 
 @pytest.mark.parametrize("edit", ["del config", "del models", "del schema_version", "models renamed",
                                   "models shortened", "config a string"])
-def test_a_broken_run_is_named_and_never_hides_the_others(tmp_path, capsys, monkeypatch, edit):
+def test_a_broken_run_is_named_and_never_hides_the_others(tmp_path, capsys, monkeypatch, filled_copy, edit):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EDTOOL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("COLUMNS", "400")  # the rich table on one line per run
-    filled(tmp_path / "cache" / "good")
-    filled(tmp_path / "cache" / "bad")
+    filled_copy(tmp_path / "cache" / "good")
+    filled_copy(tmp_path / "cache" / "bad")
     group = zarr.open_group(store_url(tmp_path / "cache" / "bad"), mode="r+")
     verb, key = edit.split(" ", 1)
     if verb == "del":
@@ -230,9 +255,9 @@ def test_compute_overwrite_keeps_a_foreign_summary_and_refuses_a_symlinked_store
     assert snapshot(tmp_path / "r") == before
 
 
-def test_overwrite_killed_midway_leaves_no_half_store(tmp_path, monkeypatch):
+def test_overwrite_killed_midway_leaves_no_half_store(tmp_path, monkeypatch, filled_copy):
     """The old store is renamed away before it is deleted: a kill leaves no ed.zarr, never a half one."""
-    filled(tmp_path / "r")
+    filled_copy(tmp_path / "r")
 
     def killed(path, *a, **k):
         raise KeyboardInterrupt
@@ -248,8 +273,8 @@ def test_overwrite_killed_midway_leaves_no_half_store(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ locks: readers and writers
 
 
-def test_overwrite_waits_for_a_reader_and_a_reader_for_it(tmp_path):
-    filled(tmp_path / "r")
+def test_overwrite_waits_for_a_reader_and_a_reader_for_it(tmp_path, filled_copy):
+    filled_copy(tmp_path / "r")
     events = []
 
     def replace():

@@ -44,9 +44,7 @@ def disk_full_at(monkeypatch, where: str):
 # ------------------------------------------------------------------ a full disk
 
 
-def test_disk_full_during_compute_is_one_line_and_the_rerun_completes_it(tmp_path, capsys, monkeypatch):
-    cfg = dict(models=["is"], nsteps=2, realizations=2, probes=2)
-    compute(config(tmp_path / "truth", **cfg))
+def test_disk_full_during_compute_is_one_line_and_the_rerun_completes_it(tmp_path, is_run, capsys, monkeypatch):
     with monkeypatch.context() as full:
         disk_full_at(full, "jac_fro/c/1/")
         code, _, err = cli(capsys, full, "compute", *IS_ARGS, "--run-dir", tmp_path / "r")
@@ -55,8 +53,8 @@ def test_disk_full_during_compute_is_one_line_and_the_rerun_completes_it(tmp_pat
     run = open_run(tmp_path / "r")
     assert run.damaged() == {} and run.pending() == [(1, 0)]  # nothing half done reads as done
     assert not list((tmp_path / "r").glob("lock*"))  # its lock is released
-    compute(config(tmp_path / "r", **cfg))
-    assert_same_arrays(tmp_path / "r", tmp_path / "truth", names=("done", *open_run(tmp_path / "r").cell_arrays))
+    compute(config(tmp_path / "r", **IS_RUN))  # is_run: the same settings (IS_ARGS) computed without a full disk
+    assert_same_arrays(tmp_path / "r", is_run, names=("done", *open_run(tmp_path / "r").cell_arrays))
 
 
 def test_disk_full_during_aggregate_is_one_line_and_the_store_stays_whole(tmp_path, capsys, monkeypatch):

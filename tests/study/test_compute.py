@@ -190,7 +190,7 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, capsys, monkeypatch):
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, capsys, monkeypatch, computed_run):
     """A real process killed after its first finished cell; the live lock refuses a second process;
     the stale lock is then taken over and the same command finishes the run, equal to an uninterrupted one."""
     from edtool.store.status import run_status
@@ -217,13 +217,13 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, capsys, monkeypa
     assert code == 0, err
     assert err.startswith("edtool: warning: run ") and f"taking over the stale lock of pid {proc.pid}" in err
     assert lock_holders(tmp_path / "killed") == []
-    compute(config(tmp_path / "straight", models=["resnet", "is"], nsteps=3, realizations=4, probes=32))
-    assert_same_arrays(tmp_path / "killed", tmp_path / "straight")
+    straight = computed_run(models=["resnet", "is"], nsteps=3, realizations=4, probes=32)  # spawn_compute's run
+    assert_same_arrays(tmp_path / "killed", straight)
     assert open_run(tmp_path / "killed").done_mask().all()
 
 
-def test_live_lock_refuses_even_with_overwrite_and_leaves_the_run_alone(tmp_path):
-    compute(config(tmp_path / "run"))
+def test_live_lock_refuses_even_with_overwrite_and_leaves_the_run_alone(tmp_path, computed_copy):
+    computed_copy(tmp_path / "run")
     before = snapshot(tmp_path / "run")
     with run_lock(tmp_path / "run"):  # held by this (live) process
         before_with_lock = snapshot(tmp_path / "run")
@@ -234,8 +234,8 @@ def test_live_lock_refuses_even_with_overwrite_and_leaves_the_run_alone(tmp_path
     assert snapshot(tmp_path / "run") == before
 
 
-def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    compute(config(tmp_path / "straight"))
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, computed_run):
+    straight = computed_run()
     (tmp_path / "run").mkdir()
     pid = dead_pid()
     (tmp_path / "run" / "lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "token": "x",
@@ -244,10 +244,10 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     with pytest.warns(UserWarning, match=f"stale lock of pid {pid}"):
         compute(config(tmp_path / "run"))
     assert not (tmp_path / "run" / "lock").exists()
-    assert_same_arrays(tmp_path / "run", tmp_path / "straight")
+    assert_same_arrays(tmp_path / "run", straight)
 
 
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, computed_run):
     """SIGINT: exit 130, a one-line hint to resume, no traceback, the lock released, the rerun finishes."""
     args, proc = spawn_compute(tmp_path / "run")
     try:
@@ -262,8 +262,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert lock_holders(tmp_path / "run") == []
     assert not open_run(tmp_path / "run").done_mask().all()
     compute(config(tmp_path / "run", nsteps=3, realizations=4, probes=32))
-    compute(config(tmp_path / "straight", nsteps=3, realizations=4, probes=32))
-    assert_same_arrays(tmp_path / "run", tmp_path / "straight")
+    assert_same_arrays(tmp_path / "run", computed_run(models=["resnet", "is"], nsteps=3, realizations=4, probes=32))
 
 
 # ------------------------------------------------------------------ refusals and bad input
@@ -310,8 +309,9 @@ def test_other_settings_are_refused_naming_them_and_overwrite_starts_fresh(tmp_p
     (["--shard", "0/2", "--overwrite"], "--overwrite with --shard"),
     (["--estimator", "magic"], "unknown --estimator"),
 ])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, capsys, monkeypatch, args, words):
-    compute(config(tmp_path / "run"))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, capsys, monkeypatch, computed_copy, args,
+                                                         words):
+    computed_copy(tmp_path / "run")
     before = snapshot(tmp_path / "run")
     code, out, err = cli(capsys, monkeypatch, "compute", "--models", "resnet,is", "--nsteps", "2",
                          "--realizations", "2", "--probes", "2", "--device", "cpu", "--run-dir", tmp_path / "run",

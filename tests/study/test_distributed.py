@@ -37,18 +37,14 @@ def torchrun(run_dir, **kw):
                             text=True)
 
 
-@pytest.fixture(scope="module")
-def single_process_run(tmp_path_factory, tiny_checkpoints):
-    """The reference: the torchrun settings computed by one process."""
-    folder = tmp_path_factory.mktemp("single")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDTOOL_CHECKPOINTS", str(tiny_checkpoints))
-        compute(config(folder / "run", **TORCHRUN_RUN))
-    return folder / "run"
+@pytest.fixture
+def single_process_run(computed_run):
+    """The reference: the torchrun settings (models resnet,is: compute_args) computed by one process."""
+    return computed_run(models=["resnet", "is"], **TORCHRUN_RUN)
 
 
-def test_shards_together_equal_one_process_and_rerun_alone(tmp_path, capsys, monkeypatch):
-    compute(config(tmp_path / "single", realizations=5))
+def test_shards_together_equal_one_process_and_rerun_alone(tmp_path, capsys, monkeypatch, computed_run):
+    single = computed_run(realizations=5)
     code, _, err = cli(capsys, monkeypatch, *compute_args(tmp_path / "sharded", 2, 5, 2), "--shard", "1/2", "--quiet")
     assert code == 0, err
     done = open_run(tmp_path / "sharded").done_mask()
@@ -57,7 +53,7 @@ def test_shards_together_equal_one_process_and_rerun_alone(tmp_path, capsys, mon
     assert (partial["realizations_used"], partial["realizations_total"]) == (2, 5)
     assert partial["resnet"]["num_realizations"] == 2
     compute(config(tmp_path / "sharded", realizations=5, shard=(0, 2)))
-    assert_same_arrays(tmp_path / "sharded", tmp_path / "single")
+    assert_same_arrays(tmp_path / "sharded", single)
 
     before = snapshot(tmp_path / "sharded")  # a shard rerun alone on a finished run computes nothing
     summary = compute(config(tmp_path / "sharded", realizations=5, shard=(0, 2)))
@@ -65,7 +61,7 @@ def test_shards_together_equal_one_process_and_rerun_alone(tmp_path, capsys, mon
 
     for i in (2, 0, 1):  # another K, in any order, gives the same store
         compute(config(tmp_path / "three", realizations=5, shard=(i, 3)))
-    assert_same_arrays(tmp_path / "three", tmp_path / "single")
+    assert_same_arrays(tmp_path / "three", single)
 
 
 @pytest.mark.slow  # two torchrun processes, 17-25 s on 2 cores
@@ -136,13 +132,13 @@ def test_a_rank_with_nothing_left_waits_for_the_other(tmp_path, single_process_r
 # ------------------------------------------------------------------ store URLs
 
 
-def test_memory_url_through_the_python_api(tmp_path):
+def test_memory_url_through_the_python_api(tmp_path, computed_copy):
     url = f"memory://edtool-test-{uuid.uuid4().hex}/run"
     with pytest.warns(UserWarning, match="no lock"):
         compute(config(url, realizations=3, shard=(1, 2)))
         assert open_run(url).done_mask().sum() == 2
         compute(config(url, realizations=3, shard=(0, 2)))
-    compute(config(tmp_path / "local", realizations=3))
+    computed_copy(tmp_path / "local", realizations=3)  # a copy: aggregate_run below writes into it
     assert_same_arrays(url, tmp_path / "local")
     with pytest.warns(UserWarning, match="no lock"):
         again = compute(config(url, realizations=3))  # the same settings: a finished run, nothing to do
@@ -159,13 +155,12 @@ def test_memory_url_through_the_python_api(tmp_path):
     assert all(p.read_bytes()[:8] == PNG for p in paths)
 
 
-def test_file_url_through_the_cli(tmp_path, capsys, monkeypatch):
+def test_file_url_through_the_cli(tmp_path, capsys, monkeypatch, computed_run):
     url = f"file://{tmp_path}/run"
     code, _, err = cli(capsys, monkeypatch, *compute_args(url, 2, 2, 2), "--quiet")
     assert code == 0, err
     assert (tmp_path / "run" / "ed.zarr").is_dir()
-    compute(config(tmp_path / "local"))
-    assert_same_arrays(tmp_path / "run", tmp_path / "local")
+    assert_same_arrays(tmp_path / "run", computed_run())
     code, _, err = cli(capsys, monkeypatch, *compute_args(url, 3, 2, 2), "--quiet")
     assert code == 2 and "nsteps=2" in err, err
     code, out, err = cli(capsys, monkeypatch, "aggregate", url)
