@@ -53,6 +53,12 @@ def dense_ed(jac: Tensor, shape: Sequence[int], curl_map: bool = False) -> dict:
     }
 
 
+def dense_ed_per_sample(jac: Tensor, shape: Sequence[int], curl_map: bool = False) -> dict:
+    """`dense_ed` one sample at a time, so that no sample's numbers depend on the batch it came in."""
+    res = [dense_ed(jac[b:b + 1], shape, curl_map) for b in range(jac.shape[0])]
+    return {key: None if res[0][key] is None else torch.cat([r[key] for r in res]) for key in res[0]}
+
+
 def band_transpose(band: Tensor, circular: bool) -> Tensor:
     """The band of J^T: entry [b, i, p, j, d] = J[(j, p + d - r), (i, p)] (windows are symmetric)."""
     B, C, H, W, _, k, _ = band.shape

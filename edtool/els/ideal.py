@@ -1,7 +1,7 @@
 """The ideal score machine `is` (SPEC 5): the exact score of the empirical distribution of the training
 images. Its candidates are whole training images, so every pixel shares one candidate set; the score
 streams through the same engine as the local machines (`els.engine.streamed_moments`) and the
-Jacobian is dense (n x n) and symmetric, its ED read with `els.band.dense_ed`.
+Jacobian is dense (n x n) and symmetric, its ED read with `els.band.dense_ed_per_sample`.
 
     m = make_machine("is", images, labels)  # edtool.els.factory
     s = m.score(0.5, x)
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from edtool.els.band import dense_ed
+from edtool.els.band import dense_ed_per_sample
 from edtool.els.engine import candidates_per_step, fill_from, image_keys, sliced_keys, streamed_moments
 from edtool.els.machine import Machine
 from edtool.model import ClosedForm
@@ -89,6 +89,4 @@ class IdealMachine(Machine):
     def analytic_ed(self, t, x: Tensor, label=None, curl_map: bool = False) -> dict:
         """Exact ed_fro, jac_fro (B,) and the curl map (B, H, W) or None, one sample at a time
         (the dense Jacobian is n x n)."""
-        J = self.closed_form(t, x, label).jacobian
-        res = [dense_ed(J[b:b + 1], x.shape[1:], curl_map) for b in range(x.shape[0])]
-        return {key: None if res[0][key] is None else torch.cat([r[key] for r in res]) for key in res[0]}
+        return dense_ed_per_sample(self.closed_form(t, x, label).jacobian, x.shape[1:], curl_map)

@@ -20,7 +20,7 @@ from torch.func import jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from edtool.els.band import band_ed, band_transpose, dense_ed, dense_jacobian
+from edtool.els.band import band_ed, band_transpose, dense_ed_per_sample, dense_jacobian
 from edtool.els.windows import pad_images
 from edtool.model import ClosedForm, ScoreField
 
@@ -236,8 +236,7 @@ class DenseJacobian(JacobianOperator):
         """One sample at a time, so that no sample's numbers depend on the batch it came in."""
         if not self.closed:
             return None
-        res = [dense_ed(self.J[b:b + 1], self.shape, curl_map) for b in range(self.batch)]
-        return {key: None if res[0][key] is None else torch.cat([r[key] for r in res]) for key in res[0]}
+        return dense_ed_per_sample(self.J, self.shape, curl_map)
 
 
 class BandJacobian(JacobianOperator):
